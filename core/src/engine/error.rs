@@ -1,0 +1,28 @@
+//! Errors of the engine layer. `api::error` maps each variant to an HTTP status once.
+
+use std::time::Duration;
+
+/// Why a request could not be served by the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown model '{name}'; loaded models: {available}")]
+    ModelNotFound { name: String, available: String },
+    #[error("model '{name}' has no version '{version}'; available versions: {available}")]
+    VersionNotFound { name: String, version: String, available: String },
+    #[error("{0}")]
+    Validation(#[from] super::validate::ValidationError),
+    #[error("model '{model}' queue is full ({capacity} requests waiting); retry later or raise --queue-capacity")]
+    QueueFull { model: String, capacity: usize },
+    #[error("model '{model}' is not ready: {state}")]
+    NotReady { model: String, state: String },
+    #[error("model '{model}' worker failed: {reason}")]
+    WorkerFailed { model: String, reason: String },
+    #[error("model '{model}' raised {message}")]
+    Plugin { model: String, message: String },
+    #[error("model '{model}': request timed out after {after:?}")]
+    Timeout { model: String, after: Duration },
+    #[error("server is shutting down; not accepting new requests")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}

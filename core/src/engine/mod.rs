@@ -1,0 +1,83 @@
+//! The engine: model registry, per-model queues, the dynamic batcher and instance scheduling.
+//!
+//! It knows nothing of HTTP or gRPC (the `api` layer translates) and nothing of sockets or
+//! processes (the `worker` layer executes one formed batch at a time).
+
+pub mod bytes_codec;
+pub mod error;
+pub mod model;
+pub mod tensor;
+pub mod validate;
+
+pub use error::EngineError;
+pub use model::{ModelConfig, ModelState};
+pub use tensor::{DataType, Tensor, TensorSpec};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One inference request as the engine sees it: already parsed, not yet validated.
+#[derive(Clone, Debug)]
+pub struct InferRequest {
+    pub model: String,
+    /// `None` means the version the model serves by default.
+    pub version: Option<String>,
+    /// Client-chosen id, echoed in the response.
+    pub id: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// Names of the outputs to return; `None` returns every output.
+    pub outputs: Option<Vec<String>>,
+    /// Client deadline, if shorter than the model's default request timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// The answer to an `InferRequest`.
+#[derive(Clone, Debug)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: Option<String>,
+    pub outputs: Vec<Tensor>,
+}
+
+/// A snapshot of one model for metadata and readiness routes.
+#[derive(Clone, Debug)]
+pub struct ModelStatus {
+    pub config: Arc<ModelConfig>,
+    pub state: ModelState,
+    pub ready_instances: u32,
+}
+
+/// Handle to the running engine; cheap to clone. (Skeleton: bodies land with the batcher.)
+#[derive(Clone)]
+pub struct Engine {
+    _private: Arc<()>,
+}
+
+impl Engine {
+    /// The process is up (always true while it answers).
+    pub fn live(&self) -> bool {
+        true
+    }
+
+    /// Every model is ready and the server is not draining.
+    pub fn ready(&self) -> bool {
+        false
+    }
+
+    /// All models, sorted by name.
+    pub fn models(&self) -> Vec<ModelStatus> {
+        Vec::new()
+    }
+
+    /// One model; `version` `None` means the default version.
+    pub fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
+        let _ = version;
+        Err(EngineError::ModelNotFound { name: name.to_string(), available: String::new() })
+    }
+
+    /// Validates, queues, batches and executes one request.
+    pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
+        Err(EngineError::ModelNotFound { name: req.model, available: String::new() })
+    }
+}

@@ -1,0 +1,67 @@
+//! A model's resolved configuration and its observable state.
+//!
+//! `ModelConfig` is what the engine serves: the plugin's class attributes (found by
+//! `worker::inspect`) with CLI flags and `--set` parameters applied on top.
+
+use super::tensor::TensorSpec;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the engine needs to serve one model.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// Name in URLs (`/v2/models/{name}`).
+    pub name: String,
+    /// Version served; a single-plugin run serves version "1".
+    pub version: String,
+    /// Path of the plugin file and the `um.Model` subclass in it.
+    pub plugin: PathBuf,
+    pub class: String,
+    /// 0 disables batching: each request is executed alone and shapes are taken whole.
+    pub max_batch_size: u32,
+    /// How long the batcher may hold a request waiting for a fuller batch.
+    pub max_queue_delay: Duration,
+    /// Worker processes for this model.
+    pub instances: u32,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// `ctx.parameters` in the plugin (`--set key=value`).
+    pub parameters: BTreeMap<String, String>,
+    /// Requests waiting beyond this many get 429.
+    pub queue_capacity: usize,
+    /// Default per-request deadline (queue wait plus execution); a request may ask for less.
+    pub request_timeout: Duration,
+}
+
+/// Lifecycle of a model, as `GET /v2/models/{m}` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelState {
+    /// Workers are starting; not yet serving.
+    Loading,
+    /// At least one instance serves.
+    Ready,
+    /// Every instance is down (crashed, restarting); requests get 503 until one is back.
+    Unavailable { reason: String },
+    /// `setup` kept failing; the model will not be retried.
+    Failed { error: String, traceback: String },
+    /// The server is shutting down.
+    Stopping,
+}
+
+impl ModelState {
+    /// The state's name as reported in JSON ("READY", "FAILED", ...), Triton style.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelState::Loading => "LOADING",
+            ModelState::Ready => "READY",
+            ModelState::Unavailable { .. } => "UNAVAILABLE",
+            ModelState::Failed { .. } => "FAILED",
+            ModelState::Stopping => "UNLOADING",
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, ModelState::Ready)
+    }
+}
