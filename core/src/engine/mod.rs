@@ -81,3 +81,53 @@ impl Engine {
         Err(EngineError::ModelNotFound { name: req.model, available: String::new() })
     }
 }
+
+/// A count and the total time spent, as Triton's statistics report them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatDuration {
+    pub count: u64,
+    pub ns: u64,
+}
+
+/// Per-batch-size execution statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStat {
+    pub batch_size: u64,
+    pub compute_input: StatDuration,
+    pub compute_infer: StatDuration,
+    pub compute_output: StatDuration,
+}
+
+/// Triton-style statistics of one model (`GET /v2/models/{m}/stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelStats {
+    pub name: String,
+    pub version: String,
+    /// Unix time of the last inference, in milliseconds (0 if none).
+    pub last_inference_ms: u64,
+    /// Rows inferred (sum of request batch sizes).
+    pub inference_count: u64,
+    /// Worker calls (batches).
+    pub execution_count: u64,
+    pub success: StatDuration,
+    pub fail: StatDuration,
+    pub queue: StatDuration,
+    /// Copying inputs into the worker's arena.
+    pub compute_input: StatDuration,
+    /// The plugin's `predict`, measured by the worker.
+    pub compute_infer: StatDuration,
+    /// Copying outputs back out and splitting them per request.
+    pub compute_output: StatDuration,
+    pub batch_stats: Vec<BatchStat>,
+}
+
+impl Engine {
+    /// Statistics of one model (or every model when `name` is `None`).
+    pub fn stats(&self, name: Option<&str>, version: Option<&str>) -> Result<Vec<ModelStats>, EngineError> {
+        let _ = version;
+        match name {
+            Some(n) => Err(EngineError::ModelNotFound { name: n.to_string(), available: String::new() }),
+            None => Ok(Vec::new()),
+        }
+    }
+}

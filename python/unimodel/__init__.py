@@ -1,0 +1,1 @@
+"""UniModel plugin SDK and worker runtime (being written)."""
