@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Why a request could not be served by the engine.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("unknown model '{name}'; loaded models: {available}")]
     ModelNotFound { name: String, available: String },

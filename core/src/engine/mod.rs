@@ -3,13 +3,24 @@
 //! It knows nothing of HTTP or gRPC (the `api` layer translates) and nothing of sockets or
 //! processes (the `worker` layer executes one formed batch at a time).
 
+mod batch;
+mod batcher;
 pub mod bytes_codec;
 pub mod error;
+pub mod executor;
+mod handle;
 pub mod model;
+mod queue;
+mod stats;
 pub mod tensor;
 pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::EngineError;
+pub use executor::Executor;
+pub use handle::{Engine, EngineOptions};
 pub use model::{ModelConfig, ModelState};
 pub use tensor::{DataType, Tensor, TensorSpec};
 
@@ -46,40 +57,6 @@ pub struct ModelStatus {
     pub config: Arc<ModelConfig>,
     pub state: ModelState,
     pub ready_instances: u32,
-}
-
-/// Handle to the running engine; cheap to clone. (Skeleton: bodies land with the batcher.)
-#[derive(Clone)]
-pub struct Engine {
-    _private: Arc<()>,
-}
-
-impl Engine {
-    /// The process is up (always true while it answers).
-    pub fn live(&self) -> bool {
-        true
-    }
-
-    /// Every model is ready and the server is not draining.
-    pub fn ready(&self) -> bool {
-        false
-    }
-
-    /// All models, sorted by name.
-    pub fn models(&self) -> Vec<ModelStatus> {
-        Vec::new()
-    }
-
-    /// One model; `version` `None` means the default version.
-    pub fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
-        let _ = version;
-        Err(EngineError::ModelNotFound { name: name.to_string(), available: String::new() })
-    }
-
-    /// Validates, queues, batches and executes one request.
-    pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
-        Err(EngineError::ModelNotFound { name: req.model, available: String::new() })
-    }
 }
 
 /// A count and the total time spent, as Triton's statistics report them.
@@ -119,15 +96,4 @@ pub struct ModelStats {
     /// Copying outputs back out and splitting them per request.
     pub compute_output: StatDuration,
     pub batch_stats: Vec<BatchStat>,
-}
-
-impl Engine {
-    /// Statistics of one model (or every model when `name` is `None`).
-    pub fn stats(&self, name: Option<&str>, version: Option<&str>) -> Result<Vec<ModelStats>, EngineError> {
-        let _ = version;
-        match name {
-            Some(n) => Err(EngineError::ModelNotFound { name: n.to_string(), available: String::new() }),
-            None => Ok(Vec::new()),
-        }
-    }
 }

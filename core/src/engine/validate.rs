@@ -4,7 +4,7 @@ use super::model::ModelConfig;
 use super::tensor::Tensor;
 
 /// Why a request does not match the model's signature.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum ValidationError {
     #[error("placeholder")]
     Placeholder,

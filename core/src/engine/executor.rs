@@ -1,0 +1,16 @@
+//! What the batcher needs from a worker instance, as a trait so the batcher can be tested
+//! with an in-process executor and the worker layer stays behind one seam.
+
+use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// One model instance that executes formed batches.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs one batch. Dropping the future cancels it if the worker has not started it.
+    fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>>;
+    /// The instance's lifecycle state.
+    fn state(&self) -> watch::Receiver<InstanceState>;
+    /// Finishes in-flight work and stops the instance.
+    fn shutdown(&self) -> BoxFuture<'static, ()>;
+}

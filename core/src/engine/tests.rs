@@ -1,0 +1,272 @@
+//! The engine driven end to end with in-process executors (no Python): batching under
+//! concurrency, least-loaded dispatch, worker failures, the queue bound, deadlines, drain.
+
+use super::*;
+use crate::engine::validate::Limits;
+use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+/// Doubles FP32 input "x" into output "y" after `delay`, or fails as told.
+struct FakeExec {
+    state: watch::Sender<InstanceState>,
+    delay: Duration,
+    fail: Option<WorkerError>,
+    batches: Mutex<Vec<u32>>,
+}
+
+impl FakeExec {
+    fn new(delay_ms: u64) -> Arc<FakeExec> {
+        let (state, _) = watch::channel(InstanceState::Ready);
+        Arc::new(FakeExec { state, delay: Duration::from_millis(delay_ms), fail: None, batches: Mutex::new(Vec::new()) })
+    }
+
+    fn failing(err: WorkerError) -> Arc<FakeExec> {
+        let (state, _) = watch::channel(InstanceState::Ready);
+        Arc::new(FakeExec { state, delay: Duration::ZERO, fail: Some(err), batches: Mutex::new(Vec::new()) })
+    }
+
+    fn batch_sizes(&self) -> Vec<u32> {
+        self.batches.lock().unwrap().clone()
+    }
+}
+
+impl Executor for FakeExec {
+    fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>> {
+        self.batches.lock().unwrap().push(work.batch_size);
+        let delay = self.delay;
+        let fail = self.fail.clone();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(e) = fail {
+                return Err(e);
+            }
+            let x = &work.inputs[0];
+            let data: Vec<u8> = x
+                .parts
+                .iter()
+                .flat_map(|p| p.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>())
+                .flat_map(|v| (v * 2.0).to_le_bytes())
+                .collect();
+            let y = Tensor { name: "y".into(), datatype: DataType::Fp32, shape: x.shape.clone(), data: Bytes::from(data) };
+            Ok(WorkOutput { outputs: vec![y], compute_ns: 1000 })
+        })
+    }
+
+    fn state(&self) -> watch::Receiver<InstanceState> {
+        self.state.subscribe()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        self.state.send_replace(InstanceState::Stopped);
+        Box::pin(async {})
+    }
+}
+
+fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
+    ModelConfig {
+        name: "m".into(),
+        version: "1".into(),
+        plugin: "plugin.py".into(),
+        class: "M".into(),
+        max_batch_size: max_batch,
+        max_queue_delay: Duration::from_millis(delay_ms),
+        instances: 1,
+        inputs: vec![TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1] }],
+        outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1] }],
+        parameters: BTreeMap::new(),
+        queue_capacity: queue,
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+fn start(cfg: ModelConfig, execs: &[Arc<FakeExec>]) -> Engine {
+    let instances: Vec<Arc<dyn Executor>> = execs.iter().map(|e| e.clone() as Arc<dyn Executor>).collect();
+    Engine::start(vec![(cfg, instances)], EngineOptions { limits: Limits { max_tensor_bytes: 1 << 20 } })
+}
+
+fn request(values: &[f32]) -> InferRequest {
+    InferRequest {
+        model: "m".into(),
+        version: None,
+        id: Some("r".into()),
+        inputs: vec![Tensor {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, values.len() as i64],
+            data: Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()),
+        }],
+        outputs: None,
+        timeout: None,
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+async fn ready(engine: &Engine) {
+    assert_eq!(engine.wait_loaded("m").await.unwrap(), ModelState::Ready);
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_batched_and_answered_correctly() {
+    let exec = FakeExec::new(5);
+    let engine = start(config(16, 2, 256), &[exec.clone()]);
+    ready(&engine).await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let v = [i as f32, i as f32 + 0.5, -(i as f32)];
+                let resp = engine.infer(request(&v)).await.unwrap();
+                assert_eq!(resp.outputs[0].shape, vec![1, 3]);
+                assert_eq!(values(&resp.outputs[0]), v.iter().map(|x| x * 2.0).collect::<Vec<_>>());
+                assert_eq!(resp.id.as_deref(), Some("r"));
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sizes = exec.batch_sizes();
+    assert_eq!(sizes.iter().sum::<u32>(), 64);
+    assert!(sizes.iter().any(|&b| b > 1), "expected some batching, got {sizes:?}");
+    assert!(sizes.iter().all(|&b| b <= 16));
+    let stats = engine.stats(Some("m"), None).unwrap();
+    assert_eq!(stats[0].inference_count, 64);
+    assert_eq!(stats[0].success.count, 64);
+    assert_eq!(stats[0].execution_count as usize, sizes.len());
+}
+
+#[tokio::test]
+async fn spreads_batches_over_instances() {
+    let a = FakeExec::new(20);
+    let b = FakeExec::new(20);
+    let engine = start(config(0, 0, 64), &[a.clone(), b.clone()]);
+    ready(&engine).await;
+    let tasks: Vec<_> = (0..8).map(|i| tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.infer(request(&[i as f32])).await.unwrap() }
+    })).collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(!a.batch_sizes().is_empty() && !b.batch_sizes().is_empty());
+    assert_eq!(a.batch_sizes().len() + b.batch_sizes().len(), 8);
+}
+
+#[tokio::test]
+async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
+    let exec = FakeExec::failing(WorkerError::Crashed { status: "killed by signal 9 (SIGKILL)".into() });
+    let engine = start(config(4, 0, 8), &[exec]);
+    ready(&engine).await;
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(matches!(err, EngineError::WorkerFailed { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains("'m'") && msg.contains("SIGKILL"), "{msg}");
+}
+
+#[tokio::test]
+async fn plugin_error_carries_type_and_text() {
+    let exec = FakeExec::failing(WorkerError::Plugin { message: "ValueError: bad x".into(), traceback: "tb".into() });
+    let engine = start(config(4, 0, 8), &[exec]);
+    ready(&engine).await;
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(err.to_string().contains("ValueError: bad x"), "{err}");
+}
+
+#[tokio::test]
+async fn full_queue_is_refused_not_waited_on() {
+    let exec = FakeExec::new(300);
+    let engine = start(config(0, 0, 2), &[exec]);
+    ready(&engine).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { engine.infer(request(&[i as f32])).await }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut full = 0;
+    for t in tasks {
+        if let Err(EngineError::QueueFull { capacity, .. }) = t.await.unwrap() {
+            assert_eq!(capacity, 2);
+            full += 1;
+        }
+    }
+    // Two run (pipeline depth), two wait, the rest are refused.
+    assert!(full >= 1, "expected refusals");
+}
+
+#[tokio::test]
+async fn request_deadline_expires_in_queue() {
+    let exec = FakeExec::new(400);
+    let engine = start(config(0, 0, 16), &[exec]);
+    ready(&engine).await;
+    // Occupy both pipeline slots, then a short-deadline request waits behind them.
+    let e1 = engine.clone();
+    let e2 = engine.clone();
+    let busy1 = tokio::spawn(async move { e1.infer(request(&[1.0])).await });
+    let busy2 = tokio::spawn(async move { e2.infer(request(&[2.0])).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut short = request(&[3.0]);
+    short.timeout = Some(Duration::from_millis(50));
+    let err = engine.infer(short).await.unwrap_err();
+    assert!(matches!(err, EngineError::Timeout { .. }), "{err}");
+    assert!(busy1.await.unwrap().is_ok() && busy2.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn failed_model_refuses_requests_and_reports_traceback() {
+    let exec = FakeExec::new(0);
+    let engine = start(config(4, 0, 8), &[exec.clone()]);
+    ready(&engine).await;
+    exec.state.send_replace(InstanceState::Failed { error: "RuntimeError: no weights".into(), traceback: "Traceback ...".into() });
+    let mut rx_ok = false;
+    for _ in 0..100 {
+        if let ModelState::Failed { traceback, .. } = engine.model("m", None).unwrap().state {
+            assert_eq!(traceback, "Traceback ...");
+            rx_ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(rx_ok, "model never reported FAILED");
+    assert!(!engine.ready());
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(err.to_string().contains("no weights"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_model_and_version_are_not_found() {
+    let engine = start(config(4, 0, 8), &[FakeExec::new(0)]);
+    let mut r = request(&[1.0]);
+    r.model = "nope".into();
+    assert!(matches!(engine.infer(r).await, Err(EngineError::ModelNotFound { .. })));
+    let mut r = request(&[1.0]);
+    r.version = Some("7".into());
+    assert!(matches!(engine.infer(r).await, Err(EngineError::VersionNotFound { .. })));
+}
+
+#[tokio::test]
+async fn drain_answers_in_flight_then_refuses_new_work() {
+    let exec = FakeExec::new(100);
+    let engine = start(config(0, 0, 16), &[exec]);
+    ready(&engine).await;
+    let inflight: Vec<_> = (0..4)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(engine.drain(Duration::from_secs(5)).await, "drain timed out");
+    for t in inflight {
+        assert!(t.await.unwrap().is_ok());
+    }
+    assert!(!engine.ready());
+    assert!(matches!(engine.infer(request(&[1.0])).await, Err(EngineError::ShuttingDown)));
+}
