@@ -34,7 +34,11 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
     Work {
         batch_size: if batching { rows } else { 1 },
         inputs,
-        outputs: if same_outputs { first.outputs.clone() } else { None },
+        outputs: if same_outputs {
+            first.outputs.clone()
+        } else {
+            None
+        },
     }
 }
 
@@ -42,11 +46,23 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SplitError {
     #[error("output '{name}' has {got} rows but the batch has {expected}")]
-    Rows { name: String, got: i64, expected: u32 },
+    Rows {
+        name: String,
+        got: i64,
+        expected: u32,
+    },
     #[error("output '{name}' holds {got} bytes, {expected} expected for shape {shape:?}")]
-    Size { name: String, got: usize, expected: usize, shape: Vec<i64> },
+    Size {
+        name: String,
+        got: usize,
+        expected: usize,
+        shape: Vec<i64>,
+    },
     #[error("output '{name}': {source}")]
-    Bytes { name: String, source: bytes_codec::BytesCodecError },
+    Bytes {
+        name: String,
+        source: bytes_codec::BytesCodecError,
+    },
     #[error("the plugin did not return output '{0}'")]
     Missing(String),
 }
@@ -69,8 +85,11 @@ fn row_bounds(t: &Tensor, rows: u32) -> Result<Vec<usize>, SplitError> {
             Ok((0..=rows as usize).map(|r| r * stride).collect())
         }
         None => {
-            let bounds = bytes_codec::element_boundaries(&t.data)
-                .map_err(|source| SplitError::Bytes { name: t.name.clone(), source })?;
+            let bounds =
+                bytes_codec::element_boundaries(&t.data).map_err(|source| SplitError::Bytes {
+                    name: t.name.clone(),
+                    source,
+                })?;
             let elements = bounds.len() - 1;
             if elements != per_row * rows as usize {
                 return Err(SplitError::Size {
@@ -100,7 +119,11 @@ pub fn split_outputs(
         if batching {
             let got = t.shape.first().copied().unwrap_or(0);
             if got != i64::from(rows) {
-                return Err(SplitError::Rows { name: t.name, got, expected: rows });
+                return Err(SplitError::Rows {
+                    name: t.name,
+                    got,
+                    expected: rows,
+                });
             }
             let bounds = row_bounds(&t, rows)?;
             split.push((t, bounds));
@@ -149,16 +172,20 @@ mod tests {
     use super::*;
     use crate::engine::queue::Reply;
     use crate::engine::tensor::DataType;
+    use bytes::Bytes;
     use std::time::Duration;
     use tokio::sync::oneshot;
     use tokio::time::Instant;
-    use bytes::Bytes;
 
     fn f32_bytes(v: &[f32]) -> Bytes {
         Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())
     }
 
-    fn req(values: &[f32], width: usize, outputs: Option<Vec<String>>) -> (Pending, oneshot::Receiver<Reply>) {
+    fn req(
+        values: &[f32],
+        width: usize,
+        outputs: Option<Vec<String>>,
+    ) -> (Pending, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
         let rows = (values.len() / width) as u32;
         let now = Instant::now();
@@ -188,11 +215,24 @@ mod tests {
         assert_eq!(work.batch_size, 3);
         assert_eq!(work.inputs[0].shape, vec![3, 2]);
         assert_eq!(work.inputs[0].parts.len(), 2);
-        assert_eq!(work.outputs, None, "differing output requests ask for all outputs");
+        assert_eq!(
+            work.outputs, None,
+            "differing output requests ask for all outputs"
+        );
 
         let all: Vec<f32> = (1..=6).map(|v| v as f32 * 2.0).collect();
-        let y = Tensor { name: "y".into(), datatype: DataType::Fp32, shape: vec![3, 2], data: f32_bytes(&all) };
-        let z = Tensor { name: "z".into(), datatype: DataType::Fp32, shape: vec![3, 1], data: f32_bytes(&[7.0, 8.0, 9.0]) };
+        let y = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: vec![3, 2],
+            data: f32_bytes(&all),
+        };
+        let z = Tensor {
+            name: "z".into(),
+            datatype: DataType::Fp32,
+            shape: vec![3, 1],
+            data: f32_bytes(&[7.0, 8.0, 9.0]),
+        };
         let declared = vec!["y".to_string(), "z".to_string()];
         let parts = split_outputs(&batch, vec![z, y], &declared, true).unwrap();
         assert_eq!(parts[0].len(), 2);
@@ -211,9 +251,19 @@ mod tests {
         let (b, _rb) = req(&[0.0, 0.0], 1, None);
         let batch = vec![a, b];
         let data = bytes_codec::encode([b"".as_slice(), "é".as_bytes(), b"xyz"]);
-        let t = Tensor { name: "s".into(), datatype: DataType::Bytes, shape: vec![3, 1], data: Bytes::from(data) };
+        let t = Tensor {
+            name: "s".into(),
+            datatype: DataType::Bytes,
+            shape: vec![3, 1],
+            data: Bytes::from(data),
+        };
         let parts = split_outputs(&batch, vec![t], &["s".to_string()], true).unwrap();
-        assert_eq!(bytes_codec::element_ranges(&parts[0][0].data).unwrap().len(), 1);
+        assert_eq!(
+            bytes_codec::element_ranges(&parts[0][0].data)
+                .unwrap()
+                .len(),
+            1
+        );
         let second = &parts[1][0].data;
         let r = bytes_codec::element_ranges(second).unwrap();
         assert_eq!(&second[r[0].clone()], "é".as_bytes());
@@ -224,10 +274,29 @@ mod tests {
     fn split_rejects_wrong_row_count_and_size() {
         let (a, _ra) = req(&[1.0, 2.0], 1, None);
         let batch = vec![a];
-        let y = Tensor { name: "y".into(), datatype: DataType::Fp32, shape: vec![3, 1], data: f32_bytes(&[1.0, 2.0, 3.0]) };
-        assert!(matches!(split_outputs(&batch, vec![y], &["y".into()], true), Err(SplitError::Rows { .. })));
-        let y = Tensor { name: "y".into(), datatype: DataType::Fp32, shape: vec![2, 1], data: f32_bytes(&[1.0]) };
-        assert!(matches!(split_outputs(&batch, vec![y], &["y".into()], true), Err(SplitError::Size { .. })));
-        assert!(matches!(split_outputs(&batch, vec![], &["y".into()], true), Err(SplitError::Missing(_))));
+        let y = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: vec![3, 1],
+            data: f32_bytes(&[1.0, 2.0, 3.0]),
+        };
+        assert!(matches!(
+            split_outputs(&batch, vec![y], &["y".into()], true),
+            Err(SplitError::Rows { .. })
+        ));
+        let y = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: vec![2, 1],
+            data: f32_bytes(&[1.0]),
+        };
+        assert!(matches!(
+            split_outputs(&batch, vec![y], &["y".into()], true),
+            Err(SplitError::Size { .. })
+        ));
+        assert!(matches!(
+            split_outputs(&batch, vec![], &["y".into()], true),
+            Err(SplitError::Missing(_))
+        ));
     }
 }

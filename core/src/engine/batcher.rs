@@ -7,12 +7,12 @@
 //! requests and reports `Event::BatchDone` so the actor frees the instance's slot.
 //! A closed command channel (every engine handle dropped) stops the actor.
 
+use super::EngineError;
 use super::batch::{build_work, split_outputs};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{BatchPolicy, Decision, Pending, Queue};
 use super::stats::{BatchTimes, StatsRecorder};
-use super::EngineError;
 use crate::worker::types::{InstanceState, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,13 +78,23 @@ impl Batcher {
             max_batch_size: config.max_batch_size,
             max_queue_delay: config.max_queue_delay,
         };
-        let declared_outputs: Arc<[String]> = config.outputs.iter().map(|o| o.name.clone()).collect();
+        let declared_outputs: Arc<[String]> =
+            config.outputs.iter().map(|o| o.name.clone()).collect();
         let slots = instances
             .into_iter()
-            .map(|exec| Slot { state: exec.state().borrow().clone(), exec, outstanding: 0 })
+            .map(|exec| Slot {
+                state: exec.state().borrow().clone(),
+                exec,
+                outstanding: 0,
+            })
             .collect();
         let batcher = Batcher {
-            ctx: BatchContext { config, stats, declared_outputs, events: ev_tx },
+            ctx: BatchContext {
+                config,
+                stats,
+                declared_outputs,
+                events: ev_tx,
+            },
             queue: Queue::new(policy),
             slots,
             commands: cmd_rx,
@@ -146,7 +156,10 @@ impl Batcher {
                 };
                 if let Some(error) = failed {
                     let model = self.ctx.config.name.clone();
-                    self.fail_all_queued(EngineError::NotReady { model, state: format!("FAILED: {error}") });
+                    self.fail_all_queued(EngineError::NotReady {
+                        model,
+                        state: format!("FAILED: {error}"),
+                    });
                 }
             }
         }
@@ -242,7 +255,11 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Turns an instance's watch channel into batcher events; ends with the instance.
-async fn forward_states(idx: usize, mut rx: watch::Receiver<InstanceState>, tx: mpsc::Sender<Event>) {
+async fn forward_states(
+    idx: usize,
+    mut rx: watch::Receiver<InstanceState>,
+    tx: mpsc::Sender<Event>,
+) {
     while rx.changed().await.is_ok() {
         let state = rx.borrow_and_update().clone();
         if tx.send(Event::Instance { idx, state }).await.is_err() {
@@ -257,10 +274,15 @@ pub fn model_state<'a>(states: impl Iterator<Item = &'a InstanceState>) -> Model
     if states.iter().any(|s| **s == InstanceState::Ready) {
         return ModelState::Ready;
     }
-    if !states.is_empty() && states.iter().all(|s| matches!(s, InstanceState::Failed { .. })) {
-        if let Some(InstanceState::Failed { error, traceback }) = states.first() {
-            return ModelState::Failed { error: error.clone(), traceback: traceback.clone() };
-        }
+    if let Some(InstanceState::Failed { error, traceback }) = states.first()
+        && states
+            .iter()
+            .all(|s| matches!(s, InstanceState::Failed { .. }))
+    {
+        return ModelState::Failed {
+            error: error.clone(),
+            traceback: traceback.clone(),
+        };
     }
     if states.iter().all(|s| matches!(s, InstanceState::Stopped)) && !states.is_empty() {
         return ModelState::Stopping;
@@ -291,12 +313,23 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
             match split_outputs(&batch, out.outputs, &ctx.declared_outputs, batching) {
                 Ok(parts) => {
                     let output = (returned - built).saturating_sub(infer) + returned.elapsed();
-                    ctx.stats.record_batch(BatchTimes { rows, input: built - started, infer, output });
+                    ctx.stats.record_batch(BatchTimes {
+                        rows,
+                        input: built - started,
+                        infer,
+                        output,
+                    });
                     parts.into_iter().map(Ok).collect()
                 }
                 Err(e) => {
                     let message = format!("returned unusable outputs: {e}");
-                    vec![Err(EngineError::Plugin { model: ctx.config.name.clone(), message }); batch.len()]
+                    vec![
+                        Err(EngineError::Plugin {
+                            model: ctx.config.name.clone(),
+                            message
+                        });
+                        batch.len()
+                    ]
                 }
             }
         }
@@ -305,7 +338,11 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
 
     for (p, reply) in batch.into_iter().zip(replies) {
         let ok = reply.is_ok();
-        ctx.stats.record_request(ok, started.saturating_duration_since(p.enqueued), p.enqueued.elapsed());
+        ctx.stats.record_request(
+            ok,
+            started.saturating_duration_since(p.enqueued),
+            p.enqueued.elapsed(),
+        );
         // The client may have gone; nobody to tell then.
         let _ = p.reply.send(reply);
     }
@@ -320,9 +357,12 @@ fn worker_error(model: &str, e: WorkerError) -> EngineError {
         WorkerError::TooLarge(message) => EngineError::Plugin { model, message },
         WorkerError::NotReady { state } => EngineError::NotReady { model, state },
         WorkerError::ShuttingDown => EngineError::ShuttingDown,
-        e @ (WorkerError::Crashed { .. } | WorkerError::ExecutionTimeout { .. } | WorkerError::Protocol(_)) => {
-            EngineError::WorkerFailed { model, reason: e.to_string() }
-        }
+        e @ (WorkerError::Crashed { .. }
+        | WorkerError::ExecutionTimeout { .. }
+        | WorkerError::Protocol(_)) => EngineError::WorkerFailed {
+            model,
+            reason: e.to_string(),
+        },
         WorkerError::Cancelled => EngineError::Internal("batch cancelled".into()),
     }
 }

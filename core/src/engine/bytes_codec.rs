@@ -6,10 +6,17 @@
 use std::ops::Range;
 
 /// Why a BYTES buffer could not be split into elements.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BytesCodecError {
-    #[error("BYTES element {index} is truncated: {needed} bytes needed at offset {offset}, {available} available")]
-    Truncated { index: usize, offset: usize, needed: usize, available: usize },
+    #[error(
+        "BYTES element {index} is truncated: {needed} bytes needed at offset {offset}, {available} available"
+    )]
+    Truncated {
+        index: usize,
+        offset: usize,
+        needed: usize,
+        available: usize,
+    },
 }
 
 /// Appends one element to a serialised buffer.
@@ -34,16 +41,23 @@ pub fn element_ranges(data: &[u8]) -> Result<Vec<Range<usize>>, BytesCodecError>
     let mut offset = 0;
     while offset < data.len() {
         let index = ranges.len();
-        let header = data.get(offset..offset + 4).ok_or(BytesCodecError::Truncated {
-            index,
-            offset,
-            needed: 4,
-            available: data.len() - offset,
-        })?;
+        let header = data
+            .get(offset..offset + 4)
+            .ok_or(BytesCodecError::Truncated {
+                index,
+                offset,
+                needed: 4,
+                available: data.len() - offset,
+            })?;
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let start = offset + 4;
         let end = start.checked_add(len).filter(|&e| e <= data.len()).ok_or(
-            BytesCodecError::Truncated { index, offset: start, needed: len, available: data.len() - start },
+            BytesCodecError::Truncated {
+                index,
+                offset: start,
+                needed: len,
+                available: data.len() - start,
+            },
         )?;
         ranges.push(start..end);
         offset = end;
@@ -71,7 +85,10 @@ mod tests {
         let ranges = element_ranges(&data).unwrap();
         let back: Vec<&[u8]> = ranges.iter().map(|r| &data[r.clone()]).collect();
         assert_eq!(back, elems);
-        assert_eq!(element_boundaries(&data).unwrap(), vec![0, 4, 4 + 4 + 9, data.len()]);
+        assert_eq!(
+            element_boundaries(&data).unwrap(),
+            vec![0, 4, 4 + 4 + 10, data.len()]
+        );
     }
 
     #[test]
@@ -81,9 +98,19 @@ mod tests {
 
     #[test]
     fn rejects_truncated_header_and_payload() {
-        assert!(matches!(element_ranges(&[1, 0]), Err(BytesCodecError::Truncated { index: 0, .. })));
+        assert!(matches!(
+            element_ranges(&[1, 0]),
+            Err(BytesCodecError::Truncated { index: 0, .. })
+        ));
         let mut data = encode([b"ab".as_slice()]);
         data.extend_from_slice(&[5, 0, 0, 0, b'x']);
-        assert!(matches!(element_ranges(&data), Err(BytesCodecError::Truncated { index: 1, needed: 5, .. })));
+        assert!(matches!(
+            element_ranges(&data),
+            Err(BytesCodecError::Truncated {
+                index: 1,
+                needed: 5,
+                ..
+            })
+        ));
     }
 }

@@ -8,10 +8,16 @@ pub enum EngineError {
     #[error("unknown model '{name}'; loaded models: {available}")]
     ModelNotFound { name: String, available: String },
     #[error("model '{name}' has no version '{version}'; available versions: {available}")]
-    VersionNotFound { name: String, version: String, available: String },
+    VersionNotFound {
+        name: String,
+        version: String,
+        available: String,
+    },
     #[error("{0}")]
     Validation(#[from] super::validate::ValidationError),
-    #[error("model '{model}' queue is full ({capacity} requests waiting); retry later or raise --queue-capacity")]
+    #[error(
+        "model '{model}' queue is full ({capacity} requests waiting); retry later or raise --queue-capacity"
+    )]
     QueueFull { model: String, capacity: usize },
     #[error("model '{model}' is not ready: {state}")]
     NotReady { model: String, state: String },

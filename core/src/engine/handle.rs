@@ -48,7 +48,10 @@ pub struct Engine {
 
 impl Engine {
     /// Starts a batcher for each model over its instances. Must run inside a tokio runtime.
-    pub fn start(models: Vec<(ModelConfig, Vec<Arc<dyn Executor>>)>, options: EngineOptions) -> Engine {
+    pub fn start(
+        models: Vec<(ModelConfig, Vec<Arc<dyn Executor>>)>,
+        options: EngineOptions,
+    ) -> Engine {
         let mut map = BTreeMap::new();
         for (config, instances) in models {
             let config = Arc::new(config);
@@ -62,10 +65,23 @@ impl Engine {
                 config.queue_capacity,
             );
             let places = Arc::new(Semaphore::new(config.queue_capacity));
-            let entry = ModelEntry { config: config.clone(), commands, places, state: state_rx, stats, instances };
+            let entry = ModelEntry {
+                config: config.clone(),
+                commands,
+                places,
+                state: state_rx,
+                stats,
+                instances,
+            };
             map.insert(config.name.clone(), entry);
         }
-        Engine { inner: Arc::new(Inner { models: map, draining: AtomicBool::new(false), options }) }
+        Engine {
+            inner: Arc::new(Inner {
+                models: map,
+                draining: AtomicBool::new(false),
+                options,
+            }),
+        }
     }
 
     /// The process is up (always true while it answers).
@@ -75,7 +91,12 @@ impl Engine {
 
     /// Every model is ready and the server is not draining.
     pub fn ready(&self) -> bool {
-        !self.is_draining() && self.inner.models.values().all(|m| m.state.borrow().is_ready())
+        !self.is_draining()
+            && self
+                .inner
+                .models
+                .values()
+                .all(|m| m.state.borrow().is_ready())
     }
 
     pub fn is_draining(&self) -> bool {
@@ -104,10 +125,19 @@ impl Engine {
     }
 
     /// Statistics of one model (or every model when `name` is `None`).
-    pub fn stats(&self, name: Option<&str>, version: Option<&str>) -> Result<Vec<ModelStats>, EngineError> {
+    pub fn stats(
+        &self,
+        name: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<Vec<ModelStats>, EngineError> {
         match name {
             Some(n) => Ok(vec![self.entry(n, version)?.stats.snapshot()]),
-            None => Ok(self.inner.models.values().map(|m| m.stats.snapshot()).collect()),
+            None => Ok(self
+                .inner
+                .models
+                .values()
+                .map(|m| m.stats.snapshot())
+                .collect()),
         }
     }
 
@@ -118,14 +148,26 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let config = &entry.config;
-        let rows = validate_request(config, &req.inputs, req.outputs.as_deref(), &self.inner.options.limits)?;
+        let rows = validate_request(
+            config,
+            &req.inputs,
+            req.outputs.as_deref(),
+            &self.inner.options.limits,
+        )?;
         check_ready(config, &entry.state.borrow())?;
 
-        let permit = entry.places.clone().try_acquire_owned().map_err(|_| EngineError::QueueFull {
-            model: config.name.clone(),
-            capacity: config.queue_capacity,
-        })?;
-        let timeout = req.timeout.map_or(config.request_timeout, |t| t.min(config.request_timeout));
+        let permit =
+            entry
+                .places
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| EngineError::QueueFull {
+                    model: config.name.clone(),
+                    capacity: config.queue_capacity,
+                })?;
+        let timeout = req
+            .timeout
+            .map_or(config.request_timeout, |t| t.min(config.request_timeout));
         let now = Instant::now();
         let (reply_tx, reply_rx) = oneshot::channel();
         let pending = Pending {
@@ -148,7 +190,12 @@ impl Engine {
         let outputs = match tokio::time::timeout(timeout, reply_rx).await {
             Ok(Ok(reply)) => reply?,
             Ok(Err(_)) => return Err(EngineError::ShuttingDown),
-            Err(_) => return Err(EngineError::Timeout { model: config.name.clone(), after: timeout }),
+            Err(_) => {
+                return Err(EngineError::Timeout {
+                    model: config.name.clone(),
+                    after: timeout,
+                });
+            }
         };
         Ok(InferResponse {
             model_name: config.name.clone(),
@@ -172,21 +219,37 @@ impl Engine {
                 }
             }
         });
-        tokio::time::timeout(timeout, futures::future::join_all(waits)).await.is_ok()
+        tokio::time::timeout(timeout, futures::future::join_all(waits))
+            .await
+            .is_ok()
     }
 
     /// Stops every worker instance (after `drain`, or at once).
     pub async fn shutdown(&self) {
         self.inner.draining.store(true, Ordering::Release);
-        let stops = self.inner.models.values().flat_map(|m| m.instances.iter().map(|i| i.shutdown()));
+        let stops = self
+            .inner
+            .models
+            .values()
+            .flat_map(|m| m.instances.iter().map(|i| i.shutdown()));
         futures::future::join_all(stops).await;
     }
 
     fn entry(&self, name: &str, version: Option<&str>) -> Result<&ModelEntry, EngineError> {
-        let entry = self.inner.models.get(name).ok_or_else(|| EngineError::ModelNotFound {
-            name: name.to_string(),
-            available: self.inner.models.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let entry = self
+            .inner
+            .models
+            .get(name)
+            .ok_or_else(|| EngineError::ModelNotFound {
+                name: name.to_string(),
+                available: self
+                    .inner
+                    .models
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
         match version {
             Some(v) if v != entry.config.version => Err(EngineError::VersionNotFound {
                 name: name.to_string(),
@@ -199,15 +262,27 @@ impl Engine {
 }
 
 fn status_of(m: &ModelEntry) -> ModelStatus {
-    let ready_instances =
-        m.instances.iter().filter(|i| *i.state().borrow() == crate::worker::types::InstanceState::Ready).count();
-    ModelStatus { config: m.config.clone(), state: m.state.borrow().clone(), ready_instances: ready_instances as u32 }
+    let ready_instances = m
+        .instances
+        .iter()
+        .filter(|i| *i.state().borrow() == crate::worker::types::InstanceState::Ready)
+        .count();
+    ModelStatus {
+        config: m.config.clone(),
+        state: m.state.borrow().clone(),
+        ready_instances: ready_instances as u32,
+    }
 }
 
 /// Requests are refused at the door while no instance can serve. A model whose instances
 /// are restarting still queues: a replacement usually serves within a second.
 fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineError> {
-    let not_ready = |state: String| Err(EngineError::NotReady { model: config.name.clone(), state });
+    let not_ready = |state: String| {
+        Err(EngineError::NotReady {
+            model: config.name.clone(),
+            state,
+        })
+    };
     match state {
         ModelState::Ready | ModelState::Unavailable { .. } => Ok(()),
         ModelState::Loading => not_ready("LOADING (workers are starting)".into()),
@@ -218,6 +293,12 @@ fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineErr
 
 /// Puts inputs in the order the model declares them, so batches line up input by input.
 fn in_declared_order(config: &ModelConfig, mut inputs: Vec<super::Tensor>) -> Vec<super::Tensor> {
-    inputs.sort_by_key(|t| config.inputs.iter().position(|s| s.name == t.name).unwrap_or(usize::MAX));
+    inputs.sort_by_key(|t| {
+        config
+            .inputs
+            .iter()
+            .position(|s| s.name == t.name)
+            .unwrap_or(usize::MAX)
+    });
     inputs
 }

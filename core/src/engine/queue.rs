@@ -89,7 +89,10 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(policy: BatchPolicy) -> Self {
-        Queue { policy, entries: VecDeque::new() }
+        Queue {
+            policy,
+            entries: VecDeque::new(),
+        }
     }
 
     pub fn push(&mut self, p: Pending) {
@@ -166,8 +169,11 @@ impl Queue {
             return Decision::WaitUntil(if full_only { head.deadline } else { release_at });
         }
         // Remove back to front so earlier indices stay valid.
-        let mut batch: Vec<Pending> =
-            chosen.iter().rev().filter_map(|&i| self.entries.remove(i)).collect();
+        let mut batch: Vec<Pending> = chosen
+            .iter()
+            .rev()
+            .filter_map(|&i| self.entries.remove(i))
+            .collect();
         batch.reverse();
         Decision::Batch(batch)
     }
@@ -200,7 +206,10 @@ mod tests {
     }
 
     fn policy(max: u32, delay_ms: u64) -> BatchPolicy {
-        BatchPolicy { max_batch_size: max, max_queue_delay: Duration::from_millis(delay_ms) }
+        BatchPolicy {
+            max_batch_size: max,
+            max_queue_delay: Duration::from_millis(delay_ms),
+        }
     }
 
     fn rows_of(d: Decision) -> Vec<u32> {

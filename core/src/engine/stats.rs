@@ -31,8 +31,14 @@ pub struct StatsRecorder {
 
 impl StatsRecorder {
     pub fn new(name: &str, version: &str) -> Self {
-        let stats = ModelStats { name: name.to_string(), version: version.to_string(), ..ModelStats::default() };
-        StatsRecorder { inner: Mutex::new(stats) }
+        let stats = ModelStats {
+            name: name.to_string(),
+            version: version.to_string(),
+            ..ModelStats::default()
+        };
+        StatsRecorder {
+            inner: Mutex::new(stats),
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut ModelStats)) {
@@ -47,7 +53,10 @@ impl StatsRecorder {
 
     /// One worker call finished (successfully or not).
     pub fn record_batch(&self, t: BatchTimes) {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         self.with(|s| {
             s.execution_count += 1;
             s.inference_count += u64::from(t.rows);
@@ -56,11 +65,21 @@ impl StatsRecorder {
             add(&mut s.compute_infer, t.infer);
             add(&mut s.compute_output, t.output);
             let size = u64::from(t.rows);
-            let pos = s.batch_stats.iter().position(|b| b.batch_size == size).unwrap_or_else(|| {
-                s.batch_stats.push(BatchStat { batch_size: size, ..BatchStat::default() });
-                s.batch_stats.sort_by_key(|b| b.batch_size);
-                s.batch_stats.iter().position(|b| b.batch_size == size).unwrap_or(0)
-            });
+            let pos = s
+                .batch_stats
+                .iter()
+                .position(|b| b.batch_size == size)
+                .unwrap_or_else(|| {
+                    s.batch_stats.push(BatchStat {
+                        batch_size: size,
+                        ..BatchStat::default()
+                    });
+                    s.batch_stats.sort_by_key(|b| b.batch_size);
+                    s.batch_stats
+                        .iter()
+                        .position(|b| b.batch_size == size)
+                        .unwrap_or(0)
+                });
             if let Some(b) = s.batch_stats.get_mut(pos) {
                 add(&mut b.compute_input, t.input);
                 add(&mut b.compute_infer, t.infer);
@@ -102,7 +121,13 @@ mod tests {
         assert_eq!(s.execution_count, 3);
         assert_eq!(s.inference_count, 9);
         assert_eq!(s.compute_infer, StatDuration { count: 3, ns: 300 });
-        assert_eq!(s.batch_stats.iter().map(|b| (b.batch_size, b.compute_infer.count)).collect::<Vec<_>>(), vec![(1, 1), (4, 2)]);
+        assert_eq!(
+            s.batch_stats
+                .iter()
+                .map(|b| (b.batch_size, b.compute_infer.count))
+                .collect::<Vec<_>>(),
+            vec![(1, 1), (4, 2)]
+        );
         assert_eq!(s.success, StatDuration { count: 1, ns: 50 });
         assert_eq!(s.fail, StatDuration { count: 1, ns: 70 });
         assert!(s.last_inference_ms > 0);

@@ -125,8 +125,7 @@ pub mod datatype_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DataType, D::Error> {
         let name = String::deserialize(d)?;
-        DataType::parse(&name)
-            .ok_or_else(|| D::Error::custom(format!("unknown datatype '{name}'")))
+        DataType::parse(&name).ok_or_else(|| D::Error::custom(format!("unknown datatype '{name}'")))
     }
 }
 

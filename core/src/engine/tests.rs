@@ -21,12 +21,22 @@ struct FakeExec {
 impl FakeExec {
     fn new(delay_ms: u64) -> Arc<FakeExec> {
         let (state, _) = watch::channel(InstanceState::Ready);
-        Arc::new(FakeExec { state, delay: Duration::from_millis(delay_ms), fail: None, batches: Mutex::new(Vec::new()) })
+        Arc::new(FakeExec {
+            state,
+            delay: Duration::from_millis(delay_ms),
+            fail: None,
+            batches: Mutex::new(Vec::new()),
+        })
     }
 
     fn failing(err: WorkerError) -> Arc<FakeExec> {
         let (state, _) = watch::channel(InstanceState::Ready);
-        Arc::new(FakeExec { state, delay: Duration::ZERO, fail: Some(err), batches: Mutex::new(Vec::new()) })
+        Arc::new(FakeExec {
+            state,
+            delay: Duration::ZERO,
+            fail: Some(err),
+            batches: Mutex::new(Vec::new()),
+        })
     }
 
     fn batch_sizes(&self) -> Vec<u32> {
@@ -48,11 +58,23 @@ impl Executor for FakeExec {
             let data: Vec<u8> = x
                 .parts
                 .iter()
-                .flat_map(|p| p.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>())
+                .flat_map(|p| {
+                    p.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect::<Vec<_>>()
+                })
                 .flat_map(|v| (v * 2.0).to_le_bytes())
                 .collect();
-            let y = Tensor { name: "y".into(), datatype: DataType::Fp32, shape: x.shape.clone(), data: Bytes::from(data) };
-            Ok(WorkOutput { outputs: vec![y], compute_ns: 1000 })
+            let y = Tensor {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: x.shape.clone(),
+                data: Bytes::from(data),
+            };
+            Ok(WorkOutput {
+                outputs: vec![y],
+                compute_ns: 1000,
+            })
         })
     }
 
@@ -67,6 +89,12 @@ impl Executor for FakeExec {
 }
 
 fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
+    // Requests are [1, n]: without batching that whole shape is the declared one.
+    let shape = if max_batch > 0 {
+        vec![-1]
+    } else {
+        vec![-1, -1]
+    };
     ModelConfig {
         name: "m".into(),
         version: "1".into(),
@@ -75,8 +103,16 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
         max_batch_size: max_batch,
         max_queue_delay: Duration::from_millis(delay_ms),
         instances: 1,
-        inputs: vec![TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1] }],
-        outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1] }],
+        inputs: vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: shape.clone(),
+        }],
+        outputs: vec![TensorSpec {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape,
+        }],
         parameters: BTreeMap::new(),
         queue_capacity: queue,
         request_timeout: Duration::from_secs(5),
@@ -84,8 +120,18 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
 }
 
 fn start(cfg: ModelConfig, execs: &[Arc<FakeExec>]) -> Engine {
-    let instances: Vec<Arc<dyn Executor>> = execs.iter().map(|e| e.clone() as Arc<dyn Executor>).collect();
-    Engine::start(vec![(cfg, instances)], EngineOptions { limits: Limits { max_tensor_bytes: 1 << 20 } })
+    let instances: Vec<Arc<dyn Executor>> = execs
+        .iter()
+        .map(|e| e.clone() as Arc<dyn Executor>)
+        .collect();
+    Engine::start(
+        vec![(cfg, instances)],
+        EngineOptions {
+            limits: Limits {
+                max_tensor_bytes: 1 << 20,
+            },
+        },
+    )
 }
 
 fn request(values: &[f32]) -> InferRequest {
@@ -97,7 +143,12 @@ fn request(values: &[f32]) -> InferRequest {
             name: "x".into(),
             datatype: DataType::Fp32,
             shape: vec![1, values.len() as i64],
-            data: Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()),
+            data: Bytes::from(
+                values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>(),
+            ),
         }],
         outputs: None,
         timeout: None,
@@ -105,7 +156,10 @@ fn request(values: &[f32]) -> InferRequest {
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
-    t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    t.data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 async fn ready(engine: &Engine) {
@@ -115,7 +169,7 @@ async fn ready(engine: &Engine) {
 #[tokio::test]
 async fn concurrent_requests_are_batched_and_answered_correctly() {
     let exec = FakeExec::new(5);
-    let engine = start(config(16, 2, 256), &[exec.clone()]);
+    let engine = start(config(16, 2, 256), std::slice::from_ref(&exec));
     ready(&engine).await;
     let tasks: Vec<_> = (0..64)
         .map(|i| {
@@ -124,7 +178,10 @@ async fn concurrent_requests_are_batched_and_answered_correctly() {
                 let v = [i as f32, i as f32 + 0.5, -(i as f32)];
                 let resp = engine.infer(request(&v)).await.unwrap();
                 assert_eq!(resp.outputs[0].shape, vec![1, 3]);
-                assert_eq!(values(&resp.outputs[0]), v.iter().map(|x| x * 2.0).collect::<Vec<_>>());
+                assert_eq!(
+                    values(&resp.outputs[0]),
+                    v.iter().map(|x| x * 2.0).collect::<Vec<_>>()
+                );
                 assert_eq!(resp.id.as_deref(), Some("r"));
             })
         })
@@ -134,7 +191,10 @@ async fn concurrent_requests_are_batched_and_answered_correctly() {
     }
     let sizes = exec.batch_sizes();
     assert_eq!(sizes.iter().sum::<u32>(), 64);
-    assert!(sizes.iter().any(|&b| b > 1), "expected some batching, got {sizes:?}");
+    assert!(
+        sizes.iter().any(|&b| b > 1),
+        "expected some batching, got {sizes:?}"
+    );
     assert!(sizes.iter().all(|&b| b <= 16));
     let stats = engine.stats(Some("m"), None).unwrap();
     assert_eq!(stats[0].inference_count, 64);
@@ -148,10 +208,14 @@ async fn spreads_batches_over_instances() {
     let b = FakeExec::new(20);
     let engine = start(config(0, 0, 64), &[a.clone(), b.clone()]);
     ready(&engine).await;
-    let tasks: Vec<_> = (0..8).map(|i| tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.infer(request(&[i as f32])).await.unwrap() }
-    })).collect();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn({
+                let engine = engine.clone();
+                async move { engine.infer(request(&[i as f32])).await.unwrap() }
+            })
+        })
+        .collect();
     for t in tasks {
         t.await.unwrap();
     }
@@ -161,7 +225,9 @@ async fn spreads_batches_over_instances() {
 
 #[tokio::test]
 async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
-    let exec = FakeExec::failing(WorkerError::Crashed { status: "killed by signal 9 (SIGKILL)".into() });
+    let exec = FakeExec::failing(WorkerError::Crashed {
+        status: "killed by signal 9 (SIGKILL)".into(),
+    });
     let engine = start(config(4, 0, 8), &[exec]);
     ready(&engine).await;
     let err = engine.infer(request(&[1.0])).await.unwrap_err();
@@ -172,7 +238,10 @@ async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
 
 #[tokio::test]
 async fn plugin_error_carries_type_and_text() {
-    let exec = FakeExec::failing(WorkerError::Plugin { message: "ValueError: bad x".into(), traceback: "tb".into() });
+    let exec = FakeExec::failing(WorkerError::Plugin {
+        message: "ValueError: bad x".into(),
+        traceback: "tb".into(),
+    });
     let engine = start(config(4, 0, 8), &[exec]);
     ready(&engine).await;
     let err = engine.infer(request(&[1.0])).await.unwrap_err();
@@ -187,7 +256,9 @@ async fn full_queue_is_refused_not_waited_on() {
     let mut tasks = Vec::new();
     for i in 0..6 {
         let engine = engine.clone();
-        tasks.push(tokio::spawn(async move { engine.infer(request(&[i as f32])).await }));
+        tasks.push(tokio::spawn(async move {
+            engine.infer(request(&[i as f32])).await
+        }));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut full = 0;
@@ -222,9 +293,12 @@ async fn request_deadline_expires_in_queue() {
 #[tokio::test]
 async fn failed_model_refuses_requests_and_reports_traceback() {
     let exec = FakeExec::new(0);
-    let engine = start(config(4, 0, 8), &[exec.clone()]);
+    let engine = start(config(4, 0, 8), std::slice::from_ref(&exec));
     ready(&engine).await;
-    exec.state.send_replace(InstanceState::Failed { error: "RuntimeError: no weights".into(), traceback: "Traceback ...".into() });
+    exec.state.send_replace(InstanceState::Failed {
+        error: "RuntimeError: no weights".into(),
+        traceback: "Traceback ...".into(),
+    });
     let mut rx_ok = false;
     for _ in 0..100 {
         if let ModelState::Failed { traceback, .. } = engine.model("m", None).unwrap().state {
@@ -245,10 +319,16 @@ async fn unknown_model_and_version_are_not_found() {
     let engine = start(config(4, 0, 8), &[FakeExec::new(0)]);
     let mut r = request(&[1.0]);
     r.model = "nope".into();
-    assert!(matches!(engine.infer(r).await, Err(EngineError::ModelNotFound { .. })));
+    assert!(matches!(
+        engine.infer(r).await,
+        Err(EngineError::ModelNotFound { .. })
+    ));
     let mut r = request(&[1.0]);
     r.version = Some("7".into());
-    assert!(matches!(engine.infer(r).await, Err(EngineError::VersionNotFound { .. })));
+    assert!(matches!(
+        engine.infer(r).await,
+        Err(EngineError::VersionNotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -263,10 +343,16 @@ async fn drain_answers_in_flight_then_refuses_new_work() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(engine.drain(Duration::from_secs(5)).await, "drain timed out");
+    assert!(
+        engine.drain(Duration::from_secs(5)).await,
+        "drain timed out"
+    );
     for t in inflight {
         assert!(t.await.unwrap().is_ok());
     }
     assert!(!engine.ready());
-    assert!(matches!(engine.infer(request(&[1.0])).await, Err(EngineError::ShuttingDown)));
+    assert!(matches!(
+        engine.infer(request(&[1.0])).await,
+        Err(EngineError::ShuttingDown)
+    ));
 }

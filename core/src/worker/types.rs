@@ -149,5 +149,9 @@ pub enum WorkerError {
 
 /// Describes a datatype for error messages and specs.
 pub fn spec_of(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
-    TensorSpec { name: name.to_string(), datatype, shape: shape.to_vec() }
+    TensorSpec {
+        name: name.to_string(),
+        datatype,
+        shape: shape.to_vec(),
+    }
 }
