@@ -876,3 +876,38 @@ async fn serve_answers_over_tcp_and_shuts_down_gracefully() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn binary_response_over_tcp_has_exact_content_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve(listener, app(&Fake::new()), std::future::pending()));
+    let mut req = doubler_request();
+    req["parameters"] = json!({"binary_data_output": true});
+    let body = req.to_string();
+    let head = format!(
+        "POST /v2/models/doubler/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).await.unwrap();
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&reply[..split]).to_lowercase();
+    let payload = &reply[split + 4..];
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", payload.len())),
+        "{head}"
+    );
+    assert!(head.contains("inference-header-content-length: "), "{head}");
+    assert_eq!(
+        &payload[payload.len() - 24..],
+        &f32_bytes(&[-1.0, -2.0, -3.0, -4.0, -5.0, -6.5])[..]
+    );
+    server.abort();
+}

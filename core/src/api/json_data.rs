@@ -175,6 +175,7 @@ fn write_float(datatype: DataType, out: &mut Vec<u8>, v: f64) -> Result<(), Stri
             }
             out.extend(f.to_le_bytes());
         }
+        // FP64; the callers' matches pass only float datatypes.
         _ => out.extend(v.to_le_bytes()),
     }
     Ok(())

@@ -65,6 +65,7 @@ impl<'a> ModelMetadata<'a> {
             ModelState::Failed { error, traceback } => {
                 (Some(error.as_str()), Some(traceback.as_str()))
             }
+            // No Python traceback when the worker died; an empty one keeps the fields fixed.
             ModelState::Unavailable { reason } => (Some(reason.as_str()), Some("")),
             ModelState::Loading | ModelState::Ready | ModelState::Stopping => (None, None),
         };
