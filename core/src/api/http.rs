@@ -104,10 +104,12 @@ pub async fn serve(
         .await
 }
 
+/// `GET /v2`: 200 `{name, version, extensions}`.
 async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata::current())
 }
 
+/// `GET /v2/health/live`, `/health/live`: 200 (empty), or 503 `{"error"}`.
 async fn live<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, ApiError> {
     if s.backend.live() {
         Ok(StatusCode::OK)
@@ -116,6 +118,8 @@ async fn live<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, Ap
     }
 }
 
+/// `GET /v2/health/ready`, `/health/ready`: 200 (empty), or 503 `{"error"}` while a model
+/// is not ready or the server drains.
 async fn ready<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, ApiError> {
     if s.backend.ready() {
         Ok(StatusCode::OK)
@@ -126,6 +130,8 @@ async fn ready<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, A
     }
 }
 
+/// `GET /v2/models/{m}[/versions/{v}]`: 200 metadata with `state` (and `error`/`traceback`
+/// when failed or unavailable); 404 unknown model or version.
 async fn model_metadata<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
@@ -135,6 +141,7 @@ async fn model_metadata<B: Backend>(
     Ok(Json(ModelMetadata::new(&status)).into_response())
 }
 
+/// `GET /v2/models/{m}[/versions/{v}]/ready`: 200 (empty) ready, 503 not ready, 404 unknown.
 async fn model_ready<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
@@ -151,6 +158,10 @@ async fn model_ready<B: Backend>(
     .into())
 }
 
+/// `POST /v2/models/{m}[/versions/{v}]/infer`: 200 JSON or binary-extension response;
+/// 400 unparsable or invalid request, 404 unknown model, 413 body over `--max-body-bytes`,
+/// 429 queue full (`Retry-After: 1`), 500 plugin error, 503 not ready or worker failed,
+/// 504 timed out.
 async fn infer<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
@@ -164,11 +175,13 @@ async fn infer<B: Backend>(
     response::encode(&result, &decoded.plan)
 }
 
+/// `GET /v2/models/stats`: 200 Triton statistics of every model.
 async fn stats<B: Backend>(State(s): State<AppState<B>>) -> Result<Response, ApiError> {
     let stats = s.backend.stats(None, None)?;
     Ok(Json(StatsResponse::new(&stats)).into_response())
 }
 
+/// `GET /v2/models/{m}[/versions/{v}]/stats`: 200 Triton statistics, 404 unknown.
 async fn model_stats<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
@@ -178,6 +191,7 @@ async fn model_stats<B: Backend>(
     Ok(Json(StatsResponse::new(&stats)).into_response())
 }
 
+/// Any other path: 404 `{"error"}` naming the method and path.
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::RouteNotFound {
         method: method.to_string(),
@@ -185,6 +199,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     }
 }
 
+/// A known path with another method: 405 `{"error"}`.
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed {
         method: method.to_string(),
