@@ -1,1 +1,26 @@
 //! Network front ends: KServe V2 over HTTP (axum). Parses and encodes; the engine serves.
+//!
+//! - `http`: the router, its handlers and `serve` (graceful shutdown).
+//! - `backend`: the `Backend` trait the routes call; `engine::Engine` implements it.
+//! - `request`: KServe V2 infer request → `engine::InferRequest` (JSON and binary data).
+//! - `response`: `engine::InferResponse` → HTTP response (JSON or binary data).
+//! - `json_data`: the typed `data` field codec (no `serde_json::Value` trees).
+//! - `binary`: Triton's binary tensor data framing.
+//! - `metadata`: server/model metadata and statistics bodies.
+//! - `error`: `ApiError`, the one place errors become statuses.
+
+pub mod backend;
+pub mod binary;
+pub mod error;
+pub mod http;
+pub mod json_data;
+pub mod metadata;
+pub mod request;
+pub mod response;
+
+#[cfg(test)]
+mod http_tests;
+
+pub use backend::Backend;
+pub use error::ApiError;
+pub use http::{HttpConfig, router, serve};

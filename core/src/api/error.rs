@@ -1,0 +1,243 @@
+//! The one place errors become HTTP statuses.
+//!
+//! Every handler returns `ApiError`; `status` matches exhaustively (no wildcard), so a new
+//! `EngineError` variant does not compile until it has a status here. Every error body is
+//! `{"error": "<message>"}`, Triton's shape, which its clients print as-is.
+
+use crate::engine::EngineError;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// Why the HTTP front end could not answer a request successfully.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request could not be parsed: bad JSON, wrong JSON shape, bad binary framing.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than `--max-body-bytes`.
+    #[error(
+        "request body is larger than the limit of {limit} bytes; raise it with --max-body-bytes"
+    )]
+    PayloadTooLarge { limit: usize },
+    /// No route matches the path.
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    /// The path exists, the method does not.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The server as a whole is not live or not ready (health routes).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Engine(e) => engine_status(e),
+        }
+    }
+
+    /// Maps axum's body rejection: over the limit is 413 naming the flag, anything else
+    /// (a client that hung up mid-body) is 400.
+    pub fn from_body(rejection: BytesRejection, limit: usize) -> ApiError {
+        match rejection {
+            BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
+                ApiError::PayloadTooLarge { limit }
+            }
+            other => ApiError::BadRequest(format!(
+                "could not read the request body: {}",
+                other.body_text()
+            )),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> ApiError {
+        ApiError::BadRequest(format!("invalid path: {}", rejection.body_text()))
+    }
+}
+
+fn engine_status(e: &EngineError) -> StatusCode {
+    match e {
+        EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        EngineError::Validation(_) => StatusCode::BAD_REQUEST,
+        EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+        EngineError::NotReady { .. }
+        | EngineError::WorkerFailed { .. }
+        | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Plugin { .. } | EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.to_string();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %message, "request failed");
+        }
+        let mut response = (status, axum::Json(ErrorBody { error: &message })).into_response();
+        if let ApiError::Engine(EngineError::QueueFull { .. }) = self {
+            // The queue drains in milliseconds; a second is a polite, short back-off.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn body_of(r: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    fn engine_errors() -> Vec<(EngineError, StatusCode)> {
+        let m = || "m".to_string();
+        vec![
+            (
+                EngineError::ModelNotFound {
+                    name: m(),
+                    available: "a".into(),
+                },
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                EngineError::VersionNotFound {
+                    name: m(),
+                    version: "2".into(),
+                    available: "1".into(),
+                },
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                EngineError::Validation(
+                    crate::engine::validate::ValidationError::DuplicateOutput { name: "y".into() },
+                ),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                EngineError::QueueFull {
+                    model: m(),
+                    capacity: 4,
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                EngineError::NotReady {
+                    model: m(),
+                    state: "LOADING".into(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                EngineError::WorkerFailed {
+                    model: m(),
+                    reason: "SIGKILL".into(),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                EngineError::Plugin {
+                    model: m(),
+                    message: "ValueError".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                EngineError::Timeout {
+                    model: m(),
+                    after: Duration::from_secs(1),
+                },
+                StatusCode::GATEWAY_TIMEOUT,
+            ),
+            (EngineError::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                EngineError::Internal("boom".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_engine_error_has_its_status_and_json_body() {
+        for (err, status) in engine_errors() {
+            let message = err.to_string();
+            let is_queue_full = matches!(err, EngineError::QueueFull { .. });
+            let response = ApiError::from(err).into_response();
+            assert_eq!(response.status(), status, "{message}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                response.headers().get(header::RETRY_AFTER).is_some(),
+                is_queue_full
+            );
+            assert_eq!(
+                body_of(response).await,
+                serde_json::json!({ "error": message })
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn api_errors_have_their_status() {
+        let cases = [
+            (ApiError::BadRequest("bad".into()), StatusCode::BAD_REQUEST),
+            (
+                ApiError::PayloadTooLarge { limit: 10 },
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                ApiError::RouteNotFound {
+                    method: "GET".into(),
+                    path: "/x".into(),
+                },
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                ApiError::MethodNotAllowed {
+                    method: "PUT".into(),
+                    path: "/v2".into(),
+                },
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            (
+                ApiError::Unavailable("not ready".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (err, status) in cases {
+            let message = err.to_string();
+            let response = err.into_response();
+            assert_eq!(response.status(), status);
+            assert_eq!(body_of(response).await["error"], message);
+        }
+        assert_eq!(
+            ApiError::PayloadTooLarge { limit: 10 }.to_string(),
+            "request body is larger than the limit of 10 bytes; raise it with --max-body-bytes"
+        );
+    }
+}

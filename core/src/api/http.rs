@@ -1,0 +1,208 @@
+//! The KServe V2 REST routes (axum) and the server loop.
+//!
+//! Handlers only translate: they pull the path and body apart, call the `Backend`, and hand
+//! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
+//! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
+//! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
+//! `{"error": ...}` body.
+
+use super::backend::Backend;
+use super::error::ApiError;
+use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
+use super::{request, response};
+use crate::engine::EngineError;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Settings of the HTTP front end.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Largest request body accepted (`--max-body-bytes`); larger bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+/// What every handler gets: the backend and the settings.
+struct AppState<B> {
+    backend: Arc<B>,
+    cfg: Arc<HttpConfig>,
+}
+
+// Derived Clone would demand `B: Clone`; only the Arcs are cloned.
+impl<B> Clone for AppState<B> {
+    fn clone(&self) -> Self {
+        AppState {
+            backend: Arc::clone(&self.backend),
+            cfg: Arc::clone(&self.cfg),
+        }
+    }
+}
+
+/// The `{model}` and optional `{version}` path segments.
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+/// Builds the KServe V2 router over `backend`.
+pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
+    let limit = cfg.max_body_bytes;
+    let state = AppState {
+        backend,
+        cfg: Arc::new(cfg),
+    };
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live::<B>))
+        .route("/v2/health/ready", get(ready::<B>))
+        .route("/health/live", get(live::<B>))
+        .route("/health/ready", get(ready::<B>))
+        .route("/v2/models/stats", get(stats::<B>))
+        .route("/v2/models/{model}", get(model_metadata::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata::<B>),
+        )
+        .route("/v2/models/{model}/ready", get(model_ready::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready::<B>),
+        )
+        .route("/v2/models/{model}/infer", post(infer::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer::<B>),
+        )
+        .route("/v2/models/{model}/stats", get(model_stats::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats::<B>),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish (axum's graceful shutdown) before returning.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `GET /v2`: 200 `{name, version, extensions}`.
+async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata::current())
+}
+
+/// `GET /v2/health/live`, `/health/live`: 200 (empty), or 503 `{"error"}`.
+async fn live<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, ApiError> {
+    if s.backend.live() {
+        Ok(StatusCode::OK)
+    } else {
+        Err(ApiError::Unavailable("server is not live".to_string()))
+    }
+}
+
+/// `GET /v2/health/ready`, `/health/ready`: 200 (empty), or 503 `{"error"}` while a model
+/// is not ready or the server drains.
+async fn ready<B: Backend>(State(s): State<AppState<B>>) -> Result<StatusCode, ApiError> {
+    if s.backend.ready() {
+        Ok(StatusCode::OK)
+    } else {
+        Err(ApiError::Unavailable(
+            "server is not ready: a model is not ready or the server is shutting down".to_string(),
+        ))
+    }
+}
+
+/// `GET /v2/models/{m}[/versions/{v}]`: 200 metadata with `state` (and `error`/`traceback`
+/// when failed or unavailable); 404 unknown model or version.
+async fn model_metadata<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(p) = path?;
+    let status = s.backend.model(&p.model, p.version.as_deref())?;
+    Ok(Json(ModelMetadata::new(&status)).into_response())
+}
+
+/// `GET /v2/models/{m}[/versions/{v}]/ready`: 200 (empty) ready, 503 not ready, 404 unknown.
+async fn model_ready<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(p) = path?;
+    let status = s.backend.model(&p.model, p.version.as_deref())?;
+    if status.state.is_ready() {
+        return Ok(StatusCode::OK);
+    }
+    Err(EngineError::NotReady {
+        model: status.config.name.clone(),
+        state: status.state.name().to_string(),
+    }
+    .into())
+}
+
+/// `POST /v2/models/{m}[/versions/{v}]/infer`: 200 JSON or binary-extension response;
+/// 400 unparsable or invalid request, 404 unknown model, 413 body over `--max-body-bytes`,
+/// 429 queue full (`Retry-After: 1`), 500 plugin error, 503 not ready or worker failed,
+/// 504 timed out.
+async fn infer<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(p) = path?;
+    let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+    let decoded = request::decode(p.model, p.version, &headers, body)?;
+    let result = s.backend.infer(decoded.request).await?;
+    response::encode(&result, &decoded.plan)
+}
+
+/// `GET /v2/models/stats`: 200 Triton statistics of every model.
+async fn stats<B: Backend>(State(s): State<AppState<B>>) -> Result<Response, ApiError> {
+    let stats = s.backend.stats(None, None)?;
+    Ok(Json(StatsResponse::new(&stats)).into_response())
+}
+
+/// `GET /v2/models/{m}[/versions/{v}]/stats`: 200 Triton statistics, 404 unknown.
+async fn model_stats<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(p) = path?;
+    let stats = s.backend.stats(Some(&p.model), p.version.as_deref())?;
+    Ok(Json(StatsResponse::new(&stats)).into_response())
+}
+
+/// Any other path: 404 `{"error"}` naming the method and path.
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+/// A known path with another method: 405 `{"error"}`.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

@@ -1,0 +1,614 @@
+//! The `data` field of KServe V2 JSON tensors, both directions, without `serde_json::Value`.
+//!
+//! Decoding walks the raw JSON text once with a typed visitor that appends each element to a
+//! little-endian buffer of the declared datatype, so a large tensor never becomes a tree of
+//! boxed values. Flat and nested (row-major) arrays give the same bytes. Encoding serialises
+//! typed elements straight from the tensor's bytes (serde_json writes floats with `ryu`).
+
+use crate::engine::DataType;
+use crate::engine::bytes_codec;
+use half::{bf16, f16};
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeSeq, Serializer};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// Decodes a JSON `data` value into the little-endian bytes of `datatype` (the KServe
+/// serialisation for BYTES). `expected` is the element count of the tensor's shape; more
+/// or fewer elements is an error. Messages name what was wrong, not the tensor: the caller
+/// knows which input it is decoding.
+pub fn decode(raw: &RawValue, datatype: DataType, expected: usize) -> Result<Vec<u8>, String> {
+    // Every JSON element takes at least two bytes of text ("1,"), so the raw length bounds
+    // what a truthful request needs; a shape that claims more cannot make us over-allocate.
+    let text = raw.get();
+    let capacity = match datatype.size() {
+        Some(size) => expected.min(text.len() / 2 + 1).saturating_mul(size),
+        None => text.len(),
+    };
+    let mut sink = Sink {
+        datatype,
+        out: Vec::with_capacity(capacity),
+        count: 0,
+        expected,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    Elements(&mut sink)
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())?;
+    if sink.count != expected {
+        return Err(format!(
+            "shape holds {expected} elements but data has {}",
+            sink.count
+        ));
+    }
+    Ok(sink.out)
+}
+
+/// Where decoded elements go, with the count checked as they arrive.
+struct Sink {
+    datatype: DataType,
+    out: Vec<u8>,
+    count: usize,
+    expected: usize,
+}
+
+impl Sink {
+    fn start_element(&mut self) -> Result<(), String> {
+        if self.count == self.expected {
+            return Err(format!(
+                "data has more elements than the {} the shape holds",
+                self.expected
+            ));
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    fn push_bool(&mut self, v: bool) -> Result<(), String> {
+        self.start_element()?;
+        match self.datatype {
+            DataType::Bool => self.out.push(u8::from(v)),
+            other => return Err(format!("expected a number for {other}, got {v}")),
+        }
+        Ok(())
+    }
+
+    fn push_u64(&mut self, v: u64) -> Result<(), String> {
+        self.start_element()?;
+        let dt = self.datatype;
+        let range = || format!("value {v} is out of range for {dt}");
+        let out = &mut self.out;
+        match dt {
+            DataType::Uint8 => out.push(u8::try_from(v).map_err(|_| range())?),
+            DataType::Uint16 => out.extend(u16::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Uint32 => out.extend(u32::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Uint64 => out.extend(v.to_le_bytes()),
+            DataType::Int8 => out.extend(i8::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int16 => out.extend(i16::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int32 => out.extend(i32::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int64 => out.extend(i64::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => {
+                write_float(dt, out, v as f64)?;
+            }
+            DataType::Bool | DataType::Bytes => return Err(wrong_kind(dt, &v.to_string())),
+        }
+        Ok(())
+    }
+
+    fn push_i64(&mut self, v: i64) -> Result<(), String> {
+        // serde_json hands non-negative integers to visit_u64; only negatives come here.
+        if let Ok(u) = u64::try_from(v) {
+            return self.push_u64(u);
+        }
+        self.start_element()?;
+        let dt = self.datatype;
+        let range = || format!("value {v} is out of range for {dt}");
+        let out = &mut self.out;
+        match dt {
+            DataType::Uint8 | DataType::Uint16 | DataType::Uint32 | DataType::Uint64 => {
+                return Err(range());
+            }
+            DataType::Int8 => out.extend(i8::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int16 => out.extend(i16::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int32 => out.extend(i32::try_from(v).map_err(|_| range())?.to_le_bytes()),
+            DataType::Int64 => out.extend(v.to_le_bytes()),
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => {
+                write_float(dt, out, v as f64)?;
+            }
+            DataType::Bool | DataType::Bytes => return Err(wrong_kind(dt, &v.to_string())),
+        }
+        Ok(())
+    }
+
+    fn push_f64(&mut self, v: f64) -> Result<(), String> {
+        self.start_element()?;
+        let dt = self.datatype;
+        match dt {
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => {
+                write_float(dt, &mut self.out, v)
+            }
+            DataType::Uint8
+            | DataType::Uint16
+            | DataType::Uint32
+            | DataType::Uint64
+            | DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64 => Err(format!("expected an integer for {dt}, got {v}")),
+            DataType::Bool | DataType::Bytes => Err(wrong_kind(dt, &v.to_string())),
+        }
+    }
+
+    fn push_str(&mut self, v: &str) -> Result<(), String> {
+        self.start_element()?;
+        match self.datatype {
+            DataType::Bytes => bytes_codec::push_element(&mut self.out, v.as_bytes()),
+            other => return Err(format!("expected a number for {other}, got a string")),
+        }
+        Ok(())
+    }
+}
+
+/// Appends `v` as a float datatype; integer datatypes never reach here.
+fn write_float(datatype: DataType, out: &mut Vec<u8>, v: f64) -> Result<(), String> {
+    // JSON has no NaN or infinity, so a non-finite result can only be an overflow.
+    let range = || format!("value {v} is out of range for {datatype}");
+    match datatype {
+        DataType::Fp16 => {
+            let h = f16::from_f64(v);
+            if !h.is_finite() {
+                return Err(range());
+            }
+            out.extend(h.to_le_bytes());
+        }
+        DataType::Bf16 => {
+            let h = bf16::from_f64(v);
+            if !h.is_finite() {
+                return Err(range());
+            }
+            out.extend(h.to_le_bytes());
+        }
+        DataType::Fp32 => {
+            let f = v as f32;
+            if !f.is_finite() {
+                return Err(range());
+            }
+            out.extend(f.to_le_bytes());
+        }
+        // FP64; the callers' matches pass only float datatypes.
+        _ => out.extend(v.to_le_bytes()),
+    }
+    Ok(())
+}
+
+/// The message for a number given to a BOOL or BYTES tensor.
+fn wrong_kind(datatype: DataType, given: &str) -> String {
+    match datatype {
+        DataType::Bool => format!("expected true or false for BOOL, got {given}"),
+        _ => format!("expected a string for {datatype}, got {given}"),
+    }
+}
+
+/// Visits one JSON value: an array recurses (nesting is flattened row-major), a scalar is
+/// one element.
+struct Elements<'s>(&'s mut Sink);
+
+impl<'de> DeserializeSeed<'de> for Elements<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of {} values", self.0.datatype)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Elements(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.0.push_bool(v).map_err(E::custom)
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.0.push_u64(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.0.push_i64(v).map_err(E::custom)
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.push_f64(v).map_err(E::custom)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.0.push_str(v).map_err(E::custom)
+    }
+}
+
+/// True when `data` can be written as JSON `data`: always, except BYTES tensors with an
+/// element that is not valid UTF-8 (or a malformed buffer), which JSON strings cannot carry.
+pub fn is_json_encodable(datatype: DataType, data: &[u8]) -> bool {
+    if datatype != DataType::Bytes {
+        return true;
+    }
+    match bytes_codec::element_ranges(data) {
+        Ok(ranges) => ranges
+            .into_iter()
+            .all(|r| std::str::from_utf8(&data[r]).is_ok()),
+        Err(_) => false,
+    }
+}
+
+/// Serialises a tensor's bytes as a flat JSON array of typed elements. Call only when
+/// `is_json_encodable` holds; a BYTES element that is not UTF-8 would be written lossily.
+/// FP16 and BF16 are widened to f32 for printing; NaN and infinities become `null`, the
+/// only JSON serde_json has for them.
+pub struct JsonData<'a> {
+    pub datatype: DataType,
+    pub data: &'a [u8],
+}
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.datatype {
+            DataType::Bool => seq(s, self.data, 1, |c| c[0] != 0),
+            DataType::Uint8 => seq(s, self.data, 1, |c| c[0]),
+            DataType::Uint16 => seq(s, self.data, 2, |c| u16::from_le_bytes([c[0], c[1]])),
+            DataType::Uint32 => seq(s, self.data, 4, |c| u32::from_le_bytes(arr(c))),
+            DataType::Uint64 => seq(s, self.data, 8, |c| u64::from_le_bytes(arr(c))),
+            DataType::Int8 => seq(s, self.data, 1, |c| c[0] as i8),
+            DataType::Int16 => seq(s, self.data, 2, |c| i16::from_le_bytes([c[0], c[1]])),
+            DataType::Int32 => seq(s, self.data, 4, |c| i32::from_le_bytes(arr(c))),
+            DataType::Int64 => seq(s, self.data, 8, |c| i64::from_le_bytes(arr(c))),
+            DataType::Fp16 => seq(s, self.data, 2, |c| {
+                f16::from_le_bytes([c[0], c[1]]).to_f32()
+            }),
+            DataType::Bf16 => seq(s, self.data, 2, |c| {
+                bf16::from_le_bytes([c[0], c[1]]).to_f32()
+            }),
+            DataType::Fp32 => seq(s, self.data, 4, |c| f32::from_le_bytes(arr(c))),
+            DataType::Fp64 => seq(s, self.data, 8, |c| f64::from_le_bytes(arr(c))),
+            DataType::Bytes => {
+                let ranges = bytes_codec::element_ranges(self.data).unwrap_or_default();
+                let mut out = s.serialize_seq(Some(ranges.len()))?;
+                for r in ranges {
+                    out.serialize_element(&String::from_utf8_lossy(&self.data[r]))?;
+                }
+                out.end()
+            }
+        }
+    }
+}
+
+fn seq<S, T, F>(s: S, data: &[u8], size: usize, read: F) -> Result<S::Ok, S::Error>
+where
+    S: Serializer,
+    T: Serialize,
+    F: Fn(&[u8]) -> T,
+{
+    let mut out = s.serialize_seq(Some(data.len() / size))?;
+    for chunk in data.chunks_exact(size) {
+        out.serialize_element(&read(chunk))?;
+    }
+    out.end()
+}
+
+fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(c);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(json: &str, datatype: DataType, expected: usize) -> Result<Vec<u8>, String> {
+        let raw: &RawValue = serde_json::from_str(json).unwrap();
+        decode(raw, datatype, expected)
+    }
+
+    fn enc(datatype: DataType, data: &[u8]) -> String {
+        serde_json::to_string(&JsonData { datatype, data }).unwrap()
+    }
+
+    fn le<T: Copy, const N: usize>(vals: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+        vals.iter().flat_map(|&v| f(v)).collect()
+    }
+
+    #[test]
+    fn flat_and_nested_give_the_same_bytes() {
+        let flat = dec("[1, 2, 3, 4, 5, 6]", DataType::Fp32, 6).unwrap();
+        let nested = dec("[[1, 2, 3], [4, 5, 6]]", DataType::Fp32, 6).unwrap();
+        let deep = dec("[[[1], [2.0]], [[3], [4]], [[5], [6]]]", DataType::Fp32, 6).unwrap();
+        assert_eq!(flat, le(&[1f32, 2., 3., 4., 5., 6.], f32::to_le_bytes));
+        assert_eq!(flat, nested);
+        assert_eq!(flat, deep);
+    }
+
+    #[test]
+    fn scalar_data_is_one_element() {
+        assert_eq!(dec("7", DataType::Int32, 1).unwrap(), 7i32.to_le_bytes());
+    }
+
+    #[test]
+    fn decodes_every_integer_type_at_its_limits() {
+        assert_eq!(dec("[0, 255]", DataType::Uint8, 2).unwrap(), [0, 255]);
+        assert_eq!(
+            dec("[65535]", DataType::Uint16, 1).unwrap(),
+            65535u16.to_le_bytes()
+        );
+        assert_eq!(
+            dec("[4294967295]", DataType::Uint32, 1).unwrap(),
+            u32::MAX.to_le_bytes()
+        );
+        assert_eq!(
+            dec("[18446744073709551615]", DataType::Uint64, 1).unwrap(),
+            u64::MAX.to_le_bytes()
+        );
+        assert_eq!(dec("[-128, 127]", DataType::Int8, 2).unwrap(), [0x80, 0x7f]);
+        assert_eq!(
+            dec("[-32768]", DataType::Int16, 1).unwrap(),
+            i16::MIN.to_le_bytes()
+        );
+        assert_eq!(
+            dec("[-2147483648]", DataType::Int32, 1).unwrap(),
+            i32::MIN.to_le_bytes()
+        );
+        assert_eq!(
+            dec(
+                "[-9223372036854775808, 9223372036854775807]",
+                DataType::Int64,
+                2
+            )
+            .unwrap(),
+            le(&[i64::MIN, i64::MAX], i64::to_le_bytes)
+        );
+    }
+
+    #[test]
+    fn rejects_integers_out_of_range() {
+        let cases = [
+            (
+                "[256]",
+                DataType::Uint8,
+                "value 256 is out of range for UINT8",
+            ),
+            (
+                "[-1]",
+                DataType::Uint8,
+                "value -1 is out of range for UINT8",
+            ),
+            (
+                "[65536]",
+                DataType::Uint16,
+                "value 65536 is out of range for UINT16",
+            ),
+            (
+                "[4294967296]",
+                DataType::Uint32,
+                "value 4294967296 is out of range for UINT32",
+            ),
+            (
+                "[-1]",
+                DataType::Uint64,
+                "value -1 is out of range for UINT64",
+            ),
+            (
+                "[128]",
+                DataType::Int8,
+                "value 128 is out of range for INT8",
+            ),
+            (
+                "[-129]",
+                DataType::Int8,
+                "value -129 is out of range for INT8",
+            ),
+            (
+                "[32768]",
+                DataType::Int16,
+                "value 32768 is out of range for INT16",
+            ),
+            (
+                "[2147483648]",
+                DataType::Int32,
+                "value 2147483648 is out of range for INT32",
+            ),
+            (
+                "[9223372036854775808]",
+                DataType::Int64,
+                "out of range for INT64",
+            ),
+        ];
+        for (json, dt, msg) in cases {
+            let err = dec(json, dt, 1).unwrap_err();
+            assert!(err.contains(msg), "{json} as {dt}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_fractions_for_integer_types() {
+        let err = dec("[1.5]", DataType::Int32, 1).unwrap_err();
+        assert!(
+            err.contains("expected an integer for INT32, got 1.5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn decodes_bool_only_from_true_false() {
+        assert_eq!(
+            dec("[true, false, true]", DataType::Bool, 3).unwrap(),
+            [1, 0, 1]
+        );
+        let err = dec("[1]", DataType::Bool, 1).unwrap_err();
+        assert!(
+            err.contains("expected true or false for BOOL, got 1"),
+            "{err}"
+        );
+        let err = dec("[true]", DataType::Int8, 1).unwrap_err();
+        assert!(
+            err.contains("expected a number for INT8, got true"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn decodes_floats_of_every_width() {
+        assert_eq!(
+            dec("[1.5, -2, 3]", DataType::Fp64, 3).unwrap(),
+            le(&[1.5f64, -2.0, 3.0], f64::to_le_bytes)
+        );
+        assert_eq!(
+            dec("[0.5, -1]", DataType::Fp16, 2).unwrap(),
+            le(&[f16::from_f32(0.5), f16::from_f32(-1.0)], f16::to_le_bytes)
+        );
+        assert_eq!(
+            dec("[0.5, 300]", DataType::Bf16, 2).unwrap(),
+            le(
+                &[bf16::from_f32(0.5), bf16::from_f32(300.0)],
+                bf16::to_le_bytes
+            )
+        );
+    }
+
+    #[test]
+    fn rejects_float_overflow() {
+        let err = dec("[70000]", DataType::Fp16, 1).unwrap_err();
+        assert!(
+            err.contains("value 70000 is out of range for FP16"),
+            "{err}"
+        );
+        let err = dec("[1e300]", DataType::Fp32, 1).unwrap_err();
+        assert!(err.contains("out of range for FP32"), "{err}");
+        let err = dec("[1e300]", DataType::Bf16, 1).unwrap_err();
+        assert!(err.contains("out of range for BF16"), "{err}");
+    }
+
+    #[test]
+    fn decodes_bytes_from_strings_with_escapes() {
+        let got = dec(r#"["ab", "", "h\u00e9\n"]"#, DataType::Bytes, 3).unwrap();
+        assert_eq!(
+            got,
+            bytes_codec::encode(["ab".as_bytes(), b"", "hé\n".as_bytes()])
+        );
+        let err = dec("[1]", DataType::Bytes, 1).unwrap_err();
+        assert!(err.contains("expected a string for BYTES, got 1"), "{err}");
+        let err = dec(r#"["x"]"#, DataType::Fp32, 1).unwrap_err();
+        assert!(
+            err.contains("expected a number for FP32, got a string"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_element_counts() {
+        let err = dec("[1, 2, 3]", DataType::Fp32, 2).unwrap_err();
+        assert!(
+            err.contains("data has more elements than the 2 the shape holds"),
+            "{err}"
+        );
+        let err = dec("[[1], [2]]", DataType::Fp32, 3).unwrap_err();
+        assert_eq!(err, "shape holds 3 elements but data has 2");
+        assert_eq!(dec("[]", DataType::Fp32, 0).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn rejects_non_data_json() {
+        let err = dec(r#"{"a": 1}"#, DataType::Fp32, 1).unwrap_err();
+        assert!(err.contains("an array of FP32 values"), "{err}");
+        let err = dec("[null]", DataType::Fp32, 1).unwrap_err();
+        assert!(err.contains("invalid type: null"), "{err}");
+    }
+
+    #[test]
+    fn huge_claimed_shape_does_not_preallocate() {
+        let err = dec("[1]", DataType::Fp64, usize::MAX / 16).unwrap_err();
+        assert!(err.contains("data has 1"), "{err}");
+    }
+
+    #[test]
+    fn encodes_every_numeric_type() {
+        assert_eq!(enc(DataType::Bool, &[1, 0]), "[true,false]");
+        assert_eq!(enc(DataType::Uint8, &[0, 255]), "[0,255]");
+        assert_eq!(
+            enc(DataType::Uint16, &le(&[65535u16], u16::to_le_bytes)),
+            "[65535]"
+        );
+        assert_eq!(enc(DataType::Uint32, &le(&[7u32], u32::to_le_bytes)), "[7]");
+        assert_eq!(
+            enc(DataType::Uint64, &le(&[u64::MAX], u64::to_le_bytes)),
+            "[18446744073709551615]"
+        );
+        assert_eq!(enc(DataType::Int8, &[0x80]), "[-128]");
+        assert_eq!(
+            enc(DataType::Int16, &le(&[-2i16], i16::to_le_bytes)),
+            "[-2]"
+        );
+        assert_eq!(
+            enc(DataType::Int32, &le(&[-3i32], i32::to_le_bytes)),
+            "[-3]"
+        );
+        assert_eq!(
+            enc(DataType::Int64, &le(&[i64::MIN], i64::to_le_bytes)),
+            "[-9223372036854775808]"
+        );
+        assert_eq!(
+            enc(DataType::Fp16, &le(&[f16::from_f32(1.5)], f16::to_le_bytes)),
+            "[1.5]"
+        );
+        assert_eq!(
+            enc(
+                DataType::Bf16,
+                &le(&[bf16::from_f32(-2.0)], bf16::to_le_bytes)
+            ),
+            "[-2.0]"
+        );
+        assert_eq!(
+            enc(DataType::Fp32, &le(&[0.1f32, f32::NAN], f32::to_le_bytes)),
+            "[0.1,null]"
+        );
+        assert_eq!(
+            enc(DataType::Fp64, &le(&[0.1f64], f64::to_le_bytes)),
+            "[0.1]"
+        );
+    }
+
+    #[test]
+    fn encodes_bytes_as_strings() {
+        let data = bytes_codec::encode(["ab".as_bytes(), "é".as_bytes()]);
+        assert!(is_json_encodable(DataType::Bytes, &data));
+        assert_eq!(enc(DataType::Bytes, &data), r#"["ab","é"]"#);
+    }
+
+    #[test]
+    fn non_utf8_bytes_are_not_json_encodable() {
+        let data = bytes_codec::encode([b"ok".as_slice(), b"\xff\xfe"]);
+        assert!(!is_json_encodable(DataType::Bytes, &data));
+        assert!(!is_json_encodable(DataType::Bytes, &[1, 0]));
+        assert!(is_json_encodable(DataType::Fp32, &[0xff; 4]));
+    }
+
+    #[test]
+    fn decode_then_encode_round_trips() {
+        for (json, dt) in [
+            ("[1.25,-3.5]", DataType::Fp32),
+            ("[1.25,-3.5]", DataType::Fp16),
+            ("[-5,6]", DataType::Int16),
+            ("[true,false]", DataType::Bool),
+            (r#"["x","yz"]"#, DataType::Bytes),
+        ] {
+            let data = dec(json, dt, 2).unwrap();
+            assert_eq!(enc(dt, &data), json, "{dt}");
+        }
+    }
+}

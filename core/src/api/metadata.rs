@@ -1,0 +1,188 @@
+//! JSON bodies of the read-only routes: server and model metadata, Triton statistics.
+//!
+//! Plain borrowed structs serialised by serde; the field names are the wire format
+//! (KServe V2 metadata, Triton's statistics extension).
+
+use crate::engine::{ModelState, ModelStats, ModelStatus, StatDuration, TensorSpec};
+use serde::Serialize;
+
+/// Extensions `GET /v2` announces: what a Triton client may rely on.
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics"];
+
+/// `GET /v2`.
+#[derive(Serialize)]
+pub struct ServerMetadata {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub extensions: &'static [&'static str],
+}
+
+impl ServerMetadata {
+    pub fn current() -> ServerMetadata {
+        ServerMetadata {
+            name: "unimodel",
+            version: env!("CARGO_PKG_VERSION"),
+            extensions: EXTENSIONS,
+        }
+    }
+}
+
+/// `GET /v2/models/{m}`: KServe model metadata plus the model's state, and its error and
+/// traceback when it is failed or unavailable, so a broken plugin explains itself.
+#[derive(Serialize)]
+pub struct ModelMetadata<'a> {
+    pub name: &'a str,
+    pub versions: [&'a str; 1],
+    pub platform: &'static str,
+    pub inputs: Vec<TensorMetadata<'a>>,
+    pub outputs: Vec<TensorMetadata<'a>>,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub struct TensorMetadata<'a> {
+    pub name: &'a str,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+impl<'a> ModelMetadata<'a> {
+    pub fn new(status: &'a ModelStatus) -> ModelMetadata<'a> {
+        let config = &status.config;
+        // Like Triton, a batching model shows its batch dimension as a leading -1.
+        let batching = config.max_batch_size > 0;
+        let tensors = |specs: &'a [TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| TensorMetadata::new(s, batching))
+                .collect()
+        };
+        let (error, traceback) = match &status.state {
+            ModelState::Failed { error, traceback } => {
+                (Some(error.as_str()), Some(traceback.as_str()))
+            }
+            // No Python traceback when the worker died; an empty one keeps the fields fixed.
+            ModelState::Unavailable { reason } => (Some(reason.as_str()), Some("")),
+            ModelState::Loading | ModelState::Ready | ModelState::Stopping => (None, None),
+        };
+        ModelMetadata {
+            name: &config.name,
+            versions: [&config.version],
+            platform: "unimodel_python",
+            inputs: tensors(&config.inputs),
+            outputs: tensors(&config.outputs),
+            state: status.state.name(),
+            error,
+            traceback,
+        }
+    }
+}
+
+impl<'a> TensorMetadata<'a> {
+    fn new(spec: &'a TensorSpec, batching: bool) -> TensorMetadata<'a> {
+        let shape = if batching {
+            std::iter::once(-1)
+                .chain(spec.shape.iter().copied())
+                .collect()
+        } else {
+            spec.shape.clone()
+        };
+        TensorMetadata {
+            name: &spec.name,
+            datatype: spec.datatype.as_str(),
+            shape,
+        }
+    }
+}
+
+/// `GET /v2/models[/{m}[/versions/{v}]]/stats`, Triton's statistics shape.
+#[derive(Serialize)]
+pub struct StatsResponse<'a> {
+    pub model_stats: Vec<ModelStatsJson<'a>>,
+}
+
+#[derive(Serialize)]
+pub struct ModelStatsJson<'a> {
+    name: &'a str,
+    version: &'a str,
+    last_inference: u64,
+    inference_count: u64,
+    execution_count: u64,
+    inference_stats: InferenceStats,
+    batch_stats: Vec<BatchStatsJson>,
+}
+
+#[derive(Serialize)]
+struct InferenceStats {
+    success: Duration,
+    fail: Duration,
+    queue: Duration,
+    compute_input: Duration,
+    compute_infer: Duration,
+    compute_output: Duration,
+}
+
+#[derive(Serialize)]
+struct BatchStatsJson {
+    batch_size: u64,
+    compute_input: Duration,
+    compute_infer: Duration,
+    compute_output: Duration,
+}
+
+#[derive(Serialize)]
+struct Duration {
+    count: u64,
+    ns: u64,
+}
+
+impl From<StatDuration> for Duration {
+    fn from(d: StatDuration) -> Duration {
+        Duration {
+            count: d.count,
+            ns: d.ns,
+        }
+    }
+}
+
+impl<'a> StatsResponse<'a> {
+    pub fn new(stats: &'a [ModelStats]) -> StatsResponse<'a> {
+        StatsResponse {
+            model_stats: stats.iter().map(ModelStatsJson::new).collect(),
+        }
+    }
+}
+
+impl<'a> ModelStatsJson<'a> {
+    fn new(s: &'a ModelStats) -> ModelStatsJson<'a> {
+        ModelStatsJson {
+            name: &s.name,
+            version: &s.version,
+            last_inference: s.last_inference_ms,
+            inference_count: s.inference_count,
+            execution_count: s.execution_count,
+            inference_stats: InferenceStats {
+                success: s.success.into(),
+                fail: s.fail.into(),
+                queue: s.queue.into(),
+                compute_input: s.compute_input.into(),
+                compute_infer: s.compute_infer.into(),
+                compute_output: s.compute_output.into(),
+            },
+            batch_stats: s
+                .batch_stats
+                .iter()
+                .map(|b| BatchStatsJson {
+                    batch_size: b.batch_size,
+                    compute_input: b.compute_input.into(),
+                    compute_infer: b.compute_infer.into(),
+                    compute_output: b.compute_output.into(),
+                })
+                .collect(),
+        }
+    }
+}
