@@ -120,6 +120,21 @@ pub async fn get(target: &Target, uri: &Uri) -> anyhow::Result<(StatusCode, Byte
         .with_context(|| format!("GET {uri} took over {:?}", target.timeout))?
 }
 
+/// A response read to its end.
+struct Answered {
+    seq: u64,
+    /// Request body bytes.
+    sent: u64,
+    /// Response body bytes.
+    received: u64,
+    /// From just before the request was sent to the last response byte.
+    latency: Duration,
+    /// `Inference-Header-Content-Length` of the response.
+    header_length: Option<usize>,
+    /// The body, kept only when it is to be checked.
+    kept: Option<Vec<Bytes>>,
+}
+
 /// A closed-loop client.
 pub struct VirtualClient {
     target: Arc<Target>,
@@ -149,8 +164,11 @@ impl VirtualClient {
             if start >= until {
                 break;
             }
-            match tokio::time::timeout(self.target.timeout, self.request()).await {
-                Ok(Ok((sent, received))) => tally.record_ok(start.elapsed(), sent, received),
+            match tokio::time::timeout(self.target.timeout, self.request(start)).await {
+                Ok(Ok(answered)) => match self.verify(answered) {
+                    Ok(a) => tally.record_ok(a.latency, a.sent, a.received),
+                    Err(kind) => tally.record_error(kind),
+                },
                 Ok(Err(kind)) => {
                     if matches!(kind, ErrorKind::Connect) {
                         tokio::time::sleep(CONNECT_BACKOFF).await;
@@ -167,8 +185,8 @@ impl VirtualClient {
         (self, tally)
     }
 
-    /// One request: payload bytes sent and received, or why it failed.
-    async fn request(&mut self) -> Result<(u64, u64), ErrorKind> {
+    /// One request, read to the end of its response; a non-2xx status is an error.
+    async fn request(&mut self, start: Instant) -> Result<Answered, ErrorKind> {
         let seq = self.next_seq;
         self.next_seq += self.stride;
         let target = Arc::clone(&self.target);
@@ -200,20 +218,36 @@ impl VirtualClient {
             .get(HEADER_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let checking = target.check.as_ref().filter(|_| status.is_success());
-        let received = match checking {
-            Some(input) => {
-                let body = self.read_all(res.into_body()).await?;
-                check_doubled(input, seq, header_length, &body).map_err(|_| ErrorKind::Check)?;
-                body.len() as u64
-            }
+        let (received, kept) = if target.check.is_some() && status.is_success() {
+            let chunks = self.read_all(res.into_body()).await?;
+            (chunks.iter().map(|c| c.len() as u64).sum(), Some(chunks))
+        } else {
             // Read and drop frame by frame: counting a 16 MiB response costs no copy.
-            None => self.drain(res.into_body()).await?,
+            (self.drain(res.into_body()).await?, None)
         };
+        // Latency ends with the last response byte; checking it is loadgen's own time.
+        let latency = start.elapsed();
         if !status.is_success() {
             return Err(ErrorKind::Status(status.as_u16()));
         }
-        Ok((sent, received))
+        Ok(Answered {
+            seq,
+            sent,
+            received,
+            latency,
+            header_length,
+            kept,
+        })
+    }
+
+    /// `--check-double` on an answered request (a no-op without it).
+    fn verify(&self, mut answered: Answered) -> Result<Answered, ErrorKind> {
+        if let (Some(input), Some(chunks)) = (&self.target.check, answered.kept.take()) {
+            let body = chunks.concat();
+            check_doubled(input, answered.seq, answered.header_length, &body)
+                .map_err(|_| ErrorKind::Check)?;
+        }
+        Ok(answered)
     }
 
     /// The connection, re-opened if the previous one closed.
@@ -246,13 +280,20 @@ impl VirtualClient {
         Ok(n)
     }
 
-    async fn read_all(&mut self, body: Incoming) -> Result<Bytes, ErrorKind> {
-        match body.collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(_) => {
-                self.sender = None;
-                Err(ErrorKind::Io)
+    /// The body's chunks, not yet joined: joining is checking work, outside the latency.
+    async fn read_all(&mut self, mut body: Incoming) -> Result<Vec<Bytes>, ErrorKind> {
+        let mut chunks = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame.map(|f| f.into_data()) {
+                Ok(Ok(data)) => chunks.push(data),
+                // Trailers: nothing to check in them.
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    self.sender = None;
+                    return Err(ErrorKind::Io);
+                }
             }
         }
+        Ok(chunks)
     }
 }
