@@ -1,0 +1,299 @@
+//! Virtual clients: one keep-alive HTTP/1.1 connection each, sending one request at a time
+//! (closed loop) until a deadline.
+//!
+//! A client owns its connection and its running sequence number; `step.rs` runs all clients of a
+//! step through the warm-up and the measured phase, handing each back between phases so the
+//! connections stay open. A failed connection is dropped and re-opened on the next request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::PayloadBody;
+use crate::check::check_doubled;
+use crate::input_spec::InputSpec;
+use crate::payload::{HEADER_LENGTH, Payload};
+use crate::tally::{ErrorKind, Tally};
+
+/// Pause after a failed connect, so a server that is down costs a few hundred attempts per
+/// second per client, not a busy loop that starves the machine the server shares.
+const CONNECT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Where and what every client of a run sends.
+#[derive(Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The `Host` header.
+    pub host: HeaderValue,
+    pub infer_uri: Uri,
+    pub stats_uri: Uri,
+    pub payload: Payload,
+    /// The first input, when responses are checked with `--check-double`.
+    pub check: Option<InputSpec>,
+    /// Bound on one request, connect included.
+    pub timeout: Duration,
+}
+
+impl Target {
+    /// Resolves `url` (`http://HOST:PORT[/prefix]`) for `model`.
+    pub async fn resolve(
+        url: &str,
+        model: &str,
+        payload: Payload,
+        check: Option<InputSpec>,
+        timeout: Duration,
+    ) -> anyhow::Result<Target> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("--url '{url}' is not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("--url '{url}': only http:// is supported (loadgen speaks plain HTTP/1.1)");
+        }
+        let authority = uri.authority().context("--url needs a host")?.clone();
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = tokio::net::lookup_host((authority.host(), port))
+            .await
+            .with_context(|| format!("cannot resolve '{}'", authority.host()))?
+            .next()
+            .with_context(|| format!("'{}' resolves to no address", authority.host()))?;
+        let prefix = uri.path().trim_end_matches('/');
+        let path = |tail: &str| -> anyhow::Result<Uri> {
+            format!("{prefix}/v2/models/{model}/{tail}")
+                .parse()
+                .with_context(|| format!("--model '{model}' does not fit in a URL path"))
+        };
+        Ok(Target {
+            addr,
+            host: HeaderValue::from_str(authority.as_str())?,
+            infer_uri: path("infer")?,
+            stats_uri: path("stats")?,
+            payload,
+            check,
+            timeout,
+        })
+    }
+}
+
+/// Opens a connection with Nagle off (a request is one write; waiting to coalesce would add
+/// tens of milliseconds) and drives it on its own task.
+async fn connect<B>(addr: SocketAddr) -> anyhow::Result<SendRequest<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        // A connection error also fails the request in flight, which is where it is counted.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// One GET on a fresh connection, bounded by the target's timeout: status and body.
+pub async fn get(target: &Target, uri: &Uri) -> anyhow::Result<(StatusCode, Bytes)> {
+    let exchange = async {
+        let mut sender = connect::<Empty<Bytes>>(target.addr).await?;
+        let mut req = Request::new(Empty::new());
+        *req.uri_mut() = uri.clone();
+        req.headers_mut().insert(HOST, target.host.clone());
+        let res = sender.send_request(req).await?;
+        let status = res.status();
+        let body = res.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(target.timeout, exchange)
+        .await
+        .with_context(|| format!("GET {uri} took over {:?}", target.timeout))?
+}
+
+/// A response read to its end.
+struct Answered {
+    seq: u64,
+    /// Request body bytes.
+    sent: u64,
+    /// Response body bytes.
+    received: u64,
+    /// From just before the request was sent to the last response byte.
+    latency: Duration,
+    /// `Inference-Header-Content-Length` of the response.
+    header_length: Option<usize>,
+    /// The body, kept only when it is to be checked.
+    kept: Option<Vec<Bytes>>,
+}
+
+/// A closed-loop client.
+pub struct VirtualClient {
+    target: Arc<Target>,
+    sender: Option<SendRequest<PayloadBody>>,
+    /// Sequence number of the next request; clients interleave (`index`, `index + stride`, ...)
+    /// so every request of a step carries a distinct counter.
+    next_seq: u64,
+    stride: u64,
+}
+
+impl VirtualClient {
+    pub fn new(target: Arc<Target>, index: u64, stride: u64) -> VirtualClient {
+        VirtualClient {
+            target,
+            sender: None,
+            next_seq: index,
+            stride,
+        }
+    }
+
+    /// Sends requests back to back until `until`; a request started before `until` is
+    /// finished (or times out) and counted.
+    pub async fn run(mut self, until: Instant) -> (VirtualClient, Tally) {
+        let mut tally = Tally::new();
+        loop {
+            let start = Instant::now();
+            if start >= until {
+                break;
+            }
+            match tokio::time::timeout(self.target.timeout, self.request(start)).await {
+                Ok(Ok(answered)) => match self.verify(answered) {
+                    Ok(a) => tally.record_ok(a.latency, a.sent, a.received),
+                    Err(kind) => tally.record_error(kind),
+                },
+                Ok(Err(kind)) => {
+                    if matches!(kind, ErrorKind::Connect) {
+                        tokio::time::sleep(CONNECT_BACKOFF).await;
+                    }
+                    tally.record_error(kind);
+                }
+                Err(_elapsed) => {
+                    // The connection is mid-exchange; it cannot carry another request.
+                    self.sender = None;
+                    tally.record_error(ErrorKind::Timeout);
+                }
+            }
+        }
+        (self, tally)
+    }
+
+    /// One request, read to the end of its response; a non-2xx status is an error.
+    async fn request(&mut self, start: Instant) -> Result<Answered, ErrorKind> {
+        let seq = self.next_seq;
+        self.next_seq += self.stride;
+        let target = Arc::clone(&self.target);
+
+        let body = target.payload.body(seq);
+        let sent = body.len();
+        let mut req = Request::new(body);
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = target.infer_uri.clone();
+        let headers = req.headers_mut();
+        headers.insert(HOST, target.host.clone());
+        headers.insert(CONTENT_TYPE, target.payload.content_type.clone());
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(sent));
+        if let Some(len) = &target.payload.header_length {
+            headers.insert(HEADER_LENGTH, len.clone());
+        }
+
+        let sender = self.ready_sender().await?;
+        let res = match sender.send_request(req).await {
+            Ok(res) => res,
+            Err(_) => {
+                self.sender = None;
+                return Err(ErrorKind::Io);
+            }
+        };
+        let status = res.status();
+        let header_length = res
+            .headers()
+            .get(HEADER_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let (received, kept) = if target.check.is_some() && status.is_success() {
+            let chunks = self.read_all(res.into_body()).await?;
+            (chunks.iter().map(|c| c.len() as u64).sum(), Some(chunks))
+        } else {
+            // Read and drop frame by frame: counting a 16 MiB response costs no copy.
+            (self.drain(res.into_body()).await?, None)
+        };
+        // Latency ends with the last response byte; checking it is loadgen's own time.
+        let latency = start.elapsed();
+        if !status.is_success() {
+            return Err(ErrorKind::Status(status.as_u16()));
+        }
+        Ok(Answered {
+            seq,
+            sent,
+            received,
+            latency,
+            header_length,
+            kept,
+        })
+    }
+
+    /// `--check-double` on an answered request (a no-op without it).
+    fn verify(&self, mut answered: Answered) -> Result<Answered, ErrorKind> {
+        if let (Some(input), Some(chunks)) = (&self.target.check, answered.kept.take()) {
+            let body = chunks.concat();
+            check_doubled(input, answered.seq, answered.header_length, &body)
+                .map_err(|_| ErrorKind::Check)?;
+        }
+        Ok(answered)
+    }
+
+    /// The connection, re-opened if the previous one closed.
+    async fn ready_sender(&mut self) -> Result<&mut SendRequest<PayloadBody>, ErrorKind> {
+        let alive = match self.sender.as_mut() {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            self.sender = Some(
+                connect(self.target.addr)
+                    .await
+                    .map_err(|_| ErrorKind::Connect)?,
+            );
+        }
+        self.sender.as_mut().ok_or(ErrorKind::Connect)
+    }
+
+    async fn drain(&mut self, mut body: Incoming) -> Result<u64, ErrorKind> {
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => n += frame.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => {
+                    self.sender = None;
+                    return Err(ErrorKind::Io);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The body's chunks, not yet joined: joining is checking work, outside the latency.
+    async fn read_all(&mut self, mut body: Incoming) -> Result<Vec<Bytes>, ErrorKind> {
+        let mut chunks = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame.map(|f| f.into_data()) {
+                Ok(Ok(data)) => chunks.push(data),
+                // Trailers: nothing to check in them.
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    self.sender = None;
+                    return Err(ErrorKind::Io);
+                }
+            }
+        }
+        Ok(chunks)
+    }
+}

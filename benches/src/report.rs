@@ -1,0 +1,375 @@
+//! What loadgen reports: per-step numbers, printed for people and written as JSON (`--json`),
+//! and the summary table over several JSON reports (`--summarize`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plugin_stats::PluginTime;
+use crate::tally::Latency;
+
+/// A whole run: the settings and one entry per concurrency step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// `--label`, or a description of the payload.
+    pub label: String,
+    pub url: String,
+    pub model: String,
+    pub protocol: String,
+    /// The `--input` specs, as given.
+    pub inputs: Vec<String>,
+    pub body_file: Option<String>,
+    pub check_double: bool,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub threads: usize,
+    pub steps: Vec<StepReport>,
+    /// Whole-process CPU: warm-ups, snapshots and start-up included.
+    pub loadgen_cpu: Cpu,
+}
+
+/// One concurrency step's measured phase.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepReport {
+    pub concurrency: usize,
+    /// From the phase's start until its last request finished.
+    pub elapsed_s: f64,
+    /// Requests started in the phase: `ok + error_count`.
+    pub requests: u64,
+    /// Requests of the unmeasured warm-up before it.
+    pub warmup_requests: u64,
+    pub ok: u64,
+    pub error_count: u64,
+    /// Errors by kind: `status_NNN`, `connect`, `io`, `timeout`, `check`.
+    pub errors: BTreeMap<String, u64>,
+    pub req_per_s: f64,
+    pub ok_per_s: f64,
+    /// Latency of answered requests.
+    pub latency_us: Latency,
+    pub traffic: Traffic,
+    /// Per-request payload over the p50 latency; `None` when nothing was answered.
+    pub round_trip_at_p50: Option<RoundTrip>,
+    /// `None`: the statistics route was unavailable ("plugin time: n/a").
+    pub plugin: Option<PluginTime>,
+    /// Latency p50 minus plugin time per call, at concurrency 1 only.
+    pub overhead_p50_us: Option<f64>,
+    /// Loadgen's own CPU during the phase.
+    pub loadgen_cpu: Cpu,
+}
+
+/// HTTP body bytes of answered requests.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Traffic {
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Request plus response bytes per second of the phase.
+    pub bytes_per_s: f64,
+    pub request_bytes_per_req: f64,
+    pub response_bytes_per_req: f64,
+    /// Raw input tensor bytes per request (0 with `--body-file`).
+    pub tensor_bytes_per_req: u64,
+}
+
+/// Effective bandwidth of one request at the median latency, in 10^9 bytes per second.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct RoundTrip {
+    /// (request body + response body bytes) / p50 latency.
+    pub payload_gb_per_s: f64,
+    /// Raw input tensor bytes / p50 latency.
+    pub tensor_gb_per_s: f64,
+}
+
+/// CPU seconds used by loadgen itself.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Cpu {
+    pub user_s: f64,
+    pub sys_s: f64,
+    /// (user + sys) seconds per 1,000 requests.
+    pub s_per_1000_requests: Option<f64>,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user_s: self.user_s - earlier.user_s,
+            sys_s: self.sys_s - earlier.sys_s,
+            s_per_1000_requests: None,
+        }
+    }
+}
+
+/// Tensors from this size up get the round-trip bandwidth line.
+const LARGE_TENSOR_BYTES: u64 = 1 << 20;
+
+/// The human-readable block of one step.
+pub fn format_step(label: &str, s: &StepReport) -> String {
+    let mut out = String::new();
+    let errors = if s.errors.is_empty() {
+        String::from("0")
+    } else {
+        let kinds: Vec<String> = s.errors.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        format!("{} ({})", s.error_count, kinds.join(", "))
+    };
+    let _ = writeln!(
+        out,
+        "[{label}] concurrency {}: {} requests in {:.2} s, {} ok, errors {errors}; {:.1} req/s",
+        s.concurrency, s.requests, s.elapsed_s, s.ok, s.req_per_s
+    );
+    let l = &s.latency_us;
+    let _ = writeln!(
+        out,
+        "  latency us: p50 {}  p90 {}  p99 {}  max {}  (min {}, mean {:.1})",
+        l.p50_us, l.p90_us, l.p99_us, l.max_us, l.min_us, l.mean_us
+    );
+    let t = &s.traffic;
+    let _ = writeln!(
+        out,
+        "  payload: {:.0} B request + {:.0} B response per request, {}/s",
+        t.request_bytes_per_req,
+        t.response_bytes_per_req,
+        human_bytes(t.bytes_per_s)
+    );
+    if let Some(rt) = s
+        .round_trip_at_p50
+        .filter(|_| t.tensor_bytes_per_req >= LARGE_TENSOR_BYTES)
+    {
+        let _ = writeln!(
+            out,
+            "  round trip at p50: {:.2} GB/s (request+response bytes / latency), {:.2} GB/s ({} tensor / latency)",
+            rt.payload_gb_per_s,
+            rt.tensor_gb_per_s,
+            human_bytes(t.tensor_bytes_per_req as f64)
+        );
+    }
+    match &s.plugin {
+        Some(p) => {
+            let _ = write!(
+                out,
+                "  plugin time: {:.1} us per worker call ({:.2} rows per call, {} calls), {:.1} us per request",
+                p.us_per_call, p.rows_per_call, p.worker_calls, p.us_per_request
+            );
+            if let Some(o) = s.overhead_p50_us {
+                let _ = write!(
+                    out,
+                    "; overhead p50 = latency p50 - plugin time per call = {o:.1} us"
+                );
+            }
+            out.push('\n');
+        }
+        None => out.push_str("  plugin time: n/a\n"),
+    }
+    let c = &s.loadgen_cpu;
+    let _ = writeln!(
+        out,
+        "  loadgen cpu: {:.2} s user + {:.2} s sys{}",
+        c.user_s,
+        c.sys_s,
+        c.s_per_1000_requests
+            .map(|x| format!(", {x:.4} s per 1000 requests"))
+            .unwrap_or_default()
+    );
+    out
+}
+
+/// `1.5 MiB`-style sizes.
+fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} {}", UNITS[0])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// One table over several reports, one row per step.
+pub fn summary_table(reports: &[Report]) -> String {
+    let header = [
+        "step",
+        "c",
+        "req/s",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "max us",
+        "errors",
+        "plugin us/call",
+        "rows/call",
+        "overhead p50 us",
+        "rt GB/s",
+        "tensor GB/s",
+        "lg cpu s/1k",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"));
+    for r in reports {
+        for s in &r.steps {
+            let large = s.traffic.tensor_bytes_per_req >= LARGE_TENSOR_BYTES;
+            let rt = s.round_trip_at_p50.filter(|_| large);
+            rows.push(vec![
+                r.label.clone(),
+                s.concurrency.to_string(),
+                format!("{:.1}", s.req_per_s),
+                s.latency_us.p50_us.to_string(),
+                s.latency_us.p90_us.to_string(),
+                s.latency_us.p99_us.to_string(),
+                s.latency_us.max_us.to_string(),
+                s.error_count.to_string(),
+                opt(s.plugin.map(|p| p.us_per_call), 1),
+                opt(s.plugin.map(|p| p.rows_per_call), 2),
+                opt(s.overhead_p50_us, 1),
+                rt.map_or("-".into(), |x| format!("{:.2}", x.payload_gb_per_s)),
+                rt.map_or("-".into(), |x| format!("{:.2}", x.tensor_gb_per_s)),
+                opt(s.loadgen_cpu.s_per_1000_requests, 4),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (n, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                if i == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(concurrency: usize, tensor: u64, plugin: bool) -> StepReport {
+        StepReport {
+            concurrency,
+            elapsed_s: 3.0,
+            requests: 300,
+            warmup_requests: 10,
+            ok: 299,
+            error_count: 1,
+            errors: BTreeMap::from([("status_503".to_string(), 1)]),
+            req_per_s: 100.0,
+            ok_per_s: 99.7,
+            latency_us: Latency {
+                min_us: 5,
+                p50_us: 100,
+                p90_us: 150,
+                p99_us: 400,
+                max_us: 900,
+                mean_us: 110.0,
+            },
+            traffic: Traffic {
+                tensor_bytes_per_req: tensor,
+                ..Traffic::default()
+            },
+            round_trip_at_p50: Some(RoundTrip {
+                payload_gb_per_s: 1.25,
+                tensor_gb_per_s: 0.5,
+            }),
+            plugin: plugin.then_some(PluginTime {
+                worker_calls: 299,
+                rows: 299,
+                rows_per_call: 1.0,
+                us_per_call: 20.0,
+                us_per_request: 20.0,
+            }),
+            overhead_p50_us: plugin.then_some(80.0),
+            loadgen_cpu: Cpu {
+                user_s: 0.1,
+                sys_s: 0.1,
+                s_per_1000_requests: Some(0.6667),
+            },
+        }
+    }
+
+    #[test]
+    fn step_block_names_every_number() {
+        let text = format_step("json c1", &step(1, 12, true));
+        assert!(text.contains("300 requests"), "{text}");
+        assert!(text.contains("errors 1 (status_503 x1)"), "{text}");
+        assert!(
+            text.contains("p50 100  p90 150  p99 400  max 900"),
+            "{text}"
+        );
+        assert!(text.contains("20.0 us per worker call"), "{text}");
+        assert!(
+            text.contains("overhead p50 = latency p50 - plugin time per call = 80.0 us"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("round trip"),
+            "small tensors get no bandwidth line: {text}"
+        );
+        let large = format_step("big", &step(1, 16 << 20, false));
+        assert!(
+            large.contains(
+                "1.25 GB/s (request+response bytes / latency), 0.50 GB/s (16.0 MiB tensor"
+            ),
+            "{large}"
+        );
+        assert!(large.contains("plugin time: n/a"), "{large}");
+    }
+
+    #[test]
+    fn summary_table_has_a_row_per_step_and_survives_json() {
+        let report = Report {
+            label: "json".into(),
+            url: "http://127.0.0.1:1".into(),
+            model: "m".into(),
+            protocol: "json".into(),
+            inputs: vec!["x:FP32:1x3".into()],
+            body_file: None,
+            check_double: false,
+            warmup_s: 1.0,
+            duration_s: 3.0,
+            threads: 1,
+            steps: vec![step(1, 12, true), step(64, 16 << 20, false)],
+            loadgen_cpu: Cpu::default(),
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        let table = summary_table(&[back]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].starts_with("step"));
+        assert!(
+            lines[2].contains("80.0") && lines[2].contains("20.0"),
+            "{table}"
+        );
+        assert!(
+            lines[3].contains("n/a") && lines[3].contains("1.25") && lines[3].contains("0.50"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(16.0 * 1024.0 * 1024.0), "16.0 MiB");
+    }
+}
