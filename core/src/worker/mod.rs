@@ -12,5 +12,6 @@
 
 pub mod arena;
 pub mod codec;
+pub mod shm;
 pub mod protocol;
 pub mod types;
