@@ -13,5 +13,7 @@
 pub mod arena;
 pub mod codec;
 pub mod shm;
+pub mod process;
 pub mod protocol;
+pub mod python;
 pub mod types;
