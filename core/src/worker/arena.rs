@@ -120,6 +120,11 @@ impl Ring {
         Ok(())
     }
 
+    /// Takes back the newest block (an allocation whose use failed before anyone saw it).
+    pub fn free_newest(&mut self) -> Option<Block> {
+        self.blocks.pop_back()
+    }
+
     /// Frees the oldest live block, whichever it is.
     pub fn free_oldest(&mut self) -> Option<Block> {
         self.blocks.pop_front()
