@@ -42,7 +42,9 @@ pub enum AllocError {
 pub enum FreeError {
     #[error("no live block to free")]
     Empty,
-    #[error("block at offset {offset} is not the oldest live block (offset {oldest}); blocks are freed in order")]
+    #[error(
+        "block at offset {offset} is not the oldest live block (offset {oldest}); blocks are freed in order"
+    )]
     OutOfOrder { offset: usize, oldest: usize },
 }
 
@@ -57,7 +59,10 @@ pub struct Ring {
 impl Ring {
     /// `capacity` is rounded down to a multiple of `ALIGN`.
     pub fn new(capacity: usize) -> Self {
-        Ring { capacity: capacity & !(ALIGN - 1), blocks: VecDeque::new() }
+        Ring {
+            capacity: capacity & !(ALIGN - 1),
+            blocks: VecDeque::new(),
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -76,9 +81,15 @@ impl Ring {
     /// Reserves a block of at least `size` bytes.
     pub fn alloc(&mut self, size: usize) -> Result<Block, AllocError> {
         // A zero-size request still gets a distinct block so that in-order frees stay unambiguous.
-        let len = align_up(size.max(1)).ok_or(AllocError::TooLarge { size, capacity: self.capacity })?;
+        let len = align_up(size.max(1)).ok_or(AllocError::TooLarge {
+            size,
+            capacity: self.capacity,
+        })?;
         if len > self.capacity {
-            return Err(AllocError::TooLarge { size, capacity: self.capacity });
+            return Err(AllocError::TooLarge {
+                size,
+                capacity: self.capacity,
+            });
         }
         let offset = self.place(len).ok_or(AllocError::Full { size })?;
         let block = Block { offset, len };
@@ -114,7 +125,10 @@ impl Ring {
     pub fn free(&mut self, block: Block) -> Result<(), FreeError> {
         let oldest = self.blocks.front().ok_or(FreeError::Empty)?;
         if *oldest != block {
-            return Err(FreeError::OutOfOrder { offset: block.offset, oldest: oldest.offset });
+            return Err(FreeError::OutOfOrder {
+                offset: block.offset,
+                oldest: oldest.offset,
+            });
         }
         self.blocks.pop_front();
         Ok(())
@@ -162,7 +176,13 @@ mod tests {
     #[test]
     fn exact_fit_fills_the_arena() {
         let mut r = Ring::new(256);
-        assert_eq!(r.alloc(256).unwrap(), Block { offset: 0, len: 256 });
+        assert_eq!(
+            r.alloc(256).unwrap(),
+            Block {
+                offset: 0,
+                len: 256
+            }
+        );
         assert_eq!(r.alloc(1), Err(AllocError::Full { size: 1 }));
         r.free_oldest();
         let a = r.alloc(128).unwrap();
@@ -174,8 +194,20 @@ mod tests {
     #[test]
     fn too_large_is_distinct_from_full() {
         let mut r = Ring::new(256);
-        assert_eq!(r.alloc(257), Err(AllocError::TooLarge { size: 257, capacity: 256 }));
-        assert_eq!(r.alloc(usize::MAX), Err(AllocError::TooLarge { size: usize::MAX, capacity: 256 }));
+        assert_eq!(
+            r.alloc(257),
+            Err(AllocError::TooLarge {
+                size: 257,
+                capacity: 256
+            })
+        );
+        assert_eq!(
+            r.alloc(usize::MAX),
+            Err(AllocError::TooLarge {
+                size: usize::MAX,
+                capacity: 256
+            })
+        );
         assert!(!r.fits(257));
         assert!(r.fits(256));
     }
@@ -215,7 +247,13 @@ mod tests {
         let mut r = Ring::new(1024);
         let a = r.alloc(64).unwrap();
         let b = r.alloc(64).unwrap();
-        assert_eq!(r.free(b), Err(FreeError::OutOfOrder { offset: 64, oldest: 0 }));
+        assert_eq!(
+            r.free(b),
+            Err(FreeError::OutOfOrder {
+                offset: 64,
+                oldest: 0
+            })
+        );
         r.free(a).unwrap();
         r.free(b).unwrap();
         assert_eq!(r.free(b), Err(FreeError::Empty));
@@ -238,7 +276,10 @@ mod tests {
                     assert_eq!(b.offset % ALIGN, 0);
                     assert!(b.offset + b.len <= 4096);
                     for l in &live {
-                        assert!(b.offset + b.len <= l.offset || l.offset + l.len <= b.offset, "{b:?} overlaps {l:?}");
+                        assert!(
+                            b.offset + b.len <= l.offset || l.offset + l.len <= b.offset,
+                            "{b:?} overlaps {l:?}"
+                        );
                     }
                     live.push_back(b);
                 }

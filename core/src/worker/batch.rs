@@ -47,7 +47,11 @@ pub enum StageError {
 /// Copies the work's inputs into one arena block (each tensor 64-byte aligned, its parts
 /// concatenated in order). A batch larger than the whole arena gets one memfd per tensor.
 pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> {
-    let lengths: Vec<usize> = work.inputs.iter().map(|i| i.parts.iter().map(|p| p.len()).sum()).collect();
+    let lengths: Vec<usize> = work
+        .inputs
+        .iter()
+        .map(|i| i.parts.iter().map(|p| p.len()).sum())
+        .collect();
     let (offsets, total) = layout(lengths.iter().copied()).ok_or(StageError::Overflow)?;
     if !arena.ring.fits(total) {
         return stage_dedicated(work, &lengths);
@@ -65,9 +69,20 @@ pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> 
             arena.ring.free_newest();
             return Err(e.into());
         }
-        refs.push(TensorRef::located(&input.name, input.datatype.as_str(), &input.shape, Region::Input, offset as u64, len as u64));
+        refs.push(TensorRef::located(
+            &input.name,
+            input.datatype.as_str(),
+            &input.shape,
+            Region::Input,
+            offset as u64,
+            len as u64,
+        ));
     }
-    Ok(Staged { refs, block: Some(block), fds: Vec::new() })
+    Ok(Staged {
+        refs,
+        block: Some(block),
+        fds: Vec::new(),
+    })
 }
 
 fn stage_dedicated(work: &Work, lengths: &[usize]) -> Result<Staged, StageError> {
@@ -76,23 +91,44 @@ fn stage_dedicated(work: &Work, lengths: &[usize]) -> Result<Staged, StageError>
     for (input, &len) in work.inputs.iter().zip(lengths) {
         let mut region = WritableRegion::create(c"unimodel-tensor", len)?;
         region.write_parts(0, &input.parts)?;
-        let mut r = TensorRef::located(&input.name, input.datatype.as_str(), &input.shape, Region::Fd, 0, len as u64);
+        let mut r = TensorRef::located(
+            &input.name,
+            input.datatype.as_str(),
+            &input.shape,
+            Region::Fd,
+            0,
+            len as u64,
+        );
         r.fd = Some(fds.len() as u32);
-        fds.push(region.try_clone_fd().map_err(|source| ShmError::Map { len, source })?);
+        fds.push(
+            region
+                .try_clone_fd()
+                .map_err(|source| ShmError::Map { len, source })?,
+        );
         refs.push(r);
     }
-    Ok(Staged { refs, block: None, fds })
+    Ok(Staged {
+        refs,
+        block: None,
+        fds,
+    })
 }
 
 /// Copies every output out of shared memory into owned tensors. Errors are protocol errors
 /// (the worker named something it could not have written).
-pub fn collect(refs: Vec<TensorRef>, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result<Vec<Tensor>, String> {
-    refs.into_iter().map(|r| collect_one(r, fds, output)).collect()
+pub fn collect(
+    refs: Vec<TensorRef>,
+    fds: &[OwnedFd],
+    output: &ReadOnlyRegion,
+) -> Result<Vec<Tensor>, String> {
+    refs.into_iter()
+        .map(|r| collect_one(r, fds, output))
+        .collect()
 }
 
 fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result<Tensor, String> {
-    let datatype =
-        DataType::parse(&r.datatype).ok_or_else(|| format!("output '{}' has unknown datatype '{}'", r.name, r.datatype))?;
+    let datatype = DataType::parse(&r.datatype)
+        .ok_or_else(|| format!("output '{}' has unknown datatype '{}'", r.name, r.datatype))?;
     if let Some(size) = datatype.size() {
         let expected = element_count(&r.shape).and_then(|n| n.checked_mul(size));
         if expected != Some(r.length as usize) {
@@ -103,23 +139,48 @@ fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result
         }
     }
     let data = match r.region {
-        Region::Output => output.copy_out(r.offset, r.length).map_err(|e| format!("output '{}': {e}", r.name))?,
+        Region::Output => output
+            .copy_out(r.offset, r.length)
+            .map_err(|e| format!("output '{}': {e}", r.name))?,
         Region::Fd => {
-            let idx = r.fd.ok_or_else(|| format!("output '{}' is in region fd but names no fd", r.name))? as usize;
-            let fd = fds.get(idx).ok_or_else(|| format!("output '{}' names fd {idx}, the frame carries {}", r.name, fds.len()))?;
-            let region = ReadOnlyRegion::map(fd.as_fd(), None).map_err(|e| format!("output '{}': {e}", r.name))?;
-            region.copy_out(r.offset, r.length).map_err(|e| format!("output '{}': {e}", r.name))?
+            let idx =
+                r.fd.ok_or_else(|| format!("output '{}' is in region fd but names no fd", r.name))?
+                    as usize;
+            let fd = fds.get(idx).ok_or_else(|| {
+                format!(
+                    "output '{}' names fd {idx}, the frame carries {}",
+                    r.name,
+                    fds.len()
+                )
+            })?;
+            let region = ReadOnlyRegion::map(fd.as_fd(), None)
+                .map_err(|e| format!("output '{}': {e}", r.name))?;
+            region
+                .copy_out(r.offset, r.length)
+                .map_err(|e| format!("output '{}': {e}", r.name))?
         }
         Region::Inline => {
-            let data = r.data.ok_or_else(|| format!("inline output '{}' has no data", r.name))?;
+            let data = r
+                .data
+                .ok_or_else(|| format!("inline output '{}' has no data", r.name))?;
             if data.len() as u64 != r.length {
-                return Err(format!("inline output '{}' has {} bytes, length says {}", r.name, data.len(), r.length));
+                return Err(format!(
+                    "inline output '{}' has {} bytes, length says {}",
+                    r.name,
+                    data.len(),
+                    r.length
+                ));
             }
             bytes::Bytes::from(data)
         }
         Region::Input => return Err(format!("output '{}' points into the input arena", r.name)),
     };
-    Ok(Tensor { name: r.name, datatype, shape: r.shape, data })
+    Ok(Tensor {
+        name: r.name,
+        datatype,
+        shape: r.shape,
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -138,7 +199,12 @@ mod tests {
                     shape: vec![parts.iter().map(|p| p.len() as i64).sum()],
                     parts: parts.iter().map(|p| Bytes::copy_from_slice(p)).collect(),
                 },
-                WorkInput { name: "y".into(), datatype: DataType::Int32, shape: vec![1], parts: vec![Bytes::from_static(&[1, 0, 0, 0])] },
+                WorkInput {
+                    name: "y".into(),
+                    datatype: DataType::Int32,
+                    shape: vec![1],
+                    parts: vec![Bytes::from_static(&[1, 0, 0, 0])],
+                },
             ],
             outputs: None,
         }
@@ -164,7 +230,10 @@ mod tests {
     fn full_arena_asks_to_wait_and_oversize_uses_fds() {
         let mut arena = InputArena::new(WritableRegion::create(c"t", 192).unwrap());
         let _first = stage(&work(&[&[0u8; 60]]), &mut arena).unwrap(); // 128 bytes used
-        assert!(matches!(stage(&work(&[&[0u8; 60]]), &mut arena), Err(StageError::Full)));
+        assert!(matches!(
+            stage(&work(&[&[0u8; 60]]), &mut arena),
+            Err(StageError::Full)
+        ));
         let big = stage(&work(&[&[7u8; 300]]), &mut arena).unwrap();
         assert!(big.block.is_none());
         assert_eq!(big.fds.len(), 2);
@@ -177,10 +246,13 @@ mod tests {
     #[test]
     fn collect_copies_each_region_kind_and_checks_sizes() {
         let mut out = WritableRegion::create(c"o", 256).unwrap();
-        out.write_parts(64, &[Bytes::from_static(&[1, 0, 0, 0, 2, 0, 0, 0])]).unwrap();
+        out.write_parts(64, &[Bytes::from_static(&[1, 0, 0, 0, 2, 0, 0, 0])])
+            .unwrap();
         let view = ReadOnlyRegion::map(out.fd(), None).unwrap();
         let mut dedicated = WritableRegion::create(c"d", 3).unwrap();
-        dedicated.write_parts(0, &[Bytes::from_static(b"xyz")]).unwrap();
+        dedicated
+            .write_parts(0, &[Bytes::from_static(b"xyz")])
+            .unwrap();
         let fds = vec![dedicated.try_clone_fd().unwrap()];
         let mut fd_ref = TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3);
         fd_ref.fd = Some(0);
@@ -195,13 +267,42 @@ mod tests {
         assert_eq!(t[1].data.as_ref(), b"xyz");
         assert_eq!(t[2].data.as_ref(), &[1]);
 
-        let bad_size = vec![TensorRef::located("a", "INT32", &[3], Region::Output, 64, 8)];
-        assert!(collect(bad_size, &fds, &view).unwrap_err().contains("needs"));
-        let oob = vec![TensorRef::located("a", "UINT8", &[8], Region::Output, 250, 8)];
+        let bad_size = vec![TensorRef::located(
+            "a",
+            "INT32",
+            &[3],
+            Region::Output,
+            64,
+            8,
+        )];
+        assert!(
+            collect(bad_size, &fds, &view)
+                .unwrap_err()
+                .contains("needs")
+        );
+        let oob = vec![TensorRef::located(
+            "a",
+            "UINT8",
+            &[8],
+            Region::Output,
+            250,
+            8,
+        )];
         assert!(collect(oob, &fds, &view).is_err());
-        let bad_fd = vec![TensorRef { fd: Some(5), ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3) }];
-        assert!(collect(bad_fd, &fds, &view).unwrap_err().contains("carries 1"));
+        let bad_fd = vec![TensorRef {
+            fd: Some(5),
+            ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3)
+        }];
+        assert!(
+            collect(bad_fd, &fds, &view)
+                .unwrap_err()
+                .contains("carries 1")
+        );
         let bad_type = vec![TensorRef::located("a", "FLOAT", &[1], Region::Output, 0, 4)];
-        assert!(collect(bad_type, &fds, &view).unwrap_err().contains("unknown datatype"));
+        assert!(
+            collect(bad_type, &fds, &view)
+                .unwrap_err()
+                .contains("unknown datatype")
+        );
     }
 }

@@ -72,7 +72,12 @@ pub struct FrameWriter {
 /// Splits a connected stream into a frame reader and writer.
 pub fn split(sock: UnixStream) -> (FrameReader, FrameWriter) {
     let sock = Arc::new(sock);
-    let reader = FrameReader { sock: sock.clone(), buf: BytesMut::new(), base: 0, pending_fds: VecDeque::new() };
+    let reader = FrameReader {
+        sock: sock.clone(),
+        buf: BytesMut::new(),
+        base: 0,
+        pending_fds: VecDeque::new(),
+    };
     (reader, FrameWriter { sock })
 }
 
@@ -112,7 +117,9 @@ impl FrameReader {
 
     /// Pops a complete frame off the buffer, with its descriptors.
     fn take_frame(&mut self) -> Result<Option<Frame>, CodecError> {
-        let Some(len) = frame_len(&self.buf) else { return Ok(None) };
+        let Some(len) = frame_len(&self.buf) else {
+            return Ok(None);
+        };
         if len > MAX_FRAME_BYTES {
             return Err(CodecError::FrameTooLarge { len });
         }
@@ -130,7 +137,11 @@ impl FrameReader {
             self.pending_fds.pop_front();
         }
         let fds = match self.pending_fds.front() {
-            Some((at, _)) if *at == start => self.pending_fds.pop_front().map(|(_, f)| f).unwrap_or_default(),
+            Some((at, _)) if *at == start => self
+                .pending_fds
+                .pop_front()
+                .map(|(_, f)| f)
+                .unwrap_or_default(),
             _ => Vec::new(),
         };
         Ok(Some(Frame { payload, fds }))
@@ -146,10 +157,14 @@ impl FrameReader {
             }
             let fd = self.sock.as_raw_fd();
             let target = &mut self.buf[old_len..];
-            match self.sock.try_io(Interest::READABLE, || recv_chunk(fd, target).map_err(std::io::Error::from)) {
+            match self.sock.try_io(Interest::READABLE, || {
+                recv_chunk(fd, target).map_err(std::io::Error::from)
+            }) {
                 Ok(r) => break Ok(r),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.raw_os_error() == Some(Errno::ENOBUFS as i32) => break Err(CodecError::FdsTruncated),
+                Err(e) if e.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
+                    break Err(CodecError::FdsTruncated);
+                }
                 Err(e) => break Err(CodecError::Io(e)),
             }
         };
@@ -202,7 +217,11 @@ fn recv_chunk(fd: RawFd, target: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), Err
 
 impl FrameWriter {
     /// Writes one frame, attaching `fds` to its first byte.
-    pub async fn write_frame(&self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), CodecError> {
+    pub async fn write_frame(
+        &self,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), CodecError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(CodecError::TooManyFds { count: fds.len() });
         }
@@ -215,7 +234,9 @@ impl FrameWriter {
             // Descriptors go with the first successful send only.
             let with_fds: &[RawFd] = if sent == 0 { &raw } else { &[] };
             let chunk = &frame[sent..];
-            match self.sock.try_io(Interest::WRITABLE, || send_chunk(fd, chunk, with_fds).map_err(std::io::Error::from)) {
+            match self.sock.try_io(Interest::WRITABLE, || {
+                send_chunk(fd, chunk, with_fds).map_err(std::io::Error::from)
+            }) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(CodecError::Io(e)),
@@ -239,7 +260,9 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     fn memfd_with(content: &[u8]) -> OwnedFd {
-        let fd = nix::sys::memfd::memfd_create(c"codec-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let fd =
+            nix::sys::memfd::memfd_create(c"codec-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
         let mut file = std::fs::File::from(fd);
         file.write_all(content).unwrap();
         OwnedFd::from(file)
@@ -259,7 +282,9 @@ mod tests {
         let (_ra, wa) = split(a);
         let (mut rb, _wb) = split(b);
         for i in 0..100u32 {
-            wa.write_frame(&vec![i as u8; i as usize], &[]).await.unwrap();
+            wa.write_frame(&vec![i as u8; i as usize], &[])
+                .await
+                .unwrap();
         }
         for i in 0..100u32 {
             let f = rb.read_frame().await.unwrap().unwrap();
@@ -293,7 +318,10 @@ mod tests {
         let (mut rb, _wb) = split(b);
         a.write_all(&[10, 0, 0, 0, 1, 2]).await.unwrap();
         drop(a);
-        assert!(matches!(rb.read_frame().await, Err(CodecError::UnexpectedEof { buffered: 6 })));
+        assert!(matches!(
+            rb.read_frame().await,
+            Err(CodecError::UnexpectedEof { buffered: 6 })
+        ));
     }
 
     #[tokio::test]
@@ -302,9 +330,15 @@ mod tests {
         let (mut rb, wb) = split(b);
         let too_big = (MAX_FRAME_BYTES as u32 + 1).to_le_bytes();
         a.write_all(&too_big).await.unwrap();
-        assert!(matches!(rb.read_frame().await, Err(CodecError::FrameTooLarge { .. })));
+        assert!(matches!(
+            rb.read_frame().await,
+            Err(CodecError::FrameTooLarge { .. })
+        ));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert!(matches!(wb.write_frame(&big, &[]).await, Err(CodecError::FrameTooLarge { .. })));
+        assert!(matches!(
+            wb.write_frame(&big, &[]).await,
+            Err(CodecError::FrameTooLarge { .. })
+        ));
     }
 
     #[tokio::test]
@@ -328,7 +362,9 @@ mod tests {
         let two = memfd_with(b"second");
         // Frames before and after the one carrying descriptors must not pick them up.
         wa.write_frame(b"plain", &[]).await.unwrap();
-        wa.write_frame(b"with fds", &[one.as_fd_ref(), two.as_fd_ref()]).await.unwrap();
+        wa.write_frame(b"with fds", &[one.as_fd_ref(), two.as_fd_ref()])
+            .await
+            .unwrap();
         wa.write_frame(b"after", &[]).await.unwrap();
         drop((one, two));
         let f1 = rb.read_frame().await.unwrap().unwrap();

@@ -18,7 +18,9 @@
 use super::batch::{self, StageError};
 use super::codec::{CodecError, Frame};
 use super::process::describe_exit;
-use super::protocol::{self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, TensorRef, WorkerMessage};
+use super::protocol::{
+    self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, TensorRef, WorkerMessage,
+};
 use super::session::Session;
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
 use std::collections::VecDeque;
@@ -78,12 +80,18 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
         commands,
         cancels,
         state: state_tx,
-        phase: Phase::Backoff { until: Instant::now() },
+        phase: Phase::Backoff {
+            until: Instant::now(),
+        },
         session: None,
         waiting: VecDeque::new(),
         inflight: VecDeque::new(),
         next_id: 1,
-        heartbeat: Heartbeat { seq: 0, outstanding: None, last_activity: Instant::now() },
+        heartbeat: Heartbeat {
+            seq: 0,
+            outstanding: None,
+            last_activity: Instant::now(),
+        },
         setup_failures: 0,
         backoff,
         death: None,
@@ -93,7 +101,12 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     };
     tokio::spawn(actor.run());
     InstanceHandle {
-        inner: Arc::new(HandleInner { commands: commands_tx, cancels: cancels_tx, state, next_ticket: AtomicU64::new(1) }),
+        inner: Arc::new(HandleInner {
+            commands: commands_tx,
+            cancels: cancels_tx,
+            state,
+            next_ticket: AtomicU64::new(1),
+        }),
     }
 }
 
@@ -103,12 +116,26 @@ impl InstanceHandle {
     pub async fn execute(&self, work: Work) -> Result<WorkOutput, WorkerError> {
         let state = self.inner.state.borrow().clone();
         if state != InstanceState::Ready {
-            return Err(WorkerError::NotReady { state: describe_state(&state) });
+            return Err(WorkerError::NotReady {
+                state: describe_state(&state),
+            });
         }
         let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        let mut guard = CancelOnDrop { ticket, cancels: &self.inner.cancels, armed: true };
-        self.inner.commands.send(Command::Execute(Job { ticket, work, reply })).await.map_err(|_| WorkerError::ShuttingDown)?;
+        let mut guard = CancelOnDrop {
+            ticket,
+            cancels: &self.inner.cancels,
+            armed: true,
+        };
+        self.inner
+            .commands
+            .send(Command::Execute(Job {
+                ticket,
+                work,
+                reply,
+            }))
+            .await
+            .map_err(|_| WorkerError::ShuttingDown)?;
         let result = answer.await.unwrap_or(Err(WorkerError::ShuttingDown));
         guard.armed = false;
         result
@@ -123,7 +150,13 @@ impl InstanceHandle {
     /// process group. Returns once the instance is Stopped.
     pub async fn shutdown(&self) {
         let (done, stopped) = oneshot::channel();
-        if self.inner.commands.send(Command::Shutdown(done)).await.is_ok() {
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown(done))
+            .await
+            .is_ok()
+        {
             // An error means the actor has already ended, which is what we wanted.
             let _ = stopped.await;
         }
@@ -161,16 +194,24 @@ fn describe_state(state: &InstanceState) -> String {
 #[derive(Debug)]
 enum Phase {
     /// Process spawned; waiting for `hello`.
-    Hello { deadline: Instant },
+    Hello {
+        deadline: Instant,
+    },
     /// `load` sent; waiting for `ready`.
-    Loading { deadline: Instant },
+    Loading {
+        deadline: Instant,
+    },
     Ready,
     /// `shutdown` sent; waiting for the process to exit.
-    Exiting { deadline: Instant },
+    Exiting {
+        deadline: Instant,
+    },
     /// The process is dead or being killed; waiting for its exit status and EOF.
     Dying,
     /// No process; the next start is due at `until`.
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     Failed,
     Stopped,
 }
@@ -259,7 +300,10 @@ impl Actor {
         let deadline = self.next_deadline();
         let session = self.session.as_mut();
         let (frames, exit) = match session {
-            Some(s) => (s.eof_at.is_none().then_some(&mut s.frames), s.exited.is_none().then_some(&mut s.process.exit)),
+            Some(s) => (
+                s.eof_at.is_none().then_some(&mut s.frames),
+                s.exited.is_none().then_some(&mut s.process.exit),
+            ),
             None => (None, None),
         };
         tokio::select! {
@@ -288,7 +332,9 @@ impl Actor {
                 tracing::debug!(model = %self.cfg.model, instance = self.cfg.instance, pid = session.process.pid(), "worker started");
                 self.session = Some(session);
                 self.ready_this_session = false;
-                self.phase = Phase::Hello { deadline: Instant::now() + self.cfg.timeouts.hello };
+                self.phase = Phase::Hello {
+                    deadline: Instant::now() + self.cfg.timeouts.hello,
+                };
                 self.publish(InstanceState::Starting);
             }
             Err(e) => self.setup_failed(format!("cannot start the worker: {e}"), String::new()),
@@ -331,16 +377,22 @@ impl Actor {
 
     /// The process is gone: fail what it held, then restart, fail or stop.
     fn session_over(&mut self, status: Option<std::process::ExitStatus>) {
-        let Some(session) = self.session.take() else { return };
+        let Some(session) = self.session.take() else {
+            return;
+        };
         // Anything the worker started (it is its own group) goes with it.
         session.process.kill_group();
-        let exit = status.map(|s| describe_exit(&s)).unwrap_or_else(|| "exited (status unknown)".into());
+        let exit = status
+            .map(|s| describe_exit(&s))
+            .unwrap_or_else(|| "exited (status unknown)".into());
         let death = self.death.take();
         let crash = match &death {
             Some(Death::Killed(reason)) => format!("{exit} ({reason})"),
             _ => exit.clone(),
         };
-        self.fail_all(|| WorkerError::Crashed { status: crash.clone() });
+        self.fail_all(|| WorkerError::Crashed {
+            status: crash.clone(),
+        });
         let was_ready = self.ready_this_session;
         if self.stopping {
             self.stop();
@@ -363,7 +415,9 @@ impl Actor {
         if self.setup_failures >= self.cfg.restart.max_setup_failures {
             self.phase = Phase::Failed;
             self.publish(InstanceState::Failed { error, traceback });
-            self.fail_all(|| WorkerError::NotReady { state: "failed".into() });
+            self.fail_all(|| WorkerError::NotReady {
+                state: "failed".into(),
+            });
             if self.stopping {
                 self.stop();
             }
@@ -374,7 +428,9 @@ impl Actor {
 
     fn schedule_restart(&mut self, reason: String) {
         tracing::warn!(model = %self.cfg.model, instance = self.cfg.instance, backoff = ?self.backoff, "{reason}; restarting");
-        self.phase = Phase::Backoff { until: Instant::now() + self.backoff };
+        self.phase = Phase::Backoff {
+            until: Instant::now() + self.backoff,
+        };
         self.backoff = (self.backoff * 2).min(self.cfg.restart.max_backoff);
         self.publish(InstanceState::Restarting { reason });
     }
@@ -417,8 +473,23 @@ impl Actor {
             (WorkerMessage::LoadFailed { error, traceback }, Phase::Loading { .. }) => {
                 self.kill(Death::SetupFailed { error, traceback })
             }
-            (WorkerMessage::Result { id, outputs, compute_ns }, _) => self.on_result(id, outputs, frame.fds, compute_ns),
-            (WorkerMessage::Error { id, error, traceback, kind }, _) => self.on_error(id, error, traceback, kind),
+            (
+                WorkerMessage::Result {
+                    id,
+                    outputs,
+                    compute_ns,
+                },
+                _,
+            ) => self.on_result(id, outputs, frame.fds, compute_ns),
+            (
+                WorkerMessage::Error {
+                    id,
+                    error,
+                    traceback,
+                    kind,
+                },
+                _,
+            ) => self.on_error(id, error, traceback, kind),
             (WorkerMessage::StreamChunk { id, .. }, _) => {
                 // The batch API has no streaming yet; the chunk's output blocks are released
                 // with the final result (release covers every id up to it).
@@ -453,7 +524,9 @@ impl Actor {
             max_output_bytes: c.max_output_bytes as u64,
         });
         self.send(&load, Vec::new());
-        self.phase = Phase::Loading { deadline: Instant::now() + self.cfg.timeouts.load };
+        self.phase = Phase::Loading {
+            deadline: Instant::now() + self.cfg.timeouts.load,
+        };
     }
 
     fn on_ready(&mut self, setup_ms: f64) {
@@ -469,7 +542,9 @@ impl Actor {
     fn take_answered(&mut self, id: u64) -> Option<InFlight> {
         if self.inflight.front().map(|f| f.id) != Some(id) {
             let expected = self.inflight.front().map(|f| f.id);
-            self.protocol_error(format!("answer for execute {id}, but the oldest unanswered one is {expected:?}"));
+            self.protocol_error(format!(
+                "answer for execute {id}, but the oldest unanswered one is {expected:?}"
+            ));
             return None;
         }
         let done = self.inflight.pop_front()?;
@@ -485,8 +560,16 @@ impl Actor {
         Some(done)
     }
 
-    fn on_result(&mut self, id: u64, outputs: Vec<TensorRef>, fds: Vec<std::os::fd::OwnedFd>, compute_ns: u64) {
-        let Some(done) = self.take_answered(id) else { return };
+    fn on_result(
+        &mut self,
+        id: u64,
+        outputs: Vec<TensorRef>,
+        fds: Vec<std::os::fd::OwnedFd>,
+        compute_ns: u64,
+    ) {
+        let Some(done) = self.take_answered(id) else {
+            return;
+        };
         let Some(session) = &self.session else { return };
         let copied = match done.reply.as_ref().is_some_and(|r| !r.is_closed()) {
             true => Some(batch::collect(outputs, &fds, &session.output)),
@@ -499,7 +582,10 @@ impl Actor {
             Some(Ok(tensors)) => {
                 self.backoff = self.cfg.restart.initial_backoff;
                 if let Some(reply) = done.reply {
-                    let _ = reply.send(Ok(WorkOutput { outputs: tensors, compute_ns }));
+                    let _ = reply.send(Ok(WorkOutput {
+                        outputs: tensors,
+                        compute_ns,
+                    }));
                 }
             }
             Some(Err(e)) => {
@@ -514,9 +600,14 @@ impl Actor {
     }
 
     fn on_error(&mut self, id: u64, error: String, traceback: String, kind: ErrorKind) {
-        let Some(done) = self.take_answered(id) else { return };
+        let Some(done) = self.take_answered(id) else {
+            return;
+        };
         let err = match kind {
-            ErrorKind::Plugin | ErrorKind::InvalidOutput => WorkerError::Plugin { message: error, traceback },
+            ErrorKind::Plugin | ErrorKind::InvalidOutput => WorkerError::Plugin {
+                message: error,
+                traceback,
+            },
             ErrorKind::TooLarge => WorkerError::TooLarge(error),
             ErrorKind::Cancelled => WorkerError::Cancelled,
         };
@@ -594,7 +685,9 @@ impl Actor {
                 self.waiting.pop_front();
                 continue;
             }
-            let Some(session) = &mut self.session else { return };
+            let Some(session) = &mut self.session else {
+                return;
+            };
             let staged = match batch::stage(&job.work, &mut session.input) {
                 Ok(s) => s,
                 Err(StageError::Full) => return,
@@ -605,12 +698,26 @@ impl Actor {
                     continue;
                 }
             };
-            let Some(job) = self.waiting.pop_front() else { return };
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
             let id = self.next_id;
             self.next_id += 1;
-            let msg = CoreMessage::Execute { id, batch_size: job.work.batch_size, inputs: staged.refs, outputs: job.work.outputs };
+            let msg = CoreMessage::Execute {
+                id,
+                batch_size: job.work.batch_size,
+                inputs: staged.refs,
+                outputs: job.work.outputs,
+            };
             let started = self.inflight.is_empty().then(Instant::now);
-            self.inflight.push_back(InFlight { ticket: job.ticket, id, reply: Some(job.reply), block: staged.block, started, cancel_sent: false });
+            self.inflight.push_back(InFlight {
+                ticket: job.ticket,
+                id,
+                reply: Some(job.reply),
+                block: staged.block,
+                started,
+                cancel_sent: false,
+            });
             // A ping in flight is answered before this execute; the execute timeout covers
             // the worker from here on.
             self.heartbeat.outstanding = None;
@@ -623,7 +730,9 @@ impl Actor {
             self.waiting.remove(pos);
             return;
         }
-        let Some(f) = self.inflight.iter_mut().find(|f| f.ticket == ticket) else { return };
+        let Some(f) = self.inflight.iter_mut().find(|f| f.ticket == ticket) else {
+            return;
+        };
         if f.cancel_sent || f.reply.is_none() {
             return;
         }
@@ -639,9 +748,15 @@ impl Actor {
     }
 
     fn maybe_finish_shutdown(&mut self) {
-        if self.stopping && matches!(self.phase, Phase::Ready) && self.inflight.is_empty() && self.waiting.is_empty() {
+        if self.stopping
+            && matches!(self.phase, Phase::Ready)
+            && self.inflight.is_empty()
+            && self.waiting.is_empty()
+        {
             self.send(&CoreMessage::Shutdown, Vec::new());
-            self.phase = Phase::Exiting { deadline: Instant::now() + SHUTDOWN_GRACE };
+            self.phase = Phase::Exiting {
+                deadline: Instant::now() + SHUTDOWN_GRACE,
+            };
         }
     }
 
@@ -650,7 +765,9 @@ impl Actor {
     fn next_deadline(&self) -> Option<Instant> {
         let t = &self.cfg.timeouts;
         let phase = match &self.phase {
-            Phase::Hello { deadline } | Phase::Loading { deadline } | Phase::Exiting { deadline } => Some(*deadline),
+            Phase::Hello { deadline }
+            | Phase::Loading { deadline }
+            | Phase::Exiting { deadline } => Some(*deadline),
             Phase::Backoff { until } => Some(*until),
             Phase::Ready => match self.inflight.front() {
                 Some(f) => f.started.map(|s| s + t.execute),
@@ -661,11 +778,14 @@ impl Actor {
             },
             Phase::Dying | Phase::Failed | Phase::Stopped => None,
         };
-        let session = self.session.as_ref().and_then(|s| match (s.eof_at, s.exited) {
-            (Some(at), None) => Some(at + EXIT_GRACE),
-            (None, Some((at, _))) => Some(at + EXIT_GRACE),
-            _ => None,
-        });
+        let session = self
+            .session
+            .as_ref()
+            .and_then(|s| match (s.eof_at, s.exited) {
+                (Some(at), None) => Some(at + EXIT_GRACE),
+                (None, Some((at, _))) => Some(at + EXIT_GRACE),
+                _ => None,
+            });
         [phase, session].into_iter().flatten().min()
     }
 
@@ -674,15 +794,17 @@ impl Actor {
         self.check_session_grace(now);
         let t = self.cfg.timeouts.clone();
         match &self.phase {
-            Phase::Hello { deadline } if now >= *deadline => {
-                self.kill(Death::Killed(format!("no hello within the {:?} hello timeout", t.hello)))
-            }
-            Phase::Loading { deadline } if now >= *deadline => {
-                self.kill(Death::Killed(format!("setup did not finish within the {:?} load timeout", t.load)))
-            }
-            Phase::Exiting { deadline } if now >= *deadline => {
-                self.kill(Death::Killed(format!("did not exit within {SHUTDOWN_GRACE:?} of shutdown")))
-            }
+            Phase::Hello { deadline } if now >= *deadline => self.kill(Death::Killed(format!(
+                "no hello within the {:?} hello timeout",
+                t.hello
+            ))),
+            Phase::Loading { deadline } if now >= *deadline => self.kill(Death::Killed(format!(
+                "setup did not finish within the {:?} load timeout",
+                t.load
+            ))),
+            Phase::Exiting { deadline } if now >= *deadline => self.kill(Death::Killed(format!(
+                "did not exit within {SHUTDOWN_GRACE:?} of shutdown"
+            ))),
             Phase::Backoff { until } if now >= *until => self.start_process(),
             Phase::Ready => self.check_ready_timers(now),
             _ => {}
@@ -697,14 +819,18 @@ impl Actor {
                 if let Some(reply) = front.reply.take() {
                     let _ = reply.send(Err(WorkerError::ExecutionTimeout { after: t.execute }));
                 }
-                self.kill(Death::Killed(format!("execution exceeded the {:?} execution timeout", t.execute)));
+                self.kill(Death::Killed(format!(
+                    "execution exceeded the {:?} execution timeout",
+                    t.execute
+                )));
             }
             return;
         }
         match self.heartbeat.outstanding {
-            Some(sent) if now >= sent + t.heartbeat_timeout => {
-                self.kill(Death::Killed(format!("no heartbeat answer within {:?}", t.heartbeat_timeout)))
-            }
+            Some(sent) if now >= sent + t.heartbeat_timeout => self.kill(Death::Killed(format!(
+                "no heartbeat answer within {:?}",
+                t.heartbeat_timeout
+            ))),
             Some(_) => {}
             None if now >= self.heartbeat.last_activity + t.heartbeat_interval => {
                 self.heartbeat.seq += 1;
@@ -721,7 +847,9 @@ impl Actor {
         let Some(s) = &self.session else { return };
         match (s.eof_at, s.exited) {
             // Socket closed but the process lives on: it is broken; kill it and await its exit.
-            (Some(at), None) if now >= at + EXIT_GRACE => self.kill(Death::Killed("closed its control socket".into())),
+            (Some(at), None) if now >= at + EXIT_GRACE => {
+                self.kill(Death::Killed("closed its control socket".into()))
+            }
             // Reaped, but something still holds the socket open: treat it as gone.
             (None, Some((at, status))) if now >= at + EXIT_GRACE => self.session_over(status),
             _ => {}
@@ -730,7 +858,9 @@ impl Actor {
 }
 
 /// The next frame, or never when there is no socket to read.
-async fn recv_frame(rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>) -> Option<Result<Frame, CodecError>> {
+async fn recv_frame(
+    rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>,
+) -> Option<Result<Frame, CodecError>> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -738,7 +868,9 @@ async fn recv_frame(rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>) 
 }
 
 /// The exit status (`None` if it could not be read), or never when there is nothing to reap.
-async fn wait_exit(rx: Option<&mut oneshot::Receiver<std::process::ExitStatus>>) -> Option<std::process::ExitStatus> {
+async fn wait_exit(
+    rx: Option<&mut oneshot::Receiver<std::process::ExitStatus>>,
+) -> Option<std::process::ExitStatus> {
     match rx {
         Some(rx) => rx.await.ok(),
         None => std::future::pending().await,

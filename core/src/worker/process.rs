@@ -23,16 +23,31 @@ pub const OUTPUT_ARENA_FD: RawFd = 5;
 const STDERR_TAIL_LINES: usize = 40;
 
 /// Environment variables passed through from the core (exact names, then prefixes).
-const ENV_ALLOW: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"];
+const ENV_ALLOW: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+];
 const ENV_ALLOW_PREFIXES: &[&str] = &["LC_", "OPENBLAS_", "MKL_", "HF_", "TORCH_", "UNIMODEL_"];
 
 /// Why a worker could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("cannot start {interpreter}: {source}")]
-    Exec { interpreter: String, source: std::io::Error },
+    Exec {
+        interpreter: String,
+        source: std::io::Error,
+    },
     #[error("cannot create the worker's {what}: {source}")]
-    Resource { what: &'static str, source: std::io::Error },
+    Resource {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Labels for the worker's log lines.
@@ -73,13 +88,19 @@ impl WorkerProcess {
 
     /// The stderr tail as one string.
     pub fn stderr_tail(&self) -> String {
-        self.stderr_tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        self.stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 }
 
 /// SIGKILL to a process group; an already-empty group is not an error.
 pub fn kill_group(pgid: i32) {
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// "exited with code N" or "killed by signal 9 (SIGKILL)".
@@ -89,7 +110,9 @@ pub fn describe_exit(status: &ExitStatus) -> String {
     }
     match status.signal() {
         Some(sig) => {
-            let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown signal");
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown signal");
             format!("killed by signal {sig} ({name})")
         }
         None => format!("ended with status {status}"),
@@ -109,7 +132,10 @@ pub fn worker_env(python: &PythonEnv, labels: &LogLabels) -> Vec<(OsString, OsSt
         ("PYTHONUNBUFFERED", "1".into()),
         ("UNIMODEL_CONTROL_FD", CONTROL_FD.to_string().into()),
         ("UNIMODEL_INPUT_ARENA_FD", INPUT_ARENA_FD.to_string().into()),
-        ("UNIMODEL_OUTPUT_ARENA_FD", OUTPUT_ARENA_FD.to_string().into()),
+        (
+            "UNIMODEL_OUTPUT_ARENA_FD",
+            OUTPUT_ARENA_FD.to_string().into(),
+        ),
         ("UNIMODEL_MODEL", labels.model.clone().into()),
         ("UNIMODEL_INSTANCE", labels.instance.to_string().into()),
     ];
@@ -123,7 +149,9 @@ pub fn worker_env(python: &PythonEnv, labels: &LogLabels) -> Vec<(OsString, OsSt
 /// A `Command` for the interpreter with the worker environment, stdin null.
 pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
     let mut cmd = Command::new(&python.interpreter);
-    cmd.env_clear().envs(worker_env(python, labels)).stdin(Stdio::null());
+    cmd.env_clear()
+        .envs(worker_env(python, labels))
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -132,7 +160,10 @@ pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
 /// `spawn_blocking`, whose threads retire when idle).
 pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
     let mut cmd = python_command(spec.python, &spec.labels);
-    cmd.args(["-m", "unimodel.worker"]).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(false);
+    cmd.args(["-m", "unimodel.worker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
     cmd.process_group(0);
     let sources = [
         (spec.control.as_raw_fd(), CONTROL_FD),
@@ -149,16 +180,29 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
         source,
     })?;
     // The child has its copies now; ours close when `spec`'s fds drop at the end of this fn.
-    let pid = child.id().map(|p| p as i32).ok_or_else(|| SpawnError::Resource {
-        what: "process id",
-        source: std::io::Error::other("child exited before its pid was read"),
-    })?;
+    let pid = child
+        .id()
+        .map(|p| p as i32)
+        .ok_or_else(|| SpawnError::Resource {
+            what: "process id",
+            source: std::io::Error::other("child exited before its pid was read"),
+        })?;
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(out, spec.labels.clone(), Stream::Stdout, None));
+        tokio::spawn(forward_lines(
+            out,
+            spec.labels.clone(),
+            Stream::Stdout,
+            None,
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(err, spec.labels.clone(), Stream::Stderr, Some(stderr_tail.clone())));
+        tokio::spawn(forward_lines(
+            err,
+            spec.labels.clone(),
+            Stream::Stderr,
+            Some(stderr_tail.clone()),
+        ));
     }
     let (exit_tx, exit) = oneshot::channel();
     tokio::spawn(async move {
@@ -167,7 +211,11 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
             let _ = exit_tx.send(status);
         }
     });
-    Ok(WorkerProcess { pid, exit, stderr_tail })
+    Ok(WorkerProcess {
+        pid,
+        exit,
+        stderr_tail,
+    })
 }
 
 /// In the forked child: move the three descriptors to 3, 4, 5 (without CLOEXEC) and ask to
@@ -259,23 +307,44 @@ fn parse_line(line: &str, stream: Stream) -> LogRecord {
             "ERROR" | "CRITICAL" | "FATAL" => tracing::Level::ERROR,
             _ => tracing::Level::TRACE,
         };
-        return LogRecord { level, logger: rec.logger, message: rec.message };
+        return LogRecord {
+            level,
+            logger: rec.logger,
+            message: rec.message,
+        };
     }
     let level = match stream {
         Stream::Stdout => tracing::Level::INFO,
         Stream::Stderr => tracing::Level::WARN,
     };
-    LogRecord { level, logger: None, message: line.to_string() }
+    LogRecord {
+        level,
+        logger: None,
+        message: line.to_string(),
+    }
 }
 
 fn emit(labels: &LogLabels, r: &LogRecord) {
-    let (model, instance, logger, msg) = (&labels.model, labels.instance, r.logger.as_deref().unwrap_or(""), &r.message);
+    let (model, instance, logger, msg) = (
+        &labels.model,
+        labels.instance,
+        r.logger.as_deref().unwrap_or(""),
+        &r.message,
+    );
     // tracing needs the level at compile time, hence one arm per level.
     match r.level {
-        tracing::Level::ERROR => tracing::error!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
-        tracing::Level::WARN => tracing::warn!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
-        tracing::Level::INFO => tracing::info!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
-        tracing::Level::DEBUG => tracing::debug!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
+        tracing::Level::ERROR => {
+            tracing::error!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::WARN => {
+            tracing::warn!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::INFO => {
+            tracing::info!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::DEBUG => {
+            tracing::debug!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
         _ => tracing::trace!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
     }
 }
@@ -287,9 +356,18 @@ mod tests {
 
     #[test]
     fn exit_descriptions_name_code_or_signal() {
-        assert_eq!(describe_exit(&ExitStatus::from_raw(3 << 8)), "exited with code 3");
-        assert_eq!(describe_exit(&ExitStatus::from_raw(9)), "killed by signal 9 (SIGKILL)");
-        assert_eq!(describe_exit(&ExitStatus::from_raw(11)), "killed by signal 11 (SIGSEGV)");
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(3 << 8)),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(11)),
+            "killed by signal 11 (SIGSEGV)"
+        );
     }
 
     #[test]
@@ -299,17 +377,39 @@ mod tests {
         assert_eq!(r.level, tracing::Level::ERROR);
         assert_eq!(r.logger.as_deref(), Some("unimodel.plugin.x"));
         assert_eq!(r.message, "a\nb");
-        assert_eq!(parse_line("hello", Stream::Stdout).level, tracing::Level::INFO);
-        assert_eq!(parse_line("oops", Stream::Stderr).level, tracing::Level::WARN);
+        assert_eq!(
+            parse_line("hello", Stream::Stdout).level,
+            tracing::Level::INFO
+        );
+        assert_eq!(
+            parse_line("oops", Stream::Stderr).level,
+            tracing::Level::WARN
+        );
         // A malformed record is shown as it is rather than lost.
-        assert_eq!(parse_line("\u{1e}UMLOG {nope", Stream::Stderr).message, "\u{1e}UMLOG {nope");
+        assert_eq!(
+            parse_line("\u{1e}UMLOG {nope", Stream::Stderr).message,
+            "\u{1e}UMLOG {nope"
+        );
     }
 
     #[test]
     fn environment_is_the_allow_list_plus_protocol_vars() {
-        let py = PythonEnv { interpreter: PathBuf::from("/usr/bin/python3"), sdk_path: PathBuf::from("/sdk") };
-        let env = worker_env(&py, &LogLabels { model: "m".into(), instance: 2 });
-        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.to_string_lossy().into_owned());
+        let py = PythonEnv {
+            interpreter: PathBuf::from("/usr/bin/python3"),
+            sdk_path: PathBuf::from("/sdk"),
+        };
+        let env = worker_env(
+            &py,
+            &LogLabels {
+                model: "m".into(),
+                instance: 2,
+            },
+        );
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
         assert_eq!(get("PYTHONPATH").as_deref(), Some("/sdk"));
         assert_eq!(get("UNIMODEL_CONTROL_FD").as_deref(), Some("3"));
         assert_eq!(get("UNIMODEL_INPUT_ARENA_FD").as_deref(), Some("4"));
@@ -347,13 +447,19 @@ mod tests {
              print('to stdout'); import sys; print('to stderr', file=sys.stderr)\n",
         )
         .unwrap();
-        let py = PythonEnv { interpreter: PathBuf::from("python3"), sdk_path: dir.clone() };
+        let py = PythonEnv {
+            interpreter: PathBuf::from("python3"),
+            sdk_path: dir.clone(),
+        };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let input = WritableRegion::create(c"in", 4096).unwrap();
         let output = WritableRegion::create(c"out", 8192).unwrap();
         let mut proc = spawn(SpawnSpec {
             python: &py,
-            labels: LogLabels { model: "m".into(), instance: 0 },
+            labels: LogLabels {
+                model: "m".into(),
+                instance: 0,
+            },
             control: theirs.into(),
             input_arena: input.try_clone_fd().unwrap(),
             output_arena: output.try_clone_fd().unwrap(),

@@ -64,13 +64,37 @@ pub enum ErrorKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
-    Hello { protocol: u32, pid: u32, python: String, sdk: String },
-    Ready { setup_ms: f64 },
-    LoadFailed { error: String, traceback: String },
-    Result { id: u64, outputs: Vec<TensorRef>, compute_ns: u64 },
-    Error { id: u64, error: String, traceback: String, kind: ErrorKind },
-    StreamChunk { id: u64, outputs: Vec<TensorRef> },
-    Pong { seq: u64 },
+    Hello {
+        protocol: u32,
+        pid: u32,
+        python: String,
+        sdk: String,
+    },
+    Ready {
+        setup_ms: f64,
+    },
+    LoadFailed {
+        error: String,
+        traceback: String,
+    },
+    Result {
+        id: u64,
+        outputs: Vec<TensorRef>,
+        compute_ns: u64,
+    },
+    Error {
+        id: u64,
+        error: String,
+        traceback: String,
+        kind: ErrorKind,
+    },
+    StreamChunk {
+        id: u64,
+        outputs: Vec<TensorRef>,
+    },
+    Pong {
+        seq: u64,
+    },
 }
 
 /// The body of `load`, kept as its own struct because it has many keys.
@@ -94,10 +118,21 @@ pub struct Load {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CoreMessage {
     Load(Load),
-    Execute { id: u64, batch_size: u32, inputs: Vec<TensorRef>, outputs: Option<Vec<String>> },
-    Release { id: u64 },
-    Cancel { id: u64 },
-    Ping { seq: u64 },
+    Execute {
+        id: u64,
+        batch_size: u32,
+        inputs: Vec<TensorRef>,
+        outputs: Option<Vec<String>>,
+    },
+    Release {
+        id: u64,
+    },
+    Cancel {
+        id: u64,
+    },
+    Ping {
+        seq: u64,
+    },
     Shutdown,
 }
 
@@ -122,7 +157,14 @@ pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, MessageErr
 
 impl TensorRef {
     /// A tensor in an arena block or dedicated region.
-    pub fn located(name: &str, datatype: &str, shape: &[i64], region: Region, offset: u64, length: u64) -> Self {
+    pub fn located(
+        name: &str,
+        datatype: &str,
+        shape: &[i64],
+        region: Region,
+        offset: u64,
+        length: u64,
+    ) -> Self {
         TensorRef {
             name: name.to_string(),
             datatype: datatype.to_string(),
@@ -160,8 +202,12 @@ mod tests {
     }
 
     fn vectors() -> Vec<Value> {
-        let begin = DOC.find("<!-- vectors:begin -->").expect("vectors:begin marker in the doc");
-        let end = DOC.find("<!-- vectors:end -->").expect("vectors:end marker in the doc");
+        let begin = DOC
+            .find("<!-- vectors:begin -->")
+            .expect("vectors:begin marker in the doc");
+        let end = DOC
+            .find("<!-- vectors:end -->")
+            .expect("vectors:end marker in the doc");
         let block = &DOC[begin..end];
         let json_start = block.find("```json").expect("a ```json fence") + "```json".len();
         let json_end = block[json_start..].find("```").expect("closing fence") + json_start;
@@ -169,8 +215,11 @@ mod tests {
     }
 
     fn hex_decode(s: &str) -> Vec<u8> {
-        assert!(s.len() % 2 == 0, "odd hex length");
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+        assert!(s.len().is_multiple_of(2), "odd hex length");
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
     }
 
     /// Replaces `{"$bin": "<hex>"}` with an array of byte values, which `serde_bytes` accepts.
@@ -180,7 +229,9 @@ mod tests {
                 let hex = map["$bin"].as_str().expect("$bin is a hex string");
                 Value::Array(hex_decode(hex).into_iter().map(Value::from).collect())
             }
-            Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, unbin(v))).collect()),
+            Value::Object(map) => {
+                Value::Object(map.into_iter().map(|(k, v)| (k, unbin(v))).collect())
+            }
             Value::Array(items) => Value::Array(items.into_iter().map(unbin).collect()),
             other => other,
         }
@@ -191,7 +242,9 @@ mod tests {
         if let Ok(m) = serde_json::from_value::<WorkerMessage>(v.clone()) {
             return AnyMessage::Worker(m);
         }
-        AnyMessage::Core(serde_json::from_value::<CoreMessage>(v).expect("message JSON is a known message"))
+        AnyMessage::Core(
+            serde_json::from_value::<CoreMessage>(v).expect("message JSON is a known message"),
+        )
     }
 
     fn from_msgpack(payload: &[u8]) -> AnyMessage {
@@ -221,8 +274,15 @@ mod tests {
             let payload = &frame[4..];
             let decoded = from_msgpack(payload);
             let expected = from_json(&v["message"]);
-            assert_eq!(decoded, expected, "{name}: decoded frame differs from the JSON message");
-            assert_eq!(to_msgpack(&expected), payload, "{name}: re-encoding differs");
+            assert_eq!(
+                decoded, expected,
+                "{name}: decoded frame differs from the JSON message"
+            );
+            assert_eq!(
+                to_msgpack(&expected),
+                payload,
+                "{name}: re-encoding differs"
+            );
             types.insert(v["message"]["type"].as_str().expect("type").to_string());
         }
         let all = [
@@ -253,8 +313,16 @@ mod tests {
             seq: u64,
             future_key: &'a str,
         }
-        let bytes = encode(&Extended { r#type: "pong", seq: 7, future_key: "x" }).unwrap();
-        assert_eq!(decode::<WorkerMessage>(&bytes).unwrap(), WorkerMessage::Pong { seq: 7 });
+        let bytes = encode(&Extended {
+            r#type: "pong",
+            seq: 7,
+            future_key: "x",
+        })
+        .unwrap();
+        assert_eq!(
+            decode::<WorkerMessage>(&bytes).unwrap(),
+            WorkerMessage::Pong { seq: 7 }
+        );
     }
 
     #[test]

@@ -78,7 +78,13 @@ async fn fixture() -> Fixture {
     let plugin = dir.join("plugin.py");
     std::fs::write(&plugin, PLUGIN).unwrap();
     let cache = std::env::temp_dir().join("um-worker-layer-test-cache");
-    let python = prepare_with(&Setup { interpreter: test_python(), cache_root: cache, pip_env: vec![] }).await.unwrap();
+    let python = prepare_with(&Setup {
+        interpreter: test_python(),
+        cache_root: cache,
+        pip_env: vec![],
+    })
+    .await
+    .unwrap();
     Fixture { python, plugin }
 }
 
@@ -112,7 +118,11 @@ fn config(f: &Fixture, class: &str) -> InstanceConfig {
 }
 
 /// Waits (event-driven, on the watch) until the state matches, or panics after `within`.
-async fn wait_for(h: &InstanceHandle, within: Duration, pred: impl Fn(&InstanceState) -> bool) -> InstanceState {
+async fn wait_for(
+    h: &InstanceHandle,
+    within: Duration,
+    pred: impl Fn(&InstanceState) -> bool,
+) -> InstanceState {
     let mut rx = h.state();
     let found = tokio::time::timeout(within, rx.wait_for(|s| pred(s))).await;
     match found {
@@ -122,28 +132,45 @@ async fn wait_for(h: &InstanceHandle, within: Duration, pred: impl Fn(&InstanceS
 }
 
 async fn ready(h: &InstanceHandle) {
-    let s = wait_for(h, Duration::from_secs(30), |s| matches!(s, InstanceState::Ready | InstanceState::Failed { .. })).await;
+    let s = wait_for(h, Duration::from_secs(30), |s| {
+        matches!(s, InstanceState::Ready | InstanceState::Failed { .. })
+    })
+    .await;
     assert_eq!(s, InstanceState::Ready);
 }
 
 fn f32s(values: &[f32]) -> Bytes {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    values
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 fn to_f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn tool_work(x: f32) -> Work {
     Work {
         batch_size: 1,
-        inputs: vec![WorkInput { name: "x".into(), datatype: DataType::Fp32, shape: vec![2], parts: vec![f32s(&[x, 1.5])] }],
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![2],
+            parts: vec![f32s(&[x, 1.5])],
+        }],
         outputs: None,
     }
 }
 
 fn output<'a>(out: &'a WorkOutput, name: &str) -> &'a crate::engine::tensor::Tensor {
-    out.outputs.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no output {name}"))
+    out.outputs
+        .iter()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no output {name}"))
 }
 
 fn pid_of(out: &WorkOutput) -> i32 {
@@ -154,7 +181,10 @@ fn pid_of(out: &WorkOutput) -> i32 {
 fn alive(pid: i32) -> bool {
     // A zombie still has a /proc entry; look at its state.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')),
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -199,12 +229,36 @@ async fn pipelined_executes_answer_in_order_and_many_reuse_the_arena() {
     for round in 0..100 {
         let a: Vec<f32> = (0..4096).map(|i| (i + round) as f32).collect();
         let b: Vec<f32> = (0..4096).map(|i| (i * 2 + round) as f32).collect();
-        let wa = Work { batch_size: 1, inputs: vec![WorkInput { name: "x".into(), datatype: DataType::Fp32, shape: vec![1, 4096], parts: vec![f32s(&a)] }], outputs: None };
-        let wb = Work { batch_size: 1, inputs: vec![WorkInput { name: "x".into(), datatype: DataType::Fp32, shape: vec![1, 4096], parts: vec![f32s(&b)] }], outputs: Some(vec!["y".into()]) };
+        let wa = Work {
+            batch_size: 1,
+            inputs: vec![WorkInput {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1, 4096],
+                parts: vec![f32s(&a)],
+            }],
+            outputs: None,
+        };
+        let wb = Work {
+            batch_size: 1,
+            inputs: vec![WorkInput {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![1, 4096],
+                parts: vec![f32s(&b)],
+            }],
+            outputs: Some(vec!["y".into()]),
+        };
         let (ra, rb) = tokio::join!(h.execute(wa), h.execute(wb));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
-        assert_eq!(to_f32s(&output(&ra, "y").data), a.iter().map(|v| v * 2.0).collect::<Vec<_>>());
-        assert_eq!(to_f32s(&output(&rb, "y").data), b.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+        assert_eq!(
+            to_f32s(&output(&ra, "y").data),
+            a.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            to_f32s(&output(&rb, "y").data),
+            b.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+        );
     }
     h.shutdown().await;
 }
@@ -217,7 +271,12 @@ async fn bytes_tensors_round_trip() {
     let data = crate::engine::bytes_codec::encode([b"hello".as_slice(), "wörld".as_bytes(), b""]);
     let work = Work {
         batch_size: 1,
-        inputs: vec![WorkInput { name: "text".into(), datatype: DataType::Bytes, shape: vec![3], parts: vec![Bytes::from(data.clone())] }],
+        inputs: vec![WorkInput {
+            name: "text".into(),
+            datatype: DataType::Bytes,
+            shape: vec![3],
+            parts: vec![Bytes::from(data.clone())],
+        }],
         outputs: None,
     };
     let out = h.execute(work).await.unwrap();
@@ -257,11 +316,32 @@ async fn sigkilled_worker_fails_its_batch_and_comes_back() {
     let h2 = h.clone();
     let running = tokio::spawn(async move { h2.execute(tool_work(10.0)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let err = running.await.unwrap().unwrap_err();
-    assert_eq!(err, WorkerError::Crashed { status: "killed by signal 9 (SIGKILL)".into() });
-    let restarting = wait_for(&h, Duration::from_secs(5), |s| matches!(s, InstanceState::Restarting { .. } | InstanceState::Starting)).await;
-    assert!(matches!(restarting, InstanceState::Restarting { .. } | InstanceState::Starting), "{restarting:?}");
+    assert_eq!(
+        err,
+        WorkerError::Crashed {
+            status: "killed by signal 9 (SIGKILL)".into()
+        }
+    );
+    let restarting = wait_for(&h, Duration::from_secs(5), |s| {
+        matches!(
+            s,
+            InstanceState::Restarting { .. } | InstanceState::Starting
+        )
+    })
+    .await;
+    assert!(
+        matches!(
+            restarting,
+            InstanceState::Restarting { .. } | InstanceState::Starting
+        ),
+        "{restarting:?}"
+    );
     ready(&h).await;
     let new_pid = pid_of(&h.execute(tool_work(0.0)).await.unwrap());
     assert_ne!(pid, new_pid);
@@ -278,11 +358,24 @@ async fn execute_timeout_kills_and_restarts() {
     let pid = pid_of(&h.execute(tool_work(0.0)).await.unwrap());
     let started = Instant::now();
     let err = h.execute(tool_work(30.0)).await.unwrap_err();
-    assert_eq!(err, WorkerError::ExecutionTimeout { after: Duration::from_millis(700) });
+    assert_eq!(
+        err,
+        WorkerError::ExecutionTimeout {
+            after: Duration::from_millis(700)
+        }
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let s = wait_for(&h, Duration::from_secs(5), |s| matches!(s, InstanceState::Restarting { .. })).await;
-    let InstanceState::Restarting { reason } = s else { unreachable!() };
-    assert!(reason.contains("killed by signal 9 (SIGKILL)") && reason.contains("execution timeout"), "{reason}");
+    let s = wait_for(&h, Duration::from_secs(5), |s| {
+        matches!(s, InstanceState::Restarting { .. })
+    })
+    .await;
+    let InstanceState::Restarting { reason } = s else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("killed by signal 9 (SIGKILL)") && reason.contains("execution timeout"),
+        "{reason}"
+    );
     wait_gone(pid).await;
     ready(&h).await;
     let out = h.execute(tool_work(0.0)).await.unwrap();
@@ -302,9 +395,18 @@ async fn stopped_worker_misses_heartbeats_and_is_replaced() {
     // Several heartbeats pass while it is healthy.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(*h.state().borrow(), InstanceState::Ready);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let s = wait_for(&h, Duration::from_secs(5), |s| matches!(s, InstanceState::Restarting { .. })).await;
-    let InstanceState::Restarting { reason } = s else { unreachable!() };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let s = wait_for(&h, Duration::from_secs(5), |s| {
+        matches!(s, InstanceState::Restarting { .. })
+    })
+    .await;
+    let InstanceState::Restarting { reason } = s else {
+        unreachable!()
+    };
     assert!(reason.contains("no heartbeat"), "{reason}");
     ready(&h).await;
     h.shutdown().await;
@@ -316,10 +418,19 @@ async fn failing_setup_ends_in_failed_with_traceback() {
     let mut cfg = config(&f, "BadSetup");
     cfg.restart.max_setup_failures = 2;
     let h = spawn_instance(cfg);
-    let s = wait_for(&h, Duration::from_secs(30), |s| matches!(s, InstanceState::Failed { .. })).await;
-    let InstanceState::Failed { error, traceback } = s else { unreachable!() };
+    let s = wait_for(&h, Duration::from_secs(30), |s| {
+        matches!(s, InstanceState::Failed { .. })
+    })
+    .await;
+    let InstanceState::Failed { error, traceback } = s else {
+        unreachable!()
+    };
     assert!(error.starts_with("RuntimeError: no weights in "), "{error}");
-    assert!(traceback.contains("Traceback") && traceback.contains("def setup") || traceback.contains("raise RuntimeError"), "{traceback}");
+    assert!(
+        traceback.contains("Traceback") && traceback.contains("def setup")
+            || traceback.contains("raise RuntimeError"),
+        "{traceback}"
+    );
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
     assert!(matches!(err, WorkerError::NotReady { .. }), "{err:?}");
     h.shutdown().await;
@@ -338,7 +449,12 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
     let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let work = Work {
         batch_size: 1,
-        inputs: vec![WorkInput { name: "x".into(), datatype: DataType::Fp32, shape: vec![1, n as i64], parts: vec![f32s(&x)] }],
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, n as i64],
+            parts: vec![f32s(&x)],
+        }],
         outputs: None,
     };
     let out = h.execute(work).await.unwrap();
@@ -348,10 +464,18 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
     // The arena path still works afterwards.
     let small = Work {
         batch_size: 1,
-        inputs: vec![WorkInput { name: "x".into(), datatype: DataType::Fp32, shape: vec![1, 2], parts: vec![f32s(&[1.0, 2.0])] }],
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 2],
+            parts: vec![f32s(&[1.0, 2.0])],
+        }],
         outputs: None,
     };
-    assert_eq!(to_f32s(&output(&h.execute(small).await.unwrap(), "y").data), vec![2.0, 4.0]);
+    assert_eq!(
+        to_f32s(&output(&h.execute(small).await.unwrap(), "y").data),
+        vec![2.0, 4.0]
+    );
     h.shutdown().await;
 }
 
@@ -364,14 +488,21 @@ async fn cancelled_execute_does_not_disturb_the_next() {
     let first = tokio::spawn(async move { h2.execute(tool_work(0.5)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Sent while the first runs, then abandoned: the worker gets `cancel` and skips it.
-    let abandoned = tokio::time::timeout(Duration::from_millis(100), h.execute(tool_work(5.0))).await;
-    assert!(abandoned.is_err(), "the second execute must still be pending when dropped");
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(100), h.execute(tool_work(5.0))).await;
+    assert!(
+        abandoned.is_err(),
+        "the second execute must still be pending when dropped"
+    );
     let started = Instant::now();
     assert!(first.await.unwrap().is_ok());
     let out = h.execute(tool_work(0.0)).await.unwrap();
     assert_eq!(to_f32s(&output(&out, "y").data), vec![0.0, 3.0]);
     // Had the 5 s execute run, this would have waited for it.
-    assert!(started.elapsed() < Duration::from_secs(3), "cancelled execute ran anyway");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cancelled execute ran anyway"
+    );
     h.shutdown().await;
 }
 
@@ -384,14 +515,21 @@ async fn shutdown_and_dropping_handles_leave_no_process() {
     h.shutdown().await;
     assert_eq!(*h.state().borrow(), InstanceState::Stopped);
     wait_gone(pid).await;
-    assert!(matches!(h.execute(tool_work(0.0)).await, Err(WorkerError::NotReady { .. })));
+    assert!(matches!(
+        h.execute(tool_work(0.0)).await,
+        Err(WorkerError::NotReady { .. })
+    ));
 
     let h = spawn_instance(config(&f, "Tool"));
     ready(&h).await;
     let pid = pid_of(&h.execute(tool_work(0.0)).await.unwrap());
     let mut state = h.state();
     drop(h);
-    let _ = tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| *s == InstanceState::Stopped)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        state.wait_for(|s| *s == InstanceState::Stopped),
+    )
+    .await;
     wait_gone(pid).await;
 }
 
@@ -411,7 +549,12 @@ async fn not_ready_is_immediate() {
     let h = spawn_instance(config(&f, "Tool"));
     // Right after spawn the worker cannot have loaded yet.
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
-    assert_eq!(err, WorkerError::NotReady { state: "starting".into() });
+    assert_eq!(
+        err,
+        WorkerError::NotReady {
+            state: "starting".into()
+        }
+    );
     h.shutdown().await;
 }
 
@@ -427,13 +570,21 @@ async fn inspect_reports_declarations_and_errors() {
     assert_eq!(decls[0].inputs[0].datatype, DataType::Fp32);
     assert!(!decls[0].streaming);
 
-    let all = inspect(&f.python, &f.plugin.display().to_string()).await.unwrap();
+    let all = inspect(&f.python, &f.plugin.display().to_string())
+        .await
+        .unwrap();
     assert_eq!(all.len(), 4);
 
     let broken = f.plugin.parent().unwrap().join("broken.py");
-    std::fs::write(&broken, "import unimodel as um\nraise ImportError('torch is missing')\n").unwrap();
+    std::fs::write(
+        &broken,
+        "import unimodel as um\nraise ImportError('torch is missing')\n",
+    )
+    .unwrap();
     match inspect(&f.python, &broken.display().to_string()).await {
-        Err(super::InspectError::Plugin { message, traceback, .. }) => {
+        Err(super::InspectError::Plugin {
+            message, traceback, ..
+        }) => {
             assert!(message.contains("torch is missing"), "{message}");
             assert!(traceback.contains("Traceback"), "{traceback}");
         }

@@ -56,16 +56,23 @@ impl Session {
     pub fn start(cfg: &InstanceConfig) -> Result<Session, SessionError> {
         // std's pair is blocking: the child's end must stay blocking for Python's socket, and
         // O_NONBLOCK is per open file, so only our end is switched.
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(SessionError::Socket)?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(SessionError::Socket)?;
         ours.set_nonblocking(true).map_err(SessionError::Socket)?;
         let ours = tokio::net::UnixStream::from_std(ours).map_err(SessionError::Socket)?;
         let input = WritableRegion::create(c"unimodel-input-arena", cfg.input_arena_bytes)?;
         let output_file = create_memfd(c"unimodel-output-arena", cfg.output_arena_bytes)?;
         let output = ReadOnlyRegion::map(output_file.as_fd(), Some(cfg.output_arena_bytes))?;
-        let input_for_child = input.try_clone_fd().map_err(|source| ShmError::Map { len: cfg.input_arena_bytes, source })?;
+        let input_for_child = input.try_clone_fd().map_err(|source| ShmError::Map {
+            len: cfg.input_arena_bytes,
+            source,
+        })?;
         let process = process::spawn(SpawnSpec {
             python: &cfg.python,
-            labels: LogLabels { model: cfg.model.clone(), instance: cfg.instance },
+            labels: LogLabels {
+                model: cfg.model.clone(),
+                instance: cfg.instance,
+            },
             control: theirs.into(),
             input_arena: input_for_child,
             output_arena: OwnedFd::from(output_file),
@@ -73,7 +80,10 @@ impl Session {
         let (reader, writer) = codec::split(ours);
         let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let tasks = [tokio::spawn(read_frames(reader, frames_tx)), tokio::spawn(write_frames(writer, out_rx))];
+        let tasks = [
+            tokio::spawn(read_frames(reader, frames_tx)),
+            tokio::spawn(write_frames(writer, out_rx)),
+        ];
         Ok(Session {
             process,
             frames,

@@ -20,14 +20,19 @@ pub enum ShmError {
     #[error("cannot size or map a {len}-byte shared-memory region: {source}")]
     Map { len: usize, source: std::io::Error },
     #[error("tensor at [{offset}, {offset}+{length}) lies outside the {size}-byte region")]
-    OutOfBounds { offset: u64, length: u64, size: usize },
+    OutOfBounds {
+        offset: u64,
+        length: u64,
+        size: usize,
+    },
 }
 
 /// Creates a close-on-exec memfd of `len` bytes (zero-filled, lazily allocated).
 pub fn create_memfd(name: &CStr, len: usize) -> Result<File, ShmError> {
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)?;
     let file = File::from(fd);
-    file.set_len(len as u64).map_err(|source| ShmError::Map { len, source })?;
+    file.set_len(len as u64)
+        .map_err(|source| ShmError::Map { len, source })?;
     Ok(file)
 }
 
@@ -45,7 +50,10 @@ impl WritableRegion {
             0 => None,
             // SAFETY: the memfd is ours and is never truncated while mapped; the worker maps it
             // read-only, so nobody else changes the bytes under this mapping.
-            _ => Some(unsafe { MmapOptions::new().len(len).map_mut(&file) }.map_err(|source| ShmError::Map { len, source })?),
+            _ => Some(
+                unsafe { MmapOptions::new().len(len).map_mut(&file) }
+                    .map_err(|source| ShmError::Map { len, source })?,
+            ),
         };
         Ok(WritableRegion { file, map })
     }
@@ -76,7 +84,11 @@ impl WritableRegion {
             return if total == 0 {
                 Ok(())
             } else {
-                Err(ShmError::OutOfBounds { offset: offset as u64, length: total as u64, size })
+                Err(ShmError::OutOfBounds {
+                    offset: offset as u64,
+                    length: total as u64,
+                    size,
+                })
             };
         };
         let mut at = offset;
@@ -98,10 +110,16 @@ impl ReadOnlyRegion {
     /// Maps `fd` read-only; `len` is the whole region (the arena size, or the fd's size when
     /// `None`).
     pub fn map(fd: BorrowedFd<'_>, len: Option<usize>) -> Result<Self, ShmError> {
-        let file = File::from(fd.try_clone_to_owned().map_err(|source| ShmError::Map { len: 0, source })?);
+        let file = File::from(
+            fd.try_clone_to_owned()
+                .map_err(|source| ShmError::Map { len: 0, source })?,
+        );
         let len = match len {
             Some(l) => l,
-            None => file.metadata().map_err(|source| ShmError::Map { len: 0, source })?.len() as usize,
+            None => file
+                .metadata()
+                .map_err(|source| ShmError::Map { len: 0, source })?
+                .len() as usize,
         };
         if len == 0 {
             return Ok(ReadOnlyRegion { map: None });
@@ -109,7 +127,8 @@ impl ReadOnlyRegion {
         // SAFETY: read-only shared mapping of a memfd. The worker may write other blocks of the
         // arena concurrently; we only read blocks it has finished (announced in `result`) and
         // not yet released, and copy them out at once.
-        let map = unsafe { MmapOptions::new().len(len).map(&file) }.map_err(|source| ShmError::Map { len, source })?;
+        let map = unsafe { MmapOptions::new().len(len).map(&file) }
+            .map_err(|source| ShmError::Map { len, source })?;
         Ok(ReadOnlyRegion { map: Some(map) })
     }
 
@@ -124,13 +143,29 @@ impl ReadOnlyRegion {
     /// Copies `[offset, offset + length)` out into owned bytes.
     pub fn copy_out(&self, offset: u64, length: u64) -> Result<bytes::Bytes, ShmError> {
         let size = self.len();
-        let oob = ShmError::OutOfBounds { offset, length, size };
+        let oob = ShmError::OutOfBounds {
+            offset,
+            length,
+            size,
+        };
         if length == 0 {
             return Ok(bytes::Bytes::new());
         }
-        let start = usize::try_from(offset).map_err(|_| ShmError::OutOfBounds { offset, length, size })?;
-        let end = usize::try_from(length).ok().and_then(|l| start.checked_add(l)).filter(|&e| e <= size).ok_or(oob)?;
-        let map = self.map.as_ref().ok_or(ShmError::OutOfBounds { offset, length, size })?;
+        let start = usize::try_from(offset).map_err(|_| ShmError::OutOfBounds {
+            offset,
+            length,
+            size,
+        })?;
+        let end = usize::try_from(length)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= size)
+            .ok_or(oob)?;
+        let map = self.map.as_ref().ok_or(ShmError::OutOfBounds {
+            offset,
+            length,
+            size,
+        })?;
         Ok(bytes::Bytes::copy_from_slice(&map[start..end]))
     }
 }
@@ -143,7 +178,11 @@ mod tests {
     #[test]
     fn written_parts_read_back_through_a_read_only_mapping() {
         let mut w = WritableRegion::create(c"t", 4096).unwrap();
-        w.write_parts(64, &[Bytes::from_static(b"abc"), Bytes::from_static(b"def")]).unwrap();
+        w.write_parts(
+            64,
+            &[Bytes::from_static(b"abc"), Bytes::from_static(b"def")],
+        )
+        .unwrap();
         let r = ReadOnlyRegion::map(w.fd(), None).unwrap();
         assert_eq!(r.len(), 4096);
         assert_eq!(r.copy_out(64, 6).unwrap().as_ref(), b"abcdef");
@@ -153,7 +192,10 @@ mod tests {
     #[test]
     fn out_of_bounds_is_an_error_not_a_panic() {
         let mut w = WritableRegion::create(c"t", 128).unwrap();
-        assert!(matches!(w.write_parts(100, &[Bytes::from(vec![0u8; 64])]), Err(ShmError::OutOfBounds { .. })));
+        assert!(matches!(
+            w.write_parts(100, &[Bytes::from(vec![0u8; 64])]),
+            Err(ShmError::OutOfBounds { .. })
+        ));
         let r = ReadOnlyRegion::map(w.fd(), Some(128)).unwrap();
         assert!(r.copy_out(100, 29).is_err());
         assert!(r.copy_out(u64::MAX, 2).is_err());
@@ -179,8 +221,16 @@ mod tests {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let line = maps
             .lines()
-            .find(|l| l.split('-').next().and_then(|s| usize::from_str_radix(s, 16).ok()) == Some(addr))
+            .find(|l| {
+                l.split('-')
+                    .next()
+                    .and_then(|s| usize::from_str_radix(s, 16).ok())
+                    == Some(addr)
+            })
             .expect("mapping listed");
-        assert!(line.split_whitespace().nth(1).unwrap().starts_with("r--"), "{line}");
+        assert!(
+            line.split_whitespace().nth(1).unwrap().starts_with("r--"),
+            "{line}"
+        );
     }
 }
