@@ -274,6 +274,7 @@ struct Actor {
 enum Event {
     Frame(Option<Result<Frame, CodecError>>),
     Exited(Option<std::process::ExitStatus>),
+    StderrClosed,
     Command(Option<Command>),
     Cancel(u64),
     Deadline,
@@ -288,6 +289,7 @@ impl Actor {
                 Event::Frame(Some(Err(e))) => self.protocol_error(format!("unreadable frame: {e}")),
                 Event::Frame(None) => self.on_eof(),
                 Event::Exited(status) => self.on_exit(status),
+                Event::StderrClosed => self.on_stderr_closed(),
                 Event::Command(Some(cmd)) => self.on_command(cmd),
                 Event::Command(None) => self.on_handles_dropped(),
                 Event::Cancel(ticket) => self.on_cancel(ticket),
@@ -299,17 +301,19 @@ impl Actor {
     async fn next_event(&mut self) -> Event {
         let deadline = self.next_deadline();
         let session = self.session.as_mut();
-        let (frames, exit) = match session {
+        let (frames, exit, stderr) = match session {
             Some(s) => (
                 s.eof_at.is_none().then_some(&mut s.frames),
                 s.exited.is_none().then_some(&mut s.process.exit),
+                (!s.stderr_closed).then_some(&mut s.process.stderr_done),
             ),
-            None => (None, None),
+            None => (None, None, None),
         };
         tokio::select! {
             biased;
             f = recv_frame(frames) => Event::Frame(f),
             s = wait_exit(exit) => Event::Exited(s),
+            _ = wait_closed(stderr) => Event::StderrClosed,
             c = self.commands.recv() => Event::Command(c),
             Some(t) = self.cancels.recv() => Event::Cancel(t),
             _ = sleep_until(deadline) => Event::Deadline,
@@ -367,10 +371,18 @@ impl Actor {
         self.maybe_session_over();
     }
 
-    /// Once the socket is closed and the process reaped, the session is over.
+    fn on_stderr_closed(&mut self) {
+        if let Some(s) = &mut self.session {
+            s.stderr_closed = true;
+        }
+        self.maybe_session_over();
+    }
+
+    /// Once the socket is closed, the process reaped and its stderr read to the end (so a
+    /// crash report has every line), the session is over.
     fn maybe_session_over(&mut self) {
         let Some(s) = &self.session else { return };
-        if let (Some(_), Some((_, status))) = (s.eof_at, s.exited) {
+        if let (Some(_), Some((_, status)), true) = (s.eof_at, s.exited, s.stderr_closed) {
             self.session_over(status);
         }
     }
@@ -782,8 +794,8 @@ impl Actor {
             .session
             .as_ref()
             .and_then(|s| match (s.eof_at, s.exited) {
+                (_, Some((at, _))) => Some(at + EXIT_GRACE),
                 (Some(at), None) => Some(at + EXIT_GRACE),
-                (None, Some((at, _))) => Some(at + EXIT_GRACE),
                 _ => None,
             });
         [phase, session].into_iter().flatten().min()
@@ -844,14 +856,16 @@ impl Actor {
 
     /// One half of "the process is gone" arrived long ago and the other did not.
     fn check_session_grace(&mut self, now: Instant) {
-        let Some(s) = &self.session else { return };
+        let Some(s) = &mut self.session else { return };
         match (s.eof_at, s.exited) {
-            // Socket closed but the process lives on: it is broken; kill it and await its exit.
+            // Reaped, but something still holds the socket or stderr open: treat it as gone.
+            (_, Some((at, status))) if now >= at + EXIT_GRACE => self.session_over(status),
+            // Socket closed but the process lives on: it is broken; kill it and await its exit
+            // (re-arming the grace so that an unkillable process is not re-killed in a loop).
             (Some(at), None) if now >= at + EXIT_GRACE => {
+                s.eof_at = Some(now);
                 self.kill(Death::Killed("closed its control socket".into()))
             }
-            // Reaped, but something still holds the socket open: treat it as gone.
-            (None, Some((at, status))) if now >= at + EXIT_GRACE => self.session_over(status),
             _ => {}
         }
     }
@@ -873,6 +887,16 @@ async fn wait_exit(
 ) -> Option<std::process::ExitStatus> {
     match rx {
         Some(rx) => rx.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the sender fires or is dropped, or never when there is nothing to wait for.
+async fn wait_closed(rx: Option<&mut oneshot::Receiver<()>>) {
+    match rx {
+        Some(rx) => {
+            let _ = rx.await;
+        }
         None => std::future::pending().await,
     }
 }

@@ -72,6 +72,9 @@ pub struct WorkerProcess {
     pid: i32,
     /// Resolves once with the exit status (the child is reaped by a background task).
     pub exit: oneshot::Receiver<ExitStatus>,
+    /// Resolves once stderr is closed and every line of it has been logged and kept in the
+    /// tail (so a crash report made after it is complete).
+    pub stderr_done: oneshot::Receiver<()>,
     /// The last stderr lines, for a crash report.
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -196,13 +199,13 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
             None,
         ));
     }
+    let (stderr_tx, stderr_done) = oneshot::channel();
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(
-            err,
-            spec.labels.clone(),
-            Stream::Stderr,
-            Some(stderr_tail.clone()),
-        ));
+        let (labels, tail) = (spec.labels.clone(), stderr_tail.clone());
+        tokio::spawn(async move {
+            forward_lines(err, labels, Stream::Stderr, Some(tail)).await;
+            let _ = stderr_tx.send(());
+        });
     }
     let (exit_tx, exit) = oneshot::channel();
     tokio::spawn(async move {
@@ -215,6 +218,7 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
         pid,
         exit,
         stderr_tail,
+        stderr_done,
     })
 }
 

@@ -57,6 +57,21 @@ class Echo(um.Model):
         return {"text": text}
 
 
+class ExitInSetup(um.Model):
+    inputs = {"x": um.Tensor("FP32", [-1])}
+    outputs = {"y": um.Tensor("FP32", [-1])}
+
+    def setup(self, ctx):
+        import sys
+
+        sys.stderr.write("fatal: the CUDA driver is missing\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    def predict(self, x):
+        return {"y": x}
+
+
 class BadSetup(um.Model):
     inputs = {"x": um.Tensor("FP32", [-1])}
     outputs = {"y": um.Tensor("FP32", [-1])}
@@ -438,6 +453,27 @@ async fn failing_setup_ends_in_failed_with_traceback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_ready_fails_with_the_stderr_tail() {
+    let f = fixture().await;
+    let mut cfg = config(&f, "ExitInSetup");
+    cfg.restart.max_setup_failures = 2;
+    let h = spawn_instance(cfg);
+    let s = wait_for(&h, Duration::from_secs(30), |s| {
+        matches!(s, InstanceState::Failed { .. })
+    })
+    .await;
+    let InstanceState::Failed { error, traceback } = s else {
+        unreachable!()
+    };
+    assert_eq!(error, "worker exited with code 3 before it was ready");
+    assert!(
+        traceback.contains("fatal: the CUDA driver is missing"),
+        "{traceback}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensors_larger_than_the_arenas_travel_as_fds() {
     let f = fixture().await;
     let mut cfg = config(&f, "Doubler");
@@ -573,7 +609,7 @@ async fn inspect_reports_declarations_and_errors() {
     let all = inspect(&f.python, &f.plugin.display().to_string())
         .await
         .unwrap();
-    assert_eq!(all.len(), 4);
+    assert_eq!(all.len(), 5);
 
     let broken = f.plugin.parent().unwrap().join("broken.py");
     std::fs::write(

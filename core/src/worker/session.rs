@@ -48,6 +48,8 @@ pub struct Session {
     pub eof_at: Option<Instant>,
     /// Exit status once the process has been reaped (`None` inside: unknown).
     pub exited: Option<(Instant, Option<ExitStatus>)>,
+    /// The worker's stderr has been read to its end.
+    pub stderr_closed: bool,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -92,6 +94,7 @@ impl Session {
             output,
             eof_at: None,
             exited: None,
+            stderr_closed: false,
             tasks,
         })
     }
