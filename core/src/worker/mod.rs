@@ -1,4 +1,33 @@
 //! Worker processes: spawning and supervising one Python process per model instance,
 //! the shared-memory arenas and the control channel. See docs/worker-protocol.md.
+//!
+//! - `instance`: the per-instance supervisor actor the engine talks to (`InstanceHandle`).
+//! - `session`: one running worker process with its socket tasks and arenas.
+//! - `batch`: staging a batch's inputs into shared memory and copying outputs back.
+//! - `protocol`: the MessagePack control messages.
+//! - `codec`: length-prefixed frames with descriptor passing on the control socket.
+//! - `arena`: the ring allocator behind both shared-memory arenas.
+//! - `shm`: memfd creation and mappings.
+//! - `process`: spawning one worker process (fds, process group, environment, logs).
+//! - `python`: finding an interpreter, unpacking the embedded SDK, bootstrapping a venv.
+//! - `inspect`: asking a plugin what models it declares.
 
+pub mod arena;
+mod batch;
+pub mod codec;
+mod inspect;
+mod instance;
+pub mod process;
+pub mod protocol;
+mod python;
+mod session;
+pub mod shm;
 pub mod types;
+
+#[cfg(test)]
+mod real_worker_tests;
+
+pub use inspect::{InspectError, inspect};
+pub use instance::{InstanceHandle, spawn_instance};
+pub use python::{PythonSetupError, prepare_python};
+pub use types::*;

@@ -1,0 +1,481 @@
+//! Spawning one worker process: `python -m unimodel.worker` with the control socket on fd 3,
+//! the input arena on fd 4 and the output arena on fd 5, in its own process group, dying
+//! with the core, with a cleaned environment and its stdout/stderr re-emitted as `tracing`
+//! events labelled with the model and instance. The supervisor is `instance.rs`.
+
+use super::types::PythonEnv;
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::oneshot;
+
+/// Fixed descriptor numbers in the child (docs/worker-protocol.md, "Processes").
+pub const CONTROL_FD: RawFd = 3;
+pub const INPUT_ARENA_FD: RawFd = 4;
+pub const OUTPUT_ARENA_FD: RawFd = 5;
+
+/// Stderr lines kept for explaining a crash before `ready` (e.g. an import error).
+const STDERR_TAIL_LINES: usize = 40;
+
+/// Environment variables passed through from the core (exact names, then prefixes).
+const ENV_ALLOW: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",
+];
+const ENV_ALLOW_PREFIXES: &[&str] = &["LC_", "OPENBLAS_", "MKL_", "HF_", "TORCH_", "UNIMODEL_"];
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {interpreter}: {source}")]
+    Exec {
+        interpreter: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the worker's {what}: {source}")]
+    Resource {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Labels for the worker's log lines.
+#[derive(Clone, Debug)]
+pub struct LogLabels {
+    pub model: String,
+    pub instance: u32,
+}
+
+/// What a spawn needs.
+pub struct SpawnSpec<'a> {
+    pub python: &'a PythonEnv,
+    pub labels: LogLabels,
+    /// Child ends, installed as fds 3, 4 and 5.
+    pub control: OwnedFd,
+    pub input_arena: OwnedFd,
+    pub output_arena: OwnedFd,
+}
+
+/// A running worker process.
+pub struct WorkerProcess {
+    pid: i32,
+    /// Resolves once with the exit status (the child is reaped by a background task).
+    pub exit: oneshot::Receiver<ExitStatus>,
+    /// Resolves once stderr is closed and every line of it has been logged and kept in the
+    /// tail (so a crash report made after it is complete).
+    pub stderr_done: oneshot::Receiver<()>,
+    /// The last stderr lines, for a crash report.
+    pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// SIGKILLs the worker's whole process group (the worker and anything it started).
+    pub fn kill_group(&self) {
+        kill_group(self.pid);
+    }
+
+    /// The stderr tail as one string.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+}
+
+/// SIGKILL to a process group; an already-empty group is not an error.
+pub fn kill_group(pgid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// "exited with code N" or "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: &ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    match status.signal() {
+        Some(sig) => {
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown signal");
+            format!("killed by signal {sig} ({name})")
+        }
+        None => format!("ended with status {status}"),
+    }
+}
+
+/// The worker's environment: the allow-list from ours, then the protocol's variables.
+pub fn worker_env(python: &PythonEnv, labels: &LogLabels) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            ENV_ALLOW.contains(&k.as_ref()) || ENV_ALLOW_PREFIXES.iter().any(|p| k.starts_with(p))
+        })
+        .collect();
+    let set = [
+        ("PYTHONPATH", python.sdk_path.clone().into_os_string()),
+        ("PYTHONUNBUFFERED", "1".into()),
+        ("UNIMODEL_CONTROL_FD", CONTROL_FD.to_string().into()),
+        ("UNIMODEL_INPUT_ARENA_FD", INPUT_ARENA_FD.to_string().into()),
+        (
+            "UNIMODEL_OUTPUT_ARENA_FD",
+            OUTPUT_ARENA_FD.to_string().into(),
+        ),
+        ("UNIMODEL_MODEL", labels.model.clone().into()),
+        ("UNIMODEL_INSTANCE", labels.instance.to_string().into()),
+    ];
+    for (k, v) in set {
+        env.retain(|(name, _)| name != k);
+        env.push((k.into(), v));
+    }
+    env
+}
+
+/// A `Command` for the interpreter with the worker environment, stdin null.
+pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
+    let mut cmd = Command::new(&python.interpreter);
+    cmd.env_clear()
+        .envs(worker_env(python, labels))
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Starts the worker. Must be called from a runtime thread that outlives the worker:
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits (so never from
+/// `spawn_blocking`, whose threads retire when idle).
+pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
+    let mut cmd = python_command(spec.python, &spec.labels);
+    cmd.args(["-m", "unimodel.worker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    cmd.process_group(0);
+    let sources = [
+        (spec.control.as_raw_fd(), CONTROL_FD),
+        (spec.input_arena.as_raw_fd(), INPUT_ARENA_FD),
+        (spec.output_arena.as_raw_fd(), OUTPUT_ARENA_FD),
+    ];
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (fcntl, dup2, prctl, getppid, _exit) on plain integers.
+    unsafe {
+        cmd.pre_exec(move || install_fds(&sources));
+    }
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
+        interpreter: spec.python.interpreter.display().to_string(),
+        source,
+    })?;
+    // The child has its copies now; ours close when `spec`'s fds drop at the end of this fn.
+    let pid = child
+        .id()
+        .map(|p| p as i32)
+        .ok_or_else(|| SpawnError::Resource {
+            what: "process id",
+            source: std::io::Error::other("child exited before its pid was read"),
+        })?;
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward_lines(
+            out,
+            spec.labels.clone(),
+            Stream::Stdout,
+            None,
+        ));
+    }
+    let (stderr_tx, stderr_done) = oneshot::channel();
+    if let Some(err) = child.stderr.take() {
+        let (labels, tail) = (spec.labels.clone(), stderr_tail.clone());
+        tokio::spawn(async move {
+            forward_lines(err, labels, Stream::Stderr, Some(tail)).await;
+            let _ = stderr_tx.send(());
+        });
+    }
+    let (exit_tx, exit) = oneshot::channel();
+    tokio::spawn(async move {
+        // wait() only fails if the child was already reaped, which nothing else does.
+        if let Ok(status) = child.wait().await {
+            let _ = exit_tx.send(status);
+        }
+    });
+    Ok(WorkerProcess {
+        pid,
+        exit,
+        stderr_tail,
+        stderr_done,
+    })
+}
+
+/// In the forked child: move the three descriptors to 3, 4, 5 (without CLOEXEC) and ask to
+/// be SIGKILLed when the parent dies.
+fn install_fds(sources: &[(RawFd, RawFd); 3]) -> std::io::Result<()> {
+    // First move every source above the target range so that a source already numbered 3..5
+    // is not overwritten by an earlier dup2. F_DUPFD_CLOEXEC copies vanish at exec.
+    let mut temps = [0; 3];
+    for (i, (src, _)) in sources.iter().enumerate() {
+        // SAFETY: plain fcntl on a descriptor we own in this process.
+        let t = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 10) };
+        if t < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        temps[i] = t;
+    }
+    for (i, (_, target)) in sources.iter().enumerate() {
+        // SAFETY: dup2 onto a fixed number; dup2 clears CLOEXEC on the new descriptor.
+        if unsafe { libc::dup2(temps[i], *target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The parent may have died before prctl took effect; then we are orphaned already.
+    // SAFETY: getppid/_exit are async-signal-safe.
+    if unsafe { libc::getppid() } == 1 {
+        unsafe { libc::_exit(1) };
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Re-emits each line as a tracing event; keeps a tail of stderr.
+async fn forward_lines(
+    pipe: impl AsyncRead + Unpin,
+    labels: LogLabels,
+    stream: Stream,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let record = parse_line(&line, stream);
+        emit(&labels, &record);
+        if let Some(tail) = &tail
+            && let Ok(mut t) = tail.lock()
+        {
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(record.message.clone());
+        }
+    }
+}
+
+/// One worker log line, parsed.
+#[derive(Debug, PartialEq)]
+pub struct LogRecord {
+    pub level: tracing::Level,
+    pub logger: Option<String>,
+    pub message: String,
+}
+
+/// `\x1eUMLOG {json}` lines are Python logging records; anything else is plain output
+/// (stdout INFO, stderr WARN).
+fn parse_line(line: &str, stream: Stream) -> LogRecord {
+    #[derive(serde::Deserialize)]
+    struct UmLog {
+        level: String,
+        #[serde(default)]
+        logger: Option<String>,
+        #[serde(default)]
+        message: String,
+    }
+    if let Some(json) = line.strip_prefix("\u{1e}UMLOG ")
+        && let Ok(rec) = serde_json::from_str::<UmLog>(json)
+    {
+        let level = match rec.level.as_str() {
+            "DEBUG" => tracing::Level::DEBUG,
+            "INFO" => tracing::Level::INFO,
+            "WARNING" | "WARN" => tracing::Level::WARN,
+            "ERROR" | "CRITICAL" | "FATAL" => tracing::Level::ERROR,
+            _ => tracing::Level::TRACE,
+        };
+        return LogRecord {
+            level,
+            logger: rec.logger,
+            message: rec.message,
+        };
+    }
+    let level = match stream {
+        Stream::Stdout => tracing::Level::INFO,
+        Stream::Stderr => tracing::Level::WARN,
+    };
+    LogRecord {
+        level,
+        logger: None,
+        message: line.to_string(),
+    }
+}
+
+fn emit(labels: &LogLabels, r: &LogRecord) {
+    let (model, instance, logger, msg) = (
+        &labels.model,
+        labels.instance,
+        r.logger.as_deref().unwrap_or(""),
+        &r.message,
+    );
+    // tracing needs the level at compile time, hence one arm per level.
+    match r.level {
+        tracing::Level::ERROR => {
+            tracing::error!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::WARN => {
+            tracing::warn!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::INFO => {
+            tracing::info!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        tracing::Level::DEBUG => {
+            tracing::debug!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+        }
+        _ => tracing::trace!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn exit_descriptions_name_code_or_signal() {
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(3 << 8)),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(11)),
+            "killed by signal 11 (SIGSEGV)"
+        );
+    }
+
+    #[test]
+    fn umlog_lines_keep_their_level() {
+        let line = "\u{1e}UMLOG {\"level\": \"ERROR\", \"logger\": \"unimodel.plugin.x\", \"message\": \"a\\nb\"}";
+        let r = parse_line(line, Stream::Stderr);
+        assert_eq!(r.level, tracing::Level::ERROR);
+        assert_eq!(r.logger.as_deref(), Some("unimodel.plugin.x"));
+        assert_eq!(r.message, "a\nb");
+        assert_eq!(
+            parse_line("hello", Stream::Stdout).level,
+            tracing::Level::INFO
+        );
+        assert_eq!(
+            parse_line("oops", Stream::Stderr).level,
+            tracing::Level::WARN
+        );
+        // A malformed record is shown as it is rather than lost.
+        assert_eq!(
+            parse_line("\u{1e}UMLOG {nope", Stream::Stderr).message,
+            "\u{1e}UMLOG {nope"
+        );
+    }
+
+    #[test]
+    fn environment_is_the_allow_list_plus_protocol_vars() {
+        let py = PythonEnv {
+            interpreter: PathBuf::from("/usr/bin/python3"),
+            sdk_path: PathBuf::from("/sdk"),
+        };
+        let env = worker_env(
+            &py,
+            &LogLabels {
+                model: "m".into(),
+                instance: 2,
+            },
+        );
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(get("PYTHONPATH").as_deref(), Some("/sdk"));
+        assert_eq!(get("UNIMODEL_CONTROL_FD").as_deref(), Some("3"));
+        assert_eq!(get("UNIMODEL_INPUT_ARENA_FD").as_deref(), Some("4"));
+        assert_eq!(get("UNIMODEL_OUTPUT_ARENA_FD").as_deref(), Some("5"));
+        assert_eq!(get("UNIMODEL_MODEL").as_deref(), Some("m"));
+        assert_eq!(get("UNIMODEL_INSTANCE").as_deref(), Some("2"));
+        assert_eq!(get("PYTHONUNBUFFERED").as_deref(), Some("1"));
+        for (k, _) in &env {
+            let k = k.to_string_lossy();
+            let allowed = ENV_ALLOW.contains(&k.as_ref())
+                || ENV_ALLOW_PREFIXES.iter().any(|p| k.starts_with(p))
+                || k == "PYTHONPATH"
+                || k == "PYTHONUNBUFFERED";
+            assert!(allowed, "{k} leaked into the worker environment");
+        }
+    }
+
+    /// A stand-in worker (`sh`) proves the fd layout, process group and environment.
+    #[tokio::test]
+    async fn child_gets_fds_3_4_5_its_own_group_and_a_clean_env() {
+        use super::super::shm::WritableRegion;
+        use tokio::io::AsyncReadExt;
+        let dir = std::env::temp_dir().join(format!("um-proc-test-{}", std::process::id()));
+        let pkg = dir.join("unimodel");
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::write(pkg.join("__init__.py"), "").unwrap();
+        // A fake `unimodel.worker` that reports what it sees on the control socket.
+        std::fs::write(
+            pkg.join("worker.py"),
+            "import os, socket\n\
+             s = socket.socket(fileno=3)\n\
+             info = [os.getpgid(0) == os.getpid(), os.fstat(4).st_size, os.fstat(5).st_size,\n\
+                     os.environ.get('UNIMODEL_MODEL'), any(k.startswith('CARGO') for k in os.environ)]\n\
+             s.sendall(repr(info).encode())\n\
+             print('to stdout'); import sys; print('to stderr', file=sys.stderr)\n",
+        )
+        .unwrap();
+        let py = PythonEnv {
+            interpreter: PathBuf::from("python3"),
+            sdk_path: dir.clone(),
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let input = WritableRegion::create(c"in", 4096).unwrap();
+        let output = WritableRegion::create(c"out", 8192).unwrap();
+        let mut proc = spawn(SpawnSpec {
+            python: &py,
+            labels: LogLabels {
+                model: "m".into(),
+                instance: 0,
+            },
+            control: theirs.into(),
+            input_arena: input.try_clone_fd().unwrap(),
+            output_arena: output.try_clone_fd().unwrap(),
+        })
+        .unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        let mut report = String::new();
+        ours.read_to_string(&mut report).await.unwrap();
+        assert_eq!(report, "[True, 4096, 8192, 'm', False]");
+        let status = (&mut proc.exit).await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with code 0");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

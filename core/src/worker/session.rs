@@ -1,0 +1,143 @@
+//! One running worker process and everything that lives exactly as long as it: the control
+//! socket (a reader task forwarding frames, a writer task sending them), the two arenas and
+//! the exit status. Each restart makes a new `Session`, so a crashed worker's arena
+//! bookkeeping can never leak into the next one. Owned by the supervisor in `instance.rs`.
+
+use super::batch::InputArena;
+use super::codec::{self, CodecError, Frame};
+use super::process::{self, LogLabels, SpawnError, SpawnSpec, WorkerProcess};
+use super::protocol::{self, CoreMessage};
+use super::shm::{ReadOnlyRegion, ShmError, WritableRegion, create_memfd};
+use super::types::InstanceConfig;
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitStatus;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Frames buffered between the reader task and the supervisor. The worker sends at most a
+/// few frames per execute and the engine keeps at most two executes in flight.
+const FRAME_QUEUE: usize = 16;
+
+/// Why a worker process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("cannot create the worker's shared memory: {0}")]
+    Shm(#[from] ShmError),
+    #[error("cannot create the control socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// A frame to send, with descriptors to attach (closed once sent).
+struct Outgoing {
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// A live worker process.
+pub struct Session {
+    pub process: WorkerProcess,
+    /// Frames from the worker; `None` from `recv` means end of stream.
+    pub frames: mpsc::Receiver<Result<Frame, CodecError>>,
+    writer: mpsc::UnboundedSender<Outgoing>,
+    pub input: InputArena,
+    pub output: ReadOnlyRegion,
+    /// When the control socket reached end of stream.
+    pub eof_at: Option<Instant>,
+    /// Exit status once the process has been reaped (`None` inside: unknown).
+    pub exited: Option<(Instant, Option<ExitStatus>)>,
+    /// The worker's stderr has been read to its end.
+    pub stderr_closed: bool,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Session {
+    /// Creates the socket pair and arenas and spawns the worker.
+    pub fn start(cfg: &InstanceConfig) -> Result<Session, SessionError> {
+        // std's pair is blocking: the child's end must stay blocking for Python's socket, and
+        // O_NONBLOCK is per open file, so only our end is switched.
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(SessionError::Socket)?;
+        ours.set_nonblocking(true).map_err(SessionError::Socket)?;
+        let ours = tokio::net::UnixStream::from_std(ours).map_err(SessionError::Socket)?;
+        let input = WritableRegion::create(c"unimodel-input-arena", cfg.input_arena_bytes)?;
+        let output_file = create_memfd(c"unimodel-output-arena", cfg.output_arena_bytes)?;
+        let output = ReadOnlyRegion::map(output_file.as_fd(), Some(cfg.output_arena_bytes))?;
+        let input_for_child = input.try_clone_fd().map_err(|source| ShmError::Map {
+            len: cfg.input_arena_bytes,
+            source,
+        })?;
+        let process = process::spawn(SpawnSpec {
+            python: &cfg.python,
+            labels: LogLabels {
+                model: cfg.model.clone(),
+                instance: cfg.instance,
+            },
+            control: theirs.into(),
+            input_arena: input_for_child,
+            output_arena: OwnedFd::from(output_file),
+        })?;
+        let (reader, writer) = codec::split(ours);
+        let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let tasks = [
+            tokio::spawn(read_frames(reader, frames_tx)),
+            tokio::spawn(write_frames(writer, out_rx)),
+        ];
+        Ok(Session {
+            process,
+            frames,
+            writer: out_tx,
+            input: super::batch::InputArena::new(input),
+            output,
+            eof_at: None,
+            exited: None,
+            stderr_closed: false,
+            tasks,
+        })
+    }
+
+    /// Queues a message for the worker. A failed write shows up as the worker's EOF or exit,
+    /// which the supervisor handles, so the result here only reports encoding problems.
+    pub fn send(&self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), protocol::MessageError> {
+        let payload = protocol::encode(msg)?;
+        // The writer task only ends when the socket is broken; then the process is dying
+        // and the supervisor will see it go.
+        let _ = self.writer.send(Outgoing { payload, fds });
+        Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn read_frames(mut reader: codec::FrameReader, tx: mpsc::Sender<Result<Frame, CodecError>>) {
+    loop {
+        let item = match reader.read_frame().await {
+            Ok(Some(frame)) => Ok(frame),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        let fatal = item.is_err();
+        if tx.send(item).await.is_err() || fatal {
+            return;
+        }
+    }
+}
+
+async fn write_frames(writer: codec::FrameWriter, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = writer.write_frame(&out.payload, &fds).await {
+            tracing::debug!(error = %e, "worker control socket write failed");
+            return;
+        }
+    }
+}

@@ -1,0 +1,420 @@
+"""The worker process's event loop: the Python side of docs/worker-protocol.md.
+
+Flow: send ``hello``; on ``load`` import the plugin, instantiate the class and call
+``setup(ctx)`` (answer ``ready`` or ``load_failed``); then serve ``execute`` frames in the
+order they arrive, one ``result`` or ``error`` each. The core's side is
+``core/src/worker/`` (supervisor, arenas, control channel).
+
+The loop is single-threaded and `predict` runs on it. Frames that arrive while `predict` runs
+wait in the socket; before starting a queued execute the loop drains them without blocking,
+so a ``cancel`` for a queued execute is seen in time. Per execute the hot path is: one
+``recvmsg_into``, one ``unpackb``, one `np.ndarray` per input over the arena, `predict`, one
+copy per output into the output ring, one ``pack`` and one ``sendall``. Nothing is logged on
+it unless something fails.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import platform
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from . import __version__
+from .channel import Channel, ChannelClosed
+from .discovery import PluginSpec, find_models, parse_spec
+from .errors import PluginError
+from .model import Context, Model
+from .protocol import PROTOCOL_VERSION, ProtocolError
+from .ring import ALIGN, OutputRing, align_up
+from .tensors import (
+    InputArena,
+    InvalidOutputError,
+    OutputPlan,
+    OutputTooLargeError,
+    PreparedOutput,
+    close_fds,
+    fd_count,
+    map_fd,
+    write_dedicated,
+    write_output,
+)
+from .validation import check_model_class, is_streaming
+
+log = logging.getLogger("unimodel.worker")
+
+_perf_ns = time.perf_counter_ns
+
+
+class _Stop(Exception):
+    """Shutdown arrived while waiting for output-arena room: give up the current result."""
+
+
+def describe(exc: BaseException) -> str:
+    """The protocol's ``"Type: text"`` form of an exception."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class LoadedModel:
+    """A set-up plugin instance plus what the hot path needs, resolved once."""
+
+    def __init__(self, instance: Model, cls: type[Model], msg: dict[str, Any]) -> None:
+        self.instance = instance
+        self.predict = instance.predict
+        self.streaming = is_streaming(cls)
+        self.max_batch_size = int(msg.get("max_batch_size") or 0)
+        max_output_bytes = int(msg.get("max_output_bytes") or 0)
+        self.plan = OutputPlan(cls.outputs or {}, self.max_batch_size > 0, max_output_bytes)
+        #: Inputs declared on a CUDA device: converted to torch tensors before predict.
+        self.cuda_inputs = {
+            name for name, t in (cls.inputs or {}).items() if t.device.startswith("cuda")
+        }
+        self.torch_device = ""
+        if self.cuda_inputs:
+            self.torch_device = str(msg.get("device") or "cuda")
+            if not self.torch_device.startswith("cuda"):
+                self.torch_device = "cuda"
+
+
+class Worker:
+    """One worker process's protocol state."""
+
+    def __init__(self, channel: Channel, input_fd: int, output_fd: int) -> None:
+        self.channel = channel
+        self.inputs = InputArena(input_fd)
+        self.out_mm = map_fd(output_fd, writable=True)
+        self.ring = OutputRing(len(self.out_mm) if self.out_mm is not None else 0)
+        self.model: LoadedModel | None = None
+        #: Executes received and not yet started, in arrival order.
+        self.pending: deque[dict[str, Any]] = deque()
+        #: Ids of pending executes the core cancelled.
+        self.cancelled: set[int] = set()
+        self.stopping = False
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serves until ``shutdown`` or EOF; returns the process exit code."""
+        self.channel.send(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "python": platform.python_version(),
+                "sdk": __version__,
+            }
+        )
+        channel = self.channel
+        pending = self.pending
+        try:
+            while not self.stopping:
+                if pending:
+                    # Frames that came in during the last predict: cancels, releases, pings.
+                    while (msg := channel.poll()) is not None:
+                        self.dispatch(msg)
+                    if self.stopping:
+                        break
+                    self.execute(pending.popleft())
+                    continue
+                msg = channel.recv()
+                if msg["type"] == "execute" and not channel.buffered():
+                    self.execute(msg)  # the common case: nothing queued, nothing behind it
+                else:
+                    self.dispatch(msg)
+        except (ChannelClosed, _Stop):
+            pass
+        self._answer_abandoned()
+        return 0
+
+    def dispatch(self, msg: dict[str, Any]) -> None:
+        """Handles one frame that is not executed right now (executes are queued)."""
+        kind = msg["type"]
+        if kind == "execute":
+            self.pending.append(msg)
+        elif kind == "release":
+            self.ring.release(msg["id"])
+        elif kind == "ping":
+            self.channel.send({"type": "pong", "seq": msg["seq"]})
+        elif kind == "cancel":
+            target = msg["id"]
+            if any(p["id"] == target for p in self.pending):
+                self.cancelled.add(target)
+        elif kind == "shutdown":
+            self.stopping = True
+        elif kind == "load":
+            self.load(msg)
+        else:
+            log.error("ignoring a %r frame: the core never sends those", kind)
+
+    def _answer_abandoned(self) -> None:
+        """On shutdown, answers executes that never started, so none is left unanswered."""
+        while self.pending:
+            msg = self.pending.popleft()
+            close_fds(self._claim_fds(msg))
+            try:
+                self._send_error(msg["id"], "Cancelled: worker shut down first", "", "cancelled")
+            except OSError:
+                return  # the core has gone; it fails them itself
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def load(self, msg: dict[str, Any]) -> None:
+        if self.model is not None:
+            log.error("ignoring a second load: %s is already loaded", msg.get("model"))
+            return
+        try:
+            spec = parse_spec(str(msg["plugin"]))
+            class_name = msg.get("class") or spec.class_name
+            classes = find_models(PluginSpec(spec.path, class_name))
+            if len(classes) > 1:
+                names = ", ".join(c.__name__ for c in classes)
+                raise PluginError(f"{spec.path} defines several models ({names}); load names none")
+            cls = classes[0]
+            check_model_class(cls, str(spec.path))
+            instance = cls()
+            model_name = str(msg.get("model") or cls.name)
+            ctx = Context(
+                model_name=model_name,
+                model_dir=str(msg.get("model_dir") or spec.path.parent),
+                device=str(msg.get("device") or "cpu"),
+                instance=int(msg.get("instance") or 0),
+                parameters={str(k): str(v) for k, v in (msg.get("parameters") or {}).items()},
+            )
+            # The served values win over the class defaults (CLI flags, --set, config).
+            instance.name = model_name  # type: ignore[misc]
+            instance.max_batch_size = int(msg.get("max_batch_size") or 0)  # type: ignore[misc]
+            started = time.perf_counter()
+            instance.setup(ctx)
+            setup_ms = (time.perf_counter() - started) * 1000.0
+            loaded = LoadedModel(instance, cls, msg)
+            if loaded.cuda_inputs:
+                import torch  # noqa: F401 - fail the load now rather than on the first request
+        except (Exception, SystemExit) as e:
+            log.error("loading %s failed", msg.get("plugin"), exc_info=True)
+            self.channel.send(
+                {
+                    "type": "load_failed",
+                    "error": describe(e),
+                    "traceback": traceback.format_exc(),
+                }
+            )
+            return
+        self.model = loaded
+        # Everything alive now lives for the whole process: keep the collector off it.
+        gc.collect()
+        gc.freeze()
+        self.channel.send({"type": "ready", "setup_ms": setup_ms})
+        log.info("model %s ready (setup %.1f ms)", ctx.model_name, setup_ms)
+
+    # -- execute -------------------------------------------------------------------------------
+
+    def _claim_fds(self, msg: dict[str, Any]) -> list[int]:
+        refs = msg.get("inputs") or ()
+        count = fd_count(refs) if refs else 0
+        return self.channel.take_fds(count) if count else []
+
+    def execute(self, msg: dict[str, Any]) -> None:
+        exec_id = msg["id"]
+        model = self.model
+        refs = msg["inputs"]
+        fds: list[int] = []
+        for ref in refs:
+            if ref["region"] == "fd":
+                fds = self._claim_fds(msg)
+                break
+        try:
+            if self.cancelled and exec_id in self.cancelled:
+                self.cancelled.discard(exec_id)
+                self._send_error(exec_id, "Cancelled: cancelled before it started", "", "cancelled")
+                return
+            if model is None:
+                self._send_error(
+                    exec_id, "NotLoaded: execute before a successful load", "", "plugin"
+                )
+                return
+            try:
+                kwargs = self.inputs.arrays(refs, fds)
+                if model.cuda_inputs:
+                    self._to_torch(model, kwargs)
+            except (ProtocolError, ValueError, TypeError) as e:
+                log.error("execute %d: unusable inputs", exec_id, exc_info=True)
+                self._send_error(exec_id, describe(e), traceback.format_exc(), "plugin")
+                return
+        finally:
+            if fds:
+                close_fds(fds)
+        if model.streaming:
+            self._execute_stream(model, msg, kwargs)
+            return
+        started = _perf_ns()
+        try:
+            returned = model.predict(**kwargs)
+        except Exception as e:
+            self._plugin_error(exec_id, e)
+            return
+        compute_ns = _perf_ns() - started
+        del kwargs  # drop the views before the core may reuse the input block
+        outputs = self._emit(exec_id, model, returned, msg)
+        if outputs is None:
+            return
+        refs_out, out_fds = outputs
+        result = {"type": "result", "id": exec_id, "outputs": refs_out, "compute_ns": compute_ns}
+        if out_fds:
+            self._send_with_fds(result, out_fds)
+        else:
+            self.channel.send(result)
+
+    def _execute_stream(self, model: LoadedModel, msg: dict[str, Any], kwargs: dict) -> None:
+        exec_id = msg["id"]
+        compute_ns = 0
+        started = _perf_ns()
+        try:
+            gen = model.predict(**kwargs)
+            compute_ns += _perf_ns() - started
+            while True:
+                started = _perf_ns()
+                try:
+                    chunk = next(gen)
+                except StopIteration:
+                    compute_ns += _perf_ns() - started
+                    break
+                compute_ns += _perf_ns() - started
+                outputs = self._emit(exec_id, model, chunk, msg)
+                if outputs is None:
+                    gen.close()
+                    return
+                refs_out, out_fds = outputs
+                frame = {"type": "stream_chunk", "id": exec_id, "outputs": refs_out}
+                if out_fds:
+                    self._send_with_fds(frame, out_fds)
+                else:
+                    self.channel.send(frame)
+        except Exception as e:
+            self._plugin_error(exec_id, e)
+            return
+        end = {"type": "result", "id": exec_id, "outputs": [], "compute_ns": compute_ns}
+        self.channel.send(end)
+
+    def _plugin_error(self, exec_id: int, exc: Exception) -> None:
+        tb = traceback.format_exc()
+        log.error("predict raised for execute %d", exec_id, exc_info=exc)
+        self._send_error(exec_id, describe(exc), tb, "plugin")
+
+    def _send_error(self, exec_id: int, error: str, tb: str, kind: str) -> None:
+        self.channel.send(
+            {"type": "error", "id": exec_id, "error": error, "traceback": tb, "kind": kind}
+        )
+
+    def _send_with_fds(self, frame: dict[str, Any], fds: list[int]) -> None:
+        try:
+            self.channel.send_with_fds(frame, fds)
+        finally:
+            close_fds(fds)
+
+    @staticmethod
+    def _to_torch(model: LoadedModel, kwargs: dict[str, Any]) -> None:
+        import torch
+
+        for name in model.cuda_inputs:
+            if name in kwargs:
+                kwargs[name] = torch.tensor(kwargs[name], device=model.torch_device)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _emit(
+        self, exec_id: int, model: LoadedModel, returned: Any, msg: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[int]] | None:
+        """Validates and writes outputs; returns (refs, fds), or None after sending an error."""
+        try:
+            prepared = model.plan.prepare(returned, msg["outputs"], msg["batch_size"])
+            total = 0
+            for out in prepared:
+                total += align_up(out.nbytes)
+            if total > self.ring.capacity:
+                return self._write_dedicated(prepared)
+            return self._write_arena(exec_id, prepared, total), []
+        except InvalidOutputError as e:
+            kind, exc = "invalid_output", e
+        except OutputTooLargeError as e:
+            kind, exc = "too_large", e
+        except (TypeError, ValueError) as e:  # a cast numpy refused after all
+            kind, exc = "invalid_output", e
+        log.error("execute %d: %s", exec_id, exc)
+        self._send_error(exec_id, describe(exc), "", kind)
+        return None
+
+    def _write_arena(
+        self, exec_id: int, prepared: list[PreparedOutput], total: int
+    ) -> list[dict[str, Any]]:
+        base = self._alloc(max(total, ALIGN), exec_id)
+        mm = self.out_mm
+        refs = []
+        offset = base
+        for out in prepared:
+            write_output(mm, offset, out)  # type: ignore[arg-type]
+            spec = out.spec
+            refs.append(
+                {
+                    "name": spec.name,
+                    "datatype": spec.datatype,
+                    "shape": out.shape,
+                    "region": "output",
+                    "offset": offset,
+                    "length": out.nbytes,
+                }
+            )
+            offset += align_up(out.nbytes)
+        return refs
+
+    @staticmethod
+    def _write_dedicated(prepared: list[PreparedOutput]) -> tuple[list[dict[str, Any]], list[int]]:
+        """One memfd per output, for results larger than the whole arena."""
+        refs = []
+        fds: list[int] = []
+        try:
+            for index, out in enumerate(prepared):
+                fds.append(write_dedicated(out))
+                spec = out.spec
+                refs.append(
+                    {
+                        "name": spec.name,
+                        "datatype": spec.datatype,
+                        "shape": out.shape,
+                        "region": "fd",
+                        "offset": 0,
+                        "length": out.nbytes,
+                        "fd": index,
+                    }
+                )
+        except BaseException:
+            close_fds(fds)
+            raise
+        return refs, fds
+
+    def _alloc(self, size: int, owner: int) -> int:
+        """A block of the output ring; while it is full, serve control frames until a release."""
+        ring = self.ring
+        offset = ring.alloc(size, owner)
+        while offset is None:
+            self.dispatch(self.channel.recv())
+            if self.stopping:
+                raise _Stop()
+            offset = ring.alloc(size, owner)
+        return offset
+
+
+def serve(control_fd: int, input_fd: int, output_fd: int) -> int:
+    """Runs the worker protocol on inherited descriptors; returns the exit code."""
+    import socket
+
+    sock = socket.socket(fileno=control_fd)
+    worker = Worker(Channel(sock), input_fd, output_fd)
+    try:
+        return worker.run()
+    finally:
+        worker.channel.close_unclaimed_fds()

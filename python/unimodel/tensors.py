@@ -1,0 +1,298 @@
+"""Tensors across the worker boundary: input views over shared memory, outputs into the arena.
+
+Inputs become numpy arrays that view the read-only input arena directly (`np.ndarray` with the
+mapping as buffer, which keeps it alive; no copy). Outputs are checked against the model's
+declaration (names, rank, fixed dimensions, batch dimension, safe casts) before any memory is
+allocated, then written exactly once into their destination: a block of the output arena, or a
+dedicated `memfd` when the whole result is larger than the arena.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .datatypes import NUMPY_DTYPES, bytes_array, decode_bytes_elements, encode_bytes_elements
+from .model import Tensor
+from .protocol import ProtocolError
+
+
+class InvalidOutputError(Exception):
+    """`predict` returned something that does not match the declared outputs."""
+
+
+class OutputTooLargeError(Exception):
+    """An output exceeds the `max_output_bytes` hard limit."""
+
+
+def map_fd(fd: int, writable: bool) -> mmap.mmap | None:
+    """Maps a whole memfd (None when it is empty or not open)."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        return None
+    if size == 0:
+        return None
+    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+    return mmap.mmap(fd, size, access=access)
+
+
+class InputArena:
+    """Builds the keyword arguments of `predict` from an execute's tensor references."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._mm = map_fd(fd, writable=False)
+        self._size = len(self._mm) if self._mm is not None else 0
+
+    def _arena(self, end: int) -> mmap.mmap:
+        if end > self._size:
+            # The core may have grown the memfd since we mapped it; map it again.
+            mm = map_fd(self._fd, writable=False)
+            if mm is None or end > len(mm):
+                raise ProtocolError(f"input tensor ends at byte {end}, past the input arena")
+            self._mm, self._size = mm, len(mm)
+        return self._mm  # type: ignore[return-value]
+
+    def arrays(self, refs: list[dict[str, Any]], fds: list[int]) -> dict[str, Any]:
+        """``{name: array}`` for `refs`; `fds` are this frame's descriptors (closed here)."""
+        out: dict[str, Any] = {}
+        dtypes = NUMPY_DTYPES
+        for ref in refs:
+            datatype = ref["datatype"]
+            shape = ref["shape"]
+            region = ref["region"]
+            length = ref["length"]
+            dtype = dtypes.get(datatype)
+            if dtype is None:
+                raise ProtocolError(f"input {ref['name']!r} has unknown datatype {datatype!r}")
+            if region == "input":
+                offset = ref["offset"]
+                buf: Any = self._arena(offset + length)
+            elif region == "fd":
+                offset = 0
+                buf = self._map_input_fd(fds, ref)
+            elif region == "inline":
+                offset = 0
+                buf = ref["data"]
+            else:
+                raise ProtocolError(f"input {ref['name']!r} has unusable region {region!r}")
+            if datatype == "BYTES":
+                count = math.prod(shape)
+                view = memoryview(buf)[offset : offset + length] if buf is not None else b""
+                out[ref["name"]] = bytes_array(decode_bytes_elements(view, count), shape)
+                continue
+            if math.prod(shape) * dtype.itemsize != length:
+                raise ProtocolError(
+                    f"input {ref['name']!r}: shape {shape} of {datatype} needs "
+                    f"{math.prod(shape) * dtype.itemsize} bytes, reference says {length}"
+                )
+            if buf is None:  # an empty dedicated region maps to nothing
+                out[ref["name"]] = np.empty(shape, dtype)
+            else:
+                out[ref["name"]] = np.ndarray(shape, dtype, buffer=buf, offset=offset)
+        return out
+
+    @staticmethod
+    def _map_input_fd(fds: list[int], ref: dict[str, Any]) -> mmap.mmap | None:
+        index = ref.get("fd")
+        if not isinstance(index, int) or not 0 <= index < len(fds):
+            raise ProtocolError(
+                f"input {ref['name']!r} names descriptor {index!r}; the frame carried {len(fds)}"
+            )
+        # The mapping outlives the descriptor; arrays over it keep it alive.
+        return map_fd(fds[index], writable=False)
+
+
+def fd_count(refs: list[dict[str, Any]]) -> int:
+    """How many descriptors a frame's tensor references use (highest `fd` index + 1)."""
+    count = 0
+    for ref in refs:
+        if ref.get("region") == "fd":
+            index = ref.get("fd")
+            if isinstance(index, int) and index + 1 > count:
+                count = index + 1
+    return count
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A declared output, resolved once at load time."""
+
+    name: str
+    datatype: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    is_bytes: bool
+
+
+@dataclass
+class PreparedOutput:
+    """One validated output, ready to be written: data is an ndarray or serialised BYTES."""
+
+    spec: OutputSpec
+    data: Any
+    shape: list[int]
+    nbytes: int
+
+
+def to_numpy(value: Any) -> Any:
+    """Turns torch/cupy tensors into numpy (duck-typed: no import of either)."""
+    if type(value) is np.ndarray:
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()  # torch
+    if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):
+        return value.get()  # cupy
+    return value
+
+
+class OutputPlan:
+    """Validates `predict`'s returned dict against the declared outputs."""
+
+    def __init__(self, outputs: dict[str, Tensor], batching: bool, max_output_bytes: int) -> None:
+        self.specs = {
+            name: OutputSpec(
+                name,
+                t.datatype,
+                NUMPY_DTYPES[t.datatype],
+                tuple(t.shape),
+                t.datatype == "BYTES",
+            )
+            for name, t in outputs.items()
+        }
+        self.all_names = tuple(self.specs)
+        self.batching = batching
+        #: Hard limit per output tensor in bytes; 0 or less means none.
+        self.max_output_bytes = max_output_bytes
+
+    def prepare(
+        self, returned: Any, requested: list[str] | None, batch_size: int
+    ) -> list[PreparedOutput]:
+        if not isinstance(returned, dict):
+            raise InvalidOutputError(
+                f"predict must return a dict mapping output names to arrays, got "
+                f"{type(returned).__name__}: e.g. return {{{self.all_names[0]!r}: y}}"
+            )
+        specs = self.specs
+        for key in returned:
+            if key not in specs:
+                raise InvalidOutputError(
+                    f"predict returned output {key!r}, which is not declared; declared outputs: "
+                    f"{', '.join(self.all_names)}"
+                )
+        names = self.all_names if requested is None else requested
+        prepared = []
+        for name in names:
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidOutputError(
+                    f"output {name!r} was requested but is not declared; declared outputs: "
+                    f"{', '.join(self.all_names)}"
+                )
+            if name not in returned:
+                raise InvalidOutputError(
+                    f"predict did not return output {name!r}; it returned "
+                    f"{', '.join(map(repr, returned)) or 'nothing'}"
+                )
+            prepared.append(self._prepare_one(spec, returned[name], batch_size))
+        return prepared
+
+    def _prepare_one(self, spec: OutputSpec, value: Any, batch_size: int) -> PreparedOutput:
+        value = to_numpy(value)
+        if spec.is_bytes:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
+            self._check_shape(spec, arr.shape, batch_size)
+            flat = arr.reshape(-1) if arr.dtype == object else arr.astype(object).reshape(-1)
+            try:
+                data = encode_bytes_elements(flat, f"output {spec.name!r}")
+            except TypeError as e:
+                raise InvalidOutputError(str(e)) from None
+            out = PreparedOutput(spec, data, list(arr.shape), len(data))
+        else:
+            arr = value if type(value) is np.ndarray else np.asarray(value)
+            self._check_shape(spec, arr.shape, batch_size)
+            if arr.dtype != spec.dtype and not np.can_cast(
+                arr.dtype, spec.dtype, casting="same_kind"
+            ):
+                raise InvalidOutputError(
+                    f"output {spec.name!r} is {arr.dtype}, which cannot be cast safely to "
+                    f"{spec.datatype} ({spec.dtype}); convert it in predict, e.g. "
+                    f"y.astype(np.{spec.dtype.name})"
+                )
+            out = PreparedOutput(spec, arr, list(arr.shape), arr.size * spec.dtype.itemsize)
+        limit = self.max_output_bytes
+        if limit > 0 and out.nbytes > limit:
+            raise OutputTooLargeError(
+                f"output {spec.name!r} is {out.nbytes} bytes, over the max_output_bytes limit of "
+                f"{limit} bytes; raise it with --max-output-bytes"
+            )
+        return out
+
+    def _check_shape(self, spec: OutputSpec, shape: tuple[int, ...], batch_size: int) -> None:
+        declared = spec.shape
+        if self.batching:
+            if len(shape) != len(declared) + 1:
+                raise InvalidOutputError(
+                    f"output {spec.name!r} has shape {list(shape)}; with batching it must be "
+                    f"[batch, *{list(declared)}] (rank {len(declared) + 1}): keep the batch "
+                    "dimension first"
+                )
+            if shape[0] != batch_size:
+                raise InvalidOutputError(
+                    f"output {spec.name!r} has {shape[0]} rows but the batch has {batch_size}: "
+                    "return one row per input row (first dimension = batch)"
+                )
+            dims = shape[1:]
+        else:
+            if len(shape) != len(declared):
+                raise InvalidOutputError(
+                    f"output {spec.name!r} has shape {list(shape)}, declared {list(declared)} "
+                    f"(rank {len(declared)})"
+                )
+            dims = shape
+        for got, want in zip(dims, declared, strict=True):
+            if want != -1 and got != want:
+                raise InvalidOutputError(
+                    f"output {spec.name!r} has shape {list(shape)}, which does not match the "
+                    f"declared per-request shape {list(declared)}"
+                )
+
+
+def write_output(mm: mmap.mmap, offset: int, out: PreparedOutput) -> None:
+    """Copies one prepared output into `mm` at `offset` (casting on the way if needed)."""
+    data = out.data
+    if out.nbytes == 0:
+        return
+    if out.spec.is_bytes or (data.dtype == out.spec.dtype and data.flags.c_contiguous):
+        mm[offset : offset + out.nbytes] = data
+    else:
+        dst = np.ndarray(data.shape, out.spec.dtype, buffer=mm, offset=offset)
+        np.copyto(dst, data, casting="same_kind")
+
+
+def write_dedicated(out: PreparedOutput) -> int:
+    """A new memfd holding one output; the caller sends it and closes it."""
+    fd = os.memfd_create(f"unimodel-output-{out.spec.name}", os.MFD_CLOEXEC)
+    try:
+        if out.nbytes:
+            os.ftruncate(fd, out.nbytes)
+            with mmap.mmap(fd, out.nbytes, access=mmap.ACCESS_WRITE) as mm:
+                write_output(mm, 0, out)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
