@@ -4,10 +4,12 @@
 //! - `engine`: model registry, bounded queues, dynamic batcher, instance scheduling.
 //! - `worker`: supervised Python worker processes, shared-memory arenas, control channel.
 //! - `telemetry`: logging.
+//! - `cli`: the `unimodel` commands (`run`, `predict`).
 //!
 //! Dependencies point one way: `api -> engine -> worker`.
 
 pub mod api;
+pub mod cli;
 pub mod engine;
 pub mod telemetry;
 pub mod worker;

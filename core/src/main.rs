@@ -1,1 +1,35 @@
-fn main() {}
+//! The `unimodel` binary: parses the command line and runs the command.
+
+use clap::Parser;
+use std::process::ExitCode;
+use unimodel::cli::args::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    unimodel::telemetry::init(cli.log_format == LogFormat::Json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("unimodel: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => unimodel::cli::run(args).await,
+            Command::Predict(args) => unimodel::cli::predict(args).await,
+        }
+    });
+    // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("unimodel: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -14,3 +14,20 @@ pub trait Executor: Send + Sync + 'static {
     /// Finishes in-flight work and stops the instance.
     fn shutdown(&self) -> BoxFuture<'static, ()>;
 }
+
+/// The real executor: a supervised Python worker.
+impl Executor for crate::worker::InstanceHandle {
+    fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>> {
+        let handle = self.clone();
+        Box::pin(async move { handle.execute(work).await })
+    }
+
+    fn state(&self) -> watch::Receiver<InstanceState> {
+        crate::worker::InstanceHandle::state(self)
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        let handle = self.clone();
+        Box::pin(async move { handle.shutdown().await })
+    }
+}

@@ -1,0 +1,160 @@
+//! Command-line arguments (clap). `main.rs` parses them and calls the matching command.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "unimodel",
+    version,
+    about = "Serve Python model plugins over KServe V2 (REST) with a Rust core"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve every um.Model in a plugin file over HTTP until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Run one request through a plugin without a server and print the outputs as JSON.
+    Predict(PredictArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Options shared by `run` and `predict`: which plugin, how to run its Python side.
+#[derive(Args, Debug, Clone)]
+pub struct PluginArgs {
+    /// Plugin: FILE.py, FILE.py:ClassName, or a directory holding plugin.py.
+    pub plugin: String,
+    /// Plugin parameter given to setup() as ctx.parameters[KEY] (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub set: Vec<(String, String)>,
+    /// Python interpreter for the workers [default: $UNIMODEL_PYTHON, else python3 on PATH].
+    /// If it lacks numpy or msgpack, a cached virtualenv is created on first use.
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// Override the plugin's `instances` (worker processes per model).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub instances: Option<u32>,
+    /// Override the plugin's `max_batch_size` (0 disables batching).
+    #[arg(long, value_name = "N")]
+    pub max_batch_size: Option<u32>,
+    /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill).
+    #[arg(long, value_name = "MS")]
+    pub max_queue_delay_ms: Option<f64>,
+    /// Device given to plugins as ctx.device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Time a worker's setup() may take before it is killed.
+    #[arg(long, value_name = "MS", default_value_t = 300_000)]
+    pub load_timeout_ms: u64,
+    /// Time one predict() call may take before its worker is killed and restarted.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub execution_timeout_ms: u64,
+    /// Size of each worker's input and output shared-memory arena.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub arena_bytes: usize,
+    /// Largest input or output tensor accepted.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    pub max_tensor_bytes: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    /// Address to listen on. The default serves only this machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// HTTP port (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests that may wait per model before new ones get 429.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_capacity: u64,
+    /// Default deadline of a request (queueing plus execution); clients may ask for less.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, time given to queued and running requests before exiting.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    /// Input as NAME=VALUE (repeatable). VALUE is JSON (`[1,2,3]`, nesting gives the shape;
+    /// a batching model gets a batch dimension of 1 added) or, if not JSON, one BYTES string.
+    #[arg(short = 'i', long = "input", value_name = "NAME=VALUE", value_parser = parse_key_value)]
+    pub inputs: Vec<(String, String)>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got '{s}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_run_with_overrides() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "run",
+            "p.py:Doubler",
+            "--port",
+            "9000",
+            "--set",
+            "factor=3",
+            "--set",
+            "a=b=c",
+            "--instances",
+            "2",
+            "--max-queue-delay-ms",
+            "0.5",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.port, 9000);
+        assert_eq!(run.plugin.plugin, "p.py:Doubler");
+        assert_eq!(
+            run.plugin.set,
+            vec![("factor".into(), "3".into()), ("a".into(), "b=c".into())]
+        );
+        assert_eq!(run.plugin.instances, Some(2));
+        assert_eq!(run.plugin.max_queue_delay_ms, Some(0.5));
+    }
+
+    #[test]
+    fn rejects_bad_key_value() {
+        assert!(Cli::try_parse_from(["unimodel", "run", "p.py", "--set", "novalue"]).is_err());
+        assert!(Cli::try_parse_from(["unimodel", "predict", "p.py", "-i", "=3"]).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! The `unimodel` commands. `args` defines the command line; each command has its file.
+
+pub mod args;
+mod predict;
+mod run;
+mod serving;
+
+pub use predict::predict;
+pub use run::run;
