@@ -25,6 +25,8 @@ pub mod shm;
 pub mod types;
 
 #[cfg(test)]
+mod fake_worker_tests;
+#[cfg(test)]
 mod real_worker_tests;
 
 pub use inspect::{InspectError, inspect};

@@ -1,0 +1,261 @@
+//! Supervisor tests against a deliberately misbehaving worker: a small stand-in for
+//! `unimodel.worker` that speaks the protocol by hand and breaks it on purpose (chosen by the
+//! model name). The real runtime never does these things, so they are tested here.
+
+use super::python::tests::{temp_dir, test_python};
+use super::types::*;
+use super::{InstanceHandle, spawn_instance};
+use crate::engine::tensor::DataType;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const FAKE_WORKER: &str = r#"
+import os, socket, struct, msgpack
+
+mode = os.environ["UNIMODEL_MODEL"]
+s = socket.socket(fileno=3)
+
+def send_raw(body):
+    s.sendall(struct.pack("<I", len(body)) + body)
+
+def send(m):
+    send_raw(msgpack.packb(m))
+
+def recv_exact(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise SystemExit(0)
+        buf += chunk
+    return buf
+
+def recv():
+    (n,) = struct.unpack("<I", recv_exact(4))
+    return msgpack.unpackb(recv_exact(n))
+
+send({"type": "hello", "protocol": 2 if mode == "badversion" else 1, "pid": os.getpid(),
+      "python": "3", "sdk": "fake"})
+recv()
+send({"type": "ready", "setup_ms": 0.0})
+while True:
+    m = recv()
+    if m["type"] != "execute":
+        continue
+    if mode == "garbage":
+        send_raw(b"\xc1\xc1\xc1")
+    elif mode == "wrongid":
+        send({"type": "result", "id": m["id"] + 5, "outputs": [], "compute_ns": 1})
+    elif mode == "outofbounds":
+        ref = {"name": "y", "datatype": "UINT8", "shape": [16], "region": "output",
+               "offset": 1 << 40, "length": 16}
+        send({"type": "result", "id": m["id"], "outputs": [ref], "compute_ns": 1})
+    elif mode == "exit":
+        os._exit(7)
+    else:
+        send({"type": "result", "id": m["id"], "outputs": [], "compute_ns": 1})
+"#;
+
+fn fake_python() -> PythonEnv {
+    let dir = temp_dir("fake-sdk");
+    let pkg = dir.join("unimodel");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::write(pkg.join("__init__.py"), "").unwrap();
+    std::fs::write(pkg.join("worker.py"), FAKE_WORKER).unwrap();
+    PythonEnv {
+        interpreter: test_python(),
+        sdk_path: dir,
+    }
+}
+
+fn config(mode: &str) -> InstanceConfig {
+    InstanceConfig {
+        model: mode.to_string(),
+        instance: 0,
+        plugin: PathBuf::from("unused.py"),
+        class: "Unused".into(),
+        model_dir: PathBuf::from("."),
+        device: "cpu".into(),
+        parameters: BTreeMap::new(),
+        max_batch_size: 0,
+        python: fake_python(),
+        input_arena_bytes: 1 << 16,
+        output_arena_bytes: 1 << 16,
+        max_output_bytes: 1 << 20,
+        timeouts: Timeouts {
+            hello: Duration::from_secs(10),
+            load: Duration::from_secs(10),
+            execute: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(5),
+        },
+        restart: RestartPolicy {
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            max_setup_failures: 2,
+        },
+    }
+}
+
+fn work() -> Work {
+    Work {
+        batch_size: 1,
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Uint8,
+            shape: vec![3],
+            parts: vec![Bytes::from_static(b"abc")],
+        }],
+        outputs: None,
+    }
+}
+
+async fn wait_for(h: &InstanceHandle, pred: impl Fn(&InstanceState) -> bool) -> InstanceState {
+    let mut rx = h.state();
+    match tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| pred(s))).await {
+        Ok(Ok(s)) => s.clone(),
+        _ => panic!("state never matched; last: {:?}", *h.state().borrow()),
+    }
+}
+
+/// Each broken answer fails its batch with `Protocol`, and the worker is replaced.
+async fn protocol_violation_restarts(mode: &str, expect_in_error: &str) {
+    let h = spawn_instance(config(mode));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    match h.execute(work()).await {
+        Err(WorkerError::Protocol(detail)) => {
+            assert!(detail.contains(expect_in_error), "{mode}: {detail}")
+        }
+        other => panic!("{mode}: expected a protocol error, got {other:?}"),
+    }
+    let s = wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+    let InstanceState::Restarting { reason } = s else {
+        unreachable!()
+    };
+    assert!(reason.contains("protocol error"), "{reason}");
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frame_is_a_protocol_error() {
+    protocol_violation_restarts("garbage", "malformed message").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_out_of_order_is_a_protocol_error() {
+    protocol_violation_restarts("wrongid", "oldest unanswered one is Some(").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_outside_the_arena_is_a_protocol_error() {
+    protocol_violation_restarts("outofbounds", "outside the 65536-byte region").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_during_execute_names_the_exit_code() {
+    let h = spawn_instance(config("exit"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let err = h.execute(work()).await.unwrap_err();
+    assert_eq!(
+        err,
+        WorkerError::Crashed {
+            status: "exited with code 7".into()
+        }
+    );
+    let s = wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+    assert_eq!(
+        s,
+        InstanceState::Restarting {
+            reason: "worker exited with code 7".into()
+        }
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_version_mismatch_fails_setup() {
+    let h = spawn_instance(config("badversion"));
+    let s = wait_for(&h, |s| matches!(s, InstanceState::Failed { .. })).await;
+    let InstanceState::Failed { error, .. } = s else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("worker speaks protocol 2, the core speaks 1"),
+        "{error}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_grows_between_restarts_and_resets_after_success() {
+    // The "ok" worker answers every execute; SIGKILL it repeatedly and watch the restarts.
+    let mut cfg = config("ok");
+    cfg.restart.initial_backoff = Duration::from_millis(100);
+    cfg.restart.max_backoff = Duration::from_millis(400);
+    let h = spawn_instance(cfg);
+    let mut gaps = Vec::new();
+    for _ in 0..3 {
+        wait_for(&h, |s| *s == InstanceState::Ready).await;
+        let pid = worker_pid("ok");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+        let t = std::time::Instant::now();
+        wait_for(&h, |s| *s == InstanceState::Starting).await;
+        gaps.push(t.elapsed());
+    }
+    assert!(gaps[0] >= Duration::from_millis(90), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(190), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(390), "{gaps:?}");
+    // A successful execute resets the backoff to the initial delay.
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    h.execute(work()).await.unwrap();
+    let pid = worker_pid("ok");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+    let t = std::time::Instant::now();
+    wait_for(&h, |s| *s == InstanceState::Starting).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    h.shutdown().await;
+}
+
+/// The pid of this test's fake worker for `model`, found through its environment.
+fn worker_pid(model: &str) -> i32 {
+    let me = std::process::id() as i32;
+    let needle = format!("UNIMODEL_MODEL={model}\0");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid != Some(me) || stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if String::from_utf8_lossy(&env).contains(&needle) {
+            return pid;
+        }
+    }
+    panic!("no live worker for {model}");
+}
