@@ -75,6 +75,9 @@ else
     echo "SDK unchanged"
 fi
 
+# Rust tests that start real Python workers use the test venv's interpreter too.
+export UNIMODEL_PYTHON="$PWD/$PY"
+
 banner "cargo fmt --check"
 cargo fmt --all -- --check
 

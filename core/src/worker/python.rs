@@ -471,11 +471,17 @@ pub(crate) mod tests {
         );
     }
 
-    /// The test interpreter with numpy and msgpack (see the worker-layer brief).
+    /// The test interpreter with numpy and msgpack: `$UNIMODEL_PYTHON`, else the test venv
+    /// that `scripts/test.sh` creates.
     pub(crate) fn test_python() -> PathBuf {
         std::env::var_os("UNIMODEL_PYTHON")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/work/venv-worker-layer/bin/python"))
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../.venv-test/bin/python"
+                ))
+            })
     }
 
     #[tokio::test]
@@ -497,16 +503,25 @@ pub(crate) mod tests {
     /// message saying what to install by hand, and leaves no half-built venv.
     #[tokio::test]
     async fn offline_bootstrap_fails_clearly() {
-        let system = PathBuf::from("/usr/bin/python3");
+        // An interpreter that cannot see any site-packages: the test Python run with -S.
+        let root = temp_dir("offline");
+        std::fs::create_dir_all(&root).unwrap();
+        let system = root.join("python-no-site");
+        std::fs::write(
+            &system,
+            format!("#!/bin/sh\nexec '{}' -S \"$@\"\n", test_python().display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&system, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let probe = std::process::Command::new(&system)
             .args(["-c", "import numpy, msgpack"])
             .output()
             .unwrap();
         assert!(
             !probe.status.success(),
-            "this test needs a python3 without numpy/msgpack"
+            "python -S should not see numpy/msgpack"
         );
-        let root = temp_dir("offline");
         let setup = Setup {
             interpreter: system,
             cache_root: root.clone(),

@@ -2,7 +2,7 @@
 //! (`python/unimodel`, embedded and unpacked like in production).
 //!
 //! They need a Python with numpy and msgpack: `$UNIMODEL_PYTHON`, else
-//! `/work/venv-worker-layer/bin/python` (see `python::tests::test_python`).
+//! `.venv-test/bin/python` made by `scripts/test.sh` (see `python::tests::test_python`).
 
 use super::python::tests::{temp_dir, test_python};
 use super::python::{Setup, prepare_with};
