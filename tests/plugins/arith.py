@@ -5,6 +5,7 @@ validation: two inputs ("vals" FP32 [-1], "mult" INT32 [1]) and five outputs of 
 """
 
 import numpy as np
+
 import unimodel as um
 
 

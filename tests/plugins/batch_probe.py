@@ -7,6 +7,7 @@ each request got its own row back, "batch" is the batch size `predict` saw.
 import time
 
 import numpy as np
+
 import unimodel as um
 
 

@@ -4,6 +4,7 @@ The e2e test looks for each marker in the server's log, on a line that names the
 """
 
 import numpy as np
+
 import unimodel as um
 
 MARK = "chatty-e2e-3f9c"

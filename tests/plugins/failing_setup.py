@@ -1,6 +1,7 @@
 """A model whose `setup` raises every time: it must end FAILED with this traceback."""
 
 import numpy as np
+
 import unimodel as um
 
 MESSAGE = "setup exploded on purpose (e2e marker 5821)"

@@ -8,6 +8,7 @@ import os
 import time
 
 import numpy as np
+
 import unimodel as um
 
 
