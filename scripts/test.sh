@@ -90,13 +90,13 @@ cargo build --workspace
 banner "cargo test"
 cargo test --workspace
 
-banner "ruff"
+banner "ruff (settings: ruff.toml at the repository root)"
 py_dirs=()
 for dir in "${PYTHON_DIRS[@]}"; do
     if [[ -d "$dir" ]]; then py_dirs+=("$dir"); fi
 done
-"$VENV/bin/ruff" check --line-length 100 "${py_dirs[@]}"
-"$VENV/bin/ruff" format --check --line-length 100 "${py_dirs[@]}"
+"$VENV/bin/ruff" check "${py_dirs[@]}"
+"$VENV/bin/ruff" format --check "${py_dirs[@]}"
 
 banner "pytest python/tests (SDK)"
 "$PY" -m pytest -q --timeout 300 python/tests

@@ -235,7 +235,8 @@ class ServerFactory:
     def _spawn(self, plugin_path: str, flags, env, attempt: int) -> Server:
         port = free_port()
         log_path = self.log_dir / f"server-{len(self.servers)}-{attempt}.log"
-        log_file = open(log_path, "w+b")  # noqa: SIM115 (closed by Server.stop)
+        # Closed by Server.stop, not here: the server writes to it for its whole life.
+        log_file = open(log_path, "w+b")  # noqa: SIM115
         cmd = [
             str(unimodel_bin()),
             "run",
@@ -267,7 +268,7 @@ class ServerFactory:
             print(server.log_tail(200))
 
 
-def run_cli(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     """Runs the binary to completion (killed past the timeout, which fails the test)."""
     return subprocess.run(
         [str(unimodel_bin()), *args],
