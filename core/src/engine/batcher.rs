@@ -355,14 +355,16 @@ fn worker_error(model: &str, e: WorkerError) -> EngineError {
     match e {
         WorkerError::Plugin { message, .. } => EngineError::Plugin { model, message },
         WorkerError::TooLarge(message) => EngineError::Plugin { model, message },
-        WorkerError::NotReady { state } => EngineError::NotReady { model, state },
-        WorkerError::ShuttingDown => EngineError::ShuttingDown,
+        WorkerError::NotReady { state } | WorkerError::NotStarted { reason: state } => {
+            EngineError::NotReady { model, state }
+        }
+        // Only cancelled when every client of the batch has gone; nobody reads this.
+        WorkerError::ShuttingDown | WorkerError::Cancelled => EngineError::ShuttingDown,
         e @ (WorkerError::Crashed { .. }
         | WorkerError::ExecutionTimeout { .. }
         | WorkerError::Protocol(_)) => EngineError::WorkerFailed {
             model,
             reason: e.to_string(),
         },
-        WorkerError::Cancelled => EngineError::Internal("batch cancelled".into()),
     }
 }

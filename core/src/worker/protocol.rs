@@ -143,6 +143,8 @@ pub enum MessageError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("malformed message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    #[error("message of {len} bytes exceeds the frame limit")]
+    TooLarge { len: usize },
 }
 
 /// Encodes a message as a MessagePack map (no length prefix).

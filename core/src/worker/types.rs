@@ -136,6 +136,10 @@ pub enum WorkerError {
     Plugin { message: String, traceback: String },
     #[error("worker is not ready ({state})")]
     NotReady { state: String },
+    /// The batch never reached a running worker (the instance was not ready, or its process
+    /// died before starting it): it may safely run on another instance.
+    #[error("batch was not started ({reason})")]
+    NotStarted { reason: String },
     /// A tensor exceeds a configured hard limit; the message names the limit and the flag.
     #[error("{0}")]
     TooLarge(String),
