@@ -11,6 +11,9 @@ use serde_json::{Map, Value, json};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// How long workers get to exit after the answer before the process ends anyway.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
 pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
         queue_capacity: 1,
@@ -42,7 +45,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let engine = start_engine(&loaded, &plugin);
     let state = engine.wait_loaded(&config.name).await?;
     if let ModelState::Failed { error, traceback } = state {
-        engine.shutdown().await;
+        engine.shutdown(WORKER_STOP_GRACE).await;
         bail!("model {} failed to load: {error}\n{traceback}", config.name);
     }
     let request = InferRequest {
@@ -54,7 +57,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         timeout: None,
     };
     let result = engine.infer(request).await;
-    engine.shutdown().await;
+    engine.shutdown(WORKER_STOP_GRACE).await;
     let response = result?;
 
     let mut out = Map::new();

@@ -18,6 +18,11 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 
+/// After the drain, how long idle keep-alive connections get to close.
+const HTTP_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long workers get to exit cleanly before the process ends anyway.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
         queue_capacity: usize::try_from(args.queue_capacity).unwrap_or(usize::MAX),
@@ -121,16 +126,21 @@ async fn shutdown(
     );
     let graceful = async {
         if !engine.drain(timeout).await {
-            tracing::warn!("drain timed out after {timeout:?}; stopping anyway");
+            tracing::warn!("drain timed out after {timeout:?}: answering what is left with 503");
+            engine.abort().await;
         }
         let _ = stop_http.send(());
         // In-flight responses are already written; bound the wait for idle connections.
-        match tokio::time::timeout(Duration::from_secs(5), http).await {
+        match tokio::time::timeout(HTTP_STOP_GRACE, http).await {
             Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
             Ok(Err(e)) => tracing::warn!("HTTP server task: {e}"),
             _ => {}
         }
-        engine.shutdown().await;
+        if !engine.shutdown(WORKER_STOP_GRACE).await {
+            tracing::warn!(
+                "workers did not stop within {WORKER_STOP_GRACE:?}; they exit with the server"
+            );
+        }
     };
     tokio::select! {
         _ = graceful => {

@@ -184,11 +184,20 @@ impl Engine {
             .send(Command::Enqueue(pending))
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
+        // If this future is dropped (the client went away) while the request waits, the
+        // guard wakes the batcher so the request's place is freed at once.
+        let mut guard = WakeOnDrop {
+            commands: &entry.commands,
+            armed: true,
+        };
 
         // The batcher answers timeouts of queued requests itself; this bound covers a batch
         // that is still running when the deadline passes.
-        let outputs = match tokio::time::timeout(timeout, reply_rx).await {
+        let answer = tokio::time::timeout(timeout, reply_rx).await;
+        guard.armed = false;
+        let outputs = match answer {
             Ok(Ok(reply)) => reply?,
+            // The batch task was cancelled (shutdown after the drain deadline).
             Ok(Err(_)) => return Err(EngineError::ShuttingDown),
             Err(_) => {
                 return Err(EngineError::Timeout {
@@ -224,15 +233,34 @@ impl Engine {
             .is_ok()
     }
 
-    /// Stops every worker instance (after `drain`, or at once).
-    pub async fn shutdown(&self) {
+    /// Fails every request still queued and cancels running batches (their clients get 503);
+    /// new requests are refused. Used once the drain deadline has passed.
+    pub async fn abort(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+        let aborts = self.inner.models.values().map(|m| {
+            let commands = m.commands.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                if commands.send(Command::Abort(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+        });
+        futures::future::join_all(aborts).await;
+    }
+
+    /// Stops every worker instance, waiting at most `grace` for them to exit cleanly (a
+    /// worker still busy after that dies with the server through PDEATHSIG).
+    pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
         let stops = self
             .inner
             .models
             .values()
             .flat_map(|m| m.instances.iter().map(|i| i.shutdown()));
-        futures::future::join_all(stops).await;
+        tokio::time::timeout(grace, futures::future::join_all(stops))
+            .await
+            .is_ok()
     }
 
     fn entry(&self, name: &str, version: Option<&str>) -> Result<&ModelEntry, EngineError> {
@@ -257,6 +285,21 @@ impl Engine {
                 available: entry.config.version.clone(),
             }),
             _ => Ok(entry),
+        }
+    }
+}
+
+/// Wakes the batcher when a waiting `infer` is dropped before its answer.
+struct WakeOnDrop<'a> {
+    commands: &'a mpsc::Sender<Command>,
+    armed: bool,
+}
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // A full channel means the batcher is busy and will look at its queue anyway.
+            let _ = self.commands.try_send(Command::Wake);
         }
     }
 }

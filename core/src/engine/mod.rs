@@ -7,6 +7,7 @@ mod batch;
 mod batcher;
 pub mod bytes_codec;
 pub mod error;
+mod execution;
 pub mod executor;
 mod handle;
 pub mod model;

@@ -108,6 +108,13 @@ impl Queue {
         self.entries.is_empty()
     }
 
+    /// Puts a batch that never reached a worker back at the head of the queue, in order.
+    pub fn requeue_front(&mut self, batch: Vec<Pending>) {
+        for p in batch.into_iter().rev() {
+            self.entries.push_front(p);
+        }
+    }
+
     /// Removes requests whose deadline has passed or whose client has gone.
     pub fn expire(&mut self, now: Instant) -> Expired {
         let mut out = Expired::default();
@@ -157,9 +164,9 @@ impl Queue {
             if rows >= max {
                 break;
             }
-            if p.batches_with(head) && rows + p.rows <= max {
+            if p.batches_with(head) && rows.saturating_add(p.rows) <= max {
                 chosen.push(i);
-                rows += p.rows;
+                rows = rows.saturating_add(p.rows);
             }
         }
 

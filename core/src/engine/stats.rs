@@ -51,7 +51,7 @@ impl StatsRecorder {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// One worker call finished (successfully or not).
+    /// One worker call returned outputs.
     pub fn record_batch(&self, t: BatchTimes) {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
