@@ -6,7 +6,18 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    unimodel::telemetry::init(cli.log_format == LogFormat::Json);
+    let telemetry = unimodel::telemetry::TelemetryOptions {
+        json: cli.log_format == LogFormat::Json,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+    };
+    // Held to the end: dropping it (after the runtime is gone) flushes exported spans.
+    let _otlp = match unimodel::telemetry::init(&telemetry) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("unimodel: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

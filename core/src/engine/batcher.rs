@@ -8,16 +8,17 @@
 //! A closed command channel (every engine handle dropped) stops the actor.
 
 use super::EngineError;
-use super::batch::{build_work, split_outputs};
+use super::batch::{build_work, split_outputs, trace_ids};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
-use super::queue::{BatchPolicy, Decision, Pending, Queue};
+use super::queue::{Answer, BatchPolicy, Decision, Pending, Queue};
 use super::stats::{BatchTimes, StatsRecorder};
 use crate::worker::types::{InstanceState, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Batches a worker may hold at once: one running, one prepared behind it.
 pub const PIPELINE_DEPTH: usize = 2;
@@ -226,7 +227,8 @@ impl Batcher {
             // The request leaves the queue: its place is free for the next one.
             p.permit = None;
         }
-        tokio::spawn(run_batch(self.ctx.clone(), idx, slot.exec.clone(), batch));
+        let span = batch_span(&self.ctx.config.name, idx, &batch);
+        tokio::spawn(run_batch(self.ctx.clone(), idx, slot.exec.clone(), batch).instrument(span));
     }
 
     fn finish_drain_if_idle(&mut self) {
@@ -297,6 +299,27 @@ pub fn model_state<'a>(states: impl Iterator<Item = &'a InstanceState>) -> Model
     }
 }
 
+/// The span of one worker call: a root span linked (`follows_from`) to the `infer` span of
+/// each request in it, listing their trace ids and client request ids ("-" for none).
+fn batch_span(model: &str, instance: usize, batch: &[Pending]) -> tracing::Span {
+    let traces = trace_ids(batch);
+    let join = |items: Vec<String>| items.join(",");
+    let span = tracing::info_span!(
+        parent: None,
+        "batch",
+        model,
+        instance,
+        requests = batch.len(),
+        rows = batch.iter().map(|p| p.rows).sum::<u32>(),
+        trace_ids = %join(traces.iter().map(ToString::to_string).collect()),
+        request_ids = %join(batch.iter().map(|p| p.origin.id.clone().unwrap_or_else(|| "-".into())).collect()),
+    );
+    for p in batch {
+        span.follows_from(&p.origin.span);
+    }
+    span
+}
+
 /// Runs one batch on one instance and answers its requests.
 async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch: Vec<Pending>) {
     let batching = ctx.config.max_batch_size > 0;
@@ -307,7 +330,7 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
     let result = exec.execute(work).await;
     let returned = Instant::now();
 
-    let replies: Vec<Result<Vec<_>, EngineError>> = match result {
+    let replies: Vec<Result<Answer, EngineError>> = match result {
         Ok(out) => {
             let infer = Duration::from_nanos(out.compute_ns);
             match split_outputs(&batch, out.outputs, &ctx.declared_outputs, batching) {
@@ -319,7 +342,15 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
                         infer,
                         output,
                     });
-                    parts.into_iter().map(Ok).collect()
+                    parts
+                        .into_iter()
+                        .map(|outputs| {
+                            Ok(Answer {
+                                outputs,
+                                batch_size: rows,
+                            })
+                        })
+                        .collect()
                 }
                 Err(e) => {
                     let message = format!("returned unusable outputs: {e}");

@@ -7,7 +7,7 @@
 use super::batcher::{Batcher, Command};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
-use super::queue::Pending;
+use super::queue::{Origin, Pending};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
@@ -142,6 +142,7 @@ impl Engine {
     }
 
     /// Validates, queues, batches and executes one request.
+    #[tracing::instrument(name = "infer", skip_all, fields(model = %req.model))]
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
         let entry = self.entry(&req.model, req.version.as_deref())?;
         if self.is_draining() {
@@ -178,6 +179,11 @@ impl Engine {
             deadline: now + timeout,
             reply: reply_tx,
             permit: Some(permit),
+            origin: Origin {
+                id: req.id.clone(),
+                trace: req.trace,
+                span: tracing::Span::current(),
+            },
         };
         entry
             .commands
@@ -187,7 +193,7 @@ impl Engine {
 
         // The batcher answers timeouts of queued requests itself; this bound covers a batch
         // that is still running when the deadline passes.
-        let outputs = match tokio::time::timeout(timeout, reply_rx).await {
+        let answer = match tokio::time::timeout(timeout, reply_rx).await {
             Ok(Ok(reply)) => reply?,
             Ok(Err(_)) => return Err(EngineError::ShuttingDown),
             Err(_) => {
@@ -201,7 +207,8 @@ impl Engine {
             model_name: config.name.clone(),
             model_version: config.version.clone(),
             id: req.id,
-            outputs,
+            outputs: answer.outputs,
+            batch_size: answer.batch_size,
         })
     }
 
