@@ -39,7 +39,8 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 
     let response = next.run(req).instrument(span).await;
 
-    let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    // Microsecond resolution: more digits would be noise.
+    let latency_ms = started.elapsed().as_micros() as f64 / 1e3;
     let status = response.status().as_u16();
     let batch_size = response.extensions().get::<BatchSize>().map(|b| b.0);
     let model = model_of(&path);

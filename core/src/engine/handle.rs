@@ -124,6 +124,19 @@ impl Engine {
         Ok(state.clone())
     }
 
+    /// A watch on each of the model's instances, in instance order (progress reports).
+    pub fn instance_states(
+        &self,
+        name: &str,
+    ) -> Result<Vec<watch::Receiver<crate::worker::types::InstanceState>>, EngineError> {
+        Ok(self
+            .entry(name, None)?
+            .instances
+            .iter()
+            .map(|i| i.state())
+            .collect())
+    }
+
     /// Statistics of one model (or every model when `name` is `None`).
     pub fn stats(
         &self,

@@ -14,6 +14,7 @@
 pub mod otlp;
 pub mod trace_context;
 
+use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
@@ -48,7 +49,10 @@ pub fn init(opts: &TelemetryOptions) -> anyhow::Result<Option<OtlpGuard>> {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or collector gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let fmt = if opts.json {
         fmt.json()
             .flatten_event(true)
