@@ -135,7 +135,7 @@ class TracedStdout:
         if self._partial:
             self._emit("".join(self._partial), _TRACE.get())
             self._partial.clear()
-        self._stream.flush()
+            self._stream.flush()
 
     def _emit(self, line: str, trace: str | None) -> None:
         if trace is None:
