@@ -9,10 +9,12 @@
 use super::backend::Backend;
 use super::error::ApiError;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
+use super::observe::{BatchSize, RequestTrace};
+use super::openapi;
 use super::{request, response};
 use crate::engine::EngineError;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -86,9 +88,12 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_stats::<B>),
         )
+        .route("/openapi.json", get(openapi::document))
+        .route("/docs", get(openapi::page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(super::observe::observe))
         .with_state(state)
 }
 
@@ -172,14 +177,20 @@ async fn model_ready<B: Backend>(
 async fn infer<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
+    trace: Option<Extension<RequestTrace>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path(p) = path?;
     let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
-    let decoded = request::decode(p.model, p.version, &headers, body)?;
+    let mut decoded = request::decode(p.model, p.version, &headers, body)?;
+    decoded.request.trace = trace.map(|Extension(RequestTrace(t))| t);
     let result = s.backend.infer(decoded.request).await?;
-    response::encode(&result, &decoded.plan)
+    let mut encoded = response::encode(&result, &decoded.plan)?;
+    encoded
+        .extensions_mut()
+        .insert(BatchSize(result.batch_size));
+    Ok(encoded)
 }
 
 /// `GET /v2/models/stats`: 200 Triton statistics of every model.

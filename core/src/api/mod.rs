@@ -8,6 +8,8 @@
 //! - `binary`: Triton's binary tensor data framing.
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `error`: `ApiError`, the one place errors become statuses.
+//! - `observe`: per-request span, `traceparent`, access log line.
+//! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
 
 pub mod backend;
 pub mod binary;
@@ -15,6 +17,8 @@ pub mod error;
 pub mod http;
 pub mod json_data;
 pub mod metadata;
+pub mod observe;
+pub mod openapi;
 pub mod request;
 pub mod response;
 

@@ -16,6 +16,15 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export spans to an OpenTelemetry collector over OTLP/HTTP (protobuf), e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is appended). Off by default.
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Log one line per HTTP request (method, path, model, status, latency, batch size,
+    /// trace id) at INFO, target `unimodel::access`. Off by default: at tens of thousands of
+    /// requests per second it costs more than the rest of the request path.
+    #[arg(long, global = true)]
+    pub access_log: bool,
 }
 
 #[derive(Subcommand, Debug)]

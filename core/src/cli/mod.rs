@@ -2,6 +2,7 @@
 
 pub mod args;
 mod predict;
+mod progress;
 mod run;
 mod serving;
 

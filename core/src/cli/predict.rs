@@ -55,6 +55,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         inputs,
         outputs: None,
         timeout: None,
+        trace: None,
     };
     let result = engine.infer(request).await;
     engine.shutdown(WORKER_STOP_GRACE).await;

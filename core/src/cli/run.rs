@@ -2,7 +2,8 @@
 //!
 //! 1. Prepare Python and inspect the plugin (errors print the plugin's traceback).
 //! 2. Listen at once, so `/v2/health/live` answers while workers load.
-//! 3. Spawn the workers; print one line per model once it is READY (or FAILED).
+//! 3. Spawn the workers; report each instance that becomes ready ("2/4 instances ready",
+//!    `progress.rs`) and print one line per model once it is READY (or FAILED).
 //! 4. On the first signal: readiness false, new requests 503, queued and running work
 //!    finishes (up to `--drain-timeout-ms`), HTTP stops, workers stop, exit 0.
 //!    A second signal exits at once (workers die with us through PDEATHSIG).
@@ -43,6 +44,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let base = format!("http://{local}");
 
     let engine = start_engine(&loaded, &args.plugin);
+    super::progress::report_load_progress(&engine);
     let app = router(
         Arc::new(engine.clone()),
         HttpConfig {

@@ -9,6 +9,7 @@
 //! handle dropped) stops the actor.
 
 use super::EngineError;
+use super::batch::trace_ids;
 use super::execution::{BatchContext, Outcome, run_batch};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Batches a worker may hold at once: one running, one prepared behind it.
 pub const PIPELINE_DEPTH: usize = 2;
@@ -304,13 +306,9 @@ impl Batcher {
         }
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
-        let task = tokio::spawn(run_batch(
-            self.ctx.clone(),
-            idx,
-            batch_id,
-            slot.exec.clone(),
-            batch,
-        ));
+        let span = batch_span(&self.ctx.config.name, idx, &batch);
+        let run = run_batch(self.ctx.clone(), idx, batch_id, slot.exec.clone(), batch);
+        let task = tokio::spawn(run.instrument(span));
         self.running.insert(batch_id, task.abort_handle());
     }
 
@@ -381,4 +379,25 @@ pub fn model_state<'a>(
         Some(reason) if ever_ready => ModelState::Unavailable { reason },
         _ => ModelState::Loading,
     }
+}
+
+/// The span of one worker call: a root span linked (`follows_from`) to the `infer` span of
+/// each request in it, listing their trace ids and client request ids ("-" for none).
+fn batch_span(model: &str, instance: usize, batch: &[Pending]) -> tracing::Span {
+    let traces = trace_ids(batch);
+    let join = |items: Vec<String>| items.join(",");
+    let span = tracing::info_span!(
+        parent: None,
+        "batch",
+        model,
+        instance,
+        requests = batch.len(),
+        rows = batch.iter().map(|p| p.rows).sum::<u32>(),
+        trace_ids = %join(traces.iter().map(ToString::to_string).collect()),
+        request_ids = %join(batch.iter().map(|p| p.origin.id.clone().unwrap_or_else(|| "-".into())).collect()),
+    );
+    for p in batch {
+        span.follows_from(&p.origin.span);
+    }
+    span
 }

@@ -9,7 +9,7 @@ use super::EngineError;
 use super::batch::{build_work, split_outputs};
 use super::executor::Executor;
 use super::model::ModelConfig;
-use super::queue::{Pending, Reply};
+use super::queue::{Answer, Pending, Reply};
 use super::stats::{BatchTimes, StatsRecorder};
 use crate::worker::types::WorkerError;
 use std::sync::Arc;
@@ -115,7 +115,15 @@ pub async fn run_batch(
                         infer,
                         output,
                     });
-                    parts.into_iter().map(Ok).collect()
+                    parts
+                        .into_iter()
+                        .map(|outputs| {
+                            Ok(Answer {
+                                outputs,
+                                batch_size: rows,
+                            })
+                        })
+                        .collect()
                 }
                 Err(e) => {
                     let err = EngineError::BadOutput {

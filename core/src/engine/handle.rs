@@ -7,7 +7,7 @@
 use super::batcher::{Batcher, Command};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
-use super::queue::Pending;
+use super::queue::{Origin, Pending};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
@@ -124,6 +124,19 @@ impl Engine {
         Ok(state.clone())
     }
 
+    /// A watch on each of the model's instances, in instance order (progress reports).
+    pub fn instance_states(
+        &self,
+        name: &str,
+    ) -> Result<Vec<watch::Receiver<crate::worker::types::InstanceState>>, EngineError> {
+        Ok(self
+            .entry(name, None)?
+            .instances
+            .iter()
+            .map(|i| i.state())
+            .collect())
+    }
+
     /// Statistics of one model (or every model when `name` is `None`).
     pub fn stats(
         &self,
@@ -142,6 +155,7 @@ impl Engine {
     }
 
     /// Validates, queues, batches and executes one request.
+    #[tracing::instrument(name = "infer", skip_all, fields(model = %req.model))]
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
         let entry = self.entry(&req.model, req.version.as_deref())?;
         if self.is_draining() {
@@ -178,6 +192,11 @@ impl Engine {
             deadline: now + timeout,
             reply: reply_tx,
             permit: Some(permit),
+            origin: Origin {
+                id: req.id.clone(),
+                trace: req.trace,
+                span: tracing::Span::current(),
+            },
         };
         entry
             .commands
@@ -193,9 +212,9 @@ impl Engine {
 
         // The batcher answers timeouts of queued requests itself; this bound covers a batch
         // that is still running when the deadline passes.
-        let answer = tokio::time::timeout(timeout, reply_rx).await;
+        let waited = tokio::time::timeout(timeout, reply_rx).await;
         guard.armed = false;
-        let outputs = match answer {
+        let answer = match waited {
             Ok(Ok(reply)) => reply?,
             // The batch task was cancelled (shutdown after the drain deadline).
             Ok(Err(_)) => return Err(EngineError::ShuttingDown),
@@ -210,7 +229,8 @@ impl Engine {
             model_name: config.name.clone(),
             model_version: config.version.clone(),
             id: req.id,
-            outputs,
+            outputs: answer.outputs,
+            batch_size: answer.batch_size,
         })
     }
 

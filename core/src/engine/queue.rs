@@ -16,8 +16,36 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
-/// What a queued request is answered with: the outputs it asked for, in its order.
-pub type Reply = Result<Vec<Tensor>, EngineError>;
+/// What a queued request is answered with.
+pub type Reply = Result<Answer, EngineError>;
+
+/// A successful answer: the outputs the request asked for, in its order, and the size of
+/// the batch it ran in.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub outputs: Vec<Tensor>,
+    /// Rows in the batch (sum over its requests).
+    pub batch_size: u32,
+}
+
+/// Where a request came from, for the batch span: its client id, its trace and the span
+/// it waits in (`follows_from` target).
+#[derive(Debug)]
+pub struct Origin {
+    pub id: Option<String>,
+    pub trace: Option<crate::telemetry::TraceId>,
+    pub span: tracing::Span,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin {
+            id: None,
+            trace: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
 
 /// A validated request waiting for a batch.
 #[derive(Debug)]
@@ -33,6 +61,7 @@ pub struct Pending {
     pub reply: oneshot::Sender<Reply>,
     /// Holds one place in the model's queue; dropped when the request leaves it.
     pub permit: Option<OwnedSemaphorePermit>,
+    pub origin: Origin,
 }
 
 impl Pending {
@@ -208,6 +237,7 @@ mod tests {
             deadline: enqueued + Duration::from_secs(10),
             reply: tx,
             permit: None,
+            origin: Origin::default(),
         };
         (p, rx)
     }

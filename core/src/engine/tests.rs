@@ -153,6 +153,7 @@ fn request(values: &[f32]) -> InferRequest {
         }],
         outputs: None,
         timeout: None,
+        trace: None,
     }
 }
 

@@ -123,6 +123,10 @@ pub enum CoreMessage {
         batch_size: u32,
         inputs: Vec<TensorRef>,
         outputs: Option<Vec<String>>,
+        /// Trace ids (32 lowercase hex) of the batch's requests, in batch order without
+        /// repeats; absent when none. The worker tags the plugin's log lines with them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        trace: Vec<String>,
     },
     Release {
         id: u64,

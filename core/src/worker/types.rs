@@ -109,6 +109,9 @@ pub struct WorkInput {
 pub struct Work {
     /// Rows in the batch (sum of the requests' first dimensions), or 1 without batching.
     pub batch_size: u32,
+    /// Trace ids of the batch's requests, in batch order without repeats; sent to the
+    /// worker (`execute.trace`) so the plugin's log lines name them.
+    pub trace: Vec<crate::telemetry::TraceId>,
     pub inputs: Vec<WorkInput>,
     /// Outputs to return; `None` means all.
     pub outputs: Option<Vec<String>>,
