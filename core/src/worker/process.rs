@@ -162,6 +162,11 @@ pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits (so never from
 /// `spawn_blocking`, whose threads retire when idle).
 pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
+    spawn_child_of(spec, std::process::id() as libc::pid_t)
+}
+
+/// `spawn`, with the pid the child must find as its parent (ours; tests fake another).
+fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProcess, SpawnError> {
     let mut cmd = python_command(spec.python, &spec.labels);
     cmd.args(["-m", "unimodel.worker"])
         .stdout(Stdio::piped())
@@ -173,10 +178,12 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
         (spec.input_arena.as_raw_fd(), INPUT_ARENA_FD),
         (spec.output_arena.as_raw_fd(), OUTPUT_ARENA_FD),
     ];
+    // `parent` is read before the fork: the child compares its parent against it, not
+    // against 1, so a core running as PID 1 (a container's entry point) can start workers.
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
     // (fcntl, dup2, prctl, getppid, _exit) on plain integers.
     unsafe {
-        cmd.pre_exec(move || install_fds(&sources));
+        cmd.pre_exec(move || install_fds(&sources, parent));
     }
     let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
         interpreter: spec.python.interpreter.display().to_string(),
@@ -223,8 +230,8 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
 }
 
 /// In the forked child: move the three descriptors to 3, 4, 5 (without CLOEXEC) and ask to
-/// be SIGKILLed when the parent dies.
-fn install_fds(sources: &[(RawFd, RawFd); 3]) -> std::io::Result<()> {
+/// be SIGKILLed when the parent (pid `parent`, read before the fork) dies.
+fn install_fds(sources: &[(RawFd, RawFd); 3], parent: libc::pid_t) -> std::io::Result<()> {
     // First move every source above the target range so that a source already numbered 3..5
     // is not overwritten by an earlier dup2. F_DUPFD_CLOEXEC copies vanish at exec.
     let mut temps = [0; 3];
@@ -248,10 +255,17 @@ fn install_fds(sources: &[(RawFd, RawFd); 3]) -> std::io::Result<()> {
     }
     // The parent may have died before prctl took effect; then we are orphaned already.
     // SAFETY: getppid/_exit are async-signal-safe.
-    if unsafe { libc::getppid() } == 1 {
+    if orphaned(parent, unsafe { libc::getppid() }) {
         unsafe { libc::_exit(1) };
     }
     Ok(())
+}
+
+/// Whether a child whose parent was `parent` at fork time, and whose parent is now `ppid`,
+/// has lost it. An orphan is re-parented to init or to a subreaper, so "ppid is 1" is neither
+/// necessary (subreapers) nor sufficient (a core that *is* PID 1 in a container).
+fn orphaned(parent: libc::pid_t, ppid: libc::pid_t) -> bool {
+    ppid != parent
 }
 
 #[derive(Clone, Copy)]
@@ -375,6 +389,16 @@ mod tests {
     }
 
     #[test]
+    fn orphan_check_compares_with_the_real_parent_not_pid_1() {
+        // The core is PID 1 (a container): its children see ppid 1 and are not orphans.
+        assert!(!orphaned(1, 1));
+        assert!(!orphaned(4242, 4242));
+        // Re-parented to init or to a subreaper: orphaned.
+        assert!(orphaned(4242, 1));
+        assert!(orphaned(4242, 777));
+    }
+
+    #[test]
     fn umlog_lines_keep_their_level() {
         let line = "\u{1e}UMLOG {\"level\": \"ERROR\", \"logger\": \"unimodel.plugin.x\", \"message\": \"a\\nb\"}";
         let r = parse_line(line, Stream::Stderr);
@@ -476,6 +500,54 @@ mod tests {
         assert_eq!(report, "[True, 4096, 8192, 'm', False]");
         let status = (&mut proc.exit).await.unwrap();
         assert_eq!(describe_exit(&status), "exited with code 0");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The child checks its parent against the pid recorded before the fork: told that its
+    /// parent is some other process, it must take itself for an orphan and exit before exec.
+    #[tokio::test]
+    async fn child_exits_before_exec_when_its_parent_is_not_the_recorded_one() {
+        use super::super::shm::WritableRegion;
+        use tokio::io::AsyncReadExt;
+        let dir = super::super::python::tests::temp_dir("proc-orphan");
+        std::fs::create_dir_all(dir.join("unimodel")).unwrap();
+        std::fs::write(dir.join("unimodel/__init__.py"), "").unwrap();
+        // A worker that says so on the control socket if it ever runs.
+        std::fs::write(
+            dir.join("unimodel/worker.py"),
+            "import socket\nsocket.socket(fileno=3).sendall(b'ran')\n",
+        )
+        .unwrap();
+        let py = PythonEnv {
+            interpreter: PathBuf::from("python3"),
+            sdk_path: dir.clone(),
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let input = WritableRegion::create(c"in", 4096).unwrap();
+        let output = WritableRegion::create(c"out", 4096).unwrap();
+        let me = std::process::id() as libc::pid_t;
+        let not_me = if me == 1 { 2 } else { 1 };
+        let mut proc = spawn_child_of(
+            SpawnSpec {
+                python: &py,
+                labels: LogLabels {
+                    model: "m".into(),
+                    instance: 0,
+                },
+                control: theirs.into(),
+                input_arena: input.try_clone_fd().unwrap(),
+                output_arena: output.try_clone_fd().unwrap(),
+            },
+            not_me,
+        )
+        .unwrap();
+        let status = (&mut proc.exit).await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with code 1");
+        ours.set_nonblocking(true).unwrap();
+        let mut ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        let mut report = Vec::new();
+        ours.read_to_end(&mut report).await.unwrap();
+        assert!(report.is_empty(), "the worker ran: {report:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
