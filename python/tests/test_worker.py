@@ -6,6 +6,7 @@ fds 3/4/5 and plays one part of docs/worker-protocol.md against it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import textwrap
@@ -210,6 +211,11 @@ def test_large_output_goes_through_a_dedicated_fd(core, plugin):
     (ref,) = result["outputs"]
     assert ref["region"] == "fd" and ref["fd"] == 0 and ref["length"] == 100_000
     assert len(c.channel.fds) == 1
+    # Sealed at its size: the core refuses a region that could shrink under its mapping.
+    seals = fcntl.fcntl(c.channel.fds[0], fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW, seals
+    with pytest.raises(PermissionError):
+        os.ftruncate(c.channel.fds[0], 10)
     blob = c.outputs(result)["blob"]
     np.testing.assert_array_equal(blob, (np.arange(100_000) % 251).astype(np.uint8))
     # Small outputs still use the arena.

@@ -9,6 +9,7 @@ dedicated `memfd` when the whole result is larger than the arena.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import mmap
 import os
@@ -295,12 +296,19 @@ def write_output(mm: mmap.mmap, offset: int, out: PreparedOutput) -> None:
         np.copyto(dst, data, casting="same_kind")
 
 
+#: Seals on every dedicated output region: the core maps it, and a region that could shrink
+#: under that mapping would crash the core with SIGBUS, so the core refuses one without them.
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
 def write_dedicated(out: PreparedOutput) -> int:
-    """A new memfd holding one output; the caller sends it and closes it."""
-    fd = os.memfd_create(f"unimodel-output-{out.spec.name}", os.MFD_CLOEXEC)
+    """A new memfd holding one output, sealed at its size; the caller sends it and closes it."""
+    fd = os.memfd_create(f"unimodel-output-{out.spec.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         if out.nbytes:
             os.ftruncate(fd, out.nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+        if out.nbytes:
             with mmap.mmap(fd, out.nbytes, access=mmap.ACCESS_WRITE) as mm:
                 write_output(mm, 0, out)
     except BaseException:

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const FAKE_WORKER: &str = r#"
-import os, socket, struct, msgpack
+import array, errno, os, socket, struct, msgpack
 
 mode = os.environ["UNIMODEL_MODEL"]
 s = socket.socket(fileno=3)
@@ -54,6 +54,32 @@ while True:
         send({"type": "result", "id": m["id"], "outputs": [ref], "compute_ns": 1})
     elif mode == "exit":
         os._exit(7)
+    elif mode == "truncate":
+        # Try to shrink both arenas under the core, then point it at the first output bytes
+        # (past the end of a truncated arena: SIGBUS in the core, were it allowed).
+        outcome = []
+        for fd in (4, 5):
+            try:
+                os.ftruncate(fd, 0)
+                outcome.append("truncated")
+            except OSError as e:
+                outcome.append(errno.errorcode[e.errno])
+        text = ",".join(outcome).encode()
+        refs = [{"name": "y", "datatype": "UINT8", "shape": [16], "region": "output",
+                 "offset": 0, "length": 16},
+                {"name": "outcome", "datatype": "UINT8", "shape": [len(text)],
+                 "region": "inline", "offset": 0, "length": len(text), "data": text}]
+        send({"type": "result", "id": m["id"], "outputs": refs, "compute_ns": 1})
+    elif mode == "unsealed":
+        fd = os.memfd_create("plain", os.MFD_CLOEXEC)
+        os.write(fd, b"x" * 16)
+        ref = {"name": "y", "datatype": "UINT8", "shape": [16], "region": "fd",
+               "offset": 0, "length": 16, "fd": 0}
+        body = msgpack.packb({"type": "result", "id": m["id"], "outputs": [ref],
+                              "compute_ns": 1})
+        s.sendmsg([struct.pack("<I", len(body)) + body],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        os.close(fd)
     else:
         send({"type": "result", "id": m["id"], "outputs": [], "compute_ns": 1})
 "#;
@@ -152,6 +178,32 @@ async fn answer_out_of_order_is_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_outside_the_arena_is_a_protocol_error() {
     protocol_violation_restarts("outofbounds", "outside the 65536-byte region").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsealed_output_fd_is_a_protocol_error() {
+    protocol_violation_restarts("unsealed", "F_SEAL_SHRINK").await;
+}
+
+/// A worker cannot resize either arena: fd 4 is read-only and both are sealed. Had it shrunk
+/// the output arena, the core's copy of the result would have died of SIGBUS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_cannot_truncate_the_arenas_under_the_core() {
+    let h = spawn_instance(config("truncate"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    for _ in 0..2 {
+        let out = h.execute(work()).await.unwrap();
+        let outcome = &out.outputs[1];
+        assert_eq!(outcome.name, "outcome");
+        assert_eq!(
+            String::from_utf8_lossy(&outcome.data),
+            "EINVAL,EPERM",
+            "fd 4 must be read-only, fd 5 sealed"
+        );
+        assert_eq!(out.outputs[0].data.as_ref(), &[0u8; 16]);
+    }
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

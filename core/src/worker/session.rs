@@ -73,7 +73,7 @@ impl Session {
         let input = WritableRegion::create(c"unimodel-input-arena", cfg.input_arena_bytes)?;
         let output_file = create_memfd(c"unimodel-output-arena", cfg.output_arena_bytes)?;
         let output = ReadOnlyRegion::map(output_file.as_fd(), Some(cfg.output_arena_bytes))?;
-        let input_for_child = input.try_clone_fd().map_err(|source| ShmError::Map {
+        let input_for_child = child_input_fd(&input).map_err(|source| ShmError::Map {
             len: cfg.input_arena_bytes,
             source,
         })?;
@@ -137,6 +137,16 @@ impl Session {
         let _ = self.writer.send(Outgoing { bytes: rest, fds });
         Ok(())
     }
+}
+
+/// The worker's descriptor for the input arena: read-only, so it really can only read it
+/// (docs/worker-protocol.md). Without `/proc` (some sandboxes) it falls back to a duplicate of
+/// ours; the arena's seals still keep the worker from resizing it under the core.
+fn child_input_fd(input: &WritableRegion) -> std::io::Result<OwnedFd> {
+    input.read_only_fd().or_else(|e| {
+        tracing::debug!(error = %e, "no read-only reopen of the input arena; handing over a read-write descriptor");
+        input.try_clone_fd()
+    })
 }
 
 impl Drop for Session {
