@@ -2,6 +2,7 @@
 //! `unimodel.worker` that speaks the protocol by hand and breaks it on purpose (chosen by the
 //! model name). The real runtime never does these things, so they are tested here.
 
+use super::codec::MAX_FDS_PER_FRAME;
 use super::python::tests::{temp_dir, test_python};
 use super::types::*;
 use super::{InstanceHandle, spawn_instance};
@@ -203,6 +204,43 @@ async fn worker_cannot_truncate_the_arenas_under_the_core() {
         assert_eq!(out.outputs[0].data.as_ref(), &[0u8; 16]);
     }
     assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
+}
+
+/// A batch whose inputs each need a dedicated region, more of them than one frame can carry:
+/// that batch fails, and the worker keeps serving (before, the frame was silently never sent
+/// and the caller waited for an answer until the execution timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_needing_too_many_descriptors_fails_alone() {
+    let h = spawn_instance(config("ok"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let count = MAX_FDS_PER_FRAME + 1;
+    // Together larger than the 64 KiB arena: every input gets its own memfd.
+    let many = Work {
+        batch_size: 1,
+        inputs: (0..count)
+            .map(|i| WorkInput {
+                name: format!("x{i}"),
+                datatype: DataType::Uint8,
+                shape: vec![1024],
+                parts: vec![Bytes::from(vec![1u8; 1024])],
+            })
+            .collect(),
+        outputs: None,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(5), h.execute(many))
+        .await
+        .expect("answered, not left waiting")
+        .unwrap_err();
+    let WorkerError::Protocol(detail) = err else {
+        panic!("expected a protocol error, got {err:?}")
+    };
+    assert!(
+        detail.contains(&format!("needs {count} descriptors")),
+        "{detail}"
+    );
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.execute(work()).await.unwrap();
     h.shutdown().await;
 }
 

@@ -16,7 +16,7 @@
 //! answer that arrived just before the process exited is still delivered.
 
 use super::batch::{self, StageError};
-use super::codec::{CodecError, Frame};
+use super::codec::{CodecError, Frame, MAX_FDS_PER_FRAME};
 use super::process::describe_exit;
 use super::protocol::{
     self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, TensorRef, WorkerMessage,
@@ -398,8 +398,9 @@ impl Actor {
             .map(|s| describe_exit(&s))
             .unwrap_or_else(|| "exited (status unknown)".into());
         let death = self.death.take();
-        let crash = match &death {
-            Some(Death::Killed(reason)) => format!("{exit} ({reason})"),
+        let crash = match (&death, session.write_error()) {
+            (Some(Death::Killed(reason)), _) => format!("{exit} ({reason})"),
+            (_, Some(e)) => format!("{exit} (control socket write failed: {e})"),
             _ => exit.clone(),
         };
         self.fail_all(|| WorkerError::Crashed {
@@ -648,9 +649,9 @@ impl Actor {
     fn send(&mut self, msg: &CoreMessage, fds: Vec<std::os::fd::OwnedFd>) {
         let Some(s) = &self.session else { return };
         if let Err(e) = s.send(msg, fds) {
-            // Encoding our own messages cannot fail short of a bug; treat it as fatal for
-            // this process rather than sending something half-formed.
-            self.protocol_error(format!("cannot encode {msg:?}: {e}"));
+            // Our own messages are always sendable short of a bug; treat it as fatal for this
+            // process rather than sending something half-formed.
+            self.protocol_error(format!("cannot send {msg:?}: {e}"));
             return;
         }
         self.heartbeat.last_activity = Instant::now();
@@ -713,6 +714,15 @@ impl Actor {
             let Some(job) = self.waiting.pop_front() else {
                 return;
             };
+            if staged.fds.len() > MAX_FDS_PER_FRAME {
+                // One frame cannot carry them; the engine refuses such models at load, so this
+                // only fails the batch (its regions close as `staged` drops).
+                let _ = job.reply.send(Err(WorkerError::Protocol(format!(
+                    "the batch needs {} descriptors (one per input too large for the input arena), over the limit of {MAX_FDS_PER_FRAME} per frame",
+                    staged.fds.len()
+                ))));
+                continue;
+            }
             let id = self.next_id;
             self.next_id += 1;
             let msg = CoreMessage::Execute {
@@ -864,7 +874,11 @@ impl Actor {
             // (re-arming the grace so that an unkillable process is not re-killed in a loop).
             (Some(at), None) if now >= at + EXIT_GRACE => {
                 s.eof_at = Some(now);
-                self.kill(Death::Killed("closed its control socket".into()))
+                let reason = match s.write_error() {
+                    Some(e) => format!("control socket write failed: {e}"),
+                    None => "closed its control socket".into(),
+                };
+                self.kill(Death::Killed(reason))
             }
             _ => {}
         }
