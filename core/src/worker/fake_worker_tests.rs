@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const FAKE_WORKER: &str = r#"
-import array, errno, os, socket, struct, msgpack
+import array, errno, os, socket, struct, time, msgpack
 
 mode = os.environ["UNIMODEL_MODEL"]
 s = socket.socket(fileno=3)
@@ -41,10 +41,12 @@ send({"type": "hello", "protocol": 2 if mode == "badversion" else 1, "pid": os.g
       "python": "3", "sdk": "fake"})
 recv()
 send({"type": "ready", "setup_ms": 0.0})
+received = 0
 while True:
     m = recv()
     if m["type"] != "execute":
         continue
+    received += 1
     if mode == "garbage":
         send_raw(b"\xc1\xc1\xc1")
     elif mode == "wrongid":
@@ -55,6 +57,14 @@ while True:
         send({"type": "result", "id": m["id"], "outputs": [ref], "compute_ns": 1})
     elif mode == "exit":
         os._exit(7)
+    elif mode == "exitonsecond":
+        # Running the first execute when the second arrives; dies a little later, after the
+        # core has queued a third behind them.
+        if received == 2:
+            time.sleep(0.5)
+            os._exit(7)
+    elif mode == "stall":
+        pass  # never answers: the first execute runs into the execution timeout
     elif mode == "truncate":
         # Try to shrink both arenas under the core, then point it at the first output bytes
         # (past the end of a truncated arena: SIGBUS in the core, were it allowed).
@@ -242,6 +252,74 @@ async fn batch_needing_too_many_descriptors_fails_alone() {
     assert_eq!(*h.state().borrow(), InstanceState::Ready);
     h.execute(work()).await.unwrap();
     h.shutdown().await;
+}
+
+fn sized_work(bytes: usize) -> Work {
+    Work {
+        batch_size: 1,
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Uint8,
+            shape: vec![bytes as i64],
+            parts: vec![Bytes::from(vec![0u8; bytes])],
+        }],
+        outputs: None,
+    }
+}
+
+/// Three batches against a worker that dies or hangs: the first is running, the second is sent
+/// behind it (pipelined), the third waits for room in the 64 KiB input arena. Only the first
+/// can have been hurt by the worker; the others are `NotStarted`, for the engine to run on
+/// another instance.
+async fn only_the_running_batch_fails_with(mode: &str, running: WorkerError) {
+    let mut cfg = config(mode);
+    cfg.timeouts.execute = Duration::from_millis(700);
+    let h = spawn_instance(cfg);
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let mut tasks = Vec::new();
+    for bytes in [40 << 10, 10 << 10, 40 << 10] {
+        let h2 = h.clone();
+        tasks.push(tokio::spawn(
+            async move { h2.execute(sized_work(bytes)).await },
+        ));
+        // Keep the order: each reaches the actor before the next is submitted.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap().unwrap_err());
+    }
+    assert_eq!(results[0], running, "{mode}");
+    for (i, err) in results.iter().enumerate().skip(1) {
+        assert!(
+            matches!(err, WorkerError::NotStarted { reason } if reason.starts_with("worker ") && reason.ends_with("before starting it")),
+            "{mode}: batch {i}: {err:?}"
+        );
+    }
+    wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_fails_only_the_running_batch() {
+    only_the_running_batch_fails_with(
+        "exitonsecond",
+        WorkerError::Crashed {
+            status: "exited with code 7".into(),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_fails_only_the_running_batch() {
+    only_the_running_batch_fails_with(
+        "stall",
+        WorkerError::ExecutionTimeout {
+            after: Duration::from_millis(700),
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

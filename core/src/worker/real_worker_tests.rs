@@ -483,7 +483,10 @@ async fn failing_setup_ends_in_failed_with_traceback() {
         "{traceback}"
     );
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
-    assert!(matches!(err, WorkerError::NotReady { .. }), "{err:?}");
+    assert!(
+        matches!(&err, WorkerError::NotStarted { reason } if reason.starts_with("failed: RuntimeError")),
+        "{err:?}"
+    );
     h.shutdown().await;
     assert_eq!(*h.state().borrow(), InstanceState::Stopped);
 }
@@ -587,10 +590,12 @@ async fn shutdown_and_dropping_handles_leave_no_process() {
     h.shutdown().await;
     assert_eq!(*h.state().borrow(), InstanceState::Stopped);
     wait_gone(pid).await;
-    assert!(matches!(
-        h.execute(tool_work(0.0)).await,
-        Err(WorkerError::NotReady { .. })
-    ));
+    assert_eq!(
+        h.execute(tool_work(0.0)).await.unwrap_err(),
+        WorkerError::NotStarted {
+            reason: "stopped".into()
+        }
+    );
 
     let h = spawn_instance(config(&f, "Tool"));
     ready(&h).await;
@@ -623,8 +628,8 @@ async fn not_ready_is_immediate() {
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
     assert_eq!(
         err,
-        WorkerError::NotReady {
-            state: "starting".into()
+        WorkerError::NotStarted {
+            reason: "starting".into()
         }
     );
     h.shutdown().await;
