@@ -279,7 +279,7 @@ def test_output_over_max_output_bytes_is_too_large(core, plugin):
     error = c.recv()
     assert error["type"] == "error" and error["kind"] == "too_large"
     assert "1001 bytes" in error["error"] and "max_output_bytes limit of 1000" in error["error"]
-    assert "--max-output-bytes" in error["error"]
+    assert "raise it with --max-tensor-bytes" in error["error"]
     c.execute(2, [c.put("n", np.array([1000], np.int64))])
     assert c.recv()["type"] == "result"
     assert c.shutdown() == 0

@@ -2,8 +2,8 @@
 
 Inputs become numpy arrays that view the read-only input arena directly (`np.ndarray` with the
 mapping as buffer, which keeps it alive; no copy). Outputs are checked against the model's
-declaration (names, rank, fixed dimensions, batch dimension, safe casts) before any memory is
-allocated, then written exactly once into their destination: a block of the output arena, or a
+declaration (names, rank, fixed dimensions, batch dimension, same_kind casts) before any memory
+is allocated, then written exactly once into their destination: a block of the output arena, or a
 dedicated `memfd` when the whole result is larger than the arena.
 """
 
@@ -238,16 +238,16 @@ class OutputPlan:
                 arr.dtype, spec.dtype, casting="same_kind"
             ):
                 raise InvalidOutputError(
-                    f"output {spec.name!r} is {arr.dtype}, which cannot be cast safely to "
-                    f"{spec.datatype} ({spec.dtype}); convert it in predict, e.g. "
-                    f"y.astype(np.{spec.dtype.name})"
+                    f"output {spec.name!r} is {arr.dtype}, which numpy does not cast to "
+                    f"{spec.datatype} ({spec.dtype}) under casting='same_kind'; convert it in "
+                    f"predict, e.g. y.astype(np.{spec.dtype.name})"
                 )
             out = PreparedOutput(spec, arr, list(arr.shape), arr.size * spec.dtype.itemsize)
         limit = self.max_output_bytes
         if limit > 0 and out.nbytes > limit:
             raise OutputTooLargeError(
                 f"output {spec.name!r} is {out.nbytes} bytes, over the max_output_bytes limit of "
-                f"{limit} bytes; raise it with --max-output-bytes"
+                f"{limit} bytes; raise it with --max-tensor-bytes"
             )
         return out
 
