@@ -83,6 +83,12 @@ class InputArena:
                 buf = ref["data"]
             else:
                 raise ProtocolError(f"input {ref['name']!r} has unusable region {region!r}")
+            if buf is None and length:
+                # An empty (or unmappable) region, or inline without data: no bytes to view.
+                # np.empty would hand predict uninitialised memory instead.
+                raise ProtocolError(
+                    f"input {ref['name']!r} has {length} bytes in an empty {region} region"
+                )
             if datatype == "BYTES":
                 count = math.prod(shape)
                 view = memoryview(buf)[offset : offset + length] if buf is not None else b""
@@ -94,7 +100,7 @@ class InputArena:
                     f"{math.prod(shape) * dtype.itemsize} bytes, reference says {length}"
                 )
             if buf is None:  # an empty dedicated region maps to nothing
-                out[ref["name"]] = np.empty(shape, dtype)
+                out[ref["name"]] = np.empty(shape, dtype)  # length is 0: no element to read
             else:
                 out[ref["name"]] = np.ndarray(shape, dtype, buffer=buf, offset=offset)
         return out
