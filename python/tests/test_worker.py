@@ -466,3 +466,18 @@ def test_failures_outside_predict_fail_only_their_execute(core, plugin, tmp_path
     np.testing.assert_array_equal(c.outputs(result)["y"], [0, 1, 2, 3])
     assert c.proc.poll() is None
     assert c.shutdown() == 0
+
+
+def test_empty_outputs_with_an_arena_smaller_than_one_block(core, plugin):
+    # 32 bytes hold no 64-byte block: the empty result goes out as a dedicated region instead
+    # of waiting forever for arena room.
+    c = core(output_bytes=32, timeout=10.0)
+    c.hello()
+    assert c.load(plugin, "Big")["type"] == "ready"
+    c.execute(1, [c.put("n", np.array([0], np.int64))])
+    result = c.recv()
+    assert result["type"] == "result", result
+    (ref,) = result["outputs"]
+    assert ref["region"] == "fd" and ref["length"] == 0, ref
+    assert c.outputs(result)["blob"].shape == (0,)
+    assert c.shutdown() == 0

@@ -366,7 +366,9 @@ class Worker:
             total = 0
             for out in prepared:
                 total += align_up(out.nbytes)
-            if total > self.ring.capacity:
+            # An all-empty result still takes one ALIGN block (`_write_arena`): an arena smaller
+            # than that could never hold it, and `_alloc` would wait for room forever.
+            if max(total, ALIGN) > self.ring.capacity:
                 return self._write_dedicated(prepared)
             return self._write_arena(exec_id, prepared, total), []
         log.error("execute %d: %s", exec_id, exc, exc_info=bool(tb))
