@@ -398,7 +398,9 @@ impl Actor {
         let Some(session) = self.session.take() else {
             return;
         };
-        // Anything the worker started (it is its own group) goes with it.
+        // Anything the worker started (it is its own group) goes with it. The reaper already
+        // did this when the worker exited, and after the reap this is a no-op (the group id
+        // may belong to someone else by now); it matters when the exit status never came.
         session.process.kill_group();
         let exit = status
             .map(|s| describe_exit(&s))
