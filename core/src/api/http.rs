@@ -184,7 +184,7 @@ async fn infer<B: Backend>(
     let Path(p) = path?;
     let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
     let mut decoded = request::decode(p.model, p.version, &headers, body)?;
-    decoded.request.trace = trace.map(|Extension(RequestTrace(t))| t);
+    decoded.request.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
     let result = s.backend.infer(decoded.request).await?;
     let mut encoded = response::encode(&result, &decoded.plan)?;
     encoded

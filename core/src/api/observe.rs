@@ -16,7 +16,12 @@ use tracing::field;
 
 /// The trace a request belongs to (request extension, set before the handler runs).
 #[derive(Clone, Copy, Debug)]
-pub struct RequestTrace(pub TraceId);
+pub struct RequestTrace {
+    pub trace: TraceId,
+    /// Hand the id to the worker: the caller sent it, or spans are exported. A random id
+    /// nobody else knows is not worth a field in every execute frame and log line.
+    pub propagate: bool,
+}
 
 /// Rows in the batch that served the request (response extension, infer route only).
 #[derive(Clone, Copy, Debug)]
@@ -32,10 +37,14 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
-    let span = tracing::info_span!("http", method = %method, path = %path, trace_id = field::Empty);
+    // DEBUG, like every per-request span: exported over OTLP, free otherwise.
+    let span =
+        tracing::debug_span!("http", method = %method, path = %path, trace_id = field::Empty);
     let trace = telemetry::request_trace(&span, incoming.as_ref());
     span.record("trace_id", field::display(trace));
-    req.extensions_mut().insert(RequestTrace(trace));
+    let propagate = incoming.is_some() || telemetry::otlp_active();
+    req.extensions_mut()
+        .insert(RequestTrace { trace, propagate });
 
     let response = next.run(req).instrument(span).await;
 

@@ -155,7 +155,7 @@ impl Engine {
     }
 
     /// Validates, queues, batches and executes one request.
-    #[tracing::instrument(name = "infer", skip_all, fields(model = %req.model))]
+    #[tracing::instrument(level = "debug", name = "infer", skip_all, fields(model = %req.model))]
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
         let entry = self.entry(&req.model, req.version.as_deref())?;
         if self.is_draining() {

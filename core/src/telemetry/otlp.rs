@@ -15,7 +15,7 @@ use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer
 use std::time::Duration;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::registry::LookupSpan;
 
 /// How long a finished span may wait before its batch is posted.
@@ -73,7 +73,11 @@ where
     let tracer = provider.tracer("unimodel");
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(Targets::new().with_target("unimodel", tracing::Level::INFO));
+        // Per-request spans are DEBUG (free when nothing exports them); events stay INFO+.
+        .with_filter(filter_fn(|meta| {
+            meta.target().starts_with("unimodel")
+                && (meta.is_span() || *meta.level() <= tracing::Level::INFO)
+        }));
     Ok((layer, OtlpGuard { provider }))
 }
 
