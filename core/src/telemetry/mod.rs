@@ -1,6 +1,10 @@
 //! Logging: human-readable lines by default, JSON with `--log-format json`, always on
 //! stderr (stdout stays free for command output such as `unimodel predict`).
 //! `UNIMODEL_LOG` (or `RUST_LOG`) sets the filter, e.g. `UNIMODEL_LOG=debug`.
+//!
+//! - `metrics`: the Prometheus metrics behind `/metrics`.
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
