@@ -4,13 +4,16 @@
 //! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
 //! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
 //! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
-//! `{"error": ...}` body.
+//! `{"error": ...}` body. With a backend that has metrics, `GET /metrics` is served too and
+//! every infer request is recorded (`metrics.rs`).
 
 use super::backend::Backend;
 use super::error::ApiError;
+use super::metrics as api_metrics;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
 use super::{request, response};
 use crate::engine::EngineError;
+use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -21,6 +24,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 /// Settings of the HTTP front end.
 #[derive(Clone, Debug)]
@@ -29,10 +33,11 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
 }
 
-/// What every handler gets: the backend and the settings.
+/// What every handler gets: the backend, the settings and where requests are recorded.
 struct AppState<B> {
     backend: Arc<B>,
     cfg: Arc<HttpConfig>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 // Derived Clone would demand `B: Clone`; only the Arcs are cloned.
@@ -41,6 +46,7 @@ impl<B> Clone for AppState<B> {
         AppState {
             backend: Arc::clone(&self.backend),
             cfg: Arc::clone(&self.cfg),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -55,11 +61,13 @@ struct ModelPath {
 /// Builds the KServe V2 router over `backend`.
 pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let limit = cfg.max_body_bytes;
+    let metrics = backend.metrics();
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),
+        metrics: metrics.clone(),
     };
-    Router::new()
+    let app = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live::<B>))
         .route("/v2/health/ready", get(ready::<B>))
@@ -89,7 +97,11 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    match metrics {
+        Some(m) => app.merge(api_metrics::routes(m)),
+        None => app,
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets in-flight requests
@@ -175,11 +187,26 @@ async fn infer<B: Backend>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let Path(p) = path?;
-    let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
-    let decoded = request::decode(p.model, p.version, &headers, body)?;
-    let result = s.backend.infer(decoded.request).await?;
-    response::encode(&result, &decoded.plan)
+    let mut served_version = None;
+    let answer = async {
+        let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+        let decoded = request::decode(p.model.clone(), p.version.clone(), &headers, body)?;
+        let result = s.backend.infer(decoded.request).await?;
+        served_version = Some(result.model_version.clone());
+        response::encode(&result, &decoded.plan)
+    }
+    .await;
+    if let Some(m) = &s.metrics {
+        let target = api_metrics::Target {
+            model: &p.model,
+            version: p.version.as_deref(),
+            served_version: served_version.as_deref(),
+        };
+        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, &answer, started);
+    }
+    answer
 }
 
 /// `GET /v2/models/stats`: 200 Triton statistics of every model.

@@ -8,6 +8,8 @@
 //! - `binary`: Triton's binary tensor data framing.
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `error`: `ApiError`, the one place errors become statuses.
+//! - `outcome`: the `outcome` metric label of each error, next to its status.
+//! - `metrics`: `GET /metrics` and per-request recording.
 
 pub mod backend;
 pub mod binary;
@@ -15,6 +17,8 @@ pub mod error;
 pub mod http;
 pub mod json_data;
 pub mod metadata;
+pub mod metrics;
+mod outcome;
 pub mod request;
 pub mod response;
 

@@ -13,7 +13,8 @@ use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{BatchPolicy, Decision, Pending, Queue};
 use super::stats::{BatchTimes, StatsRecorder};
-use crate::worker::types::{InstanceState, WorkerError};
+use crate::telemetry::metrics::ModelMetrics;
+use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -303,9 +304,11 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
     let started = Instant::now();
     let work = build_work(&batch, batching);
     let rows = work.batch_size;
+    let staged = staged_bytes(&work);
     let built = Instant::now();
     let result = exec.execute(work).await;
     let returned = Instant::now();
+    count_worker_call(ctx.stats.metrics(), staged, &result);
 
     let replies: Vec<Result<Vec<_>, EngineError>> = match result {
         Ok(out) => {
@@ -318,6 +321,7 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
                         input: built - started,
                         infer,
                         output,
+                        call: returned - built,
                     });
                     parts.into_iter().map(Ok).collect()
                 }
@@ -347,6 +351,34 @@ async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch
         let _ = p.reply.send(reply);
     }
     let _ = ctx.events.send(Event::BatchDone { idx }).await;
+}
+
+/// Tensor bytes a batch puts into the worker's input arena.
+fn staged_bytes(work: &Work) -> u64 {
+    let bytes: usize = work
+        .inputs
+        .iter()
+        .flat_map(|i| i.parts.iter().map(|p| p.len()))
+        .sum();
+    bytes as u64
+}
+
+/// Shared-memory traffic and execution timeouts of one worker call. Inputs count once the
+/// worker has answered (a result or a plugin error): only then were they surely staged.
+fn count_worker_call(
+    metrics: &ModelMetrics,
+    staged: u64,
+    result: &Result<WorkOutput, WorkerError>,
+) {
+    match result {
+        Ok(out) => {
+            metrics.shm_in(staged);
+            metrics.shm_out(out.outputs.iter().map(|t| t.data.len() as u64).sum());
+        }
+        Err(WorkerError::Plugin { .. }) => metrics.shm_in(staged),
+        Err(WorkerError::ExecutionTimeout { .. }) => metrics.execution_timeout(),
+        Err(_) => {}
+    }
 }
 
 /// Maps a worker-layer failure to what the client is told.

@@ -9,6 +9,7 @@ pub mod bytes_codec;
 pub mod error;
 pub mod executor;
 mod handle;
+mod lifecycle;
 pub mod model;
 mod queue;
 mod stats;
