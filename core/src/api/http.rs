@@ -9,8 +9,8 @@
 
 use super::backend::Backend;
 use super::error::ApiError;
-use super::metrics as api_metrics;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
+use super::metrics as api_metrics;
 use super::{request, response};
 use crate::engine::EngineError;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};

@@ -3,8 +3,8 @@
 
 use super::args::PluginArgs;
 use crate::engine::validate::Limits;
-use crate::telemetry::metrics::Metrics;
 use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
+use crate::telemetry::metrics::Metrics;
 use crate::worker::types::{InstanceConfig, ModelDecl, PythonEnv, RestartPolicy, Timeouts};
 use crate::worker::{inspect, prepare_python, spawn_instance};
 use anyhow::{Context as _, bail};

@@ -174,18 +174,13 @@ impl Engine {
         )?;
         check_ready(config, &entry.state.borrow())?;
 
-        let permit =
-            entry
-                .places
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| {
-                    entry.metrics.rejected();
-                    EngineError::QueueFull {
-                        model: config.name.clone(),
-                        capacity: config.queue_capacity,
-                    }
-                })?;
+        let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
+            entry.metrics.rejected();
+            EngineError::QueueFull {
+                model: config.name.clone(),
+                capacity: config.queue_capacity,
+            }
+        })?;
         // Counted until this future ends: answered, timed out, or dropped by the client.
         let _inflight = entry.metrics.inflight();
         let timeout = req
@@ -291,6 +286,7 @@ fn sample_queue_depth(
     places: &Arc<Semaphore>,
     capacity: usize,
 ) {
+    model.set_queue_capacity(i64::try_from(capacity).unwrap_or(i64::MAX));
     let places = Arc::downgrade(places);
     let model = model.clone();
     metrics.add_sampler(move || {

@@ -166,11 +166,16 @@ mod tests {
         assert_eq!(value(&format!("unimodel_batch_size_count{mv}")), 3.0);
         assert_eq!(value(&format!("unimodel_batch_size_sum{mv}")), 9.0);
         assert_eq!(
-            value(&format!("unimodel_plugin_compute_duration_seconds_count{mv}")),
+            value(&format!(
+                "unimodel_plugin_compute_duration_seconds_count{mv}"
+            )),
             3.0
         );
         let infer_s = value(&format!("unimodel_plugin_compute_duration_seconds_sum{mv}"));
         assert!((infer_s - 300e-9).abs() < 1e-15, "{infer_s}");
-        assert_eq!(value(&format!("unimodel_queue_duration_seconds_count{mv}")), 1.0);
+        assert_eq!(
+            value(&format!("unimodel_queue_duration_seconds_count{mv}")),
+            1.0
+        );
     }
 }

@@ -106,6 +106,7 @@ pub struct Metrics {
     plugin_compute_duration: HistogramFamily<ModelVersionLabels>,
     batch_size: HistogramFamily<ModelVersionLabels>,
     queue_depth: Family<ModelLabels, Gauge>,
+    queue_capacity: Family<ModelLabels, Gauge>,
     inflight: Family<ModelLabels, Gauge>,
     worker_instances: Family<StateLabels, Gauge>,
     worker_starts: Family<ModelLabels, Counter>,
@@ -141,6 +142,7 @@ impl Metrics {
             plugin_compute_duration: Family::new_with_constructor(latency_histogram),
             batch_size: Family::new_with_constructor(batch_histogram),
             queue_depth: Family::default(),
+            queue_capacity: Family::default(),
             inflight: Family::default(),
             worker_instances: Family::default(),
             worker_starts: Family::default(),
@@ -191,6 +193,11 @@ impl Metrics {
             "queue_depth",
             "Requests waiting in the model's queue (not yet dispatched to a worker)",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "queue_capacity",
+            "Places in the model's queue (--queue-capacity); a full queue answers 429",
+            m.queue_capacity.clone(),
         );
         r.register(
             "inflight_requests",
@@ -247,11 +254,10 @@ impl Metrics {
             model: model.to_string(),
         };
         let state = |state: &'static str| {
-            self.worker_instances
-                .get_or_create_owned(&StateLabels {
-                    model: model.to_string(),
-                    state,
-                })
+            self.worker_instances.get_or_create_owned(&StateLabels {
+                model: model.to_string(),
+                state,
+            })
         };
         let direction = |direction: &'static str| {
             self.shm_bytes.get_or_create_owned(&DirectionLabels {
@@ -265,6 +271,7 @@ impl Metrics {
             plugin_compute_duration: self.plugin_compute_duration.get_or_create_owned(&mv),
             batch_size: self.batch_size.get_or_create_owned(&mv),
             queue_depth: self.queue_depth.get_or_create_owned(&ml),
+            queue_capacity: self.queue_capacity.get_or_create_owned(&ml),
             inflight: self.inflight.get_or_create_owned(&ml),
             instances: WORKER_STATES.map(state),
             worker_starts: self.worker_starts.get_or_create_owned(&ml),
@@ -317,7 +324,12 @@ impl Metrics {
 
     /// The whole registry in the Prometheus text format.
     pub fn encode(&self) -> String {
-        for sample in self.samplers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for sample in self
+            .samplers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             sample();
         }
         let mut out = String::with_capacity(16 * 1024);
@@ -340,6 +352,7 @@ pub struct ModelMetrics {
     plugin_compute_duration: Histogram,
     batch_size: Histogram,
     queue_depth: Gauge,
+    queue_capacity: Gauge,
     inflight: Gauge,
     /// Indexed like `WORKER_STATES`.
     instances: [Gauge; 5],
@@ -393,6 +406,10 @@ impl ModelMetrics {
 
     pub fn set_queue_depth(&self, depth: i64) {
         self.queue_depth.set(depth);
+    }
+
+    pub fn set_queue_capacity(&self, capacity: i64) {
+        self.queue_capacity.set(capacity);
     }
 
     /// Counts a request as in flight until the guard is dropped (answered, or abandoned).
@@ -463,6 +480,7 @@ mod tests {
             "unimodel_plugin_compute_duration_seconds",
             "unimodel_batch_size",
             "unimodel_queue_depth",
+            "unimodel_queue_capacity",
             "unimodel_inflight_requests",
             "unimodel_worker_instances",
             "unimodel_worker_starts_total",
@@ -472,7 +490,10 @@ mod tests {
             "unimodel_queue_rejections_total",
             "unimodel_shared_memory_bytes_total",
         ] {
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{text}"
+            );
         }
         assert!(!text.contains("# EOF"), "Prometheus text, not OpenMetrics");
     }
@@ -483,16 +504,28 @@ mod tests {
         for _ in 0..3 {
             m.record_request("a", "1", PROTOCOL_REST, "success", Duration::from_millis(2));
         }
-        m.record_request("a", "1", PROTOCOL_REST, "bad_request", Duration::from_secs(9));
+        m.record_request(
+            "a",
+            "1",
+            PROTOCOL_REST,
+            "bad_request",
+            Duration::from_secs(9),
+        );
         m.record_request("", "", PROTOCOL_REST, "not_found", Duration::ZERO);
         let t = m.encode();
         let base = r#"model="a",version="1",protocol="rest""#;
         assert_eq!(
-            sample(&t, &format!(r#"unimodel_requests_total{{{base},outcome="success"}}"#)),
+            sample(
+                &t,
+                &format!(r#"unimodel_requests_total{{{base},outcome="success"}}"#)
+            ),
             3.0
         );
         assert_eq!(
-            sample(&t, &format!(r#"unimodel_requests_total{{{base},outcome="bad_request"}}"#)),
+            sample(
+                &t,
+                &format!(r#"unimodel_requests_total{{{base},outcome="bad_request"}}"#)
+            ),
             1.0
         );
         assert_eq!(
@@ -503,10 +536,16 @@ mod tests {
             1.0
         );
         assert_eq!(
-            sample(&t, &format!("unimodel_request_duration_seconds_count{{{base}}}")),
+            sample(
+                &t,
+                &format!("unimodel_request_duration_seconds_count{{{base}}}")
+            ),
             3.0
         );
-        let sum = sample(&t, &format!("unimodel_request_duration_seconds_sum{{{base}}}"));
+        let sum = sample(
+            &t,
+            &format!("unimodel_request_duration_seconds_sum{{{base}}}"),
+        );
         assert!((sum - 0.006).abs() < 1e-9, "{sum}");
         assert_eq!(
             sample(
@@ -534,14 +573,23 @@ mod tests {
         m.add_sampler(move || depth.set_queue_depth(7));
         let t = m.encode();
         let mv = r#"model="m",version="1""#;
-        assert_eq!(sample(&t, &format!("unimodel_batch_size_count{{{mv}}}")), 2.0);
-        assert_eq!(sample(&t, &format!("unimodel_batch_size_sum{{{mv}}}")), 11.0);
+        assert_eq!(
+            sample(&t, &format!("unimodel_batch_size_count{{{mv}}}")),
+            2.0
+        );
+        assert_eq!(
+            sample(&t, &format!("unimodel_batch_size_sum{{{mv}}}")),
+            11.0
+        );
         assert_eq!(
             sample(&t, &format!(r#"unimodel_batch_size_bucket{{{mv},le="4"}}"#)),
             1.0
         );
         assert_eq!(
-            sample(&t, &format!("unimodel_queue_duration_seconds_count{{{mv}}}")),
+            sample(
+                &t,
+                &format!("unimodel_queue_duration_seconds_count{{{mv}}}")
+            ),
             1.0
         );
         assert_eq!(
@@ -558,8 +606,14 @@ mod tests {
             ),
             40.0
         );
-        assert_eq!(sample(&t, r#"unimodel_execution_timeouts_total{model="m"}"#), 1.0);
-        assert_eq!(sample(&t, r#"unimodel_queue_rejections_total{model="m"}"#), 2.0);
+        assert_eq!(
+            sample(&t, r#"unimodel_execution_timeouts_total{model="m"}"#),
+            1.0
+        );
+        assert_eq!(
+            sample(&t, r#"unimodel_queue_rejections_total{model="m"}"#),
+            2.0
+        );
         assert_eq!(sample(&t, r#"unimodel_inflight_requests{model="m"}"#), 1.0);
         assert_eq!(sample(&t, r#"unimodel_queue_depth{model="m"}"#), 7.0);
         drop(guard);
@@ -597,8 +651,17 @@ mod tests {
         assert_eq!(state("ready"), 0.0);
         assert_eq!(state("restarting"), 1.0);
         assert_eq!(state("failed"), 0.0);
-        assert_eq!(sample(&t, r#"unimodel_worker_starts_total{model="m"}"#), 2.0);
-        assert_eq!(sample(&t, r#"unimodel_worker_crashes_total{model="m"}"#), 1.0);
-        assert_eq!(sample(&t, r#"unimodel_worker_restarts_total{model="m"}"#), 0.0);
+        assert_eq!(
+            sample(&t, r#"unimodel_worker_starts_total{model="m"}"#),
+            2.0
+        );
+        assert_eq!(
+            sample(&t, r#"unimodel_worker_crashes_total{model="m"}"#),
+            1.0
+        );
+        assert_eq!(
+            sample(&t, r#"unimodel_worker_restarts_total{model="m"}"#),
+            0.0
+        );
     }
 }
