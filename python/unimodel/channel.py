@@ -15,12 +15,26 @@ import socket
 from collections import deque
 from typing import Any
 
-from .protocol import LENGTH, MAX_FRAME_BYTES, ProtocolError, decode_body, new_packer
+import msgpack
+
+from .protocol import (
+    LENGTH,
+    MAX_FRAME_BYTES,
+    MESSAGE_KEYS,
+    ProtocolError,
+    decode_body,
+    new_packer,
+)
 
 #: Most descriptors one frame may carry (one per tensor of a batch); sized for the ancillary buffer.
 MAX_FDS_PER_READ = 64
 _INITIAL_BUFFER = 1 << 20
 _FD_SIZE = array.array("i").itemsize
+# Plain ints: the socket module's flag enums make every `&` a Python-level call.
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 class ChannelClosed(Exception):
@@ -43,6 +57,8 @@ class Channel:
         self._pack = self._packer.pack
         self._len = LENGTH.pack
         self._sendall = sock.sendall
+        self._recvmsg_into = sock.recvmsg_into
+        self._unpackb = msgpack.unpackb  # raw=False (str stays str) is the default
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -64,21 +80,21 @@ class Channel:
         if self._end == len(self._buf):
             # No room to read into: compact, or grow when the buffer holds one partial frame.
             self._make_room(2 * len(self._buf) if self._start == 0 else 0)
-        flags = 0 if block else socket.MSG_DONTWAIT
         try:
-            n, ancdata, msg_flags, _ = self.sock.recvmsg_into(
-                [self._view[self._end :]], self._anc_size, flags
+            n, ancdata, msg_flags, _ = self._recvmsg_into(
+                [self._view[self._end :]], self._anc_size, 0 if block else _MSG_DONTWAIT
             )
         except BlockingIOError:
             return False
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
             return False
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
-                self.fds.extend(fds)
-        if msg_flags & socket.MSG_CTRUNC:
+        if ancdata:
+            for level, kind, data in ancdata:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - (len(data) % _FD_SIZE)])
+                    self.fds.extend(fds)
+        if msg_flags & _MSG_CTRUNC:
             raise ProtocolError(
                 f"a frame carried more than {MAX_FDS_PER_READ} file descriptors; some were lost"
             )
@@ -100,7 +116,9 @@ class Channel:
                 self._make_room(4 + length)
             return None
         end = start + 4 + length
-        message = decode_body(self._view[start + 4 : end])
+        message = self._unpackb(self._view[start + 4 : end])
+        if type(message) is not dict or message.get("type") not in MESSAGE_KEYS:
+            decode_body(self._view[start + 4 : end])  # raises the precise ProtocolError
         if end == self._end:
             self._start = self._end = 0
         else:

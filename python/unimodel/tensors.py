@@ -137,9 +137,13 @@ class OutputSpec:
     dtype: np.dtype
     shape: tuple[int, ...]
     is_bytes: bool
+    #: Rank of the returned array: the declared shape, plus the batch dimension when batching.
+    rank: int
+    #: (axis, size) of every fixed (not -1) dimension, axes counted in the returned array.
+    fixed: tuple[tuple[int, int], ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class PreparedOutput:
     """One validated output, ready to be written: data is an ndarray or serialised BYTES."""
 
@@ -164,6 +168,7 @@ class OutputPlan:
     """Validates `predict`'s returned dict against the declared outputs."""
 
     def __init__(self, outputs: dict[str, Tensor], batching: bool, max_output_bytes: int) -> None:
+        lead = 1 if batching else 0
         self.specs = {
             name: OutputSpec(
                 name,
@@ -171,6 +176,8 @@ class OutputPlan:
                 NUMPY_DTYPES[t.datatype],
                 tuple(t.shape),
                 t.datatype == "BYTES",
+                len(t.shape) + lead,
+                tuple((axis + lead, size) for axis, size in enumerate(t.shape) if size != -1),
             )
             for name, t in outputs.items()
         }
@@ -212,7 +219,8 @@ class OutputPlan:
         return prepared
 
     def _prepare_one(self, spec: OutputSpec, value: Any, batch_size: int) -> PreparedOutput:
-        value = to_numpy(value)
+        if type(value) is not np.ndarray:
+            value = to_numpy(value)
         if spec.is_bytes:
             arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
             self._check_shape(spec, arr.shape, batch_size)
@@ -225,7 +233,7 @@ class OutputPlan:
         else:
             arr = value if type(value) is np.ndarray else np.asarray(value)
             self._check_shape(spec, arr.shape, batch_size)
-            if arr.dtype != spec.dtype and not np.can_cast(
+            if arr.dtype is not spec.dtype and not np.can_cast(
                 arr.dtype, spec.dtype, casting="same_kind"
             ):
                 raise InvalidOutputError(
@@ -243,33 +251,36 @@ class OutputPlan:
         return out
 
     def _check_shape(self, spec: OutputSpec, shape: tuple[int, ...], batch_size: int) -> None:
-        declared = spec.shape
+        if len(shape) == spec.rank and (not self.batching or shape[0] == batch_size):
+            for axis, size in spec.fixed:
+                if shape[axis] != size:
+                    break
+            else:
+                return
+        self._shape_error(spec, shape, batch_size)
+
+    def _shape_error(self, spec: OutputSpec, shape: tuple[int, ...], batch_size: int) -> None:
+        declared = list(spec.shape)
         if self.batching:
-            if len(shape) != len(declared) + 1:
+            if len(shape) != spec.rank:
                 raise InvalidOutputError(
                     f"output {spec.name!r} has shape {list(shape)}; with batching it must be "
-                    f"[batch, *{list(declared)}] (rank {len(declared) + 1}): keep the batch "
-                    "dimension first"
+                    f"[batch, *{declared}] (rank {spec.rank}): keep the batch dimension first"
                 )
             if shape[0] != batch_size:
                 raise InvalidOutputError(
                     f"output {spec.name!r} has {shape[0]} rows but the batch has {batch_size}: "
                     "return one row per input row (first dimension = batch)"
                 )
-            dims = shape[1:]
-        else:
-            if len(shape) != len(declared):
-                raise InvalidOutputError(
-                    f"output {spec.name!r} has shape {list(shape)}, declared {list(declared)} "
-                    f"(rank {len(declared)})"
-                )
-            dims = shape
-        for got, want in zip(dims, declared, strict=True):
-            if want != -1 and got != want:
-                raise InvalidOutputError(
-                    f"output {spec.name!r} has shape {list(shape)}, which does not match the "
-                    f"declared per-request shape {list(declared)}"
-                )
+        elif len(shape) != spec.rank:
+            raise InvalidOutputError(
+                f"output {spec.name!r} has shape {list(shape)}, declared {declared} "
+                f"(rank {spec.rank})"
+            )
+        raise InvalidOutputError(
+            f"output {spec.name!r} has shape {list(shape)}, which does not match the declared "
+            f"per-request shape {declared}"
+        )
 
 
 def write_output(mm: mmap.mmap, offset: int, out: PreparedOutput) -> None:
@@ -277,7 +288,7 @@ def write_output(mm: mmap.mmap, offset: int, out: PreparedOutput) -> None:
     data = out.data
     if out.nbytes == 0:
         return
-    if out.spec.is_bytes or (data.dtype == out.spec.dtype and data.flags.c_contiguous):
+    if out.spec.is_bytes or (data.dtype is out.spec.dtype and data.flags.c_contiguous):
         mm[offset : offset + out.nbytes] = data
     else:
         dst = np.ndarray(data.shape, out.spec.dtype, buffer=mm, offset=offset)
