@@ -133,8 +133,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every family (names get the `unimodel_` prefix).
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("unimodel");
-        let m = Metrics {
+        let mut m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             queue_duration: Family::new_with_constructor(latency_histogram),
@@ -152,95 +151,101 @@ impl Metrics {
             rejections: Family::default(),
             shm_bytes: Family::default(),
             samplers: Mutex::new(Vec::new()),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("unimodel"),
         };
-        let r = &mut registry;
+        m.register_families();
+        m
+    }
+
+    /// Puts every family in the registry with its name, unit and help text.
+    fn register_families(&mut self) {
+        // Disjoint fields: the registry is borrowed mutably, the families only cloned.
+        let r = &mut self.registry;
         r.register(
             "requests",
             "Inference requests answered, by model, version, protocol and outcome (success, bad_request, not_found, queue_full, timeout, plugin_error, worker_error, unavailable, ...); model and version are empty when the request named no served model",
-            m.requests.clone(),
+            self.requests.clone(),
         );
         r.register_with_unit(
             "request_duration",
             "Total latency of successful inference requests, from arrival to the encoded response",
             Unit::Seconds,
-            m.request_duration.clone(),
+            self.request_duration.clone(),
         );
         r.register_with_unit(
             "queue_duration",
             "Time successful requests waited in the model's queue before their batch was dispatched",
             Unit::Seconds,
-            m.queue_duration.clone(),
+            self.queue_duration.clone(),
         );
         r.register_with_unit(
             "worker_call_duration",
             "Round trip of one successful batch through a worker as the core measures it (staging inputs, predict, reading outputs)",
             Unit::Seconds,
-            m.worker_call_duration.clone(),
+            self.worker_call_duration.clone(),
         );
         r.register_with_unit(
             "plugin_compute_duration",
             "Time inside the plugin's predict for one successful batch, as the worker reports it",
             Unit::Seconds,
-            m.plugin_compute_duration.clone(),
+            self.plugin_compute_duration.clone(),
         );
         r.register(
             "batch_size",
             "Rows per successfully executed batch",
-            m.batch_size.clone(),
+            self.batch_size.clone(),
         );
         r.register(
             "queue_depth",
             "Requests waiting in the model's queue (not yet dispatched to a worker)",
-            m.queue_depth.clone(),
+            self.queue_depth.clone(),
         );
         r.register(
             "queue_capacity",
             "Places in the model's queue (--queue-capacity); a full queue answers 429",
-            m.queue_capacity.clone(),
+            self.queue_capacity.clone(),
         );
         r.register(
             "inflight_requests",
             "Requests accepted by the engine and not yet answered (queued or executing)",
-            m.inflight.clone(),
+            self.inflight.clone(),
         );
         r.register(
             "worker_instances",
             "Worker instances of each model by state (starting, ready, restarting, failed, stopped)",
-            m.worker_instances.clone(),
+            self.worker_instances.clone(),
         );
         r.register(
             "worker_starts",
             "Worker processes started (first starts and restarts)",
-            m.worker_starts.clone(),
+            self.worker_starts.clone(),
         );
         r.register(
             "worker_crashes",
             "Worker processes that died or were killed (crash, hang, execution timeout, failed setup)",
-            m.worker_crashes.clone(),
+            self.worker_crashes.clone(),
         );
         r.register(
             "worker_restarts",
             "Worker processes started again after a crash or a failed setup",
-            m.worker_restarts.clone(),
+            self.worker_restarts.clone(),
         );
         r.register(
             "execution_timeouts",
             "Batches whose predict ran past the execution timeout (the worker was killed)",
-            m.execution_timeouts.clone(),
+            self.execution_timeouts.clone(),
         );
         r.register(
             "queue_rejections",
             "Requests refused with 429 because the model's queue was full",
-            m.rejections.clone(),
+            self.rejections.clone(),
         );
         r.register_with_unit(
             "shared_memory",
             "Tensor bytes moved between the core and workers through shared memory, by direction (in: inputs to the worker, out: outputs back)",
             Unit::Bytes,
-            m.shm_bytes.clone(),
+            self.shm_bytes.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// Handles for one model, labelled once. Creating them makes the model's series appear
