@@ -23,6 +23,7 @@ fn execute_msg() -> CoreMessage {
             ),
         ],
         outputs: None,
+        trace: Vec::new(),
     }
 }
 

@@ -7,7 +7,19 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     keep_large_buffers_mapped();
     let cli = Cli::parse();
-    unimodel::telemetry::init(cli.log_format == LogFormat::Json);
+    let telemetry = unimodel::telemetry::TelemetryOptions {
+        json: cli.log_format == LogFormat::Json,
+        otlp_endpoint: cli.otlp_endpoint.clone(),
+        access_log: cli.access_log,
+    };
+    // Held to the end: dropping it (after the runtime is gone) flushes exported spans.
+    let _otlp = match unimodel::telemetry::init(&telemetry) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("unimodel: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

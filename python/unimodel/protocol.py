@@ -42,7 +42,7 @@ MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
         "max_batch_size",
         "max_output_bytes",
     ),
-    "execute": ("id", "batch_size", "inputs", "outputs"),
+    "execute": ("id", "batch_size", "inputs", "outputs", "trace"),
     "release": ("id",),
     "cancel": ("id",),
     "ping": ("seq",),
@@ -54,6 +54,8 @@ TENSOR_KEYS: tuple[str, ...] = ("name", "datatype", "shape", "region", "offset",
 _TENSOR_LISTS = {"inputs", "outputs"}
 #: Keys the doc types as float: always encoded as float64, even when given an int.
 _FLOAT_KEYS = {"setup_ms"}
+#: Optional keys written only when they hold something (``execute.trace``).
+_OMIT_EMPTY = {"trace"}
 
 
 class ProtocolError(Exception):
@@ -87,13 +89,15 @@ def canonical(message: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"type": kind}
     for key in MESSAGE_KEYS[kind]:
         value = message.get(key)
+        if key in _OMIT_EMPTY and not value:
+            continue
         if key in _FLOAT_KEYS and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif key in _TENSOR_LISTS and isinstance(value, list):
             value = [_canonical_tensor(t) if isinstance(t, dict) else t for t in value]
         out[key] = value
     for key, value in message.items():
-        if key not in out:
+        if key not in out and not (key in _OMIT_EMPTY and not value):
             out[key] = value
     return out
 

@@ -24,7 +24,7 @@ import traceback
 from collections import deque
 from typing import Any
 
-from . import __version__
+from . import __version__, logs
 from .channel import Channel, ChannelClosed
 from .discovery import PluginSpec, find_models, parse_spec
 from .errors import PluginError
@@ -219,6 +219,18 @@ class Worker:
         return self.channel.take_fds(count) if count else []
 
     def execute(self, msg: dict[str, Any]) -> None:
+        trace = msg.get("trace")
+        if not trace:
+            self._execute(msg)
+            return
+        # Log records (and printed lines) of this predict carry the batch's trace ids.
+        token = logs.set_trace(trace)
+        try:
+            self._execute(msg)
+        finally:
+            logs.reset_trace(token)
+
+    def _execute(self, msg: dict[str, Any]) -> None:
         exec_id = msg["id"]
         model = self.model
         refs = msg["inputs"]
@@ -413,6 +425,7 @@ def serve(control_fd: int, input_fd: int, output_fd: int) -> int:
     import socket
 
     sock = socket.socket(fileno=control_fd)
+    logs.tag_stdout()
     worker = Worker(Channel(sock), input_fd, output_fd)
     try:
         return worker.run()

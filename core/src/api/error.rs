@@ -76,7 +76,9 @@ fn engine_status(e: &EngineError) -> StatusCode {
         EngineError::NotReady { .. }
         | EngineError::WorkerFailed { .. }
         | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        EngineError::Plugin { .. } | EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Plugin { .. } | EngineError::BadOutput { .. } | EngineError::Internal(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
         EngineError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
     }
 }
@@ -165,6 +167,13 @@ mod tests {
                 EngineError::Plugin {
                     model: m(),
                     message: "ValueError".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                EngineError::BadOutput {
+                    model: m(),
+                    message: "3 rows, 2 expected".into(),
                 },
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),

@@ -4,18 +4,20 @@
 //! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
 //! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
 //! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
-//! `{"error": ...}` body. With a backend that has metrics, `GET /metrics` is served too and
+//! `{"error": ...}` body. With a backend that has metrics, `GET /metrics` serves them and
 //! every infer request is recorded (`metrics.rs`).
 
 use super::backend::Backend;
 use super::error::ApiError;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
 use super::metrics as api_metrics;
+use super::observe::{BatchSize, RequestTrace};
+use super::openapi;
 use super::{request, response};
 use crate::engine::EngineError;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -65,9 +67,9 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),
-        metrics: metrics.clone(),
+        metrics,
     };
-    let app = Router::new()
+    Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live::<B>))
         .route("/v2/health/ready", get(ready::<B>))
@@ -94,14 +96,14 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_stats::<B>),
         )
+        .route("/metrics", get(scrape_metrics::<B>))
+        .route("/openapi.json", get(openapi::document))
+        .route("/docs", get(openapi::page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state);
-    match metrics {
-        Some(m) => app.merge(api_metrics::routes(m)),
-        None => app,
-    }
+        .layer(axum::middleware::from_fn(super::observe::observe))
+        .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets in-flight requests
@@ -184,6 +186,7 @@ async fn model_ready<B: Backend>(
 async fn infer<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
+    trace: Option<Extension<RequestTrace>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -192,10 +195,15 @@ async fn infer<B: Backend>(
     let mut served_version = None;
     let answer = async {
         let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
-        let decoded = request::decode(p.model.clone(), p.version.clone(), &headers, body)?;
+        let mut decoded = request::decode(p.model.clone(), p.version.clone(), &headers, body)?;
+        decoded.request.trace = trace.map(|Extension(RequestTrace(t))| t);
         let result = s.backend.infer(decoded.request).await?;
         served_version = Some(result.model_version.clone());
-        response::encode(&result, &decoded.plan)
+        let mut encoded = response::encode(&result, &decoded.plan)?;
+        encoded
+            .extensions_mut()
+            .insert(BatchSize(result.batch_size));
+        Ok(encoded)
     }
     .await;
     if let Some(m) = &s.metrics {
@@ -207,6 +215,21 @@ async fn infer<B: Backend>(
         api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, &answer, started);
     }
     answer
+}
+
+/// `GET /metrics`: 200 Prometheus text format (version 0.0.4); 404 when the backend keeps
+/// no metrics.
+async fn scrape_metrics<B: Backend>(
+    State(s): State<AppState<B>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    match &s.metrics {
+        Some(m) => Ok(api_metrics::scrape_response(m)),
+        None => Err(ApiError::RouteNotFound {
+            method: Method::GET.to_string(),
+            path: uri.path().to_string(),
+        }),
+    }
 }
 
 /// `GET /v2/models/stats`: 200 Triton statistics of every model.

@@ -201,6 +201,7 @@ impl Backend for Fake {
             model_version: m.config.version.clone(),
             id: req.id,
             outputs,
+            batch_size: 1,
         })
     }
 

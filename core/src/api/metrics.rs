@@ -1,7 +1,7 @@
 //! `GET /metrics` (Prometheus text format) and the per-request recording the infer route does.
 //!
-//! The route serves on the main HTTP port and, with `--metrics-port`, on a listener of its
-//! own (`routes` is the whole app there). Requests are recorded here, after the response is
+//! The route serves on the main HTTP port (`http.rs` lists it with the other routes) and,
+//! with `--metrics-port`, on a listener of its own (`routes` is the whole app there). Requests are recorded here, after the response is
 //! built, because only then is the final outcome known (`outcome.rs`).
 
 use super::backend::Backend;
@@ -23,8 +23,13 @@ pub fn routes(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-/// `GET /metrics`: 200, every metric in the Prometheus text format (version 0.0.4).
+/// `GET /metrics` on the `--metrics-port` listener.
 async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
+    scrape_response(&metrics)
+}
+
+/// 200, every metric in the Prometheus text format (version 0.0.4).
+pub fn scrape_response(metrics: &Metrics) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.encode()).into_response()
 }
 
@@ -149,6 +154,7 @@ mod tests {
                 model_version: "7".into(),
                 id: None,
                 outputs: vec![],
+                batch_size: 1,
             })
         }
         fn stats(&self, _: Option<&str>, _: Option<&str>) -> Result<Vec<ModelStats>, EngineError> {

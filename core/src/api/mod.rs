@@ -8,6 +8,8 @@
 //! - `binary`: Triton's binary tensor data framing.
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `error`: `ApiError`, the one place errors become statuses.
+//! - `observe`: per-request span, `traceparent`, access log line.
+//! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
 //! - `outcome`: the `outcome` metric label of each error, next to its status.
 //! - `metrics`: `GET /metrics` and per-request recording.
 
@@ -18,6 +20,8 @@ pub mod http;
 pub mod json_data;
 pub mod metadata;
 pub mod metrics;
+pub mod observe;
+pub mod openapi;
 mod outcome;
 pub mod request;
 pub mod response;

@@ -29,7 +29,8 @@ fn engine_outcome(e: &EngineError) -> &'static str {
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::NotReady { .. } | EngineError::ShuttingDown => "unavailable",
         EngineError::WorkerFailed { .. } => "worker_error",
-        EngineError::Plugin { .. } => "plugin_error",
+        // Both are the plugin's fault: it raised, or returned outputs that do not fit.
+        EngineError::Plugin { .. } | EngineError::BadOutput { .. } => "plugin_error",
         EngineError::Internal(_) => "internal_error",
         EngineError::Timeout { .. } => "timeout",
     }

@@ -111,6 +111,8 @@ pub fn decode(
         inputs,
         outputs,
         timeout: params.timeout.filter(|&t| t > 0).map(Duration::from_micros),
+        // Set by the route from the request's `traceparent` (see `api::observe`).
+        trace: None,
     };
     Ok(DecodedRequest { request, plan })
 }

@@ -175,6 +175,7 @@ mod tests {
                     bytes_codec::encode([b"hi".as_slice()]),
                 ),
             ],
+            batch_size: 1,
         }
     }
 

@@ -16,6 +16,15 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export spans to an OpenTelemetry collector over OTLP/HTTP (protobuf), e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is appended). Off by default.
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Log one line per HTTP request (method, path, model, status, latency, batch size,
+    /// trace id) at INFO, target `unimodel::access`. Off by default: at tens of thousands of
+    /// requests per second it costs more than the rest of the request path.
+    #[arg(long, global = true)]
+    pub access_log: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,7 +57,7 @@ pub struct PluginArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub instances: Option<u32>,
     /// Override the plugin's `max_batch_size` (0 disables batching).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
     pub max_batch_size: Option<u32>,
     /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill).
     #[arg(long, value_name = "MS")]
@@ -62,8 +71,8 @@ pub struct PluginArgs {
     /// Time one predict() call may take before its worker is killed and restarted.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub execution_timeout_ms: u64,
-    /// Size of each worker's input and output shared-memory arena.
-    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    /// Size of each worker's input and output shared-memory arena (at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = at_least_4096)]
     pub arena_bytes: usize,
     /// Largest input or output tensor accepted.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
@@ -93,7 +102,8 @@ pub struct RunArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub max_body_bytes: usize,
-    /// On SIGTERM/SIGINT, time given to queued and running requests before exiting.
+    /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it
+    /// is answered 503, then the process exits (workers get 5 s more to stop).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
 }
@@ -106,6 +116,18 @@ pub struct PredictArgs {
     /// a batching model gets a batch dimension of 1 added) or, if not JSON, one BYTES string.
     #[arg(short = 'i', long = "input", value_name = "NAME=VALUE", value_parser = parse_key_value)]
     pub inputs: Vec<(String, String)>,
+}
+
+fn at_least_4096(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|e| format!("'{s}' is not a byte count: {e}"))?;
+    if n < 4096 {
+        return Err(format!(
+            "{n} bytes is too small for an arena; use at least 4096"
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

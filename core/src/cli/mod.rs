@@ -3,6 +3,7 @@
 pub mod args;
 mod metrics_port;
 mod predict;
+mod progress;
 mod run;
 mod serving;
 

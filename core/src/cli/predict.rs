@@ -12,6 +12,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long workers get to exit after the answer before the process ends anyway.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
 pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
         queue_capacity: 1,
@@ -43,7 +46,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let engine = start_engine(&loaded, &plugin, Arc::default());
     let state = engine.wait_loaded(&config.name).await?;
     if let ModelState::Failed { error, traceback } = state {
-        engine.shutdown().await;
+        engine.shutdown(WORKER_STOP_GRACE).await;
         bail!("model {} failed to load: {error}\n{traceback}", config.name);
     }
     let request = InferRequest {
@@ -53,9 +56,10 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         inputs,
         outputs: None,
         timeout: None,
+        trace: None,
     };
     let result = engine.infer(request).await;
-    engine.shutdown().await;
+    engine.shutdown(WORKER_STOP_GRACE).await;
     let response = result?;
 
     let mut out = Map::new();

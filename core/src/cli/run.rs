@@ -2,7 +2,8 @@
 //!
 //! 1. Prepare Python and inspect the plugin (errors print the plugin's traceback).
 //! 2. Listen at once, so `/v2/health/live` answers while workers load.
-//! 3. Spawn the workers; print one line per model once it is READY (or FAILED).
+//! 3. Spawn the workers; report each instance that becomes ready ("2/4 instances ready",
+//!    `progress.rs`) and print one line per model once it is READY (or FAILED).
 //! 4. On the first signal: readiness false, new requests 503, queued and running work
 //!    finishes (up to `--drain-timeout-ms`), HTTP stops, workers stop, exit 0.
 //!    A second signal exits at once (workers die with us through PDEATHSIG).
@@ -19,6 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
+
+/// After the drain, how long idle keep-alive connections get to close.
+const HTTP_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long workers get to exit cleanly before the process ends anyway.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
@@ -45,6 +51,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(address = %format!("http://{at}/metrics"), "metrics listening");
     }
     let engine = start_engine(&loaded, &args.plugin, metrics);
+    super::progress::report_load_progress(&engine);
     let app = router(
         Arc::new(engine.clone()),
         HttpConfig {
@@ -128,16 +135,21 @@ async fn shutdown(
     );
     let graceful = async {
         if !engine.drain(timeout).await {
-            tracing::warn!("drain timed out after {timeout:?}; stopping anyway");
+            tracing::warn!("drain timed out after {timeout:?}: answering what is left with 503");
+            engine.abort().await;
         }
         let _ = stop_http.send(());
         // In-flight responses are already written; bound the wait for idle connections.
-        match tokio::time::timeout(Duration::from_secs(5), http).await {
+        match tokio::time::timeout(HTTP_STOP_GRACE, http).await {
             Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
             Ok(Err(e)) => tracing::warn!("HTTP server task: {e}"),
             _ => {}
         }
-        engine.shutdown().await;
+        if !engine.shutdown(WORKER_STOP_GRACE).await {
+            tracing::warn!(
+                "workers did not stop within {WORKER_STOP_GRACE:?}; they exit with the server"
+            );
+        }
     };
     tokio::select! {
         _ = graceful => {

@@ -5,6 +5,7 @@ use super::args::PluginArgs;
 use crate::engine::validate::Limits;
 use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
 use crate::telemetry::metrics::Metrics;
+use crate::worker::codec::MAX_FDS_PER_FRAME;
 use crate::worker::types::{InstanceConfig, ModelDecl, PythonEnv, RestartPolicy, Timeouts};
 use crate::worker::{inspect, prepare_python, spawn_instance};
 use anyhow::{Context as _, bail};
@@ -77,6 +78,9 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
     if decls.is_empty() {
         bail!("'{}' defines no um.Model subclass", spec.file.display());
     }
+    for d in &decls {
+        check_servable(d)?;
+    }
     let mut seen = BTreeMap::new();
     for d in &decls {
         if let Some(prev) = seen.insert(d.name.clone(), d.class.clone()) {
@@ -96,6 +100,29 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Loaded { spec, models })
+}
+
+/// Refuses what this server cannot serve yet, before any worker starts.
+fn check_servable(d: &ModelDecl) -> anyhow::Result<()> {
+    if d.streaming {
+        bail!(
+            "model '{}' ({}): predict is a generator (streaming), which this server cannot serve yet; \
+             return a dict of arrays from predict instead",
+            d.name,
+            d.class
+        );
+    }
+    // Tensors too large for an arena travel as one descriptor each in a single frame.
+    let most = MAX_FDS_PER_FRAME;
+    if d.inputs.len() > most || d.outputs.len() > most {
+        bail!(
+            "model '{}' declares {} inputs and {} outputs; at most {most} of each are supported",
+            d.name,
+            d.inputs.len(),
+            d.outputs.len()
+        );
+    }
+    Ok(())
 }
 
 fn model_config(

@@ -7,7 +7,20 @@
 use super::bytes_codec;
 use super::queue::Pending;
 use super::tensor::{Tensor, element_count};
+use crate::telemetry::TraceId;
 use crate::worker::types::{Work, WorkInput};
+
+/// The batch's trace ids in request order, each once (requests of one trace may share a
+/// batch). A batch is one `predict` call, so the plugin's log lines name all of them.
+pub fn trace_ids(batch: &[Pending]) -> Vec<TraceId> {
+    let mut ids: Vec<TraceId> = Vec::with_capacity(batch.len());
+    for t in batch.iter().filter_map(|p| p.origin.trace) {
+        if !ids.contains(&t) {
+            ids.push(t);
+        }
+    }
+    ids
+}
 
 /// Builds the worker call for `batch` (non-empty, requests already compatible).
 pub fn build_work(batch: &[Pending], batching: bool) -> Work {
@@ -33,6 +46,7 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
     let same_outputs = batch.iter().all(|p| p.outputs == first.outputs);
     Work {
         batch_size: if batching { rows } else { 1 },
+        trace: trace_ids(batch),
         inputs,
         outputs: if same_outputs {
             first.outputs.clone()
@@ -202,6 +216,7 @@ mod tests {
             deadline: now + Duration::from_secs(1),
             reply: tx,
             permit: None,
+            origin: Default::default(),
         };
         (p, rx)
     }

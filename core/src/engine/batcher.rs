@@ -2,51 +2,51 @@
 //! batches and dispatches each to the least-loaded ready instance.
 //!
 //! Flow: `Engine::infer` sends `Command::Enqueue`; the actor wakes on that, on instance
-//! events (state changes, finished batches) and on the earliest batching or request
-//! deadline, then calls `dispatch`. Each batch runs in its own task, which answers the
-//! requests and reports `Event::BatchDone` so the actor frees the instance's slot.
-//! A closed command channel (every engine handle dropped) stops the actor.
+//! state changes, on batch outcomes (`execution.rs`) and on the earliest batching or
+//! request deadline, then calls `dispatch`. A batch an instance could not start comes back
+//! and is queued again at the head. `Abort` fails everything still waiting and cancels
+//! running batches (shutdown after a drain timeout). A closed command channel (every engine
+//! handle dropped) stops the actor.
 
 use super::EngineError;
-use super::batch::{build_work, split_outputs};
+use super::batch::trace_ids;
+use super::execution::{BatchContext, Outcome, run_batch};
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{BatchPolicy, Decision, Pending, Queue};
-use super::stats::{BatchTimes, StatsRecorder};
-use crate::telemetry::metrics::ModelMetrics;
-use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
+use super::stats::StatsRecorder;
+use crate::worker::types::InstanceState;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Batches a worker may hold at once: one running, one prepared behind it.
 pub const PIPELINE_DEPTH: usize = 2;
+
+/// How long an instance that could not start a batch is passed over, unless its state
+/// changes first (its crash is usually being reported at that moment).
+const SUSPECT_FOR: Duration = Duration::from_millis(50);
 
 pub enum Command {
     Enqueue(Pending),
     /// Answer once the queue is empty and no batch is running.
     Drain(oneshot::Sender<()>),
-}
-
-enum Event {
-    Instance { idx: usize, state: InstanceState },
-    BatchDone { idx: usize },
+    /// Fail every waiting request, cancel running batches and refuse new ones.
+    Abort(oneshot::Sender<()>),
+    /// A client went away: look at the queue again so its place is freed now.
+    Wake,
 }
 
 struct Slot {
     exec: Arc<dyn Executor>,
     state: InstanceState,
     outstanding: usize,
-}
-
-/// Shared with the batch tasks.
-#[derive(Clone)]
-struct BatchContext {
-    config: Arc<ModelConfig>,
-    stats: Arc<StatsRecorder>,
-    declared_outputs: Arc<[String]>,
-    events: mpsc::Sender<Event>,
+    /// Not chosen before this instant (it just failed to start a batch).
+    suspect_until: Option<Instant>,
 }
 
 pub struct Batcher {
@@ -54,11 +54,18 @@ pub struct Batcher {
     queue: Queue,
     slots: Vec<Slot>,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::Receiver<Event>,
+    states: mpsc::Receiver<(usize, InstanceState)>,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
     state: watch::Sender<ModelState>,
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// When the forming batch must be released, if one is forming.
     release_at: Option<Instant>,
+    /// Running batch tasks, so `Abort` can cancel them.
+    running: HashMap<u64, AbortHandle>,
+    next_batch_id: u64,
+    /// Some instance has been ready once: later outages are UNAVAILABLE, not LOADING.
+    ever_ready: bool,
+    aborted: bool,
 }
 
 impl Batcher {
@@ -71,9 +78,10 @@ impl Batcher {
         queue_capacity: usize,
     ) -> mpsc::Sender<Command> {
         let (cmd_tx, cmd_rx) = mpsc::channel(queue_capacity.max(1));
-        let (ev_tx, ev_rx) = mpsc::channel(64 + instances.len() * 4);
+        let (state_tx, state_rx) = mpsc::channel(16 + instances.len() * 4);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
         for (idx, exec) in instances.iter().enumerate() {
-            tokio::spawn(forward_states(idx, exec.state(), ev_tx.clone()));
+            tokio::spawn(forward_states(idx, exec.state(), state_tx.clone()));
         }
         let policy = BatchPolicy {
             max_batch_size: config.max_batch_size,
@@ -87,6 +95,7 @@ impl Batcher {
                 state: exec.state().borrow().clone(),
                 exec,
                 outstanding: 0,
+                suspect_until: None,
             })
             .collect();
         let batcher = Batcher {
@@ -94,15 +103,20 @@ impl Batcher {
                 config,
                 stats,
                 declared_outputs,
-                events: ev_tx,
+                outcomes: out_tx,
             },
             queue: Queue::new(policy),
             slots,
             commands: cmd_rx,
-            events: ev_rx,
+            states: state_rx,
+            outcomes: out_rx,
             state,
             drain_waiters: Vec::new(),
             release_at: None,
+            running: HashMap::new(),
+            next_batch_id: 0,
+            ever_ready: false,
+            aborted: false,
         };
         tokio::spawn(batcher.run());
         cmd_tx
@@ -114,10 +128,10 @@ impl Batcher {
             let wake = self.next_wake();
             tokio::select! {
                 biased;
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(outcome) = self.outcomes.recv() => self.on_outcome(outcome),
+                Some((idx, state)) = self.states.recv() => self.on_instance_state(idx, state),
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Enqueue(p)) => self.queue.push(p),
-                    Some(Command::Drain(tx)) => self.drain_waiters.push(tx),
+                    Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
                 _ = sleep_until(wake), if wake.is_some() => {}
@@ -126,49 +140,104 @@ impl Batcher {
             self.dispatch();
             self.finish_drain_if_idle();
         }
-        self.fail_all_queued(EngineError::ShuttingDown);
+        self.abort();
         for slot in &self.slots {
             slot.exec.shutdown().await;
         }
     }
 
-    fn next_wake(&self) -> Option<Instant> {
-        match (self.release_at, self.queue.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Enqueue(p) if self.aborted => {
+                let _ = p.reply.send(Err(EngineError::ShuttingDown));
+            }
+            Command::Enqueue(p) => self.queue.push(p),
+            Command::Drain(tx) => self.drain_waiters.push(tx),
+            Command::Abort(done) => {
+                self.abort();
+                let _ = done.send(());
+            }
+            Command::Wake => {}
         }
     }
 
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::BatchDone { idx } => {
+    /// Fails what waits, cancels what runs (their clients get 503), refuses what comes.
+    fn abort(&mut self) {
+        self.aborted = true;
+        self.fail_all_queued(EngineError::ShuttingDown);
+        for (_, task) in self.running.drain() {
+            task.abort();
+        }
+        for slot in &mut self.slots {
+            slot.outstanding = 0;
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let suspect = if self.queue.is_empty() {
+            None
+        } else {
+            self.slots.iter().filter_map(|s| s.suspect_until).min()
+        };
+        [self.release_at, self.queue.next_deadline(), suspect]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_outcome(&mut self, outcome: Outcome) {
+        let (idx, batch_id) = match outcome {
+            Outcome::Finished { idx, batch_id } => (idx, batch_id),
+            Outcome::NotStarted {
+                idx,
+                batch_id,
+                batch,
+                reason,
+            } => {
+                tracing::debug!(model = %self.ctx.config.name, instance = idx, "batch not started ({reason}); queued again");
                 if let Some(slot) = self.slots.get_mut(idx) {
-                    slot.outstanding = slot.outstanding.saturating_sub(1);
+                    slot.suspect_until = Some(Instant::now() + SUSPECT_FOR);
                 }
+                if self.aborted {
+                    for p in batch {
+                        let _ = p.reply.send(Err(EngineError::ShuttingDown));
+                    }
+                } else {
+                    self.queue.requeue_front(batch);
+                }
+                (idx, batch_id)
             }
-            Event::Instance { idx, state } => {
-                if let Some(slot) = self.slots.get_mut(idx) {
-                    slot.state = state;
-                }
-                self.publish_state();
-                let failed = match &*self.state.borrow() {
-                    ModelState::Failed { error, .. } => Some(error.clone()),
-                    _ => None,
-                };
-                if let Some(error) = failed {
-                    let model = self.ctx.config.name.clone();
-                    self.fail_all_queued(EngineError::NotReady {
-                        model,
-                        state: format!("FAILED: {error}"),
-                    });
-                }
-            }
+        };
+        if self.running.remove(&batch_id).is_some()
+            && let Some(slot) = self.slots.get_mut(idx)
+        {
+            slot.outstanding = slot.outstanding.saturating_sub(1);
+        }
+    }
+
+    fn on_instance_state(&mut self, idx: usize, state: InstanceState) {
+        if let Some(slot) = self.slots.get_mut(idx) {
+            slot.state = state;
+            slot.suspect_until = None;
+        }
+        self.publish_state();
+        let failed = match &*self.state.borrow() {
+            ModelState::Failed { error, .. } => Some(error.clone()),
+            _ => None,
+        };
+        if let Some(error) = failed {
+            let model = self.ctx.config.name.clone();
+            self.fail_all_queued(EngineError::NotReady {
+                model,
+                state: format!("FAILED: {error}"),
+            });
         }
     }
 
     /// The model's state follows its instances: ready if any instance is.
-    fn publish_state(&self) {
-        let next = model_state(self.slots.iter().map(|s| &s.state));
+    fn publish_state(&mut self) {
+        self.ever_ready |= self.slots.iter().any(|s| s.state == InstanceState::Ready);
+        let next = model_state(self.slots.iter().map(|s| &s.state), self.ever_ready);
         self.state.send_if_modified(|cur| {
             // Stopping is final: instances winding down must not make the model look loading again.
             if *cur == ModelState::Stopping || *cur == next {
@@ -192,22 +261,30 @@ impl Batcher {
     }
 
     /// Least-loaded ready instance with a free pipeline slot, ties broken by index.
-    fn pick_instance(&self) -> Option<usize> {
+    fn pick_instance(&self, now: Instant) -> Option<usize> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.state == InstanceState::Ready && s.outstanding < PIPELINE_DEPTH)
+            .filter(|(_, s)| {
+                s.state == InstanceState::Ready
+                    && s.outstanding < PIPELINE_DEPTH
+                    && s.suspect_until.is_none_or(|t| now >= t)
+            })
             .min_by_key(|(_, s)| s.outstanding)
             .map(|(i, _)| i)
     }
 
     fn dispatch(&mut self) {
         self.release_at = None;
-        while let Some(idx) = self.pick_instance() {
+        if self.aborted {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(idx) = self.pick_instance(now) {
             // A busy instance only gets a full batch in advance; partial batches keep
             // filling until some instance is idle.
             let full_only = self.slots[idx].outstanding > 0;
-            match self.queue.next_batch(Instant::now(), full_only) {
+            match self.queue.next_batch(now, full_only) {
                 Decision::Empty => break,
                 Decision::WaitUntil(at) => {
                     if !full_only {
@@ -227,14 +304,16 @@ impl Batcher {
             // The request leaves the queue: its place is free for the next one.
             p.permit = None;
         }
-        tokio::spawn(run_batch(self.ctx.clone(), idx, slot.exec.clone(), batch));
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let span = batch_span(&self.ctx.config.name, idx, &batch);
+        let run = run_batch(self.ctx.clone(), idx, batch_id, slot.exec.clone(), batch);
+        let task = tokio::spawn(run.instrument(span));
+        self.running.insert(batch_id, task.abort_handle());
     }
 
     fn finish_drain_if_idle(&mut self) {
-        if self.drain_waiters.is_empty() {
-            return;
-        }
-        if self.queue.is_empty() && self.slots.iter().all(|s| s.outstanding == 0) {
+        if !self.drain_waiters.is_empty() && self.queue.is_empty() && self.running.is_empty() {
             for tx in self.drain_waiters.drain(..) {
                 let _ = tx.send(());
             }
@@ -259,18 +338,22 @@ async fn sleep_until(at: Option<Instant>) {
 async fn forward_states(
     idx: usize,
     mut rx: watch::Receiver<InstanceState>,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<(usize, InstanceState)>,
 ) {
     while rx.changed().await.is_ok() {
         let state = rx.borrow_and_update().clone();
-        if tx.send(Event::Instance { idx, state }).await.is_err() {
+        if tx.send((idx, state)).await.is_err() {
             break;
         }
     }
 }
 
-/// Derives the model state from its instances' states.
-pub fn model_state<'a>(states: impl Iterator<Item = &'a InstanceState>) -> ModelState {
+/// Derives the model state from its instances' states. Until some instance has been ready
+/// once, restarts after failed setups still count as LOADING (FAILED ends it).
+pub fn model_state<'a>(
+    states: impl Iterator<Item = &'a InstanceState>,
+    ever_ready: bool,
+) -> ModelState {
     let states: Vec<&InstanceState> = states.collect();
     if states.iter().any(|s| **s == InstanceState::Ready) {
         return ModelState::Ready;
@@ -285,7 +368,7 @@ pub fn model_state<'a>(states: impl Iterator<Item = &'a InstanceState>) -> Model
             traceback: traceback.clone(),
         };
     }
-    if states.iter().all(|s| matches!(s, InstanceState::Stopped)) && !states.is_empty() {
+    if !states.is_empty() && states.iter().all(|s| matches!(s, InstanceState::Stopped)) {
         return ModelState::Stopping;
     }
     let restarting = states.iter().find_map(|s| match s {
@@ -293,108 +376,28 @@ pub fn model_state<'a>(states: impl Iterator<Item = &'a InstanceState>) -> Model
         _ => None,
     });
     match restarting {
-        Some(reason) => ModelState::Unavailable { reason },
-        None => ModelState::Loading,
+        Some(reason) if ever_ready => ModelState::Unavailable { reason },
+        _ => ModelState::Loading,
     }
 }
 
-/// Runs one batch on one instance and answers its requests.
-async fn run_batch(ctx: BatchContext, idx: usize, exec: Arc<dyn Executor>, batch: Vec<Pending>) {
-    let batching = ctx.config.max_batch_size > 0;
-    let started = Instant::now();
-    let work = build_work(&batch, batching);
-    let rows = work.batch_size;
-    let staged = staged_bytes(&work);
-    let built = Instant::now();
-    let result = exec.execute(work).await;
-    let returned = Instant::now();
-    count_worker_call(ctx.stats.metrics(), staged, &result);
-
-    let replies: Vec<Result<Vec<_>, EngineError>> = match result {
-        Ok(out) => {
-            let infer = Duration::from_nanos(out.compute_ns);
-            match split_outputs(&batch, out.outputs, &ctx.declared_outputs, batching) {
-                Ok(parts) => {
-                    let output = (returned - built).saturating_sub(infer) + returned.elapsed();
-                    ctx.stats.record_batch(BatchTimes {
-                        rows,
-                        input: built - started,
-                        infer,
-                        output,
-                        call: returned - built,
-                    });
-                    parts.into_iter().map(Ok).collect()
-                }
-                Err(e) => {
-                    let message = format!("returned unusable outputs: {e}");
-                    vec![
-                        Err(EngineError::Plugin {
-                            model: ctx.config.name.clone(),
-                            message
-                        });
-                        batch.len()
-                    ]
-                }
-            }
-        }
-        Err(e) => vec![Err(worker_error(&ctx.config.name, e)); batch.len()],
-    };
-
-    for (p, reply) in batch.into_iter().zip(replies) {
-        let ok = reply.is_ok();
-        ctx.stats.record_request(
-            ok,
-            started.saturating_duration_since(p.enqueued),
-            p.enqueued.elapsed(),
-        );
-        // The client may have gone; nobody to tell then.
-        let _ = p.reply.send(reply);
+/// The span of one worker call: a root span linked (`follows_from`) to the `infer` span of
+/// each request in it, listing their trace ids and client request ids ("-" for none).
+fn batch_span(model: &str, instance: usize, batch: &[Pending]) -> tracing::Span {
+    let traces = trace_ids(batch);
+    let join = |items: Vec<String>| items.join(",");
+    let span = tracing::info_span!(
+        parent: None,
+        "batch",
+        model,
+        instance,
+        requests = batch.len(),
+        rows = batch.iter().map(|p| p.rows).sum::<u32>(),
+        trace_ids = %join(traces.iter().map(ToString::to_string).collect()),
+        request_ids = %join(batch.iter().map(|p| p.origin.id.clone().unwrap_or_else(|| "-".into())).collect()),
+    );
+    for p in batch {
+        span.follows_from(&p.origin.span);
     }
-    let _ = ctx.events.send(Event::BatchDone { idx }).await;
-}
-
-/// Tensor bytes a batch puts into the worker's input arena.
-fn staged_bytes(work: &Work) -> u64 {
-    let bytes: usize = work
-        .inputs
-        .iter()
-        .flat_map(|i| i.parts.iter().map(|p| p.len()))
-        .sum();
-    bytes as u64
-}
-
-/// Shared-memory traffic and execution timeouts of one worker call. Inputs count once the
-/// worker has answered (a result or a plugin error): only then were they surely staged.
-fn count_worker_call(
-    metrics: &ModelMetrics,
-    staged: u64,
-    result: &Result<WorkOutput, WorkerError>,
-) {
-    match result {
-        Ok(out) => {
-            metrics.shm_in(staged);
-            metrics.shm_out(out.outputs.iter().map(|t| t.data.len() as u64).sum());
-        }
-        Err(WorkerError::Plugin { .. }) => metrics.shm_in(staged),
-        Err(WorkerError::ExecutionTimeout { .. }) => metrics.execution_timeout(),
-        Err(_) => {}
-    }
-}
-
-/// Maps a worker-layer failure to what the client is told.
-fn worker_error(model: &str, e: WorkerError) -> EngineError {
-    let model = model.to_string();
-    match e {
-        WorkerError::Plugin { message, .. } => EngineError::Plugin { model, message },
-        WorkerError::TooLarge(message) => EngineError::Plugin { model, message },
-        WorkerError::NotReady { state } => EngineError::NotReady { model, state },
-        WorkerError::ShuttingDown => EngineError::ShuttingDown,
-        e @ (WorkerError::Crashed { .. }
-        | WorkerError::ExecutionTimeout { .. }
-        | WorkerError::Protocol(_)) => EngineError::WorkerFailed {
-            model,
-            reason: e.to_string(),
-        },
-        WorkerError::Cancelled => EngineError::Internal("batch cancelled".into()),
-    }
+    span
 }

@@ -25,6 +25,9 @@ pub enum EngineError {
     WorkerFailed { model: String, reason: String },
     #[error("model '{model}' raised {message}")]
     Plugin { model: String, message: String },
+    /// The plugin returned something the server cannot send (wrong rows, too large, ...).
+    #[error("model '{model}' returned unusable outputs: {message}")]
+    BadOutput { model: String, message: String },
     #[error("model '{model}': request timed out after {after:?}")]
     Timeout { model: String, after: Duration },
     #[error("server is shutting down; not accepting new requests")]

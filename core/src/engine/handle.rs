@@ -8,7 +8,7 @@ use super::batcher::{Batcher, Command};
 use super::executor::Executor;
 use super::lifecycle::watch_instances;
 use super::model::{ModelConfig, ModelState};
-use super::queue::Pending;
+use super::queue::{Origin, Pending};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
@@ -142,6 +142,19 @@ impl Engine {
         Ok(state.clone())
     }
 
+    /// A watch on each of the model's instances, in instance order (progress reports).
+    pub fn instance_states(
+        &self,
+        name: &str,
+    ) -> Result<Vec<watch::Receiver<crate::worker::types::InstanceState>>, EngineError> {
+        Ok(self
+            .entry(name, None)?
+            .instances
+            .iter()
+            .map(|i| i.state())
+            .collect())
+    }
+
     /// Statistics of one model (or every model when `name` is `None`).
     pub fn stats(
         &self,
@@ -160,6 +173,7 @@ impl Engine {
     }
 
     /// Validates, queues, batches and executes one request.
+    #[tracing::instrument(name = "infer", skip_all, fields(model = %req.model))]
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
         let entry = self.entry(&req.model, req.version.as_deref())?;
         if self.is_draining() {
@@ -196,17 +210,31 @@ impl Engine {
             deadline: now + timeout,
             reply: reply_tx,
             permit: Some(permit),
+            origin: Origin {
+                id: req.id.clone(),
+                trace: req.trace,
+                span: tracing::Span::current(),
+            },
         };
         entry
             .commands
             .send(Command::Enqueue(pending))
             .await
             .map_err(|_| EngineError::ShuttingDown)?;
+        // If this future is dropped (the client went away) while the request waits, the
+        // guard wakes the batcher so the request's place is freed at once.
+        let mut guard = WakeOnDrop {
+            commands: &entry.commands,
+            armed: true,
+        };
 
         // The batcher answers timeouts of queued requests itself; this bound covers a batch
         // that is still running when the deadline passes.
-        let outputs = match tokio::time::timeout(timeout, reply_rx).await {
+        let waited = tokio::time::timeout(timeout, reply_rx).await;
+        guard.armed = false;
+        let answer = match waited {
             Ok(Ok(reply)) => reply?,
+            // The batch task was cancelled (shutdown after the drain deadline).
             Ok(Err(_)) => return Err(EngineError::ShuttingDown),
             Err(_) => {
                 return Err(EngineError::Timeout {
@@ -219,7 +247,8 @@ impl Engine {
             model_name: config.name.clone(),
             model_version: config.version.clone(),
             id: req.id,
-            outputs,
+            outputs: answer.outputs,
+            batch_size: answer.batch_size,
         })
     }
 
@@ -242,15 +271,34 @@ impl Engine {
             .is_ok()
     }
 
-    /// Stops every worker instance (after `drain`, or at once).
-    pub async fn shutdown(&self) {
+    /// Fails every request still queued and cancels running batches (their clients get 503);
+    /// new requests are refused. Used once the drain deadline has passed.
+    pub async fn abort(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+        let aborts = self.inner.models.values().map(|m| {
+            let commands = m.commands.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                if commands.send(Command::Abort(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+        });
+        futures::future::join_all(aborts).await;
+    }
+
+    /// Stops every worker instance, waiting at most `grace` for them to exit cleanly (a
+    /// worker still busy after that dies with the server through PDEATHSIG).
+    pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
         let stops = self
             .inner
             .models
             .values()
             .flat_map(|m| m.instances.iter().map(|i| i.shutdown()));
-        futures::future::join_all(stops).await;
+        tokio::time::timeout(grace, futures::future::join_all(stops))
+            .await
+            .is_ok()
     }
 
     fn entry(&self, name: &str, version: Option<&str>) -> Result<&ModelEntry, EngineError> {
@@ -275,6 +323,21 @@ impl Engine {
                 available: entry.config.version.clone(),
             }),
             _ => Ok(entry),
+        }
+    }
+}
+
+/// Wakes the batcher when a waiting `infer` is dropped before its answer.
+struct WakeOnDrop<'a> {
+    commands: &'a mpsc::Sender<Command>,
+    armed: bool,
+}
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // A full channel means the batcher is busy and will look at its queue anyway.
+            let _ = self.commands.try_send(Command::Wake);
         }
     }
 }

@@ -7,6 +7,7 @@ mod batch;
 mod batcher;
 pub mod bytes_codec;
 pub mod error;
+mod execution;
 pub mod executor;
 mod handle;
 mod lifecycle;
@@ -41,6 +42,9 @@ pub struct InferRequest {
     pub outputs: Option<Vec<String>>,
     /// Client deadline, if shorter than the model's default request timeout.
     pub timeout: Option<Duration>,
+    /// The trace this request belongs to (from `traceparent`, or fresh); handed to the
+    /// worker so the plugin's log lines name it. `None`: no trace (e.g. `unimodel predict`).
+    pub trace: Option<crate::telemetry::TraceId>,
 }
 
 /// The answer to an `InferRequest`.
@@ -50,6 +54,8 @@ pub struct InferResponse {
     pub model_version: String,
     pub id: Option<String>,
     pub outputs: Vec<Tensor>,
+    /// Rows in the batch that served this request (its own rows included), for the access log.
+    pub batch_size: u32,
 }
 
 /// A snapshot of one model for metadata and readiness routes.

@@ -37,11 +37,12 @@ pub struct ModelConfig {
 /// Lifecycle of a model, as `GET /v2/models/{m}` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelState {
-    /// Workers are starting; not yet serving.
+    /// Workers are starting (or retrying a failed setup); not yet serving, requests get 503.
     Loading,
     /// At least one instance serves.
     Ready,
-    /// Every instance is down (crashed, restarting); requests get 503 until one is back.
+    /// Every instance is down (crashed, restarting) after having served: requests still
+    /// queue (a replacement usually serves within a second) until their deadline.
     Unavailable { reason: String },
     /// `setup` kept failing; the model will not be retried.
     Failed { error: String, traceback: String },

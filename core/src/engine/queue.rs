@@ -16,8 +16,36 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
-/// What a queued request is answered with: the outputs it asked for, in its order.
-pub type Reply = Result<Vec<Tensor>, EngineError>;
+/// What a queued request is answered with.
+pub type Reply = Result<Answer, EngineError>;
+
+/// A successful answer: the outputs the request asked for, in its order, and the size of
+/// the batch it ran in.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub outputs: Vec<Tensor>,
+    /// Rows in the batch (sum over its requests).
+    pub batch_size: u32,
+}
+
+/// Where a request came from, for the batch span: its client id, its trace and the span
+/// it waits in (`follows_from` target).
+#[derive(Debug)]
+pub struct Origin {
+    pub id: Option<String>,
+    pub trace: Option<crate::telemetry::TraceId>,
+    pub span: tracing::Span,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin {
+            id: None,
+            trace: None,
+            span: tracing::Span::none(),
+        }
+    }
+}
 
 /// A validated request waiting for a batch.
 #[derive(Debug)]
@@ -33,6 +61,7 @@ pub struct Pending {
     pub reply: oneshot::Sender<Reply>,
     /// Holds one place in the model's queue; dropped when the request leaves it.
     pub permit: Option<OwnedSemaphorePermit>,
+    pub origin: Origin,
 }
 
 impl Pending {
@@ -108,6 +137,13 @@ impl Queue {
         self.entries.is_empty()
     }
 
+    /// Puts a batch that never reached a worker back at the head of the queue, in order.
+    pub fn requeue_front(&mut self, batch: Vec<Pending>) {
+        for p in batch.into_iter().rev() {
+            self.entries.push_front(p);
+        }
+    }
+
     /// Removes requests whose deadline has passed or whose client has gone.
     pub fn expire(&mut self, now: Instant) -> Expired {
         let mut out = Expired::default();
@@ -157,9 +193,9 @@ impl Queue {
             if rows >= max {
                 break;
             }
-            if p.batches_with(head) && rows + p.rows <= max {
+            if p.batches_with(head) && rows.saturating_add(p.rows) <= max {
                 chosen.push(i);
-                rows += p.rows;
+                rows = rows.saturating_add(p.rows);
             }
         }
 
@@ -201,6 +237,7 @@ mod tests {
             deadline: enqueued + Duration::from_secs(10),
             reply: tx,
             permit: None,
+            origin: Origin::default(),
         };
         (p, rx)
     }

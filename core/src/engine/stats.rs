@@ -66,7 +66,7 @@ impl StatsRecorder {
         &self.metrics
     }
 
-    /// One worker call finished successfully.
+    /// One worker call returned outputs.
     pub fn record_batch(&self, t: BatchTimes) {
         self.metrics.observe_batch(t.rows, t.call, t.infer);
         let now_ms = SystemTime::now()

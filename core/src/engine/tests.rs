@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Doubles FP32 input "x" into output "y" after `delay`, or fails as told.
 struct FakeExec {
@@ -153,6 +154,7 @@ fn request(values: &[f32]) -> InferRequest {
         }],
         outputs: None,
         timeout: None,
+        trace: None,
     }
 }
 
@@ -355,5 +357,126 @@ async fn drain_answers_in_flight_then_refuses_new_work() {
     assert!(matches!(
         engine.infer(request(&[1.0])).await,
         Err(EngineError::ShuttingDown)
+    ));
+}
+
+#[tokio::test]
+async fn batches_an_instance_cannot_start_run_on_another() {
+    let broken = FakeExec::failing(WorkerError::NotStarted {
+        reason: "worker died".into(),
+    });
+    let good = FakeExec::new(1);
+    let engine = start(config(4, 0, 64), &[broken.clone(), good.clone()]);
+    ready(&engine).await;
+    for i in 0..10 {
+        let resp = engine.infer(request(&[i as f32])).await.unwrap();
+        assert_eq!(values(&resp.outputs[0]), vec![i as f32 * 2.0]);
+    }
+    assert_eq!(
+        good.batch_sizes().iter().sum::<u32>(),
+        10,
+        "every request ran on the good instance"
+    );
+}
+
+#[tokio::test]
+async fn abort_answers_queued_and_running_requests_with_503() {
+    let exec = FakeExec::new(2_000);
+    let engine = start(config(0, 0, 16), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    engine.abort().await;
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, EngineError::ShuttingDown), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "abort must not wait for the running batches"
+    );
+    assert!(matches!(
+        engine.infer(request(&[1.0])).await,
+        Err(EngineError::ShuttingDown)
+    ));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_queue_place_at_once() {
+    let exec = FakeExec::new(1_000);
+    let engine = start(config(0, 0, 1), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    // Two run (pipeline depth 2), one waits in the only queue place.
+    let mut running = Vec::new();
+    for i in 0..2 {
+        let engine = engine.clone();
+        running.push(tokio::spawn(async move {
+            engine.infer(request(&[i as f32])).await
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let waiting = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.infer(request(&[9.0])).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(
+        exec.batch_sizes().len(),
+        2,
+        "two batches run, the third request waits"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the waiting request was answered early"
+    );
+    let refused = engine.infer(request(&[1.0])).await;
+    assert!(
+        matches!(refused, Err(EngineError::QueueFull { .. })),
+        "{refused:?}"
+    );
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The place is free again long before the running batches end.
+    let next = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.infer(request(&[5.0])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(
+        !next.is_finished() || next.await.unwrap().is_ok(),
+        "the new request was refused"
+    );
+    for r in running {
+        assert!(r.await.unwrap().is_ok());
+    }
+}
+
+#[test]
+fn restarts_before_the_first_ready_still_count_as_loading() {
+    use super::batcher::model_state;
+    let restarting = InstanceState::Restarting {
+        reason: "setup failed".into(),
+    };
+    assert_eq!(
+        model_state([&restarting].into_iter(), false),
+        ModelState::Loading
+    );
+    assert!(matches!(
+        model_state([&restarting].into_iter(), true),
+        ModelState::Unavailable { .. }
+    ));
+    let failed = InstanceState::Failed {
+        error: "e".into(),
+        traceback: "t".into(),
+    };
+    assert!(matches!(
+        model_state([&failed].into_iter(), false),
+        ModelState::Failed { .. }
     ));
 }

@@ -79,6 +79,12 @@ pub enum ValidationError {
         expected: usize,
         given: usize,
     },
+    #[error("input '{name}': BOOL element {index} is {value}; BOOL data must be 0 or 1")]
+    InvalidBool {
+        name: String,
+        index: usize,
+        value: u8,
+    },
     #[error("input '{name}': malformed BYTES data: {source}")]
     MalformedBytes {
         name: String,
@@ -283,6 +289,16 @@ fn check_data(tensor: &Tensor) -> Result<(), ValidationError> {
                     datatype: tensor.datatype,
                     expected,
                     given: tensor.data.len(),
+                });
+            }
+            // numpy reads any non-zero byte as a bool it cannot print or compare sanely.
+            if tensor.datatype == DataType::Bool
+                && let Some(index) = tensor.data.iter().position(|&b| b > 1)
+            {
+                return Err(ValidationError::InvalidBool {
+                    name: tensor.name.clone(),
+                    index,
+                    value: tensor.data[index],
                 });
             }
         }
@@ -644,5 +660,31 @@ mod tests {
         let dup = ["y".to_string(), "y".to_string()];
         let err = validate_request(&m, &[], Some(&dup), &LIMITS).unwrap_err();
         assert_eq!(err, ValidationError::DuplicateOutput { name: "y".into() });
+    }
+
+    #[test]
+    fn bool_data_must_be_zero_or_one() {
+        let m = model(0, vec![spec("b", DataType::Bool, &[3])]);
+        let mut t = Tensor {
+            name: "b".into(),
+            datatype: DataType::Bool,
+            shape: vec![3],
+            data: Bytes::from_static(&[0, 1, 1]),
+        };
+        assert_eq!(
+            validate_request(&m, std::slice::from_ref(&t), None, &LIMITS),
+            Ok(1)
+        );
+        t.data = Bytes::from_static(&[0, 7, 1]);
+        let err = validate_request(&m, &[t], None, &LIMITS).unwrap_err();
+        assert_eq!(
+            err,
+            ValidationError::InvalidBool {
+                name: "b".into(),
+                index: 1,
+                value: 7
+            }
+        );
+        assert!(err.to_string().contains("must be 0 or 1"), "{err}");
     }
 }

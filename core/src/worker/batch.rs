@@ -192,6 +192,7 @@ mod tests {
     fn work(parts: &[&[u8]]) -> Work {
         Work {
             batch_size: parts.len() as u32,
+            trace: Vec::new(),
             inputs: vec![
                 WorkInput {
                     name: "x".into(),

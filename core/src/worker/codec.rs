@@ -222,18 +222,28 @@ impl FrameWriter {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), CodecError> {
+        let frame = frame_bytes(payload)?;
+        self.write_framed(&frame, fds).await
+    }
+
+    /// Writes bytes that are already framed (or the rest of a frame), attaching `fds` to the
+    /// first byte, waiting for room in the socket as needed.
+    pub async fn write_framed(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), CodecError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(CodecError::TooManyFds { count: fds.len() });
         }
-        let frame = frame_bytes(payload)?;
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let mut sent = 0;
-        while sent < frame.len() {
+        while sent < bytes.len() {
             self.sock.writable().await?;
             let fd = self.sock.as_raw_fd();
             // Descriptors go with the first successful send only.
             let with_fds: &[RawFd] = if sent == 0 { &raw } else { &[] };
-            let chunk = &frame[sent..];
+            let chunk = &bytes[sent..];
             match self.sock.try_io(Interest::WRITABLE, || {
                 send_chunk(fd, chunk, with_fds).map_err(std::io::Error::from)
             }) {
@@ -243,6 +253,24 @@ impl FrameWriter {
             }
         }
         Ok(())
+    }
+
+    /// One non-blocking attempt to send `bytes` (with `fds` on the first byte): how many bytes
+    /// went out, 0 when the socket has no room. Lets the sender skip a task hop when the
+    /// socket is writable, which it almost always is for control frames.
+    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, CodecError> {
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(CodecError::TooManyFds { count: fds.len() });
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let fd = self.sock.as_raw_fd();
+        match self.sock.try_io(Interest::WRITABLE, || {
+            send_chunk(fd, bytes, &raw).map_err(std::io::Error::from)
+        }) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(CodecError::Io(e)),
+        }
     }
 }
 

@@ -102,6 +102,7 @@ fn config(mode: &str) -> InstanceConfig {
 fn work() -> Work {
     Work {
         batch_size: 1,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "x".into(),
             datatype: DataType::Uint8,

@@ -720,6 +720,7 @@ impl Actor {
                 batch_size: job.work.batch_size,
                 inputs: staged.refs,
                 outputs: job.work.outputs,
+                trace: job.work.trace.iter().map(|t| t.to_string()).collect(),
             };
             let started = self.inflight.is_empty().then(Instant::now);
             self.inflight.push_back(InFlight {

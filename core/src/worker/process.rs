@@ -288,6 +288,8 @@ pub struct LogRecord {
     pub level: tracing::Level,
     pub logger: Option<String>,
     pub message: String,
+    /// The trace id(s) of the batch the plugin was running (comma-separated), if any.
+    pub trace_id: Option<String>,
 }
 
 /// `\x1eUMLOG {json}` lines are Python logging records; anything else is plain output
@@ -300,6 +302,8 @@ fn parse_line(line: &str, stream: Stream) -> LogRecord {
         logger: Option<String>,
         #[serde(default)]
         message: String,
+        #[serde(default)]
+        trace_id: Option<String>,
     }
     if let Some(json) = line.strip_prefix("\u{1e}UMLOG ")
         && let Ok(rec) = serde_json::from_str::<UmLog>(json)
@@ -315,6 +319,7 @@ fn parse_line(line: &str, stream: Stream) -> LogRecord {
             level,
             logger: rec.logger,
             message: rec.message,
+            trace_id: rec.trace_id,
         };
     }
     let level = match stream {
@@ -325,31 +330,35 @@ fn parse_line(line: &str, stream: Stream) -> LogRecord {
         level,
         logger: None,
         message: line.to_string(),
+        trace_id: None,
     }
 }
 
 fn emit(labels: &LogLabels, r: &LogRecord) {
-    let (model, instance, logger, msg) = (
+    let (model, instance, logger, trace_id, msg) = (
         &labels.model,
         labels.instance,
         r.logger.as_deref().unwrap_or(""),
+        r.trace_id.as_deref(),
         &r.message,
     );
     // tracing needs the level at compile time, hence one arm per level.
     match r.level {
         tracing::Level::ERROR => {
-            tracing::error!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+            tracing::error!(target: "unimodel::worker::python", model, instance, logger, trace_id, "{msg}")
         }
         tracing::Level::WARN => {
-            tracing::warn!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+            tracing::warn!(target: "unimodel::worker::python", model, instance, logger, trace_id, "{msg}")
         }
         tracing::Level::INFO => {
-            tracing::info!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+            tracing::info!(target: "unimodel::worker::python", model, instance, logger, trace_id, "{msg}")
         }
         tracing::Level::DEBUG => {
-            tracing::debug!(target: "unimodel::worker::python", model, instance, logger, "{msg}")
+            tracing::debug!(target: "unimodel::worker::python", model, instance, logger, trace_id, "{msg}")
         }
-        _ => tracing::trace!(target: "unimodel::worker::python", model, instance, logger, "{msg}"),
+        _ => {
+            tracing::trace!(target: "unimodel::worker::python", model, instance, logger, trace_id, "{msg}")
+        }
     }
 }
 
@@ -381,6 +390,14 @@ mod tests {
         assert_eq!(r.level, tracing::Level::ERROR);
         assert_eq!(r.logger.as_deref(), Some("unimodel.plugin.x"));
         assert_eq!(r.message, "a\nb");
+        assert_eq!(r.trace_id, None);
+        let traced = "\u{1e}UMLOG {\"level\": \"INFO\", \"logger\": \"stdout\", \"message\": \"hi\", \"trace_id\": \"4bf92f3577b34da6a3ce929d0e0e4736\"}";
+        let r = parse_line(traced, Stream::Stdout);
+        assert_eq!(
+            r.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!((r.level, r.message.as_str()), (tracing::Level::INFO, "hi"));
         assert_eq!(
             parse_line("hello", Stream::Stdout).level,
             tracing::Level::INFO

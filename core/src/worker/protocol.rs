@@ -123,6 +123,10 @@ pub enum CoreMessage {
         batch_size: u32,
         inputs: Vec<TensorRef>,
         outputs: Option<Vec<String>>,
+        /// Trace ids (32 lowercase hex) of the batch's requests, in batch order without
+        /// repeats; absent when none. The worker tags the plugin's log lines with them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        trace: Vec<String>,
     },
     Release {
         id: u64,
@@ -143,6 +147,8 @@ pub enum MessageError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("malformed message: {0}")]
     Decode(#[from] rmp_serde::decode::Error),
+    #[error("message of {len} bytes exceeds the frame limit")]
+    TooLarge { len: usize },
 }
 
 /// Encodes a message as a MessagePack map (no length prefix).

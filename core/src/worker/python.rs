@@ -302,8 +302,9 @@ async fn ensure_venv(
     if venv.join(READY_MARKER).exists() && imports_runtime_deps(&with_venv).await {
         return Ok(python);
     }
-    eprintln!(
-        "unimodel: setting up Python environment in {} (first run only)",
+    // Progress goes through the log, so `--log-format json` keeps every line JSON.
+    tracing::info!(
+        "setting up Python environment in {} (first run only)",
         venv.display()
     );
     let tmp = venv_root.join(format!(".tmp-{py_minor}-{short}-{}", std::process::id()));
@@ -353,7 +354,7 @@ async fn ensure_venv(
             "numpy or msgpack still does not import after installing".into(),
         ));
     }
-    eprintln!("unimodel: Python environment ready");
+    tracing::info!("Python environment ready");
     Ok(python)
 }
 
@@ -400,7 +401,7 @@ async fn run_showing_progress(
 async fn echo_lines(pipe: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        eprintln!("  {line}");
+        tracing::info!(target: "unimodel::python_setup", "  {line}");
     }
 }
 

@@ -171,6 +171,7 @@ fn to_f32s(b: &[u8]) -> Vec<f32> {
 fn tool_work(x: f32) -> Work {
     Work {
         batch_size: 1,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "x".into(),
             datatype: DataType::Fp32,
@@ -214,6 +215,7 @@ async fn handshake_and_batched_execute() {
     // Two requests of 2 and 1 rows form one batch of 3.
     let work = Work {
         batch_size: 3,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "x".into(),
             datatype: DataType::Fp32,
@@ -246,6 +248,7 @@ async fn pipelined_executes_answer_in_order_and_many_reuse_the_arena() {
         let b: Vec<f32> = (0..4096).map(|i| (i * 2 + round) as f32).collect();
         let wa = Work {
             batch_size: 1,
+            trace: Vec::new(),
             inputs: vec![WorkInput {
                 name: "x".into(),
                 datatype: DataType::Fp32,
@@ -256,6 +259,7 @@ async fn pipelined_executes_answer_in_order_and_many_reuse_the_arena() {
         };
         let wb = Work {
             batch_size: 1,
+            trace: Vec::new(),
             inputs: vec![WorkInput {
                 name: "x".into(),
                 datatype: DataType::Fp32,
@@ -286,6 +290,7 @@ async fn bytes_tensors_round_trip() {
     let data = crate::engine::bytes_codec::encode([b"hello".as_slice(), "wörld".as_bytes(), b""]);
     let work = Work {
         batch_size: 1,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "text".into(),
             datatype: DataType::Bytes,
@@ -485,6 +490,7 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
     let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
     let work = Work {
         batch_size: 1,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "x".into(),
             datatype: DataType::Fp32,
@@ -500,6 +506,7 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
     // The arena path still works afterwards.
     let small = Work {
         batch_size: 1,
+        trace: Vec::new(),
         inputs: vec![WorkInput {
             name: "x".into(),
             datatype: DataType::Fp32,

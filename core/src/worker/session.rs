@@ -11,6 +11,8 @@ use super::shm::{ReadOnlyRegion, ShmError, WritableRegion, create_memfd};
 use super::types::InstanceConfig;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -31,8 +33,9 @@ pub enum SessionError {
 }
 
 /// A frame to send, with descriptors to attach (closed once sent).
+/// Framed bytes (possibly the rest of a frame) for the writer task.
 struct Outgoing {
-    payload: Vec<u8>,
+    bytes: Vec<u8>,
     fds: Vec<OwnedFd>,
 }
 
@@ -41,7 +44,12 @@ pub struct Session {
     pub process: WorkerProcess,
     /// Frames from the worker; `None` from `recv` means end of stream.
     pub frames: mpsc::Receiver<Result<Frame, CodecError>>,
+    /// Sends frames directly while nothing is queued for the writer task (the common case),
+    /// saving a task hop per frame; the writer task takes over when the socket is full.
+    direct: codec::FrameWriter,
     writer: mpsc::UnboundedSender<Outgoing>,
+    /// Frames handed to the writer task and not yet fully written.
+    queued: Arc<AtomicUsize>,
     pub input: InputArena,
     pub output: ReadOnlyRegion,
     /// When the control socket reached end of stream.
@@ -82,14 +90,17 @@ impl Session {
         let (reader, writer) = codec::split(ours);
         let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let tasks = [
             tokio::spawn(read_frames(reader, frames_tx)),
-            tokio::spawn(write_frames(writer, out_rx)),
+            tokio::spawn(write_frames(writer.clone(), out_rx, queued.clone())),
         ];
         Ok(Session {
             process,
             frames,
+            direct: writer,
             writer: out_tx,
+            queued,
             input: super::batch::InputArena::new(input),
             output,
             eof_at: None,
@@ -103,9 +114,27 @@ impl Session {
     /// which the supervisor handles, so the result here only reports encoding problems.
     pub fn send(&self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), protocol::MessageError> {
         let payload = protocol::encode(msg)?;
-        // The writer task only ends when the socket is broken; then the process is dying
-        // and the supervisor will see it go.
-        let _ = self.writer.send(Outgoing { payload, fds });
+        let frame = codec::frame_bytes(&payload)
+            .map_err(|_| protocol::MessageError::TooLarge { len: payload.len() })?;
+        let mut fds = fds;
+        let mut sent = 0;
+        // Frames must stay in order: write directly only while the writer task is idle.
+        if self.queued.load(Ordering::Acquire) == 0 {
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            match self.direct.try_send(&frame, &borrowed) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => sent = n,
+                // The reader sees the broken socket too and reports the worker's end.
+                Err(e) => tracing::debug!(error = %e, "worker control socket write failed"),
+            }
+            if sent > 0 {
+                // The descriptors went with the first byte.
+                fds = Vec::new();
+            }
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let rest = frame.get(sent..).unwrap_or_default().to_vec();
+        let _ = self.writer.send(Outgoing { bytes: rest, fds });
         Ok(())
     }
 }
@@ -132,10 +161,16 @@ async fn read_frames(mut reader: codec::FrameReader, tx: mpsc::Sender<Result<Fra
     }
 }
 
-async fn write_frames(writer: codec::FrameWriter, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+async fn write_frames(
+    writer: codec::FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+) {
     while let Some(out) = rx.recv().await {
         let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
-        if let Err(e) = writer.write_frame(&out.payload, &fds).await {
+        let result = writer.write_framed(&out.bytes, &fds).await;
+        queued.fetch_sub(1, Ordering::AcqRel);
+        if let Err(e) = result {
             tracing::debug!(error = %e, "worker control socket write failed");
             return;
         }

@@ -109,6 +109,9 @@ pub struct WorkInput {
 pub struct Work {
     /// Rows in the batch (sum of the requests' first dimensions), or 1 without batching.
     pub batch_size: u32,
+    /// Trace ids of the batch's requests, in batch order without repeats; sent to the
+    /// worker (`execute.trace`) so the plugin's log lines name them.
+    pub trace: Vec<crate::telemetry::TraceId>,
     pub inputs: Vec<WorkInput>,
     /// Outputs to return; `None` means all.
     pub outputs: Option<Vec<String>>,
@@ -136,6 +139,10 @@ pub enum WorkerError {
     Plugin { message: String, traceback: String },
     #[error("worker is not ready ({state})")]
     NotReady { state: String },
+    /// The batch never reached a running worker (the instance was not ready, or its process
+    /// died before starting it): it may safely run on another instance.
+    #[error("batch was not started ({reason})")]
+    NotStarted { reason: String },
     /// A tensor exceeds a configured hard limit; the message names the limit and the flag.
     #[error("{0}")]
     TooLarge(String),
