@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from unimodel.channel import Channel, ChannelClosed
 from unimodel.protocol import (
     MESSAGE_KEYS,
     ProtocolError,
@@ -259,3 +261,15 @@ def test_unknown_type_is_a_protocol_error():
     body = msgpack.packb({"type": "bogus"})
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_frame(len(body).to_bytes(4, "little") + body)
+
+
+def test_sending_on_a_lost_socket_is_channel_closed():
+    # The worker treats it like EOF (exit) instead of dying of an OSError mid-execute.
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    channel = Channel(ours)
+    with pytest.raises(ChannelClosed):
+        channel.send({"type": "pong", "seq": 1})
+    with pytest.raises(ChannelClosed):
+        channel.send_with_fds({"type": "pong", "seq": 2}, [ours.fileno()])
+    ours.close()

@@ -6,6 +6,7 @@ fds 3/4/5 and plays one part of docs/worker-protocol.md against it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import textwrap
@@ -16,6 +17,8 @@ from fake_core import FakeCore
 
 PLUGIN = textwrap.dedent(
     """
+    import os
+    import resource
     import time
 
     import numpy as np
@@ -69,6 +72,50 @@ PLUGIN = textwrap.dedent(
         def predict(self, n):
             for i in range(int(n[0])):
                 yield {"i": np.array([i], np.int32)}
+
+
+    class Odd(um.Model):
+        # Fails outside predict proper, chosen by x[0]; anything else returns [0, 1, 2, 3].
+
+        inputs = {"x": um.Tensor("INT64", [1])}
+        outputs = {"y": um.Tensor("UINT8", [-1])}
+
+        def setup(self, ctx):
+            self.hoard = []
+            self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+        def predict(self, x):
+            for fd in self.hoard:
+                os.close(fd)
+            self.hoard.clear()
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
+            mode = int(x[0])
+            if mode == 1:
+
+                class Refusing(dict):
+                    def __getitem__(self, key):
+                        raise KeyError(key)
+
+                return Refusing(y=None)
+            if mode == 2:
+
+                class BrokenTensor:
+                    def detach(self):
+                        raise RuntimeError("CUDA error: device-side assert triggered")
+
+                    cpu = numpy = detach
+
+                return {"y": BrokenTensor()}
+            if mode == 3:
+                # Take every free descriptor: the worker gets no memfd for this large output.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (256, self.nofile[1]))
+                try:
+                    while True:
+                        self.hoard.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    pass
+                return {"y": np.zeros(100_000, np.uint8)}
+            return {"y": np.arange(4, dtype=np.uint8)}
 
 
     class Broken(um.Model):
@@ -210,6 +257,11 @@ def test_large_output_goes_through_a_dedicated_fd(core, plugin):
     (ref,) = result["outputs"]
     assert ref["region"] == "fd" and ref["fd"] == 0 and ref["length"] == 100_000
     assert len(c.channel.fds) == 1
+    # Sealed at its size: the core refuses a region that could shrink under its mapping.
+    seals = fcntl.fcntl(c.channel.fds[0], fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW, seals
+    with pytest.raises(PermissionError):
+        os.ftruncate(c.channel.fds[0], 10)
     blob = c.outputs(result)["blob"]
     np.testing.assert_array_equal(blob, (np.arange(100_000) % 251).astype(np.uint8))
     # Small outputs still use the arena.
@@ -227,7 +279,7 @@ def test_output_over_max_output_bytes_is_too_large(core, plugin):
     error = c.recv()
     assert error["type"] == "error" and error["kind"] == "too_large"
     assert "1001 bytes" in error["error"] and "max_output_bytes limit of 1000" in error["error"]
-    assert "--max-output-bytes" in error["error"]
+    assert "raise it with --max-tensor-bytes" in error["error"]
     c.execute(2, [c.put("n", np.array([1000], np.int64))])
     assert c.recv()["type"] == "result"
     assert c.shutdown() == 0
@@ -375,3 +427,57 @@ def test_eof_on_the_socket_exits_zero(core, plugin):
     assert c.load(plugin, "Doubler", max_batch_size=8)["type"] == "ready"
     c.sock.shutdown(2)
     assert c.proc.wait(10) == 0
+
+
+def test_failures_outside_predict_fail_only_their_execute(core, plugin, tmp_path):
+    c = core(output_bytes=64 * 1024)
+    c.hello()
+    assert c.load(plugin, "Odd")["type"] == "ready"
+
+    def run(exec_id: int, mode: int) -> dict:
+        c.execute(exec_id, [c.put("x", np.array([mode], np.int64))])
+        return c.recv()
+
+    # An odd returned mapping and a tensor-like that cannot become numpy: invalid_output.
+    error = run(1, 1)
+    assert (error["type"], error["id"], error["kind"]) == ("error", 1, "invalid_output"), error
+    assert error["error"] == "KeyError: 'y'" and "__getitem__" in error["traceback"]
+    error = run(2, 2)
+    assert (error["type"], error["kind"]) == ("error", "invalid_output"), error
+    assert error["error"] == "RuntimeError: CUDA error: device-side assert triggered"
+    # An input descriptor the worker cannot map (write-only).
+    path = tmp_path / "write-only"
+    path.write_bytes(np.array([0], np.int64).tobytes())
+    fd = os.open(path, os.O_WRONLY)
+    ref = {"name": "x", "datatype": "INT64", "shape": [1], "region": "fd", "offset": 0}
+    c.execute(3, [{**ref, "length": 8, "fd": 0}], fds=[fd])
+    os.close(fd)
+    error = c.recv()
+    assert (error["type"], error["id"], error["kind"]) == ("error", 3, "plugin"), error
+    assert error["error"].startswith("PermissionError"), error
+    # No descriptor for the dedicated output region: OSError from memfd_create. (Last: until
+    # the next predict frees them, the worker cannot even receive a descriptor.)
+    error = run(4, 3)
+    assert (error["type"], error["id"], error["kind"]) == ("error", 4, "plugin"), error
+    assert error["error"].startswith("OSError: [Errno 24]"), error
+    # The same worker keeps serving.
+    result = run(5, 0)
+    assert result["type"] == "result" and result["id"] == 5, result
+    np.testing.assert_array_equal(c.outputs(result)["y"], [0, 1, 2, 3])
+    assert c.proc.poll() is None
+    assert c.shutdown() == 0
+
+
+def test_empty_outputs_with_an_arena_smaller_than_one_block(core, plugin):
+    # 32 bytes hold no 64-byte block: the empty result goes out as a dedicated region instead
+    # of waiting forever for arena room.
+    c = core(output_bytes=32, timeout=10.0)
+    c.hello()
+    assert c.load(plugin, "Big")["type"] == "ready"
+    c.execute(1, [c.put("n", np.array([0], np.int64))])
+    result = c.recv()
+    assert result["type"] == "result", result
+    (ref,) = result["outputs"]
+    assert ref["region"] == "fd" and ref["length"] == 0, ref
+    assert c.outputs(result)["blob"].shape == (0,)
+    assert c.shutdown() == 0

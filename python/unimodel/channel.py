@@ -38,7 +38,7 @@ _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 class ChannelClosed(Exception):
-    """The core closed its end of the socket (EOF): the worker should exit."""
+    """The core closed its end of the socket (EOF), or a write to it failed: the worker exits."""
 
 
 class Channel:
@@ -157,18 +157,36 @@ class Channel:
     # -- writing -----------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Sends one message; the dict must already be in wire key order."""
+        """Sends one message; the dict must already be in wire key order.
+
+        Raises `ChannelClosed` when the socket fails: part of the frame may be out already, so
+        nothing more can be said on it.
+        """
         body = self._pack(message)
-        self._sendall(self._len(len(body)) + body)
+        try:
+            self._sendall(self._len(len(body)) + body)
+        except OSError as e:
+            raise ChannelClosed(f"control socket write failed: {e}") from e
 
     def send_with_fds(self, message: dict[str, Any], fds: list[int]) -> None:
-        """Sends one message with descriptors attached to its first byte."""
+        """Sends one message with descriptors attached to its first byte.
+
+        A refused ``sendmsg`` (say, too many descriptors) sends nothing and raises `OSError`,
+        which leaves the channel usable; a lost socket or a failure part-way through the frame
+        raises `ChannelClosed`.
+        """
         body = self._pack(message)
         frame = self._len(len(body)) + body
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = self.sock.sendmsg([frame], anc)
+        try:
+            sent = self.sock.sendmsg([frame], anc)
+        except ConnectionError as e:  # EPIPE, ECONNRESET: the core is gone
+            raise ChannelClosed(f"control socket write failed: {e}") from e
         if sent < len(frame):
-            self._sendall(memoryview(frame)[sent:])
+            try:
+                self._sendall(memoryview(frame)[sent:])
+            except OSError as e:
+                raise ChannelClosed(f"control socket write failed: {e}") from e
 
     def close_unclaimed_fds(self) -> None:
         while self.fds:

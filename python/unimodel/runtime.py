@@ -29,7 +29,7 @@ from .channel import Channel, ChannelClosed
 from .discovery import PluginSpec, find_models, parse_spec
 from .errors import PluginError
 from .model import Context, Model
-from .protocol import PROTOCOL_VERSION, ProtocolError
+from .protocol import PROTOCOL_VERSION
 from .ring import ALIGN, OutputRing, align_up
 from .tensors import (
     InputArena,
@@ -158,7 +158,7 @@ class Worker:
             close_fds(self._claim_fds(msg))
             try:
                 self._send_error(msg["id"], "Cancelled: worker shut down first", "", "cancelled")
-            except OSError:
+            except ChannelClosed:
                 return  # the core has gone; it fails them itself
 
     # -- load ----------------------------------------------------------------------------------
@@ -219,16 +219,27 @@ class Worker:
         return self.channel.take_fds(count) if count else []
 
     def execute(self, msg: dict[str, Any]) -> None:
+        """Runs one execute and answers it with exactly one ``result`` or ``error``.
+
+        Whatever goes wrong with this batch stays this batch's problem: besides `predict`
+        raising, converting its inputs (a descriptor that cannot be mapped, a CUDA copy that
+        fails), handling an odd returned object or writing the outputs (no memfd to be had)
+        can raise anything, and the worker must keep serving. Only a lost channel and shutdown
+        (`ChannelClosed`, `_Stop`) get out. Log records (and printed lines) of a traced
+        predict carry the batch's trace ids.
+        """
         trace = msg.get("trace")
-        if not trace:
-            self._execute(msg)
-            return
-        # Log records (and printed lines) of this predict carry the batch's trace ids.
-        token = logs.set_trace(trace)
+        token = logs.set_trace(trace) if trace else None
         try:
             self._execute(msg)
+        except (ChannelClosed, _Stop):
+            raise
+        except Exception as e:
+            log.error("execute %s failed", msg.get("id"), exc_info=True)
+            self._send_error(msg["id"], describe(e), traceback.format_exc(), "plugin")
         finally:
-            logs.reset_trace(token)
+            if token is not None:
+                logs.reset_trace(token)
 
     def _execute(self, msg: dict[str, Any]) -> None:
         exec_id = msg["id"]
@@ -253,7 +264,7 @@ class Worker:
                 kwargs = self.inputs.arrays(refs, fds)
                 if model.cuda_inputs:
                     self._to_torch(model, kwargs)
-            except (ProtocolError, ValueError, TypeError) as e:
+            except Exception as e:
                 log.error("execute %d: unusable inputs", exec_id, exc_info=True)
                 self._send_error(exec_id, describe(e), traceback.format_exc(), "plugin")
                 return
@@ -306,6 +317,8 @@ class Worker:
                     self._send_with_fds(frame, out_fds)
                 else:
                     self.channel.send(frame)
+        except (ChannelClosed, _Stop):
+            raise
         except Exception as e:
             self._plugin_error(exec_id, e)
             return
@@ -341,23 +354,31 @@ class Worker:
     def _emit(
         self, exec_id: int, model: LoadedModel, returned: Any, msg: dict[str, Any]
     ) -> tuple[list[dict[str, Any]], list[int]] | None:
-        """Validates and writes outputs; returns (refs, fds), or None after sending an error."""
+        """Validates and writes outputs; returns (refs, fds), or None after sending an error.
+
+        A failure while writing (e.g. no memfd for a dedicated region) propagates to `execute`.
+        """
         try:
             prepared = model.plan.prepare(returned, msg["outputs"], msg["batch_size"])
+        except InvalidOutputError as e:
+            kind, exc, tb = "invalid_output", e, ""
+        except OutputTooLargeError as e:
+            kind, exc, tb = "too_large", e, ""
+        except Exception as e:
+            # An odd returned object: a cast numpy refused after all, a mapping whose lookup
+            # raises, a tensor-like whose .numpy() fails. The traceback shows which.
+            kind, exc, tb = "invalid_output", e, traceback.format_exc()
+        else:
             total = 0
             for out in prepared:
                 total += align_up(out.nbytes)
-            if total > self.ring.capacity:
+            # An all-empty result still takes one ALIGN block (`_write_arena`): an arena smaller
+            # than that could never hold it, and `_alloc` would wait for room forever.
+            if max(total, ALIGN) > self.ring.capacity:
                 return self._write_dedicated(prepared)
             return self._write_arena(exec_id, prepared, total), []
-        except InvalidOutputError as e:
-            kind, exc = "invalid_output", e
-        except OutputTooLargeError as e:
-            kind, exc = "too_large", e
-        except (TypeError, ValueError) as e:  # a cast numpy refused after all
-            kind, exc = "invalid_output", e
-        log.error("execute %d: %s", exec_id, exc)
-        self._send_error(exec_id, describe(exc), "", kind)
+        log.error("execute %d: %s", exec_id, exc, exc_info=bool(tb))
+        self._send_error(exec_id, describe(exc), tb, kind)
         return None
 
     def _write_arena(

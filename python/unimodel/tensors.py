@@ -2,13 +2,14 @@
 
 Inputs become numpy arrays that view the read-only input arena directly (`np.ndarray` with the
 mapping as buffer, which keeps it alive; no copy). Outputs are checked against the model's
-declaration (names, rank, fixed dimensions, batch dimension, safe casts) before any memory is
-allocated, then written exactly once into their destination: a block of the output arena, or a
+declaration (names, rank, fixed dimensions, batch dimension, same_kind casts) before any memory
+is allocated, then written exactly once into their destination: a block of the output arena, or a
 dedicated `memfd` when the whole result is larger than the arena.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import mmap
 import os
@@ -82,6 +83,12 @@ class InputArena:
                 buf = ref["data"]
             else:
                 raise ProtocolError(f"input {ref['name']!r} has unusable region {region!r}")
+            if buf is None and length:
+                # An empty (or unmappable) region, or inline without data: no bytes to view.
+                # np.empty would hand predict uninitialised memory instead.
+                raise ProtocolError(
+                    f"input {ref['name']!r} has {length} bytes in an empty {region} region"
+                )
             if datatype == "BYTES":
                 count = math.prod(shape)
                 view = memoryview(buf)[offset : offset + length] if buf is not None else b""
@@ -93,7 +100,7 @@ class InputArena:
                     f"{math.prod(shape) * dtype.itemsize} bytes, reference says {length}"
                 )
             if buf is None:  # an empty dedicated region maps to nothing
-                out[ref["name"]] = np.empty(shape, dtype)
+                out[ref["name"]] = np.empty(shape, dtype)  # length is 0: no element to read
             else:
                 out[ref["name"]] = np.ndarray(shape, dtype, buffer=buf, offset=offset)
         return out
@@ -237,16 +244,16 @@ class OutputPlan:
                 arr.dtype, spec.dtype, casting="same_kind"
             ):
                 raise InvalidOutputError(
-                    f"output {spec.name!r} is {arr.dtype}, which cannot be cast safely to "
-                    f"{spec.datatype} ({spec.dtype}); convert it in predict, e.g. "
-                    f"y.astype(np.{spec.dtype.name})"
+                    f"output {spec.name!r} is {arr.dtype}, which numpy does not cast to "
+                    f"{spec.datatype} ({spec.dtype}) under casting='same_kind'; convert it in "
+                    f"predict, e.g. y.astype(np.{spec.dtype.name})"
                 )
             out = PreparedOutput(spec, arr, list(arr.shape), arr.size * spec.dtype.itemsize)
         limit = self.max_output_bytes
         if limit > 0 and out.nbytes > limit:
             raise OutputTooLargeError(
                 f"output {spec.name!r} is {out.nbytes} bytes, over the max_output_bytes limit of "
-                f"{limit} bytes; raise it with --max-output-bytes"
+                f"{limit} bytes; raise it with --max-tensor-bytes"
             )
         return out
 
@@ -295,12 +302,19 @@ def write_output(mm: mmap.mmap, offset: int, out: PreparedOutput) -> None:
         np.copyto(dst, data, casting="same_kind")
 
 
+#: Seals on every dedicated output region: the core maps it, and a region that could shrink
+#: under that mapping would crash the core with SIGBUS, so the core refuses one without them.
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
 def write_dedicated(out: PreparedOutput) -> int:
-    """A new memfd holding one output; the caller sends it and closes it."""
-    fd = os.memfd_create(f"unimodel-output-{out.spec.name}", os.MFD_CLOEXEC)
+    """A new memfd holding one output, sealed at its size; the caller sends it and closes it."""
+    fd = os.memfd_create(f"unimodel-output-{out.spec.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         if out.nbytes:
             os.ftruncate(fd, out.nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+        if out.nbytes:
             with mmap.mmap(fd, out.nbytes, access=mmap.ACCESS_WRITE) as mm:
                 write_output(mm, 0, out)
     except BaseException:

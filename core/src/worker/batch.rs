@@ -153,7 +153,7 @@ fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result
                     fds.len()
                 )
             })?;
-            let region = ReadOnlyRegion::map(fd.as_fd(), None)
+            let region = ReadOnlyRegion::map_sealed(fd.as_fd())
                 .map_err(|e| format!("output '{}': {e}", r.name))?;
             region
                 .copy_out(r.offset, r.length)
@@ -298,6 +298,21 @@ mod tests {
             collect(bad_fd, &fds, &view)
                 .unwrap_err()
                 .contains("carries 1")
+        );
+        // A worker's region it did not seal could be truncated while the core copies it.
+        let unsealed = std::fs::File::from(
+            nix::sys::memfd::memfd_create(c"u", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+        );
+        unsealed.set_len(3).unwrap();
+        let unsealed_fds = vec![OwnedFd::from(unsealed)];
+        let unsealed_ref = vec![TensorRef {
+            fd: Some(0),
+            ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3)
+        }];
+        let err = collect(unsealed_ref, &unsealed_fds, &view).unwrap_err();
+        assert!(
+            err.contains("output 'f'") && err.contains("F_SEAL_SHRINK"),
+            "{err}"
         );
         let bad_type = vec![TensorRef::located("a", "FLOAT", &[1], Region::Output, 0, 4)];
         assert!(

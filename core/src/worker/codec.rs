@@ -28,6 +28,9 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// limit is 253 per message.
 pub const MAX_FDS_PER_FRAME: usize = 64;
 
+/// Most descriptors the kernel lets one `sendmsg` carry (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
 /// Bytes asked for per `recvmsg`: control frames are small, so one read usually holds several.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -40,7 +43,11 @@ pub enum CodecError {
     TooManyFds { count: usize },
     #[error("control socket closed in the middle of a frame ({buffered} bytes buffered)")]
     UnexpectedEof { buffered: usize },
-    #[error("ancillary data was truncated (more descriptors than the receive buffer holds)")]
+    /// `recvmsg` flagged `MSG_CTRUNC`: descriptors did not fit the control buffer and the
+    /// kernel dropped them, so the stream's descriptors can no longer be matched to frames.
+    /// (The buffer holds the most one message can carry, so a peer cannot cause this with
+    /// descriptors alone; more than `MAX_FDS_PER_FRAME` arrive whole and are `TooManyFds`.)
+    #[error("ancillary data was truncated (MSG_CTRUNC); descriptors were lost")]
     FdsTruncated,
     #[error("control socket I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -160,11 +167,14 @@ impl FrameReader {
             match self.sock.try_io(Interest::READABLE, || {
                 recv_chunk(fd, target).map_err(std::io::Error::from)
             }) {
-                Ok(r) => break Ok(r),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
-                    break Err(CodecError::FdsTruncated);
+                Ok(Chunk::Truncated) => break Err(CodecError::FdsTruncated),
+                // Closed as they drop; the stream's descriptors cannot be matched to frames any
+                // more, so this is as fatal as a truncation.
+                Ok(Chunk::Data(_, fds)) if fds.len() > MAX_FDS_PER_FRAME => {
+                    break Err(CodecError::TooManyFds { count: fds.len() });
                 }
+                Ok(Chunk::Data(n, fds)) => break Ok((n, fds)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => break Err(CodecError::Io(e)),
             }
         };
@@ -200,11 +210,24 @@ impl FrameReader {
     }
 }
 
+/// What one `recvmsg` got.
+enum Chunk {
+    Data(usize, Vec<OwnedFd>),
+    /// The descriptors did not fit the control buffer (`MSG_CTRUNC`); the kernel closed the
+    /// rest, and any it did install cannot be found safely.
+    Truncated,
+}
+
 /// `recvmsg` into `target`, collecting any descriptors (close-on-exec).
-fn recv_chunk(fd: RawFd, target: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), Errno> {
+fn recv_chunk(fd: RawFd, target: &mut [u8]) -> Result<Chunk, Errno> {
     let mut iov = [IoSliceMut::new(target)];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_FRAME]);
+    // Room for what one sendmsg can carry at most, not just for what a frame may: the excess is
+    // then received, counted and closed here rather than truncated by the kernel.
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let msg = recvmsg::<UnixAddr>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Ok(Chunk::Truncated);
+    }
     let mut fds = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = c {
@@ -212,7 +235,7 @@ fn recv_chunk(fd: RawFd, target: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), Err
             fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
         }
     }
-    Ok((msg.bytes, fds))
+    Ok(Chunk::Data(msg.bytes, fds))
 }
 
 impl FrameWriter {
@@ -271,6 +294,15 @@ impl FrameWriter {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
             Err(e) => Err(CodecError::Io(e)),
         }
+    }
+}
+
+impl FrameWriter {
+    /// Shuts the socket down both ways: the peer reads end of stream, and so does our reader.
+    /// For when a write failed part-way and the stream can no longer be trusted.
+    pub fn shutdown(&self) {
+        // ENOTCONN: already shut down by the peer; nothing left to do either way.
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
     }
 }
 
@@ -422,6 +454,52 @@ mod tests {
             assert_eq!(f.fds.len(), 1);
             assert_eq!(read_all(f.fds.into_iter().next().unwrap()), vec![i; 3]);
         }
+    }
+
+    #[tokio::test]
+    async fn more_descriptors_than_the_limit_are_refused_and_closed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut rb, _wb) = split(b);
+        let name = c"codec-excess-fds";
+        let fds: Vec<OwnedFd> = (0..MAX_FDS_PER_FRAME + 6)
+            .map(|_| {
+                nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap()
+            })
+            .collect();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        // Past the writer's own check, as a misbehaving peer would send it.
+        let frame = frame_bytes(b"many").unwrap();
+        a.writable().await.unwrap();
+        let sent = send_chunk(a.as_raw_fd(), &frame, &raw).unwrap();
+        assert_eq!(sent, frame.len());
+        drop(fds);
+        let got = rb.read_frame().await;
+        let count = MAX_FDS_PER_FRAME + 6;
+        assert!(
+            matches!(got, Err(CodecError::TooManyFds { count: c }) if c == count),
+            "{got:?}"
+        );
+        // Every received copy was closed, none leaked into our descriptor table.
+        let open = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.to_string_lossy().contains("codec-excess-fds"))
+            })
+            .count();
+        assert_eq!(open, 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_stream_for_both_sides() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut ra, wa) = split(a);
+        let (mut rb, _wb) = split(b);
+        wa.shutdown();
+        assert!(rb.read_frame().await.unwrap().is_none());
+        assert!(ra.read_frame().await.unwrap().is_none());
+        assert!(wa.write_frame(b"late", &[]).await.is_err());
     }
 
     trait AsFdRef {

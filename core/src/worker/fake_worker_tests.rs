@@ -2,6 +2,7 @@
 //! `unimodel.worker` that speaks the protocol by hand and breaks it on purpose (chosen by the
 //! model name). The real runtime never does these things, so they are tested here.
 
+use super::codec::MAX_FDS_PER_FRAME;
 use super::python::tests::{temp_dir, test_python};
 use super::types::*;
 use super::{InstanceHandle, spawn_instance};
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 const FAKE_WORKER: &str = r#"
-import os, socket, struct, msgpack
+import array, errno, os, socket, struct, time, msgpack
 
 mode = os.environ["UNIMODEL_MODEL"]
 s = socket.socket(fileno=3)
@@ -40,10 +41,12 @@ send({"type": "hello", "protocol": 2 if mode == "badversion" else 1, "pid": os.g
       "python": "3", "sdk": "fake"})
 recv()
 send({"type": "ready", "setup_ms": 0.0})
+received = 0
 while True:
     m = recv()
     if m["type"] != "execute":
         continue
+    received += 1
     if mode == "garbage":
         send_raw(b"\xc1\xc1\xc1")
     elif mode == "wrongid":
@@ -54,6 +57,40 @@ while True:
         send({"type": "result", "id": m["id"], "outputs": [ref], "compute_ns": 1})
     elif mode == "exit":
         os._exit(7)
+    elif mode == "exitonsecond":
+        # Running the first execute when the second arrives; dies a little later, after the
+        # core has queued a third behind them.
+        if received == 2:
+            time.sleep(0.5)
+            os._exit(7)
+    elif mode == "stall":
+        pass  # never answers: the first execute runs into the execution timeout
+    elif mode == "truncate":
+        # Try to shrink both arenas under the core, then point it at the first output bytes
+        # (past the end of a truncated arena: SIGBUS in the core, were it allowed).
+        outcome = []
+        for fd in (4, 5):
+            try:
+                os.ftruncate(fd, 0)
+                outcome.append("truncated")
+            except OSError as e:
+                outcome.append(errno.errorcode[e.errno])
+        text = ",".join(outcome).encode()
+        refs = [{"name": "y", "datatype": "UINT8", "shape": [16], "region": "output",
+                 "offset": 0, "length": 16},
+                {"name": "outcome", "datatype": "UINT8", "shape": [len(text)],
+                 "region": "inline", "offset": 0, "length": len(text), "data": text}]
+        send({"type": "result", "id": m["id"], "outputs": refs, "compute_ns": 1})
+    elif mode == "unsealed":
+        fd = os.memfd_create("plain", os.MFD_CLOEXEC)
+        os.write(fd, b"x" * 16)
+        ref = {"name": "y", "datatype": "UINT8", "shape": [16], "region": "fd",
+               "offset": 0, "length": 16, "fd": 0}
+        body = msgpack.packb({"type": "result", "id": m["id"], "outputs": [ref],
+                              "compute_ns": 1})
+        s.sendmsg([struct.pack("<I", len(body)) + body],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())])
+        os.close(fd)
     else:
         send({"type": "result", "id": m["id"], "outputs": [], "compute_ns": 1})
 "#;
@@ -153,6 +190,137 @@ async fn answer_out_of_order_is_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_outside_the_arena_is_a_protocol_error() {
     protocol_violation_restarts("outofbounds", "outside the 65536-byte region").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsealed_output_fd_is_a_protocol_error() {
+    protocol_violation_restarts("unsealed", "F_SEAL_SHRINK").await;
+}
+
+/// A worker cannot resize either arena: fd 4 is read-only and both are sealed. Had it shrunk
+/// the output arena, the core's copy of the result would have died of SIGBUS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_cannot_truncate_the_arenas_under_the_core() {
+    let h = spawn_instance(config("truncate"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    for _ in 0..2 {
+        let out = h.execute(work()).await.unwrap();
+        let outcome = &out.outputs[1];
+        assert_eq!(outcome.name, "outcome");
+        assert_eq!(
+            String::from_utf8_lossy(&outcome.data),
+            "EINVAL,EPERM",
+            "fd 4 must be read-only, fd 5 sealed"
+        );
+        assert_eq!(out.outputs[0].data.as_ref(), &[0u8; 16]);
+    }
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
+}
+
+/// A batch whose inputs each need a dedicated region, more of them than one frame can carry:
+/// that batch fails, and the worker keeps serving (before, the frame was silently never sent
+/// and the caller waited for an answer until the execution timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_needing_too_many_descriptors_fails_alone() {
+    let h = spawn_instance(config("ok"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let count = MAX_FDS_PER_FRAME + 1;
+    // Together larger than the 64 KiB arena: every input gets its own memfd.
+    let many = Work {
+        batch_size: 1,
+        inputs: (0..count)
+            .map(|i| WorkInput {
+                name: format!("x{i}"),
+                datatype: DataType::Uint8,
+                shape: vec![1024],
+                parts: vec![Bytes::from(vec![1u8; 1024])],
+            })
+            .collect(),
+        outputs: None,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(5), h.execute(many))
+        .await
+        .expect("answered, not left waiting")
+        .unwrap_err();
+    let WorkerError::Protocol(detail) = err else {
+        panic!("expected a protocol error, got {err:?}")
+    };
+    assert!(
+        detail.contains(&format!("needs {count} descriptors")),
+        "{detail}"
+    );
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.execute(work()).await.unwrap();
+    h.shutdown().await;
+}
+
+fn sized_work(bytes: usize) -> Work {
+    Work {
+        batch_size: 1,
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Uint8,
+            shape: vec![bytes as i64],
+            parts: vec![Bytes::from(vec![0u8; bytes])],
+        }],
+        outputs: None,
+    }
+}
+
+/// Three batches against a worker that dies or hangs: the first is running, the second is sent
+/// behind it (pipelined), the third waits for room in the 64 KiB input arena. Only the first
+/// can have been hurt by the worker; the others are `NotStarted`, for the engine to run on
+/// another instance.
+async fn only_the_running_batch_fails_with(mode: &str, running: WorkerError) {
+    let mut cfg = config(mode);
+    cfg.timeouts.execute = Duration::from_millis(700);
+    let h = spawn_instance(cfg);
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let mut tasks = Vec::new();
+    for bytes in [40 << 10, 10 << 10, 40 << 10] {
+        let h2 = h.clone();
+        tasks.push(tokio::spawn(
+            async move { h2.execute(sized_work(bytes)).await },
+        ));
+        // Keep the order: each reaches the actor before the next is submitted.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap().unwrap_err());
+    }
+    assert_eq!(results[0], running, "{mode}");
+    for (i, err) in results.iter().enumerate().skip(1) {
+        assert!(
+            matches!(err, WorkerError::NotStarted { reason } if reason.starts_with("worker ") && reason.ends_with("before starting it")),
+            "{mode}: batch {i}: {err:?}"
+        );
+    }
+    wait_for(&h, |s| matches!(s, InstanceState::Restarting { .. })).await;
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_fails_only_the_running_batch() {
+    only_the_running_batch_fails_with(
+        "exitonsecond",
+        WorkerError::Crashed {
+            status: "exited with code 7".into(),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_timeout_fails_only_the_running_batch() {
+    only_the_running_batch_fails_with(
+        "stall",
+        WorkerError::ExecutionTimeout {
+            after: Duration::from_millis(700),
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

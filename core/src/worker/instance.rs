@@ -8,15 +8,17 @@
 //! 2. `execute`: copy inputs into one input-arena block, send `execute`; on `result` copy
 //!    outputs out, send `release`, free the input block, answer the caller;
 //! 3. idle: `ping` every heartbeat interval, expect `pong` within the heartbeat timeout;
-//! 4. a crash, EOF, hang or protocol error fails every unanswered execute, then the process
-//!    is restarted after an exponential backoff; `setup` failing (or dying before `ready`)
+//! 4. a crash, EOF, hang or protocol error fails the execute the worker was running (`Crashed`,
+//!    `ExecutionTimeout`, `Protocol`) and answers the ones it had not started, or that were
+//!    still queued here, `NotStarted` (the engine runs those elsewhere); then the process is
+//!    restarted after an exponential backoff; `setup` failing (or dying before `ready`)
 //!    `max_setup_failures` times in a row ends in Failed with the traceback.
 //!
 //! One task owns all state; its `select!` is biased towards the worker's frames so that an
 //! answer that arrived just before the process exited is still delivered.
 
 use super::batch::{self, StageError};
-use super::codec::{CodecError, Frame};
+use super::codec::{CodecError, Frame, MAX_FDS_PER_FRAME};
 use super::process::describe_exit;
 use super::protocol::{
     self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, TensorRef, WorkerMessage,
@@ -113,11 +115,15 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
 impl InstanceHandle {
     /// Runs one batch. Dropping the returned future cancels it: a batch not yet sent is
     /// dropped, a sent one gets a `cancel` (the worker skips it if it has not started).
+    ///
+    /// `NotStarted` means the batch never reached a running worker (not ready, or the process
+    /// died before starting it), so it may run elsewhere; only the batch the worker was running
+    /// gets `Crashed` or `ExecutionTimeout`.
     pub async fn execute(&self, work: Work) -> Result<WorkOutput, WorkerError> {
         let state = self.inner.state.borrow().clone();
         if state != InstanceState::Ready {
-            return Err(WorkerError::NotReady {
-                state: describe_state(&state),
+            return Err(WorkerError::NotStarted {
+                reason: describe_state(&state),
             });
         }
         let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +185,7 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// A short description of a state for `NotReady` errors.
+/// A short description of a state for `NotStarted` errors.
 fn describe_state(state: &InstanceState) -> String {
     match state {
         InstanceState::Starting => "starting".into(),
@@ -392,19 +398,28 @@ impl Actor {
         let Some(session) = self.session.take() else {
             return;
         };
-        // Anything the worker started (it is its own group) goes with it.
+        // Anything the worker started (it is its own group) goes with it. The reaper already
+        // did this when the worker exited, and after the reap this is a no-op (the group id
+        // may belong to someone else by now); it matters when the exit status never came.
         session.process.kill_group();
         let exit = status
             .map(|s| describe_exit(&s))
             .unwrap_or_else(|| "exited (status unknown)".into());
         let death = self.death.take();
-        let crash = match &death {
-            Some(Death::Killed(reason)) => format!("{exit} ({reason})"),
+        let crash = match (&death, session.write_error()) {
+            (Some(Death::Killed(reason)), _) => format!("{exit} ({reason})"),
+            (_, Some(e)) => format!("{exit} (control socket write failed: {e})"),
             _ => exit.clone(),
         };
-        self.fail_all(|| WorkerError::Crashed {
-            status: crash.clone(),
-        });
+        // Only what the worker had started can have died with it; the rest never ran.
+        self.fail_all(
+            || WorkerError::Crashed {
+                status: crash.clone(),
+            },
+            || WorkerError::NotStarted {
+                reason: format!("worker {crash} before starting it"),
+            },
+        );
         let was_ready = self.ready_this_session;
         if self.stopping {
             self.stop();
@@ -426,10 +441,12 @@ impl Actor {
         tracing::warn!(model = %self.cfg.model, instance = self.cfg.instance, failures = self.setup_failures, "worker setup failed: {error}");
         if self.setup_failures >= self.cfg.restart.max_setup_failures {
             self.phase = Phase::Failed;
+            let reason = format!("failed: {error}");
             self.publish(InstanceState::Failed { error, traceback });
-            self.fail_all(|| WorkerError::NotReady {
-                state: "failed".into(),
-            });
+            let not_started = || WorkerError::NotStarted {
+                reason: reason.clone(),
+            };
+            self.fail_all(not_started, not_started);
             if self.stopping {
                 self.stop();
             }
@@ -451,7 +468,7 @@ impl Actor {
         if let Some(s) = self.session.take() {
             s.process.kill_group();
         }
-        self.fail_all(|| WorkerError::ShuttingDown);
+        self.fail_all(|| WorkerError::ShuttingDown, || WorkerError::ShuttingDown);
         self.phase = Phase::Stopped;
         self.publish(InstanceState::Stopped);
         for w in self.shutdown_waiters.drain(..) {
@@ -459,14 +476,24 @@ impl Actor {
         }
     }
 
-    /// Answers every queued and in-flight execute with an error.
-    fn fail_all(&mut self, err: impl Fn() -> WorkerError) {
+    /// Answers every queued and in-flight execute with an error: `started` for those the
+    /// worker had begun (`InFlight::started`), `not_started` for the rest, which were queued
+    /// here or sent but still waiting behind the running one.
+    fn fail_all(
+        &mut self,
+        started: impl Fn() -> WorkerError,
+        not_started: impl Fn() -> WorkerError,
+    ) {
         for job in self.waiting.drain(..) {
-            let _ = job.reply.send(Err(err()));
+            let _ = job.reply.send(Err(not_started()));
         }
         for f in self.inflight.drain(..) {
             if let Some(reply) = f.reply {
-                let _ = reply.send(Err(err()));
+                let err = match f.started {
+                    Some(_) => started(),
+                    None => not_started(),
+                };
+                let _ = reply.send(Err(err));
             }
         }
     }
@@ -635,9 +662,11 @@ impl Actor {
         self.maybe_finish_shutdown();
     }
 
+    /// Fails what the worker had started with `Protocol` and kills it; executes it had not
+    /// started are answered `NotStarted` once it is gone (`session_over`).
     fn protocol_error(&mut self, detail: String) {
         tracing::error!(model = %self.cfg.model, instance = self.cfg.instance, "worker protocol error: {detail}");
-        for f in self.inflight.iter_mut() {
+        for f in self.inflight.iter_mut().filter(|f| f.started.is_some()) {
             if let Some(reply) = f.reply.take() {
                 let _ = reply.send(Err(WorkerError::Protocol(detail.clone())));
             }
@@ -648,9 +677,9 @@ impl Actor {
     fn send(&mut self, msg: &CoreMessage, fds: Vec<std::os::fd::OwnedFd>) {
         let Some(s) = &self.session else { return };
         if let Err(e) = s.send(msg, fds) {
-            // Encoding our own messages cannot fail short of a bug; treat it as fatal for
-            // this process rather than sending something half-formed.
-            self.protocol_error(format!("cannot encode {msg:?}: {e}"));
+            // Our own messages are always sendable short of a bug; treat it as fatal for this
+            // process rather than sending something half-formed.
+            self.protocol_error(format!("cannot send {msg:?}: {e}"));
             return;
         }
         self.heartbeat.last_activity = Instant::now();
@@ -681,17 +710,37 @@ impl Actor {
             let _ = job.reply.send(Err(WorkerError::ShuttingDown));
             return;
         }
-        if !matches!(self.phase, Phase::Ready) {
-            let state = describe_state(&self.state.borrow());
-            let _ = job.reply.send(Err(WorkerError::NotReady { state }));
+        if let Some(reason) = self.unavailable() {
+            let _ = job.reply.send(Err(WorkerError::NotStarted { reason }));
             return;
         }
         self.waiting.push_back(job);
         self.pump();
     }
 
-    /// Sends waiting executes while the input arena has room.
+    /// Why new work must not go to the current process, if it must not: it is not ready, or
+    /// it is already on its way out (killed, or its socket or exit seen while the rest of the
+    /// news is awaited). Staging into such a session would only strand the batch there.
+    fn unavailable(&self) -> Option<String> {
+        let ending = self
+            .session
+            .as_ref()
+            .is_none_or(|s| s.eof_at.is_some() || s.exited.is_some());
+        match self.phase {
+            Phase::Ready if !ending => None,
+            Phase::Ready | Phase::Dying | Phase::Exiting { .. } => {
+                Some("the worker process is ending".into())
+            }
+            _ => Some(describe_state(&self.state.borrow())),
+        }
+    }
+
+    /// Sends waiting executes while the input arena has room and the worker can take them.
     fn pump(&mut self) {
+        if self.unavailable().is_some() {
+            // They are answered `NotStarted` when the session is over.
+            return;
+        }
         while let Some(job) = self.waiting.front() {
             if job.reply.is_closed() {
                 self.waiting.pop_front();
@@ -713,6 +762,15 @@ impl Actor {
             let Some(job) = self.waiting.pop_front() else {
                 return;
             };
+            if staged.fds.len() > MAX_FDS_PER_FRAME {
+                // One frame cannot carry them; the engine refuses such models at load, so this
+                // only fails the batch (its regions close as `staged` drops).
+                let _ = job.reply.send(Err(WorkerError::Protocol(format!(
+                    "the batch needs {} descriptors (one per input too large for the input arena), over the limit of {MAX_FDS_PER_FRAME} per frame",
+                    staged.fds.len()
+                ))));
+                continue;
+            }
             let id = self.next_id;
             self.next_id += 1;
             let msg = CoreMessage::Execute {
@@ -865,7 +923,11 @@ impl Actor {
             // (re-arming the grace so that an unkillable process is not re-killed in a loop).
             (Some(at), None) if now >= at + EXIT_GRACE => {
                 s.eof_at = Some(now);
-                self.kill(Death::Killed("closed its control socket".into()))
+                let reason = match s.write_error() {
+                    Some(e) => format!("control socket write failed: {e}"),
+                    None => "closed its control socket".into(),
+                };
+                self.kill(Death::Killed(reason))
             }
             _ => {}
         }

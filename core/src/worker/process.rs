@@ -77,6 +77,8 @@ pub struct WorkerProcess {
     pub stderr_done: oneshot::Receiver<()>,
     /// The last stderr lines, for a crash report.
     pub stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// Whether the worker has been reaped; held while reaping (see `kill_group`).
+    reaped: Arc<Mutex<bool>>,
 }
 
 impl WorkerProcess {
@@ -84,9 +86,17 @@ impl WorkerProcess {
         self.pid
     }
 
-    /// SIGKILLs the worker's whole process group (the worker and anything it started).
+    /// SIGKILLs the worker's whole process group (the worker and anything it started), unless
+    /// the worker has been reaped. Until then its pid, alive or a zombie, pins the group id; once
+    /// reaped, an empty group's id can be reused by an unrelated process group, which must not
+    /// get the signal. The reaper takes the same lock, so the check cannot race the reaping.
+    /// (When the worker exits, the reaper kills the rest of its group itself, before reaping.)
     pub fn kill_group(&self) {
-        kill_group(self.pid);
+        if let Ok(reaped) = self.reaped.lock()
+            && !*reaped
+        {
+            kill_group(self.pid);
+        }
     }
 
     /// The stderr tail as one string.
@@ -162,6 +172,11 @@ pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits (so never from
 /// `spawn_blocking`, whose threads retire when idle).
 pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
+    spawn_child_of(spec, std::process::id() as libc::pid_t)
+}
+
+/// `spawn`, with the pid the child must find as its parent (ours; tests fake another).
+fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProcess, SpawnError> {
     let mut cmd = python_command(spec.python, &spec.labels);
     cmd.args(["-m", "unimodel.worker"])
         .stdout(Stdio::piped())
@@ -173,10 +188,12 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
         (spec.input_arena.as_raw_fd(), INPUT_ARENA_FD),
         (spec.output_arena.as_raw_fd(), OUTPUT_ARENA_FD),
     ];
+    // `parent` is read before the fork: the child compares its parent against it, not
+    // against 1, so a core running as PID 1 (a container's entry point) can start workers.
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
     // (fcntl, dup2, prctl, getppid, _exit) on plain integers.
     unsafe {
-        cmd.pre_exec(move || install_fds(&sources));
+        cmd.pre_exec(move || install_fds(&sources, parent));
     }
     let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
         interpreter: spec.python.interpreter.display().to_string(),
@@ -208,23 +225,78 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
         });
     }
     let (exit_tx, exit) = oneshot::channel();
-    tokio::spawn(async move {
-        // wait() only fails if the child was already reaped, which nothing else does.
-        if let Ok(status) = child.wait().await {
-            let _ = exit_tx.send(status);
-        }
-    });
+    let reaped = Arc::new(Mutex::new(false));
+    tokio::spawn(reap(child, pid, reaped.clone(), exit_tx));
     Ok(WorkerProcess {
         pid,
         exit,
         stderr_tail,
         stderr_done,
+        reaped,
     })
 }
 
+/// Waits for the worker to exit, kills what is left of its process group while the unreaped
+/// worker still pins the group id, then reaps it and reports its status. Without pidfds
+/// (Linux before 5.3, some sandboxes) it can only reap and mark it reaped, leaving the group.
+async fn reap(
+    mut child: tokio::process::Child,
+    pid: i32,
+    reaped: Arc<Mutex<bool>>,
+    exit_tx: oneshot::Sender<ExitStatus>,
+) {
+    let status = match exit_watch(pid) {
+        Some(pidfd) => loop {
+            // A pidfd turns readable once the process has exited (it stays a zombie for us).
+            let Ok(mut ready) = pidfd.readable().await else {
+                break child.wait().await.ok();
+            };
+            let Ok(mut flag) = reaped.lock() else { return };
+            kill_group(pid);
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    *flag = true;
+                    break Some(status);
+                }
+                Ok(None) => ready.clear_ready(),
+                // Only if something else reaped it; nothing does.
+                Err(_) => {
+                    *flag = true;
+                    break None;
+                }
+            }
+        },
+        None => {
+            let status = child.wait().await.ok();
+            if let Ok(mut flag) = reaped.lock() {
+                *flag = true;
+            }
+            status
+        }
+    };
+    if let Some(status) = status {
+        let _ = exit_tx.send(status);
+    }
+}
+
+/// A pidfd for `pid` registered with the runtime, or `None` where the kernel has none.
+fn exit_watch(pid: i32) -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) };
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the same descriptor) until
+    // the AsyncFd drops it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .ok()
+}
+
 /// In the forked child: move the three descriptors to 3, 4, 5 (without CLOEXEC) and ask to
-/// be SIGKILLed when the parent dies.
-fn install_fds(sources: &[(RawFd, RawFd); 3]) -> std::io::Result<()> {
+/// be SIGKILLed when the parent (pid `parent`, read before the fork) dies.
+fn install_fds(sources: &[(RawFd, RawFd); 3], parent: libc::pid_t) -> std::io::Result<()> {
     // First move every source above the target range so that a source already numbered 3..5
     // is not overwritten by an earlier dup2. F_DUPFD_CLOEXEC copies vanish at exec.
     let mut temps = [0; 3];
@@ -248,10 +320,17 @@ fn install_fds(sources: &[(RawFd, RawFd); 3]) -> std::io::Result<()> {
     }
     // The parent may have died before prctl took effect; then we are orphaned already.
     // SAFETY: getppid/_exit are async-signal-safe.
-    if unsafe { libc::getppid() } == 1 {
+    if orphaned(parent, unsafe { libc::getppid() }) {
         unsafe { libc::_exit(1) };
     }
     Ok(())
+}
+
+/// Whether a child whose parent was `parent` at fork time, and whose parent is now `ppid`,
+/// has lost it. An orphan is re-parented to init or to a subreaper, so "ppid is 1" is neither
+/// necessary (subreapers) nor sufficient (a core that *is* PID 1 in a container).
+fn orphaned(parent: libc::pid_t, ppid: libc::pid_t) -> bool {
+    ppid != parent
 }
 
 #[derive(Clone, Copy)]
@@ -384,6 +463,16 @@ mod tests {
     }
 
     #[test]
+    fn orphan_check_compares_with_the_real_parent_not_pid_1() {
+        // The core is PID 1 (a container): its children see ppid 1 and are not orphans.
+        assert!(!orphaned(1, 1));
+        assert!(!orphaned(4242, 4242));
+        // Re-parented to init or to a subreaper: orphaned.
+        assert!(orphaned(4242, 1));
+        assert!(orphaned(4242, 777));
+    }
+
+    #[test]
     fn umlog_lines_keep_their_level() {
         let line = "\u{1e}UMLOG {\"level\": \"ERROR\", \"logger\": \"unimodel.plugin.x\", \"message\": \"a\\nb\"}";
         let r = parse_line(line, Stream::Stderr);
@@ -493,6 +582,114 @@ mod tests {
         assert_eq!(report, "[True, 4096, 8192, 'm', False]");
         let status = (&mut proc.exit).await.unwrap();
         assert_eq!(describe_exit(&status), "exited with code 0");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The child checks its parent against the pid recorded before the fork: told that its
+    /// parent is some other process, it must take itself for an orphan and exit before exec.
+    #[tokio::test]
+    async fn child_exits_before_exec_when_its_parent_is_not_the_recorded_one() {
+        use super::super::shm::WritableRegion;
+        use tokio::io::AsyncReadExt;
+        let dir = super::super::python::tests::temp_dir("proc-orphan");
+        std::fs::create_dir_all(dir.join("unimodel")).unwrap();
+        std::fs::write(dir.join("unimodel/__init__.py"), "").unwrap();
+        // A worker that says so on the control socket if it ever runs.
+        std::fs::write(
+            dir.join("unimodel/worker.py"),
+            "import socket\nsocket.socket(fileno=3).sendall(b'ran')\n",
+        )
+        .unwrap();
+        let py = PythonEnv {
+            interpreter: PathBuf::from("python3"),
+            sdk_path: dir.clone(),
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let input = WritableRegion::create(c"in", 4096).unwrap();
+        let output = WritableRegion::create(c"out", 4096).unwrap();
+        let me = std::process::id() as libc::pid_t;
+        let not_me = if me == 1 { 2 } else { 1 };
+        let mut proc = spawn_child_of(
+            SpawnSpec {
+                python: &py,
+                labels: LogLabels {
+                    model: "m".into(),
+                    instance: 0,
+                },
+                control: theirs.into(),
+                input_arena: input.try_clone_fd().unwrap(),
+                output_arena: output.try_clone_fd().unwrap(),
+            },
+            not_me,
+        )
+        .unwrap();
+        let status = (&mut proc.exit).await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with code 1");
+        ours.set_nonblocking(true).unwrap();
+        let mut ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        let mut report = Vec::new();
+        ours.read_to_end(&mut report).await.unwrap();
+        assert!(report.is_empty(), "the worker ran: {report:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// When the worker exits, the rest of its process group (here a `sleep` it started) is
+    /// killed before the worker is reaped, and the handle's `kill_group` is off from then on.
+    #[tokio::test]
+    async fn exit_takes_the_group_with_it_and_kill_after_reaping_is_skipped() {
+        use super::super::shm::WritableRegion;
+        use tokio::io::AsyncReadExt;
+        let dir = super::super::python::tests::temp_dir("proc-group");
+        std::fs::create_dir_all(dir.join("unimodel")).unwrap();
+        std::fs::write(dir.join("unimodel/__init__.py"), "").unwrap();
+        std::fs::write(
+            dir.join("unimodel/worker.py"),
+            "import socket, subprocess\n\
+             p = subprocess.Popen(['sleep', '60'])\n\
+             socket.socket(fileno=3).sendall(str(p.pid).encode())\n",
+        )
+        .unwrap();
+        let py = PythonEnv {
+            interpreter: PathBuf::from("python3"),
+            sdk_path: dir.clone(),
+        };
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let input = WritableRegion::create(c"in", 4096).unwrap();
+        let output = WritableRegion::create(c"out", 4096).unwrap();
+        let mut proc = spawn(SpawnSpec {
+            python: &py,
+            labels: LogLabels {
+                model: "m".into(),
+                instance: 0,
+            },
+            control: theirs.into(),
+            input_arena: input.try_clone_fd().unwrap(),
+            output_arena: output.try_clone_fd().unwrap(),
+        })
+        .unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        let mut report = String::new();
+        ours.read_to_string(&mut report).await.unwrap();
+        let sleeper: i32 = report.parse().unwrap();
+        let status = (&mut proc.exit).await.unwrap();
+        assert_eq!(describe_exit(&status), "exited with code 0");
+        // SIGKILLed before the reap: it dies (a zombie or gone: its reaper is not us). Polling
+        // /proc is the only way to watch another process's end from outside it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{sleeper}/stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            if matches!(state, None | Some('Z') | Some('X')) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running: {stat}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(*proc.reaped.lock().unwrap());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -49,6 +49,19 @@ class Tool(um.Model):
         return {"y": x * 2, "pid": np.array([os.getpid()], dtype=np.int64)}
 
 
+class Truncate(um.Model):
+    """Tries to shrink descriptor x[0] (4: input arena, 5: output arena) to nothing."""
+
+    inputs = {"x": um.Tensor("FP32", [-1])}
+    outputs = {"y": um.Tensor("FP32", [-1])}
+
+    def predict(self, x):
+        fd = int(x[0])
+        if fd:
+            os.ftruncate(fd, 0)
+        return {"y": x}
+
+
 class Echo(um.Model):
     inputs = {"text": um.Tensor("BYTES", [-1])}
     outputs = {"text": um.Tensor("BYTES", [-1])}
@@ -327,6 +340,29 @@ async fn plugin_exception_fails_only_that_batch() {
     h.shutdown().await;
 }
 
+/// A plugin that tries to shrink the arenas fails with an ordinary error (fd 4 is read-only,
+/// both are sealed) instead of killing itself (or the core) with SIGBUS later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_cannot_truncate_the_arenas() {
+    let f = fixture().await;
+    let h = spawn_instance(config(&f, "Truncate"));
+    ready(&h).await;
+    for (fd, expected) in [
+        (4.0, "OSError: [Errno 22] Invalid argument"),
+        (5.0, "PermissionError: [Errno 1] Operation not permitted"),
+    ] {
+        match h.execute(tool_work(fd)).await {
+            Err(WorkerError::Plugin { message, .. }) => assert_eq!(message, expected),
+            other => panic!("fd {fd}: expected a plugin error, got {other:?}"),
+        }
+    }
+    // Same worker, arenas intact.
+    let out = h.execute(tool_work(0.0)).await.unwrap();
+    assert_eq!(to_f32s(&output(&out, "y").data), vec![0.0, 1.5]);
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_fails_its_batch_and_comes_back() {
     let f = fixture().await;
@@ -452,7 +488,10 @@ async fn failing_setup_ends_in_failed_with_traceback() {
         "{traceback}"
     );
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
-    assert!(matches!(err, WorkerError::NotReady { .. }), "{err:?}");
+    assert!(
+        matches!(&err, WorkerError::NotStarted { reason } if reason.starts_with("failed: RuntimeError")),
+        "{err:?}"
+    );
     h.shutdown().await;
     assert_eq!(*h.state().borrow(), InstanceState::Stopped);
 }
@@ -558,10 +597,12 @@ async fn shutdown_and_dropping_handles_leave_no_process() {
     h.shutdown().await;
     assert_eq!(*h.state().borrow(), InstanceState::Stopped);
     wait_gone(pid).await;
-    assert!(matches!(
-        h.execute(tool_work(0.0)).await,
-        Err(WorkerError::NotReady { .. })
-    ));
+    assert_eq!(
+        h.execute(tool_work(0.0)).await.unwrap_err(),
+        WorkerError::NotStarted {
+            reason: "stopped".into()
+        }
+    );
 
     let h = spawn_instance(config(&f, "Tool"));
     ready(&h).await;
@@ -594,8 +635,8 @@ async fn not_ready_is_immediate() {
     let err = h.execute(tool_work(0.0)).await.unwrap_err();
     assert_eq!(
         err,
-        WorkerError::NotReady {
-            state: "starting".into()
+        WorkerError::NotStarted {
+            reason: "starting".into()
         }
     );
     h.shutdown().await;
@@ -616,7 +657,7 @@ async fn inspect_reports_declarations_and_errors() {
     let all = inspect(&f.python, &f.plugin.display().to_string())
         .await
         .unwrap();
-    assert_eq!(all.len(), 5);
+    assert_eq!(all.len(), 6);
 
     let broken = f.plugin.parent().unwrap().join("broken.py");
     std::fs::write(

@@ -4,15 +4,15 @@
 //! bookkeeping can never leak into the next one. Owned by the supervisor in `instance.rs`.
 
 use super::batch::InputArena;
-use super::codec::{self, CodecError, Frame};
+use super::codec::{self, CodecError, Frame, MAX_FDS_PER_FRAME};
 use super::process::{self, LogLabels, SpawnError, SpawnSpec, WorkerProcess};
 use super::protocol::{self, CoreMessage};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion, create_memfd};
 use super::types::InstanceConfig;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -32,8 +32,17 @@ pub enum SessionError {
     Socket(std::io::Error),
 }
 
-/// A frame to send, with descriptors to attach (closed once sent).
-/// Framed bytes (possibly the rest of a frame) for the writer task.
+/// Why a message was not handed to the socket at all (nothing of it was sent).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Encode(#[from] protocol::MessageError),
+    #[error("{count} descriptors exceed the limit of {MAX_FDS_PER_FRAME} per frame")]
+    TooManyFds { count: usize },
+}
+
+/// Framed bytes for the writer task (a whole frame, or the rest of one the direct path
+/// started), with the descriptors to attach to its first byte (closed once sent).
 struct Outgoing {
     bytes: Vec<u8>,
     fds: Vec<OwnedFd>,
@@ -50,6 +59,8 @@ pub struct Session {
     writer: mpsc::UnboundedSender<Outgoing>,
     /// Frames handed to the writer task and not yet fully written.
     queued: Arc<AtomicUsize>,
+    /// Set by the first failed write, which also shut the socket down (see `write_failed`).
+    write_error: Arc<OnceLock<String>>,
     pub input: InputArena,
     pub output: ReadOnlyRegion,
     /// When the control socket reached end of stream.
@@ -73,7 +84,7 @@ impl Session {
         let input = WritableRegion::create(c"unimodel-input-arena", cfg.input_arena_bytes)?;
         let output_file = create_memfd(c"unimodel-output-arena", cfg.output_arena_bytes)?;
         let output = ReadOnlyRegion::map(output_file.as_fd(), Some(cfg.output_arena_bytes))?;
-        let input_for_child = input.try_clone_fd().map_err(|source| ShmError::Map {
+        let input_for_child = child_input_fd(&input).map_err(|source| ShmError::Map {
             len: cfg.input_arena_bytes,
             source,
         })?;
@@ -91,9 +102,15 @@ impl Session {
         let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
+        let write_error = Arc::new(OnceLock::new());
         let tasks = [
             tokio::spawn(read_frames(reader, frames_tx)),
-            tokio::spawn(write_frames(writer.clone(), out_rx, queued.clone())),
+            tokio::spawn(write_frames(
+                writer.clone(),
+                out_rx,
+                queued.clone(),
+                write_error.clone(),
+            )),
         ];
         Ok(Session {
             process,
@@ -101,6 +118,7 @@ impl Session {
             direct: writer,
             writer: out_tx,
             queued,
+            write_error,
             input: super::batch::InputArena::new(input),
             output,
             eof_at: None,
@@ -110,9 +128,13 @@ impl Session {
         })
     }
 
-    /// Queues a message for the worker. A failed write shows up as the worker's EOF or exit,
-    /// which the supervisor handles, so the result here only reports encoding problems.
-    pub fn send(&self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), protocol::MessageError> {
+    /// Queues a message for the worker. A failed write shuts the socket down (`write_failed`),
+    /// which shows up as the worker's EOF and exit, which the supervisor handles; the result
+    /// here only reports a message that cannot be sent at all.
+    pub fn send(&self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), SendError> {
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(SendError::TooManyFds { count: fds.len() });
+        }
         let payload = protocol::encode(msg)?;
         let frame = codec::frame_bytes(&payload)
             .map_err(|_| protocol::MessageError::TooLarge { len: payload.len() })?;
@@ -124,8 +146,10 @@ impl Session {
             match self.direct.try_send(&frame, &borrowed) {
                 Ok(n) if n == frame.len() => return Ok(()),
                 Ok(n) => sent = n,
-                // The reader sees the broken socket too and reports the worker's end.
-                Err(e) => tracing::debug!(error = %e, "worker control socket write failed"),
+                Err(e) => {
+                    write_failed(&self.direct, &self.write_error, &e);
+                    return Ok(());
+                }
             }
             if sent > 0 {
                 // The descriptors went with the first byte.
@@ -134,9 +158,36 @@ impl Session {
         }
         self.queued.fetch_add(1, Ordering::AcqRel);
         let rest = frame.get(sent..).unwrap_or_default().to_vec();
+        // Fails only once the writer task has ended, after `write_failed`: nothing more can
+        // reach this worker, and the supervisor is about to learn so through the reader.
         let _ = self.writer.send(Outgoing { bytes: rest, fds });
         Ok(())
     }
+
+    /// The first control-socket write error, if one happened (the socket is shut down then).
+    pub fn write_error(&self) -> Option<&str> {
+        self.write_error.get().map(String::as_str)
+    }
+}
+
+/// A write failed, possibly part-way through a frame: later frames cannot be delivered
+/// intact, so end the stream for both sides. The worker reads EOF and exits, our reader reports
+/// EOF, and the supervisor ends the session and fails what it held (instead of frames silently
+/// going nowhere while callers wait for answers).
+fn write_failed(writer: &codec::FrameWriter, slot: &OnceLock<String>, e: &CodecError) {
+    tracing::debug!(error = %e, "worker control socket write failed; closing it");
+    let _ = slot.set(e.to_string());
+    writer.shutdown();
+}
+
+/// The worker's descriptor for the input arena: read-only, so it really can only read it
+/// (docs/worker-protocol.md). Without `/proc` (some sandboxes) it falls back to a duplicate of
+/// ours; the arena's seals still keep the worker from resizing it under the core.
+fn child_input_fd(input: &WritableRegion) -> std::io::Result<OwnedFd> {
+    input.read_only_fd().or_else(|e| {
+        tracing::debug!(error = %e, "no read-only reopen of the input arena; handing over a read-write descriptor");
+        input.try_clone_fd()
+    })
 }
 
 impl Drop for Session {
@@ -165,14 +216,46 @@ async fn write_frames(
     writer: codec::FrameWriter,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
+    write_error: Arc<OnceLock<String>>,
 ) {
     while let Some(out) = rx.recv().await {
         let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
         let result = writer.write_framed(&out.bytes, &fds).await;
         queued.fetch_sub(1, Ordering::AcqRel);
         if let Err(e) = result {
-            tracing::debug!(error = %e, "worker control socket write failed");
-            return;
+            return write_failed(&writer, &write_error, &e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer task failing (here: a frame over the descriptor limit, which the direct path
+    /// refuses up front but a queued frame could still meet) ends the stream for both sides.
+    #[tokio::test]
+    async fn a_failed_write_in_the_writer_task_closes_the_socket() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (mut our_reader, writer) = codec::split(ours);
+        let (mut their_reader, _their_writer) = codec::split(theirs);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(1));
+        let error = Arc::new(OnceLock::new());
+        let task = tokio::spawn(write_frames(writer, rx, queued.clone(), error.clone()));
+        let fds = (0..=MAX_FDS_PER_FRAME)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let frame = codec::frame_bytes(b"execute").unwrap();
+        tx.send(Outgoing { bytes: frame, fds }).unwrap();
+        task.await.unwrap();
+        assert_eq!(queued.load(Ordering::Acquire), 0);
+        assert!(
+            error.get().unwrap().contains("exceed the limit"),
+            "{error:?}"
+        );
+        // The worker sees end of stream (and exits); so does our reader.
+        assert!(their_reader.read_frame().await.unwrap().is_none());
+        assert!(our_reader.read_frame().await.unwrap().is_none());
     }
 }
