@@ -238,6 +238,7 @@ async fn batch_needing_too_many_descriptors_fails_alone() {
             })
             .collect(),
         outputs: None,
+        trace: Vec::new(),
     };
     let err = tokio::time::timeout(Duration::from_secs(5), h.execute(many))
         .await
@@ -265,6 +266,7 @@ fn sized_work(bytes: usize) -> Work {
             parts: vec![Bytes::from(vec![0u8; bytes])],
         }],
         outputs: None,
+        trace: Vec::new(),
     }
 }
 
