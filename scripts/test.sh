@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Debian packages the build and tests need beyond rustup's toolchain and python3.
-# Adding one is one word here (e.g. protobuf-compiler once proto/ lands).
-DEBIAN_PACKAGES=(python3-venv)
+# Adding one is one word here (e.g. protobuf-compiler once proto/ lands). `prometheus` brings
+# promtool, which tests/e2e/test_metrics.py runs on /metrics and deploy/prometheus/alerts.yml.
+DEBIAN_PACKAGES=(python3-venv prometheus)
 
 VENV=.venv-test
 PY="$VENV/bin/python"

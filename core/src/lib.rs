@@ -3,7 +3,8 @@
 //! - `api`: HTTP front end (KServe V2 REST, binary tensor extension), error → status mapping.
 //! - `engine`: model registry, bounded queues, dynamic batcher, instance scheduling.
 //! - `worker`: supervised Python worker processes, shared-memory arenas, control channel.
-//! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export.
+//! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export, and the
+//!   Prometheus metrics behind `/metrics`.
 //! - `cli`: the `unimodel` commands (`run`, `predict`).
 //!
 //! Dependencies point one way: `api -> engine -> worker`.

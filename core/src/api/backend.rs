@@ -4,7 +4,9 @@
 //! plain delegation; tests drive the router with a fake backend instead of real workers.
 
 use crate::engine::{Engine, EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
+use crate::telemetry::metrics::Metrics;
 use std::future::Future;
+use std::sync::Arc;
 
 /// The engine as seen by the routes.
 pub trait Backend: Send + Sync + 'static {
@@ -27,6 +29,10 @@ pub trait Backend: Send + Sync + 'static {
         name: Option<&str>,
         version: Option<&str>,
     ) -> Result<Vec<ModelStats>, EngineError>;
+    /// Where requests are recorded and what `/metrics` serves; `None`: no metrics.
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        None
+    }
 }
 
 impl Backend for Engine {
@@ -59,5 +65,9 @@ impl Backend for Engine {
         version: Option<&str>,
     ) -> Result<Vec<ModelStats>, EngineError> {
         Engine::stats(self, name, version)
+    }
+
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(Engine::metrics(self).clone())
     }
 }

@@ -4,15 +4,18 @@
 //! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
 //! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
 //! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
-//! `{"error": ...}` body.
+//! `{"error": ...}` body. With a backend that has metrics, `GET /metrics` serves them and
+//! every infer request is recorded (`metrics.rs`).
 
 use super::backend::Backend;
 use super::error::ApiError;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
+use super::metrics as api_metrics;
 use super::observe::{BatchSize, RequestTrace};
 use super::openapi;
 use super::{request, response};
 use crate::engine::EngineError;
+use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -23,6 +26,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::time::Instant;
 
 /// Settings of the HTTP front end.
 #[derive(Clone, Debug)]
@@ -31,10 +35,11 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
 }
 
-/// What every handler gets: the backend and the settings.
+/// What every handler gets: the backend, the settings and where requests are recorded.
 struct AppState<B> {
     backend: Arc<B>,
     cfg: Arc<HttpConfig>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 // Derived Clone would demand `B: Clone`; only the Arcs are cloned.
@@ -43,6 +48,7 @@ impl<B> Clone for AppState<B> {
         AppState {
             backend: Arc::clone(&self.backend),
             cfg: Arc::clone(&self.cfg),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -57,9 +63,11 @@ struct ModelPath {
 /// Builds the KServe V2 router over `backend`.
 pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let limit = cfg.max_body_bytes;
+    let metrics = backend.metrics();
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),
+        metrics,
     };
     Router::new()
         .route("/v2", get(server_metadata))
@@ -88,6 +96,7 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_stats::<B>),
         )
+        .route("/metrics", get(scrape_metrics::<B>))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::page))
         .fallback(not_found)
@@ -181,16 +190,46 @@ async fn infer<B: Backend>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let Path(p) = path?;
-    let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
-    let mut decoded = request::decode(p.model, p.version, &headers, body)?;
-    decoded.request.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
-    let result = s.backend.infer(decoded.request).await?;
-    let mut encoded = response::encode(&result, &decoded.plan)?;
-    encoded
-        .extensions_mut()
-        .insert(BatchSize(result.batch_size));
-    Ok(encoded)
+    let mut served_version = None;
+    let answer = async {
+        let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+        let mut decoded = request::decode(p.model.clone(), p.version.clone(), &headers, body)?;
+        decoded.request.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
+        let result = s.backend.infer(decoded.request).await?;
+        served_version = Some(result.model_version.clone());
+        let mut encoded = response::encode(&result, &decoded.plan)?;
+        encoded
+            .extensions_mut()
+            .insert(BatchSize(result.batch_size));
+        Ok(encoded)
+    }
+    .await;
+    if let Some(m) = &s.metrics {
+        let target = api_metrics::Target {
+            model: &p.model,
+            version: p.version.as_deref(),
+            served_version: served_version.as_deref(),
+        };
+        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, &answer, started);
+    }
+    answer
+}
+
+/// `GET /metrics`: 200 Prometheus text format (version 0.0.4); 404 when the backend keeps
+/// no metrics.
+async fn scrape_metrics<B: Backend>(
+    State(s): State<AppState<B>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    match &s.metrics {
+        Some(m) => Ok(api_metrics::scrape_response(m)),
+        None => Err(ApiError::RouteNotFound {
+            method: Method::GET.to_string(),
+            path: uri.path().to_string(),
+        }),
+    }
 }
 
 /// `GET /v2/models/stats`: 200 Triton statistics of every model.

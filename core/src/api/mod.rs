@@ -10,6 +10,8 @@
 //! - `error`: `ApiError`, the one place errors become statuses.
 //! - `observe`: per-request span, `traceparent`, access log line.
 //! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
+//! - `outcome`: the `outcome` metric label of each error, next to its status.
+//! - `metrics`: `GET /metrics` and per-request recording.
 
 pub mod backend;
 pub mod binary;
@@ -17,8 +19,10 @@ pub mod error;
 pub mod http;
 pub mod json_data;
 pub mod metadata;
+pub mod metrics;
 pub mod observe;
 pub mod openapi;
+mod outcome;
 pub mod request;
 pub mod response;
 

@@ -86,9 +86,13 @@ pub struct RunArgs {
     /// Address to listen on. The default serves only this machine.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
-    /// HTTP port (0 picks a free one).
+    /// HTTP port (0 picks a free one). Serves KServe V2 and GET /metrics (Prometheus).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// Also serve GET /metrics on this port (same --host), e.g. for a scraper that must not
+    /// reach the inference port. /metrics stays on the HTTP port as well.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
     /// Requests that may wait per model before new ones get 429.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_capacity: u64,
@@ -172,6 +176,17 @@ mod tests {
         );
         assert_eq!(run.plugin.instances, Some(2));
         assert_eq!(run.plugin.max_queue_delay_ms, Some(0.5));
+        assert_eq!(run.metrics_port, None);
+    }
+
+    #[test]
+    fn parses_metrics_port() {
+        let cli =
+            Cli::try_parse_from(["unimodel", "run", "p.py", "--metrics-port", "9100"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.metrics_port, Some(9100));
     }
 
     #[test]

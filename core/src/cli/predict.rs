@@ -9,6 +9,7 @@ use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long workers get to exit after the answer before the process ends anyway.
@@ -42,7 +43,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         .map(|(name, value)| input_tensor(&config, name, value))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let engine = start_engine(&loaded, &plugin);
+    let engine = start_engine(&loaded, &plugin, Arc::default());
     let state = engine.wait_loaded(&config.name).await?;
     if let ModelState::Failed { error, traceback } = state {
         engine.shutdown(WORKER_STOP_GRACE).await;

@@ -9,9 +9,11 @@
 //!    A second signal exits at once (workers die with us through PDEATHSIG).
 
 use super::args::RunArgs;
+use super::metrics_port;
 use super::serving::{ServeSettings, load_plugin, start_engine};
 use crate::api::http::{HttpConfig, router, serve};
 use crate::engine::{Engine, ModelState};
+use crate::telemetry::metrics::Metrics;
 use anyhow::Context as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,7 +45,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("reading the listening address")?;
     let base = format!("http://{local}");
 
-    let engine = start_engine(&loaded, &args.plugin);
+    let metrics = Arc::new(Metrics::new());
+    if let Some(port) = args.metrics_port {
+        let at = metrics_port::start(args.host, port, metrics.clone()).await?;
+        tracing::info!(address = %format!("http://{at}/metrics"), "metrics listening");
+    }
+    let engine = start_engine(&loaded, &args.plugin, metrics);
     super::progress::report_load_progress(&engine);
     let app = router(
         Arc::new(engine.clone()),

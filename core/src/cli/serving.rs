@@ -4,6 +4,7 @@
 use super::args::PluginArgs;
 use crate::engine::validate::Limits;
 use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
+use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
 use crate::worker::types::{InstanceConfig, ModelDecl, PythonEnv, RestartPolicy, Timeouts};
 use crate::worker::{inspect, prepare_python, spawn_instance};
@@ -192,7 +193,7 @@ fn instance_configs(
 }
 
 /// Spawns every worker and starts the engine over them.
-pub fn start_engine(loaded: &Loaded, args: &PluginArgs) -> Engine {
+pub fn start_engine(loaded: &Loaded, args: &PluginArgs, metrics: Arc<Metrics>) -> Engine {
     let models = loaded
         .models
         .iter()
@@ -210,6 +211,7 @@ pub fn start_engine(loaded: &Loaded, args: &PluginArgs) -> Engine {
             limits: Limits {
                 max_tensor_bytes: args.max_tensor_bytes,
             },
+            metrics,
         },
     )
 }

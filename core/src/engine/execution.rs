@@ -11,7 +11,8 @@ use super::executor::Executor;
 use super::model::ModelConfig;
 use super::queue::{Answer, Pending, Reply};
 use super::stats::{BatchTimes, StatsRecorder};
-use crate::worker::types::WorkerError;
+use crate::telemetry::metrics::ModelMetrics;
+use crate::worker::types::{Work, WorkOutput, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -77,6 +78,7 @@ pub async fn run_batch(
     let started = Instant::now();
     let work = build_work(&batch, batching);
     let rows = work.batch_size;
+    let staged = staged_bytes(&work);
     let built = Instant::now();
 
     // Dropping the execute future cancels the batch in the worker if it has not started.
@@ -91,6 +93,7 @@ pub async fn run_batch(
         return; // every client has gone: nobody to answer
     };
     let returned = Instant::now();
+    count_worker_call(ctx.stats.metrics(), staged, &result);
 
     let replies: Vec<Reply> = match result {
         Err(WorkerError::NotStarted { reason }) => {
@@ -114,6 +117,7 @@ pub async fn run_batch(
                         input: built - started,
                         infer,
                         output,
+                        call: returned - built,
                     });
                     parts
                         .into_iter()
@@ -144,6 +148,34 @@ pub async fn run_batch(
         );
         // The client may have gone; nobody to tell then.
         let _ = p.reply.send(reply);
+    }
+}
+
+/// Tensor bytes a batch puts into the worker's input arena.
+fn staged_bytes(work: &Work) -> u64 {
+    let bytes: usize = work
+        .inputs
+        .iter()
+        .flat_map(|i| i.parts.iter().map(|p| p.len()))
+        .sum();
+    bytes as u64
+}
+
+/// Shared-memory traffic and execution timeouts of one worker call. Inputs count once the
+/// worker has answered (a result or a plugin error): only then were they surely staged.
+fn count_worker_call(
+    metrics: &ModelMetrics,
+    staged: u64,
+    result: &Result<WorkOutput, WorkerError>,
+) {
+    match result {
+        Ok(out) => {
+            metrics.shm_in(staged);
+            metrics.shm_out(out.outputs.iter().map(|t| t.data.len() as u64).sum());
+        }
+        Err(WorkerError::Plugin { .. }) => metrics.shm_in(staged),
+        Err(WorkerError::ExecutionTimeout { .. }) => metrics.execution_timeout(),
+        Err(_) => {}
     }
 }
 

@@ -6,11 +6,13 @@
 
 use super::batcher::{Batcher, Command};
 use super::executor::Executor;
+use super::lifecycle::watch_instances;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{Origin, Pending};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
+use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,8 @@ use tokio::time::Instant;
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub limits: Limits,
+    /// Where the engine records its metrics (served at `/metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 struct ModelEntry {
@@ -31,6 +35,7 @@ struct ModelEntry {
     places: Arc<Semaphore>,
     state: watch::Receiver<ModelState>,
     stats: Arc<StatsRecorder>,
+    metrics: ModelMetrics,
     instances: Vec<Arc<dyn Executor>>,
 }
 
@@ -55,7 +60,13 @@ impl Engine {
         let mut map = BTreeMap::new();
         for (config, instances) in models {
             let config = Arc::new(config);
-            let stats = Arc::new(StatsRecorder::new(&config.name, &config.version));
+            let metrics = options.metrics.model(&config.name, &config.version);
+            let stats = Arc::new(StatsRecorder::new(
+                &config.name,
+                &config.version,
+                metrics.clone(),
+            ));
+            watch_instances(&instances, &metrics);
             let (state_tx, state_rx) = watch::channel(ModelState::Loading);
             let commands = Batcher::spawn(
                 config.clone(),
@@ -65,12 +76,14 @@ impl Engine {
                 config.queue_capacity,
             );
             let places = Arc::new(Semaphore::new(config.queue_capacity));
+            sample_queue_depth(&options.metrics, &metrics, &places, config.queue_capacity);
             let entry = ModelEntry {
                 config: config.clone(),
                 commands,
                 places,
                 state: state_rx,
                 stats,
+                metrics,
                 instances,
             };
             map.insert(config.name.clone(), entry);
@@ -82,6 +95,11 @@ impl Engine {
                 options,
             }),
         }
+    }
+
+    /// The metrics every model records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.options.metrics
     }
 
     /// The process is up (always true while it answers).
@@ -170,15 +188,15 @@ impl Engine {
         )?;
         check_ready(config, &entry.state.borrow())?;
 
-        let permit =
-            entry
-                .places
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| EngineError::QueueFull {
-                    model: config.name.clone(),
-                    capacity: config.queue_capacity,
-                })?;
+        let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
+            entry.metrics.rejected();
+            EngineError::QueueFull {
+                model: config.name.clone(),
+                capacity: config.queue_capacity,
+            }
+        })?;
+        // Counted until this future ends: answered, timed out, or dropped by the client.
+        let _inflight = entry.metrics.inflight();
         let timeout = req
             .timeout
             .map_or(config.request_timeout, |t| t.min(config.request_timeout));
@@ -322,6 +340,24 @@ impl Drop for WakeOnDrop<'_> {
             let _ = self.commands.try_send(Command::Wake);
         }
     }
+}
+
+/// Queue depth is the places taken in the queue, read at scrape time (nothing per request).
+fn sample_queue_depth(
+    metrics: &Metrics,
+    model: &ModelMetrics,
+    places: &Arc<Semaphore>,
+    capacity: usize,
+) {
+    model.set_queue_capacity(i64::try_from(capacity).unwrap_or(i64::MAX));
+    let places = Arc::downgrade(places);
+    let model = model.clone();
+    metrics.add_sampler(move || {
+        let taken = places
+            .upgrade()
+            .map_or(0, |p| capacity.saturating_sub(p.available_permits()));
+        model.set_queue_depth(i64::try_from(taken).unwrap_or(i64::MAX));
+    });
 }
 
 fn status_of(m: &ModelEntry) -> ModelStatus {

@@ -10,6 +10,7 @@ pub mod error;
 mod execution;
 pub mod executor;
 mod handle;
+mod lifecycle;
 pub mod model;
 mod queue;
 mod stats;

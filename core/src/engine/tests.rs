@@ -131,6 +131,7 @@ fn start(cfg: ModelConfig, execs: &[Arc<FakeExec>]) -> Engine {
             limits: Limits {
                 max_tensor_bytes: 1 << 20,
             },
+            metrics: Arc::new(crate::telemetry::metrics::Metrics::new()),
         },
     )
 }

@@ -6,12 +6,14 @@
 //!
 //! - `trace_context`: W3C `traceparent` parsing and the trace id a request carries.
 //! - `otlp`: optional span export over OTLP/HTTP (`--otlp-endpoint`).
+//! - `metrics`: the Prometheus metrics behind `/metrics`.
 //!
 //! Spans: `http` per REST request (its `trace_id` field is the request's trace), `infer`
 //! per request inside the engine (queue wait included), and `batch` per worker call, a root
 //! span that `follows_from` each of its requests' `infer` spans (OTLP: span links) and lists
 //! their trace ids and request ids.
 
+pub mod metrics;
 pub mod otlp;
 pub mod trace_context;
 
