@@ -87,6 +87,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 banner "cargo build"
 cargo build --workspace
+# The README's first command is `cargo run --release -- run ...`: plain `cargo run` must
+# pick the server binary (default-members), not stop at "could not determine which binary".
+cargo run -q -- --version
 
 banner "cargo test"
 cargo test --workspace
