@@ -111,4 +111,9 @@ target_dir=$(cargo metadata --format-version 1 --no-deps |
 UNIMODEL_BIN="$target_dir/debug/unimodel" UNIMODEL_PYTHON="$PWD/$PY" \
     "$PY" -m pytest -q tests/e2e
 
+banner "fuzzing (cargo-fuzz, ${FUZZ_SECONDS:-60}s per target; FUZZ_SECONDS=0 skips)"
+if [[ "${FUZZ_SECONDS:-60}" != 0 ]]; then
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+fi
+
 banner "all checks passed"

@@ -1,0 +1,38 @@
+//! The typed decoder of a JSON tensor's `data` field, for every KServe datatype.
+//!
+//! Input layout: byte 0 picks the datatype, bytes 1..3 the element count the shape claims
+//! (so lies in both directions are tried), the rest is the JSON text. An accepted tensor
+//! must have exactly the byte size its datatype and count imply (BYTES: a valid
+//! serialisation of `count` elements).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::value::RawValue;
+use unimodel::api::json_data;
+use unimodel::engine::DataType;
+use unimodel::engine::bytes_codec;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&[pick, lo, hi], text)) = data.split_first_chunk::<3>() else {
+        return;
+    };
+    let datatype = DataType::ALL[usize::from(pick) % DataType::ALL.len()];
+    let expected = usize::from(u16::from_le_bytes([lo, hi]));
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let Ok(raw) = serde_json::from_str::<&RawValue>(text) else {
+        return;
+    };
+    if let Ok(bytes) = json_data::decode(raw, datatype, expected) {
+        match datatype.size() {
+            Some(size) => assert_eq!(bytes.len(), expected * size, "{datatype:?}"),
+            None => {
+                let elements = bytes_codec::element_ranges(&bytes).expect("valid BYTES");
+                assert_eq!(elements.len(), expected);
+            }
+        }
+        // What was accepted can be written back as JSON.
+        let _ = json_data::is_json_encodable(datatype, &bytes);
+    }
+});
