@@ -117,6 +117,7 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
         parameters: BTreeMap::new(),
         queue_capacity: queue,
         request_timeout: Duration::from_secs(5),
+        streaming: false,
     }
 }
 
