@@ -6,8 +6,8 @@
 use crate::engine::{
     Engine, EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus,
 };
-use futures::StreamExt as _;
 use crate::telemetry::metrics::Metrics;
+use futures::StreamExt as _;
 use std::future::Future;
 use std::sync::Arc;
 

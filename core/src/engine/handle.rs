@@ -401,7 +401,10 @@ pub(super) fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<()
 }
 
 /// Puts inputs in the order the model declares them, so batches line up input by input.
-pub(super) fn in_declared_order(config: &ModelConfig, mut inputs: Vec<super::Tensor>) -> Vec<super::Tensor> {
+pub(super) fn in_declared_order(
+    config: &ModelConfig,
+    mut inputs: Vec<super::Tensor>,
+) -> Vec<super::Tensor> {
     inputs.sort_by_key(|t| {
         config
             .inputs

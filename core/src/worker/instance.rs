@@ -737,7 +737,12 @@ impl Actor {
     /// A chunk of the running (front) execute: copy it out and hand it over with a receipt
     /// whose drop sends `release` (see `stream.rs`); without a streaming caller it is
     /// released at once. The execution timeout restarts: it bounds each chunk.
-    fn on_stream_chunk(&mut self, id: u64, outputs: Vec<TensorRef>, fds: Vec<std::os::fd::OwnedFd>) {
+    fn on_stream_chunk(
+        &mut self,
+        id: u64,
+        outputs: Vec<TensorRef>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) {
         match self.inflight.front() {
             Some(f) if f.id == id => {}
             front => {

@@ -57,7 +57,9 @@ pub struct WorkChunk {
 pub enum StreamItem {
     Chunk(WorkChunk),
     /// The generator finished; time spent inside it, measured by the worker.
-    End { compute_ns: u64 },
+    End {
+        compute_ns: u64,
+    },
 }
 
 pub(super) type StreamSender = mpsc::UnboundedSender<Result<StreamItem, WorkerError>>;
