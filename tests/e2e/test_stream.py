@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from umclient import error_of, plugin, wait_until
+from umclient import error_of, plugin, python_bin, run_cli, wait_until
 
 STREAM_TIMEOUT = (5.0, 30.0)
 
@@ -163,3 +163,21 @@ def test_bad_input_is_a_400_before_any_stream_starts(server, body, needle):
     not_json = server.post("/v2/models/tokens/generate", data=b"[1, 2]")
     assert "expected a JSON object" in error_of(not_json, 400)
     assert one_chunk(server)["token"] == "probe-0"
+
+
+def test_predict_prints_a_line_per_chunk_of_a_generator():
+    proc = run_cli(
+        "predict",
+        plugin("tokens.py") + ":Tokens",
+        "-i",
+        "prompt=p",
+        "-i",
+        "count=[3]",
+        "-i",
+        "delay_ms=[0]",
+        "--python",
+        python_bin(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["token"]["data"] for line in lines] == [["p-0"], ["p-1"], ["p-2"]]
