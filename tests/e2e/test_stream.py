@@ -158,6 +158,11 @@ def test_bad_input_is_a_400_before_any_stream_starts(server, body, needle):
         assert resp.headers["content-type"].startswith("application/json"), route
         message = error_of(resp, 400)
         assert needle in message, (route, message)
+    infer = server.post(
+        "/v2/models/tokens/infer",
+        json={"inputs": [{"name": "count", "shape": [1], "datatype": "INT32", "data": [1]}]},
+    )
+    assert "generate_stream" in error_of(infer, 400)
     unknown = server.post("/v2/models/nope/generate_stream", json={})
     assert "unknown model 'nope'" in error_of(unknown, 404)
     not_json = server.post("/v2/models/tokens/generate", data=b"[1, 2]")

@@ -180,6 +180,11 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let config = &entry.config;
+        if config.streaming {
+            return Err(EngineError::StreamingOnly {
+                model: config.name.clone(),
+            });
+        }
         let rows = validate_request(
             config,
             &req.inputs,

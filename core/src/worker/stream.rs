@@ -62,7 +62,7 @@ pub enum StreamItem {
     },
 }
 
-pub(super) type StreamSender = mpsc::UnboundedSender<Result<StreamItem, WorkerError>>;
+pub type StreamSender = mpsc::UnboundedSender<Result<StreamItem, WorkerError>>;
 
 /// The responses of one streaming execute, ended by `End` or an error. Unbounded on purpose:
 /// the release gating above keeps at most one arena chunk per stream in it.
@@ -128,6 +128,19 @@ impl WorkStream {
             cancel: None,
             done: false,
         }
+    }
+
+    /// A stream fed by hand, for executors in tests: send its chunks and its end into the
+    /// sender; dropping the stream closes the sender (that is the cancel they see).
+    #[cfg(test)]
+    pub fn channel() -> (StreamSender, WorkStream) {
+        let (tx, items) = mpsc::unbounded_channel();
+        let stream = WorkStream {
+            items,
+            cancel: None,
+            done: false,
+        };
+        (tx, stream)
     }
 
     /// The next item; `None` after the end (or an error), and if the supervisor went away
