@@ -13,8 +13,10 @@
 //! which closes the generator at its next `yield`.
 //!
 //! Deadline: the request's timeout (the model's, or less if the client asks) bounds the wait
-//! for each response, the first one including the queue wait; the worker's execution timeout
-//! likewise bounds each chunk. A generator may stream for as long as it keeps producing.
+//! for each response, the first one including the queue wait, and also the wait for a client
+//! to take a response (one connected but not reading must not hold a worker forever); the
+//! worker's execution timeout likewise bounds each chunk. A generator may stream for as long
+//! as it keeps producing and its client keeps reading.
 
 use super::EngineError;
 use super::batch::{build_work, split_outputs};
@@ -236,8 +238,15 @@ pub(super) async fn run_stream(
                             });
                         }
                     };
-                if !forward(&mut batch, outputs).await {
-                    return;
+                match forward(&mut batch, outputs).await {
+                    Forwarded::Sent => {}
+                    Forwarded::Gone => return,
+                    Forwarded::Stalled(after) => {
+                        break Err(EngineError::Timeout {
+                            model: ctx.config.name.clone(),
+                            after,
+                        });
+                    }
                 }
                 // Passed on: the worker may write its next chunk.
                 drop(chunk.receipt);
@@ -289,18 +298,33 @@ async fn next_item(
     }
 }
 
-/// Hands one response to the client; false if the client has gone.
-async fn forward(batch: &mut [Pending], outputs: Vec<Tensor>) -> bool {
+/// What became of a response handed to the client.
+enum Forwarded {
+    Sent,
+    /// The client has gone.
+    Gone,
+    /// The client has not read it within the request's deadline (a client that stays
+    /// connected without reading must not hold a worker forever).
+    Stalled(Duration),
+}
+
+/// Hands one response to the client, waiting at most the request's deadline for room.
+async fn forward(batch: &mut [Pending], outputs: Vec<Tensor>) -> Forwarded {
     let Some(first) = batch.first_mut() else {
-        return false;
+        return Forwarded::Gone;
     };
     let Some(sink) = first.chunks.clone() else {
-        return false;
+        return Forwarded::Gone;
     };
+    let within = first.deadline.saturating_duration_since(first.enqueued);
     tokio::select! {
         biased;
-        _ = first.reply.closed() => false,
-        sent = sink.send(outputs) => sent.is_ok(),
+        _ = first.reply.closed() => Forwarded::Gone,
+        sent = tokio::time::timeout(within, sink.send(outputs)) => match sent {
+            Ok(Ok(())) => Forwarded::Sent,
+            Ok(Err(_)) => Forwarded::Gone,
+            Err(_) => Forwarded::Stalled(within),
+        },
     }
 }
 

@@ -684,4 +684,12 @@ async fn a_stalled_generator_hits_the_per_response_deadline() {
         "{got:?}"
     );
     exec.wait_cancelled(1).await;
+    // A client that keeps the stream but stops reading does not hold the worker forever.
+    let unread = engine.infer_stream(request(&[1e6, 1.0])).await.unwrap();
+    exec.wait_cancelled(2).await;
+    let got = collect(unread).await;
+    assert!(
+        matches!(got.last(), Some(Err(EngineError::Timeout { .. }))),
+        "{got:?}"
+    );
 }
