@@ -186,3 +186,39 @@ def test_predict_prints_a_line_per_chunk_of_a_generator():
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["token"]["data"] for line in lines] == [["p-0"], ["p-1"], ["p-2"]]
+
+
+def queue_depth(server) -> float:
+    text = server.get("/metrics").text
+    found = re.search(r'^unimodel_queue_depth\{[^}]*model="tokens"[^}]*\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else -1.0
+
+
+def test_a_full_queue_refuses_streams_with_429_and_a_freed_place_is_served(start_server):
+    server = start_server(plugin("tokens.py:Tokens"), "--queue-capacity", "1", "--instances", "1")
+    # One stream runs; a second is sent to the worker behind it (the instance's two pipeline
+    # slots: streams run alone, never batched); a third waits in the one-place queue.
+    first = open_stream(server, tokens_body("first", 100_000, delay_ms=10))
+    first_events = events(first)  # kept: a dropped reader closes the connection
+    next(first_events)
+    with ThreadPoolExecutor(2) as pool:
+        second = pool.submit(stream_all, server, tokens_body("second", 2))
+        third = pool.submit(stream_all, server, tokens_body("third", 1))
+        wait_until(lambda: queue_depth(server) == 1.0, 10.0, "a stream waiting in the queue")
+        full = server.post("/v2/models/tokens/generate_stream", json=tokens_body("late", 1))
+        assert "queue is full" in error_of(full, 429)
+        assert full.headers["retry-after"] == "1"
+        first.close()  # the running stream's client goes away: the others run
+        assert [e["token"] for e in second.result(timeout=30)] == ["second-0", "second-1"]
+        assert [e["token"] for e in third.result(timeout=30)] == ["third-0"]
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_server):
+    server = start_server(plugin("tokens.py:Tokens"))
+    resp = open_stream(server, tokens_body("drain", 20, delay_ms=20))
+    it = events(resp)
+    assert next(it)["token"] == "drain-0"
+    server.proc.send_signal(signal.SIGTERM)
+    rest = [e["token"] for e in it]
+    assert rest == [f"drain-{i}" for i in range(1, 20)]
+    assert server.wait_exit(30) == 0
