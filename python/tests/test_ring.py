@@ -69,3 +69,13 @@ def test_exactly_full_ring_then_wrap_after_release():
     ring.release(2)
     assert ring.alloc(128, owner=5) == 64
     assert ring.used() == 256
+
+
+def test_holds_tells_whether_a_streams_last_chunk_is_still_live():
+    ring = OutputRing(1024)
+    assert not ring.holds(3)
+    ring.alloc(10, owner=2)
+    ring.alloc(10, owner=3)
+    assert ring.holds(3) and not ring.holds(2)
+    ring.release(3)
+    assert not ring.holds(3)

@@ -70,8 +70,12 @@ PLUGIN = textwrap.dedent(
         outputs = {"i": um.Tensor("INT32", [1])}
 
         def predict(self, n):
-            for i in range(int(n[0])):
-                yield {"i": np.array([i], np.int32)}
+            try:
+                for i in range(int(n[0])):
+                    yield {"i": np.array([i], np.int32)}
+            except GeneratorExit:
+                os.write(2, b"generator closed\\n")
+                raise
 
 
     class Odd(um.Model):
@@ -366,13 +370,43 @@ def test_streaming_predict_sends_chunks_then_an_empty_result(core, plugin):
     c.hello()
     assert c.load(plugin, "Counter")["type"] == "ready"
     c.execute(1, [c.put("n", np.array([3], np.int32))])
-    chunks = [c.recv() for _ in range(3)]
-    assert [m["type"] for m in chunks] == ["stream_chunk"] * 3
-    assert [int(c.outputs(m)["i"][0]) for m in chunks] == [0, 1, 2]
+    kinds, values = [], []
+    for i in range(3):
+        chunk = c.recv()
+        kinds.append(chunk["type"])
+        values.append(int(c.outputs(chunk)["i"][0]))
+        if i < 2:
+            # The next chunk waits for this one's release (the stream's back-pressure).
+            assert c.nothing_arrives(0.2)
+        c.send({"type": "release", "id": 1})
+    assert kinds == ["stream_chunk"] * 3
+    assert values == [0, 1, 2]
     end = c.recv()
     assert end["type"] == "result" and end["id"] == 1 and end["outputs"] == []
     assert end["compute_ns"] > 0
     assert c.shutdown() == 0
+
+
+def test_cancel_closes_a_running_generator_and_the_worker_keeps_serving(core, plugin):
+    c = core()
+    c.hello()
+    assert c.load(plugin, "Counter")["type"] == "ready"
+    c.execute(1, [c.put("n", np.array([1000], np.int32))])
+    first = c.recv()
+    assert first["type"] == "stream_chunk" and int(c.outputs(first)["i"][0]) == 0
+    # The worker waits for the release; the cancel must reach it there.
+    c.send({"type": "cancel", "id": 1})
+    cancelled = c.recv()
+    assert cancelled["type"] == "error" and cancelled["id"] == 1, cancelled
+    assert cancelled["kind"] == "cancelled"
+    c.send({"type": "release", "id": 1})
+    c.execute(2, [c.put("n", np.array([1], np.int32))])
+    chunk = c.recv()
+    assert chunk["type"] == "stream_chunk" and chunk["id"] == 2
+    c.send({"type": "release", "id": 2})
+    assert c.recv()["type"] == "result"
+    assert c.shutdown() == 0
+    assert "generator closed" in c.stderr()
 
 
 def test_setup_failure_is_load_failed_with_traceback(core, plugin):

@@ -79,6 +79,10 @@ class OutputRing:
             self._head = 0
         return freed
 
+    def holds(self, owner: int) -> bool:
+        """True while the newest live block belongs to result `owner` (a stream's last chunk)."""
+        return bool(self._blocks) and self._blocks[-1][0] == owner
+
     def used(self) -> int:
         """Bytes between the oldest live block and the head (gaps included)."""
         if not self._blocks:

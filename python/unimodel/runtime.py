@@ -7,10 +7,13 @@ order they arrive, one ``result`` or ``error`` each. The core's side is
 
 The loop is single-threaded and `predict` runs on it. Frames that arrive while `predict` runs
 wait in the socket; before starting a queued execute the loop drains them without blocking,
-so a ``cancel`` for a queued execute is seen in time. Per execute the hot path is: one
-``recvmsg_into``, one ``unpackb``, one `np.ndarray` per input over the arena, `predict`, one
-copy per output into the output ring, one ``pack`` and one ``sendall``. Nothing is logged on
-it unless something fails.
+so a ``cancel`` for a queued execute is seen in time. A generator `predict` streams: after
+each chunk it sends, the loop drains pending frames the same way, so a ``cancel`` of the
+running stream closes the generator at its next ``yield``; and it writes a chunk into the
+output arena only once the core has released the previous one (the stream's back-pressure).
+Per execute the hot path is: one ``recvmsg_into``, one ``unpackb``, one `np.ndarray` per
+input over the arena, `predict`, one copy per output into the output ring, one ``pack`` and
+one ``sendall``. Nothing is logged on it unless something fails.
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ class Worker:
         self.pending: deque[dict[str, Any]] = deque()
         #: Ids of pending executes the core cancelled.
         self.cancelled: set[int] = set()
+        #: The streaming execute now running, and whether the core cancelled it.
+        self.streaming_id: int | None = None
+        self.stream_cancelled = False
         self.stopping = False
 
     # -- the loop ------------------------------------------------------------------------------
@@ -142,7 +148,9 @@ class Worker:
             self.channel.send({"type": "pong", "seq": msg["seq"]})
         elif kind == "cancel":
             target = msg["id"]
-            if any(p["id"] == target for p in self.pending):
+            if target == self.streaming_id:
+                self.stream_cancelled = True
+            elif any(p["id"] == target for p in self.pending):
                 self.cancelled.add(target)
         elif kind == "shutdown":
             self.stopping = True
@@ -293,10 +301,15 @@ class Worker:
             self.channel.send(result)
 
     def _execute_stream(self, model: LoadedModel, msg: dict[str, Any], kwargs: dict) -> None:
+        """Runs a generator `predict`: one ``stream_chunk`` per ``yield``, then an empty
+        ``result``; or an ``error`` (``cancelled`` when the core cancelled it mid-stream)."""
         exec_id = msg["id"]
-        compute_ns = 0
-        started = _perf_ns()
+        self.streaming_id = exec_id
+        self.stream_cancelled = False
+        gen = None
         try:
+            compute_ns = 0
+            started = _perf_ns()
             gen = model.predict(**kwargs)
             compute_ns += _perf_ns() - started
             while True:
@@ -307,9 +320,12 @@ class Worker:
                     compute_ns += _perf_ns() - started
                     break
                 compute_ns += _perf_ns() - started
+                self._await_chunk_release(exec_id)
+                if self.stream_cancelled:
+                    break
                 outputs = self._emit(exec_id, model, chunk, msg)
                 if outputs is None:
-                    gen.close()
+                    self._close(gen, exec_id)
                     return
                 refs_out, out_fds = outputs
                 frame = {"type": "stream_chunk", "id": exec_id, "outputs": refs_out}
@@ -317,13 +333,43 @@ class Worker:
                     self._send_with_fds(frame, out_fds)
                 else:
                     self.channel.send(frame)
+                # A cancel (the client went away) must not wait for the generator's end.
+                while (pending := self.channel.poll()) is not None:
+                    self.dispatch(pending)
+                if self.stream_cancelled:
+                    break
         except (ChannelClosed, _Stop):
             raise
         except Exception as e:
             self._plugin_error(exec_id, e)
             return
+        finally:
+            self.streaming_id = None
+        if self.stream_cancelled:
+            self._close(gen, exec_id)
+            self._send_error(exec_id, "Cancelled: cancelled while streaming", "", "cancelled")
+            return
         end = {"type": "result", "id": exec_id, "outputs": [], "compute_ns": compute_ns}
         self.channel.send(end)
+
+    def _await_chunk_release(self, exec_id: int) -> None:
+        """Waits (serving control frames) until the core has released this stream's previous
+        chunk, or cancelled the stream: the core releases a chunk only once its client has
+        taken it, so a slow client holds the generator here instead of filling memory."""
+        while self.ring.holds(exec_id) and not self.stream_cancelled:
+            self.dispatch(self.channel.recv())
+            if self.stopping:
+                raise _Stop()
+
+    @staticmethod
+    def _close(gen: Any, exec_id: int) -> None:
+        """Closes a generator (``GeneratorExit`` at its ``yield``); what it raises is logged."""
+        if gen is None:
+            return
+        try:
+            gen.close()
+        except Exception:
+            log.error("closing the generator of execute %d raised", exec_id, exc_info=True)
 
     def _plugin_error(self, exec_id: int, exc: Exception) -> None:
         tb = traceback.format_exc()

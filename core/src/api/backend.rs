@@ -3,8 +3,11 @@
 //! The methods mirror `engine::Engine` one for one, so the production implementation is
 //! plain delegation; tests drive the router with a fake backend instead of real workers.
 
-use crate::engine::{Engine, EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
+use crate::engine::{
+    Engine, EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus,
+};
 use crate::telemetry::metrics::Metrics;
+use futures::StreamExt as _;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -23,6 +26,22 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         req: InferRequest,
     ) -> impl Future<Output = Result<InferResponse, EngineError>> + Send;
+    /// Like `infer`, answered with a stream of responses: one per chunk a generator model
+    /// yields (KServe `generate_stream`, gRPC `ModelStreamInfer`), exactly one for an
+    /// ordinary model. Errors before the first response (unknown model, invalid input, 429,
+    /// not ready) are this call's `Err`; once streaming, an error is the stream's last item.
+    /// Dropping the stream cancels the request, a generator already running included. The
+    /// default serves backends that cannot stream: `infer`'s one answer.
+    fn infer_stream(
+        &self,
+        req: InferRequest,
+    ) -> impl Future<Output = Result<InferStream, EngineError>> + Send {
+        let answer = self.infer(req);
+        async move {
+            let response = answer.await?;
+            Ok(futures::stream::once(async { Ok(response) }).boxed())
+        }
+    }
     /// Statistics of one model, or of every model when `name` is `None`.
     fn stats(
         &self,
@@ -57,6 +76,13 @@ impl Backend for Engine {
         req: InferRequest,
     ) -> impl Future<Output = Result<InferResponse, EngineError>> + Send {
         Engine::infer(self, req)
+    }
+
+    fn infer_stream(
+        &self,
+        req: InferRequest,
+    ) -> impl Future<Output = Result<InferStream, EngineError>> + Send {
+        Engine::infer_stream(self, req)
     }
 
     fn stats(

@@ -71,7 +71,7 @@ fn engine_status(e: &EngineError) -> StatusCode {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => {
             StatusCode::NOT_FOUND
         }
-        EngineError::Validation(_) => StatusCode::BAD_REQUEST,
+        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => StatusCode::BAD_REQUEST,
         EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
         EngineError::NotReady { .. }
         | EngineError::WorkerFailed { .. }

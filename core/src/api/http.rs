@@ -13,16 +13,18 @@ use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
 use super::metrics as api_metrics;
 use super::observe::{BatchSize, RequestTrace};
 use super::openapi;
-use super::{request, response};
+use super::{generate, request, response};
 use crate::engine::EngineError;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use serde::Deserialize;
 use std::future::Future;
 use std::sync::Arc;
@@ -90,6 +92,20 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/infer",
             post(infer::<B>),
+        )
+        // The generate extension (`generate.rs`).
+        .route("/v2/models/{model}/generate", post(generate::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}/generate",
+            post(generate::<B>),
+        )
+        .route(
+            "/v2/models/{model}/generate_stream",
+            post(generate_stream::<B>),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/generate_stream",
+            post(generate_stream::<B>),
         )
         .route("/v2/models/{model}/stats", get(model_stats::<B>))
         .route(
@@ -214,6 +230,94 @@ async fn infer<B: Backend>(
         };
         api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, &answer, started);
     }
+    answer
+}
+
+/// Decodes a generate body for the model in `p`.
+fn generate_request<B: Backend>(
+    s: &AppState<B>,
+    p: &ModelPath,
+    trace: Option<Extension<RequestTrace>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<crate::engine::InferRequest, ApiError> {
+    let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+    let status = s.backend.model(&p.model, p.version.as_deref())?;
+    let mut req = generate::decode(&status.config, p.model.clone(), p.version.clone(), &body)?;
+    req.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
+    Ok(req)
+}
+
+/// Records a generate request's outcome up to its first response.
+fn record_generate<B: Backend>(
+    s: &AppState<B>,
+    p: &ModelPath,
+    served_version: Option<&str>,
+    answer: &Result<Response, ApiError>,
+    started: Instant,
+) {
+    if let Some(m) = &s.metrics {
+        let target = api_metrics::Target {
+            model: &p.model,
+            version: p.version.as_deref(),
+            served_version,
+        };
+        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, answer, started);
+    }
+}
+
+/// `POST /v2/models/{m}[/versions/{v}]/generate`: 200 one JSON object (a generator model's
+/// chunks concatenated, see `generate.rs`); errors as `infer`.
+async fn generate<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+    trace: Option<Extension<RequestTrace>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let Path(p) = path?;
+    let mut served_version = None;
+    let answer = async {
+        let req = generate_request(&s, &p, trace, body)?;
+        let mut stream = s.backend.infer_stream(req).await?;
+        let mut collected = generate::Collected::default();
+        while let Some(item) = stream.next().await {
+            let response = item?;
+            served_version = Some(response.model_version.clone());
+            collected.push(&response)?;
+        }
+        Ok(Json(collected.finish()).into_response())
+    }
+    .await;
+    record_generate(&s, &p, served_version.as_deref(), &answer, started);
+    answer
+}
+
+/// `POST /v2/models/{m}[/versions/{v}]/generate_stream`: 200 `text/event-stream`, one
+/// `data: {json}` event per response and `data: {"error"}` on a failure once streaming.
+/// Errors before the first response are ordinary `{"error"}` responses, statuses as `infer`.
+/// A client that disconnects cancels the request (its generator stops at its next `yield`).
+async fn generate_stream<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+    trace: Option<Extension<RequestTrace>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let Path(p) = path?;
+    let mut served_version = None;
+    let answer = async {
+        let req = generate_request(&s, &p, trace, body)?;
+        let mut stream = s.backend.infer_stream(req).await?;
+        // Waiting for the first response lets an early failure keep its status.
+        let first = stream.next().await.transpose()?;
+        served_version = first.as_ref().map(|r| r.model_version.clone());
+        let events = futures::stream::iter(first.map(Ok))
+            .chain(stream)
+            .map(|item| Ok::<_, std::convert::Infallible>(generate::sse_event(item)));
+        Ok(Sse::new(events).into_response())
+    }
+    .await;
+    record_generate(&s, &p, served_version.as_deref(), &answer, started);
     answer
 }
 

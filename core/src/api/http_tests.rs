@@ -63,6 +63,7 @@ fn status(
         parameters: BTreeMap::new(),
         queue_capacity: 4,
         request_timeout: Duration::from_secs(5),
+        streaming: false,
     };
     let ready_instances = u32::from(state.is_ready());
     ModelStatus {

@@ -112,6 +112,7 @@ mod tests {
                 parameters: BTreeMap::new(),
                 queue_capacity: 1,
                 request_timeout: Duration::from_secs(1),
+                streaming: false,
             };
             Arc::new(OneModel {
                 status: ModelStatus {

@@ -6,6 +6,7 @@
 //! - `response`: `engine::InferResponse` → HTTP response (JSON or binary data).
 //! - `json_data`: the typed `data` field codec (no `serde_json::Value` trees).
 //! - `binary`: Triton's binary tensor data framing.
+//! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `error`: `ApiError`, the one place errors become statuses.
 //! - `observe`: per-request span, `traceparent`, access log line.
@@ -16,6 +17,7 @@
 pub mod backend;
 pub mod binary;
 pub mod error;
+pub mod generate;
 pub mod http;
 pub mod json_data;
 pub mod metadata;

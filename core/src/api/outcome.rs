@@ -25,7 +25,7 @@ impl ApiError {
 fn engine_outcome(e: &EngineError) -> &'static str {
     match e {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => "not_found",
-        EngineError::Validation(_) => "bad_request",
+        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::NotReady { .. } | EngineError::ShuttingDown => "unavailable",
         EngineError::WorkerFailed { .. } => "worker_error",

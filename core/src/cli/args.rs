@@ -31,7 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve every um.Model in a plugin file over HTTP until SIGTERM/SIGINT.
     Run(RunArgs),
-    /// Run one request through a plugin without a server and print the outputs as JSON.
+    /// Run one request through a plugin without a server and print the outputs as JSON, one
+    /// line per response (a generator plugin prints a line per yield).
     Predict(PredictArgs),
 }
 
@@ -68,7 +69,8 @@ pub struct PluginArgs {
     /// Time a worker's setup() may take before it is killed.
     #[arg(long, value_name = "MS", default_value_t = 300_000)]
     pub load_timeout_ms: u64,
-    /// Time one predict() call may take before its worker is killed and restarted.
+    /// Time one predict() call (for a generator: each chunk) may take before its worker is
+    /// killed and restarted.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub execution_timeout_ms: u64,
     /// Size of each worker's input and output shared-memory arena (at least 4096).

@@ -1,4 +1,5 @@
-//! `unimodel predict`: one request through a plugin, no server; prints the outputs as JSON.
+//! `unimodel predict`: one request through a plugin, no server; prints the outputs as JSON,
+//! one line per response (a generator plugin prints a line per `yield`).
 
 use super::args::PredictArgs;
 use super::serving::{ServeSettings, load_plugin, start_engine};
@@ -7,6 +8,7 @@ use crate::engine::tensor::{DataType, Tensor, TensorSpec};
 use crate::engine::{InferRequest, ModelConfig, ModelState};
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use serde_json::{Map, Value, json};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -58,19 +60,32 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         timeout: None,
         trace: None,
     };
-    let result = engine.infer(request).await;
+    // One line per response: exactly one for an ordinary model, one per `yield` for a
+    // generator, printed as it arrives.
+    let result = async {
+        let mut responses = engine.infer_stream(request).await?;
+        while let Some(response) = responses.next().await {
+            print_outputs(&response?.outputs)?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
     engine.shutdown(WORKER_STOP_GRACE).await;
-    let response = result?;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
 
+/// Prints one response's outputs as one JSON line.
+fn print_outputs(outputs: &[Tensor]) -> anyhow::Result<()> {
     let mut out = Map::new();
-    for t in &response.outputs {
+    for t in outputs {
         out.insert(
             t.name.clone(),
             json!({"datatype": t.datatype.as_str(), "shape": t.shape, "data": tensor_json(t)?}),
         );
     }
     println!("{}", Value::Object(out));
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Builds input `name` from a CLI value: JSON (nesting gives the shape) or one BYTES string.
@@ -254,6 +269,7 @@ mod tests {
             parameters: BTreeMap::new(),
             queue_capacity: 1,
             request_timeout: Duration::from_secs(1),
+            streaming: false,
         }
     }
 

@@ -104,14 +104,6 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
 
 /// Refuses what this server cannot serve yet, before any worker starts.
 fn check_servable(d: &ModelDecl) -> anyhow::Result<()> {
-    if d.streaming {
-        bail!(
-            "model '{}' ({}): predict is a generator (streaming), which this server cannot serve yet; \
-             return a dict of arrays from predict instead",
-            d.name,
-            d.class
-        );
-    }
     // Tensors too large for an arena travel as one descriptor each in a single frame.
     let most = MAX_FDS_PER_FRAME;
     if d.inputs.len() > most || d.outputs.len() > most {
@@ -148,6 +140,7 @@ fn model_config(
         parameters: args.set.iter().cloned().collect(),
         queue_capacity: s.queue_capacity,
         request_timeout: s.request_timeout,
+        streaming: d.streaming,
     })
 }
 

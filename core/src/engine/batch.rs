@@ -216,6 +216,7 @@ mod tests {
             deadline: now + Duration::from_secs(1),
             reply: tx,
             permit: None,
+            chunks: None,
             origin: Default::default(),
         };
         (p, rx)

@@ -84,7 +84,12 @@ impl Batcher {
             tokio::spawn(forward_states(idx, exec.state(), state_tx.clone()));
         }
         let policy = BatchPolicy {
-            max_batch_size: config.max_batch_size,
+            // A generator's chunks belong to one client: its requests run alone.
+            max_batch_size: if config.streaming {
+                0
+            } else {
+                config.max_batch_size
+            },
             max_queue_delay: config.max_queue_delay,
         };
         let declared_outputs: Arc<[String]> =

@@ -15,6 +15,11 @@ pub enum EngineError {
     },
     #[error("{0}")]
     Validation(#[from] super::validate::ValidationError),
+    /// A generator model asked for one answer (`infer`): its responses need a stream.
+    #[error(
+        "model '{model}' streams (its predict is a generator); call POST /v2/models/{model}/generate_stream (or /generate), or gRPC ModelStreamInfer"
+    )]
+    StreamingOnly { model: String },
     #[error(
         "model '{model}' queue is full ({capacity} requests waiting); retry later or raise --queue-capacity"
     )]

@@ -41,11 +41,22 @@ pub struct BatchContext {
 }
 
 /// Sends `Finished` when dropped, unless the batch was handed back.
-struct FinishGuard {
+pub(super) struct FinishGuard {
     outcomes: mpsc::UnboundedSender<Outcome>,
     idx: usize,
     batch_id: u64,
-    armed: bool,
+    pub(super) armed: bool,
+}
+
+impl FinishGuard {
+    pub(super) fn new(ctx: &BatchContext, idx: usize, batch_id: u64) -> Self {
+        FinishGuard {
+            outcomes: ctx.outcomes.clone(),
+            idx,
+            batch_id,
+            armed: true,
+        }
+    }
 }
 
 impl Drop for FinishGuard {
@@ -68,12 +79,10 @@ pub async fn run_batch(
     exec: Arc<dyn Executor>,
     mut batch: Vec<Pending>,
 ) {
-    let mut guard = FinishGuard {
-        outcomes: ctx.outcomes.clone(),
-        idx,
-        batch_id,
-        armed: true,
-    };
+    if ctx.config.streaming {
+        return super::stream::run_stream(ctx, idx, batch_id, exec, batch).await;
+    }
+    let mut guard = FinishGuard::new(&ctx, idx, batch_id);
     let batching = ctx.config.max_batch_size > 0;
     let started = Instant::now();
     let work = build_work(&batch, batching);
@@ -180,7 +189,7 @@ fn count_worker_call(
 }
 
 /// Maps a worker-layer failure to what the client is told.
-fn worker_error(model: &str, e: WorkerError) -> EngineError {
+pub(super) fn worker_error(model: &str, e: WorkerError) -> EngineError {
     let model = model.to_string();
     match e {
         WorkerError::Plugin { message, .. } => EngineError::Plugin { model, message },

@@ -1,6 +1,7 @@
 //! What the batcher needs from a worker instance, as a trait so the batcher can be tested
 //! with an in-process executor and the worker layer stays behind one seam.
 
+use crate::worker::WorkStream;
 use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
@@ -9,6 +10,13 @@ use tokio::sync::watch;
 pub trait Executor: Send + Sync + 'static {
     /// Runs one batch. Dropping the future cancels it if the worker has not started it.
     fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>>;
+    /// Runs one request of a generator model: its chunks, then its end (see `WorkStream`).
+    /// Dropping the stream cancels the work, even once running. The default serves an
+    /// executor that does not stream: the one answer of `execute` as a single chunk.
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, WorkStream> {
+        let answer = self.execute(work);
+        Box::pin(async move { WorkStream::from_output(answer.await) })
+    }
     /// The instance's lifecycle state.
     fn state(&self) -> watch::Receiver<InstanceState>;
     /// Finishes in-flight work and stops the instance.
@@ -20,6 +28,11 @@ impl Executor for crate::worker::InstanceHandle {
     fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>> {
         let handle = self.clone();
         Box::pin(async move { handle.execute(work).await })
+    }
+
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, WorkStream> {
+        let handle = self.clone();
+        Box::pin(async move { handle.execute_stream(work).await })
     }
 
     fn state(&self) -> watch::Receiver<InstanceState> {

@@ -28,14 +28,14 @@ pub struct EngineOptions {
     pub metrics: Arc<Metrics>,
 }
 
-struct ModelEntry {
-    config: Arc<ModelConfig>,
-    commands: mpsc::Sender<Command>,
+pub(super) struct ModelEntry {
+    pub(super) config: Arc<ModelConfig>,
+    pub(super) commands: mpsc::Sender<Command>,
     /// One permit per place in the queue.
-    places: Arc<Semaphore>,
-    state: watch::Receiver<ModelState>,
+    pub(super) places: Arc<Semaphore>,
+    pub(super) state: watch::Receiver<ModelState>,
     stats: Arc<StatsRecorder>,
-    metrics: ModelMetrics,
+    pub(super) metrics: ModelMetrics,
     instances: Vec<Arc<dyn Executor>>,
 }
 
@@ -180,6 +180,11 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let config = &entry.config;
+        if config.streaming {
+            return Err(EngineError::StreamingOnly {
+                model: config.name.clone(),
+            });
+        }
         let rows = validate_request(
             config,
             &req.inputs,
@@ -210,6 +215,7 @@ impl Engine {
             deadline: now + timeout,
             reply: reply_tx,
             permit: Some(permit),
+            chunks: None,
             origin: Origin {
                 id: req.id.clone(),
                 trace: req.trace,
@@ -301,7 +307,16 @@ impl Engine {
             .is_ok()
     }
 
-    fn entry(&self, name: &str, version: Option<&str>) -> Result<&ModelEntry, EngineError> {
+    /// Settings shared by every model (`engine::stream` validates with them too).
+    pub(super) fn options(&self) -> &EngineOptions {
+        &self.inner.options
+    }
+
+    pub(super) fn entry(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<&ModelEntry, EngineError> {
         let entry = self
             .inner
             .models
@@ -375,7 +390,7 @@ fn status_of(m: &ModelEntry) -> ModelStatus {
 
 /// Requests are refused at the door while no instance can serve. A model whose instances
 /// are restarting still queues: a replacement usually serves within a second.
-fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineError> {
+pub(super) fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineError> {
     let not_ready = |state: String| {
         Err(EngineError::NotReady {
             model: config.name.clone(),
@@ -391,7 +406,10 @@ fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineErr
 }
 
 /// Puts inputs in the order the model declares them, so batches line up input by input.
-fn in_declared_order(config: &ModelConfig, mut inputs: Vec<super::Tensor>) -> Vec<super::Tensor> {
+pub(super) fn in_declared_order(
+    config: &ModelConfig,
+    mut inputs: Vec<super::Tensor>,
+) -> Vec<super::Tensor> {
     inputs.sort_by_key(|t| {
         config
             .inputs

@@ -14,6 +14,7 @@ mod lifecycle;
 pub mod model;
 mod queue;
 mod stats;
+pub mod stream;
 pub mod tensor;
 pub mod validate;
 
@@ -24,6 +25,7 @@ pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
 pub use model::{ModelConfig, ModelState};
+pub use stream::InferStream;
 pub use tensor::{DataType, Tensor, TensorSpec};
 
 use std::sync::Arc;

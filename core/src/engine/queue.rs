@@ -61,6 +61,8 @@ pub struct Pending {
     pub reply: oneshot::Sender<Reply>,
     /// Holds one place in the model's queue; dropped when the request leaves it.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// A streaming request's responses go here before its final `reply` (`engine::stream`).
+    pub chunks: Option<super::stream::ChunkSink>,
     pub origin: Origin,
 }
 
@@ -237,6 +239,7 @@ mod tests {
             deadline: enqueued + Duration::from_secs(10),
             reply: tx,
             permit: None,
+            chunks: None,
             origin: Origin::default(),
         };
         (p, rx)

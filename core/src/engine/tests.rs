@@ -117,6 +117,7 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
         parameters: BTreeMap::new(),
         queue_capacity: queue,
         request_timeout: Duration::from_secs(5),
+        streaming: false,
     }
 }
 
@@ -479,4 +480,216 @@ fn restarts_before_the_first_ready_still_count_as_loading() {
         model_state([&failed].into_iter(), false),
         ModelState::Failed { .. }
     ));
+}
+
+// ---- streaming (generator) models ------------------------------------------------------
+
+/// A generator: for x = [[n, delay_ms]] yields y = [[0]] .. [[n-1]], `delay_ms` apart; counts
+/// the streams whose consumer went away before the end (the cancel a worker would get).
+struct FakeGen {
+    state: watch::Sender<InstanceState>,
+    cancelled: watch::Sender<u32>,
+    batches: Mutex<Vec<u32>>,
+}
+
+impl FakeGen {
+    fn new() -> Arc<FakeGen> {
+        let (state, _) = watch::channel(InstanceState::Ready);
+        let (cancelled, _) = watch::channel(0);
+        Arc::new(FakeGen {
+            state,
+            cancelled,
+            batches: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn wait_cancelled(&self, count: u32) {
+        let mut rx = self.cancelled.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|c| *c >= count))
+            .await
+            .expect("the generator was never cancelled")
+            .unwrap();
+    }
+}
+
+impl Executor for FakeGen {
+    fn execute(&self, _work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>> {
+        Box::pin(async { Err(WorkerError::Protocol("a generator streams".into())) })
+    }
+
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, crate::worker::WorkStream> {
+        use crate::worker::{StreamItem, WorkChunk, WorkStream};
+        self.batches.lock().unwrap().push(work.batch_size);
+        let x: Vec<f32> = work.inputs[0]
+            .parts
+            .iter()
+            .flat_map(|p| {
+                p.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            })
+            .collect();
+        let (count, delay) = (x[0] as u32, Duration::from_millis(x[1] as u64));
+        let (tx, stream) = WorkStream::channel();
+        let cancelled = self.cancelled.clone();
+        tokio::spawn(async move {
+            for i in 0..count {
+                tokio::select! {
+                    _ = tx.closed() => {
+                        cancelled.send_modify(|c| *c += 1);
+                        return;
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                let y = Tensor {
+                    name: "y".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![1, 1],
+                    data: Bytes::from((i as f32).to_le_bytes().to_vec()),
+                };
+                let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
+                    outputs: vec![y],
+                    receipt: None,
+                })));
+            }
+            let _ = tx.send(Ok(StreamItem::End { compute_ns: 10 }));
+        });
+        Box::pin(async move { stream })
+    }
+
+    fn state(&self) -> watch::Receiver<InstanceState> {
+        self.state.subscribe()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        self.state.send_replace(InstanceState::Stopped);
+        Box::pin(async {})
+    }
+}
+
+fn start_gen(cfg: ModelConfig, exec: &Arc<FakeGen>) -> Engine {
+    let cfg = ModelConfig {
+        streaming: true,
+        ..cfg
+    };
+    Engine::start(
+        vec![(cfg, vec![exec.clone() as Arc<dyn Executor>])],
+        EngineOptions {
+            limits: Limits {
+                max_tensor_bytes: 1 << 20,
+            },
+            metrics: Arc::new(crate::telemetry::metrics::Metrics::new()),
+        },
+    )
+}
+
+async fn collect(stream: InferStream) -> Vec<Result<f32, EngineError>> {
+    use futures::StreamExt as _;
+    stream
+        .map(|item| item.map(|r| values(&r.outputs[0])[0]))
+        .collect()
+        .await
+}
+
+#[tokio::test]
+async fn generator_responses_arrive_in_order_then_the_stream_ends() {
+    let exec = FakeGen::new();
+    let engine = start_gen(config(0, 0, 4), &exec);
+    ready(&engine).await;
+    let got = collect(engine.infer_stream(request(&[4.0, 1.0])).await.unwrap()).await;
+    let got: Vec<f32> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(got, vec![0.0, 1.0, 2.0, 3.0]);
+    let stats = &engine.stats(Some("m"), None).unwrap()[0];
+    assert_eq!((stats.success.count, stats.execution_count), (1, 1));
+    // One answer cannot carry a stream: `infer` says where to go instead.
+    let err = engine.infer(request(&[1.0, 0.0])).await.unwrap_err();
+    assert!(matches!(err, EngineError::StreamingOnly { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_ordinary_model_streams_exactly_one_response() {
+    let exec = FakeExec::new(0);
+    let engine = start(config(0, 0, 4), &[exec]);
+    ready(&engine).await;
+    let got = collect(engine.infer_stream(request(&[1.5, 2.0])).await.unwrap()).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(*got[0].as_ref().unwrap(), 3.0);
+}
+
+#[tokio::test]
+async fn dropping_a_stream_cancels_its_running_generator() {
+    use futures::StreamExt as _;
+    let exec = FakeGen::new();
+    let engine = start_gen(config(0, 0, 4), &exec);
+    ready(&engine).await;
+    let mut stream = engine.infer_stream(request(&[1e6, 5.0])).await.unwrap();
+    for expected in [0.0, 1.0] {
+        let r = stream.next().await.unwrap().unwrap();
+        assert_eq!(values(&r.outputs[0]), vec![expected]);
+    }
+    drop(stream);
+    exec.wait_cancelled(1).await;
+    // The instance is free again: the next stream runs to its end.
+    let got = collect(engine.infer_stream(request(&[2.0, 0.0])).await.unwrap()).await;
+    assert_eq!(got.len(), 2);
+}
+
+#[tokio::test]
+async fn generator_requests_run_alone_and_the_queue_bound_holds() {
+    let exec = FakeGen::new();
+    // A batching model: streams must still not share a batch.
+    let mut cfg = config(8, 20, 1);
+    cfg.inputs[0].shape = vec![-1];
+    cfg.outputs[0].shape = vec![-1];
+    let engine = start_gen(cfg, &exec);
+    ready(&engine).await;
+    // Two run (the instance's pipeline slots), one waits in the one-place queue.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(engine.infer_stream(request(&[1e6, 5.0])).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let err = engine
+        .infer_stream(request(&[1.0, 0.0]))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::QueueFull { .. }), "{err:?}");
+    assert_eq!(exec.batches.lock().unwrap().clone(), vec![1, 1]);
+    // Dropping the queued one frees its place at once, before it costs a worker call.
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let queued = engine.infer_stream(request(&[1.0, 0.0])).await;
+    assert!(queued.is_ok(), "the dropped request's place was not freed");
+    drop(held);
+    exec.wait_cancelled(2).await;
+    let got = collect(queued.unwrap()).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(exec.batches.lock().unwrap().clone(), vec![1, 1, 1]);
+}
+
+#[tokio::test]
+async fn a_stalled_generator_hits_the_per_response_deadline() {
+    let exec = FakeGen::new();
+    let mut cfg = config(0, 0, 4);
+    cfg.request_timeout = Duration::from_millis(300);
+    let engine = start_gen(cfg, &exec);
+    ready(&engine).await;
+    // 100 ms apart: the stream outlives the 300 ms deadline, each response is well within it.
+    let got = collect(engine.infer_stream(request(&[5.0, 100.0])).await.unwrap()).await;
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let got = collect(engine.infer_stream(request(&[2.0, 1000.0])).await.unwrap()).await;
+    assert!(
+        matches!(got.as_slice(), [Err(EngineError::Timeout { .. })]),
+        "{got:?}"
+    );
+    exec.wait_cancelled(1).await;
+    // A client that keeps the stream but stops reading does not hold the worker forever.
+    let unread = engine.infer_stream(request(&[1e6, 1.0])).await.unwrap();
+    exec.wait_cancelled(2).await;
+    let got = collect(unread).await;
+    assert!(
+        matches!(got.last(), Some(Err(EngineError::Timeout { .. }))),
+        "{got:?}"
+    );
 }

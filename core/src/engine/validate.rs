@@ -402,6 +402,7 @@ mod tests {
             parameters: BTreeMap::new(),
             queue_capacity: 8,
             request_timeout: Duration::from_secs(1),
+            streaming: false,
         }
     }
 

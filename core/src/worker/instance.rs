@@ -7,6 +7,9 @@
 //!    (load timeout) -> state Ready;
 //! 2. `execute`: copy inputs into one input-arena block, send `execute`; on `result` copy
 //!    outputs out, send `release`, free the input block, answer the caller;
+//!    a streaming execute (`execute_stream`) answers with chunks instead, each copied out
+//!    and handed over with a `Receipt`; `release` for a chunk waits for its receipt (the
+//!    worker's back-pressure, see `stream.rs`), and its end is the final empty `result`;
 //! 3. idle: `ping` every heartbeat interval, expect `pong` within the heartbeat timeout;
 //! 4. a crash, EOF, hang or protocol error fails the execute the worker was running (`Crashed`,
 //!    `ExecutionTimeout`, `Protocol`) and answers the ones it had not started, or that were
@@ -21,9 +24,10 @@ use super::batch::{self, StageError};
 use super::codec::{CodecError, Frame, MAX_FDS_PER_FRAME};
 use super::process::describe_exit;
 use super::protocol::{
-    self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, TensorRef, WorkerMessage,
+    self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, Region, TensorRef, WorkerMessage,
 };
 use super::session::Session;
+use super::stream::{Notice, Receipt, StreamItem, StreamSender, WorkChunk, WorkStream};
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -43,7 +47,47 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// other half of the news before acting on what we know.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 
-type Reply = oneshot::Sender<Result<WorkOutput, WorkerError>>;
+/// Where an execute's answer goes: one result, or a stream of chunks and its end.
+enum Reply {
+    Once(oneshot::Sender<Result<WorkOutput, WorkerError>>),
+    Stream(StreamSender),
+}
+
+impl Reply {
+    /// Delivers the final answer. A stream gets a non-empty result (an ordinary `predict`
+    /// called through `execute_stream`) as one chunk before its end.
+    fn send(self, result: Result<WorkOutput, WorkerError>) {
+        // A caller that has gone needs no answer.
+        match self {
+            Reply::Once(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Stream(tx) => match result {
+                Ok(out) => {
+                    if !out.outputs.is_empty() {
+                        let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
+                            outputs: out.outputs,
+                            receipt: None,
+                        })));
+                    }
+                    let _ = tx.send(Ok(StreamItem::End {
+                        compute_ns: out.compute_ns,
+                    }));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Reply::Once(tx) => tx.is_closed(),
+            Reply::Stream(tx) => tx.is_closed(),
+        }
+    }
+}
 
 /// One `execute` call, as it reaches the actor.
 struct Job {
@@ -66,7 +110,7 @@ pub struct InstanceHandle {
 
 struct HandleInner {
     commands: mpsc::Sender<Command>,
-    cancels: mpsc::UnboundedSender<u64>,
+    notices: mpsc::UnboundedSender<Notice>,
     state: watch::Receiver<InstanceState>,
     next_ticket: AtomicU64,
 }
@@ -74,13 +118,14 @@ struct HandleInner {
 /// Starts the supervisor; the process starts in the background (watch `state()` for Ready).
 pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
-    let (cancels_tx, cancels) = mpsc::unbounded_channel();
+    let (notices_tx, notices) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(InstanceState::Starting);
     let backoff = cfg.restart.initial_backoff;
     let actor = Actor {
         cfg,
         commands,
-        cancels,
+        notices,
+        notices_tx: notices_tx.clone(),
         state: state_tx,
         phase: Phase::Backoff {
             until: Instant::now(),
@@ -105,7 +150,7 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     InstanceHandle {
         inner: Arc::new(HandleInner {
             commands: commands_tx,
-            cancels: cancels_tx,
+            notices: notices_tx,
             state,
             next_ticket: AtomicU64::new(1),
         }),
@@ -130,7 +175,7 @@ impl InstanceHandle {
         let (reply, answer) = oneshot::channel();
         let mut guard = CancelOnDrop {
             ticket,
-            cancels: &self.inner.cancels,
+            notices: &self.inner.notices,
             armed: true,
         };
         self.inner
@@ -138,13 +183,41 @@ impl InstanceHandle {
             .send(Command::Execute(Job {
                 ticket,
                 work,
-                reply,
+                reply: Reply::Once(reply),
             }))
             .await
             .map_err(|_| WorkerError::ShuttingDown)?;
         let result = answer.await.unwrap_or(Err(WorkerError::ShuttingDown));
         guard.armed = false;
         result
+    }
+
+    /// Runs one execute whose model streams (a generator `predict`): its chunks, then its
+    /// end, or an error (see `WorkStream`). Errors are those of `execute`; `NotStarted` comes
+    /// before any chunk. Dropping the stream before its end cancels the execute, also a
+    /// generator that is already running (closed at its next `yield`).
+    pub async fn execute_stream(&self, work: Work) -> WorkStream {
+        let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = WorkStream::new(rx, ticket, self.inner.notices.clone());
+        let state = self.inner.state.borrow().clone();
+        if state != InstanceState::Ready {
+            let _ = tx.send(Err(WorkerError::NotStarted {
+                reason: describe_state(&state),
+            }));
+            return stream;
+        }
+        let job = Job {
+            ticket,
+            work,
+            reply: Reply::Stream(tx),
+        };
+        if let Err(mpsc::error::SendError(Command::Execute(job))) =
+            self.inner.commands.send(Command::Execute(job)).await
+        {
+            job.reply.send(Err(WorkerError::ShuttingDown));
+        }
+        stream
     }
 
     /// The instance's state; changes are published as they happen.
@@ -172,7 +245,7 @@ impl InstanceHandle {
 /// Tells the actor about an `execute` future dropped before its answer.
 struct CancelOnDrop<'a> {
     ticket: u64,
-    cancels: &'a mpsc::UnboundedSender<u64>,
+    notices: &'a mpsc::UnboundedSender<Notice>,
     armed: bool,
 }
 
@@ -180,7 +253,7 @@ impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             // The actor may be gone; then there is nothing to cancel.
-            let _ = self.cancels.send(self.ticket);
+            let _ = self.notices.send(Notice::Cancel(self.ticket));
         }
     }
 }
@@ -230,9 +303,13 @@ struct InFlight {
     reply: Option<Reply>,
     /// Its input-arena block, freed when it is answered.
     block: Option<super::arena::Block>,
-    /// When it became the worker's current execute (the execution timeout runs from here).
+    /// When it became the worker's current execute, or last sent a chunk (the execution
+    /// timeout runs from here: per chunk for a stream).
     started: Option<Instant>,
     cancel_sent: bool,
+    /// Chunks handed over whose receipt has not come back: the worker is (or soon will be)
+    /// waiting for their `release`, so the execution timeout is paused meanwhile.
+    owed: u32,
 }
 
 struct Heartbeat {
@@ -256,7 +333,9 @@ enum Death {
 struct Actor {
     cfg: InstanceConfig,
     commands: mpsc::Receiver<Command>,
-    cancels: mpsc::UnboundedReceiver<u64>,
+    notices: mpsc::UnboundedReceiver<Notice>,
+    /// Given to chunk receipts.
+    notices_tx: mpsc::UnboundedSender<Notice>,
     state: watch::Sender<InstanceState>,
     phase: Phase,
     session: Option<Session>,
@@ -282,7 +361,7 @@ enum Event {
     Exited(Option<std::process::ExitStatus>),
     StderrClosed,
     Command(Option<Command>),
-    Cancel(u64),
+    Notice(Notice),
     Deadline,
 }
 
@@ -298,7 +377,8 @@ impl Actor {
                 Event::StderrClosed => self.on_stderr_closed(),
                 Event::Command(Some(cmd)) => self.on_command(cmd),
                 Event::Command(None) => self.on_handles_dropped(),
-                Event::Cancel(ticket) => self.on_cancel(ticket),
+                Event::Notice(Notice::Cancel(ticket)) => self.on_cancel(ticket),
+                Event::Notice(Notice::Consumed(id)) => self.on_consumed(id),
                 Event::Deadline => self.on_deadline(),
             }
         }
@@ -321,7 +401,7 @@ impl Actor {
             s = wait_exit(exit) => Event::Exited(s),
             _ = wait_closed(stderr) => Event::StderrClosed,
             c = self.commands.recv() => Event::Command(c),
-            Some(t) = self.cancels.recv() => Event::Cancel(t),
+            Some(n) = self.notices.recv() => Event::Notice(n),
             _ = sleep_until(deadline) => Event::Deadline,
         }
     }
@@ -485,7 +565,7 @@ impl Actor {
         not_started: impl Fn() -> WorkerError,
     ) {
         for job in self.waiting.drain(..) {
-            let _ = job.reply.send(Err(not_started()));
+            job.reply.send(Err(not_started()));
         }
         for f in self.inflight.drain(..) {
             if let Some(reply) = f.reply {
@@ -493,7 +573,7 @@ impl Actor {
                     Some(_) => started(),
                     None => not_started(),
                 };
-                let _ = reply.send(Err(err));
+                reply.send(Err(err));
             }
         }
     }
@@ -529,10 +609,8 @@ impl Actor {
                 },
                 _,
             ) => self.on_error(id, error, traceback, kind),
-            (WorkerMessage::StreamChunk { id, .. }, _) => {
-                // The batch API has no streaming yet; the chunk's output blocks are released
-                // with the final result (release covers every id up to it).
-                tracing::debug!(model = %self.cfg.model, id, "ignoring a stream_chunk: streaming is not supported by execute");
+            (WorkerMessage::StreamChunk { id, outputs }, _) => {
+                self.on_stream_chunk(id, outputs, frame.fds)
             }
             (WorkerMessage::Pong { seq }, _) => {
                 if seq == self.heartbeat.seq {
@@ -621,7 +699,7 @@ impl Actor {
             Some(Ok(tensors)) => {
                 self.backoff = self.cfg.restart.initial_backoff;
                 if let Some(reply) = done.reply {
-                    let _ = reply.send(Ok(WorkOutput {
+                    reply.send(Ok(WorkOutput {
                         outputs: tensors,
                         compute_ns,
                     }));
@@ -629,7 +707,7 @@ impl Actor {
             }
             Some(Err(e)) => {
                 if let Some(reply) = done.reply {
-                    let _ = reply.send(Err(WorkerError::Protocol(e.clone())));
+                    reply.send(Err(WorkerError::Protocol(e.clone())));
                 }
                 return self.protocol_error(e);
             }
@@ -651,9 +729,85 @@ impl Actor {
             ErrorKind::Cancelled => WorkerError::Cancelled,
         };
         if let Some(reply) = done.reply {
-            let _ = reply.send(Err(err));
+            reply.send(Err(err));
         }
         self.after_answer();
+    }
+
+    /// A chunk of the running (front) execute: copy it out and hand it over with a receipt
+    /// whose drop sends `release` (see `stream.rs`); without a streaming caller it is
+    /// released at once. The execution timeout restarts: it bounds each chunk.
+    fn on_stream_chunk(
+        &mut self,
+        id: u64,
+        outputs: Vec<TensorRef>,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) {
+        match self.inflight.front() {
+            Some(f) if f.id == id => {}
+            front => {
+                let expected = front.map(|f| f.id);
+                return self.protocol_error(format!(
+                    "stream_chunk for execute {id}, but the running one is {expected:?}"
+                ));
+            }
+        }
+        let Some(session) = &self.session else { return };
+        // Only a chunk in the output arena holds a block the worker waits to reuse.
+        let in_arena = outputs.iter().any(|r| r.region == Region::Output);
+        let notices = self.notices_tx.clone();
+        let Some(front) = self.inflight.front_mut() else {
+            return;
+        };
+        front.started = Some(Instant::now());
+        let sink = match &front.reply {
+            Some(Reply::Stream(tx)) if !tx.is_closed() => Some(tx.clone()),
+            _ => None,
+        };
+        let Some(sink) = sink else {
+            drop(fds);
+            if in_arena {
+                self.send(&CoreMessage::Release { id }, Vec::new());
+            }
+            return;
+        };
+        match batch::collect(outputs, &fds, &session.output) {
+            Ok(tensors) => {
+                drop(fds);
+                let receipt = in_arena.then(|| {
+                    front.owed += 1;
+                    Receipt::new(id, notices)
+                });
+                let chunk = WorkChunk {
+                    outputs: tensors,
+                    receipt,
+                };
+                // A receiver gone since the check drops the chunk, and with it the receipt,
+                // which releases the block.
+                let _ = sink.send(Ok(StreamItem::Chunk(chunk)));
+            }
+            Err(e) => {
+                if let Some(reply) = front.reply.take() {
+                    reply.send(Err(WorkerError::Protocol(e.clone())));
+                }
+                self.protocol_error(e);
+            }
+        }
+    }
+
+    /// A chunk's receipt came back: the worker may reuse its block.
+    fn on_consumed(&mut self, id: u64) {
+        let Some(pos) = self.inflight.iter().position(|f| f.id == id) else {
+            // Answered already: the result's own `release` covered the chunk.
+            return;
+        };
+        let f = &mut self.inflight[pos];
+        f.owed = f.owed.saturating_sub(1);
+        if f.owed == 0 && f.started.is_some() {
+            // The worker waited for this release, not for its plugin.
+            f.started = Some(Instant::now());
+        }
+        self.send(&CoreMessage::Release { id }, Vec::new());
     }
 
     /// Room was freed: send waiting work, or finish a requested shutdown.
@@ -668,7 +822,7 @@ impl Actor {
         tracing::error!(model = %self.cfg.model, instance = self.cfg.instance, "worker protocol error: {detail}");
         for f in self.inflight.iter_mut().filter(|f| f.started.is_some()) {
             if let Some(reply) = f.reply.take() {
-                let _ = reply.send(Err(WorkerError::Protocol(detail.clone())));
+                reply.send(Err(WorkerError::Protocol(detail.clone())));
             }
         }
         self.kill(Death::Killed(format!("protocol error: {detail}")));
@@ -707,11 +861,11 @@ impl Actor {
 
     fn on_execute(&mut self, job: Job) {
         if self.stopping {
-            let _ = job.reply.send(Err(WorkerError::ShuttingDown));
+            job.reply.send(Err(WorkerError::ShuttingDown));
             return;
         }
         if let Some(reason) = self.unavailable() {
-            let _ = job.reply.send(Err(WorkerError::NotStarted { reason }));
+            job.reply.send(Err(WorkerError::NotStarted { reason }));
             return;
         }
         self.waiting.push_back(job);
@@ -754,7 +908,7 @@ impl Actor {
                 Err(StageError::Full) => return,
                 Err(e) => {
                     if let Some(job) = self.waiting.pop_front() {
-                        let _ = job.reply.send(Err(WorkerError::Protocol(e.to_string())));
+                        job.reply.send(Err(WorkerError::Protocol(e.to_string())));
                     }
                     continue;
                 }
@@ -765,7 +919,7 @@ impl Actor {
             if staged.fds.len() > MAX_FDS_PER_FRAME {
                 // One frame cannot carry them; the engine refuses such models at load, so this
                 // only fails the batch (its regions close as `staged` drops).
-                let _ = job.reply.send(Err(WorkerError::Protocol(format!(
+                job.reply.send(Err(WorkerError::Protocol(format!(
                     "the batch needs {} descriptors (one per input too large for the input arena), over the limit of {MAX_FDS_PER_FRAME} per frame",
                     staged.fds.len()
                 ))));
@@ -788,6 +942,7 @@ impl Actor {
                 block: staged.block,
                 started,
                 cancel_sent: false,
+                owed: 0,
             });
             // A ping in flight is answered before this execute; the execute timeout covers
             // the worker from here on.
@@ -841,6 +996,7 @@ impl Actor {
             | Phase::Exiting { deadline } => Some(*deadline),
             Phase::Backoff { until } => Some(*until),
             Phase::Ready => match self.inflight.front() {
+                Some(f) if f.owed > 0 => None,
                 Some(f) => f.started.map(|s| s + t.execute),
                 None => match self.heartbeat.outstanding {
                     Some(sent) => Some(sent + t.heartbeat_timeout),
@@ -886,9 +1042,9 @@ impl Actor {
     fn check_ready_timers(&mut self, now: Instant) {
         let t = self.cfg.timeouts.clone();
         if let Some(front) = self.inflight.front_mut() {
-            if front.started.is_some_and(|s| now >= s + t.execute) {
+            if front.owed == 0 && front.started.is_some_and(|s| now >= s + t.execute) {
                 if let Some(reply) = front.reply.take() {
-                    let _ = reply.send(Err(WorkerError::ExecutionTimeout { after: t.execute }));
+                    reply.send(Err(WorkerError::ExecutionTimeout { after: t.execute }));
                 }
                 self.kill(Death::Killed(format!(
                     "execution exceeded the {:?} execution timeout",

@@ -3,6 +3,7 @@
 //!
 //! - `instance`: the per-instance supervisor actor the engine talks to (`InstanceHandle`).
 //! - `session`: one running worker process with its socket tasks and arenas.
+//! - `stream`: what the caller of a streaming (generator) execute holds.
 //! - `batch`: staging a batch's inputs into shared memory and copying outputs back.
 //! - `protocol`: the MessagePack control messages.
 //! - `codec`: length-prefixed frames with descriptor passing on the control socket.
@@ -22,6 +23,7 @@ pub mod protocol;
 mod python;
 mod session;
 pub mod shm;
+mod stream;
 pub mod types;
 
 #[cfg(test)]
@@ -32,4 +34,5 @@ mod real_worker_tests;
 pub use inspect::{InspectError, inspect};
 pub use instance::{InstanceHandle, spawn_instance};
 pub use python::{PythonSetupError, prepare_python};
+pub use stream::{Receipt, StreamItem, WorkChunk, WorkStream};
 pub use types::*;

@@ -7,7 +7,7 @@
 use super::python::tests::{temp_dir, test_python};
 use super::python::{Setup, prepare_with};
 use super::types::*;
-use super::{InstanceHandle, inspect, spawn_instance};
+use super::{InstanceHandle, StreamItem, WorkChunk, WorkStream, inspect, spawn_instance};
 use crate::engine::tensor::DataType;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -68,6 +68,37 @@ class Echo(um.Model):
 
     def predict(self, text):
         return {"text": text}
+
+
+class Counter(um.Model):
+    """A generator: x = [count, seconds between chunks, raise at this index (optional)].
+    Each chunk: its index, the worker pid, and how many generators were closed early."""
+
+    inputs = {"x": um.Tensor("FP32", [-1])}
+    outputs = {
+        "i": um.Tensor("INT64", [1]),
+        "pid": um.Tensor("INT64", [1]),
+        "closed": um.Tensor("INT64", [1]),
+    }
+
+    def setup(self, ctx):
+        self.closed = 0
+
+    def predict(self, x):
+        try:
+            for i in range(int(x[0])):
+                if len(x) > 2 and i == int(x[2]):
+                    raise ValueError("counter failed on purpose")
+                if i:
+                    time.sleep(float(x[1]))
+                yield {
+                    "i": np.array([i], np.int64),
+                    "pid": np.array([os.getpid()], np.int64),
+                    "closed": np.array([self.closed], np.int64),
+                }
+        except GeneratorExit:
+            self.closed += 1
+            raise
 
 
 class ExitInSetup(um.Model):
@@ -657,7 +688,7 @@ async fn inspect_reports_declarations_and_errors() {
     let all = inspect(&f.python, &f.plugin.display().to_string())
         .await
         .unwrap();
-    assert_eq!(all.len(), 6);
+    assert_eq!(all.len(), 7);
 
     let broken = f.plugin.parent().unwrap().join("broken.py");
     std::fs::write(
@@ -675,4 +706,137 @@ async fn inspect_reports_declarations_and_errors() {
         other => panic!("expected a plugin error, got {other:?}"),
     }
     assert!(!Path::new(&f.plugin).with_file_name("missing.py").exists());
+}
+
+fn counter_work(values: &[f32]) -> Work {
+    Work {
+        batch_size: 1,
+        trace: Vec::new(),
+        inputs: vec![WorkInput {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![values.len() as i64],
+            parts: vec![f32s(values)],
+        }],
+        outputs: None,
+    }
+}
+
+fn int_of(chunk: &WorkChunk, name: &str) -> i64 {
+    let t = chunk.outputs.iter().find(|t| t.name == name).unwrap();
+    i64::from_le_bytes(t.data[..8].try_into().unwrap())
+}
+
+/// The next chunk of a stream (panics on anything else).
+async fn next_chunk(s: &mut WorkStream) -> WorkChunk {
+    match tokio::time::timeout(Duration::from_secs(20), s.next()).await {
+        Ok(Some(Ok(StreamItem::Chunk(c)))) => c,
+        other => panic!("expected a chunk, got {other:?}"),
+    }
+}
+
+/// Every chunk in order, then the end. The worker writes no chunk while the previous one's
+/// receipt is held (back-pressure), and the execution timeout bounds each chunk, not the
+/// whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_execute_yields_each_chunk_then_the_end() {
+    let f = fixture().await;
+    let mut cfg = config(&f, "Counter");
+    cfg.timeouts.execute = Duration::from_millis(800);
+    let h = spawn_instance(cfg);
+    ready(&h).await;
+    // 6 chunks 0.3 s apart: 1.5 s in all, past the 0.8 s timeout, each chunk well within it.
+    let mut s = h.execute_stream(counter_work(&[6.0, 0.3])).await;
+    let first = next_chunk(&mut s).await;
+    assert_eq!(int_of(&first, "i"), 0);
+    let held = tokio::time::timeout(Duration::from_millis(1200), s.next()).await;
+    assert!(
+        held.is_err(),
+        "a chunk arrived while the previous one was held: {held:?}"
+    );
+    drop(first);
+    for i in 1..6 {
+        assert_eq!(int_of(&next_chunk(&mut s).await, "i"), i);
+    }
+    match s.next().await {
+        Some(Ok(StreamItem::End { compute_ns })) => assert!(compute_ns > 0),
+        other => panic!("expected the end, got {other:?}"),
+    }
+    assert!(s.next().await.is_none());
+    // An ordinary execute of a generator model is not how the engine calls it, but the
+    // worker must not be stuck afterwards either.
+    let mut again = h.execute_stream(counter_work(&[1.0, 0.0])).await;
+    assert_eq!(int_of(&next_chunk(&mut again).await, "i"), 0);
+    h.shutdown().await;
+}
+
+/// Dropping a stream mid-way closes the running generator (`GeneratorExit`), the worker
+/// serves the next request, and a plugin exception mid-stream ends only its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_stream_stops_its_generator_and_errors_end_only_their_stream() {
+    let f = fixture().await;
+    let h = spawn_instance(config(&f, "Counter"));
+    ready(&h).await;
+    let mut s = h.execute_stream(counter_work(&[1e6, 0.01])).await;
+    let pid = int_of(&next_chunk(&mut s).await, "pid");
+    next_chunk(&mut s).await;
+    drop(s);
+    let mut closed = 0;
+    for _ in 0..50 {
+        let mut probe = h.execute_stream(counter_work(&[1.0, 0.0])).await;
+        let chunk = next_chunk(&mut probe).await;
+        assert_eq!(int_of(&chunk, "pid"), pid, "the worker was replaced");
+        closed = int_of(&chunk, "closed");
+        if closed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(closed, 1, "the dropped stream's generator was never closed");
+
+    let mut failing = h.execute_stream(counter_work(&[5.0, 0.0, 2.0])).await;
+    next_chunk(&mut failing).await;
+    next_chunk(&mut failing).await;
+    match failing.next().await {
+        Some(Err(WorkerError::Plugin { message, .. })) => {
+            assert_eq!(message, "ValueError: counter failed on purpose")
+        }
+        other => panic!("expected the plugin error, got {other:?}"),
+    }
+    assert!(failing.next().await.is_none());
+    let mut after = h.execute_stream(counter_work(&[1.0, 0.0])).await;
+    assert_eq!(int_of(&next_chunk(&mut after).await, "pid"), pid);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_ends_the_stream_with_the_signal() {
+    let f = fixture().await;
+    let h = spawn_instance(config(&f, "Counter"));
+    ready(&h).await;
+    let mut s = h.execute_stream(counter_work(&[1e6, 0.01])).await;
+    let pid = int_of(&next_chunk(&mut s).await, "pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+            Ok(Some(Ok(StreamItem::Chunk(_)))) => continue,
+            Ok(other) => break other,
+            Err(_) => panic!("the stream was left hanging"),
+        }
+    };
+    match end {
+        Some(Err(e)) => assert_eq!(
+            e,
+            WorkerError::Crashed {
+                status: "killed by signal 9 (SIGKILL)".into()
+            }
+        ),
+        other => panic!("expected the crash, got {other:?}"),
+    }
+    ready(&h).await;
+    h.shutdown().await;
 }

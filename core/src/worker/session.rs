@@ -203,6 +203,10 @@ async fn read_frames(mut reader: codec::FrameReader, tx: mpsc::Sender<Result<Fra
         let item = match reader.read_frame().await {
             Ok(Some(frame)) => Ok(frame),
             Ok(None) => return,
+            // The worker died with frames of ours still unread (say, a `release` sent while a
+            // generator was running): the kernel reports that as a reset. It is the worker's
+            // end of stream like any other, for the supervisor to report with its exit status.
+            Err(CodecError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
             Err(e) => Err(e),
         };
         let fatal = item.is_err();

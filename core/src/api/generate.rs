@@ -1,0 +1,382 @@
+//! The KServe generate extension, as Triton implements it: `POST
+//! /v2/models/{m}[/versions/{v}]/generate` and `/generate_stream`.
+//!
+//! The body is one JSON object: each input by name, as a JSON scalar or a (nested) list, plus
+//! optional `parameters` (`timeout` in microseconds is honoured, as on `infer`; the rest is
+//! accepted and ignored). Datatypes come from the model's declared inputs; a value's shape is
+//! its nesting (a scalar is one element), padded with leading 1s up to the declared rank,
+//! and with the batch dimension 1 in front for a batching model. Everything else (names,
+//! shapes, sizes) the engine validates as for `infer`.
+//!
+//! Each response is one JSON object: `model_name`, `model_version`, then each output by name,
+//! its elements as a flat list (a one-element output as a scalar). `generate` answers once:
+//! for a generator model after its last chunk, with each output's elements from every chunk
+//! concatenated in order (a generator of tokens answers with all its tokens).
+//! `generate_stream` sends one Server-Sent Event `data: {json}` per response, and
+//! `data: {"error": "..."}` if the request fails once streaming; the stream then closes.
+//! Errors before the first response are ordinary `{"error"}` responses with their status.
+
+use super::error::ApiError;
+use super::json_data::{self, JsonData};
+use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
+use axum::response::sse::Event;
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// Decodes a generate body into a request for `config`'s model.
+pub fn decode(
+    config: &ModelConfig,
+    model: String,
+    version: Option<String>,
+    body: &[u8],
+) -> Result<InferRequest, ApiError> {
+    let fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid generate request: {e}; expected a JSON object with each input by name and optional \"parameters\""
+        ))
+    })?;
+    let mut timeout = None;
+    let mut inputs = Vec::with_capacity(fields.len());
+    for (name, value) in fields {
+        if name == "parameters" {
+            timeout = parameters_timeout(&value)?;
+            continue;
+        }
+        let spec = config
+            .inputs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = config.inputs.iter().map(|s| s.name.as_str()).collect();
+                ApiError::BadRequest(format!(
+                    "model '{}' has no input '{name}'; its inputs: {}",
+                    config.name,
+                    names.join(", ")
+                ))
+            })?;
+        inputs.push(input_tensor(spec, config.max_batch_size > 0, &value)?);
+    }
+    Ok(InferRequest {
+        model,
+        version,
+        id: None,
+        inputs,
+        outputs: None,
+        timeout,
+        // Set by the route from the request's `traceparent` (see `api::observe`).
+        trace: None,
+    })
+}
+
+/// `parameters.timeout` (microseconds, 0: none), the only request parameter acted on.
+fn parameters_timeout(value: &Value) -> Result<Option<Duration>, ApiError> {
+    let Value::Object(params) = value else {
+        return Err(ApiError::BadRequest(format!(
+            "\"parameters\" must be a JSON object, got {value}"
+        )));
+    };
+    match params.get("timeout") {
+        None => Ok(None),
+        Some(t) => match t.as_u64() {
+            Some(0) => Ok(None),
+            Some(us) => Ok(Some(Duration::from_micros(us))),
+            None => Err(ApiError::BadRequest(format!(
+                "parameter \"timeout\" must be a whole number of microseconds, got {t}"
+            ))),
+        },
+    }
+}
+
+/// One input from its JSON value, typed by the model's declaration.
+fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tensor, ApiError> {
+    if value.is_object() || value.is_null() {
+        return Err(ApiError::BadRequest(format!(
+            "input '{}': expected a JSON scalar or list of {}, got {value}",
+            spec.name,
+            spec.datatype.as_str()
+        )));
+    }
+    let mut shape = dims(value);
+    while shape.len() < spec.shape.len() {
+        shape.insert(0, 1);
+    }
+    if batching {
+        shape.insert(0, 1);
+    }
+    let count = shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    let count = count.ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{}': shape {shape:?} is too large",
+            spec.name
+        ))
+    })?;
+    let raw = serde_json::value::to_raw_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
+    let data = json_data::decode(&raw, spec.datatype, count)
+        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
+    Ok(Tensor {
+        name: spec.name.clone(),
+        datatype: spec.datatype,
+        shape,
+        data: data.into(),
+    })
+}
+
+/// The shape a JSON value's nesting gives (a scalar has none).
+fn dims(value: &Value) -> Vec<i64> {
+    match value {
+        Value::Array(items) => {
+            let mut shape = vec![items.len() as i64];
+            if let Some(first) = items.first() {
+                shape.extend(dims(first));
+            }
+            shape
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// One output's elements as a flat JSON list.
+fn elements(model: &str, t: &Tensor) -> Result<Vec<Value>, EngineError> {
+    let bad = |message: String| EngineError::BadOutput {
+        model: model.to_string(),
+        message,
+    };
+    if !json_data::is_json_encodable(t.datatype, &t.data) {
+        return Err(bad(format!(
+            "output '{}' holds bytes that are not UTF-8, which JSON cannot carry; use /infer with binary data",
+            t.name
+        )));
+    }
+    let json = JsonData {
+        datatype: t.datatype,
+        data: &t.data,
+    };
+    match serde_json::to_value(json) {
+        Ok(Value::Array(items)) => Ok(items),
+        Ok(other) => Ok(vec![other]),
+        Err(e) => Err(bad(format!("output '{}': {e}", t.name))),
+    }
+}
+
+/// A flat list, or its one element.
+fn scalar_or_list(mut items: Vec<Value>) -> Value {
+    if items.len() == 1 {
+        items.pop().unwrap_or(Value::Null)
+    } else {
+        Value::Array(items)
+    }
+}
+
+/// The JSON object of one response.
+pub fn response_object(r: &InferResponse) -> Result<Map<String, Value>, EngineError> {
+    let mut collected = Collected::default();
+    collected.push(r)?;
+    Ok(collected.finish())
+}
+
+/// The responses of one request, merged for `generate`: each output's elements from every
+/// response, concatenated in order.
+#[derive(Default)]
+pub struct Collected {
+    head: Option<(String, String)>,
+    outputs: Vec<(String, Vec<Value>)>,
+}
+
+impl Collected {
+    pub fn push(&mut self, r: &InferResponse) -> Result<(), EngineError> {
+        self.head
+            .get_or_insert_with(|| (r.model_name.clone(), r.model_version.clone()));
+        for t in &r.outputs {
+            let items = elements(&r.model_name, t)?;
+            match self.outputs.iter_mut().find(|(name, _)| *name == t.name) {
+                Some((_, all)) => all.extend(items),
+                None => self.outputs.push((t.name.clone(), items)),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Map<String, Value> {
+        let mut object = Map::new();
+        if let Some((name, version)) = self.head {
+            object.insert("model_name".into(), Value::String(name));
+            object.insert("model_version".into(), Value::String(version));
+        }
+        for (name, items) in self.outputs {
+            object.insert(name, scalar_or_list(items));
+        }
+        object
+    }
+}
+
+/// The Server-Sent Event of one stream item: the response object, or `{"error": "..."}`.
+pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
+    let object = item.and_then(|r| response_object(&r));
+    let json = match object {
+        Ok(object) => Value::Object(object),
+        Err(e) => {
+            let message = ApiError::Engine(e).to_string();
+            tracing::warn!(error = %message, "streaming request failed");
+            serde_json::json!({ "error": message })
+        }
+    };
+    Event::default().data(json.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::DataType;
+    use crate::engine::bytes_codec;
+    use std::collections::BTreeMap;
+
+    fn config(max_batch_size: u32) -> ModelConfig {
+        ModelConfig {
+            name: "gen".into(),
+            version: "1".into(),
+            plugin: "plugin.py".into(),
+            class: "Gen".into(),
+            max_batch_size,
+            max_queue_delay: Duration::ZERO,
+            instances: 1,
+            inputs: vec![
+                TensorSpec {
+                    name: "prompt".into(),
+                    datatype: DataType::Bytes,
+                    shape: vec![1],
+                },
+                TensorSpec {
+                    name: "x".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1],
+                },
+            ],
+            outputs: vec![],
+            parameters: BTreeMap::new(),
+            queue_capacity: 4,
+            request_timeout: Duration::from_secs(1),
+            streaming: true,
+        }
+    }
+
+    #[test]
+    fn inputs_take_declared_types_and_shapes_from_their_nesting() {
+        let body =
+            br#"{"prompt": "hi", "x": [1.5, 2], "parameters": {"timeout": 2000, "other": 1}}"#;
+        let r = decode(&config(0), "gen".into(), None, body).unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_micros(2000)));
+        let prompt = r.inputs.iter().find(|t| t.name == "prompt").unwrap();
+        assert_eq!(prompt.shape, vec![1]);
+        assert_eq!(prompt.data.as_ref(), bytes_codec::encode([b"hi".as_ref()]));
+        let x = r.inputs.iter().find(|t| t.name == "x").unwrap();
+        assert_eq!((x.datatype, x.shape.clone()), (DataType::Fp32, vec![2]));
+        // A batching model gets the batch dimension in front.
+        let r = decode(&config(4), "gen".into(), None, br#"{"x": [[1, 2]]}"#).unwrap();
+        assert_eq!(r.inputs[0].shape, vec![1, 1, 2]);
+    }
+
+    #[test]
+    fn bad_bodies_say_what_was_wrong() {
+        let err = |body: &[u8]| {
+            decode(&config(0), "gen".into(), None, body)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(b"[1]").contains("expected a JSON object"),
+            "{}",
+            err(b"[1]")
+        );
+        let unknown = err(br#"{"nope": 1}"#);
+        assert!(
+            unknown.contains("no input 'nope'") && unknown.contains("prompt, x"),
+            "{unknown}"
+        );
+        let typed = err(br#"{"x": ["a"]}"#);
+        assert!(typed.contains("input 'x'"), "{typed}");
+        assert!(err(br#"{"x": {"a": 1}}"#).contains("expected a JSON scalar or list"));
+        assert!(err(br#"{"parameters": 3}"#).contains("must be a JSON object"));
+        assert!(err(br#"{"parameters": {"timeout": -1}}"#).contains("microseconds"));
+    }
+
+    fn response(outputs: Vec<Tensor>) -> InferResponse {
+        InferResponse {
+            model_name: "gen".into(),
+            model_version: "1".into(),
+            id: None,
+            outputs,
+            batch_size: 1,
+        }
+    }
+
+    fn token(text: &str) -> Tensor {
+        Tensor {
+            name: "token".into(),
+            datatype: DataType::Bytes,
+            shape: vec![1],
+            data: bytes_codec::encode([text.as_bytes()]).into(),
+        }
+    }
+
+    #[test]
+    fn responses_are_objects_and_generate_concatenates_chunks() {
+        let one = response_object(&response(vec![token("a")])).unwrap();
+        assert_eq!(
+            Value::Object(one),
+            serde_json::json!({"model_name": "gen", "model_version": "1", "token": "a"})
+        );
+        let mut all = Collected::default();
+        for t in ["a", "b", "c"] {
+            all.push(&response(vec![token(t)])).unwrap();
+        }
+        assert_eq!(
+            Value::Object(all.finish())["token"],
+            serde_json::json!(["a", "b", "c"])
+        );
+        let bad = Tensor {
+            data: bytes_codec::encode([[0xffu8].as_ref()]).into(),
+            ..token("")
+        };
+        let err = response_object(&response(vec![bad]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn sse_events_carry_one_json_object_each_and_errors_as_error_objects() {
+        use axum::response::IntoResponse;
+        let items = vec![
+            Ok(response(vec![token("a")])),
+            Err(EngineError::WorkerFailed {
+                model: "gen".into(),
+                reason: "worker process killed by signal 9 (SIGKILL)".into(),
+            }),
+        ];
+        let events = futures::stream::iter(
+            items
+                .into_iter()
+                .map(|i| Ok::<_, std::convert::Infallible>(sse_event(i))),
+        );
+        let body = axum::response::sse::Sse::new(events)
+            .into_response()
+            .into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let datas: Vec<Value> = text
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+            .collect();
+        assert_eq!(datas.len(), 2, "{text}");
+        assert_eq!(datas[0]["token"], "a");
+        let error = datas[1]["error"].as_str().unwrap();
+        assert!(
+            error.contains("SIGKILL") && error.contains("'gen'"),
+            "{error}"
+        );
+    }
+}
