@@ -186,6 +186,26 @@ def test_identity_through_shared_memory(client, regions, shm_in, shm_out):
     np.testing.assert_array_equal(y, x)
 
 
+def test_worker_maps_client_segments_instead_of_copying(client, regions):
+    """A request alone in its batch: the worker reads the input segment itself and writes the
+    output segment itself (both appear in its memory map); the result is still right."""
+    x = np.arange(1024, dtype=np.float32)
+    in_name, key_in, h_in = regions("zin", x.nbytes)
+    shm.set_shared_memory_region(h_in, [x])
+    client.register_system_shared_memory(in_name, key_in, x.nbytes)
+    out_name, key_out, h_out = regions("zout", x.nbytes)
+    client.register_system_shared_memory(out_name, key_out, x.nbytes)
+    inp = httpclient.InferInput("x", [1024], "FP32")
+    inp.set_shared_memory(in_name, x.nbytes)
+    y = httpclient.InferRequestedOutput("y")
+    y.set_shared_memory(out_name, x.nbytes)
+    mapped = httpclient.InferRequestedOutput("mapped")
+    result = client.infer("maps_probe", [inp], outputs=[y, mapped])
+    paths = {p.decode() for p in result.as_numpy("mapped")}
+    assert {"/dev/shm" + key_in, "/dev/shm" + key_out} <= paths, paths
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [1024]), x)
+
+
 def test_offsets_within_regions(client, regions):
     x = np.arange(16, dtype=np.float32)
     name, key, handle = regions("big", 4096)

@@ -47,3 +47,18 @@ class SlowIdentity(um.Model):
     def predict(self, x):
         time.sleep(self.delay_s)
         return {"y": x + 1}
+
+
+class MapsProbe(um.Model):
+    """Identity that also reports which /dev/shm segments its worker has mapped: a client
+    segment shows up only if the core handed it over instead of copying its bytes."""
+
+    name = "maps_probe"
+    max_batch_size = 0
+    inputs = {"x": um.Tensor("FP32", [-1])}
+    outputs = {"y": um.Tensor("FP32", [-1]), "mapped": um.Tensor("BYTES", [-1])}
+
+    def predict(self, x):
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/dev/shm/" in line})
+        return {"y": x, "mapped": np.array([p.encode() for p in paths], dtype=object)}

@@ -164,6 +164,7 @@ pub fn decode(
         timeout: params.timeout.filter(|&t| t > 0).map(Duration::from_micros),
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
+        output_targets: plan.shm.iter().map(|s| s.target.clone()).collect(),
     };
     Ok(DecodedRequest { request, plan })
 }

@@ -57,6 +57,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         outputs: None,
         timeout: None,
         trace: None,
+        output_targets: Vec::new(),
     };
     let result = engine.infer(request).await;
     engine.shutdown(WORKER_STOP_GRACE).await;

@@ -53,6 +53,12 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
         } else {
             None
         },
+        // Only a request alone in its batch can have its outputs written straight into its
+        // memory: a batch's outputs are one tensor per name, split per request afterwards.
+        targets: match batch {
+            [only] => only.targets.clone(),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -217,6 +223,7 @@ mod tests {
             reply: tx,
             permit: None,
             origin: Default::default(),
+            targets: Vec::new(),
         };
         (p, rx)
     }

@@ -62,6 +62,8 @@ pub struct Pending {
     /// Holds one place in the model's queue; dropped when the request leaves it.
     pub permit: Option<OwnedSemaphorePermit>,
     pub origin: Origin,
+    /// Where the client wants outputs written (`InferRequest::output_targets`).
+    pub targets: Vec<crate::worker::client_shm::OutputTarget>,
 }
 
 impl Pending {
@@ -238,6 +240,7 @@ mod tests {
             reply: tx,
             permit: None,
             origin: Origin::default(),
+            targets: Vec::new(),
         };
         (p, rx)
     }

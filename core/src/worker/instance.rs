@@ -233,6 +233,8 @@ struct InFlight {
     /// When it became the worker's current execute (the execution timeout runs from here).
     started: Option<Instant>,
     cancel_sent: bool,
+    /// Client memory it may have written outputs into (`result` region `client`).
+    targets: Vec<super::client_shm::OutputTarget>,
 }
 
 struct Heartbeat {
@@ -611,7 +613,12 @@ impl Actor {
         };
         let Some(session) = &self.session else { return };
         let copied = match done.reply.as_ref().is_some_and(|r| !r.is_closed()) {
-            true => Some(batch::collect(outputs, &fds, &session.output)),
+            true => Some(batch::collect(
+                outputs,
+                &fds,
+                &session.output,
+                &done.targets,
+            )),
             false => None,
         };
         drop(fds);
@@ -779,6 +786,7 @@ impl Actor {
                 inputs: staged.refs,
                 outputs: job.work.outputs,
                 trace: job.work.trace.iter().map(|t| t.to_string()).collect(),
+                targets: staged.targets,
             };
             let started = self.inflight.is_empty().then(Instant::now);
             self.inflight.push_back(InFlight {
@@ -788,6 +796,7 @@ impl Actor {
                 block: staged.block,
                 started,
                 cancel_sent: false,
+                targets: job.work.targets,
             });
             // A ping in flight is answered before this execute; the execute timeout covers
             // the worker from here on.
