@@ -261,6 +261,28 @@ mod tests {
                 ApiError::Unavailable("not ready".into()),
                 StatusCode::SERVICE_UNAVAILABLE,
             ),
+            (
+                RegionError::Disabled { name: "r".into() }.into(),
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                RegionError::CudaUnsupported.into(),
+                StatusCode::NOT_IMPLEMENTED,
+            ),
+            (
+                RegionError::Unknown("r".into()).into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RegionError::OutputTooLarge {
+                    output: "y".into(),
+                    region: "r".into(),
+                    size: 8,
+                    byte_size: 4,
+                }
+                .into(),
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (err, status) in cases {
             let message = err.to_string();
