@@ -268,6 +268,32 @@ mod tests {
     }
 
     #[test]
+    fn output_targets_go_to_the_worker_only_for_a_lone_request() {
+        let file = std::fs::File::from(
+            nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap(),
+        );
+        file.set_len(64).unwrap();
+        let segment = crate::worker::client_shm::ClientSegment::map(file).unwrap();
+        let target = crate::worker::client_shm::OutputTarget {
+            name: "y".into(),
+            segment,
+            offset: 0,
+            length: 8,
+        };
+        let (mut a, _ra) = req(&[1.0, 2.0], 2, None);
+        a.targets = vec![target];
+        let alone = build_work(std::slice::from_ref(&a), true);
+        assert_eq!(alone.targets.len(), 1);
+        let (b, _rb) = req(&[3.0, 4.0], 2, None);
+        let together = build_work(&[a, b], true);
+        assert!(
+            together.targets.is_empty(),
+            "a batch's outputs are split, then copied"
+        );
+    }
+
+    #[test]
     fn split_bytes_outputs_by_elements() {
         let (a, _ra) = req(&[0.0], 1, None);
         let (b, _rb) = req(&[0.0, 0.0], 1, None);
