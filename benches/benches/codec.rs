@@ -24,6 +24,7 @@ fn execute_msg() -> CoreMessage {
         ],
         outputs: None,
         trace: Vec::new(),
+        targets: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! - `worker`: supervised Python worker processes, shared-memory arenas, control channel.
 //! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export, and the
 //!   Prometheus metrics behind `/metrics`.
+//! - `regions`: clients' system shared-memory regions (register, status, unregister).
 //! - `cli`: the `unimodel` commands (`run`, `predict`).
 //!
 //! Dependencies point one way: `api -> engine -> worker`.
@@ -12,5 +13,6 @@
 pub mod api;
 pub mod cli;
 pub mod engine;
+pub mod regions;
 pub mod telemetry;
 pub mod worker;

@@ -330,6 +330,58 @@ def test_bytes_round_trip(core, plugin):
     assert c.shutdown() == 0
 
 
+def test_client_segments_are_read_and_written_in_place(core, plugin):
+    """Region ``client`` inputs are views of the client's segment; outputs with a target that
+    fits are written into it (result region ``client``); one that does not fit goes to the
+    arena. The mapping is kept for the next execute, which sends new descriptors."""
+    c = core()
+    c.hello()
+    assert c.load(plugin, "Doubler", max_batch_size=8)["type"] == "ready"
+    seg = os.memfd_create("client", os.MFD_CLOEXEC)
+    os.ftruncate(seg, 8192)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    os.pwrite(seg, x.tobytes(), 1000)
+    ro = os.open(f"/proc/self/fd/{seg}", os.O_RDONLY)
+    ref = {
+        "name": "x",
+        "datatype": "FP32",
+        "shape": [2, 3],
+        "region": "client",
+        "offset": 1000,
+        "length": x.nbytes,
+        "fd": 0,
+    }
+    for exec_id, target_len in [(1, x.nbytes), (2, x.nbytes - 4)]:
+        target = {"name": "y", "fd": 1, "offset": 4096, "length": target_len}
+        c.send(
+            {
+                "type": "execute",
+                "id": exec_id,
+                "batch_size": 2,
+                "inputs": [ref],
+                "outputs": ["y"],
+                "targets": [target],
+            },
+            [ro, seg],
+        )
+        result = c.recv()
+        assert result["type"] == "result", result
+        (out,) = result["outputs"]
+        if exec_id == 1:
+            assert (out["region"], out["offset"], out["length"]) == ("client", 4096, x.nbytes)
+            written = np.frombuffer(os.pread(seg, x.nbytes, 4096), np.float32).reshape(2, 3)
+            np.testing.assert_array_equal(written, x * 2)
+            os.pwrite(seg, b"\0" * x.nbytes, 4096)
+            c.send({"type": "release", "id": exec_id})
+        else:
+            assert out["region"] == "output", out  # too large for its target
+            np.testing.assert_array_equal(c.outputs(result)["y"], x * 2)
+            assert os.pread(seg, x.nbytes, 4096) == b"\0" * x.nbytes
+    os.close(ro)
+    os.close(seg)
+    assert c.shutdown() == 0
+
+
 def test_inputs_from_a_dedicated_fd_and_inline(core, plugin):
     c = core()
     c.hello()

@@ -42,7 +42,7 @@ MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
         "max_batch_size",
         "max_output_bytes",
     ),
-    "execute": ("id", "batch_size", "inputs", "outputs", "trace"),
+    "execute": ("id", "batch_size", "inputs", "outputs", "trace", "targets"),
     "release": ("id",),
     "cancel": ("id",),
     "ping": ("seq",),
@@ -54,8 +54,10 @@ TENSOR_KEYS: tuple[str, ...] = ("name", "datatype", "shape", "region", "offset",
 _TENSOR_LISTS = {"inputs", "outputs"}
 #: Keys the doc types as float: always encoded as float64, even when given an int.
 _FLOAT_KEYS = {"setup_ms"}
-#: Optional keys written only when they hold something (``execute.trace``).
-_OMIT_EMPTY = {"trace"}
+#: Optional keys written only when they hold something (``execute.trace``, ``.targets``).
+_OMIT_EMPTY = {"trace", "targets"}
+#: Keys of an ``execute.targets`` entry, in wire order.
+TARGET_KEYS: tuple[str, ...] = ("name", "fd", "offset", "length")
 
 
 class ProtocolError(Exception):
@@ -95,6 +97,11 @@ def canonical(message: dict[str, Any]) -> dict[str, Any]:
             value = float(value)
         elif key in _TENSOR_LISTS and isinstance(value, list):
             value = [_canonical_tensor(t) if isinstance(t, dict) else t for t in value]
+        elif key == "targets" and isinstance(value, list):
+            value = [
+                {**{k: t[k] for k in TARGET_KEYS if k in t}, **t} if isinstance(t, dict) else t
+                for t in value
+            ]
         out[key] = value
     for key, value in message.items():
         if key not in out and not (key in _OMIT_EMPTY and not value):

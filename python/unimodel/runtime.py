@@ -101,6 +101,8 @@ class Worker:
         self.streaming_id: int | None = None
         self.stream_cancelled = False
         self.stopping = False
+        #: Client memory the current execute's outputs go to: name -> (mapping, offset, length).
+        self.targets: dict[str, tuple] = {}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class Worker:
 
     def _claim_fds(self, msg: dict[str, Any]) -> list[int]:
         refs = msg.get("inputs") or ()
-        count = fd_count(refs) if refs else 0
+        count = fd_count(refs, msg.get("targets"))
         return self.channel.take_fds(count) if count else []
 
     def execute(self, msg: dict[str, Any]) -> None:
@@ -246,6 +248,7 @@ class Worker:
             log.error("execute %s failed", msg.get("id"), exc_info=True)
             self._send_error(msg["id"], describe(e), traceback.format_exc(), "plugin")
         finally:
+            self.targets = {}  # they belong to this execute only, however it ended
             if token is not None:
                 logs.reset_trace(token)
 
@@ -254,10 +257,14 @@ class Worker:
         model = self.model
         refs = msg["inputs"]
         fds: list[int] = []
-        for ref in refs:
-            if ref["region"] == "fd":
-                fds = self._claim_fds(msg)
-                break
+        targets = msg.get("targets")
+        if targets:
+            fds = self._claim_fds(msg)
+        else:
+            for ref in refs:
+                if ref["region"] in ("fd", "client"):
+                    fds = self._claim_fds(msg)
+                    break
         try:
             if self.cancelled and exec_id in self.cancelled:
                 self.cancelled.discard(exec_id)
@@ -270,6 +277,8 @@ class Worker:
                 return
             try:
                 kwargs = self.inputs.arrays(refs, fds)
+                if targets and not model.streaming:
+                    self.targets = self.inputs.clients.targets(targets, fds)
                 if model.cuda_inputs:
                     self._to_torch(model, kwargs)
             except Exception as e:
@@ -415,17 +424,49 @@ class Worker:
             # raises, a tensor-like whose .numpy() fails. The traceback shows which.
             kind, exc, tb = "invalid_output", e, traceback.format_exc()
         else:
+            direct: list[dict[str, Any]] = []
+            if self.targets:
+                direct, prepared = self._write_targets(prepared)
+                if not prepared:
+                    return direct, []
             total = 0
             for out in prepared:
                 total += align_up(out.nbytes)
             # An all-empty result still takes one ALIGN block (`_write_arena`): an arena smaller
             # than that could never hold it, and `_alloc` would wait for room forever.
             if max(total, ALIGN) > self.ring.capacity:
-                return self._write_dedicated(prepared)
-            return self._write_arena(exec_id, prepared, total), []
+                refs, fds = self._write_dedicated(prepared)
+                return direct + refs, fds
+            return direct + self._write_arena(exec_id, prepared, total), []
         log.error("execute %d: %s", exec_id, exc, exc_info=bool(tb))
         self._send_error(exec_id, describe(exc), tb, kind)
         return None
+
+    def _write_targets(
+        self, prepared: list[PreparedOutput]
+    ) -> tuple[list[dict[str, Any]], list[PreparedOutput]]:
+        """Writes the outputs that have a target and fit it straight into client memory;
+        returns their refs (region ``client``) and the outputs left for the arena."""
+        direct = []
+        rest = []
+        for out in prepared:
+            target = self.targets.get(out.spec.name)
+            if target is None or out.nbytes > target[2]:
+                rest.append(out)  # too large: the core reports it, naming the sizes
+                continue
+            mm, offset, _ = target
+            write_output(mm, offset, out)
+            direct.append(
+                {
+                    "name": out.spec.name,
+                    "datatype": out.spec.datatype,
+                    "shape": out.shape,
+                    "region": "client",
+                    "offset": offset,
+                    "length": out.nbytes,
+                }
+            )
+        return direct, rest
 
     def _write_arena(
         self, exec_id: int, prepared: list[PreparedOutput], total: int

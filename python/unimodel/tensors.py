@@ -3,8 +3,9 @@
 Inputs become numpy arrays that view the read-only input arena directly (`np.ndarray` with the
 mapping as buffer, which keeps it alive; no copy). Outputs are checked against the model's
 declaration (names, rank, fixed dimensions, batch dimension, same_kind casts) before any memory
-is allocated, then written exactly once into their destination: a block of the output arena, or a
-dedicated `memfd` when the whole result is larger than the arena.
+is allocated, then written exactly once into their destination: a block of the output arena, a
+dedicated `memfd` when the whole result is larger than the arena, or the client's own shared
+memory when the execute names a target for it (`ClientMappings`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import math
 import mmap
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +45,59 @@ def map_fd(fd: int, writable: bool) -> mmap.mmap | None:
     return mmap.mmap(fd, size, access=access)
 
 
+class ClientMappings:
+    """Mappings of clients' shared-memory segments (region ``client``), kept across executes.
+
+    A client reuses its segments for request after request; mapping one afresh each time would
+    fault in every page again (milliseconds for 64 MiB). Descriptors arrive anew with every
+    frame, so mappings are keyed by the object they name (device, inode, size, access). A
+    mapping holds its segment alive, so the cache is small and least-recently-used; an evicted
+    mapping is only dropped (arrays over it may still be in use), never closed.
+    """
+
+    LIMIT = 8
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[tuple[int, int, int, bool], mmap.mmap] = OrderedDict()
+
+    def get(self, fd: int, writable: bool) -> mmap.mmap:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_size, writable)
+        mm = self._maps.get(key)
+        if mm is not None:
+            self._maps.move_to_end(key)
+            return mm
+        if st.st_size == 0:
+            raise ProtocolError("a client segment is empty")
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        mm = mmap.mmap(fd, st.st_size, access=access)
+        self._maps[key] = mm
+        if len(self._maps) > self.LIMIT:
+            self._maps.popitem(last=False)
+        return mm
+
+    def targets(self, targets: list[dict[str, Any]], fds: list[int]) -> dict[str, tuple]:
+        """``{output name: (mapping, offset, length)}`` for an execute's ``targets``."""
+        out = {}
+        for t in targets:
+            index = t.get("fd")
+            if not isinstance(index, int) or not 0 <= index < len(fds):
+                raise ProtocolError(
+                    f"target {t.get('name')!r} names descriptor {index!r}; "
+                    f"the frame carried {len(fds)}"
+                )
+            mm = self.get(fds[index], writable=True)
+            if t["offset"] + t["length"] > len(mm):
+                raise ProtocolError(f"target {t['name']!r} ends past its segment")
+            out[t["name"]] = (mm, t["offset"], t["length"])
+        return out
+
+
 class InputArena:
     """Builds the keyword arguments of `predict` from an execute's tensor references."""
 
     def __init__(self, fd: int) -> None:
+        self.clients = ClientMappings()
         self._fd = fd
         self._mm = map_fd(fd, writable=False)
         self._size = len(self._mm) if self._mm is not None else 0
@@ -78,6 +129,9 @@ class InputArena:
             elif region == "fd":
                 offset = 0
                 buf = self._map_input_fd(fds, ref)
+            elif region == "client":
+                offset = ref["offset"]
+                buf = self._map_client(fds, ref)
             elif region == "inline":
                 offset = 0
                 buf = ref["data"]
@@ -105,6 +159,17 @@ class InputArena:
                 out[ref["name"]] = np.ndarray(shape, dtype, buffer=buf, offset=offset)
         return out
 
+    def _map_client(self, fds: list[int], ref: dict[str, Any]) -> mmap.mmap:
+        index = ref.get("fd")
+        if not isinstance(index, int) or not 0 <= index < len(fds):
+            raise ProtocolError(
+                f"input {ref['name']!r} names descriptor {index!r}; the frame carried {len(fds)}"
+            )
+        mm = self.clients.get(fds[index], writable=False)
+        if ref["offset"] + ref["length"] > len(mm):
+            raise ProtocolError(f"input {ref['name']!r} ends past its client segment")
+        return mm
+
     @staticmethod
     def _map_input_fd(fds: list[int], ref: dict[str, Any]) -> mmap.mmap | None:
         index = ref.get("fd")
@@ -116,14 +181,19 @@ class InputArena:
         return map_fd(fds[index], writable=False)
 
 
-def fd_count(refs: list[dict[str, Any]]) -> int:
-    """How many descriptors a frame's tensor references use (highest `fd` index + 1)."""
+def fd_count(refs: list[dict[str, Any]], targets: list[dict[str, Any]] | None = None) -> int:
+    """How many descriptors a frame uses (highest `fd` index + 1) in its tensor references
+    (regions ``fd`` and ``client``) and its ``targets``."""
     count = 0
     for ref in refs:
-        if ref.get("region") == "fd":
+        if ref.get("region") in ("fd", "client"):
             index = ref.get("fd")
             if isinstance(index, int) and index + 1 > count:
                 count = index + 1
+    for target in targets or ():
+        index = target.get("fd")
+        if isinstance(index, int) and index + 1 > count:
+            count = index + 1
     return count
 
 

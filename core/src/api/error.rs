@@ -5,6 +5,7 @@
 //! `{"error": "<message>"}`, Triton's shape, which its clients print as-is.
 
 use crate::engine::EngineError;
+use crate::regions::RegionError;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +32,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A shared-memory region operation, or a tensor naming a region, failed.
+    #[error(transparent)]
+    Region(#[from] RegionError),
 }
 
 impl ApiError {
@@ -42,6 +46,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(e) => engine_status(e),
+            ApiError::Region(e) => region_status(e),
         }
     }
 
@@ -80,6 +85,25 @@ fn engine_status(e: &EngineError) -> StatusCode {
             StatusCode::INTERNAL_SERVER_ERROR
         }
         EngineError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+fn region_status(e: &RegionError) -> StatusCode {
+    match e {
+        // The request is fine; this server's configuration refuses it, and repeating it will
+        // not help until an operator restarts with --allow-client-shm: 403, not 400.
+        RegionError::Disabled { .. } => StatusCode::FORBIDDEN,
+        // A whole extension this server does not implement, not a malformed request.
+        RegionError::CudaUnsupported => StatusCode::NOT_IMPLEMENTED,
+        // Everything else is the client's key, sizes, offsets or names (Triton answers 400).
+        RegionError::BadKey { .. }
+        | RegionError::Open { .. }
+        | RegionError::OutOfSegment { .. }
+        | RegionError::Duplicate(_)
+        | RegionError::Unknown(_)
+        | RegionError::OutOfRegion { .. }
+        | RegionError::BadTensor { .. }
+        | RegionError::OutputTooLarge { .. } => StatusCode::BAD_REQUEST,
     }
 }
 
@@ -236,6 +260,28 @@ mod tests {
             (
                 ApiError::Unavailable("not ready".into()),
                 StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                RegionError::Disabled { name: "r".into() }.into(),
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                RegionError::CudaUnsupported.into(),
+                StatusCode::NOT_IMPLEMENTED,
+            ),
+            (
+                RegionError::Unknown("r".into()).into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RegionError::OutputTooLarge {
+                    output: "y".into(),
+                    region: "r".into(),
+                    size: 8,
+                    byte_size: 4,
+                }
+                .into(),
+                StatusCode::BAD_REQUEST,
             ),
         ];
         for (err, status) in cases {

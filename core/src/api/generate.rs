@@ -65,6 +65,7 @@ pub fn decode(
         timeout,
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
+        output_targets: Vec::new(),
     })
 }
 

@@ -13,8 +13,9 @@ use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
 use super::metrics as api_metrics;
 use super::observe::{BatchSize, RequestTrace};
 use super::openapi;
-use super::{generate, request, response};
+use super::{generate, request, response, shm};
 use crate::engine::EngineError;
+use crate::regions::Regions;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
@@ -35,6 +36,8 @@ use tokio::time::Instant;
 pub struct HttpConfig {
     /// Largest request body accepted (`--max-body-bytes`); larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Clients' shared-memory regions (`/v2/systemsharedmemory/*`, shm inputs and outputs).
+    pub regions: Arc<Regions>,
 }
 
 /// What every handler gets: the backend, the settings and where requests are recorded.
@@ -65,6 +68,7 @@ struct ModelPath {
 /// Builds the KServe V2 router over `backend`.
 pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let limit = cfg.max_body_bytes;
+    let regions = cfg.regions.clone();
     let metrics = backend.metrics();
     let state = AppState {
         backend,
@@ -115,6 +119,7 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .route("/metrics", get(scrape_metrics::<B>))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::page))
+        .merge(shm::routes(regions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -211,7 +216,13 @@ async fn infer<B: Backend>(
     let mut served_version = None;
     let answer = async {
         let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
-        let mut decoded = request::decode(p.model.clone(), p.version.clone(), &headers, body)?;
+        let mut decoded = request::decode(
+            p.model.clone(),
+            p.version.clone(),
+            &headers,
+            body,
+            &s.cfg.regions,
+        )?;
         decoded.request.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
         let result = s.backend.infer(decoded.request).await?;
         served_version = Some(result.model_version.clone());

@@ -245,6 +245,7 @@ fn app(fake: &Arc<Fake>) -> Router {
         Arc::clone(fake),
         HttpConfig {
             max_body_bytes: MAX_BODY,
+            regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
         },
     )
 }

@@ -194,6 +194,7 @@ mod tests {
             backend.clone(),
             HttpConfig {
                 max_body_bytes: 1024,
+                regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
             },
         );
         let body = r#"{"inputs": []}"#;

@@ -13,6 +13,7 @@
 //! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
 //! - `outcome`: the `outcome` metric label of each error, next to its status.
 //! - `metrics`: `GET /metrics` and per-request recording.
+//! - `shm`: the system (and, unsupported, CUDA) shared-memory routes.
 
 pub mod backend;
 pub mod binary;
@@ -27,6 +28,7 @@ pub mod openapi;
 mod outcome;
 pub mod request;
 pub mod response;
+pub mod shm;
 
 #[cfg(test)]
 mod http_tests;

@@ -185,9 +185,9 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// Every `.route("PATH", ...)` in the router's source, with the methods it registers.
+    /// Every `.route("PATH", ...)` in the routers' sources, with the methods it registers.
     fn router_routes() -> BTreeSet<(String, String)> {
-        let src = include_str!("http.rs");
+        let src = concat!(include_str!("http.rs"), include_str!("shm.rs"));
         let mut routes = BTreeSet::new();
         let mut rest = src;
         while let Some(at) = rest.find(".route(") {

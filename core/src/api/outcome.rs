@@ -18,6 +18,11 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Engine(e) => engine_outcome(e),
+            ApiError::Region(e) => match e {
+                crate::regions::RegionError::Disabled { .. } => "forbidden",
+                crate::regions::RegionError::CudaUnsupported => "not_implemented",
+                _ => "bad_request",
+            },
         }
     }
 }

@@ -6,12 +6,19 @@
 //! tree is built. Inputs sent as binary are slices of the body. Signature checks (names,
 //! shapes against the model) belong to `engine::validate`; this file only checks what the
 //! encoding itself promises (shape × datatype against the data given).
+//!
+//! Inputs in a client's shared-memory region (`parameters.shared_memory_region`) become
+//! views of the mapped region, not copies (`regions::Region::input`); outputs the client wants
+//! in a region are resolved to `OutputTarget`s here, so a bad region or slice is answered
+//! before anything reaches a worker.
 
 use super::binary::{self, BinaryData};
 use super::error::ApiError;
 use super::json_data;
 use crate::engine::tensor::element_count;
 use crate::engine::{DataType, InferRequest, Tensor};
+use crate::regions::{RegionError, Regions};
+use crate::worker::client_shm::OutputTarget;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -33,6 +40,34 @@ pub struct OutputPlan {
     /// The requested outputs in request order, each with its own `binary_data` choice
     /// (falling back to `binary_default`); `None` means every output of the model.
     pub requested: Option<Vec<(String, bool)>>,
+    /// Requested outputs that go into the client's shared memory instead of the body.
+    pub shm: Vec<ShmOutput>,
+}
+
+/// An output to write into a registered region (`shared_memory_*` output parameters).
+#[derive(Debug, Clone)]
+pub struct ShmOutput {
+    /// The region's name, echoed in the response.
+    pub region: String,
+    /// `shared_memory_offset` as the client gave it (within the region).
+    pub offset: u64,
+    pub target: OutputTarget,
+}
+
+impl PartialEq for ShmOutput {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.region,
+            self.offset,
+            &self.target.name,
+            self.target.length,
+        ) == (
+            &other.region,
+            other.offset,
+            &other.target.name,
+            other.target.length,
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -65,7 +100,16 @@ struct InputJson<'a> {
 #[derive(Deserialize, Default)]
 struct InputParameters {
     binary_data_size: Option<u64>,
-    shared_memory_region: Option<serde::de::IgnoredAny>,
+    #[serde(flatten)]
+    shm: ShmParameters,
+}
+
+/// Triton's shared-memory parameters of an input or output.
+#[derive(Deserialize, Default)]
+struct ShmParameters {
+    shared_memory_region: Option<String>,
+    shared_memory_byte_size: Option<u64>,
+    shared_memory_offset: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -78,15 +122,18 @@ struct OutputJson {
 struct OutputParameters {
     binary_data: Option<bool>,
     classification: Option<serde::de::IgnoredAny>,
-    shared_memory_region: Option<serde::de::IgnoredAny>,
+    #[serde(flatten)]
+    shm: ShmParameters,
 }
 
-/// Decodes the body of `POST /v2/models/{model}[/versions/{version}]/infer`.
+/// Decodes the body of `POST /v2/models/{model}[/versions/{version}]/infer`; shared-memory
+/// inputs and outputs are looked up in `regions`.
 pub fn decode(
     model: String,
     version: Option<String>,
     headers: &HeaderMap,
     body: Bytes,
+    regions: &Regions,
 ) -> Result<DecodedRequest, ApiError> {
     let split = binary::split_body(headers, body)?;
     let parsed: RequestJson<'_> = serde_json::from_slice(&split.json)
@@ -96,10 +143,14 @@ pub fn decode(
     let inputs = parsed
         .inputs
         .into_iter()
-        .map(|input| decode_input(input, &mut binary))
+        .map(|input| decode_input(input, &mut binary, regions))
         .collect::<Result<Vec<_>, _>>()?;
     binary.finish()?;
-    let plan = output_plan(params.binary_data_output.unwrap_or(false), parsed.outputs)?;
+    let plan = output_plan(
+        params.binary_data_output.unwrap_or(false),
+        parsed.outputs,
+        regions,
+    )?;
     let outputs = plan
         .requested
         .as_ref()
@@ -113,11 +164,16 @@ pub fn decode(
         timeout: params.timeout.filter(|&t| t > 0).map(Duration::from_micros),
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
+        output_targets: plan.shm.iter().map(|s| s.target.clone()).collect(),
     };
     Ok(DecodedRequest { request, plan })
 }
 
-fn decode_input(input: InputJson<'_>, binary: &mut BinaryData) -> Result<Tensor, ApiError> {
+fn decode_input(
+    input: InputJson<'_>,
+    binary: &mut BinaryData,
+    regions: &Regions,
+) -> Result<Tensor, ApiError> {
     let name = input.name;
     let bad = |msg: String| ApiError::BadRequest(format!("input '{name}': {msg}"));
     let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
@@ -135,10 +191,40 @@ fn decode_input(input: InputJson<'_>, binary: &mut BinaryData) -> Result<Tensor,
         ))
     })?;
     let params = input.parameters.unwrap_or_default();
-    if params.shared_memory_region.is_some() {
+    if let Some(region) = &params.shm.shared_memory_region {
+        if params.binary_data_size.is_some() || input.data.is_some() {
+            return Err(bad(
+                "has parameters.shared_memory_region and also 'data' or binary_data_size; send one"
+                    .to_string(),
+            ));
+        }
+        let size = params.shm.shared_memory_byte_size.ok_or_else(|| {
+            bad("parameters.shared_memory_byte_size is required with shared_memory_region".into())
+        })?;
+        let len = usize::try_from(size)
+            .map_err(|_| bad(format!("shared_memory_byte_size {size} is too large")))?;
+        check_data_size(
+            datatype,
+            &input.shape,
+            count,
+            len,
+            "shared_memory_byte_size",
+        )
+        .map_err(bad)?;
+        let offset = params.shm.shared_memory_offset.unwrap_or(0);
+        let data = regions
+            .get(region)
+            .and_then(|r| r.input(&format!("input '{name}'"), offset, size))?;
+        return Ok(Tensor {
+            name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if params.shm.shared_memory_byte_size.is_some() || params.shm.shared_memory_offset.is_some() {
         return Err(bad(
-            "the shared-memory extension is not supported yet; send the data inline \
-                        or as binary data"
+            "has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
                 .to_string(),
         ));
     }
@@ -156,7 +242,8 @@ fn decode_input(input: InputJson<'_>, binary: &mut BinaryData) -> Result<Tensor,
         (Some(size), None) => {
             let size = usize::try_from(size)
                 .map_err(|_| bad(format!("binary_data_size {size} is too large")))?;
-            check_binary_size(datatype, &input.shape, count, size).map_err(bad)?;
+            check_data_size(datatype, &input.shape, count, size, "binary_data_size")
+                .map_err(bad)?;
             binary.take(&name, size)?
         }
         (None, Some(raw)) => Bytes::from(
@@ -173,11 +260,12 @@ fn decode_input(input: InputJson<'_>, binary: &mut BinaryData) -> Result<Tensor,
 
 /// Fixed-size datatypes must send exactly shape × element size; BYTES can only be checked
 /// element by element, which `engine::validate` does.
-fn check_binary_size(
+fn check_data_size(
     datatype: DataType,
     shape: &[i64],
     count: usize,
     size: usize,
+    what: &str,
 ) -> Result<(), String> {
     let Some(elem) = datatype.size() else {
         return Ok(());
@@ -185,7 +273,7 @@ fn check_binary_size(
     match count.checked_mul(elem) {
         Some(expected) if expected == size => Ok(()),
         Some(expected) => Err(format!(
-            "binary_data_size is {size} but shape {shape:?} of {datatype} needs {expected} bytes"
+            "{what} is {size} but shape {shape:?} of {datatype} needs {expected} bytes"
         )),
         None => Err(format!("shape {shape:?} has too many elements")),
     }
@@ -194,14 +282,17 @@ fn check_binary_size(
 fn output_plan(
     binary_default: bool,
     outputs: Option<Vec<OutputJson>>,
+    regions: &Regions,
 ) -> Result<OutputPlan, ApiError> {
     // An empty list asks for nothing in particular, which Triton treats as every output.
     let Some(outputs) = outputs.filter(|o| !o.is_empty()) else {
         return Ok(OutputPlan {
             binary_default,
             requested: None,
+            shm: Vec::new(),
         });
     };
+    let mut shm = Vec::new();
     let requested = outputs
         .into_iter()
         .map(|o| {
@@ -212,19 +303,47 @@ fn output_plan(
                     o.name
                 )));
             }
-            if params.shared_memory_region.is_some() {
-                return Err(ApiError::BadRequest(format!(
-                    "output '{}': the shared-memory extension is not supported yet",
-                    o.name
-                )));
+            if let Some(out) = shm_output(&o.name, params.shm, regions)? {
+                shm.push(out);
             }
             Ok((o.name, params.binary_data.unwrap_or(binary_default)))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(OutputPlan {
         binary_default,
         requested: Some(requested),
+        shm,
     })
+}
+
+/// Where output `name` goes when the client gave a shared-memory region for it.
+fn shm_output(
+    name: &str,
+    params: ShmParameters,
+    regions: &Regions,
+) -> Result<Option<ShmOutput>, ApiError> {
+    let Some(region) = params.shared_memory_region else {
+        if params.shared_memory_byte_size.is_some() || params.shared_memory_offset.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "output '{name}': has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
+            )));
+        }
+        return Ok(None);
+    };
+    let size = params
+        .shared_memory_byte_size
+        .ok_or_else(|| RegionError::BadTensor {
+            tensor: format!("output '{name}'"),
+            message: "parameters.shared_memory_byte_size is required with shared_memory_region"
+                .into(),
+        })?;
+    let offset = params.shared_memory_offset.unwrap_or(0);
+    let target = regions.get(&region)?.output_target(name, offset, size)?;
+    Ok(Some(ShmOutput {
+        region,
+        offset,
+        target,
+    }))
 }
 
 #[cfg(test)]
@@ -239,6 +358,7 @@ mod tests {
             None,
             &HeaderMap::new(),
             Bytes::copy_from_slice(body.as_bytes()),
+            &Regions::new(false),
         )
     }
 
@@ -250,7 +370,13 @@ mod tests {
         );
         let mut body = header.as_bytes().to_vec();
         body.extend_from_slice(binary);
-        decode("m".into(), Some("3".into()), &headers, Bytes::from(body))
+        decode(
+            "m".into(),
+            Some("3".into()),
+            &headers,
+            Bytes::from(body),
+            &Regions::new(false),
+        )
     }
 
     fn f32s(v: &[f32]) -> Vec<u8> {
@@ -289,7 +415,8 @@ mod tests {
             d.plan,
             OutputPlan {
                 binary_default: true,
-                requested: Some(vec![("b".into(), true), ("a".into(), false)])
+                requested: Some(vec![("b".into(), true), ("a".into(), false)]),
+                shm: Vec::new(),
             }
         );
     }
@@ -303,7 +430,8 @@ mod tests {
             d.plan,
             OutputPlan {
                 binary_default: false,
-                requested: None
+                requested: None,
+                shm: Vec::new(),
             }
         );
         assert_eq!(
@@ -457,12 +585,47 @@ mod tests {
             e,
             "output 'y': the classification extension is not supported"
         );
+    }
+
+    #[test]
+    fn shared_memory_parameters_are_checked_before_any_region_lookup() {
         let e = err(json(
             r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}"#,
         ));
+        assert_eq!(
+            e,
+            "input 'x': parameters.shared_memory_byte_size is required with shared_memory_region"
+        );
+        let e = err(json(
+            r#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}"#,
+        ));
+        assert_eq!(
+            e,
+            "input 'x': shared_memory_byte_size is 4 but shape [2] of FP32 needs 8 bytes"
+        );
+        let e = err(json(
+            r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}"#,
+        ));
+        assert!(e.contains("send one"), "{e}");
+        let e = err(json(
+            r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "parameters": {"shared_memory_offset": 4}}]}"#,
+        ));
+        assert!(e.contains("no shared_memory_region"), "{e}");
+        let unknown = json(
+            r#"{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}"#,
+        )
+        .unwrap_err();
         assert!(
-            e.contains("shared-memory extension is not supported"),
-            "{e}"
+            matches!(unknown, ApiError::Region(RegionError::Unknown(ref r)) if r == "r"),
+            "{unknown:?}"
+        );
+        let unknown = json(
+            r#"{"inputs": [], "outputs": [{"name": "y", "parameters": {"shared_memory_region": "o", "shared_memory_byte_size": 4}}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(unknown, ApiError::Region(RegionError::Unknown(ref r)) if r == "o"),
+            "{unknown:?}"
         );
     }
 }

@@ -6,12 +6,17 @@
 //! followed by the raw output bytes, with `Inference-Header-Content-Length` giving the
 //! header's size, and the output's JSON carries `parameters.binary_data_size` instead of
 //! `data`.
+//!
+//! Outputs the client asked for in a shared-memory region are written there (unless the
+//! worker already wrote them in place) and listed with their `shared_memory_*` parameters
+//! and no data, as Triton does; one larger than its slice fails the request with a 400.
 
 use super::binary::{ChunkedBody, HEADER_CONTENT_LENGTH};
 use super::error::ApiError;
 use super::json_data::{JsonData, is_json_encodable};
-use super::request::OutputPlan;
+use super::request::{OutputPlan, ShmOutput};
 use crate::engine::{EngineError, InferResponse, Tensor};
+use crate::regions::write_output;
 use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
@@ -33,23 +38,41 @@ struct OutputJson<'a> {
     datatype: &'static str,
     shape: &'a [i64],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParameters>,
+    parameters: Option<OutputParameters<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<JsonData<'a>>,
 }
 
+/// An output's `parameters`: binary data, or where in shared memory it was written.
 #[derive(Serialize)]
-struct BinaryParameters {
-    binary_data_size: usize,
+#[serde(untagged)]
+enum OutputParameters<'a> {
+    Binary {
+        binary_data_size: usize,
+    },
+    Shm {
+        shared_memory_region: &'a str,
+        shared_memory_byte_size: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        shared_memory_offset: u64,
+    },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Builds the HTTP response for `response` as `plan` asks.
 pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, ApiError> {
     let selected = select_outputs(response, plan)?;
     let mut chunks: Vec<Bytes> = Vec::new();
-    let outputs = selected
-        .iter()
-        .map(|&(tensor, wants_binary)| {
+    let mut outputs = Vec::with_capacity(selected.len());
+    for &(tensor, wants_binary) in &selected {
+        if let Some(shm) = plan.shm.iter().find(|s| s.target.name == tensor.name) {
+            outputs.push(shm_output(tensor, shm)?);
+            continue;
+        }
+        outputs.push({
             // JSON strings cannot carry bytes that are not UTF-8, so a BYTES output with such
             // an element goes out as binary data even when the client asked for JSON; clients
             // see `binary_data_size` and read it from the body as they would any binary output.
@@ -61,7 +84,7 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
                 name: &tensor.name,
                 datatype: tensor.datatype.as_str(),
                 shape: &tensor.shape,
-                parameters: binary.then_some(BinaryParameters {
+                parameters: binary.then_some(OutputParameters::Binary {
                     binary_data_size: tensor.data.len(),
                 }),
                 data: (!binary).then_some(JsonData {
@@ -69,8 +92,8 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
                     data: &tensor.data,
                 }),
             }
-        })
-        .collect();
+        });
+    }
     let header = ResponseJson {
         model_name: &response.model_name,
         model_version: &response.model_version,
@@ -83,6 +106,22 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
         json_response(json)
     } else {
         binary_response(json, chunks)
+    })
+}
+
+/// Writes `tensor` into its shared-memory slice and describes it (no data in the body).
+fn shm_output<'a>(tensor: &'a Tensor, shm: &'a ShmOutput) -> Result<OutputJson<'a>, ApiError> {
+    write_output(&shm.target, &shm.region, &tensor.data)?;
+    Ok(OutputJson {
+        name: &tensor.name,
+        datatype: tensor.datatype.as_str(),
+        shape: &tensor.shape,
+        parameters: Some(OutputParameters::Shm {
+            shared_memory_region: &shm.region,
+            shared_memory_byte_size: tensor.data.len(),
+            shared_memory_offset: shm.offset,
+        }),
+        data: None,
     })
 }
 
@@ -199,6 +238,7 @@ mod tests {
         let plan = OutputPlan {
             binary_default: false,
             requested: None,
+            shm: Vec::new(),
         };
         let (header_len, content_type, body) = parts(encode(&response(), &plan).unwrap()).await;
         assert_eq!(
@@ -216,6 +256,7 @@ mod tests {
         let plan = OutputPlan {
             binary_default: true,
             requested: Some(vec![("s".into(), true), ("y".into(), true)]),
+            shm: Vec::new(),
         };
         let (header_len, content_type, body) = parts(encode(&response(), &plan).unwrap()).await;
         assert_eq!(content_type, "application/octet-stream");
@@ -243,6 +284,7 @@ mod tests {
         let plan = OutputPlan {
             binary_default: false,
             requested: None,
+            shm: Vec::new(),
         };
         let (header_len, _, body) = parts(encode(&r, &plan).unwrap()).await;
         let n = header_len.unwrap();
@@ -258,6 +300,7 @@ mod tests {
         let plan = OutputPlan {
             binary_default: false,
             requested: Some(vec![("nope".into(), false)]),
+            shm: Vec::new(),
         };
         let err = encode(&response(), &plan).unwrap_err();
         assert!(

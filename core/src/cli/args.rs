@@ -108,6 +108,12 @@ pub struct RunArgs {
     /// is answered 503, then the process exits (workers get 5 s more to stop).
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// Let clients register their POSIX shared-memory segments (Triton's system
+    /// shared-memory extension) for inputs and outputs. Off by default: the server then maps
+    /// memory that local clients own, and a client that shrinks a registered segment can
+    /// crash it.
+    #[arg(long)]
+    pub allow_client_shm: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -59,6 +59,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         outputs: None,
         timeout: None,
         trace: None,
+        output_targets: Vec::new(),
     };
     // One line per response: exactly one for an ordinary model, one per `yield` for a
     // generator, printed as it arrives.

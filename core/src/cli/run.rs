@@ -56,6 +56,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Arc::new(engine.clone()),
         HttpConfig {
             max_body_bytes: args.max_body_bytes,
+            regions: Arc::new(crate::regions::Regions::new(args.allow_client_shm)),
         },
     );
     let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();

@@ -53,6 +53,12 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
         } else {
             None
         },
+        // Only a request alone in its batch can have its outputs written straight into its
+        // memory: a batch's outputs are one tensor per name, split per request afterwards.
+        targets: match batch {
+            [only] => only.targets.clone(),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -218,6 +224,7 @@ mod tests {
             permit: None,
             chunks: None,
             origin: Default::default(),
+            targets: Vec::new(),
         };
         (p, rx)
     }
@@ -259,6 +266,32 @@ mod tests {
         assert_eq!(parts[1].len(), 1, "only the requested output");
         assert_eq!(parts[1][0].shape, vec![2, 2]);
         assert_eq!(parts[1][0].data, f32_bytes(&[6.0, 8.0, 10.0, 12.0]));
+    }
+
+    #[test]
+    fn output_targets_go_to_the_worker_only_for_a_lone_request() {
+        let file = std::fs::File::from(
+            nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap(),
+        );
+        file.set_len(64).unwrap();
+        let segment = crate::worker::client_shm::ClientSegment::map(file).unwrap();
+        let target = crate::worker::client_shm::OutputTarget {
+            name: "y".into(),
+            segment,
+            offset: 0,
+            length: 8,
+        };
+        let (mut a, _ra) = req(&[1.0, 2.0], 2, None);
+        a.targets = vec![target];
+        let alone = build_work(std::slice::from_ref(&a), true);
+        assert_eq!(alone.targets.len(), 1);
+        let (b, _rb) = req(&[3.0, 4.0], 2, None);
+        let together = build_work(&[a, b], true);
+        assert!(
+            together.targets.is_empty(),
+            "a batch's outputs are split, then copied"
+        );
     }
 
     #[test]

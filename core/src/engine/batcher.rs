@@ -31,6 +31,9 @@ pub const PIPELINE_DEPTH: usize = 2;
 /// changes first (its crash is usually being reported at that moment).
 const SUSPECT_FOR: Duration = Duration::from_millis(50);
 
+// Nearly every command is an `Enqueue`: boxing it would add an allocation per request to save
+// moving a couple of hundred bytes through the channel.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     Enqueue(Pending),
     /// Answer once the queue is empty and no batch is running.

@@ -221,6 +221,7 @@ impl Engine {
                 trace: req.trace,
                 span: tracing::Span::current(),
             },
+            targets: req.output_targets,
         };
         entry
             .commands

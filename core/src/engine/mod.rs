@@ -21,6 +21,7 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use crate::worker::client_shm::OutputTarget;
 pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
@@ -47,6 +48,10 @@ pub struct InferRequest {
     /// The trace this request belongs to (from `traceparent`, or fresh); handed to the
     /// worker so the plugin's log lines name it. `None`: no trace (e.g. `unimodel predict`).
     pub trace: Option<crate::telemetry::TraceId>,
+    /// Outputs the client wants written into its shared memory. When the request runs in a
+    /// batch of its own, the worker writes them there directly (no copy through the core);
+    /// otherwise they come back as usual and the `api` layer copies them in.
+    pub output_targets: Vec<OutputTarget>,
 }
 
 /// The answer to an `InferRequest`.

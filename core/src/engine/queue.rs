@@ -64,6 +64,8 @@ pub struct Pending {
     /// A streaming request's responses go here before its final `reply` (`engine::stream`).
     pub chunks: Option<super::stream::ChunkSink>,
     pub origin: Origin,
+    /// Where the client wants outputs written (`InferRequest::output_targets`).
+    pub targets: Vec<crate::worker::client_shm::OutputTarget>,
 }
 
 impl Pending {
@@ -241,6 +243,7 @@ mod tests {
             permit: None,
             chunks: None,
             origin: Origin::default(),
+            targets: Vec::new(),
         };
         (p, rx)
     }

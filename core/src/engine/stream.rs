@@ -96,6 +96,8 @@ impl Engine {
             reply: reply_tx,
             permit: Some(permit),
             chunks: Some(chunks_tx),
+            // A stream's responses come back in its events, never written into client memory.
+            targets: Vec::new(),
             origin: Origin {
                 id: req.id.clone(),
                 trace: req.trace,

@@ -156,6 +156,7 @@ fn request(values: &[f32]) -> InferRequest {
         outputs: None,
         timeout: None,
         trace: None,
+        output_targets: Vec::new(),
     }
 }
 

@@ -1,11 +1,14 @@
 //! Moving one batch across the process boundary: staging a `Work`'s inputs into the input
 //! arena (or dedicated memfds) as tensor references, and copying a result's outputs back out
 //! into owned tensors. Pure data movement; the supervisor (`instance.rs`) decides when.
+//! Client shared memory (`client_shm`) is the exception to copying: inputs in it travel as
+//! descriptors, and outputs the worker wrote into it come back as views of it.
 
 use super::arena::{AllocError, Block, Ring, layout};
-use super::protocol::{Region, TensorRef};
+use super::client_shm::{self, OutputTarget};
+use super::protocol::{Region, Target, TensorRef};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion};
-use super::types::Work;
+use super::types::{Work, WorkInput};
 use crate::engine::tensor::{DataType, Tensor, element_count};
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -25,11 +28,14 @@ impl InputArena {
 /// A batch's inputs, ready to name in an `execute`.
 pub struct Staged {
     pub refs: Vec<TensorRef>,
-    /// The arena block holding them (freed when the execute is answered); `None` when the
-    /// batch went through dedicated regions.
+    /// The arena block holding them (freed when the execute is answered); `None` when no
+    /// input went through the arena.
     pub block: Option<Block>,
-    /// Dedicated regions to send with the frame (closed by us once sent).
+    /// Descriptors to send with the frame (dedicated regions, client segments; closed by us
+    /// once sent).
     pub fds: Vec<OwnedFd>,
+    /// Where the worker should write outputs into client memory (`execute.targets`).
+    pub targets: Vec<Target>,
 }
 
 /// Why a batch could not be staged now.
@@ -44,89 +50,157 @@ pub enum StageError {
     Overflow,
 }
 
-/// Copies the work's inputs into one arena block (each tensor 64-byte aligned, its parts
-/// concatenated in order). A batch larger than the whole arena gets one memfd per tensor.
+/// Places the work's inputs for the worker. An input that is one view of a client's segment
+/// (`client_shm::locate`) goes as that segment's descriptor and offset: no copy. The others
+/// are copied into one arena block (each tensor 64-byte aligned, its parts concatenated in
+/// order), or, when they are larger than the whole arena, into one memfd per tensor.
 pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> {
-    let lengths: Vec<usize> = work
+    let mut fds = Vec::new();
+    let mut refs = work
         .inputs
         .iter()
-        .map(|i| i.parts.iter().map(|p| p.len()).sum())
+        .map(|i| client_input(i, &mut fds))
+        .collect::<Result<Vec<_>, _>>()?;
+    let copied: Vec<(usize, usize)> = work
+        .inputs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| refs[*i].is_none())
+        .map(|(i, input)| (i, input.parts.iter().map(|p| p.len()).sum()))
         .collect();
-    let (offsets, total) = layout(lengths.iter().copied()).ok_or(StageError::Overflow)?;
-    if !arena.ring.fits(total) {
-        return stage_dedicated(work, &lengths);
-    }
-    let block = match arena.ring.alloc(total) {
-        Ok(b) => b,
-        Err(AllocError::Full { .. }) => return Err(StageError::Full),
-        Err(AllocError::TooLarge { .. }) => return stage_dedicated(work, &lengths),
-    };
-    let mut refs = Vec::with_capacity(work.inputs.len());
-    for ((input, &rel), &len) in work.inputs.iter().zip(&offsets).zip(&lengths) {
-        let offset = block.offset + rel;
-        if let Err(e) = arena.region.write_parts(offset, &input.parts) {
-            // Give the block back: it is the newest, so undoing it keeps the ring in order.
-            arena.ring.free_newest();
-            return Err(e.into());
+    let mut block = None;
+    if !copied.is_empty() {
+        let (offsets, total) =
+            layout(copied.iter().map(|&(_, len)| len)).ok_or(StageError::Overflow)?;
+        let fits = arena.ring.fits(total);
+        let allocated = match fits.then(|| arena.ring.alloc(total)) {
+            Some(Ok(b)) => Some(b),
+            Some(Err(AllocError::Full { .. })) => return Err(StageError::Full),
+            Some(Err(AllocError::TooLarge { .. })) | None => None,
+        };
+        match allocated {
+            Some(b) => {
+                for (&(i, len), &rel) in copied.iter().zip(&offsets) {
+                    let offset = b.offset + rel;
+                    let input = &work.inputs[i];
+                    if let Err(e) = arena.region.write_parts(offset, &input.parts) {
+                        // Give the block back: it is the newest, so undoing it keeps the ring
+                        // in order.
+                        arena.ring.free_newest();
+                        return Err(e.into());
+                    }
+                    refs[i] = Some(input_ref(input, Region::Input, offset, len));
+                }
+                block = Some(b);
+            }
+            None => {
+                for &(i, len) in &copied {
+                    refs[i] = Some(dedicated_input(&work.inputs[i], len, &mut fds)?);
+                }
+            }
         }
-        refs.push(TensorRef::located(
-            &input.name,
-            input.datatype.as_str(),
-            &input.shape,
-            Region::Input,
-            offset as u64,
-            len as u64,
-        ));
     }
+    let targets = work
+        .targets
+        .iter()
+        .map(|t| {
+            let fd = t
+                .segment
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|source| ShmError::Map {
+                    len: t.length,
+                    source,
+                })?;
+            fds.push(fd);
+            Ok(Target {
+                name: t.name.clone(),
+                fd: (fds.len() - 1) as u32,
+                offset: t.offset as u64,
+                length: t.length as u64,
+            })
+        })
+        .collect::<Result<Vec<_>, StageError>>()?;
     Ok(Staged {
-        refs,
-        block: Some(block),
-        fds: Vec::new(),
+        refs: refs.into_iter().flatten().collect(),
+        block,
+        fds,
+        targets,
     })
 }
 
-fn stage_dedicated(work: &Work, lengths: &[usize]) -> Result<Staged, StageError> {
-    let mut refs = Vec::with_capacity(work.inputs.len());
-    let mut fds = Vec::with_capacity(work.inputs.len());
-    for (input, &len) in work.inputs.iter().zip(lengths) {
-        let mut region = WritableRegion::create(c"unimodel-tensor", len)?;
-        region.write_parts(0, &input.parts)?;
-        let mut r = TensorRef::located(
-            &input.name,
-            input.datatype.as_str(),
-            &input.shape,
-            Region::Fd,
-            0,
-            len as u64,
-        );
-        r.fd = Some(fds.len() as u32);
-        fds.push(
-            region
-                .try_clone_fd()
-                .map_err(|source| ShmError::Map { len, source })?,
-        );
-        refs.push(r);
-    }
-    Ok(Staged {
-        refs,
-        block: None,
-        fds,
-    })
+fn input_ref(input: &WorkInput, region: Region, offset: usize, len: usize) -> TensorRef {
+    TensorRef::located(
+        &input.name,
+        input.datatype.as_str(),
+        &input.shape,
+        region,
+        offset as u64,
+        len as u64,
+    )
+}
+
+/// The input as a client segment's descriptor and offset, if it is one view of one.
+fn client_input(
+    input: &WorkInput,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Option<TensorRef>, StageError> {
+    let [part] = input.parts.as_slice() else {
+        return Ok(None);
+    };
+    let Some((segment, offset)) = client_shm::locate(part) else {
+        return Ok(None);
+    };
+    let fd = segment
+        .read_only_fd()
+        .try_clone_to_owned()
+        .map_err(|source| ShmError::Map {
+            len: part.len(),
+            source,
+        })?;
+    fds.push(fd);
+    let mut r = input_ref(input, Region::Client, offset, part.len());
+    r.fd = Some((fds.len() - 1) as u32);
+    Ok(Some(r))
+}
+
+fn dedicated_input(
+    input: &WorkInput,
+    len: usize,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<TensorRef, StageError> {
+    let mut region = WritableRegion::create(c"unimodel-tensor", len)?;
+    region.write_parts(0, &input.parts)?;
+    fds.push(
+        region
+            .try_clone_fd()
+            .map_err(|source| ShmError::Map { len, source })?,
+    );
+    let mut r = input_ref(input, Region::Fd, 0, len);
+    r.fd = Some((fds.len() - 1) as u32);
+    Ok(r)
 }
 
 /// Copies every output out of shared memory into owned tensors. Errors are protocol errors
 /// (the worker named something it could not have written).
+/// Outputs the worker wrote into client memory (region `client`) are views of it, not copies.
 pub fn collect(
     refs: Vec<TensorRef>,
     fds: &[OwnedFd],
     output: &ReadOnlyRegion,
+    targets: &[OutputTarget],
 ) -> Result<Vec<Tensor>, String> {
     refs.into_iter()
-        .map(|r| collect_one(r, fds, output))
+        .map(|r| collect_one(r, fds, output, targets))
         .collect()
 }
 
-fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result<Tensor, String> {
+fn collect_one(
+    r: TensorRef,
+    fds: &[OwnedFd],
+    output: &ReadOnlyRegion,
+    targets: &[OutputTarget],
+) -> Result<Tensor, String> {
     let datatype = DataType::parse(&r.datatype)
         .ok_or_else(|| format!("output '{}' has unknown datatype '{}'", r.name, r.datatype))?;
     if let Some(size) = datatype.size() {
@@ -173,6 +247,7 @@ fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result
             }
             bytes::Bytes::from(data)
         }
+        Region::Client => client_output(&r, targets)?,
         Region::Input => return Err(format!("output '{}' points into the input arena", r.name)),
     };
     Ok(Tensor {
@@ -181,6 +256,26 @@ fn collect_one(r: TensorRef, fds: &[OwnedFd], output: &ReadOnlyRegion) -> Result
         shape: r.shape,
         data,
     })
+}
+
+/// An output the worker wrote into its target: a view of the client's memory there.
+fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<bytes::Bytes, String> {
+    let target = targets.iter().find(|t| t.name == r.name).ok_or_else(|| {
+        format!(
+            "output '{}' is in region client, but no target names it",
+            r.name
+        )
+    })?;
+    if r.offset != target.offset as u64 || r.length > target.length as u64 {
+        return Err(format!(
+            "output '{}' claims [{}, {}+{}) of its target, which is [{}, {}+{})",
+            r.name, r.offset, r.offset, r.length, target.offset, target.offset, target.length
+        ));
+    }
+    target
+        .segment
+        .view(target.offset, r.length as usize)
+        .ok_or_else(|| format!("output '{}' lies outside its client segment", r.name))
 }
 
 #[cfg(test)]
@@ -208,6 +303,7 @@ mod tests {
                 },
             ],
             outputs: None,
+            targets: Vec::new(),
         }
     }
 
@@ -262,7 +358,7 @@ mod tests {
             fd_ref,
             TensorRef::inline("b", "BOOL", &[1], vec![1]),
         ];
-        let t = collect(refs, &fds, &view).unwrap();
+        let t = collect(refs, &fds, &view, &[]).unwrap();
         assert_eq!(t[0].data.as_ref(), &[1, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(t[0].datatype, DataType::Int32);
         assert_eq!(t[1].data.as_ref(), b"xyz");
@@ -277,7 +373,7 @@ mod tests {
             8,
         )];
         assert!(
-            collect(bad_size, &fds, &view)
+            collect(bad_size, &fds, &view, &[])
                 .unwrap_err()
                 .contains("needs")
         );
@@ -289,13 +385,13 @@ mod tests {
             250,
             8,
         )];
-        assert!(collect(oob, &fds, &view).is_err());
+        assert!(collect(oob, &fds, &view, &[]).is_err());
         let bad_fd = vec![TensorRef {
             fd: Some(5),
             ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3)
         }];
         assert!(
-            collect(bad_fd, &fds, &view)
+            collect(bad_fd, &fds, &view, &[])
                 .unwrap_err()
                 .contains("carries 1")
         );
@@ -309,16 +405,97 @@ mod tests {
             fd: Some(0),
             ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3)
         }];
-        let err = collect(unsealed_ref, &unsealed_fds, &view).unwrap_err();
+        let err = collect(unsealed_ref, &unsealed_fds, &view, &[]).unwrap_err();
         assert!(
             err.contains("output 'f'") && err.contains("F_SEAL_SHRINK"),
             "{err}"
         );
         let bad_type = vec![TensorRef::located("a", "FLOAT", &[1], Region::Output, 0, 4)];
         assert!(
-            collect(bad_type, &fds, &view)
+            collect(bad_type, &fds, &view, &[])
                 .unwrap_err()
                 .contains("unknown datatype")
+        );
+    }
+
+    fn client_segment(len: usize) -> std::sync::Arc<client_shm::ClientSegment> {
+        let file = std::fs::File::from(
+            nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap(),
+        );
+        file.set_len(len as u64).unwrap();
+        client_shm::ClientSegment::map(file).unwrap()
+    }
+
+    #[test]
+    fn client_views_go_as_descriptors_and_targets_follow_them() {
+        let segment = client_segment(8192);
+        assert!(segment.write(4096, b"abcd"));
+        let mut w = work(&[b"xyz"]);
+        w.inputs[0].parts = vec![segment.view(4096, 4).unwrap()];
+        w.inputs[0].shape = vec![4];
+        w.targets = vec![OutputTarget {
+            name: "out".into(),
+            segment: segment.clone(),
+            offset: 64,
+            length: 16,
+        }];
+        let mut arena = InputArena::new(WritableRegion::create(c"t", 4096).unwrap());
+        let staged = stage(&w, &mut arena).unwrap();
+        let x = &staged.refs[0];
+        assert_eq!(
+            (x.region, x.offset, x.length, x.fd),
+            (Region::Client, 4096, 4, Some(0))
+        );
+        // The other input still goes through the arena.
+        assert_eq!(staged.refs[1].region, Region::Input);
+        assert!(staged.block.is_some());
+        assert_eq!(
+            staged.targets,
+            vec![Target {
+                name: "out".into(),
+                fd: 1,
+                offset: 64,
+                length: 16
+            }]
+        );
+        assert_eq!(staged.fds.len(), 2);
+
+        // The worker wrote 8 bytes into the target: the core gets a view, not a copy.
+        assert!(segment.write(64, b"written!"));
+        let view = ReadOnlyRegion::map(arena.region.fd(), None).unwrap();
+        let out = vec![TensorRef::located(
+            "out",
+            "UINT8",
+            &[8],
+            Region::Client,
+            64,
+            8,
+        )];
+        let t = collect(out, &[], &view, &w.targets).unwrap();
+        assert_eq!(t[0].data.as_ref(), b"written!");
+        assert_eq!(client_shm::locate(&t[0].data).unwrap().1, 64);
+        let too_long = vec![TensorRef::located(
+            "out",
+            "UINT8",
+            &[17],
+            Region::Client,
+            64,
+            17,
+        )];
+        assert!(collect(too_long, &[], &view, &w.targets).is_err());
+        let untargeted = vec![TensorRef::located(
+            "z",
+            "UINT8",
+            &[1],
+            Region::Client,
+            64,
+            1,
+        )];
+        assert!(
+            collect(untargeted, &[], &view, &w.targets)
+                .unwrap_err()
+                .contains("no target")
         );
     }
 }

@@ -147,6 +147,7 @@ fn work() -> Work {
             parts: vec![Bytes::from_static(b"abc")],
         }],
         outputs: None,
+        targets: Vec::new(),
     }
 }
 
@@ -239,6 +240,7 @@ async fn batch_needing_too_many_descriptors_fails_alone() {
             .collect(),
         outputs: None,
         trace: Vec::new(),
+        targets: Vec::new(),
     };
     let err = tokio::time::timeout(Duration::from_secs(5), h.execute(many))
         .await
@@ -267,6 +269,7 @@ fn sized_work(bytes: usize) -> Work {
         }],
         outputs: None,
         trace: Vec::new(),
+        targets: Vec::new(),
     }
 }
 

@@ -310,6 +310,8 @@ struct InFlight {
     /// Chunks handed over whose receipt has not come back: the worker is (or soon will be)
     /// waiting for their `release`, so the execution timeout is paused meanwhile.
     owed: u32,
+    /// Client memory it may have written outputs into (`result` region `client`).
+    targets: Vec<super::client_shm::OutputTarget>,
 }
 
 struct Heartbeat {
@@ -689,7 +691,12 @@ impl Actor {
         };
         let Some(session) = &self.session else { return };
         let copied = match done.reply.as_ref().is_some_and(|r| !r.is_closed()) {
-            true => Some(batch::collect(outputs, &fds, &session.output)),
+            true => Some(batch::collect(
+                outputs,
+                &fds,
+                &session.output,
+                &done.targets,
+            )),
             false => None,
         };
         drop(fds);
@@ -771,7 +778,7 @@ impl Actor {
             }
             return;
         };
-        match batch::collect(outputs, &fds, &session.output) {
+        match batch::collect(outputs, &fds, &session.output, &[]) {
             Ok(tensors) => {
                 drop(fds);
                 let receipt = in_arena.then(|| {
@@ -933,6 +940,7 @@ impl Actor {
                 inputs: staged.refs,
                 outputs: job.work.outputs,
                 trace: job.work.trace.iter().map(|t| t.to_string()).collect(),
+                targets: staged.targets,
             };
             let started = self.inflight.is_empty().then(Instant::now);
             self.inflight.push_back(InFlight {
@@ -943,6 +951,7 @@ impl Actor {
                 started,
                 cancel_sent: false,
                 owed: 0,
+                targets: job.work.targets,
             });
             // A ping in flight is answered before this execute; the execute timeout covers
             // the worker from here on.

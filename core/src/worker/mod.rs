@@ -9,12 +9,14 @@
 //! - `codec`: length-prefixed frames with descriptor passing on the control socket.
 //! - `arena`: the ring allocator behind both shared-memory arenas.
 //! - `shm`: memfd creation and mappings.
+//! - `client_shm`: clients' shared-memory segments, passed to workers without copies.
 //! - `process`: spawning one worker process (fds, process group, environment, logs).
 //! - `python`: finding an interpreter, unpacking the embedded SDK, bootstrapping a venv.
 //! - `inspect`: asking a plugin what models it declares.
 
 pub mod arena;
 mod batch;
+pub mod client_shm;
 pub mod codec;
 mod inspect;
 mod instance;

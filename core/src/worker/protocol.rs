@@ -25,6 +25,20 @@ pub enum Region {
     Fd,
     /// The bytes are in the message itself (`data`); small values only.
     Inline,
+    /// A client's shared-memory segment. In `execute` inputs: the segment's descriptor
+    /// (`fd`) and the tensor's `offset` in it. In `result` outputs: written into the
+    /// execute's target for that output (`offset`, `length` within the segment).
+    Client,
+}
+
+/// Where the worker should write one output (`execute.targets`): `length` bytes of the
+/// client segment carried as descriptor `fd`, from `offset`. Used only when the output fits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub fd: u32,
+    pub offset: u64,
+    pub length: u64,
 }
 
 /// A tensor inside a message: its name, type and shape, and where its bytes are.
@@ -127,6 +141,9 @@ pub enum CoreMessage {
         /// repeats; absent when none. The worker tags the plugin's log lines with them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         trace: Vec<String>,
+        /// Outputs to write straight into client memory; absent when none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<Target>,
     },
     Release {
         id: u64,

@@ -223,6 +223,7 @@ fn tool_work(x: f32) -> Work {
             parts: vec![f32s(&[x, 1.5])],
         }],
         outputs: None,
+        targets: Vec::new(),
     }
 }
 
@@ -267,6 +268,7 @@ async fn handshake_and_batched_execute() {
             parts: vec![f32s(&[1.0, 2.0, 3.0, 4.0]), f32s(&[5.0, 6.0])],
         }],
         outputs: None,
+        targets: Vec::new(),
     };
     let out = h.execute(work).await.unwrap();
     let y = output(&out, "y");
@@ -300,6 +302,7 @@ async fn pipelined_executes_answer_in_order_and_many_reuse_the_arena() {
                 parts: vec![f32s(&a)],
             }],
             outputs: None,
+            targets: Vec::new(),
         };
         let wb = Work {
             batch_size: 1,
@@ -311,6 +314,7 @@ async fn pipelined_executes_answer_in_order_and_many_reuse_the_arena() {
                 parts: vec![f32s(&b)],
             }],
             outputs: Some(vec!["y".into()]),
+            targets: Vec::new(),
         };
         let (ra, rb) = tokio::join!(h.execute(wa), h.execute(wb));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -342,6 +346,7 @@ async fn bytes_tensors_round_trip() {
             parts: vec![Bytes::from(data.clone())],
         }],
         outputs: None,
+        targets: Vec::new(),
     };
     let out = h.execute(work).await.unwrap();
     let t = output(&out, "text");
@@ -568,6 +573,7 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
             parts: vec![f32s(&x)],
         }],
         outputs: None,
+        targets: Vec::new(),
     };
     let out = h.execute(work).await.unwrap();
     let y = to_f32s(&output(&out, "y").data);
@@ -584,6 +590,7 @@ async fn tensors_larger_than_the_arenas_travel_as_fds() {
             parts: vec![f32s(&[1.0, 2.0])],
         }],
         outputs: None,
+        targets: Vec::new(),
     };
     assert_eq!(
         to_f32s(&output(&h.execute(small).await.unwrap(), "y").data),

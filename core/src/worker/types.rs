@@ -115,6 +115,8 @@ pub struct Work {
     pub inputs: Vec<WorkInput>,
     /// Outputs to return; `None` means all.
     pub outputs: Option<Vec<String>>,
+    /// Client memory the worker should write these outputs into directly, when they fit.
+    pub targets: Vec<super::client_shm::OutputTarget>,
 }
 
 /// What the plugin returned for a batch. Each tensor's data is an owned copy (the arena
