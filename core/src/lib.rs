@@ -12,5 +12,6 @@
 pub mod api;
 pub mod cli;
 pub mod engine;
+pub mod repository;
 pub mod telemetry;
 pub mod worker;

@@ -18,6 +18,8 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Engine(e) => engine_outcome(e),
+            // Not an inference: never recorded per request, labelled for completeness.
+            ApiError::Repository(_) => "repository_error",
         }
     }
 }

@@ -13,6 +13,7 @@ mod handle;
 mod lifecycle;
 pub mod model;
 mod queue;
+mod registry;
 mod stats;
 pub mod tensor;
 pub mod validate;
@@ -24,6 +25,7 @@ pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
 pub use model::{ModelConfig, ModelState};
+pub use registry::parse_version;
 pub use tensor::{DataType, Tensor, TensorSpec};
 
 use std::sync::Arc;
