@@ -205,6 +205,8 @@ def test_load_errors_are_clear_and_the_server_keeps_serving(explicit_server):
     assert "doubler" in str(err.value)
     unknown = explicit_server.post("/v2/repository/models/nope/load")
     assert unknown.status_code == 404
+    # A failed load of an unknown name leaves no trace in the index.
+    assert all(r["name"] != "nope" for r in client.get_model_repository_index())
 
     bad = explicit_server.post("/v2/repository/models/badcfg/load")
     assert bad.status_code == 400, bad.text
@@ -307,6 +309,11 @@ def test_reload_rereads_the_files(start_server, tmp_path):
         client.load_model("doubler")
     assert "instances" in str(err.value), err.value
     assert triton_infer(client, "doubler", [1.0]).tolist() == [[4.0]]
+    # The model still serves, so the server stays ready; the index says what went wrong.
+    assert client.is_server_ready()
+    rows = rows_of(client)
+    assert rows[("doubler", "1")]["state"] == "READY"
+    assert "instances" in rows[("doubler", "")]["reason"], rows
 
 
 def test_serve_config_file_lists_models_with_overrides(start_server, tmp_path):

@@ -57,7 +57,13 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         "serving a model repository ({} model(s) found)",
         names.len()
     );
-    let repository = Repository::start(source, Arc::new(loader), engine.clone(), mode);
+    let repository = Repository::start(
+        source,
+        Arc::new(loader),
+        engine.clone(),
+        mode,
+        !at_start.is_empty(),
+    );
     let backend = Arc::new(ModelServer {
         engine: engine.clone(),
         repository: repository.clone(),

@@ -5,7 +5,7 @@
 use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::validate::Limits;
 use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
-use crate::repository::{Loader, ModelSpec, VersionSpec};
+use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
 use crate::worker::types::{InstanceConfig, ModelDecl, PythonEnv, RestartPolicy, Timeouts};
@@ -253,7 +253,7 @@ impl Loader for PluginLoader {
         &self,
         spec: &ModelSpec,
         version: &VersionSpec,
-    ) -> BoxFuture<'static, Result<(ModelConfig, Vec<Arc<dyn Executor>>), String>> {
+    ) -> BoxFuture<'static, Result<Built, String>> {
         let python = self.python.clone();
         let worker = self.worker.clone();
         let settings = self.settings.clone();

@@ -35,6 +35,9 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
+/// A version ready to hand to the engine: its config and its started instances.
+pub type Built = (ModelConfig, Vec<Arc<dyn Executor>>);
+
 /// Builds what the engine serves for one version: inspects the plugin and spawns its
 /// workers. Implemented by the CLI (which knows the Python and worker settings).
 pub trait Loader: Send + Sync + 'static {
@@ -43,7 +46,7 @@ pub trait Loader: Send + Sync + 'static {
         &self,
         spec: &ModelSpec,
         version: &VersionSpec,
-    ) -> BoxFuture<'static, Result<(ModelConfig, Vec<Arc<dyn Executor>>), String>>;
+    ) -> BoxFuture<'static, Result<Built, String>>;
 }
 
 type Reply = oneshot::Sender<Result<(), RepositoryError>>;
@@ -107,14 +110,16 @@ struct Shared {
 
 impl Repository {
     /// Starts the actor over `source`; no model is loaded yet (see `load_at_start`).
+    /// `loads_coming`: start-up loads follow, so the server is not ready before they begin.
     pub fn start(
         source: Source,
         loader: Arc<dyn Loader>,
         engine: Engine,
         mode: ControlMode,
+        loads_coming: bool,
     ) -> Repository {
         let (tx, rx) = mpsc::channel(64);
-        let (settled_tx, settled) = watch::channel(true);
+        let (settled_tx, settled) = watch::channel(!loads_coming);
         let actor = Actor {
             shared: Shared {
                 source: Arc::new(source),
@@ -219,6 +224,7 @@ impl Actor {
                     }
                     let _ = reply.send(result);
                     self.next(&name);
+                    self.forget_if_empty(&name);
                 }
             }
             self.publish_settled();
@@ -257,10 +263,32 @@ impl Actor {
         });
     }
 
+    /// A record with nothing to say (e.g. after a load of an unknown name) is dropped, so
+    /// the index lists only real models.
+    fn forget_if_empty(&mut self, name: &str) {
+        if self
+            .records
+            .get(name)
+            .is_some_and(|r| r.running.is_none() && r.waiting.is_empty() && r.notes.is_empty())
+        {
+            self.records.remove(name);
+        }
+    }
+
+    /// Settled: no load running, and every failure is covered by a version still served
+    /// (a failed reload leaves the old version serving; that is not a readiness problem).
     fn publish_settled(&self) {
-        let settled = self.records.values().all(|r| {
+        let served = self.shared.engine.models();
+        let covered = |name: &str, version: &str| {
+            served.iter().any(|s| {
+                s.config.name == name && (version.is_empty() || s.config.version == version)
+            })
+        };
+        let settled = self.records.iter().all(|(name, r)| {
             r.running != Some(OpKind::Load)
-                && !r.notes.values().any(|n| matches!(n, Note::Failed(_)))
+                && r.notes
+                    .iter()
+                    .all(|(v, n)| !matches!(n, Note::Failed(_)) || covered(name, v))
         });
         self.settled.send_if_modified(|cur| {
             let changed = *cur != settled;

@@ -15,7 +15,7 @@ mod error;
 pub mod policy;
 pub mod scan;
 
-pub use actor::{ControlMode, IndexEntry, Loader, Repository};
+pub use actor::{Built, ControlMode, IndexEntry, Loader, Repository};
 pub use error::RepositoryError;
 pub use scan::{Listed, ModelSpec, Source, VersionSpec};
 
