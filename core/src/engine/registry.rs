@@ -122,13 +122,16 @@ pub fn parse_version(v: &str) -> Option<u64> {
     v.parse().ok()
 }
 
-/// The version a request without one gets: the highest that is not being unloaded, else
+/// The version a request without one gets: the highest READY one (a version still loading
+/// does not take traffic from one that serves), else the highest not being unloaded, else
 /// the highest.
 fn default_version(versions: &Versions) -> Option<&Arc<ModelEntry>> {
+    let serving = |e: &&Arc<ModelEntry>| !e.is_unloading() && e.state.borrow().is_ready();
     versions
         .values()
         .rev()
-        .find(|e| !e.is_unloading())
+        .find(serving)
+        .or_else(|| versions.values().rev().find(|e| !e.is_unloading()))
         .or_else(|| versions.values().next_back())
 }
 

@@ -578,3 +578,40 @@ async fn a_reload_swaps_in_new_instances_only_once_they_are_ready() {
     assert_eq!(new.batch_sizes().len(), 1);
     assert_eq!(*old.state.borrow(), InstanceState::Stopped);
 }
+
+#[tokio::test]
+async fn a_version_still_loading_does_not_take_the_default_traffic() {
+    let engine = start(versioned("1"), &[FakeExec::new(0)]);
+    ready(&engine).await;
+    let (starting, _) = watch::channel(InstanceState::Starting);
+    let v2 = Arc::new(FakeExec {
+        state: starting,
+        delay: Duration::ZERO,
+        fail: None,
+        batches: Mutex::new(Vec::new()),
+    });
+    let loading = {
+        let engine = engine.clone();
+        let v2 = v2.clone() as Arc<dyn Executor>;
+        tokio::spawn(async move { engine.load(versioned("2"), vec![v2]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        engine.model("m", Some("2")).unwrap().state,
+        ModelState::Loading
+    );
+    assert!(
+        !engine.ready(),
+        "a loading version makes the server not ready"
+    );
+    assert_eq!(
+        engine.infer(request(&[1.0])).await.unwrap().model_version,
+        "1"
+    );
+    v2.state.send_replace(InstanceState::Ready);
+    assert_eq!(loading.await.unwrap().unwrap(), ModelState::Ready);
+    assert_eq!(
+        engine.infer(request(&[1.0])).await.unwrap().model_version,
+        "2"
+    );
+}
