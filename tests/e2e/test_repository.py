@@ -288,6 +288,28 @@ def test_unload_answers_every_request_in_flight(explicit_server):
     assert triton_infer(client, "doubler", [1.0]).tolist() == [[3.0]]
 
 
+def test_operations_on_one_model_run_in_arrival_order(explicit_server):
+    client = client_of(explicit_server)
+    done: dict[str, float] = {}
+
+    def load() -> None:
+        client_of(explicit_server).load_model("slow")
+        done["load"] = time.monotonic()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    # The load is spawning a worker (well over this) when the unload arrives: it waits.
+    time.sleep(0.2)
+    client.unload_model("slow")
+    done["unload"] = time.monotonic()
+    loader.join(timeout=120)
+    assert "load" in done, "the load did not answer"
+    assert done["load"] <= done["unload"], done
+    row = rows_of(client)[("slow", "1")]
+    assert row["state"] == "UNAVAILABLE" and row["reason"] == "unloaded", row
+    assert client.is_server_ready()
+
+
 def test_reload_rereads_the_files(start_server, tmp_path):
     repo = build_repository(tmp_path)
     server = start_server.serve(
