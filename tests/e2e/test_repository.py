@@ -146,6 +146,8 @@ def test_config_toml_overrides_and_versions(none_server):
     assert triton_infer(client, "versioned", [5.0], version="1").tolist() == [[5.0]]
     assert triton_infer(client, "versioned", [5.0], version="2").tolist() == [[10.0]]
     assert client.is_model_ready("versioned", "1")
+    assert client.get_model_metadata("versioned")["versions"] == ["1", "2"]
+    assert client.get_model_metadata("versioned", "1")["versions"] == ["1"]
     missing = infer_json(none_server, "versioned", [Inp("x", "FP32", [[1.0]])], version="7")
     assert missing.status_code == 404 and "version '7'" in error_of(missing)
 

@@ -169,7 +169,17 @@ async fn model_metadata<B: Backend>(
 ) -> Result<Response, ApiError> {
     let Path(p) = path?;
     let status = s.backend.model(&p.model, p.version.as_deref())?;
-    Ok(Json(ModelMetadata::new(&status)).into_response())
+    let all = s.backend.models();
+    let mut meta = ModelMetadata::new(&status);
+    if p.version.is_none() {
+        // Triton lists every version of the model here.
+        meta.versions = all
+            .iter()
+            .filter(|m| m.config.name == status.config.name)
+            .map(|m| m.config.version.as_str())
+            .collect();
+    }
+    Ok(Json(meta).into_response())
 }
 
 /// `GET /v2/models/{m}[/versions/{v}]/ready`: 200 (empty) ready, 503 not ready, 404 unknown.
