@@ -2,17 +2,19 @@
 //!
 //! - `api`: HTTP front end (KServe V2 REST, binary tensor extension), error → status mapping.
 //! - `engine`: model registry, bounded queues, dynamic batcher, instance scheduling.
+//! - `repository`: many models: a model repository directory, versions, load and unload.
 //! - `worker`: supervised Python worker processes, shared-memory arenas, control channel.
 //! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export, and the
 //!   Prometheus metrics behind `/metrics`.
 //! - `regions`: clients' system shared-memory regions (register, status, unregister).
-//! - `cli`: the `unimodel` commands (`run`, `predict`).
+//! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`).
 //!
-//! Dependencies point one way: `api -> engine -> worker`.
+//! Dependencies point one way: `api -> repository -> engine -> worker`.
 
 pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod regions;
+pub mod repository;
 pub mod telemetry;
 pub mod worker;

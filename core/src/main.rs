@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => unimodel::cli::run(args).await,
+            Command::Serve(args) => unimodel::cli::serve(args).await,
             Command::Predict(args) => unimodel::cli::predict(args).await,
         }
     });

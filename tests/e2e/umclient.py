@@ -217,8 +217,20 @@ class ServerFactory:
         wait: "ready" (GET /v2/health/ready is 200), (model, state) (GET /v2/models/{model}
         reports that state), or None (return as soon as the process is started).
         """
+        return self._start(["run", plugin_path], flags, wait, env)
+
+    def serve(
+        self,
+        *flags: str,
+        wait: str | tuple[str, str] | None = "ready",
+        env: dict[str, str] | None = None,
+    ) -> Server:
+        """Runs `unimodel serve --port P --python PY *flags` (many models); `wait` as above."""
+        return self._start(["serve"], flags, wait, env)
+
+    def _start(self, head: list[str], flags, wait, env) -> Server:
         for attempt in range(3):
-            server = self._spawn(plugin_path, flags, env, attempt)
+            server = self._spawn(head, flags, env, attempt)
             try:
                 if wait == "ready":
                     server.wait_ready()
@@ -232,15 +244,14 @@ class ServerFactory:
                 raise
         raise AssertionError("unreachable")
 
-    def _spawn(self, plugin_path: str, flags, env, attempt: int) -> Server:
+    def _spawn(self, head: list[str], flags, env, attempt: int) -> Server:
         port = free_port()
         log_path = self.log_dir / f"server-{len(self.servers)}-{attempt}.log"
         # Closed by Server.stop, not here: the server writes to it for its whole life.
         log_file = open(log_path, "w+b")  # noqa: SIM115
         cmd = [
             str(unimodel_bin()),
-            "run",
-            plugin_path,
+            *head,
             "--host",
             "127.0.0.1",
             "--port",

@@ -2,10 +2,14 @@
 //!
 //! The methods mirror `engine::Engine` one for one, so the production implementation is
 //! plain delegation; tests drive the router with a fake backend instead of real workers.
+//! The repository methods are protocol-neutral, for REST (`/v2/repository/*`) and gRPC
+//! (`RepositoryIndex`, `RepositoryModelLoad`, `RepositoryModelUnload`) alike; `Engine`
+//! (`unimodel run`) has no repository, `repository::ModelServer` (`unimodel serve`) has.
 
 use crate::engine::{
     Engine, EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus,
 };
+use crate::repository::{IndexEntry, ModelServer, RepositoryError};
 use crate::telemetry::metrics::Metrics;
 use futures::StreamExt as _;
 use std::future::Future;
@@ -52,6 +56,48 @@ pub trait Backend: Send + Sync + 'static {
     fn metrics(&self) -> Option<Arc<Metrics>> {
         None
     }
+    /// The model repository index: every model with each version's state (READY, LOADING,
+    /// UNLOADING, UNAVAILABLE, FAILED) and, when not READY, the reason; `ready_only` keeps
+    /// the READY rows. Without a repository: the models served.
+    fn repository_index(
+        &self,
+        ready_only: bool,
+    ) -> impl Future<Output = Result<Vec<IndexEntry>, RepositoryError>> + Send {
+        let rows = served_index(&self.models(), ready_only);
+        async move { Ok(rows) }
+    }
+    /// Loads model `name`, or reloads it (re-reading its files) when loaded; answers once
+    /// every selected version is READY (`Ok`) or has failed (`LoadFailed` with the reason).
+    /// Refused with `ControlDisabled` under `--model-control-mode none`.
+    fn load_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        let _ = name;
+        async { Err(RepositoryError::NoRepository) }
+    }
+    /// Unloads every version of model `name`: new requests are refused at once, queued and
+    /// running ones finish, then its workers stop. Unloading a model that is not loaded
+    /// succeeds; an unknown name is `UnknownModel`.
+    fn unload_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        let _ = name;
+        async { Err(RepositoryError::NoRepository) }
+    }
+}
+
+/// The index of what is served, for a backend without a repository.
+fn served_index(models: &[ModelStatus], ready_only: bool) -> Vec<IndexEntry> {
+    models
+        .iter()
+        .filter(|m| !ready_only || m.state.is_ready())
+        .map(|m| IndexEntry {
+            name: m.config.name.clone(),
+            version: m.config.version.clone(),
+            state: m.state.name().to_string(),
+            reason: match &m.state {
+                crate::engine::ModelState::Failed { error, .. } => error.clone(),
+                crate::engine::ModelState::Unavailable { reason } => reason.clone(),
+                _ => String::new(),
+            },
+        })
+        .collect()
 }
 
 impl Backend for Engine {
@@ -95,5 +141,58 @@ impl Backend for Engine {
 
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(Engine::metrics(self).clone())
+    }
+}
+
+impl Backend for ModelServer {
+    fn live(&self) -> bool {
+        self.engine.live()
+    }
+
+    /// Every model that should be loaded is READY (none loading, none failed), not draining.
+    fn ready(&self) -> bool {
+        self.engine.ready() && self.repository.settled()
+    }
+
+    fn models(&self) -> Vec<ModelStatus> {
+        self.engine.models()
+    }
+
+    fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
+        self.engine.model(name, version)
+    }
+
+    fn infer(
+        &self,
+        req: InferRequest,
+    ) -> impl Future<Output = Result<InferResponse, EngineError>> + Send {
+        self.engine.infer(req)
+    }
+
+    fn stats(
+        &self,
+        name: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<Vec<ModelStats>, EngineError> {
+        self.engine.stats(name, version)
+    }
+
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        Some(self.engine.metrics().clone())
+    }
+
+    fn repository_index(
+        &self,
+        ready_only: bool,
+    ) -> impl Future<Output = Result<Vec<IndexEntry>, RepositoryError>> + Send {
+        self.repository.index(ready_only)
+    }
+
+    fn load_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        self.repository.load(name)
+    }
+
+    fn unload_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        self.repository.unload(name)
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::engine::EngineError;
 use crate::regions::RegionError;
+use crate::repository::RepositoryError;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +36,8 @@ pub enum ApiError {
     /// A shared-memory region operation, or a tensor naming a region, failed.
     #[error(transparent)]
     Region(#[from] RegionError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
 }
 
 impl ApiError {
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(e) => engine_status(e),
             ApiError::Region(e) => region_status(e),
+            ApiError::Repository(e) => repository_status(e),
         }
     }
 
@@ -104,6 +108,20 @@ fn region_status(e: &RegionError) -> StatusCode {
         | RegionError::OutOfRegion { .. }
         | RegionError::BadTensor { .. }
         | RegionError::OutputTooLarge { .. } => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn repository_status(e: &RepositoryError) -> StatusCode {
+    match e {
+        RepositoryError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+        // The request cannot succeed until the files or the server's mode change.
+        RepositoryError::BadConfig { .. }
+        | RepositoryError::BadLayout { .. }
+        | RepositoryError::ControlDisabled { .. }
+        | RepositoryError::NoRepository => StatusCode::BAD_REQUEST,
+        // The plugin itself failed (import, setup): the server could not do what was asked.
+        RepositoryError::LoadFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        RepositoryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -232,6 +250,49 @@ mod tests {
                 body_of(response).await,
                 serde_json::json!({ "error": message })
             );
+        }
+    }
+
+    #[test]
+    fn repository_errors_have_their_status() {
+        let cases = [
+            (
+                RepositoryError::UnknownModel {
+                    name: "m".into(),
+                    repository: "'r'".into(),
+                    available: "a".into(),
+                },
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                RepositoryError::BadConfig {
+                    name: "m".into(),
+                    file: "m/config.toml".into(),
+                    message: "unknown field `x`".into(),
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RepositoryError::ControlDisabled {
+                    action: "load",
+                    name: "m".into(),
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RepositoryError::LoadFailed {
+                    name: "m".into(),
+                    reason: "boom".into(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                RepositoryError::ShuttingDown,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (err, status) in cases {
+            assert_eq!(ApiError::from(err).status(), status);
         }
     }
 

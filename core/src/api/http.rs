@@ -116,6 +116,16 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_stats::<B>),
         )
+        // Model repository (Triton's extension): index, load, unload.
+        .route("/v2/repository/index", post(repository_index::<B>))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(repository_load::<B>),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload::<B>),
+        )
         .route("/metrics", get(scrape_metrics::<B>))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::page))
@@ -180,7 +190,17 @@ async fn model_metadata<B: Backend>(
 ) -> Result<Response, ApiError> {
     let Path(p) = path?;
     let status = s.backend.model(&p.model, p.version.as_deref())?;
-    Ok(Json(ModelMetadata::new(&status)).into_response())
+    let all = s.backend.models();
+    let mut meta = ModelMetadata::new(&status);
+    if p.version.is_none() {
+        // Triton lists every version of the model here.
+        meta.versions = all
+            .iter()
+            .filter(|m| m.config.name == status.config.name)
+            .map(|m| m.config.version.as_str())
+            .collect();
+    }
+    Ok(Json(meta).into_response())
 }
 
 /// `GET /v2/models/{m}[/versions/{v}]/ready`: 200 (empty) ready, 503 not ready, 404 unknown.
@@ -361,6 +381,88 @@ async fn model_stats<B: Backend>(
     let Path(p) = path?;
     let stats = s.backend.stats(Some(&p.model), p.version.as_deref())?;
     Ok(Json(StatsResponse::new(&stats)).into_response())
+}
+
+/// The `{model}` path segment of the repository routes.
+#[derive(Deserialize)]
+struct RepositoryPath {
+    model: String,
+}
+
+/// `POST /v2/repository/index` body: optional `{"ready": bool}`.
+#[derive(Deserialize, Default)]
+struct IndexBody {
+    #[serde(default)]
+    ready: bool,
+}
+
+/// `POST .../load` and `.../unload` body: optional `{"parameters": {...}}`.
+#[derive(Deserialize, Default)]
+struct ControlBody {
+    #[serde(default)]
+    parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An optional JSON body: empty (what tritonclient sends) means the default.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|r| ApiError::from_body(r, limit))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid {what} body: {e}; expected {{}}")))
+}
+
+/// `POST /v2/repository/index`: 200 `[{"name","version","state","reason"}]`; 400 bad body.
+async fn repository_index<B: Backend>(
+    State(s): State<AppState<B>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: IndexBody = optional_json(body, s.cfg.max_body_bytes, "repository index")?;
+    let rows = s.backend.repository_index(body.ready).await?;
+    Ok(Json(rows).into_response())
+}
+
+/// `POST /v2/repository/models/{m}/load`: 200 (empty) once READY; 404 unknown model, 400 bad
+/// config.toml (file and key named), explicit-mode only, or a config override in the body;
+/// 500 the plugin failed to load (reason given); 503 shutting down.
+async fn repository_load<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<RepositoryPath>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(p) = path?;
+    let body: ControlBody = optional_json(body, s.cfg.max_body_bytes, "model load")?;
+    // Triton's clients send "config" (and "file:..." entries) to override the model's files.
+    if let Some(key) = body
+        .parameters
+        .keys()
+        .find(|k| *k == "config" || k.starts_with("file:"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "load parameter '{key}' is not supported: edit the model's config.toml and plugin.py in the repository, then load again"
+        )));
+    }
+    s.backend.load_model(&p.model).await?;
+    Ok(StatusCode::OK)
+}
+
+/// `POST /v2/repository/models/{m}/unload`: 200 (empty) once its requests are answered and
+/// its workers stopped; 404 unknown model; 400 explicit-mode only. `unload_dependents` is
+/// accepted and has nothing to do (no ensembles).
+async fn repository_unload<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<RepositoryPath>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(p) = path?;
+    let _: ControlBody = optional_json(body, s.cfg.max_body_bytes, "model unload")?;
+    s.backend.unload_model(&p.model).await?;
+    Ok(StatusCode::OK)
 }
 
 /// Any other path: 404 `{"error"}` naming the method and path.

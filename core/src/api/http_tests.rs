@@ -914,3 +914,50 @@ async fn binary_response_over_tcp_has_exact_content_length() {
     );
     server.abort();
 }
+
+#[tokio::test]
+async fn repository_routes_without_a_repository_list_and_refuse_clearly() {
+    let app = app(&Fake::new());
+    let empty = call(
+        &app,
+        Method::POST,
+        "/v2/repository/index",
+        Body::empty(),
+        None,
+    )
+    .await;
+    assert_eq!(empty.status(), StatusCode::OK);
+    let rows = json_of(empty).await;
+    let broken = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "broken")
+        .unwrap();
+    assert_eq!(broken["state"], "FAILED");
+    assert_eq!(broken["reason"], "ValueError: bad weights");
+    let ready =
+        json_of(post_json(&app, "/v2/repository/index", json!({"ready": true})).await).await;
+    assert!(
+        ready
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "READY"),
+        "{ready}"
+    );
+    let bad = post_json(&app, "/v2/repository/index", json!({"ready": "yes"})).await;
+    assert!(
+        error_of(bad, StatusCode::BAD_REQUEST)
+            .await
+            .contains("repository index")
+    );
+    for action in ["load", "unload"] {
+        let uri = format!("/v2/repository/models/doubler/{action}");
+        let refused = call(&app, Method::POST, &uri, Body::empty(), None).await;
+        let message = error_of(refused, StatusCode::BAD_REQUEST).await;
+        assert!(message.contains("unimodel serve"), "{message}");
+    }
+    let wrong_method = get(&app, "/v2/repository/index").await;
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+}

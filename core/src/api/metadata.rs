@@ -32,7 +32,8 @@ impl ServerMetadata {
 #[derive(Serialize)]
 pub struct ModelMetadata<'a> {
     pub name: &'a str,
-    pub versions: [&'a str; 1],
+    /// Every version served (one entry unless the repository serves several).
+    pub versions: Vec<&'a str>,
     pub platform: &'static str,
     pub inputs: Vec<TensorMetadata<'a>>,
     pub outputs: Vec<TensorMetadata<'a>>,
@@ -71,7 +72,7 @@ impl<'a> ModelMetadata<'a> {
         };
         ModelMetadata {
             name: &config.name,
-            versions: [&config.version],
+            versions: vec![&config.version],
             platform: "unimodel_python",
             inputs: tensors(&config.inputs),
             outputs: tensors(&config.outputs),

@@ -23,6 +23,8 @@ impl ApiError {
                 crate::regions::RegionError::CudaUnsupported => "not_implemented",
                 _ => "bad_request",
             },
+            // Not an inference: never recorded per request, labelled for completeness.
+            ApiError::Repository(_) => "repository_error",
         }
     }
 }

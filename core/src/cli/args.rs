@@ -31,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve every um.Model in a plugin file over HTTP until SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Serve many models from a model repository directory or a config file, with load
+    /// and unload at run time (Triton's model repository API).
+    Serve(ServeArgs),
     /// Run one request through a plugin without a server and print the outputs as JSON, one
     /// line per response (a generator plugin prints a line per yield).
     Predict(PredictArgs),
@@ -50,10 +53,6 @@ pub struct PluginArgs {
     /// Plugin parameter given to setup() as ctx.parameters[KEY] (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub set: Vec<(String, String)>,
-    /// Python interpreter for the workers [default: $UNIMODEL_PYTHON, else python3 on PATH].
-    /// If it lacks numpy or msgpack, a cached virtualenv is created on first use.
-    #[arg(long, value_name = "PATH")]
-    pub python: Option<PathBuf>,
     /// Override the plugin's `instances` (worker processes per model).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub instances: Option<u32>,
@@ -63,6 +62,17 @@ pub struct PluginArgs {
     /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill).
     #[arg(long, value_name = "MS")]
     pub max_queue_delay_ms: Option<f64>,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// How workers run, for every model (`run`, `predict`, `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Python interpreter for the workers [default: $UNIMODEL_PYTHON, else python3 on PATH].
+    /// If it lacks numpy or msgpack, a cached virtualenv is created on first use.
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
     /// Device given to plugins as ctx.device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -85,6 +95,13 @@ pub struct PluginArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub plugin: PluginArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// The HTTP server's options, shared by `run` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
     /// Address to listen on. The default serves only this machine.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -114,6 +131,38 @@ pub struct RunArgs {
     /// crash it.
     #[arg(long)]
     pub allow_client_shm: bool,
+}
+
+/// `unimodel serve`: many models from a model repository or a config file.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Model repository: one folder per model, named as the model, holding plugin.py (or
+    /// numbered version folders 1/, 2/, ... each with plugin.py) and an optional config.toml.
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub model_repository: Option<PathBuf>,
+    /// Server config file (TOML): `[models.NAME]` tables with `path` and the config.toml keys,
+    /// and server options under `[server]` (flags given on the command line win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// none: load every model at start, refuse load/unload requests. explicit: load only
+    /// the --load-model ones at start; clients load and unload through
+    /// POST /v2/repository/models/{m}/load and /unload.
+    #[arg(long, value_enum, default_value_t = ControlModeArg::None)]
+    pub model_control_mode: ControlModeArg,
+    /// With --model-control-mode explicit: a model to load at start (repeatable).
+    #[arg(long = "load-model", value_name = "NAME")]
+    pub load_model: Vec<String>,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlModeArg {
+    None,
+    Explicit,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -176,7 +225,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("expected run")
         };
-        assert_eq!(run.port, 9000);
+        assert_eq!(run.server.port, 9000);
         assert_eq!(run.plugin.plugin, "p.py:Doubler");
         assert_eq!(
             run.plugin.set,
@@ -184,7 +233,7 @@ mod tests {
         );
         assert_eq!(run.plugin.instances, Some(2));
         assert_eq!(run.plugin.max_queue_delay_ms, Some(0.5));
-        assert_eq!(run.metrics_port, None);
+        assert_eq!(run.server.metrics_port, None);
     }
 
     #[test]
@@ -194,7 +243,36 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("expected run")
         };
-        assert_eq!(run.metrics_port, Some(9100));
+        assert_eq!(run.server.metrics_port, Some(9100));
+    }
+
+    #[test]
+    fn parses_serve_with_a_repository_or_a_config() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "serve",
+            "--model-repository",
+            "models",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "a",
+            "--load-model",
+            "b",
+            "--port",
+            "9001",
+        ])
+        .unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("expected serve")
+        };
+        assert_eq!(serve.model_repository, Some(PathBuf::from("models")));
+        assert_eq!(serve.model_control_mode, ControlModeArg::Explicit);
+        assert_eq!(serve.load_model, vec!["a", "b"]);
+        assert_eq!(serve.server.port, 9001);
+        assert!(Cli::try_parse_from(["unimodel", "serve", "--config", "u.toml"]).is_ok());
+        // Where the models are must be said.
+        assert!(Cli::try_parse_from(["unimodel", "serve"]).is_err());
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! The `unimodel` commands. `args` defines the command line; each command has its file.
+//! The `unimodel` commands. `args` defines the command line; each command has its file;
+//! `server` is what `run` and `serve` share around the engine.
 
 pub mod args;
 mod metrics_port;
 mod predict;
 mod progress;
 mod run;
+mod serve;
+mod serve_config;
+mod server;
 mod serving;
 
 pub use predict::predict;
 pub use run::run;
+pub use serve::serve;

@@ -20,7 +20,7 @@ const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
         queue_capacity: 1,
-        request_timeout: Duration::from_millis(args.plugin.execution_timeout_ms),
+        request_timeout: Duration::from_millis(args.plugin.worker.execution_timeout_ms),
     };
     let mut plugin = args.plugin.clone();
     plugin.instances = Some(1);

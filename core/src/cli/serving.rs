@@ -1,14 +1,17 @@
-//! What `run` and `predict` share: resolve the plugin, prepare Python, learn the plugin's
-//! models, apply CLI overrides, and start the engine over freshly spawned workers.
+//! What `run`, `serve` and `predict` share: resolve the plugin, prepare Python, learn the
+//! plugin's models, apply overrides (CLI flags or a model's config.toml), and start workers.
+//! `PluginLoader` is the same path for the model repository (`repository::Loader`).
 
-use super::args::PluginArgs;
+use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::validate::Limits;
 use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
+use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
 use crate::worker::types::{InstanceConfig, ModelDecl, PythonEnv, RestartPolicy, Timeouts};
 use crate::worker::{inspect, prepare_python, spawn_instance};
 use anyhow::{Context as _, bail};
+use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +68,7 @@ pub struct Loaded {
 }
 
 /// Server-side settings that are not per model.
+#[derive(Clone, Debug)]
 pub struct ServeSettings {
     pub queue_capacity: usize,
     pub request_timeout: Duration,
@@ -73,7 +77,7 @@ pub struct ServeSettings {
 /// Resolves the plugin, prepares Python and inspects the plugin's classes.
 pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow::Result<Loaded> {
     let spec = PluginSpec::parse(&args.plugin)?;
-    let python = prepare_python(args.python.as_deref()).await?;
+    let python = prepare_python(args.worker.python.as_deref()).await?;
     let decls = inspect(&python, &spec.to_arg()).await?;
     if decls.is_empty() {
         bail!("'{}' defines no um.Model subclass", spec.file.display());
@@ -94,8 +98,19 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
     let models = decls
         .into_iter()
         .map(|d| {
-            let config = model_config(&d, &spec, args, settings)?;
-            let instances = instance_configs(&config, args, &python, &spec);
+            let config = model_config(&d, &spec.file, &Overrides::from_args(args), settings)?;
+            let model_dir = spec
+                .file
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            let instances = instance_configs(
+                &config,
+                &args.worker,
+                &args.worker.device,
+                &python,
+                &model_dir,
+            );
             Ok((config, instances))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -117,27 +132,47 @@ fn check_servable(d: &ModelDecl) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What may replace a plugin's class attributes: CLI flags (`run`) or config.toml (`serve`).
+#[derive(Debug, Default)]
+struct Overrides {
+    max_batch_size: Option<u32>,
+    max_queue_delay_ms: Option<f64>,
+    instances: Option<u32>,
+    parameters: BTreeMap<String, String>,
+}
+
+impl Overrides {
+    fn from_args(args: &PluginArgs) -> Overrides {
+        Overrides {
+            max_batch_size: args.max_batch_size,
+            max_queue_delay_ms: args.max_queue_delay_ms,
+            instances: args.instances,
+            parameters: args.set.iter().cloned().collect(),
+        }
+    }
+}
+
 fn model_config(
     d: &ModelDecl,
-    spec: &PluginSpec,
-    args: &PluginArgs,
+    plugin: &Path,
+    o: &Overrides,
     s: &ServeSettings,
 ) -> anyhow::Result<ModelConfig> {
-    let delay_ms = args.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms);
+    let delay_ms = o.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms);
     if !(delay_ms.is_finite() && delay_ms >= 0.0) {
         bail!("--max-queue-delay-ms must be a non-negative number of milliseconds, got {delay_ms}");
     }
     Ok(ModelConfig {
         name: d.name.clone(),
         version: "1".into(),
-        plugin: spec.file.clone(),
+        plugin: plugin.to_path_buf(),
         class: d.class.clone(),
-        max_batch_size: args.max_batch_size.unwrap_or(d.max_batch_size),
+        max_batch_size: o.max_batch_size.unwrap_or(d.max_batch_size),
         max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
-        instances: args.instances.unwrap_or(d.instances).max(1),
+        instances: o.instances.unwrap_or(d.instances).max(1),
         inputs: d.inputs.clone(),
         outputs: d.outputs.clone(),
-        parameters: args.set.iter().cloned().collect(),
+        parameters: o.parameters.clone(),
         queue_capacity: s.queue_capacity,
         request_timeout: s.request_timeout,
         streaming: d.streaming,
@@ -146,33 +181,29 @@ fn model_config(
 
 fn instance_configs(
     c: &ModelConfig,
-    args: &PluginArgs,
+    worker: &WorkerArgs,
+    device: &str,
     python: &PythonEnv,
-    spec: &PluginSpec,
+    model_dir: &Path,
 ) -> Vec<InstanceConfig> {
-    let model_dir = spec
-        .file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
     (0..c.instances)
         .map(|instance| InstanceConfig {
             model: c.name.clone(),
             instance,
             plugin: c.plugin.clone(),
             class: c.class.clone(),
-            model_dir: model_dir.clone(),
-            device: args.device.clone(),
+            model_dir: model_dir.to_path_buf(),
+            device: device.to_string(),
             parameters: c.parameters.clone(),
             max_batch_size: c.max_batch_size,
             python: python.clone(),
-            input_arena_bytes: args.arena_bytes,
-            output_arena_bytes: args.arena_bytes,
-            max_output_bytes: args.max_tensor_bytes,
+            input_arena_bytes: worker.arena_bytes,
+            output_arena_bytes: worker.arena_bytes,
+            max_output_bytes: worker.max_tensor_bytes,
             timeouts: Timeouts {
                 hello: Duration::from_secs(60),
-                load: Duration::from_millis(args.load_timeout_ms),
-                execute: Duration::from_millis(args.execution_timeout_ms),
+                load: Duration::from_millis(worker.load_timeout_ms),
+                execute: Duration::from_millis(worker.execution_timeout_ms),
                 heartbeat_interval: Duration::from_secs(5),
                 heartbeat_timeout: Duration::from_secs(10),
             },
@@ -185,28 +216,115 @@ fn instance_configs(
         .collect()
 }
 
+fn spawn_all(instances: &[InstanceConfig]) -> Vec<Arc<dyn Executor>> {
+    instances
+        .iter()
+        .map(|ic| Arc::new(spawn_instance(ic.clone())) as Arc<dyn Executor>)
+        .collect()
+}
+
+/// The engine's limits from the worker flags.
+pub fn engine_options(worker: &WorkerArgs, metrics: Arc<Metrics>) -> EngineOptions {
+    EngineOptions {
+        limits: Limits {
+            max_tensor_bytes: worker.max_tensor_bytes,
+        },
+        metrics,
+    }
+}
+
+/// Builds repository models the way `run` builds a plugin's: inspect, apply the model's
+/// config.toml, spawn workers. The model is named after its folder (or its listing).
+pub struct PluginLoader {
+    pub python: PythonEnv,
+    pub worker: WorkerArgs,
+    pub settings: ServeSettings,
+}
+
+impl Loader for PluginLoader {
+    fn build(
+        &self,
+        spec: &ModelSpec,
+        version: &VersionSpec,
+    ) -> BoxFuture<'static, Result<Built, String>> {
+        let python = self.python.clone();
+        let worker = self.worker.clone();
+        let settings = self.settings.clone();
+        let spec = spec.clone();
+        let version = version.clone();
+        Box::pin(async move {
+            let plugin = version.plugin.display().to_string();
+            let decls = inspect(&python, &plugin).await.map_err(|e| {
+                if let crate::worker::InspectError::Plugin { traceback, .. } = &e {
+                    tracing::error!(model = %spec.name, "{e}\n{traceback}");
+                }
+                e.to_string()
+            })?;
+            let decl = pick_class(&decls, spec.overrides.class.as_deref(), &plugin)?;
+            check_servable(decl).map_err(|e| e.to_string())?;
+            let o = &spec.overrides;
+            let overrides = Overrides {
+                max_batch_size: o.max_batch_size,
+                max_queue_delay_ms: o.max_queue_delay_ms,
+                instances: o.instances,
+                parameters: o.parameters.clone(),
+            };
+            let mut config = model_config(decl, &version.plugin, &overrides, &settings)
+                .map_err(|e| e.to_string())?;
+            config.name = spec.name.clone();
+            config.version = version.version.to_string();
+            let device = o.device.as_deref().unwrap_or(&worker.device);
+            let instances = instance_configs(&config, &worker, device, &python, &version.model_dir);
+            tracing::info!(
+                model = %config.name,
+                version = %config.version,
+                "loading model {} version {}: {} instance(s) starting",
+                config.name,
+                config.version,
+                instances.len()
+            );
+            Ok((config, spawn_all(&instances)))
+        })
+    }
+}
+
+/// The class a repository model serves: the one named in config.toml, else the only one.
+fn pick_class<'a>(
+    decls: &'a [ModelDecl],
+    class: Option<&str>,
+    plugin: &str,
+) -> Result<&'a ModelDecl, String> {
+    let names = || {
+        decls
+            .iter()
+            .map(|d| d.class.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (class, decls) {
+        (_, []) => Err(format!("'{plugin}' defines no um.Model subclass")),
+        (Some(c), _) => decls.iter().find(|d| d.class == c).ok_or_else(|| {
+            format!(
+                "config.toml class = \"{c}\", but '{plugin}' defines only: {}",
+                names()
+            )
+        }),
+        (None, [only]) => Ok(only),
+        (None, _) => Err(format!(
+            "'{plugin}' defines several models ({}); pick one with `class = \"...\"` in config.toml",
+            names()
+        )),
+    }
+}
+
 /// Spawns every worker and starts the engine over them.
 pub fn start_engine(loaded: &Loaded, args: &PluginArgs, metrics: Arc<Metrics>) -> Engine {
     let models = loaded
         .models
         .iter()
-        .map(|(config, instances)| {
-            let execs: Vec<Arc<dyn Executor>> = instances
-                .iter()
-                .map(|ic| Arc::new(spawn_instance(ic.clone())) as Arc<dyn Executor>)
-                .collect();
-            (config.clone(), execs)
-        })
+        .map(|(config, instances)| (config.clone(), spawn_all(instances)))
         .collect();
-    Engine::start(
-        models,
-        EngineOptions {
-            limits: Limits {
-                max_tensor_bytes: args.max_tensor_bytes,
-            },
-            metrics,
-        },
-    )
+    Engine::start(models, engine_options(&args.worker, metrics))
 }
 
 #[cfg(test)]

@@ -1,19 +1,24 @@
 //! `Engine`: the registry of served models and the entry point for requests.
 //!
-//! Each model has a batcher actor (see `batcher.rs`); this handle validates a request,
-//! takes a place in the model's bounded queue (or answers 429), hands the request to the
-//! actor and waits for the answer up to the request's deadline.
+//! Each model version has a batcher actor (see `batcher.rs`); this handle validates a
+//! request, takes a place in the model's bounded queue (or answers 429), hands the request
+//! to the actor and waits for the answer up to the request's deadline.
+//!
+//! The registry is an immutable table behind `registry::Registry`: a request clones the
+//! current `Arc` (one uncontended read lock) and never waits on a load or an unload, which
+//! build a new table and swap it in. Loads and unloads of one model are serialised by their
+//! caller (the repository actor, `crate::repository`).
 
 use super::batcher::{Batcher, Command};
 use super::executor::Executor;
 use super::lifecycle::watch_instances;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{Origin, Pending};
+use super::registry::{ModelEntry, Registry, Table, parse_version};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,19 +33,8 @@ pub struct EngineOptions {
     pub metrics: Arc<Metrics>,
 }
 
-pub(super) struct ModelEntry {
-    pub(super) config: Arc<ModelConfig>,
-    pub(super) commands: mpsc::Sender<Command>,
-    /// One permit per place in the queue.
-    pub(super) places: Arc<Semaphore>,
-    pub(super) state: watch::Receiver<ModelState>,
-    stats: Arc<StatsRecorder>,
-    pub(super) metrics: ModelMetrics,
-    instances: Vec<Arc<dyn Executor>>,
-}
-
 struct Inner {
-    models: BTreeMap<String, ModelEntry>,
+    registry: Registry,
     draining: AtomicBool,
     options: EngineOptions,
 }
@@ -53,44 +47,23 @@ pub struct Engine {
 
 impl Engine {
     /// Starts a batcher for each model over its instances. Must run inside a tokio runtime.
+    /// Models whose version is not a number are served as version 0.
     pub fn start(
         models: Vec<(ModelConfig, Vec<Arc<dyn Executor>>)>,
         options: EngineOptions,
     ) -> Engine {
-        let mut map = BTreeMap::new();
+        let mut table = Table::new();
         for (config, instances) in models {
-            let config = Arc::new(config);
-            let metrics = options.metrics.model(&config.name, &config.version);
-            let stats = Arc::new(StatsRecorder::new(
-                &config.name,
-                &config.version,
-                metrics.clone(),
-            ));
-            watch_instances(&instances, &metrics);
-            let (state_tx, state_rx) = watch::channel(ModelState::Loading);
-            let commands = Batcher::spawn(
-                config.clone(),
-                instances.clone(),
-                stats.clone(),
-                state_tx,
-                config.queue_capacity,
-            );
-            let places = Arc::new(Semaphore::new(config.queue_capacity));
-            sample_queue_depth(&options.metrics, &metrics, &places, config.queue_capacity);
-            let entry = ModelEntry {
-                config: config.clone(),
-                commands,
-                places,
-                state: state_rx,
-                stats,
-                metrics,
-                instances,
-            };
-            map.insert(config.name.clone(), entry);
+            let key = parse_version(&config.version).unwrap_or_default();
+            let entry = spawn_entry(config, instances, &options.metrics);
+            table
+                .entry(entry.config.name.clone())
+                .or_default()
+                .insert(key, entry);
         }
         Engine {
             inner: Arc::new(Inner {
-                models: map,
+                registry: Registry::new(table),
                 draining: AtomicBool::new(false),
                 options,
             }),
@@ -107,13 +80,15 @@ impl Engine {
         true
     }
 
-    /// Every model is ready and the server is not draining.
+    /// Every served model (not being unloaded) is ready and the server is not draining.
     pub fn ready(&self) -> bool {
         !self.is_draining()
             && self
                 .inner
-                .models
-                .values()
+                .registry
+                .entries()
+                .iter()
+                .filter(|m| !m.is_unloading())
                 .all(|m| m.state.borrow().is_ready())
     }
 
@@ -121,25 +96,25 @@ impl Engine {
         self.inner.draining.load(Ordering::Acquire)
     }
 
-    /// All models, sorted by name.
+    /// All served model versions, sorted by name, then version.
     pub fn models(&self) -> Vec<ModelStatus> {
-        self.inner.models.values().map(status_of).collect()
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .map(|m| status_of(m))
+            .collect()
     }
 
-    /// One model; `version` `None` means the default version.
+    /// One model; `version` `None` means the default version (the highest served).
     pub fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
-        self.entry(name, version).map(status_of)
+        self.entry(name, version).map(|m| status_of(&m))
     }
 
-    /// Waits until `name` leaves LOADING (READY, FAILED, ...) and returns its state.
+    /// Waits until `name` (its default version) leaves LOADING and returns its state.
     pub async fn wait_loaded(&self, name: &str) -> Result<ModelState, EngineError> {
         let entry = self.entry(name, None)?;
-        let mut rx = entry.state.clone();
-        let state = rx
-            .wait_for(|s| *s != ModelState::Loading)
-            .await
-            .map_err(|_| EngineError::Internal(format!("model '{name}' stopped while loading")))?;
-        Ok(state.clone())
+        wait_settled(&entry).await
     }
 
     /// A watch on each of the model's instances, in instance order (progress reports).
@@ -155,7 +130,7 @@ impl Engine {
             .collect())
     }
 
-    /// Statistics of one model (or every model when `name` is `None`).
+    /// Statistics of one model (or every model version when `name` is `None`).
     pub fn stats(
         &self,
         name: Option<&str>,
@@ -165,11 +140,75 @@ impl Engine {
             Some(n) => Ok(vec![self.entry(n, version)?.stats.snapshot()]),
             None => Ok(self
                 .inner
-                .models
-                .values()
+                .registry
+                .entries()
+                .iter()
                 .map(|m| m.stats.snapshot())
                 .collect()),
         }
+    }
+
+    /// Starts serving `config` over `instances` and waits until it leaves LOADING; returns
+    /// the state it reached (READY, or FAILED with the plugin's error).
+    ///
+    /// A new model (or version) is visible at once, as LOADING, and stays listed if its
+    /// setup fails, so its status explains why. Loading a version that is already served
+    /// reloads it: the new instances load beside the old ones, replace them once ready (no
+    /// request is refused meanwhile), and the old ones drain and stop; if the new ones
+    /// fail, the old version keeps serving and the failure is returned.
+    pub async fn load(
+        &self,
+        config: ModelConfig,
+        instances: Vec<Arc<dyn Executor>>,
+    ) -> Result<ModelState, EngineError> {
+        if self.is_draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let Some(key) = parse_version(&config.version) else {
+            return Err(EngineError::Internal(format!(
+                "model '{}': version '{}' is not a number",
+                config.name, config.version
+            )));
+        };
+        let name = config.name.clone();
+        let entry = spawn_entry(config, instances, &self.inner.options.metrics);
+        let previous = self
+            .inner
+            .registry
+            .snapshot()
+            .get(&name)
+            .and_then(|v| v.get(&key))
+            .cloned();
+        let Some(previous) = previous else {
+            self.publish(key, entry.clone());
+            return wait_settled(&entry).await;
+        };
+        let state = wait_settled(&entry).await?;
+        if state.is_ready() {
+            self.publish(key, entry);
+            retire(&previous).await;
+        } else {
+            retire(&entry).await;
+        }
+        Ok(state)
+    }
+
+    /// Stops serving one version of a model: new requests for it are refused (503, state
+    /// UNLOADING), queued and running ones finish, then its workers stop and it leaves the
+    /// registry. Requests without a version move to the highest other version at once.
+    pub async fn unload(&self, name: &str, version: &str) -> Result<(), EngineError> {
+        let entry = self.entry(name, Some(version))?;
+        retire(&entry).await;
+        self.inner.registry.update(|table| {
+            if let Some(versions) = table.get_mut(name) {
+                versions.retain(|_, e| !Arc::ptr_eq(e, &entry));
+                if versions.is_empty() {
+                    table.remove(name);
+                }
+            }
+        });
+        entry.metrics.set_queue_depth(0);
+        Ok(())
     }
 
     /// Validates, queues, batches and executes one request.
@@ -191,7 +230,7 @@ impl Engine {
             req.outputs.as_deref(),
             &self.inner.options.limits,
         )?;
-        check_ready(config, &entry.state.borrow())?;
+        check_ready(config, &entry.state(), entry.is_unloading())?;
 
         let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
             entry.metrics.rejected();
@@ -264,15 +303,8 @@ impl Engine {
     /// everything finished in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
-        let waits = self.inner.models.values().map(|m| {
-            let commands = m.commands.clone();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                if commands.send(Command::Drain(tx)).await.is_ok() {
-                    let _ = rx.await;
-                }
-            }
-        });
+        let entries = self.inner.registry.entries();
+        let waits = entries.iter().map(|m| ask(&m.commands, Command::Drain));
         tokio::time::timeout(timeout, futures::future::join_all(waits))
             .await
             .is_ok()
@@ -282,15 +314,8 @@ impl Engine {
     /// new requests are refused. Used once the drain deadline has passed.
     pub async fn abort(&self) {
         self.inner.draining.store(true, Ordering::Release);
-        let aborts = self.inner.models.values().map(|m| {
-            let commands = m.commands.clone();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                if commands.send(Command::Abort(tx)).await.is_ok() {
-                    let _ = rx.await;
-                }
-            }
-        });
+        let entries = self.inner.registry.entries();
+        let aborts = entries.iter().map(|m| ask(&m.commands, Command::Abort));
         futures::future::join_all(aborts).await;
     }
 
@@ -298,10 +323,9 @@ impl Engine {
     /// worker still busy after that dies with the server through PDEATHSIG).
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
-        let stops = self
-            .inner
-            .models
-            .values()
+        let entries = self.inner.registry.entries();
+        let stops = entries
+            .iter()
             .flat_map(|m| m.instances.iter().map(|i| i.shutdown()));
         tokio::time::timeout(grace, futures::future::join_all(stops))
             .await
@@ -317,29 +341,87 @@ impl Engine {
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> Result<&ModelEntry, EngineError> {
-        let entry = self
-            .inner
-            .models
-            .get(name)
-            .ok_or_else(|| EngineError::ModelNotFound {
-                name: name.to_string(),
-                available: self
-                    .inner
-                    .models
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        match version {
-            Some(v) if v != entry.config.version => Err(EngineError::VersionNotFound {
-                name: name.to_string(),
-                version: v.to_string(),
-                available: entry.config.version.clone(),
-            }),
-            _ => Ok(entry),
-        }
+    ) -> Result<Arc<ModelEntry>, EngineError> {
+        self.inner.registry.find(name, version)
+    }
+
+    /// Puts `entry` in the table as `name` at version `key`, replacing what was there.
+    fn publish(&self, key: u64, entry: Arc<ModelEntry>) {
+        self.inner.registry.update(|table| {
+            table
+                .entry(entry.config.name.clone())
+                .or_default()
+                .insert(key, entry);
+        });
+    }
+}
+
+/// Starts the batcher of one model version over its instances.
+fn spawn_entry(
+    config: ModelConfig,
+    instances: Vec<Arc<dyn Executor>>,
+    all_metrics: &Metrics,
+) -> Arc<ModelEntry> {
+    let config = Arc::new(config);
+    let metrics = all_metrics.model(&config.name, &config.version);
+    let stats = Arc::new(StatsRecorder::new(
+        &config.name,
+        &config.version,
+        metrics.clone(),
+    ));
+    watch_instances(&instances, &metrics);
+    let (state_tx, state_rx) = watch::channel(ModelState::Loading);
+    let commands = Batcher::spawn(
+        config.clone(),
+        instances.clone(),
+        stats.clone(),
+        state_tx,
+        config.queue_capacity,
+    );
+    let places = Arc::new(Semaphore::new(config.queue_capacity));
+    sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
+    Arc::new(ModelEntry {
+        config,
+        commands,
+        places,
+        state: state_rx,
+        stats,
+        metrics,
+        instances,
+        unloading: AtomicBool::new(false),
+    })
+}
+
+/// Waits until the entry leaves LOADING; returns the state it reached.
+async fn wait_settled(entry: &ModelEntry) -> Result<ModelState, EngineError> {
+    let mut rx = entry.state.clone();
+    let state = rx
+        .wait_for(|s| *s != ModelState::Loading)
+        .await
+        .map_err(|_| {
+            EngineError::Internal(format!(
+                "model '{}' stopped while loading",
+                entry.config.name
+            ))
+        })?;
+    Ok(state.clone())
+}
+
+/// Takes an entry out of service: refuses new requests, lets queued and running ones
+/// finish (each is bounded by its own deadline), then stops its instances. Anything that
+/// slipped in after the drain is answered 503 rather than left waiting.
+async fn retire(entry: &ModelEntry) {
+    entry.unloading.store(true, Ordering::Release);
+    ask(&entry.commands, Command::Drain).await;
+    ask(&entry.commands, Command::Abort).await;
+    futures::future::join_all(entry.instances.iter().map(|i| i.shutdown())).await;
+}
+
+/// Sends a command that answers on a oneshot and waits for the answer (or the actor's end).
+async fn ask(commands: &mpsc::Sender<Command>, make: fn(oneshot::Sender<()>) -> Command) {
+    let (tx, rx) = oneshot::channel();
+    if commands.send(make(tx)).await.is_ok() {
+        let _ = rx.await;
     }
 }
 
@@ -359,6 +441,7 @@ impl Drop for WakeOnDrop<'_> {
 }
 
 /// Queue depth is the places taken in the queue, read at scrape time (nothing per request).
+/// A sampler whose model was unloaded (or replaced by a reload) stops writing.
 fn sample_queue_depth(
     metrics: &Metrics,
     model: &ModelMetrics,
@@ -369,10 +452,10 @@ fn sample_queue_depth(
     let places = Arc::downgrade(places);
     let model = model.clone();
     metrics.add_sampler(move || {
-        let taken = places
-            .upgrade()
-            .map_or(0, |p| capacity.saturating_sub(p.available_permits()));
-        model.set_queue_depth(i64::try_from(taken).unwrap_or(i64::MAX));
+        if let Some(p) = places.upgrade() {
+            let taken = capacity.saturating_sub(p.available_permits());
+            model.set_queue_depth(i64::try_from(taken).unwrap_or(i64::MAX));
+        }
     });
 }
 
@@ -384,14 +467,18 @@ fn status_of(m: &ModelEntry) -> ModelStatus {
         .count();
     ModelStatus {
         config: m.config.clone(),
-        state: m.state.borrow().clone(),
+        state: m.state(),
         ready_instances: ready_instances as u32,
     }
 }
 
 /// Requests are refused at the door while no instance can serve. A model whose instances
 /// are restarting still queues: a replacement usually serves within a second.
-pub(super) fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<(), EngineError> {
+pub(super) fn check_ready(
+    config: &ModelConfig,
+    state: &ModelState,
+    unloading: bool,
+) -> Result<(), EngineError> {
     let not_ready = |state: String| {
         Err(EngineError::NotReady {
             model: config.name.clone(),
@@ -402,6 +489,10 @@ pub(super) fn check_ready(config: &ModelConfig, state: &ModelState) -> Result<()
         ModelState::Ready | ModelState::Unavailable { .. } => Ok(()),
         ModelState::Loading => not_ready("LOADING (workers are starting)".into()),
         ModelState::Failed { error, .. } => not_ready(format!("FAILED: {error}")),
+        ModelState::Stopping if unloading => not_ready(format!(
+            "UNLOADING (version {} is being unloaded; it takes no new requests)",
+            config.version
+        )),
         ModelState::Stopping => Err(EngineError::ShuttingDown),
     }
 }

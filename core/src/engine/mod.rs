@@ -13,6 +13,7 @@ mod handle;
 mod lifecycle;
 pub mod model;
 mod queue;
+mod registry;
 mod stats;
 pub mod stream;
 pub mod tensor;
@@ -26,6 +27,7 @@ pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
 pub use model::{ModelConfig, ModelState};
+pub use registry::parse_version;
 pub use stream::InferStream;
 pub use tensor::{DataType, Tensor, TensorSpec};
 

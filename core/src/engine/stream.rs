@@ -72,7 +72,7 @@ impl Engine {
             req.outputs.as_deref(),
             &self.options().limits,
         )?;
-        check_ready(&config, &entry.state.borrow())?;
+        check_ready(&config, &entry.state(), entry.is_unloading())?;
         let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
             entry.metrics.rejected();
             EngineError::QueueFull {

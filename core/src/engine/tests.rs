@@ -694,3 +694,138 @@ async fn a_stalled_generator_hits_the_per_response_deadline() {
         "{got:?}"
     );
 }
+
+fn versioned(version: &str) -> ModelConfig {
+    ModelConfig {
+        version: version.into(),
+        ..config(0, 0, 16)
+    }
+}
+
+#[tokio::test]
+async fn versions_load_side_by_side_and_the_highest_is_the_default() {
+    let engine = start(versioned("1"), &[FakeExec::new(0)]);
+    ready(&engine).await;
+    let state = engine
+        .load(versioned("3"), vec![FakeExec::new(0) as Arc<dyn Executor>])
+        .await
+        .unwrap();
+    assert_eq!(state, ModelState::Ready);
+    let answer = engine.infer(request(&[1.0])).await.unwrap();
+    assert_eq!(answer.model_version, "3");
+    let mut r = request(&[1.0]);
+    r.version = Some("1".into());
+    assert_eq!(engine.infer(r).await.unwrap().model_version, "1");
+    let listed: Vec<String> = engine
+        .models()
+        .iter()
+        .map(|m| m.config.version.clone())
+        .collect();
+    assert_eq!(listed, vec!["1", "3"]);
+    assert!(engine.ready());
+}
+
+#[tokio::test]
+async fn unload_answers_queued_and_running_requests_then_forgets_the_model() {
+    let exec = FakeExec::new(100);
+    let engine = start(config(0, 0, 16), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    let inflight: Vec<_> = (0..4)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let unloading = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.unload("m", "1").await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // While it drains: reported UNLOADING, new requests refused with a clear 503.
+    assert_eq!(engine.model("m", None).unwrap().state.name(), "UNLOADING");
+    let refused = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(refused.to_string().contains("UNLOADING"), "{refused}");
+    for t in inflight {
+        assert!(t.await.unwrap().is_ok(), "an in-flight request failed");
+    }
+    unloading.await.unwrap().unwrap();
+    assert_eq!(*exec.state.borrow(), InstanceState::Stopped);
+    assert!(matches!(
+        engine.model("m", None),
+        Err(EngineError::ModelNotFound { .. })
+    ));
+    assert!(engine.ready(), "no model left to wait for");
+}
+
+#[tokio::test]
+async fn a_reload_swaps_in_new_instances_only_once_they_are_ready() {
+    let old = FakeExec::new(0);
+    let engine = start(config(0, 0, 16), std::slice::from_ref(&old));
+    ready(&engine).await;
+    // The new instance fails its setup: the old one keeps serving.
+    let (failed_tx, _) = watch::channel(InstanceState::Failed {
+        error: "boom".into(),
+        traceback: String::new(),
+    });
+    let broken = Arc::new(FakeExec {
+        state: failed_tx,
+        delay: Duration::ZERO,
+        fail: None,
+        batches: Mutex::new(Vec::new()),
+    });
+    let state = engine
+        .load(config(0, 0, 16), vec![broken as Arc<dyn Executor>])
+        .await
+        .unwrap();
+    assert!(matches!(state, ModelState::Failed { .. }));
+    assert!(engine.infer(request(&[1.0])).await.is_ok());
+    assert_eq!(old.batch_sizes().len(), 1);
+    // A good reload replaces the old instance, which is stopped.
+    let new = FakeExec::new(0);
+    let state = engine
+        .load(config(0, 0, 16), vec![new.clone() as Arc<dyn Executor>])
+        .await
+        .unwrap();
+    assert_eq!(state, ModelState::Ready);
+    assert!(engine.infer(request(&[2.0])).await.is_ok());
+    assert_eq!(new.batch_sizes().len(), 1);
+    assert_eq!(*old.state.borrow(), InstanceState::Stopped);
+}
+
+#[tokio::test]
+async fn a_version_still_loading_does_not_take_the_default_traffic() {
+    let engine = start(versioned("1"), &[FakeExec::new(0)]);
+    ready(&engine).await;
+    let (starting, _) = watch::channel(InstanceState::Starting);
+    let v2 = Arc::new(FakeExec {
+        state: starting,
+        delay: Duration::ZERO,
+        fail: None,
+        batches: Mutex::new(Vec::new()),
+    });
+    let loading = {
+        let engine = engine.clone();
+        let v2 = v2.clone() as Arc<dyn Executor>;
+        tokio::spawn(async move { engine.load(versioned("2"), vec![v2]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        engine.model("m", Some("2")).unwrap().state,
+        ModelState::Loading
+    );
+    assert!(
+        !engine.ready(),
+        "a loading version makes the server not ready"
+    );
+    assert_eq!(
+        engine.infer(request(&[1.0])).await.unwrap().model_version,
+        "1"
+    );
+    v2.state.send_replace(InstanceState::Ready);
+    assert_eq!(loading.await.unwrap().unwrap(), ModelState::Ready);
+    assert_eq!(
+        engine.infer(request(&[1.0])).await.unwrap().model_version,
+        "2"
+    );
+}

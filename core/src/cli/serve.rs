@@ -1,0 +1,137 @@
+//! `unimodel serve`: many models from a model repository directory or a config file.
+//!
+//! 1. Find the models (`repository::Source`), check the `--load-model` names, prepare Python.
+//! 2. Listen at once; start an empty engine and the repository actor over it.
+//! 3. Load the models the control mode asks for at start (every model with `none`, the
+//!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
+//! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+
+use super::args::{ControlModeArg, ServeArgs};
+use super::server::{listen, metrics, serve_until_signal, settings};
+use super::serving::{PluginLoader, engine_options};
+use crate::engine::Engine;
+use crate::repository::{ControlMode, ModelServer, Repository, Source};
+use crate::worker::prepare_python;
+use anyhow::{Context as _, bail};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let source = source(&mut args)?;
+    let mode = match args.model_control_mode {
+        ControlModeArg::None => ControlMode::None,
+        ControlModeArg::Explicit => ControlMode::Explicit,
+    };
+    let names = source.names()?;
+    let at_start = match mode {
+        ControlMode::None if !args.load_model.is_empty() => bail!(
+            "--load-model needs --model-control-mode explicit (with `none`, every model is loaded at start)"
+        ),
+        ControlMode::None => names.clone(),
+        ControlMode::Explicit => args.load_model.clone(),
+    };
+    if let Some(missing) = at_start.iter().find(|n| !names.contains(n)) {
+        bail!(
+            "--load-model {missing}: no such model in {}; it holds: {}",
+            source.describe(),
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    let python = prepare_python(args.worker.python.as_deref()).await?;
+    let listening = listen(&args.server).await?;
+    let base = listening.base.clone();
+    let metrics = metrics(&args.server).await?;
+    let engine = Engine::start(Vec::new(), engine_options(&args.worker, metrics));
+    let loader = PluginLoader {
+        python,
+        worker: args.worker.clone(),
+        settings: settings(&args.server),
+    };
+    tracing::info!(
+        models = %source.describe(),
+        mode = ?mode,
+        "serving a model repository ({} model(s) found)",
+        names.len()
+    );
+    let repository = Repository::start(
+        source,
+        Arc::new(loader),
+        engine.clone(),
+        mode,
+        !at_start.is_empty(),
+    );
+    let backend = Arc::new(ModelServer {
+        engine: engine.clone(),
+        repository: repository.clone(),
+    });
+    serve_until_signal(
+        backend,
+        engine,
+        listening,
+        &args.server,
+        load_at_start(&repository, at_start, &base),
+    )
+    .await
+}
+
+/// The model source from `--model-repository` or `--config`.
+fn source(args: &mut ServeArgs) -> anyhow::Result<Source> {
+    if let Some(file) = args.config.clone() {
+        if args.model_repository.is_some() {
+            bail!("give either --model-repository or --config, not both");
+        }
+        let given = given_flags();
+        return super::serve_config::apply(&file, args, &|id| given.iter().any(|g| g == id));
+    }
+    let Some(dir) = args.model_repository.clone() else {
+        bail!("say where the models are: --model-repository DIR or --config FILE");
+    };
+    if !dir.is_dir() {
+        bail!(
+            "model repository '{}' is not a directory (expected one folder per model, each with plugin.py)",
+            dir.display()
+        );
+    }
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve '{}'", dir.display()))?;
+    Ok(Source::Directory(dir))
+}
+
+/// The ids of the `serve` flags given on the command line (they win over the config file).
+fn given_flags() -> Vec<String> {
+    use clap::CommandFactory as _;
+    use clap::parser::ValueSource;
+    let Ok(matches) = super::args::Cli::command().try_get_matches_from(std::env::args_os()) else {
+        return Vec::new();
+    };
+    let Some(serve) = matches.subcommand_matches("serve") else {
+        return Vec::new();
+    };
+    serve
+        .ids()
+        .filter(|id| serve.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
+/// Loads the start-up models concurrently and logs one line per model.
+async fn load_at_start(repository: &Repository, names: Vec<String>, base: &str) {
+    let loads = names.iter().map(|name| async move {
+        match repository.load_at_start(name).await {
+            Ok(()) => {
+                tracing::info!(model = %name, "model {name} READY at {base}/v2/models/{name}")
+            }
+            Err(e) => tracing::error!(model = %name, "model {name} FAILED: {e}"),
+        }
+    });
+    futures::future::join_all(loads).await;
+    tracing::info!(
+        "{} model(s) loaded at start; serving at {base}",
+        names.len()
+    );
+}

@@ -1,0 +1,240 @@
+//! `unimodel serve --config unimodel.toml`: models listed by path, and server options.
+//!
+//! ```toml
+//! model_control_mode = "explicit"    # optional, as the flag
+//! load_model = ["doubler"]           # optional, as --load-model
+//! [server]                           # any server or worker flag, with underscores
+//! port = 8000
+//! queue_capacity = 256
+//! [models.doubler]                   # one table per model, named as served
+//! path = "plugins/examples/doubler.py"   # a plugin file or a model folder
+//! max_batch_size = 8                 # then any config.toml key
+//! [models.doubler.parameters]
+//! factor = 3
+//! ```
+//!
+//! Or `model_repository = "models"` instead of `[models.*]`. Relative paths are relative to
+//! the file. Flags given on the command line win over the file.
+
+use super::args::{ControlModeArg, ServeArgs};
+use crate::repository::config::ModelFile;
+use crate::repository::{Listed, Source};
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    model_repository: Option<PathBuf>,
+    model_control_mode: Option<ControlModeArg>,
+    #[serde(default)]
+    load_model: Vec<String>,
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    models: BTreeMap<String, toml::Table>,
+}
+
+/// The flags of `ServerArgs` and `WorkerArgs`, by their names.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    host: Option<IpAddr>,
+    port: Option<u16>,
+    metrics_port: Option<u16>,
+    queue_capacity: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+    drain_timeout_ms: Option<u64>,
+    python: Option<PathBuf>,
+    device: Option<String>,
+    load_timeout_ms: Option<u64>,
+    execution_timeout_ms: Option<u64>,
+    arena_bytes: Option<usize>,
+    max_tensor_bytes: Option<usize>,
+}
+
+/// Applies `file` to `args` (where the flag was not given) and returns the model source.
+/// `given(id)`: whether the flag `id` was on the command line.
+pub fn apply(
+    file: &Path,
+    args: &mut ServeArgs,
+    given: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read config file '{}'", file.display()))?;
+    let parsed: ServeFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let s = parsed.server;
+    macro_rules! set {
+        ($target:expr, $field:ident) => {
+            if let Some(v) = s.$field
+                && !given(stringify!($field))
+            {
+                $target.$field = v;
+            }
+        };
+    }
+    set!(args.server, host);
+    set!(args.server, port);
+    set!(args.server, queue_capacity);
+    set!(args.server, request_timeout_ms);
+    set!(args.server, max_body_bytes);
+    set!(args.server, drain_timeout_ms);
+    set!(args.worker, device);
+    set!(args.worker, load_timeout_ms);
+    set!(args.worker, execution_timeout_ms);
+    set!(args.worker, arena_bytes);
+    set!(args.worker, max_tensor_bytes);
+    if s.metrics_port.is_some() && !given("metrics_port") {
+        args.server.metrics_port = s.metrics_port;
+    }
+    if s.python.is_some() && !given("python") {
+        args.worker.python = s.python.map(|p| base.join(p));
+    }
+    if let Some(mode) = parsed.model_control_mode
+        && !given("model_control_mode")
+    {
+        args.model_control_mode = mode;
+    }
+    if !given("load_model") && !parsed.load_model.is_empty() {
+        args.load_model = parsed.load_model;
+    }
+    if args.arena_too_small() {
+        bail!(
+            "{}: server.arena_bytes must be at least 4096",
+            file.display()
+        );
+    }
+    match (parsed.model_repository, parsed.models.is_empty()) {
+        (Some(_), false) => bail!(
+            "{}: give either model_repository or [models.*] tables, not both",
+            file.display()
+        ),
+        (Some(dir), true) => Ok(Source::Directory(base.join(dir))),
+        (None, true) => bail!(
+            "{}: lists no model; add [models.NAME] tables with a `path`, or model_repository = \"DIR\"",
+            file.display()
+        ),
+        (None, false) => {
+            let models = parsed
+                .models
+                .into_iter()
+                .map(|(name, table)| Ok((name.clone(), listed(file, base, &name, table)?)))
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Source::Listed {
+                file: file.to_path_buf(),
+                models,
+            })
+        }
+    }
+}
+
+/// One `[models.NAME]` table: `path` plus the config.toml keys.
+fn listed(file: &Path, base: &Path, name: &str, mut table: toml::Table) -> anyhow::Result<Listed> {
+    let Some(path) = table.remove("path") else {
+        bail!(
+            "{}: models.{name} has no `path` (a plugin file or a model folder)",
+            file.display()
+        );
+    };
+    let Some(path) = path.as_str() else {
+        bail!("{}: models.{name}.path must be a string", file.display());
+    };
+    let config = ModelFile::deserialize(table).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: models.{name}: {}",
+            file.display(),
+            e.to_string().trim_end()
+        )
+    })?;
+    config
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("{}: models.{name}: {e}", file.display()))?;
+    Ok(Listed {
+        path: base.join(path),
+        config,
+    })
+}
+
+impl ServeArgs {
+    fn arena_too_small(&self) -> bool {
+        self.worker.arena_bytes < 4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["unimodel", "serve", "--config", "x.toml"];
+        argv.extend_from_slice(extra);
+        match super::super::args::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            super::super::args::Command::Serve(s) => s,
+            _ => panic!("expected serve"),
+        }
+    }
+
+    fn write(tag: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("um-serve-cfg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("unimodel.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    #[test]
+    fn file_options_apply_unless_the_flag_was_given() {
+        let file = write(
+            "apply",
+            r#"
+            model_control_mode = "explicit"
+            load_model = ["a"]
+            [server]
+            port = 9100
+            queue_capacity = 7
+            [models.a]
+            path = "a.py"
+            max_batch_size = 4
+            "#,
+        );
+        let mut args = serve_args(&["--port", "9200"]);
+        let source = apply(&file, &mut args, &|id| id == "port").unwrap();
+        assert_eq!(args.server.port, 9200);
+        assert_eq!(args.server.queue_capacity, 7);
+        assert_eq!(args.model_control_mode, ControlModeArg::Explicit);
+        assert_eq!(args.load_model, vec!["a"]);
+        let Source::Listed { models, .. } = source else {
+            panic!("expected a listing")
+        };
+        assert_eq!(models["a"].path, file.parent().unwrap().join("a.py"));
+        assert_eq!(models["a"].config.max_batch_size, Some(4));
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let cases = [
+            ("[server]\nprot = 1\n[models.a]\npath = \"a.py\"", "prot"),
+            ("[models.a]\nmax_batch_size = 2", "models.a has no `path`"),
+            ("[models.a]\npath = \"a.py\"\nbatch = 2", "batch"),
+            ("[models.a]\npath = \"a.py\"\ninstances = 0", "instances"),
+            ("", "lists no model"),
+        ];
+        for (i, (text, expected)) in cases.into_iter().enumerate() {
+            let file = write(&format!("bad{i}"), text);
+            let err = apply(&file, &mut serve_args(&[]), &|_| false).unwrap_err();
+            let err = format!("{err:#}");
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(err.contains("unimodel.toml"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! What `run` and `serve` share around the engine: listening, the metrics port, serving HTTP
+//! until a signal, and the orderly shutdown.
+//!
+//! On the first SIGTERM/SIGINT: readiness false, new requests 503, queued and running work
+//! finishes (up to `--drain-timeout-ms`), HTTP stops, workers stop, exit 0. A second signal
+//! exits at once (workers die with us through PDEATHSIG).
+
+use super::args::ServerArgs;
+use super::metrics_port;
+use super::serving::ServeSettings;
+use crate::api::Backend;
+use crate::api::http::{HttpConfig, router, serve};
+use crate::engine::Engine;
+use crate::telemetry::metrics::Metrics;
+use anyhow::Context as _;
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::oneshot;
+
+/// After the drain, how long idle keep-alive connections get to close.
+const HTTP_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long workers get to exit cleanly before the process ends anyway.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A bound listener and its URL.
+pub struct Listening {
+    listener: tokio::net::TcpListener,
+    pub base: String,
+}
+
+/// Per-model settings that come from the server flags.
+pub fn settings(server: &ServerArgs) -> ServeSettings {
+    ServeSettings {
+        queue_capacity: usize::try_from(server.queue_capacity).unwrap_or(usize::MAX),
+        request_timeout: Duration::from_millis(server.request_timeout_ms),
+    }
+}
+
+/// Binds the HTTP port (before workers start, so liveness answers while they load).
+pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
+    let listener = tokio::net::TcpListener::bind((server.host, server.port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}:{} (is another server using the port? pick one with --port)",
+                server.host, server.port
+            )
+        })?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    Ok(Listening {
+        listener,
+        base: format!("http://{local}"),
+    })
+}
+
+/// The metrics registry, also served on `--metrics-port` when given.
+pub async fn metrics(server: &ServerArgs) -> anyhow::Result<Arc<Metrics>> {
+    let metrics = Arc::new(Metrics::new());
+    if let Some(port) = server.metrics_port {
+        let at = metrics_port::start(server.host, port, metrics.clone()).await?;
+        tracing::info!(address = %format!("http://{at}/metrics"), "metrics listening");
+    }
+    Ok(metrics)
+}
+
+/// Serves `backend` over HTTP, runs `startup` (load reports) beside it, and shuts down on
+/// the first signal.
+pub async fn serve_until_signal<B: Backend>(
+    backend: Arc<B>,
+    engine: Engine,
+    listening: Listening,
+    server: &ServerArgs,
+    startup: impl Future<Output = ()>,
+) -> anyhow::Result<ExitCode> {
+    let app = router(
+        backend,
+        HttpConfig {
+            max_body_bytes: server.max_body_bytes,
+            regions: Arc::new(crate::regions::Regions::new(server.allow_client_shm)),
+        },
+    );
+    let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(serve(listening.listener, app, async move {
+        let _ = stop_http_rx.await;
+    }));
+    tracing::info!(address = %listening.base, "listening");
+
+    let mut signals = Signals {
+        term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+    };
+    tokio::select! {
+        _ = startup => signals.next().await,
+        _ = signals.next() => {}
+    }
+    let stop = Stop {
+        engine: &engine,
+        drain: Duration::from_millis(server.drain_timeout_ms),
+        stop_http: stop_http_tx,
+        http,
+    };
+    stop.run(&mut signals).await
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// What the shutdown needs to stop, in order.
+struct Stop<'a> {
+    engine: &'a Engine,
+    drain: Duration,
+    stop_http: oneshot::Sender<()>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Stop<'_> {
+    async fn run(self, signals: &mut Signals) -> anyhow::Result<ExitCode> {
+        let Stop {
+            engine,
+            drain,
+            stop_http,
+            http,
+        } = self;
+        tracing::info!(
+            "shutting down: finishing queued and running requests (up to {drain:?}); a second signal exits at once"
+        );
+        let graceful = async {
+            if !engine.drain(drain).await {
+                tracing::warn!("drain timed out after {drain:?}: answering what is left with 503");
+                engine.abort().await;
+            }
+            let _ = stop_http.send(());
+            // In-flight responses are already written; bound the wait for idle connections.
+            match tokio::time::timeout(HTTP_STOP_GRACE, http).await {
+                Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
+                Ok(Err(e)) => tracing::warn!("HTTP server task: {e}"),
+                _ => {}
+            }
+            if !engine.shutdown(WORKER_STOP_GRACE).await {
+                tracing::warn!(
+                    "workers did not stop within {WORKER_STOP_GRACE:?}; they exit with the server"
+                );
+            }
+        };
+        tokio::select! {
+            _ = graceful => {
+                tracing::info!("stopped");
+                Ok(ExitCode::SUCCESS)
+            }
+            _ = signals.next() => {
+                tracing::warn!("second signal: exiting now");
+                Ok(ExitCode::from(130))
+            }
+        }
+    }
+}
