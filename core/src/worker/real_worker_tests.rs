@@ -726,6 +726,7 @@ fn counter_work(values: &[f32]) -> Work {
             parts: vec![f32s(values)],
         }],
         outputs: None,
+        targets: Vec::new(),
     }
 }
 
