@@ -235,10 +235,14 @@ def mixed_inputs(a: np.ndarray, b: np.ndarray, how: str, client=None, regions=No
         nb, _ = register(client, regions, "b", b)
         ia.set_shared_memory(na, a.nbytes)
         ib.set_shared_memory(nb, b.nbytes)
-    else:  # one of each kind
+    elif how == "shm+json":
         na, _ = register(client, regions, "a", a)
         ia.set_shared_memory(na, a.nbytes)
         ib.set_data_from_numpy(b, binary_data=False)
+    else:  # "shm+binary"
+        na, _ = register(client, regions, "a", a)
+        ia.set_shared_memory(na, a.nbytes)
+        ib.set_data_from_numpy(b, binary_data=True)
     return [ia, ib]
 
 
@@ -246,7 +250,7 @@ def test_json_binary_and_shm_inputs_give_identical_results(client, regions):
     a = np.array([[0.5, -1.5, 3.25, 1e6]], dtype=np.float32)
     b = np.array([[1, -2, 2**30, 0]], dtype=np.int32)
     results = {}
-    for how in ["json", "binary", "shm", "mixed"]:
+    for how in ["json", "binary", "shm", "shm+json", "shm+binary"]:
         r = client.infer("mixed", mixed_inputs(a, b, how, client, regions))
         results[how] = (r.as_numpy("sum"), r.as_numpy("neg"))
         client.unregister_system_shared_memory()
@@ -263,7 +267,7 @@ def test_mixed_outputs_shm_and_binary(client, regions):
     sum_out.set_shared_memory(name, a.nbytes)
     neg_out = httpclient.InferRequestedOutput("neg", binary_data=True)
     r = client.infer(
-        "mixed", mixed_inputs(a, b, "mixed", client, regions), outputs=[sum_out, neg_out]
+        "mixed", mixed_inputs(a, b, "shm+binary", client, regions), outputs=[sum_out, neg_out]
     )
     assert "data" not in r.get_output("sum")
     np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.float32, [1, 4]), a + b)

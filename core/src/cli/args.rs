@@ -126,9 +126,9 @@ pub struct ServerArgs {
     #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
     /// Let clients register their POSIX shared-memory segments (Triton's system
-    /// shared-memory extension) for inputs and outputs. Off by default: the server then maps
-    /// memory that local clients own, and a client that shrinks a registered segment can
-    /// crash it.
+    /// shared-memory extension) for inputs and outputs. Off by default, because with it the
+    /// server maps memory that local clients own, and a client that shrinks a registered
+    /// segment can crash the server.
     #[arg(long)]
     pub allow_client_shm: bool,
 }
