@@ -7,6 +7,20 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     keep_large_buffers_mapped();
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The bench builds its own (by default single-threaded) runtime and logs nothing.
+        Command::Bench(args) => {
+            return match unimodel::bench::main(&args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("unimodel bench: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run(args) => Served::Run(args),
+        Command::Predict(args) => Served::Predict(args),
+    };
     let telemetry = unimodel::telemetry::TelemetryOptions {
         json: cli.log_format == LogFormat::Json,
         otlp_endpoint: cli.otlp_endpoint.clone(),
@@ -31,9 +45,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => unimodel::cli::run(args).await,
-            Command::Predict(args) => unimodel::cli::predict(args).await,
+        match command {
+            Served::Run(args) => unimodel::cli::run(args).await,
+            Served::Predict(args) => unimodel::cli::predict(args).await,
         }
     });
     // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
@@ -45,6 +59,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The commands that run on the server runtime (the bench has its own).
+enum Served {
+    Run(unimodel::cli::args::RunArgs),
+    Predict(unimodel::cli::args::PredictArgs),
 }
 
 /// Tensor buffers of a few MiB are allocated and freed per request. glibc serves them with

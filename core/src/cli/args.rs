@@ -33,6 +33,9 @@ pub enum Command {
     Run(RunArgs),
     /// Run one request through a plugin without a server and print the outputs as JSON.
     Predict(PredictArgs),
+    /// Load-test a KServe V2 server (or any JSON endpoint): closed or open loop, latency
+    /// percentiles, errors by kind, --json report, --plot chart.
+    Bench(crate::bench::Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
