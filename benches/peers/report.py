@@ -8,9 +8,9 @@ c=1 and/or a c=64 step.
 
 import argparse
 import json
+import os
 import pathlib
 import platform
-import os
 
 
 def load(runs: pathlib.Path) -> list[dict]:
@@ -84,7 +84,7 @@ def main() -> None:
 
     cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break

@@ -1,8 +1,8 @@
 """The two peer-comparison models on LitServe, matmul with its dynamic batching.
 
-    python litserve_server.py --port 8000 [--batch-timeout 0.001]
-    POST /echo   {"text": "..."}    -> {"text": "..."}
-    POST /matmul {"x": [64 floats]} -> {"y": [64 floats]}
+python litserve_server.py --port 8000 [--batch-timeout 0.001]
+POST /echo   {"text": "..."}    -> {"text": "..."}
+POST /matmul {"x": [64 floats]} -> {"y": [64 floats]}
 """
 
 import argparse

@@ -41,8 +41,11 @@ fn register_embedded_font() -> anyhow::Result<()> {
     result
 }
 
-/// One run's points: (throughput in req/s, p50 ms, p99 ms), steps with answers only.
-fn points(report: &Report) -> Vec<(f64, f64, f64)> {
+/// One step on the chart: (throughput in answered req/s, p50 ms, p99 ms).
+type Point = (f64, f64, f64);
+
+/// One run's points, steps with answers only.
+fn points(report: &Report) -> Vec<Point> {
     report
         .steps
         .iter()
@@ -71,7 +74,7 @@ fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
 /// Draws `reports` into a PNG at `path`.
 pub fn plot(reports: &[Report], title: &str, path: &Path) -> anyhow::Result<()> {
     register_embedded_font()?;
-    let series: Vec<(&str, Vec<(f64, f64, f64)>)> = reports
+    let series: Vec<(&str, Vec<Point>)> = reports
         .iter()
         .map(|r| (r.label.as_str(), points(r)))
         .collect();
