@@ -19,14 +19,14 @@ from starlette.requests import Request
 DIM = 64
 
 
-@serve.deployment
+@serve.deployment(logging_config={"log_level": "WARNING", "enable_access_log": False})
 class Echo:
     async def __call__(self, request: Request) -> dict:
         body = await request.json()
         return {"text": body["text"]}
 
 
-@serve.deployment
+@serve.deployment(logging_config={"log_level": "WARNING", "enable_access_log": False})
 class Matmul:
     def __init__(self, batch_wait: float):
         self.w = (np.random.default_rng(0).standard_normal((DIM, DIM)) / 8).astype(np.float32)
