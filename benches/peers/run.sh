@@ -141,7 +141,8 @@ kserve_runs() {
         bench "$name-$config-matmul" "$name $config" --url "$url" --model matmul \
             --input-json "$BODIES/matmul-kserve.json" --concurrency 1,64
     elif [[ $what == *matmul64* ]]; then
-        bench "$name-$config-matmul" "$name $config" --url "$url" --model matmul \
+        # Named apart: the chart shows each server's c=1 -> c=64 line, the table every delay.
+        bench "$name-$config-matmul64" "$name $config" --url "$url" --model matmul \
             --input-json "$BODIES/matmul-kserve.json" --concurrency 64
     fi
 }
@@ -267,10 +268,10 @@ done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 log "writing $RESULTS/RESULTS.md and $RESULTS/peers.png"
+"$UNIMODEL_BIN" bench --summarize "$RUNS"/*.json >"$RESULTS/summary.txt"
 matmul_runs=("$RUNS"/*-matmul.json)
-"$UNIMODEL_BIN" bench --summarize "${matmul_runs[@]}" \
-    --label "batched tanh(W @ x), 64x64 FP32: c=1 and c=64" --plot "$RESULTS/peers.png" \
-    >"$RESULTS/summary.txt"
+"$UNIMODEL_BIN" bench --summarize "${matmul_runs[@]}" >/dev/null \
+    --label "batched tanh(W @ x), 64x64 FP32: c=1 -> c=64, smallest delay" --plot "$RESULTS/peers.png"
 python3 "$HERE/report.py" "$RUNS" --started "$STARTED" --load-before "$LOAD_BEFORE" \
     --load-after "$LOAD_AFTER" --duration "$DURATION" --warmup "$WARMUP" --quick "$QUICK" \
     >"$RESULTS/RESULTS.md"

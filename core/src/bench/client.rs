@@ -160,7 +160,36 @@ struct Answered {
     kept: Option<Vec<Bytes>>,
 }
 
-/// A closed-loop client.
+/// What the load drivers (`step.rs`'s closed loop, `open_loop.rs`) need from a protocol: a
+/// client that owns one connection and sends one request at a time. Another protocol (gRPC)
+/// is another implementation of this trait; the drivers, tally and reports stay as they are.
+pub trait Client: Send + 'static {
+    /// One request whose latency counts from `start` (its scheduled time in the open loop):
+    /// answered, failed or timed out, always exactly one outcome, never a panic.
+    fn one(&mut self, start: Instant) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Closed loop: sends requests back to back until `until`; a request started before `until`
+/// is finished (or times out) and counted. Returns the client for the next phase.
+pub async fn run_until<C: Client>(mut client: C, until: Instant) -> (C, Tally) {
+    let mut tally = Tally::new();
+    loop {
+        let start = Instant::now();
+        if start >= until {
+            break;
+        }
+        tally.record(client.one(start).await);
+    }
+    (client, tally)
+}
+
+impl Client for VirtualClient {
+    fn one(&mut self, start: Instant) -> impl Future<Output = Outcome> + Send {
+        self.send_one(start)
+    }
+}
+
+/// An HTTP/1.1 client (KServe REST, REST binary, plain JSON).
 pub struct VirtualClient {
     target: Arc<Target>,
     sender: Option<SendRequest<PayloadBody>>,
@@ -180,24 +209,9 @@ impl VirtualClient {
         }
     }
 
-    /// Sends requests back to back until `until`; a request started before `until` is
-    /// finished (or times out) and counted.
-    pub async fn run(mut self, until: Instant) -> (VirtualClient, Tally) {
-        let mut tally = Tally::new();
-        loop {
-            let start = Instant::now();
-            if start >= until {
-                break;
-            }
-            let outcome = self.one(start).await;
-            tally.record(outcome);
-        }
-        (self, tally)
-    }
-
     /// One request whose latency counts from `start` (its scheduled time in the open loop),
     /// answered, failed or timed out; never panics, always one outcome.
-    pub async fn one(&mut self, start: Instant) -> Outcome {
+    async fn send_one(&mut self, start: Instant) -> Outcome {
         let outcome = match tokio::time::timeout(self.target.timeout, self.request(start)).await {
             Ok(Ok(answered)) => self
                 .verify(answered)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::bench::client::VirtualClient;
+use crate::bench::client::Client;
 use crate::bench::tally::{Outcome, Tally};
 
 /// Exponential inter-arrival gaps (a Poisson process) from a small seeded generator
@@ -58,13 +58,13 @@ pub struct OpenPlan<'a> {
 /// Runs arrivals until `plan.until`, then waits for every request sent; returns the clients
 /// (reused by the next phase) and what they observed. `new_client(i)` opens client number `i`
 /// when all existing ones are busy and fewer than `max_in_flight` exist.
-pub async fn run_open_phase(
-    mut idle: Vec<VirtualClient>,
-    mut new_client: impl FnMut(usize) -> VirtualClient,
+pub async fn run_open_phase<C: Client>(
+    mut idle: Vec<C>,
+    mut new_client: impl FnMut(usize) -> C,
     plan: OpenPlan<'_>,
-) -> (Vec<VirtualClient>, Tally) {
+) -> (Vec<C>, Tally) {
     let max = plan.max_in_flight.max(1);
-    let (done_tx, mut done_rx) = mpsc::channel::<(VirtualClient, Outcome)>(max);
+    let (done_tx, mut done_rx) = mpsc::channel::<(C, Outcome)>(max);
     let mut tally = Tally::new();
     let mut created = idle.len();
     let mut in_flight = 0usize;

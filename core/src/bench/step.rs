@@ -12,7 +12,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use tokio::time::Instant;
 
 use crate::bench::args::Load;
-use crate::bench::client::{Target, VirtualClient, get};
+use crate::bench::client::{Client, Target, VirtualClient, get, run_until};
 use crate::bench::open_loop::{Arrivals, OpenPlan, run_open_phase};
 use crate::bench::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
 use crate::bench::report::{Cpu, RoundTrip, StepReport, Traffic};
@@ -129,13 +129,13 @@ impl Phases {
 
 /// Closed loop: runs every client until `until`, each on its own task; returns them for the
 /// next phase.
-async fn run_closed_phase(
-    clients: Vec<VirtualClient>,
+async fn run_closed_phase<C: Client>(
+    clients: Vec<C>,
     until: Instant,
-) -> anyhow::Result<(Vec<VirtualClient>, Tally)> {
+) -> anyhow::Result<(Vec<C>, Tally)> {
     let handles: Vec<_> = clients
         .into_iter()
-        .map(|c| tokio::spawn(c.run(until)))
+        .map(|c| tokio::spawn(run_until(c, until)))
         .collect();
     let mut clients = Vec::with_capacity(handles.len());
     let mut total = Tally::new();
