@@ -13,7 +13,7 @@
 #
 # Environment: UNIMODEL_PYTHON (python for the workers, passed through), PLUGIN (default
 # plugins/examples/doubler.py), MODEL (default doubler), CHECK=1 (verify y == 2x on every
-# response; costs loadgen CPU), LOADGEN_THREADS (default 1), OUT_DIR (JSON reports),
+# response; costs bench CPU), LOADGEN_THREADS (default 1, the bench's --threads), OUT_DIR (JSON reports),
 # READY_TIMEOUT (seconds to wait for /v2/health/ready, default 60), CARGO_TARGET_DIR,
 # UNIMODEL_BIN (another server binary taking the same arguments, e.g. to test this script).
 set -euo pipefail
@@ -40,10 +40,10 @@ fi
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
-log "building release binaries (unimodel, loadgen)"
-cargo build --release -p unimodel --bin unimodel -p unimodel-benches --bin loadgen
+log "building the release binary (unimodel; its \`bench\` command drives the load)"
+cargo build --release -p unimodel --bin unimodel
 UNIMODEL=${UNIMODEL_BIN:-$TARGET_DIR/release/unimodel}
-LOADGEN="$TARGET_DIR/release/loadgen"
+BENCH=("$TARGET_DIR/release/unimodel" bench --no-progress)
 mkdir -p "$OUT_DIR"
 
 SERVER_PID=""
@@ -107,12 +107,12 @@ if [[ "${CHECK:-0}" == 1 ]]; then
     CHECK_FLAG=(--check-double)
 fi
 
-# loadgen_step NAME [LOADGEN FLAGS...]: one loadgen run against the current server.
+# loadgen_step NAME [BENCH FLAGS...]: one `unimodel bench` run against the current server.
 loadgen_step() {
     local name=$1
     shift
-    log "loadgen: $name"
-    "$LOADGEN" --url "http://$HOST:$PORT" --model "$MODEL" --duration "$DURATION" \
+    log "unimodel bench: $name"
+    "${BENCH[@]}" --url "http://$HOST:$PORT" --model "$MODEL" --duration "$DURATION" \
         --warmup "$WARMUP" --threads "$LOADGEN_THREADS" --label "$name" \
         --json "$OUT_DIR/$name.json" "${CHECK_FLAG[@]}" "$@" || FAILED=1
 }
@@ -120,7 +120,7 @@ loadgen_step() {
 REPORTS=()
 
 if start_server nodelay --max-queue-delay-ms 0; then
-    loadgen_step c1-json-1x3-nodelay --concurrency 1 --protocol json --input x:FP32:1x3
+    loadgen_step c1-json-1x3-nodelay --concurrency 1 --protocol rest --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c1-json-1x3-nodelay.json")
     stop_server
 else
@@ -128,9 +128,9 @@ else
 fi
 
 if start_server default; then
-    loadgen_step c64-json-1x3-batched --concurrency 64 --protocol json --input x:FP32:1x3
+    loadgen_step c64-json-1x3-batched --concurrency 64 --protocol rest --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c64-json-1x3-batched.json")
-    loadgen_step c1-binary-16MiB --concurrency 1 --protocol binary --input x:FP32:1x4194304
+    loadgen_step c1-binary-16MiB --concurrency 1 --protocol rest-binary --input x:FP32:1x4194304
     REPORTS+=("$OUT_DIR/c1-binary-16MiB.json")
 
     if [[ "${WRK:-1}" != 0 ]] && command -v wrk >/dev/null; then
@@ -155,6 +155,6 @@ for r in "${REPORTS[@]}"; do
     [[ -f "$r" ]] && existing+=("$r")
 done
 if ((${#existing[@]} > 0)); then
-    "$LOADGEN" --summarize "${existing[@]}"
+    "${BENCH[@]}" --summarize "${existing[@]}"
 fi
 exit "$FAILED"

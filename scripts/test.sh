@@ -14,7 +14,7 @@ DEBIAN_PACKAGES=(python3-venv prometheus)
 
 VENV=.venv-test
 PY="$VENV/bin/python"
-PYTHON_DIRS=(python plugins tests)
+PYTHON_DIRS=(python plugins tests benches)
 
 banner() {
     printf '\n\033[1m==> %s\033[0m\n' "$*"

@@ -7,11 +7,13 @@
 //! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export, and the
 //!   Prometheus metrics behind `/metrics`.
 //! - `regions`: clients' system shared-memory regions (register, status, unregister).
-//! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`).
+//! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
+//! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //!
 //! Dependencies point one way: `api -> repository -> engine -> worker`.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod regions;

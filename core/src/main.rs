@@ -7,6 +7,21 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     keep_large_buffers_mapped();
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The bench builds its own (by default single-threaded) runtime and logs nothing.
+        Command::Bench(args) => {
+            return match unimodel::bench::main(&args) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("unimodel bench: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run(args) => Served::Run(args),
+        Command::Serve(args) => Served::Serve(args),
+        Command::Predict(args) => Served::Predict(args),
+    };
     let telemetry = unimodel::telemetry::TelemetryOptions {
         json: cli.log_format == LogFormat::Json,
         otlp_endpoint: cli.otlp_endpoint.clone(),
@@ -31,10 +46,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => unimodel::cli::run(args).await,
-            Command::Serve(args) => unimodel::cli::serve(args).await,
-            Command::Predict(args) => unimodel::cli::predict(args).await,
+        match command {
+            Served::Run(args) => unimodel::cli::run(args).await,
+            Served::Serve(args) => unimodel::cli::serve(args).await,
+            Served::Predict(args) => unimodel::cli::predict(args).await,
         }
     });
     // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
@@ -46,6 +61,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The commands that run on the server runtime (the bench has its own).
+enum Served {
+    Run(unimodel::cli::args::RunArgs),
+    Serve(unimodel::cli::args::ServeArgs),
+    Predict(unimodel::cli::args::PredictArgs),
 }
 
 /// Tensor buffers of a few MiB are allocated and freed per request. glibc serves them with

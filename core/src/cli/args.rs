@@ -37,6 +37,9 @@ pub enum Command {
     /// Run one request through a plugin without a server and print the outputs as JSON, one
     /// line per response (a generator plugin prints a line per yield).
     Predict(PredictArgs),
+    /// Load-test a KServe V2 server (or any JSON endpoint): closed or open loop, latency
+    /// percentiles, errors by kind, --json report, --plot chart.
+    Bench(crate::bench::Args),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

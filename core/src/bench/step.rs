@@ -1,5 +1,6 @@
-//! One step of a sweep: `concurrency` clients, a warm-up, then a measured phase bracketed by
-//! plugin statistics and the process's CPU time.
+//! One step of a sweep: a warm-up, then a measured phase bracketed by plugin statistics and
+//! the process's CPU time, under a closed loop (`concurrency` clients back to back) or an
+//! open loop (Poisson arrivals, `open_loop.rs`).
 //!
 //! The warm-up drains completely before the first statistics snapshot, and the measured phase
 //! drains before the second, so the snapshots frame exactly the measured requests.
@@ -10,17 +11,21 @@ use std::time::Duration;
 use nix::sys::resource::{UsageWho, getrusage};
 use tokio::time::Instant;
 
-use crate::client::{Target, VirtualClient, get};
-use crate::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
-use crate::report::{Cpu, RoundTrip, StepReport, Traffic};
-use crate::tally::Tally;
+use crate::bench::args::Load;
+use crate::bench::client::{Client, Target, VirtualClient, get, run_until};
+use crate::bench::open_loop::{Arrivals, OpenPlan, run_open_phase};
+use crate::bench::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
+use crate::bench::report::{Cpu, RoundTrip, StepReport, Traffic};
+use crate::bench::tally::Tally;
 
 /// What a step runs.
 #[derive(Clone, Copy, Debug)]
 pub struct StepPlan {
-    pub concurrency: usize,
+    pub load: Load,
     pub warmup: Duration,
     pub duration: Duration,
+    /// Seed of the open loop's arrivals.
+    pub seed: u64,
 }
 
 /// Runs one step and reports it.
@@ -29,32 +34,31 @@ pub async fn run_step(
     model: &str,
     plan: StepPlan,
 ) -> anyhow::Result<StepReport> {
-    let n = plan.concurrency as u64;
-    let mut clients: Vec<VirtualClient> = (0..n)
-        .map(|i| VirtualClient::new(Arc::clone(target), i, n))
-        .collect();
+    let mut phases = Phases::new(target, plan);
     let mut warmup_requests = 0;
     if !plan.warmup.is_zero() {
-        let (warm, tally) = run_phase(clients, Instant::now() + plan.warmup).await?;
-        clients = warm;
-        warmup_requests = tally.requests();
+        warmup_requests = phases.run(plan.warmup).await?.requests();
     }
 
     let before = stats(target, model).await;
     let cpu_before = cpu_seconds();
     let start = Instant::now();
-    let (clients, tally) = run_phase(clients, start + plan.duration).await?;
+    let tally = phases.run(plan.duration).await?;
     let elapsed = start.elapsed();
     let cpu_after = cpu_seconds();
     let after = stats(target, model).await;
-    drop(clients);
+    drop(phases);
 
     let plugin = match (before, after) {
         (Some(b), Some(a)) => plugin_time(b, a, tally.requests()),
         _ => None,
     };
+    let concurrency = match plan.load {
+        Load::Closed(n) => n,
+        Load::Open { max_in_flight, .. } => max_in_flight,
+    };
     let mut report = summarise(
-        plan.concurrency,
+        concurrency,
         elapsed,
         &tally,
         target.payload.tensor_bytes,
@@ -62,17 +66,76 @@ pub async fn run_step(
         cpu_after - cpu_before,
     );
     report.warmup_requests = warmup_requests;
+    if let Load::Open { rate, .. } = plan.load {
+        report.offered_rate = Some(rate);
+        // Overhead at p50 assumes one request at a time, which an open loop does not promise.
+        report.overhead_p50_us = None;
+    }
     Ok(report)
 }
 
-/// Runs every client until `until`, each on its own task; returns them for the next phase.
-async fn run_phase(
+/// The clients of a step, kept across its phases so connections stay open.
+struct Phases {
+    target: Arc<Target>,
+    load: Load,
     clients: Vec<VirtualClient>,
+    arrivals: Arrivals,
+}
+
+impl Phases {
+    fn new(target: &Arc<Target>, plan: StepPlan) -> Phases {
+        let (clients, rate) = match plan.load {
+            Load::Closed(n) => {
+                let stride = n as u64;
+                let clients = (0..stride)
+                    .map(|i| VirtualClient::new(Arc::clone(target), i, stride))
+                    .collect();
+                (clients, 1.0)
+            }
+            // Open-loop clients are opened as arrivals need them.
+            Load::Open { rate, .. } => (Vec::new(), rate),
+        };
+        Phases {
+            target: Arc::clone(target),
+            load: plan.load,
+            clients,
+            arrivals: Arrivals::new(rate, plan.seed),
+        }
+    }
+
+    /// Runs one phase of `length`, waiting for every request it started.
+    async fn run(&mut self, length: Duration) -> anyhow::Result<Tally> {
+        let until = Instant::now() + length;
+        let clients = std::mem::take(&mut self.clients);
+        let (clients, tally) = match self.load {
+            Load::Closed(_) => run_closed_phase(clients, until).await?,
+            Load::Open { max_in_flight, .. } => {
+                let target = Arc::clone(&self.target);
+                let stride = max_in_flight as u64;
+                let new_client =
+                    move |i: usize| VirtualClient::new(Arc::clone(&target), i as u64, stride);
+                let plan = OpenPlan {
+                    arrivals: &mut self.arrivals,
+                    max_in_flight,
+                    until,
+                };
+                run_open_phase(clients, new_client, plan).await
+            }
+        };
+        self.clients = clients;
+        Ok(tally)
+    }
+}
+
+/// Closed loop: runs every client until `until`, each on its own task; returns them for the
+/// next phase.
+async fn run_closed_phase<C: Client>(
+    clients: Vec<C>,
     until: Instant,
-) -> anyhow::Result<(Vec<VirtualClient>, Tally)> {
+) -> anyhow::Result<(Vec<C>, Tally)> {
     let handles: Vec<_> = clients
         .into_iter()
-        .map(|c| tokio::spawn(c.run(until)))
+        .map(|c| tokio::spawn(run_until(c, until)))
         .collect();
     let mut clients = Vec::with_capacity(handles.len());
     let mut total = Tally::new();
@@ -87,20 +150,21 @@ async fn run_phase(
 /// The model's statistics, or `None` (printed as "plugin time: n/a") when the route does not
 /// answer 200 with the expected fields.
 async fn stats(target: &Target, model: &str) -> Option<StatsSnapshot> {
-    match get(target, &target.stats_uri).await {
+    let uri = target.stats_uri.as_ref()?;
+    match get(target, uri).await {
         Ok((status, body)) if status.is_success() => match parse_stats(&body, model) {
             Ok(snapshot) => Some(snapshot),
             Err(why) => {
-                eprintln!("loadgen: ignoring {}: {why}", target.stats_uri);
+                eprintln!("unimodel bench: ignoring {uri}: {why}");
                 None
             }
         },
         Ok((status, _)) => {
-            eprintln!("loadgen: {} answered {status}", target.stats_uri);
+            eprintln!("unimodel bench: {uri} answered {status}");
             None
         }
         Err(e) => {
-            eprintln!("loadgen: {}: {e:#}", target.stats_uri);
+            eprintln!("unimodel bench: {uri}: {e:#}");
             None
         }
     }
@@ -128,7 +192,7 @@ pub fn summarise(
     elapsed: Duration,
     tally: &Tally,
     tensor_bytes: u64,
-    plugin: Option<crate::plugin_stats::PluginTime>,
+    plugin: Option<crate::bench::plugin_stats::PluginTime>,
     cpu: Cpu,
 ) -> StepReport {
     let secs = elapsed.as_secs_f64();
@@ -175,9 +239,10 @@ pub fn summarise(
             tensor_bytes_per_req: tensor_bytes,
         },
         round_trip_at_p50: round_trip,
+        offered_rate: None,
         plugin,
         overhead_p50_us,
-        loadgen_cpu: Cpu {
+        bench_cpu: Cpu {
             s_per_1000_requests: (requests > 0).then(|| cpu_s * 1000.0 / requests as f64),
             ..cpu
         },
@@ -187,8 +252,8 @@ pub fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin_stats::PluginTime;
-    use crate::tally::ErrorKind;
+    use crate::bench::plugin_stats::PluginTime;
+    use crate::bench::tally::ErrorKind;
 
     #[test]
     fn summary_rates_and_overhead() {
@@ -220,7 +285,7 @@ mod tests {
         let rt = s.round_trip_at_p50.unwrap();
         assert!((rt.payload_gb_per_s - 4000.0 / 200e-6 / 1e9).abs() < 1e-9);
         assert!((rt.tensor_gb_per_s - 800.0 / 200e-6 / 1e9).abs() < 1e-9);
-        let per_1000 = s.loadgen_cpu.s_per_1000_requests.unwrap();
+        let per_1000 = s.bench_cpu.s_per_1000_requests.unwrap();
         assert!((per_1000 - 0.3 * 1000.0 / 101.0).abs() < 1e-9);
 
         // Overhead is only meaningful without batching and queueing: concurrency 1.
@@ -235,6 +300,6 @@ mod tests {
         let s = summarise(4, Duration::ZERO, &Tally::new(), 0, None, Cpu::default());
         assert_eq!((s.requests, s.req_per_s), (0, 0.0));
         assert!(s.round_trip_at_p50.is_none());
-        assert!(s.loadgen_cpu.s_per_1000_requests.is_none());
+        assert!(s.bench_cpu.s_per_1000_requests.is_none());
     }
 }

@@ -7,10 +7,10 @@
 
 use std::str::FromStr;
 
-use unimodel::engine::DataType;
-use unimodel::engine::tensor::element_count;
+use crate::engine::DataType;
+use crate::engine::tensor::element_count;
 
-/// Largest tensor loadgen agrees to build (bytes of raw data), so a typo cannot exhaust memory.
+/// Largest tensor the bench agrees to build (bytes of raw data), so a typo cannot exhaust memory.
 const MAX_TENSOR_BYTES: usize = 1 << 31;
 
 /// Why an `--input` value was rejected.
@@ -24,7 +24,7 @@ pub enum SpecError {
     Datatype { given: String, datatype: String },
     #[error("input '{given}': dimension '{dim}' must be a positive integer (shape looks like 1x3)")]
     Dimension { given: String, dim: String },
-    #[error("input '{given}': {bytes} bytes is over loadgen's limit of {MAX_TENSOR_BYTES} bytes")]
+    #[error("input '{given}': {bytes} bytes is over the bench's limit of {MAX_TENSOR_BYTES} bytes")]
     TooLarge { given: String, bytes: u128 },
 }
 

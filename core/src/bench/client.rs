@@ -1,12 +1,14 @@
-//! Virtual clients: one keep-alive HTTP/1.1 connection each, sending one request at a time
-//! (closed loop) until a deadline.
+//! Virtual clients: one keep-alive HTTP/1.1 connection each, one request at a time.
 //!
-//! A client owns its connection and its running sequence number; `step.rs` runs all clients of a
-//! step through the warm-up and the measured phase, handing each back between phases so the
-//! connections stay open. A failed connection is dropped and re-opened on the next request.
+//! A client owns its connection and its running sequence number. The closed loop
+//! (`closed_loop.rs`) runs each client back to back until a deadline; the open loop
+//! (`open_loop.rs`) hands an idle client each scheduled arrival. Clients are handed back between
+//! phases so connections stay open. A failed connection is dropped and re-opened on the next
+//! request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -20,11 +22,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::PayloadBody;
-use crate::check::check_doubled;
-use crate::input_spec::InputSpec;
-use crate::payload::{HEADER_LENGTH, Payload};
-use crate::tally::{ErrorKind, Tally};
+use crate::bench::args::Protocol;
+use crate::bench::body::PayloadBody;
+use crate::bench::check::check_doubled;
+use crate::bench::input_spec::InputSpec;
+use crate::bench::payload::{HEADER_LENGTH, Payload};
+use crate::bench::tally::{Answer, ErrorKind, Outcome, Tally};
 
 /// Pause after a failed connect, so a server that is down costs a few hundred attempts per
 /// second per client, not a busy loop that starves the machine the server shares.
@@ -37,12 +40,22 @@ pub struct Target {
     /// The `Host` header.
     pub host: HeaderValue,
     pub infer_uri: Uri,
-    pub stats_uri: Uri,
+    /// `None` where the server has no KServe statistics (http-json).
+    pub stats_uri: Option<Uri>,
     pub payload: Payload,
     /// The first input, when responses are checked with `--check-double`.
     pub check: Option<InputSpec>,
     /// Bound on one request, connect included.
     pub timeout: Duration,
+    /// Requests finished so far, for the progress line.
+    pub progress: Progress,
+}
+
+/// Finished and failed requests of the run so far, shared by every client.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub errors: AtomicU64,
 }
 
 impl Target {
@@ -50,6 +63,7 @@ impl Target {
     pub async fn resolve(
         url: &str,
         model: &str,
+        protocol: Protocol,
         payload: Payload,
         check: Option<InputSpec>,
         timeout: Duration,
@@ -58,7 +72,7 @@ impl Target {
             .parse()
             .with_context(|| format!("--url '{url}' is not a URL"))?;
         if uri.scheme_str() != Some("http") {
-            bail!("--url '{url}': only http:// is supported (loadgen speaks plain HTTP/1.1)");
+            bail!("--url '{url}': only http:// is supported (the bench speaks plain HTTP/1.1)");
         }
         let authority = uri.authority().context("--url needs a host")?.clone();
         let port = authority.port_u16().unwrap_or(80);
@@ -73,14 +87,25 @@ impl Target {
                 .parse()
                 .with_context(|| format!("--model '{model}' does not fit in a URL path"))
         };
+        let (infer_uri, stats_uri) = match protocol {
+            // The endpoint is the URL itself; plain JSON servers have no statistics route.
+            Protocol::HttpJson => (
+                uri.path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .parse::<Uri>()?,
+                None,
+            ),
+            Protocol::Rest | Protocol::RestBinary => (path("infer")?, Some(path("stats")?)),
+        };
         Ok(Target {
             addr,
             host: HeaderValue::from_str(authority.as_str())?,
-            infer_uri: path("infer")?,
-            stats_uri: path("stats")?,
+            infer_uri,
+            stats_uri,
             payload,
             check,
             timeout,
+            progress: Progress::default(),
         })
     }
 }
@@ -135,7 +160,36 @@ struct Answered {
     kept: Option<Vec<Bytes>>,
 }
 
-/// A closed-loop client.
+/// What the load drivers (`step.rs`'s closed loop, `open_loop.rs`) need from a protocol: a
+/// client that owns one connection and sends one request at a time. Another protocol (gRPC)
+/// is another implementation of this trait; the drivers, tally and reports stay as they are.
+pub trait Client: Send + 'static {
+    /// One request whose latency counts from `start` (its scheduled time in the open loop):
+    /// answered, failed or timed out, always exactly one outcome, never a panic.
+    fn one(&mut self, start: Instant) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Closed loop: sends requests back to back until `until`; a request started before `until`
+/// is finished (or times out) and counted. Returns the client for the next phase.
+pub async fn run_until<C: Client>(mut client: C, until: Instant) -> (C, Tally) {
+    let mut tally = Tally::new();
+    loop {
+        let start = Instant::now();
+        if start >= until {
+            break;
+        }
+        tally.record(client.one(start).await);
+    }
+    (client, tally)
+}
+
+impl Client for VirtualClient {
+    fn one(&mut self, start: Instant) -> impl Future<Output = Outcome> + Send {
+        self.send_one(start)
+    }
+}
+
+/// An HTTP/1.1 client (KServe REST, REST binary, plain JSON).
 pub struct VirtualClient {
     target: Arc<Target>,
     sender: Option<SendRequest<PayloadBody>>,
@@ -155,34 +209,31 @@ impl VirtualClient {
         }
     }
 
-    /// Sends requests back to back until `until`; a request started before `until` is
-    /// finished (or times out) and counted.
-    pub async fn run(mut self, until: Instant) -> (VirtualClient, Tally) {
-        let mut tally = Tally::new();
-        loop {
-            let start = Instant::now();
-            if start >= until {
-                break;
-            }
-            match tokio::time::timeout(self.target.timeout, self.request(start)).await {
-                Ok(Ok(answered)) => match self.verify(answered) {
-                    Ok(a) => tally.record_ok(a.latency, a.sent, a.received),
-                    Err(kind) => tally.record_error(kind),
-                },
-                Ok(Err(kind)) => {
-                    if matches!(kind, ErrorKind::Connect) {
-                        tokio::time::sleep(CONNECT_BACKOFF).await;
-                    }
-                    tally.record_error(kind);
+    /// One request whose latency counts from `start` (its scheduled time in the open loop),
+    /// answered, failed or timed out; never panics, always one outcome.
+    async fn send_one(&mut self, start: Instant) -> Outcome {
+        let outcome = match tokio::time::timeout(self.target.timeout, self.request(start)).await {
+            Ok(Ok(answered)) => self
+                .verify(answered)
+                .map(|a| Answer::new(a.latency, a.sent, a.received)),
+            Ok(Err(kind)) => {
+                if matches!(kind, ErrorKind::Connect) {
+                    tokio::time::sleep(CONNECT_BACKOFF).await;
                 }
-                Err(_elapsed) => {
-                    // The connection is mid-exchange; it cannot carry another request.
-                    self.sender = None;
-                    tally.record_error(ErrorKind::Timeout);
-                }
+                Err(kind)
             }
+            Err(_elapsed) => {
+                // The connection is mid-exchange; it cannot carry another request.
+                self.sender = None;
+                Err(ErrorKind::Timeout)
+            }
+        };
+        let progress = &self.target.progress;
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        if outcome.is_err() {
+            progress.errors.fetch_add(1, Ordering::Relaxed);
         }
-        (self, tally)
+        outcome
     }
 
     /// One request, read to the end of its response; a non-2xx status is an error.
@@ -225,7 +276,7 @@ impl VirtualClient {
             // Read and drop frame by frame: counting a 16 MiB response costs no copy.
             (self.drain(res.into_body()).await?, None)
         };
-        // Latency ends with the last response byte; checking it is loadgen's own time.
+        // Latency ends with the last response byte; checking it is the bench's own time.
         let latency = start.elapsed();
         if !status.is_success() {
             return Err(ErrorKind::Status(status.as_u16()));

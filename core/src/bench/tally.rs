@@ -43,6 +43,27 @@ impl ErrorKind {
     }
 }
 
+/// An answered request: latency and HTTP body bytes each way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub latency: Duration,
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Answer {
+    pub fn new(latency: Duration, sent: u64, received: u64) -> Answer {
+        Answer {
+            latency,
+            sent,
+            received,
+        }
+    }
+}
+
+/// What became of one request.
+pub type Outcome = Result<Answer, ErrorKind>;
+
 /// Observations of one client or one step.
 #[derive(Clone, Debug)]
 pub struct Tally {
@@ -80,6 +101,14 @@ impl Tally {
         self.ok += 1;
         self.request_bytes += request_bytes;
         self.response_bytes += response_bytes;
+    }
+
+    /// Records one request's outcome, exactly once.
+    pub fn record(&mut self, outcome: Outcome) {
+        match outcome {
+            Ok(a) => self.record_ok(a.latency, a.sent, a.received),
+            Err(kind) => self.record_error(kind),
+        }
     }
 
     pub fn record_error(&mut self, kind: ErrorKind) {

@@ -1,4 +1,4 @@
-//! What loadgen reports: per-step numbers, printed for people and written as JSON (`--json`),
+//! What `unimodel bench` reports: per-step numbers, printed for people and written as JSON (`--json`),
 //! and the summary table over several JSON reports (`--summarize`).
 
 use std::collections::BTreeMap;
@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plugin_stats::PluginTime;
-use crate::tally::Latency;
+use crate::bench::plugin_stats::PluginTime;
+use crate::bench::tally::Latency;
 
 /// A whole run: the settings and one entry per concurrency step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -26,7 +26,8 @@ pub struct Report {
     pub threads: usize,
     pub steps: Vec<StepReport>,
     /// Whole-process CPU: warm-ups, snapshots and start-up included.
-    pub loadgen_cpu: Cpu,
+    #[serde(alias = "loadgen_cpu")]
+    pub bench_cpu: Cpu,
 }
 
 /// One concurrency step's measured phase.
@@ -50,12 +51,16 @@ pub struct StepReport {
     pub traffic: Traffic,
     /// Per-request payload over the p50 latency; `None` when nothing was answered.
     pub round_trip_at_p50: Option<RoundTrip>,
+    /// Open loop: the `--rate` asked for (requests per second); `None` for a closed loop.
+    #[serde(default)]
+    pub offered_rate: Option<f64>,
     /// `None`: the statistics route was unavailable ("plugin time: n/a").
     pub plugin: Option<PluginTime>,
     /// Latency p50 minus plugin time per call, at concurrency 1 only.
     pub overhead_p50_us: Option<f64>,
-    /// Loadgen's own CPU during the phase.
-    pub loadgen_cpu: Cpu,
+    /// The bench's own CPU during the phase.
+    #[serde(alias = "loadgen_cpu")]
+    pub bench_cpu: Cpu,
 }
 
 /// HTTP body bytes of answered requests.
@@ -80,7 +85,7 @@ pub struct RoundTrip {
     pub tensor_gb_per_s: f64,
 }
 
-/// CPU seconds used by loadgen itself.
+/// CPU seconds used by the bench itself.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Cpu {
     pub user_s: f64,
@@ -114,8 +119,12 @@ pub fn format_step(label: &str, s: &StepReport) -> String {
     };
     let _ = writeln!(
         out,
-        "[{label}] concurrency {}: {} requests in {:.2} s, {} ok, errors {errors}; {:.1} req/s",
-        s.concurrency, s.requests, s.elapsed_s, s.ok, s.req_per_s
+        "[{label}] {}: {} requests in {:.2} s, {} ok, errors {errors}; {:.1} req/s",
+        load_name(s),
+        s.requests,
+        s.elapsed_s,
+        s.ok,
+        s.req_per_s
     );
     let l = &s.latency_us;
     let _ = writeln!(
@@ -160,10 +169,10 @@ pub fn format_step(label: &str, s: &StepReport) -> String {
         }
         None => out.push_str("  plugin time: n/a\n"),
     }
-    let c = &s.loadgen_cpu;
+    let c = &s.bench_cpu;
     let _ = writeln!(
         out,
-        "  loadgen cpu: {:.2} s user + {:.2} s sys{}",
+        "  bench cpu: {:.2} s user + {:.2} s sys{}",
         c.user_s,
         c.sys_s,
         c.s_per_1000_requests
@@ -171,6 +180,14 @@ pub fn format_step(label: &str, s: &StepReport) -> String {
             .unwrap_or_default()
     );
     out
+}
+
+/// `concurrency 64`, or `rate 500/s (at most 64 in flight)` for an open-loop step.
+fn load_name(s: &StepReport) -> String {
+    match s.offered_rate {
+        Some(rate) => format!("rate {rate}/s (at most {} in flight)", s.concurrency),
+        None => format!("concurrency {}", s.concurrency),
+    }
 }
 
 /// `1.5 MiB`-style sizes.
@@ -205,7 +222,7 @@ pub fn summary_table(reports: &[Report]) -> String {
         "overhead p50 us",
         "rt GB/s",
         "tensor GB/s",
-        "lg cpu s/1k",
+        "bench cpu s/1k",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     let opt =
@@ -216,7 +233,10 @@ pub fn summary_table(reports: &[Report]) -> String {
             let rt = s.round_trip_at_p50.filter(|_| large);
             rows.push(vec![
                 r.label.clone(),
-                s.concurrency.to_string(),
+                match s.offered_rate {
+                    Some(rate) => format!("{rate}/s"),
+                    None => s.concurrency.to_string(),
+                },
                 format!("{:.1}", s.req_per_s),
                 s.latency_us.p50_us.to_string(),
                 s.latency_us.p90_us.to_string(),
@@ -228,7 +248,7 @@ pub fn summary_table(reports: &[Report]) -> String {
                 opt(s.overhead_p50_us, 1),
                 rt.map_or("-".into(), |x| format!("{:.2}", x.payload_gb_per_s)),
                 rt.map_or("-".into(), |x| format!("{:.2}", x.tensor_gb_per_s)),
-                opt(s.loadgen_cpu.s_per_1000_requests, 4),
+                opt(s.bench_cpu.s_per_1000_requests, 4),
             ]);
         }
     }
@@ -291,6 +311,7 @@ mod tests {
                 payload_gb_per_s: 1.25,
                 tensor_gb_per_s: 0.5,
             }),
+            offered_rate: None,
             plugin: plugin.then_some(PluginTime {
                 worker_calls: 299,
                 rows: 299,
@@ -299,7 +320,7 @@ mod tests {
                 us_per_request: 20.0,
             }),
             overhead_p50_us: plugin.then_some(80.0),
-            loadgen_cpu: Cpu {
+            bench_cpu: Cpu {
                 user_s: 0.1,
                 sys_s: 0.1,
                 s_per_1000_requests: Some(0.6667),
@@ -349,7 +370,7 @@ mod tests {
             duration_s: 3.0,
             threads: 1,
             steps: vec![step(1, 12, true), step(64, 16 << 20, false)],
-            loadgen_cpu: Cpu::default(),
+            bench_cpu: Cpu::default(),
         };
         let text = serde_json::to_string(&report).unwrap();
         let back: Report = serde_json::from_str(&text).unwrap();

@@ -1,9 +1,9 @@
-//! A tiny stand-in for the unimodel server, and loadgen's end-to-end tests against it.
+//! A tiny stand-in for the unimodel server, and the bench's tests against it over a real socket.
 //!
 //! The stand-in serves `POST /v2/models/m/infer` (a doubler for FP32 input 0, in JSON or the
 //! binary extension) and `GET /v2/models/m/stats` (Triton statistics counting every infer call
 //! as one worker call of 7 µs), over a real loopback socket. It records each infer request's
-//! peer address, so tests can see how many connections loadgen opened.
+//! peer address, so tests can see how many connections the bench opened.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::cli::Args;
-use crate::payload::HEADER_LENGTH;
+use crate::bench::args::Args;
+use crate::bench::payload::HEADER_LENGTH;
 
 /// Plugin time the stand-in reports per call.
 const FAKE_INFER_NS: u64 = 7_000;
@@ -64,6 +64,7 @@ async fn start(behaviour: Behaviour) -> (String, Arc<Shared>) {
     let app = Router::new()
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/stats", get(stats))
+        .route("/plain/predict", post(plain))
         .with_state(Arc::clone(&shared));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -101,6 +102,15 @@ async fn infer(
     match header_length {
         Some(len) => binary_double(&body, len, factor),
         None => json_double(&body, factor),
+    }
+}
+
+/// A plain JSON endpoint (what FastAPI or LitServe serve): echoes the body.
+async fn plain(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    shared.infer_requests.fetch_add(1, Ordering::SeqCst);
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(_) => (StatusCode::BAD_REQUEST, "bad json").into_response(),
     }
 }
 
@@ -163,7 +173,7 @@ async fn stats(State(shared): State<Arc<Shared>>, Path(model): Path<String>) -> 
 fn args(url: &str, extra: &[&str]) -> Args {
     use clap::Parser as _;
     let base = [
-        "loadgen",
+        "bench",
         "--url",
         url,
         "--model",
@@ -176,13 +186,13 @@ fn args(url: &str, extra: &[&str]) -> Args {
     Args::try_parse_from(base.iter().chain(extra.iter()).copied()).unwrap()
 }
 
-async fn run(args: &Args) -> crate::report::Report {
+async fn run(args: &Args) -> crate::bench::report::Report {
     args.validate().unwrap();
-    crate::run(args, |_, _| {}).await.unwrap()
+    crate::bench::run(args, |_, _| {}).await.unwrap()
 }
 
-/// Every request loadgen sent reached the server, and each was answered or counted as an error.
-fn assert_counts_add_up(report: &crate::report::Report, shared: &Shared) {
+/// Every request the bench sent reached the server, and each was answered or counted as an error.
+fn assert_counts_add_up(report: &crate::bench::report::Report, shared: &Shared) {
     let mut sent = 0;
     for s in &report.steps {
         assert_eq!(s.ok + s.error_count, s.requests, "{s:?}");
@@ -303,7 +313,7 @@ async fn missing_stats_route_means_plugin_time_na() {
     assert_counts_add_up(&report, &shared);
     let s = &report.steps[0];
     assert!(s.plugin.is_none() && s.overhead_p50_us.is_none());
-    assert!(crate::report::format_step("x", s).contains("plugin time: n/a"));
+    assert!(crate::bench::report::format_step("x", s).contains("plugin time: n/a"));
 }
 
 #[tokio::test]
@@ -329,11 +339,13 @@ async fn refused_connections_are_connect_errors() {
 fn json_report_file_and_summary_table() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (url, _shared) = runtime.block_on(start(Behaviour::default()));
-    let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("unimodel-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("report.json");
     let path_s = path.to_str().unwrap();
-    let code = crate::real_main(&args(
+    let png = dir.join("chart.png");
+    let png_s = png.to_str().unwrap();
+    let code = crate::bench::main(&args(
         &url,
         &[
             "--concurrency",
@@ -342,6 +354,8 @@ fn json_report_file_and_summary_table() {
             "standin",
             "--json",
             path_s,
+            "--plot",
+            png_s,
         ],
     ));
     assert_eq!(code.unwrap(), std::process::ExitCode::SUCCESS);
@@ -358,20 +372,94 @@ fn json_report_file_and_summary_table() {
         "latency_us",
         "traffic",
         "plugin",
-        "loadgen_cpu",
+        "bench_cpu",
     ] {
         assert!(!step[key].is_null(), "{key} missing in {step}");
     }
     assert!(step["latency_us"]["p99_us"].as_u64().unwrap() > 0);
+    assert!(report["bench_cpu"]["s_per_1000_requests"].as_f64().unwrap() > 0.0);
+
+    let chart = std::fs::read(&png).unwrap();
+    assert!(chart.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(
-        report["loadgen_cpu"]["s_per_1000_requests"]
-            .as_f64()
-            .unwrap()
-            > 0.0
+        chart.len() > 5_000,
+        "a chart with axes and labels: {} bytes",
+        chart.len()
     );
 
     let reports = vec![serde_json::from_value(report).unwrap()];
-    let table = crate::report::summary_table(&reports);
+    let table = crate::bench::report::summary_table(&reports);
     assert_eq!(table.lines().count(), 4, "{table}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn open_loop_sends_about_the_rate_and_counts_add_up() {
+    let (url, shared) = start(Behaviour::default()).await;
+    let report = run(&args(
+        &url,
+        &[
+            "--rate",
+            "200,400",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+        ],
+    ))
+    .await;
+    assert_counts_add_up(&report, &shared);
+    for (s, rate) in report.steps.iter().zip([200.0, 400.0]) {
+        assert_eq!(s.offered_rate, Some(rate));
+        assert_eq!(s.concurrency, 8);
+        assert_eq!(s.error_count, 0, "{s:?}");
+        // Poisson counts over one second: mean `rate`, standard deviation sqrt(rate).
+        let sent = s.requests as f64;
+        assert!(
+            (sent - rate).abs() < 5.0 * rate.sqrt(),
+            "{sent} for {rate}/s"
+        );
+        assert!(s.overhead_p50_us.is_none());
+    }
+    // At most 8 connections per step, however the arrivals bunched up.
+    assert!(shared.take_peers() <= 16);
+}
+
+#[tokio::test]
+async fn http_json_posts_the_body_to_the_url_path() {
+    let (url, shared) = start(Behaviour::default()).await;
+    let dir = std::env::temp_dir().join(format!("unimodel-bench-plain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body = dir.join("body.json");
+    std::fs::write(&body, br#"{"x":[1,2,3]}"#).unwrap();
+    let report = run(&args(
+        &format!("{url}/plain/predict"),
+        &[
+            "--protocol",
+            "http-json",
+            "--body-json",
+            body.to_str().unwrap(),
+            "--concurrency",
+            "2",
+        ],
+    ))
+    .await;
+    assert_counts_add_up(&report, &shared);
+    let s = &report.steps[0];
+    assert_eq!(s.error_count, 0, "a wrong path would be 404s: {s:?}");
+    assert!(s.plugin.is_none(), "plain endpoints have no statistics");
+    assert_eq!(s.traffic.request_bytes_per_req, 13.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn against_noop_measures_the_bench_itself() {
+    let url = crate::bench::noop::start().unwrap();
+    let report = run(&args(&url, &["--concurrency", "4"])).await;
+    let s = &report.steps[0];
+    assert_eq!(s.error_count, 0, "{s:?}");
+    assert_eq!(s.ok, s.requests);
+    assert!(s.requests > 10, "{s:?}");
 }

@@ -6,13 +6,13 @@
 
 use std::fmt::Write as _;
 
+use crate::engine::DataType;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
-use unimodel::engine::DataType;
 
-use crate::body::{INLINE_CAPACITY, Inline, PayloadBody};
-use crate::cli::Protocol;
-use crate::input_spec::InputSpec;
+use crate::bench::args::Protocol;
+use crate::bench::body::{INLINE_CAPACITY, Inline, PayloadBody};
+use crate::bench::input_spec::InputSpec;
 
 /// Triton's header naming the length of the JSON part of a binary-extension body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -29,7 +29,7 @@ pub struct Payload {
     pub content_type: HeaderValue,
     /// `Inference-Header-Content-Length` for binary bodies.
     pub header_length: Option<HeaderValue>,
-    /// Raw tensor bytes carried per request (0 for a body file, which loadgen does not parse).
+    /// Raw tensor bytes carried per request (0 for a body file, which the bench does not parse).
     pub tensor_bytes: u64,
 }
 
@@ -42,7 +42,7 @@ impl Payload {
             .map(|i| (i.datatype, protocol));
         let tensor_bytes = inputs.iter().map(|i| raw_data(i, 0).len() as u64).sum();
         match protocol {
-            Protocol::Json => {
+            Protocol::Rest | Protocol::HttpJson => {
                 let (before, after) = json_body(inputs, counter.is_some());
                 Payload {
                     prefix: Bytes::from(before),
@@ -53,7 +53,7 @@ impl Payload {
                     tensor_bytes,
                 }
             }
-            Protocol::Binary => {
+            Protocol::RestBinary => {
                 let header = binary_header(inputs);
                 let header_length = HeaderValue::from(header.len());
                 let mut raw = Vec::with_capacity(tensor_bytes as usize);
@@ -93,10 +93,10 @@ impl Payload {
     pub fn body(&self, seq: u64) -> PayloadBody {
         let middle = self.counter.map(|(datatype, protocol)| {
             let mut buf = [0u8; INLINE_CAPACITY];
-            let value = (seq % crate::input_spec::counter_modulus(datatype)) as i64;
+            let value = (seq % crate::bench::input_spec::counter_modulus(datatype)) as i64;
             let n = match protocol {
-                Protocol::Json => write_json_into(&mut buf, datatype, value),
-                Protocol::Binary => encode_le_into(&mut buf, datatype, value),
+                Protocol::Rest | Protocol::HttpJson => write_json_into(&mut buf, datatype, value),
+                Protocol::RestBinary => encode_le_into(&mut buf, datatype, value),
             };
             Inline::new(&buf[..n])
         });
@@ -243,7 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn json_body_carries_the_counter_in_element_zero() {
-        let payload = Payload::from_inputs(&[spec("x:FP32:1x3")], Protocol::Json);
+        let payload = Payload::from_inputs(&[spec("x:FP32:1x3")], Protocol::Rest);
         assert_eq!(payload.tensor_bytes, 12);
         let body = render(&payload, 12345).await;
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -260,7 +260,7 @@ mod tests {
     #[tokio::test]
     async fn json_body_renders_every_datatype_and_several_inputs() {
         let inputs = [spec("flag:BOOL:2"), spec("s:BYTES:2"), spec("h:FP16:1x2")];
-        let payload = Payload::from_inputs(&inputs, Protocol::Json);
+        let payload = Payload::from_inputs(&inputs, Protocol::Rest);
         let v: serde_json::Value = serde_json::from_slice(&render(&payload, 3).await).unwrap();
         assert_eq!(v["inputs"][0]["data"], serde_json::json!([true, true]));
         assert_eq!(v["inputs"][1]["data"], serde_json::json!(["0", "1"]));
@@ -270,8 +270,10 @@ mod tests {
 
     #[tokio::test]
     async fn binary_body_is_header_then_little_endian_data() {
-        let payload =
-            Payload::from_inputs(&[spec("x:FP32:1x3"), spec("n:INT64:2")], Protocol::Binary);
+        let payload = Payload::from_inputs(
+            &[spec("x:FP32:1x3"), spec("n:INT64:2")],
+            Protocol::RestBinary,
+        );
         assert_eq!(payload.tensor_bytes, 12 + 16);
         let body = render(&payload, 9).await;
         let header_len: usize = payload
@@ -300,7 +302,7 @@ mod tests {
 
     #[test]
     fn sixteen_mebibytes_share_one_buffer() {
-        let payload = Payload::from_inputs(&[spec("x:FP32:1x4194304")], Protocol::Binary);
+        let payload = Payload::from_inputs(&[spec("x:FP32:1x4194304")], Protocol::RestBinary);
         assert_eq!(payload.tensor_bytes, 16 << 20);
         let (a, b) = (payload.body(1), payload.body(2));
         assert_eq!(a.len(), b.len());

@@ -1,9 +1,9 @@
 //! `--check-double`: verifies that the first output of a response is twice the first input,
 //! element by element, for JSON responses and for binary-extension responses.
 
-use unimodel::engine::DataType;
+use crate::engine::DataType;
 
-use crate::input_spec::InputSpec;
+use crate::bench::input_spec::InputSpec;
 
 /// Why a response failed the check.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The counters loadgen reads from one model's statistics.
+/// The counters the bench reads from one model's statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// Worker calls (batches).
