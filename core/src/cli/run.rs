@@ -1,16 +1,17 @@
-//! `unimodel run`: serve a plugin's models over HTTP until SIGTERM or SIGINT.
+//! `unimodel run`: serve a plugin's models over HTTP and gRPC until SIGTERM or SIGINT.
 //!
 //! 1. Prepare Python and inspect the plugin (errors print the plugin's traceback).
 //! 2. Listen at once, so `/v2/health/live` answers while workers load.
 //! 3. Spawn the workers; report each instance that becomes ready ("2/4 instances ready",
 //!    `progress.rs`) and print one line per model once it is READY (or FAILED).
 //! 4. On the first signal: readiness false, new requests 503, queued and running work
-//!    finishes (up to `--drain-timeout-ms`), HTTP stops, workers stop, exit 0.
+//!    finishes (up to `--drain-timeout-ms`), HTTP and gRPC stop, workers stop, exit 0.
 //!    A second signal exits at once (workers die with us through PDEATHSIG).
 
 use super::args::RunArgs;
 use super::metrics_port;
 use super::serving::{ServeSettings, load_plugin, start_engine};
+use crate::api::grpc::{self, GrpcConfig, GrpcServer};
 use crate::api::http::{HttpConfig, router, serve};
 use crate::engine::{Engine, ModelState};
 use crate::telemetry::metrics::Metrics;
@@ -63,14 +64,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_http_rx.await;
     }));
     tracing::info!(address = %base, plugin = %loaded.spec.file.display(), "listening");
+    let grpc = start_grpc(&args, &engine).await?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     tokio::select! {
-        _ = report_models(&engine, &base) => {}
-        _ = sigterm.recv() => return shutdown(&engine, &args, stop_http_tx, http, &mut sigterm, &mut sigint).await,
-        _ = sigint.recv() => return shutdown(&engine, &args, stop_http_tx, http, &mut sigterm, &mut sigint).await,
+        _ = report_models(&engine, &base) => grpc.readiness_changed(),
+        _ = sigterm.recv() => return shutdown(&engine, &args, stop_http_tx, http, grpc, &mut sigterm, &mut sigint).await,
+        _ = sigint.recv() => return shutdown(&engine, &args, stop_http_tx, http, grpc, &mut sigterm, &mut sigint).await,
     }
     tokio::select! {
         _ = sigterm.recv() => {}
@@ -81,10 +83,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &args,
         stop_http_tx,
         http,
+        grpc,
         &mut sigterm,
         &mut sigint,
     )
     .await
+}
+
+/// Starts the gRPC server on `--host:--grpc-port` and logs where it listens.
+async fn start_grpc(args: &RunArgs, engine: &Engine) -> anyhow::Result<GrpcServer> {
+    let cfg = GrpcConfig {
+        max_message_bytes: args.max_body_bytes,
+    };
+    let server = grpc::start(args.host, args.grpc_port, Arc::new(engine.clone()), cfg).await?;
+    tracing::info!(address = %server.addr(), "grpc listening");
+    Ok(server)
 }
 
 /// Waits for each model to finish loading and prints its summary line.
@@ -126,6 +139,7 @@ async fn shutdown(
     args: &RunArgs,
     stop_http: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    grpc: GrpcServer,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<ExitCode> {
@@ -139,6 +153,7 @@ async fn shutdown(
             engine.abort().await;
         }
         let _ = stop_http.send(());
+        grpc.stop(HTTP_STOP_GRACE).await;
         // In-flight responses are already written; bound the wait for idle connections.
         match tokio::time::timeout(HTTP_STOP_GRACE, http).await {
             Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
