@@ -1,10 +1,10 @@
 """Helpers for the end-to-end tests: run the real `unimodel` binary, talk KServe V2 to it.
 
 `ServerFactory` starts `unimodel run PLUGIN` on a free port (gRPC on a port the server
-picks, `--grpc-port 0`, read back from its "grpc listening" log line), waits (bounded) until it is ready
-or a model reaches a given state, sends its log (stdout and stderr) to a file, and always kills
-it at teardown. The infer helpers speak both the JSON form and Triton's binary tensor extension
-with `requests`; every call has a timeout, every wait has a deadline.
+picks, `--grpc-port 0`, read back from its "grpc listening" log line), waits (bounded) until
+it is ready or a model reaches a given state, sends its log (stdout and stderr) to a file, and
+always kills it at teardown. The infer helpers speak both the JSON form and Triton's binary
+tensor extension with `requests`; every call has a timeout, every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ HTTP_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds for every request
 POLL_INTERVAL_S = 0.05
 STOP_GRACE_S = 5.0
 # The address in the server's "grpc listening" log line (text or JSON log format).
-GRPC_LISTENING = re.compile(r"grpc listening.*?(127\.0\.0\.1:\d+)|(127\.0\.0\.1:\d+).*?grpc listening")
+GRPC_LISTENING = re.compile(
+    r"grpc listening.*?(127\.0\.0\.1:\d+)|(127\.0\.0\.1:\d+).*?grpc listening"
+)
 
 NP_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
