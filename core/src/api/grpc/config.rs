@@ -161,7 +161,7 @@ pub fn to_json(c: &proto::ModelConfig) -> Value {
         out["version_policy"] = json!({ "latest": { "num_versions": l.num_versions } });
     }
     if let Some(SchedulingChoice::DynamicBatching(b)) = &c.scheduling_choice {
-        let policy = b.default_queue_policy.clone().unwrap_or_default();
+        let policy = b.default_queue_policy.unwrap_or_default();
         out["dynamic_batching"] = json!({
             "preferred_batch_size": b.preferred_batch_size,
             "max_queue_delay_microseconds": b.max_queue_delay_microseconds,
