@@ -8,7 +8,9 @@
 #   1. c=1,  JSON x:FP32:1x3, server started with --max-queue-delay-ms 0 (pure per-request latency)
 #   2. c=64, JSON x:FP32:1x3, server with default flags (dynamic batching)
 #   3. c=1,  binary x:FP32:1x4194304 (16 MiB round trip), same server
-#   4. optional: wrk at c=64 on step 2's request, when wrk is installed (WRK=0 skips it)
+#   4. c=1 and c=64, gRPC ModelInfer x:FP32:1x3 (raw_input_contents), beside steps 1 and 2
+#      on the same servers (GRPC=0 skips them)
+#   5. optional: wrk at c=64 on step 2's request, when wrk is installed (WRK=0 skips it)
 # then SIGTERM to the server and one summary table.
 #
 # Environment: UNIMODEL_PYTHON (python for the workers, passed through), PLUGIN (default
@@ -48,6 +50,7 @@ mkdir -p "$OUT_DIR"
 
 SERVER_PID=""
 PORT=""
+GRPC_PORT=""
 
 # A port the kernel just handed out and released; nothing else on this machine races for it
 # within the second before the server binds it.
@@ -61,9 +64,10 @@ start_server() {
     local name=$1
     shift
     PORT=$(free_port)
+    GRPC_PORT=$(free_port)
     local server_log="$OUT_DIR/server-$name.log"
-    log "starting server ($name): $UNIMODEL run $PLUGIN --port $PORT $*"
-    "$UNIMODEL" run "$PLUGIN" --port "$PORT" "$@" >"$server_log" 2>&1 &
+    log "starting server ($name): $UNIMODEL run $PLUGIN --port $PORT --grpc-port $GRPC_PORT $*"
+    "$UNIMODEL" run "$PLUGIN" --port "$PORT" --grpc-port "$GRPC_PORT" "$@" >"$server_log" 2>&1 &
     SERVER_PID=$!
     # The server offers no readiness event to a separate process: probe /v2/health/ready,
     # bounded by READY_TIMEOUT, and give up at once if the server exits.
@@ -111,10 +115,14 @@ fi
 loadgen_step() {
     local name=$1
     shift
+    local check=("${CHECK_FLAG[@]}")
+    # loadgen checks doubled values in HTTP answers only (the e2e suite checks gRPC's).
+    [[ " $* " == *" --protocol grpc "* ]] && check=()
     log "loadgen: $name"
-    "$LOADGEN" --url "http://$HOST:$PORT" --model "$MODEL" --duration "$DURATION" \
+    "$LOADGEN" --url "http://$HOST:$PORT" --grpc-url "http://$HOST:$GRPC_PORT" \
+        --model "$MODEL" --duration "$DURATION" \
         --warmup "$WARMUP" --threads "$LOADGEN_THREADS" --label "$name" \
-        --json "$OUT_DIR/$name.json" "${CHECK_FLAG[@]}" "$@" || FAILED=1
+        --json "$OUT_DIR/$name.json" "${check[@]}" "$@" || FAILED=1
 }
 
 REPORTS=()
@@ -122,6 +130,10 @@ REPORTS=()
 if start_server nodelay --max-queue-delay-ms 0; then
     loadgen_step c1-json-1x3-nodelay --concurrency 1 --protocol json --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c1-json-1x3-nodelay.json")
+    if [[ "${GRPC:-1}" != 0 ]]; then
+        loadgen_step c1-grpc-1x3-nodelay --concurrency 1 --protocol grpc --input x:FP32:1x3
+        REPORTS+=("$OUT_DIR/c1-grpc-1x3-nodelay.json")
+    fi
     stop_server
 else
     FAILED=1
@@ -130,6 +142,10 @@ fi
 if start_server default; then
     loadgen_step c64-json-1x3-batched --concurrency 64 --protocol json --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c64-json-1x3-batched.json")
+    if [[ "${GRPC:-1}" != 0 ]]; then
+        loadgen_step c64-grpc-1x3-batched --concurrency 64 --protocol grpc --input x:FP32:1x3
+        REPORTS+=("$OUT_DIR/c64-grpc-1x3-batched.json")
+    fi
     loadgen_step c1-binary-16MiB --concurrency 1 --protocol binary --input x:FP32:1x4194304
     REPORTS+=("$OUT_DIR/c1-binary-16MiB.json")
 

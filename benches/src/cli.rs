@@ -15,6 +15,9 @@ pub enum Protocol {
     /// Triton's binary tensor extension: a JSON header, then raw little-endian tensor bytes;
     /// responses are requested binary too (`binary_data_output`).
     Binary,
+    /// KServe V2 gRPC `ModelInfer` at `--grpc-url`, inputs as `raw_input_contents` (what
+    /// `tritonclient.grpc` sends); statistics still come from `--url`.
+    Grpc,
 }
 
 impl Protocol {
@@ -22,6 +25,7 @@ impl Protocol {
         match self {
             Protocol::Json => "json",
             Protocol::Binary => "binary",
+            Protocol::Grpc => "grpc",
         }
     }
 }
@@ -34,6 +38,9 @@ pub struct Args {
     /// Server base URL (plain http).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub url: String,
+    /// The server's gRPC address, for `--protocol grpc`.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    pub grpc_url: String,
     /// Model to call: POST {url}/v2/models/{model}/infer.
     #[arg(long, default_value = "doubler")]
     pub model: String,
@@ -137,8 +144,18 @@ impl Args {
         if self.threads == 0 {
             problems.push("--threads must be 1 or more".into());
         }
-        if self.body_file.is_some() && self.protocol == Protocol::Binary {
-            problems.push("--body-file is sent as JSON; use --input with --protocol binary".into());
+        if self.body_file.is_some() && self.protocol != Protocol::Json {
+            problems.push(format!(
+                "--body-file is sent as JSON; use --input with --protocol {}",
+                self.protocol.name()
+            ));
+        }
+        if self.check_double && self.protocol == Protocol::Grpc {
+            problems.push(
+                "--check-double checks HTTP responses; drop it with --protocol grpc (the e2e \
+                 suite checks gRPC answers)"
+                    .into(),
+            );
         }
         if self.check_double {
             match self.effective_inputs().first() {
@@ -231,6 +248,9 @@ mod tests {
         ] {
             assert!(why.contains(needle), "{needle} missing from: {why}");
         }
+        let g = parse(&["--protocol", "grpc", "--check-double"]);
+        assert!(g.validate().unwrap_err().contains("--protocol grpc"));
+        assert_eq!(parse(&["--protocol", "grpc"]).validate(), Ok(()));
         assert!(
             parse(&["--input", "s:BYTES:2", "--check-double"])
                 .validate()

@@ -10,6 +10,7 @@
 //! - `input_spec`: `--input NAME:DATATYPE:SHAPE` and the values it holds.
 //! - `payload`, `body`: request bodies pre-built once, with a per-request counter.
 //! - `client`: virtual clients and their connections.
+//! - `grpc_client`: the same over KServe V2 gRPC (`--protocol grpc`).
 //! - `check`: `--check-double`.
 //! - `tally`: per-client counts and latency histogram.
 //! - `plugin_stats`: the server's statistics, before and after a step.
@@ -20,6 +21,7 @@ mod body;
 mod check;
 mod cli;
 mod client;
+mod grpc_client;
 mod input_spec;
 mod payload;
 mod plugin_stats;
@@ -39,6 +41,7 @@ use clap::Parser as _;
 
 use crate::cli::Args;
 use crate::client::Target;
+use crate::grpc_client::GrpcTarget;
 use crate::payload::Payload;
 use crate::report::{Report, format_step, summary_table};
 use crate::step::{StepPlan, cpu_seconds, run_step};
@@ -118,6 +121,15 @@ async fn run(
     };
     let timeout = Duration::from_secs_f64(args.timeout);
     let target = Arc::new(Target::resolve(&args.url, &args.model, payload, check, timeout).await?);
+    let grpc = match args.protocol {
+        cli::Protocol::Grpc => Some(Arc::new(GrpcTarget::new(
+            &args.grpc_url,
+            &args.model,
+            &inputs,
+            timeout,
+        )?)),
+        _ => None,
+    };
     let label = args.effective_label();
 
     let mut steps = Vec::with_capacity(args.concurrency.len());
@@ -127,7 +139,7 @@ async fn run(
             warmup: Duration::from_secs_f64(args.warmup),
             duration: Duration::from_secs_f64(args.duration),
         };
-        let step = run_step(&target, &args.model, plan).await?;
+        let step = run_step(&target, grpc.as_ref(), &args.model, plan).await?;
         on_step(&label, &step);
         steps.push(step);
     }

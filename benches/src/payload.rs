@@ -53,7 +53,8 @@ impl Payload {
                     tensor_bytes,
                 }
             }
-            Protocol::Binary => {
+            // gRPC clients build their own messages; the binary body stands in for the sizes.
+            Protocol::Binary | Protocol::Grpc => {
                 let header = binary_header(inputs);
                 let header_length = HeaderValue::from(header.len());
                 let mut raw = Vec::with_capacity(tensor_bytes as usize);
@@ -96,7 +97,7 @@ impl Payload {
             let value = (seq % crate::input_spec::counter_modulus(datatype)) as i64;
             let n = match protocol {
                 Protocol::Json => write_json_into(&mut buf, datatype, value),
-                Protocol::Binary => encode_le_into(&mut buf, datatype, value),
+                Protocol::Binary | Protocol::Grpc => encode_le_into(&mut buf, datatype, value),
             };
             Inline::new(&buf[..n])
         });

@@ -11,6 +11,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use tokio::time::Instant;
 
 use crate::client::{Target, VirtualClient, get};
+use crate::grpc_client::{GrpcClient, GrpcTarget};
 use crate::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
 use crate::report::{Cpu, RoundTrip, StepReport, Traffic};
 use crate::tally::Tally;
@@ -23,15 +24,41 @@ pub struct StepPlan {
     pub duration: Duration,
 }
 
-/// Runs one step and reports it.
+/// A virtual client of either protocol.
+enum Client {
+    Http(VirtualClient),
+    Grpc(GrpcClient),
+}
+
+impl Client {
+    async fn run(self, until: Instant) -> (Client, Tally) {
+        match self {
+            Client::Http(c) => {
+                let (c, t) = c.run(until).await;
+                (Client::Http(c), t)
+            }
+            Client::Grpc(c) => {
+                let (c, t) = c.run(until).await;
+                (Client::Grpc(c), t)
+            }
+        }
+    }
+}
+
+/// Runs one step and reports it; with `grpc`, the clients speak gRPC to it and `target`
+/// serves only the statistics.
 pub async fn run_step(
     target: &Arc<Target>,
+    grpc: Option<&Arc<GrpcTarget>>,
     model: &str,
     plan: StepPlan,
 ) -> anyhow::Result<StepReport> {
     let n = plan.concurrency as u64;
-    let mut clients: Vec<VirtualClient> = (0..n)
-        .map(|i| VirtualClient::new(Arc::clone(target), i, n))
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| match grpc {
+            Some(g) => Client::Grpc(GrpcClient::new(Arc::clone(g), i, n)),
+            None => Client::Http(VirtualClient::new(Arc::clone(target), i, n)),
+        })
         .collect();
     let mut warmup_requests = 0;
     if !plan.warmup.is_zero() {
@@ -66,10 +93,7 @@ pub async fn run_step(
 }
 
 /// Runs every client until `until`, each on its own task; returns them for the next phase.
-async fn run_phase(
-    clients: Vec<VirtualClient>,
-    until: Instant,
-) -> anyhow::Result<(Vec<VirtualClient>, Tally)> {
+async fn run_phase(clients: Vec<Client>, until: Instant) -> anyhow::Result<(Vec<Client>, Tally)> {
     let handles: Vec<_> = clients
         .into_iter()
         .map(|c| tokio::spawn(c.run(until)))

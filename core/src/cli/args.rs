@@ -21,7 +21,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Log one line per HTTP request (method, path, model, status, latency, batch size,
-    /// trace id) at INFO, target `unimodel::access`. Off by default: at tens of thousands of
+    /// trace id) and per gRPC inference at INFO, target `unimodel::access`. Off by default: at tens of thousands of
     /// requests per second it costs more than the rest of the request path.
     #[arg(long, global = true)]
     pub access_log: bool,
