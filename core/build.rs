@@ -1,10 +1,27 @@
-//! Build script: makes cargo rebuild when the embedded Python SDK changes.
+//! Build script: compiles the gRPC protocol and makes cargo rebuild when the embedded
+//! Python SDK changes.
+//!
+//! The `.proto` files in `proto/` are parsed by `protox` (a protobuf compiler written in
+//! Rust), so building needs no system `protoc`; `tonic-prost-build` turns the descriptors
+//! into the message types and the server trait (`api/grpc/mod.rs` includes them).
 //!
 //! `include_dir!` (in `worker/python.rs`) embeds `python/unimodel`, but on stable Rust it
-//! cannot tell cargo which files it read, so without this an SDK edit would not reach the
-//! binary until something else forced a rebuild.
+//! cannot tell cargo which files it read, so without the rerun line an SDK edit would not
+//! reach the binary until something else forced a rebuild.
 
-fn main() {
+const PROTOS: &[&str] = &["grpc_service.proto", "model_config.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../python/unimodel");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=../proto");
+    let descriptors = protox::compile(PROTOS, ["../proto"])?;
+    tonic_prost_build::configure()
+        // The client is for `benches/` (the gRPC load mode); the server needs none.
+        .build_client(true)
+        // Raw tensor data is sliced into engine tensors without a copy.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
+        .compile_fds(descriptors)?;
+    Ok(())
 }

@@ -1,9 +1,10 @@
 """Helpers for the end-to-end tests: run the real `unimodel` binary, talk KServe V2 to it.
 
-`ServerFactory` starts `unimodel run PLUGIN` on a free port, waits (bounded) until it is ready
-or a model reaches a given state, sends its log (stdout and stderr) to a file, and always kills
-it at teardown. The infer helpers speak both the JSON form and Triton's binary tensor extension
-with `requests`; every call has a timeout, every wait has a deadline.
+`ServerFactory` starts `unimodel run PLUGIN` on a free port (gRPC on a port the server
+picks, `--grpc-port 0`, read back from its "grpc listening" log line), waits (bounded) until
+it is ready or a model reaches a given state, sends its log (stdout and stderr) to a file, and
+always kills it at teardown. The infer helpers speak both the JSON form and Triton's binary
+tensor extension with `requests`; every call has a timeout, every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -33,6 +35,10 @@ STARTUP_DEADLINE_S = 90.0
 HTTP_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds for every request
 POLL_INTERVAL_S = 0.05
 STOP_GRACE_S = 5.0
+# The address in the server's "grpc listening" log line (text or JSON log format).
+GRPC_LISTENING = re.compile(
+    r"grpc listening.*?(127\.0\.0\.1:\d+)|(127\.0\.0\.1:\d+).*?grpc listening"
+)
 
 NP_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -106,6 +112,20 @@ class Server:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    @property
+    def grpc_url(self) -> str:
+        """`127.0.0.1:PORT` of the gRPC server (as `tritonclient.grpc` wants it)."""
+        found: list[str] = []
+
+        def logged() -> bool:
+            match = GRPC_LISTENING.search(self.log_text())
+            if match:
+                found.append(match.group(1) or match.group(2))
+            return bool(match)
+
+        self._poll(logged, "the 'grpc listening' log line", STARTUP_DEADLINE_S)
+        return found[0]
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", HTTP_TIMEOUT)
@@ -212,7 +232,7 @@ class ServerFactory:
         wait: str | tuple[str, str] | None = "ready",
         env: dict[str, str] | None = None,
     ) -> Server:
-        """Runs `unimodel run plugin_path --port P --python PY *flags`.
+        """Runs `unimodel run plugin_path --port P --grpc-port 0 --python PY *flags`.
 
         wait: "ready" (GET /v2/health/ready is 200), (model, state) (GET /v2/models/{model}
         reports that state), or None (return as soon as the process is started).
@@ -256,6 +276,9 @@ class ServerFactory:
             "127.0.0.1",
             "--port",
             str(port),
+            # Tests run several servers at once: let each pick a free gRPC port.
+            "--grpc-port",
+            "0",
             "--python",
             python_bin(),
             *flags,

@@ -31,6 +31,9 @@ pub enum ApiError {
     /// The server as a whole is not live or not ready (health routes).
     #[error("{0}")]
     Unavailable(String),
+    /// A protocol feature this server does not offer (yet), e.g. CUDA shared memory.
+    #[error("{0}")]
+    NotImplemented(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// A shared-memory region operation, or a tensor naming a region, failed.
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::Engine(e) => engine_status(e),
             ApiError::Region(e) => region_status(e),
             ApiError::Repository(e) => repository_status(e),

@@ -126,6 +126,11 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/repository/models/{model}/unload",
             post(repository_unload::<B>),
         )
+        .route("/v2/models/{model}/config", get(model_config::<B>))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config::<B>),
+        )
         .route("/metrics", get(scrape_metrics::<B>))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::page))
@@ -259,7 +264,14 @@ async fn infer<B: Backend>(
             version: p.version.as_deref(),
             served_version: served_version.as_deref(),
         };
-        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, &answer, started);
+        api_metrics::record_infer(
+            m,
+            &*s.backend,
+            PROTOCOL_REST,
+            target,
+            answer.as_ref().map(|_| ()),
+            started,
+        );
     }
     answer
 }
@@ -292,7 +304,8 @@ fn record_generate<B: Backend>(
             version: p.version.as_deref(),
             served_version,
         };
-        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, answer, started);
+        let result = answer.as_ref().map(|_| ());
+        api_metrics::record_infer(m, &*s.backend, PROTOCOL_REST, target, result, started);
     }
 }
 
@@ -350,6 +363,18 @@ async fn generate_stream<B: Backend>(
     .await;
     record_generate(&s, &p, served_version.as_deref(), &answer, started);
     answer
+}
+
+/// `GET /v2/models/{m}[/versions/{v}]/config`: 200 Triton's JSON model configuration (the
+/// same message the gRPC ModelConfig RPC answers), 404 unknown model or version.
+async fn model_config<B: Backend>(
+    State(s): State<AppState<B>>,
+    path: Result<Path<ModelPath>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(p) = path?;
+    let status = s.backend.model(&p.model, p.version.as_deref())?;
+    let config = super::grpc::config::model_config(&status.config);
+    Ok(Json(super::grpc::config::to_json(&config)).into_response())
 }
 
 /// `GET /metrics`: 200 Prometheus text format (version 0.0.4); 404 when the backend keeps

@@ -49,7 +49,7 @@ pub fn record_infer<B: Backend>(
     backend: &B,
     protocol: &'static str,
     target: Target<'_>,
-    result: &Result<Response, ApiError>,
+    result: Result<(), &ApiError>,
     started: Instant,
 ) {
     let elapsed = started.elapsed();

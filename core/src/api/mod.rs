@@ -1,5 +1,7 @@
-//! Network front ends: KServe V2 over HTTP (axum). Parses and encodes; the engine serves.
+//! Network front ends: KServe V2 over HTTP (axum) and gRPC (tonic). Parses and encodes; the
+//! engine serves.
 //!
+//! - `grpc`: the gRPC service, its server and conversions (see its module doc).
 //! - `http`: the router, its handlers and `serve` (graceful shutdown).
 //! - `backend`: the `Backend` trait the routes call; `engine::Engine` implements it.
 //! - `request`: KServe V2 infer request → `engine::InferRequest` (JSON and binary data).
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod binary;
 pub mod error;
 pub mod generate;
+pub mod grpc;
 pub mod http;
 pub mod json_data;
 pub mod metadata;

@@ -17,6 +17,7 @@ impl ApiError {
             ApiError::RouteNotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::NotImplemented(_) => "not_implemented",
             ApiError::Engine(e) => engine_outcome(e),
             ApiError::Region(e) => match e {
                 crate::regions::RegionError::Disabled { .. } => "forbidden",

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[command(
     name = "unimodel",
     version,
-    about = "Serve Python model plugins over KServe V2 (REST) with a Rust core"
+    about = "Serve Python model plugins over KServe V2 (REST and gRPC) with a Rust core"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -21,7 +21,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Log one line per HTTP request (method, path, model, status, latency, batch size,
-    /// trace id) at INFO, target `unimodel::access`. Off by default: at tens of thousands of
+    /// trace id) and per gRPC inference at INFO, target `unimodel::access`. Off by default: at tens of thousands of
     /// requests per second it costs more than the rest of the request path.
     #[arg(long, global = true)]
     pub access_log: bool,
@@ -29,7 +29,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Serve every um.Model in a plugin file over HTTP until SIGTERM/SIGINT.
+    /// Serve every um.Model in a plugin file over HTTP and gRPC until SIGTERM/SIGINT.
     Run(RunArgs),
     /// Serve many models from a model repository directory or a config file, with load
     /// and unload at run time (Triton's model repository API).
@@ -111,6 +111,10 @@ pub struct ServerArgs {
     /// HTTP port (0 picks a free one). Serves KServe V2 and GET /metrics (Prometheus).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// gRPC port (0 picks a free one): KServe V2 `inference.GRPCInferenceService` and
+    /// `grpc.health.v1.Health`, on the same --host. Messages up to --max-body-bytes.
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
     /// Also serve GET /metrics on this port (same --host), e.g. for a scraper that must not
     /// reach the inference port. /metrics stays on the HTTP port as well.
     #[arg(long, value_name = "PORT")]
@@ -237,6 +241,16 @@ mod tests {
         assert_eq!(run.plugin.instances, Some(2));
         assert_eq!(run.plugin.max_queue_delay_ms, Some(0.5));
         assert_eq!(run.server.metrics_port, None);
+        assert_eq!(run.server.grpc_port, 8001);
+    }
+
+    #[test]
+    fn parses_grpc_port() {
+        let cli = Cli::try_parse_from(["unimodel", "run", "p.py", "--grpc-port", "0"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.server.grpc_port, 0);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `unimodel run`: serve a plugin's models over HTTP until SIGTERM or SIGINT.
+//! `unimodel run`: serve a plugin's models over HTTP and gRPC until SIGTERM or SIGINT.
 //!
 //! 1. Prepare Python and inspect the plugin (errors print the plugin's traceback).
 //! 2. Listen at once, so `/v2/health/live` answers while workers load.

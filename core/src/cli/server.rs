@@ -1,14 +1,15 @@
 //! What `run` and `serve` share around the engine: listening, the metrics port, serving HTTP
-//! until a signal, and the orderly shutdown.
+//! and gRPC until a signal, and the orderly shutdown.
 //!
 //! On the first SIGTERM/SIGINT: readiness false, new requests 503, queued and running work
-//! finishes (up to `--drain-timeout-ms`), HTTP stops, workers stop, exit 0. A second signal
+//! finishes (up to `--drain-timeout-ms`), HTTP and gRPC stop, workers stop, exit 0. A second signal
 //! exits at once (workers die with us through PDEATHSIG).
 
 use super::args::ServerArgs;
 use super::metrics_port;
 use super::serving::ServeSettings;
 use crate::api::Backend;
+use crate::api::grpc::{self, GrpcConfig, GrpcServer};
 use crate::api::http::{HttpConfig, router, serve};
 use crate::engine::Engine;
 use crate::telemetry::metrics::Metrics;
@@ -68,8 +69,8 @@ pub async fn metrics(server: &ServerArgs) -> anyhow::Result<Arc<Metrics>> {
     Ok(metrics)
 }
 
-/// Serves `backend` over HTTP, runs `startup` (load reports) beside it, and shuts down on
-/// the first signal.
+/// Serves `backend` over HTTP and gRPC, runs `startup` (load reports) beside it, and shuts
+/// down on the first signal.
 pub async fn serve_until_signal<B: Backend>(
     backend: Arc<B>,
     engine: Engine,
@@ -77,6 +78,16 @@ pub async fn serve_until_signal<B: Backend>(
     server: &ServerArgs,
     startup: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
+    let grpc = grpc::start(
+        server.host,
+        server.grpc_port,
+        Arc::clone(&backend),
+        GrpcConfig {
+            max_message_bytes: server.max_body_bytes,
+        },
+    )
+    .await?;
+    tracing::info!(address = %grpc.addr(), "grpc listening");
     let app = router(
         backend,
         HttpConfig {
@@ -95,7 +106,10 @@ pub async fn serve_until_signal<B: Backend>(
         int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
     };
     tokio::select! {
-        _ = startup => signals.next().await,
+        _ = startup => {
+            grpc.readiness_changed();
+            signals.next().await
+        }
         _ = signals.next() => {}
     }
     let stop = Stop {
@@ -103,6 +117,7 @@ pub async fn serve_until_signal<B: Backend>(
         drain: Duration::from_millis(server.drain_timeout_ms),
         stop_http: stop_http_tx,
         http,
+        grpc,
     };
     stop.run(&mut signals).await
 }
@@ -127,6 +142,7 @@ struct Stop<'a> {
     drain: Duration,
     stop_http: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    grpc: GrpcServer,
 }
 
 impl Stop<'_> {
@@ -136,6 +152,7 @@ impl Stop<'_> {
             drain,
             stop_http,
             http,
+            grpc,
         } = self;
         tracing::info!(
             "shutting down: finishing queued and running requests (up to {drain:?}); a second signal exits at once"
@@ -146,6 +163,7 @@ impl Stop<'_> {
                 engine.abort().await;
             }
             let _ = stop_http.send(());
+            grpc.stop(HTTP_STOP_GRACE).await;
             // In-flight responses are already written; bound the wait for idle connections.
             match tokio::time::timeout(HTTP_STOP_GRACE, http).await {
                 Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),

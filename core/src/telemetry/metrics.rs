@@ -30,6 +30,9 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// The `protocol` label of requests that came in over KServe V2 REST.
 pub const PROTOCOL_REST: &str = "rest";
 
+/// The `protocol` label of requests that came in over KServe V2 gRPC.
+pub const PROTOCOL_GRPC: &str = "grpc";
+
 /// Latency buckets in seconds: 100 µs (an in-process hop) to a minute (the default
 /// execution timeout), roughly three per decade.
 const LATENCY_BUCKETS: [f64; 18] = [

@@ -1,0 +1,412 @@
+//! `ModelInferRequest` → `engine::InferRequest`, and `engine::InferResponse` →
+//! `ModelInferResponse`.
+//!
+//! Inputs arrive either all as `raw_input_contents` (one entry per input, in input order;
+//! what `tritonclient.grpc` sends) or each as typed `contents` (`contents.rs`). Raw entries
+//! are `Bytes` slices of the received message, so they reach the engine without a copy.
+//! Outputs always go back as `raw_output_contents`, as Triton does; clients read either.
+//! Signature checks (names, shapes against the model) belong to `engine::validate`; this
+//! file only checks what the encoding itself promises (shape × datatype against the data).
+
+use super::contents;
+use super::proto::infer_parameter::ParameterChoice;
+use super::proto::model_infer_request::InferInputTensor;
+use super::proto::model_infer_response::InferOutputTensor;
+use super::proto::{InferParameter, ModelInferRequest, ModelInferResponse};
+use crate::api::ApiError;
+use crate::engine::tensor::element_count;
+use crate::engine::{DataType, InferRequest, InferResponse, Tensor};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Decodes one request; `deadline` is the client's gRPC deadline, if it sent one.
+pub fn decode(
+    req: ModelInferRequest,
+    deadline: Option<Duration>,
+) -> Result<InferRequest, ApiError> {
+    let raw = req.raw_input_contents;
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(ApiError::BadRequest(format!(
+            "raw_input_contents has {} entries but the request has {} inputs; send one per \
+             input, in input order, or none and use typed contents",
+            raw.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(|input| decode_input(input, raw.next()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = requested_outputs(req.outputs)?;
+    let timeout = request_timeout(&req.parameters)?;
+    Ok(InferRequest {
+        model: req.model_name,
+        version: non_empty(req.model_version),
+        id: non_empty(req.id),
+        inputs,
+        outputs,
+        // The shorter of the client's deadline and its `timeout` parameter.
+        timeout: match (deadline, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+        trace: None,
+        output_targets: Vec::new(),
+    })
+}
+
+/// Encodes one response, every output as raw little-endian data.
+pub fn encode(response: InferResponse) -> ModelInferResponse {
+    let (outputs, raw) = response
+        .outputs
+        .into_iter()
+        .map(|t| {
+            let meta = InferOutputTensor {
+                name: t.name,
+                datatype: t.datatype.as_str().to_string(),
+                shape: t.shape,
+                parameters: HashMap::new(),
+                contents: None,
+            };
+            (meta, t.data)
+        })
+        .unzip();
+    ModelInferResponse {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id.unwrap_or_default(),
+        parameters: HashMap::new(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn decode_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor, ApiError> {
+    let name = input.name;
+    let bad = |msg: String| ApiError::BadRequest(format!("input '{name}': {msg}"));
+    let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
+        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
+        bad(format!(
+            "unknown datatype '{}'; expected one of {}",
+            input.datatype,
+            known.join(", ")
+        ))
+    })?;
+    if input.parameters.contains_key("shared_memory_region") {
+        return Err(bad(
+            "the shared-memory extension is not supported yet; send the data in \
+             raw_input_contents or contents"
+                .to_string(),
+        ));
+    }
+    let count = element_count(&input.shape).ok_or_else(|| {
+        bad(format!(
+            "shape {:?} has a negative dimension or too many elements",
+            input.shape
+        ))
+    })?;
+    let data = match (raw, input.contents) {
+        (Some(_), Some(c)) if !contents::is_empty(&c) => {
+            return Err(bad(
+                "has both contents and raw_input_contents; send one".to_string()
+            ));
+        }
+        (Some(raw), _) => {
+            check_raw_size(datatype, &input.shape, count, raw.len()).map_err(bad)?;
+            raw
+        }
+        (None, Some(c)) => Bytes::from(contents::decode(&c, datatype, count).map_err(bad)?),
+        // Zero elements need no data; anything else is missing it.
+        (None, None) if count == 0 => Bytes::new(),
+        (None, None) => {
+            return Err(bad(
+                "has no data; send raw_input_contents or contents".to_string()
+            ));
+        }
+    };
+    Ok(Tensor {
+        name,
+        datatype,
+        shape: input.shape,
+        data,
+    })
+}
+
+/// Fixed-size datatypes must send exactly shape × element size; BYTES can only be checked
+/// element by element, which `engine::validate` does.
+fn check_raw_size(
+    datatype: DataType,
+    shape: &[i64],
+    count: usize,
+    size: usize,
+) -> Result<(), String> {
+    let Some(elem) = datatype.size() else {
+        return Ok(());
+    };
+    match count.checked_mul(elem) {
+        Some(expected) if expected == size => Ok(()),
+        Some(expected) => Err(format!(
+            "raw_input_contents has {size} bytes but shape {shape:?} of {datatype} needs \
+             {expected} bytes"
+        )),
+        None => Err(format!("shape {shape:?} has too many elements")),
+    }
+}
+
+fn requested_outputs(
+    outputs: Vec<super::proto::model_infer_request::InferRequestedOutputTensor>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    // An empty list asks for nothing in particular, which Triton treats as every output.
+    if outputs.is_empty() {
+        return Ok(None);
+    }
+    outputs
+        .into_iter()
+        .map(|o| {
+            if o.parameters.contains_key("classification") {
+                return Err(ApiError::BadRequest(format!(
+                    "output '{}': the classification extension is not supported",
+                    o.name
+                )));
+            }
+            if o.parameters.contains_key("shared_memory_region") {
+                return Err(ApiError::BadRequest(format!(
+                    "output '{}': the shared-memory extension is not supported yet",
+                    o.name
+                )));
+            }
+            // `binary_data` means nothing here: gRPC outputs are always raw.
+            Ok(o.name)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// Triton's `timeout` request parameter: the deadline in microseconds (0: none).
+fn request_timeout(params: &HashMap<String, InferParameter>) -> Result<Option<Duration>, ApiError> {
+    let Some(p) = params.get("timeout") else {
+        return Ok(None);
+    };
+    let micros = match &p.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) => u64::try_from(*v).ok(),
+        Some(ParameterChoice::Uint64Param(v)) => Some(*v),
+        _ => None,
+    };
+    match micros {
+        Some(0) => Ok(None),
+        Some(us) => Ok(Some(Duration::from_micros(us))),
+        None => Err(ApiError::BadRequest(
+            "parameter 'timeout' must be a non-negative integer number of microseconds".to_string(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::grpc::proto::InferTensorContents;
+    use crate::api::grpc::proto::model_infer_request::InferRequestedOutputTensor;
+
+    fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            parameters: HashMap::new(),
+            contents: None,
+        }
+    }
+
+    fn request(inputs: Vec<InferInputTensor>, raw: Vec<Bytes>) -> ModelInferRequest {
+        ModelInferRequest {
+            model_name: "m".into(),
+            inputs,
+            raw_input_contents: raw,
+            ..Default::default()
+        }
+    }
+
+    fn f32_bytes(v: &[f32]) -> Bytes {
+        v.iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    fn message(r: Result<InferRequest, ApiError>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn raw_and_typed_contents_give_the_same_tensor() {
+        let raw = decode(
+            request(
+                vec![input("x", "FP32", &[1, 3])],
+                vec![f32_bytes(&[1.0, 2.5, -3.0])],
+            ),
+            None,
+        )
+        .unwrap();
+        let mut typed_input = input("x", "FP32", &[1, 3]);
+        typed_input.contents = Some(InferTensorContents {
+            fp32_contents: vec![1.0, 2.5, -3.0],
+            ..Default::default()
+        });
+        let typed = decode(request(vec![typed_input], vec![]), None).unwrap();
+        assert_eq!(raw.inputs, typed.inputs);
+        assert_eq!(raw.inputs[0].data, f32_bytes(&[1.0, 2.5, -3.0]));
+    }
+
+    #[test]
+    fn ids_versions_outputs_and_deadlines_carry_over() {
+        let mut req = request(vec![input("x", "FP32", &[0])], vec![]);
+        req.id = "req-7".into();
+        req.model_version = "1".into();
+        req.outputs = vec![InferRequestedOutputTensor {
+            name: "y".into(),
+            parameters: HashMap::from([(
+                "binary_data".to_string(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::BoolParam(true)),
+                },
+            )]),
+        }];
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(5_000_000)),
+            },
+        );
+        let r = decode(req.clone(), Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(r.id.as_deref(), Some("req-7"));
+        assert_eq!(r.version.as_deref(), Some("1"));
+        assert_eq!(r.outputs, Some(vec!["y".to_string()]));
+        assert_eq!(r.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(r.inputs[0].data.len(), 0);
+        let r = decode(req, None).unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_secs(5)));
+
+        let plain = decode(request(vec![], vec![]), None).unwrap();
+        assert_eq!(
+            (plain.id, plain.version, plain.outputs, plain.timeout),
+            (None, None, None, None)
+        );
+    }
+
+    #[test]
+    fn malformed_inputs_are_refused_with_what_was_expected() {
+        let wrong_size = message(decode(
+            request(
+                vec![input("x", "FP32", &[1, 3])],
+                vec![f32_bytes(&[1.0, 2.0])],
+            ),
+            None,
+        ));
+        assert_eq!(
+            wrong_size,
+            "input 'x': raw_input_contents has 8 bytes but shape [1, 3] of FP32 needs 12 bytes"
+        );
+        let count = message(decode(
+            request(
+                vec![input("x", "FP32", &[1]), input("z", "FP32", &[1])],
+                vec![f32_bytes(&[1.0])],
+            ),
+            None,
+        ));
+        assert!(
+            count.contains("raw_input_contents has 1 entries but the request has 2 inputs"),
+            "{count}"
+        );
+        let datatype = message(decode(
+            request(vec![input("x", "FLOAT", &[1])], vec![]),
+            None,
+        ));
+        assert!(
+            datatype.starts_with("input 'x': unknown datatype 'FLOAT'; expected one of BOOL"),
+            "{datatype}"
+        );
+        let shape = message(decode(
+            request(vec![input("x", "FP32", &[-1])], vec![]),
+            None,
+        ));
+        assert!(shape.contains("negative dimension"), "{shape}");
+        let missing = message(decode(
+            request(vec![input("x", "FP32", &[2])], vec![]),
+            None,
+        ));
+        assert_eq!(
+            missing,
+            "input 'x': has no data; send raw_input_contents or contents"
+        );
+        let mut both = input("x", "FP32", &[1]);
+        both.contents = Some(InferTensorContents {
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        });
+        let both = message(decode(request(vec![both], vec![f32_bytes(&[1.0])]), None));
+        assert!(
+            both.contains("both contents and raw_input_contents"),
+            "{both}"
+        );
+        let mut shm = input("x", "FP32", &[1]);
+        shm.parameters
+            .insert("shared_memory_region".into(), InferParameter::default());
+        assert!(message(decode(request(vec![shm], vec![]), None)).contains("shared-memory"));
+    }
+
+    #[test]
+    fn bad_timeout_parameter_is_refused() {
+        let mut req = request(vec![], vec![]);
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("soon".into())),
+            },
+        );
+        assert!(message(decode(req, None)).contains("parameter 'timeout'"));
+    }
+
+    #[test]
+    fn responses_carry_raw_outputs_in_order_and_echo_the_id() {
+        let response = InferResponse {
+            model_name: "m".into(),
+            model_version: "1".into(),
+            id: Some("abc".into()),
+            outputs: vec![
+                Tensor {
+                    name: "y".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![1, 2],
+                    data: f32_bytes(&[2.0, 4.0]),
+                },
+                Tensor {
+                    name: "s".into(),
+                    datatype: DataType::Bytes,
+                    shape: vec![1],
+                    data: Bytes::from_static(b"\x02\x00\x00\x00hi"),
+                },
+            ],
+            batch_size: 1,
+        };
+        let encoded = encode(response);
+        assert_eq!(encoded.id, "abc");
+        assert_eq!(
+            encoded
+                .outputs
+                .iter()
+                .map(|o| (o.name.as_str(), o.datatype.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("y", "FP32"), ("s", "BYTES")]
+        );
+        assert_eq!(encoded.outputs[0].shape, vec![1, 2]);
+        assert_eq!(encoded.raw_output_contents[0], f32_bytes(&[2.0, 4.0]));
+        assert_eq!(&encoded.raw_output_contents[1][..], b"\x02\x00\x00\x00hi");
+    }
+}

@@ -1,0 +1,127 @@
+//! KServe V2 over gRPC (tonic): `inference.GRPCInferenceService` and `grpc.health.v1`.
+//!
+//! The protocol comes from `proto/` (compiled by `core/build.rs`); the handlers only
+//! translate, like the REST routes, and call the same `Backend`.
+//!
+//! - `service`: the RPCs; `infer_one` is the inference both ModelInfer and ModelStreamInfer use.
+//! - `stream`: ModelStreamInfer (concurrent, answered in order).
+//! - `convert`: infer request/response messages ↔ engine types; `contents`: typed data.
+//! - `config`: Triton's `ModelConfig` (message and JSON form, the latter for REST too).
+//! - `metadata`: server/model metadata and statistics messages.
+//! - `status`: the one place errors become gRPC statuses.
+//! - `call`: trace and deadline from the call's metadata.
+//! - `health`: `grpc.health.v1.Health`.
+//! - `unsupported`: RPCs whose engine side does not exist yet (clear UNIMPLEMENTED).
+
+mod call;
+pub mod config;
+mod contents;
+mod convert;
+mod health;
+mod metadata;
+mod service;
+pub mod status;
+mod stream;
+mod unsupported;
+
+/// The generated protocol types (messages, server trait, client).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use super::Backend;
+use anyhow::Context as _;
+use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_server::HealthServer;
+
+pub use service::InferenceService;
+
+/// Settings of the gRPC front end.
+#[derive(Clone, Debug)]
+pub struct GrpcConfig {
+    /// Largest request message accepted (`--max-body-bytes`, the REST body limit).
+    pub max_message_bytes: usize,
+}
+
+/// A running gRPC server.
+pub struct GrpcServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Wakes health watchers to re-check readiness.
+    readiness: watch::Sender<()>,
+}
+
+/// Binds `host:port` (0 picks a free port) and serves gRPC on it until `GrpcServer::stop`.
+pub async fn start<B: Backend>(
+    host: IpAddr,
+    port: u16,
+    backend: Arc<B>,
+    cfg: GrpcConfig,
+) -> anyhow::Result<GrpcServer> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for gRPC on {host}:{port} (is another server using the port? \
+                 pick one with --grpc-port)"
+            )
+        })?;
+    let addr = listener
+        .local_addr()
+        .context("reading the gRPC listening address")?;
+    // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&backend)))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let (readiness, changed) = watch::channel(());
+    let health = HealthServer::new(health::HealthService::new(backend, changed));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(
+        Server::builder()
+            .add_service(inference)
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.await;
+            }),
+    );
+    Ok(GrpcServer {
+        addr,
+        stop,
+        task,
+        readiness,
+    })
+}
+
+impl GrpcServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Tells health watchers that readiness may have changed.
+    pub fn readiness_changed(&self) {
+        self.readiness.send_replace(());
+    }
+
+    /// Stops accepting calls and waits up to `grace` for the ones in flight (open streams
+    /// included) to finish.
+    pub async fn stop(self, grace: Duration) {
+        self.readiness_changed();
+        let _ = self.stop.send(());
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e}"),
+            Ok(Err(e)) => tracing::warn!("gRPC server task: {e}"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => tracing::warn!("gRPC calls still open after {grace:?}; closing them"),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! `inference.GRPCInferenceService`: each RPC translates its message, calls the `Backend`,
+//! and translates the answer back. Every failure is an `ApiError`, turned into a status in
+//! one place (`status.rs`). Inference is shared by ModelInfer and ModelStreamInfer
+//! (`infer_one`), which also records metrics (protocol "grpc") and the access log line.
+
+use super::call::CallContext;
+use super::proto::grpc_inference_service_server::GrpcInferenceService;
+use super::proto::*;
+use super::{config, convert, metadata, stream, unsupported};
+use crate::api::metrics::{self as api_metrics, Target};
+use crate::api::{ApiError, Backend};
+use crate::engine::EngineError;
+use crate::telemetry::metrics::{Metrics, PROTOCOL_GRPC};
+use std::sync::Arc;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+/// The service over a backend; cheap to clone (a stream clones it per request).
+pub struct InferenceService<B> {
+    backend: Arc<B>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+// Derived Clone would demand `B: Clone`; only the Arcs are cloned.
+impl<B> Clone for InferenceService<B> {
+    fn clone(&self) -> Self {
+        InferenceService {
+            backend: Arc::clone(&self.backend),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl<B: Backend> InferenceService<B> {
+    pub fn new(backend: Arc<B>) -> InferenceService<B> {
+        let metrics = backend.metrics();
+        InferenceService { backend, metrics }
+    }
+
+    /// One inference, recorded in the metrics and the access log whatever its outcome.
+    pub async fn infer_one(
+        &self,
+        req: ModelInferRequest,
+        call: &CallContext,
+    ) -> Result<ModelInferResponse, ApiError> {
+        let started = Instant::now();
+        let model = req.model_name.clone();
+        let version = (!req.model_version.is_empty()).then(|| req.model_version.clone());
+        let mut served: Option<(String, u32)> = None;
+        let answer = async {
+            let mut request = convert::decode(req, call.deadline)?;
+            request.trace = call.trace.propagate.then_some(call.trace.trace);
+            let response = self.backend.infer(request).await?;
+            served = Some((response.model_version.clone(), response.batch_size));
+            Ok(convert::encode(response))
+        }
+        .instrument(call.span.clone())
+        .await;
+        if let Some(m) = &self.metrics {
+            let target = Target {
+                model: &model,
+                version: version.as_deref(),
+                served_version: served.as_ref().map(|(v, _)| v.as_str()),
+            };
+            let result = answer.as_ref().map(|_| ());
+            api_metrics::record_infer(m, &*self.backend, PROTOCOL_GRPC, target, result, started);
+        }
+        access_log(&model, &answer, served.map(|(_, b)| b), started, call);
+        answer
+    }
+
+    fn model_status(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<crate::engine::ModelStatus, ApiError> {
+        let version = (!version.is_empty()).then_some(version);
+        Ok(self.backend.model(name, version)?)
+    }
+}
+
+/// One line per inference at INFO, target `unimodel::access` (off unless `--access-log`),
+/// the gRPC counterpart of the REST line.
+fn access_log(
+    model: &str,
+    answer: &Result<ModelInferResponse, ApiError>,
+    batch_size: Option<u32>,
+    started: Instant,
+    call: &CallContext,
+) {
+    let latency_ms = started.elapsed().as_micros() as f64 / 1e3;
+    let code = match answer {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => super::status::code(e),
+    };
+    tracing::info!(
+        target: "unimodel::access",
+        protocol = "grpc",
+        model,
+        code = ?code,
+        latency_ms,
+        batch_size,
+        trace_id = %call.trace.trace,
+        "grpc ModelInfer {model} {code:?} {latency_ms:.3}ms",
+    );
+}
+
+#[tonic::async_trait]
+impl<B: Backend> GrpcInferenceService for InferenceService<B> {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> RpcResult<ServerLiveResponse> {
+        Ok(Response::new(ServerLiveResponse {
+            live: self.backend.live(),
+        }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> RpcResult<ServerReadyResponse> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.backend.ready(),
+        }))
+    }
+
+    /// Ready false (not an error) for an unknown model, as Triton answers.
+    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> RpcResult<ModelReadyResponse> {
+        let req = req.into_inner();
+        let ready = match self.model_status(&req.name, &req.version) {
+            Ok(status) => status.state.is_ready(),
+            Err(ApiError::Engine(
+                EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. },
+            )) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> RpcResult<ServerMetadataResponse> {
+        Ok(Response::new(metadata::server_metadata()))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> RpcResult<ModelMetadataResponse> {
+        let req = req.into_inner();
+        let status = self.model_status(&req.name, &req.version)?;
+        Ok(Response::new(metadata::model_metadata(&status)))
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> RpcResult<ModelInferResponse> {
+        let call = CallContext::new(req.metadata(), "ModelInfer");
+        let response = self.infer_one(req.into_inner(), &call).await?;
+        Ok(Response::new(response))
+    }
+
+    type ModelStreamInferStream = stream::ResponseStream;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> RpcResult<Self::ModelStreamInferStream> {
+        let call = CallContext::new(req.metadata(), "ModelStreamInfer");
+        Ok(Response::new(stream::answer_in_order(
+            self.clone(),
+            req.into_inner(),
+            call,
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> RpcResult<ModelConfigResponse> {
+        let req = req.into_inner();
+        let status = self.model_status(&req.name, &req.version)?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config::model_config(&status.config)),
+        }))
+    }
+
+    /// Empty name: every model.
+    async fn model_statistics(
+        &self,
+        req: Request<ModelStatisticsRequest>,
+    ) -> RpcResult<ModelStatisticsResponse> {
+        let req = req.into_inner();
+        let name = (!req.name.is_empty()).then_some(req.name.as_str());
+        let version = (!req.version.is_empty()).then_some(req.version.as_str());
+        let stats = self.backend.stats(name, version).map_err(ApiError::from)?;
+        Ok(Response::new(metadata::statistics(&stats)))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> RpcResult<RepositoryIndexResponse> {
+        Ok(Response::new(unsupported::repository_index(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<RepositoryModelLoadRequest>,
+    ) -> RpcResult<RepositoryModelLoadResponse> {
+        Ok(Response::new(unsupported::repository_model_load(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<RepositoryModelUnloadRequest>,
+    ) -> RpcResult<RepositoryModelUnloadResponse> {
+        Ok(Response::new(unsupported::repository_model_unload(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        req: Request<SystemSharedMemoryStatusRequest>,
+    ) -> RpcResult<SystemSharedMemoryStatusResponse> {
+        Ok(Response::new(unsupported::system_shm_status(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        req: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> RpcResult<SystemSharedMemoryRegisterResponse> {
+        Ok(Response::new(unsupported::system_shm_register(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        req: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> RpcResult<SystemSharedMemoryUnregisterResponse> {
+        Ok(Response::new(unsupported::system_shm_unregister(
+            req.into_inner(),
+        )?))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> RpcResult<CudaSharedMemoryStatusResponse> {
+        Err(unsupported::cuda_shm().into())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> RpcResult<CudaSharedMemoryRegisterResponse> {
+        Err(unsupported::cuda_shm().into())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> RpcResult<CudaSharedMemoryUnregisterResponse> {
+        Err(unsupported::cuda_shm().into())
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> RpcResult<TraceSettingResponse> {
+        Err(unsupported::settings("TraceSetting", "--otlp-endpoint").into())
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> RpcResult<LogSettingsResponse> {
+        Err(unsupported::settings("LogSettings", "UNIMODEL_LOG and --access-log").into())
+    }
+}
