@@ -10,7 +10,15 @@
 use axum::http::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
 use unimodel::api::binary::HEADER_CONTENT_LENGTH;
+use unimodel::regions::Regions;
+
+/// No region is registered, so a body naming one must be refused cleanly.
+fn regions() -> &'static Regions {
+    static REGIONS: OnceLock<Regions> = OnceLock::new();
+    REGIONS.get_or_init(|| Regions::new(true))
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((prefix, body)) = data.split_first_chunk::<4>() else {
@@ -22,7 +30,8 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(HEADER_CONTENT_LENGTH, HeaderValue::from(announced));
     }
     let body = Bytes::copy_from_slice(body);
-    if let Ok(decoded) = unimodel::api::request::decode("m".into(), None, &headers, body) {
+    if let Ok(decoded) = unimodel::api::request::decode("m".into(), None, &headers, body, regions())
+    {
         // Whatever was accepted must be self-consistent enough to describe.
         for t in &decoded.request.inputs {
             let _ = (t.name.len(), t.shape.len(), t.data.len());
