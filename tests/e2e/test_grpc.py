@@ -390,14 +390,7 @@ def test_unsupported_extensions_answer_unimplemented(doubler):
     for call, needle in [
         (c.get_cuda_shared_memory_status, "CUDA shared memory is not supported"),
         (lambda: c.unregister_cuda_shared_memory("r"), "CUDA shared memory is not supported"),
-        (c.get_system_shared_memory_status, "system shared memory is not supported"),
-        (
-            lambda: c.register_system_shared_memory("r", "/key", 64),
-            "system shared memory is not supported",
-        ),
-        (c.get_model_repository_index, "model repository"),
-        (lambda: c.load_model("doubler"), "model repository"),
-        (lambda: c.unload_model("doubler"), "model repository"),
+        (c.get_log_settings, "LogSettings is not supported"),
     ]:
         assert needle in assert_code(grpc_error(call), "UNIMPLEMENTED")
     assert_doubles(doubler)

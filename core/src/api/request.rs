@@ -104,12 +104,13 @@ struct InputParameters {
     shm: ShmParameters,
 }
 
-/// Triton's shared-memory parameters of an input or output.
+/// Triton's shared-memory parameters of an input or output (gRPC reads them from its
+/// parameter map into the same struct).
 #[derive(Deserialize, Default)]
-struct ShmParameters {
-    shared_memory_region: Option<String>,
-    shared_memory_byte_size: Option<u64>,
-    shared_memory_offset: Option<u64>,
+pub struct ShmParameters {
+    pub shared_memory_region: Option<String>,
+    pub shared_memory_byte_size: Option<u64>,
+    pub shared_memory_offset: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -198,23 +199,16 @@ fn decode_input(
                     .to_string(),
             ));
         }
-        let size = params.shm.shared_memory_byte_size.ok_or_else(|| {
-            bad("parameters.shared_memory_byte_size is required with shared_memory_region".into())
-        })?;
-        let len = usize::try_from(size)
-            .map_err(|_| bad(format!("shared_memory_byte_size {size} is too large")))?;
-        check_data_size(
+        let data = shm_input(
+            &name,
             datatype,
             &input.shape,
             count,
-            len,
-            "shared_memory_byte_size",
+            region,
+            &params.shm,
+            regions,
         )
-        .map_err(bad)?;
-        let offset = params.shm.shared_memory_offset.unwrap_or(0);
-        let data = regions
-            .get(region)
-            .and_then(|r| r.input(&format!("input '{name}'"), offset, size))?;
+        .map_err(|e| e.into_api(&name))?;
         return Ok(Tensor {
             name,
             datatype,
@@ -256,6 +250,58 @@ fn decode_input(
         shape: input.shape,
         data,
     })
+}
+
+/// The bytes of input `name` in `region` (a view of the mapped region, not a copy), after
+/// checking that `shared_memory_byte_size` is given and fits the shape. Shared by REST and
+/// gRPC; errors are prefixed with the input's name by the caller.
+pub fn shm_input(
+    name: &str,
+    datatype: DataType,
+    shape: &[i64],
+    count: usize,
+    region: &str,
+    params: &ShmParameters,
+    regions: &Regions,
+) -> Result<Bytes, ShmInputError> {
+    let size = params.shared_memory_byte_size.ok_or_else(|| {
+        ShmInputError::Message(
+            "parameters.shared_memory_byte_size is required with shared_memory_region".into(),
+        )
+    })?;
+    let len = usize::try_from(size).map_err(|_| {
+        ShmInputError::Message(format!("shared_memory_byte_size {size} is too large"))
+    })?;
+    check_data_size(datatype, shape, count, len, "shared_memory_byte_size")
+        .map_err(ShmInputError::Message)?;
+    let offset = params.shared_memory_offset.unwrap_or(0);
+    Ok(regions
+        .get(region)
+        .and_then(|r| r.input(&format!("input '{name}'"), offset, size))?)
+}
+
+/// Why `shm_input` failed: a message about the input's parameters (the caller names the
+/// input), or a region error (which names it already).
+#[derive(Debug)]
+pub enum ShmInputError {
+    Message(String),
+    Region(RegionError),
+}
+
+impl ShmInputError {
+    /// The API error for input `input`.
+    pub fn into_api(self, input: &str) -> ApiError {
+        match self {
+            ShmInputError::Message(m) => ApiError::BadRequest(format!("input '{input}': {m}")),
+            ShmInputError::Region(e) => e.into(),
+        }
+    }
+}
+
+impl From<RegionError> for ShmInputError {
+    fn from(e: RegionError) -> Self {
+        ShmInputError::Region(e)
+    }
 }
 
 /// Fixed-size datatypes must send exactly shape × element size; BYTES can only be checked
@@ -317,7 +363,7 @@ fn output_plan(
 }
 
 /// Where output `name` goes when the client gave a shared-memory region for it.
-fn shm_output(
+pub fn shm_output(
     name: &str,
     params: ShmParameters,
     regions: &Regions,

@@ -78,12 +78,15 @@ pub async fn serve_until_signal<B: Backend>(
     server: &ServerArgs,
     startup: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
+    // One table of client shared-memory regions for both protocols.
+    let regions = Arc::new(crate::regions::Regions::new(server.allow_client_shm));
     let grpc = grpc::start(
         server.host,
         server.grpc_port,
         Arc::clone(&backend),
         GrpcConfig {
             max_message_bytes: server.max_body_bytes,
+            regions: Arc::clone(&regions),
         },
     )
     .await?;
@@ -92,7 +95,7 @@ pub async fn serve_until_signal<B: Backend>(
         backend,
         HttpConfig {
             max_body_bytes: server.max_body_bytes,
-            regions: Arc::new(crate::regions::Regions::new(server.allow_client_shm)),
+            regions,
         },
     );
     let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();

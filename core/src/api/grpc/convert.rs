@@ -7,6 +7,12 @@
 //! Outputs always go back as `raw_output_contents`, as Triton does; clients read either.
 //! Signature checks (names, shapes against the model) belong to `engine::validate`; this
 //! file only checks what the encoding itself promises (shape × datatype against the data).
+//!
+//! Inputs and outputs with Triton's `shared_memory_region` / `shared_memory_offset` /
+//! `shared_memory_byte_size` parameters go through the same functions as REST
+//! (`api::request::{shm_input, shm_output}`, `regions::write_output`): inputs are views of
+//! the client's region, outputs are written there and answered with those parameters and
+//! an empty raw entry (kept so `raw_output_contents` stays aligned with `outputs`).
 
 use super::contents;
 use super::proto::infer_parameter::ParameterChoice;
@@ -14,35 +20,47 @@ use super::proto::model_infer_request::InferInputTensor;
 use super::proto::model_infer_response::InferOutputTensor;
 use super::proto::{InferParameter, ModelInferRequest, ModelInferResponse};
 use crate::api::ApiError;
+use crate::api::request::{ShmOutput, ShmParameters, shm_input, shm_output};
 use crate::engine::tensor::element_count;
 use crate::engine::{DataType, InferRequest, InferResponse, Tensor};
+use crate::regions::{Regions, write_output};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Decodes one request; `deadline` is the client's gRPC deadline, if it sent one.
+/// Decodes one request; `deadline` is the client's gRPC deadline, if it sent one. Also
+/// returns the outputs the client wants written into its shared-memory regions.
 pub fn decode(
     req: ModelInferRequest,
     deadline: Option<Duration>,
-) -> Result<InferRequest, ApiError> {
+    regions: &Regions,
+) -> Result<(InferRequest, Vec<ShmOutput>), ApiError> {
     let raw = req.raw_input_contents;
-    if !raw.is_empty() && raw.len() != req.inputs.len() {
+    // Inputs in shared memory have no raw entry (tritonclient sends none for them).
+    let in_message = req
+        .inputs
+        .iter()
+        .filter(|i| !i.parameters.contains_key("shared_memory_region"))
+        .count();
+    if !raw.is_empty() && raw.len() != in_message {
         return Err(ApiError::BadRequest(format!(
-            "raw_input_contents has {} entries but the request has {} inputs; send one per \
-             input, in input order, or none and use typed contents",
+            "raw_input_contents has {} entries but the request has {in_message} inputs not in \
+             shared memory; send one per such input, in input order, or none and use typed \
+             contents",
             raw.len(),
-            req.inputs.len()
         )));
     }
     let mut raw = raw.into_iter();
     let inputs = req
         .inputs
         .into_iter()
-        .map(|input| decode_input(input, raw.next()))
+        .map(|input| decode_input(input, &mut raw, regions))
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = requested_outputs(req.outputs)?;
+    let mut shm = Vec::new();
+    let outputs = requested_outputs(req.outputs, regions, &mut shm)?;
     let timeout = request_timeout(&req.parameters)?;
-    Ok(InferRequest {
+    let output_targets = shm.iter().map(|s| s.target.clone()).collect();
+    let request = InferRequest {
         model: req.model_name,
         version: non_empty(req.model_version),
         id: non_empty(req.id),
@@ -54,41 +72,114 @@ pub fn decode(
             (a, b) => a.or(b),
         },
         trace: None,
-        output_targets: Vec::new(),
-    })
+        output_targets,
+    };
+    Ok((request, shm))
 }
 
-/// Encodes one response, every output as raw little-endian data.
-pub fn encode(response: InferResponse) -> ModelInferResponse {
-    let (outputs, raw) = response
-        .outputs
-        .into_iter()
-        .map(|t| {
-            let meta = InferOutputTensor {
-                name: t.name,
-                datatype: t.datatype.as_str().to_string(),
-                shape: t.shape,
-                parameters: HashMap::new(),
-                contents: None,
-            };
-            (meta, t.data)
-        })
-        .unzip();
-    ModelInferResponse {
+/// Encodes one response, every output as raw little-endian data, except those in `shm`:
+/// written into their region (an output larger than its slice fails the request).
+pub fn encode(response: InferResponse, shm: &[ShmOutput]) -> Result<ModelInferResponse, ApiError> {
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    let mut raw = Vec::with_capacity(response.outputs.len());
+    for t in response.outputs {
+        let mut parameters = HashMap::new();
+        let data = match shm.iter().find(|s| s.target.name == t.name) {
+            Some(s) => {
+                write_output(&s.target, &s.region, &t.data)?;
+                parameters = shm_parameters(s, t.data.len());
+                Bytes::new()
+            }
+            None => t.data,
+        };
+        outputs.push(InferOutputTensor {
+            name: t.name,
+            datatype: t.datatype.as_str().to_string(),
+            shape: t.shape,
+            parameters,
+            contents: None,
+        });
+        raw.push(data);
+    }
+    Ok(ModelInferResponse {
         model_name: response.model_name,
         model_version: response.model_version,
         id: response.id.unwrap_or_default(),
         parameters: HashMap::new(),
         outputs,
         raw_output_contents: raw,
+    })
+}
+
+/// The parameters an output written into shared memory is answered with (Triton's).
+fn shm_parameters(s: &ShmOutput, size: usize) -> HashMap<String, InferParameter> {
+    let int = |v: i64| InferParameter {
+        parameter_choice: Some(ParameterChoice::Int64Param(v)),
+    };
+    let mut p = HashMap::from([
+        (
+            "shared_memory_region".to_string(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(s.region.clone())),
+            },
+        ),
+        (
+            "shared_memory_byte_size".to_string(),
+            int(i64::try_from(size).unwrap_or(i64::MAX)),
+        ),
+    ]);
+    if s.offset != 0 {
+        p.insert(
+            "shared_memory_offset".to_string(),
+            int(i64::try_from(s.offset).unwrap_or(i64::MAX)),
+        );
     }
+    p
+}
+
+/// Reads Triton's `shared_memory_*` parameters of a tensor (`what` names it in errors).
+fn shm_parameters_of(
+    params: &HashMap<String, InferParameter>,
+    what: &str,
+) -> Result<ShmParameters, ApiError> {
+    let bad = |key: &str, expected: &str| {
+        ApiError::BadRequest(format!("{what}: parameter '{key}' must be {expected}"))
+    };
+    let region = match params
+        .get("shared_memory_region")
+        .map(|p| &p.parameter_choice)
+    {
+        None => None,
+        Some(Some(ParameterChoice::StringParam(s))) => Some(s.clone()),
+        Some(_) => return Err(bad("shared_memory_region", "a string (the region's name)")),
+    };
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        match params.get(key).map(|p| &p.parameter_choice) {
+            None => Ok(None),
+            Some(Some(ParameterChoice::Int64Param(v))) => u64::try_from(*v)
+                .map(Some)
+                .map_err(|_| bad(key, "a non-negative integer")),
+            Some(Some(ParameterChoice::Uint64Param(v))) => Ok(Some(*v)),
+            Some(_) => Err(bad(key, "a non-negative integer")),
+        }
+    };
+    Ok(ShmParameters {
+        shared_memory_region: region,
+        shared_memory_byte_size: number("shared_memory_byte_size")?,
+        shared_memory_offset: number("shared_memory_offset")?,
+    })
 }
 
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn decode_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor, ApiError> {
+/// One input; takes its entry of `raw_input_contents` unless it is in shared memory.
+fn decode_input(
+    input: InferInputTensor,
+    raw: &mut impl Iterator<Item = Bytes>,
+    regions: &Regions,
+) -> Result<Tensor, ApiError> {
     let name = input.name;
     let bad = |msg: String| ApiError::BadRequest(format!("input '{name}': {msg}"));
     let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
@@ -99,20 +190,39 @@ fn decode_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor, A
             known.join(", ")
         ))
     })?;
-    if input.parameters.contains_key("shared_memory_region") {
-        return Err(bad(
-            "the shared-memory extension is not supported yet; send the data in \
-             raw_input_contents or contents"
-                .to_string(),
-        ));
-    }
     let count = element_count(&input.shape).ok_or_else(|| {
         bad(format!(
             "shape {:?} has a negative dimension or too many elements",
             input.shape
         ))
     })?;
-    let data = match (raw, input.contents) {
+    let shm = shm_parameters_of(&input.parameters, &format!("input '{name}'"))?;
+    if let Some(region) = &shm.shared_memory_region {
+        if input
+            .contents
+            .as_ref()
+            .is_some_and(|c| !contents::is_empty(c))
+        {
+            return Err(bad(
+                "has shared_memory_region and also contents; send one".to_string()
+            ));
+        }
+        let data = shm_input(&name, datatype, &input.shape, count, region, &shm, regions)
+            .map_err(|e| e.into_api(&name))?;
+        return Ok(Tensor {
+            name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if shm.shared_memory_byte_size.is_some() || shm.shared_memory_offset.is_some() {
+        return Err(bad(
+            "has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
+                .to_string(),
+        ));
+    }
+    let data = match (raw.next(), input.contents) {
         (Some(_), Some(c)) if !contents::is_empty(&c) => {
             return Err(bad(
                 "has both contents and raw_input_contents; send one".to_string()
@@ -160,8 +270,12 @@ fn check_raw_size(
     }
 }
 
+/// The requested output names (`None`: every output); those the client wants in its
+/// shared memory are added to `shm`.
 fn requested_outputs(
     outputs: Vec<super::proto::model_infer_request::InferRequestedOutputTensor>,
+    regions: &Regions,
+    shm: &mut Vec<ShmOutput>,
 ) -> Result<Option<Vec<String>>, ApiError> {
     // An empty list asks for nothing in particular, which Triton treats as every output.
     if outputs.is_empty() {
@@ -176,11 +290,9 @@ fn requested_outputs(
                     o.name
                 )));
             }
-            if o.parameters.contains_key("shared_memory_region") {
-                return Err(ApiError::BadRequest(format!(
-                    "output '{}': the shared-memory extension is not supported yet",
-                    o.name
-                )));
+            let params = shm_parameters_of(&o.parameters, &format!("output '{}'", o.name))?;
+            if let Some(out) = shm_output(&o.name, params, regions)? {
+                shm.push(out);
             }
             // `binary_data` means nothing here: gRPC outputs are always raw.
             Ok(o.name)
@@ -242,6 +354,14 @@ mod tests {
 
     fn message(r: Result<InferRequest, ApiError>) -> String {
         r.unwrap_err().to_string()
+    }
+
+    /// Decodes with no regions registered.
+    fn decode(
+        req: ModelInferRequest,
+        deadline: Option<Duration>,
+    ) -> Result<InferRequest, ApiError> {
+        super::decode(req, deadline, &Regions::new(false)).map(|(r, _)| r)
     }
 
     #[test]
@@ -321,7 +441,7 @@ mod tests {
             None,
         ));
         assert!(
-            count.contains("raw_input_contents has 1 entries but the request has 2 inputs"),
+            count.contains("raw_input_contents has 1 entries but the request has 2 inputs not in"),
             "{count}"
         );
         let datatype = message(decode(
@@ -356,9 +476,36 @@ mod tests {
             "{both}"
         );
         let mut shm = input("x", "FP32", &[1]);
-        shm.parameters
-            .insert("shared_memory_region".into(), InferParameter::default());
-        assert!(message(decode(request(vec![shm], vec![]), None)).contains("shared-memory"));
+        shm.parameters.insert(
+            "shared_memory_region".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("r".into())),
+            },
+        );
+        assert_eq!(
+            message(decode(request(vec![shm.clone()], vec![]), None)),
+            "input 'x': parameters.shared_memory_byte_size is required with shared_memory_region"
+        );
+        shm.parameters.insert(
+            "shared_memory_byte_size".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(4)),
+            },
+        );
+        assert_eq!(
+            message(decode(request(vec![shm.clone()], vec![]), None)),
+            "unknown shared-memory region 'r'; register it first"
+        );
+        shm.parameters.insert(
+            "shared_memory_offset".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(-1)),
+            },
+        );
+        assert!(
+            message(decode(request(vec![shm], vec![]), None))
+                .contains("parameter 'shared_memory_offset' must be a non-negative integer")
+        );
     }
 
     #[test]
@@ -395,7 +542,7 @@ mod tests {
             ],
             batch_size: 1,
         };
-        let encoded = encode(response);
+        let encoded = encode(response, &[]).unwrap();
         assert_eq!(encoded.id, "abc");
         assert_eq!(
             encoded

@@ -11,6 +11,8 @@
 //! - `status`: the one place errors become gRPC statuses.
 //! - `call`: trace and deadline from the call's metadata.
 //! - `health`: `grpc.health.v1.Health`.
+//! - `repository`: RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload.
+//! - `shm`: SystemSharedMemory{Status,Register,Unregister} over the REST routes' regions.
 //! - `unsupported`: RPCs whose engine side does not exist yet (clear UNIMPLEMENTED).
 
 mod call;
@@ -19,7 +21,9 @@ mod contents;
 mod convert;
 mod health;
 mod metadata;
+mod repository;
 mod service;
+mod shm;
 pub mod status;
 mod stream;
 mod unsupported;
@@ -31,6 +35,7 @@ pub mod proto {
 }
 
 use super::Backend;
+use crate::regions::Regions;
 use anyhow::Context as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +54,8 @@ pub use service::InferenceService;
 pub struct GrpcConfig {
     /// Largest request message accepted (`--max-body-bytes`, the REST body limit).
     pub max_message_bytes: usize,
+    /// Clients' shared-memory regions: the same table the REST routes use.
+    pub regions: Arc<Regions>,
 }
 
 /// A running gRPC server.
@@ -80,7 +87,8 @@ pub async fn start<B: Backend>(
         .context("reading the gRPC listening address")?;
     // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(Arc::clone(&backend)))
+    let service = InferenceService::new(Arc::clone(&backend), cfg.regions);
+    let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
     let (readiness, changed) = watch::channel(());

@@ -6,10 +6,11 @@
 use super::call::CallContext;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::*;
-use super::{config, convert, metadata, stream, unsupported};
+use super::{config, convert, metadata, repository, shm, stream, unsupported};
 use crate::api::metrics::{self as api_metrics, Target};
 use crate::api::{ApiError, Backend};
 use crate::engine::EngineError;
+use crate::regions::Regions;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_GRPC};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -22,6 +23,8 @@ type RpcResult<T> = Result<Response<T>, Status>;
 pub struct InferenceService<B> {
     backend: Arc<B>,
     metrics: Option<Arc<Metrics>>,
+    /// Clients' shared-memory regions, shared with the REST routes.
+    regions: Arc<Regions>,
 }
 
 // Derived Clone would demand `B: Clone`; only the Arcs are cloned.
@@ -30,14 +33,19 @@ impl<B> Clone for InferenceService<B> {
         InferenceService {
             backend: Arc::clone(&self.backend),
             metrics: self.metrics.clone(),
+            regions: Arc::clone(&self.regions),
         }
     }
 }
 
 impl<B: Backend> InferenceService<B> {
-    pub fn new(backend: Arc<B>) -> InferenceService<B> {
+    pub fn new(backend: Arc<B>, regions: Arc<Regions>) -> InferenceService<B> {
         let metrics = backend.metrics();
-        InferenceService { backend, metrics }
+        InferenceService {
+            backend,
+            metrics,
+            regions,
+        }
     }
 
     /// One inference, recorded in the metrics and the access log whatever its outcome.
@@ -51,11 +59,11 @@ impl<B: Backend> InferenceService<B> {
         let version = (!req.model_version.is_empty()).then(|| req.model_version.clone());
         let mut served: Option<(String, u32)> = None;
         let answer = async {
-            let mut request = convert::decode(req, call.deadline)?;
+            let (mut request, shm) = convert::decode(req, call.deadline, &self.regions)?;
             request.trace = call.trace.propagate.then_some(call.trace.trace);
             let response = self.backend.infer(request).await?;
             served = Some((response.model_version.clone(), response.batch_size));
-            Ok(convert::encode(response))
+            convert::encode(response, &shm)
         }
         .instrument(call.span.clone())
         .await;
@@ -198,43 +206,39 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> RpcResult<RepositoryIndexResponse> {
-        Ok(Response::new(unsupported::repository_index(
-            req.into_inner(),
-        )?))
+        let answer = repository::index(&*self.backend, req.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn repository_model_load(
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> RpcResult<RepositoryModelLoadResponse> {
-        Ok(Response::new(unsupported::repository_model_load(
-            req.into_inner(),
-        )?))
+        let answer = repository::load(&*self.backend, req.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn repository_model_unload(
         &self,
         req: Request<RepositoryModelUnloadRequest>,
     ) -> RpcResult<RepositoryModelUnloadResponse> {
-        Ok(Response::new(unsupported::repository_model_unload(
-            req.into_inner(),
-        )?))
+        let answer = repository::unload(&*self.backend, req.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     async fn system_shared_memory_status(
         &self,
         req: Request<SystemSharedMemoryStatusRequest>,
     ) -> RpcResult<SystemSharedMemoryStatusResponse> {
-        Ok(Response::new(unsupported::system_shm_status(
-            req.into_inner(),
-        )?))
+        Ok(Response::new(shm::status(&self.regions, req.into_inner())?))
     }
 
     async fn system_shared_memory_register(
         &self,
         req: Request<SystemSharedMemoryRegisterRequest>,
     ) -> RpcResult<SystemSharedMemoryRegisterResponse> {
-        Ok(Response::new(unsupported::system_shm_register(
+        Ok(Response::new(shm::register(
+            &self.regions,
             req.into_inner(),
         )?))
     }
@@ -243,9 +247,10 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
         &self,
         req: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> RpcResult<SystemSharedMemoryUnregisterResponse> {
-        Ok(Response::new(unsupported::system_shm_unregister(
+        Ok(Response::new(shm::unregister(
+            &self.regions,
             req.into_inner(),
-        )?))
+        )))
     }
 
     async fn cuda_shared_memory_status(
