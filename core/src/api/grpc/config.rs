@@ -66,7 +66,10 @@ pub fn model_config(config: &ModelConfig) -> proto::ModelConfig {
                 )
             })
             .collect(),
-        model_transaction_policy: Some(ModelTransactionPolicy { decoupled: false }),
+        // A generator model answers a request with many responses (ModelStreamInfer only).
+        model_transaction_policy: Some(ModelTransactionPolicy {
+            decoupled: config.streaming,
+        }),
     }
 }
 
@@ -246,6 +249,12 @@ mod tests {
         assert_eq!(j["parameters"]["factor"]["string_value"], "3");
         assert_eq!(j["version_policy"]["latest"]["num_versions"], 1);
         assert_eq!(j["model_transaction_policy"]["decoupled"], false);
+        let generator = ModelConfig {
+            streaming: true,
+            ..doubler(0)
+        };
+        let j = to_json(&model_config(&generator));
+        assert_eq!(j["model_transaction_policy"]["decoupled"], true);
         assert!(
             to_json(&model_config(&doubler(0)))
                 .get("dynamic_batching")

@@ -4,7 +4,7 @@
 //! translate, like the REST routes, and call the same `Backend`.
 //!
 //! - `service`: the RPCs; `infer_one` is the inference both ModelInfer and ModelStreamInfer use.
-//! - `stream`: ModelStreamInfer (concurrent, answered in order).
+//! - `stream`: ModelStreamInfer (concurrent, answered in order; generators once per chunk).
 //! - `convert`: infer request/response messages ↔ engine types; `contents`: typed data.
 //! - `config`: Triton's `ModelConfig` (message and JSON form, the latter for REST too).
 //! - `metadata`: server/model metadata and statistics messages.

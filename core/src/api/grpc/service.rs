@@ -9,9 +9,10 @@ use super::proto::*;
 use super::{config, convert, metadata, repository, shm, stream, unsupported};
 use crate::api::metrics::{self as api_metrics, Target};
 use crate::api::{ApiError, Backend};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, InferStream};
 use crate::regions::Regions;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_GRPC};
+use futures::StreamExt as _;
 use std::sync::Arc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
@@ -76,7 +77,60 @@ impl<B: Backend> InferenceService<B> {
             let result = answer.as_ref().map(|_| ());
             api_metrics::record_infer(m, &*self.backend, PROTOCOL_GRPC, target, result, started);
         }
-        access_log(&model, &answer, served.map(|(_, b)| b), started, call);
+        let outcome = answer.as_ref().map(|_| ());
+        access_log(&model, outcome, served.map(|(_, b)| b), started, call);
+        answer
+    }
+
+    /// Whether `name` (at `version`, empty: the default) is a generator model; `false` when
+    /// unknown, so `infer_one` answers the error.
+    pub fn is_generator(&self, name: &str, version: &str) -> bool {
+        self.model_status(name, version)
+            .is_ok_and(|status| status.config.streaming)
+    }
+
+    /// Starts a streaming inference and waits for its first response, so that a request
+    /// failing early is recorded (metrics, access log) as failed, as REST generate_stream does.
+    pub async fn start_stream(
+        &self,
+        req: ModelInferRequest,
+        call: &CallContext,
+    ) -> Result<(Option<ModelInferResponse>, InferStream), ApiError> {
+        let started = Instant::now();
+        let model = req.model_name.clone();
+        let version = (!req.model_version.is_empty()).then(|| req.model_version.clone());
+        let mut served: Option<(String, u32)> = None;
+        let answer = async {
+            let (mut request, shm) = convert::decode(req, call.deadline, &self.regions)?;
+            if !shm.is_empty() {
+                // Each chunk would overwrite the last in the region; chunks come back as data.
+                return Err(ApiError::BadRequest(format!(
+                    "model '{model}' streams (a generator): its outputs cannot be written into \
+                     shared-memory regions; request them without shared_memory_region"
+                )));
+            }
+            request.trace = call.trace.propagate.then_some(call.trace.trace);
+            let mut stream = self.backend.infer_stream(request).await?;
+            let first = stream.next().await.transpose()?;
+            served = first
+                .as_ref()
+                .map(|r| (r.model_version.clone(), r.batch_size));
+            let first = first.map(|r| convert::encode(r, &[])).transpose()?;
+            Ok((first, stream))
+        }
+        .instrument(call.span.clone())
+        .await;
+        if let Some(m) = &self.metrics {
+            let target = Target {
+                model: &model,
+                version: version.as_deref(),
+                served_version: served.as_ref().map(|(v, _)| v.as_str()),
+            };
+            let result = answer.as_ref().map(|_| ());
+            api_metrics::record_infer(m, &*self.backend, PROTOCOL_GRPC, target, result, started);
+        }
+        let outcome = answer.as_ref().map(|_| ());
+        access_log(&model, outcome, served.map(|(_, b)| b), started, call);
         answer
     }
 
@@ -94,13 +148,13 @@ impl<B: Backend> InferenceService<B> {
 /// the gRPC counterpart of the REST line.
 fn access_log(
     model: &str,
-    answer: &Result<ModelInferResponse, ApiError>,
+    outcome: Result<(), &ApiError>,
     batch_size: Option<u32>,
     started: Instant,
     call: &CallContext,
 ) {
     let latency_ms = started.elapsed().as_micros() as f64 / 1e3;
-    let code = match answer {
+    let code = match outcome {
         Ok(_) => tonic::Code::Ok,
         Err(e) => super::status::code(e),
     };
