@@ -8,6 +8,8 @@
 #   1. c=1,  JSON x:FP32:1x3, server started with --max-queue-delay-ms 0 (pure per-request latency)
 #   2. c=64, JSON x:FP32:1x3, server with default flags (dynamic batching)
 #   3. c=1,  binary x:FP32:1x4194304 (16 MiB round trip), same server
+#   gRPC beside REST (GRPC=0 skips): c=1 on the step-1 server, c=64 on the step-2 server,
+#   ModelInfer with raw inputs (what tritonclient.grpc sends)
 #   4. optional: wrk at c=64 on step 2's request, when wrk is installed (WRK=0 skips it)
 # then SIGTERM to the server and one summary table.
 #
@@ -48,6 +50,7 @@ mkdir -p "$OUT_DIR"
 
 SERVER_PID=""
 PORT=""
+GRPC_PORT=""
 
 # A port the kernel just handed out and released; nothing else on this machine races for it
 # within the second before the server binds it.
@@ -61,9 +64,10 @@ start_server() {
     local name=$1
     shift
     PORT=$(free_port)
+    GRPC_PORT=$(free_port)
     local server_log="$OUT_DIR/server-$name.log"
-    log "starting server ($name): $UNIMODEL run $PLUGIN --port $PORT $*"
-    "$UNIMODEL" run "$PLUGIN" --port "$PORT" "$@" >"$server_log" 2>&1 &
+    log "starting server ($name): $UNIMODEL run $PLUGIN --port $PORT --grpc-port $GRPC_PORT $*"
+    "$UNIMODEL" run "$PLUGIN" --port "$PORT" --grpc-port "$GRPC_PORT" "$@" >"$server_log" 2>&1 &
     SERVER_PID=$!
     # The server offers no readiness event to a separate process: probe /v2/health/ready,
     # bounded by READY_TIMEOUT, and give up at once if the server exits.
@@ -118,10 +122,23 @@ loadgen_step() {
 }
 
 REPORTS=()
+# grpc_step NAME [BENCH FLAGS...]: the same step over gRPC (--check-double is HTTP only).
+grpc_step() {
+    [[ "${GRPC:-1}" != 0 ]] || return 0
+    local name=$1
+    shift
+    log "unimodel bench: $name"
+    "${BENCH[@]}" --url "http://$HOST:$PORT" --model "$MODEL" --duration "$DURATION" \
+        --warmup "$WARMUP" --threads "$LOADGEN_THREADS" --label "$name" \
+        --json "$OUT_DIR/$name.json" --protocol grpc --grpc-url "http://$HOST:$GRPC_PORT" \
+        "$@" || FAILED=1
+    REPORTS+=("$OUT_DIR/$name.json")
+}
 
 if start_server nodelay --max-queue-delay-ms 0; then
     loadgen_step c1-json-1x3-nodelay --concurrency 1 --protocol rest --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c1-json-1x3-nodelay.json")
+    grpc_step c1-grpc-1x3-nodelay --concurrency 1 --input x:FP32:1x3
     stop_server
 else
     FAILED=1
@@ -130,6 +147,7 @@ fi
 if start_server default; then
     loadgen_step c64-json-1x3-batched --concurrency 64 --protocol rest --input x:FP32:1x3
     REPORTS+=("$OUT_DIR/c64-json-1x3-batched.json")
+    grpc_step c64-grpc-1x3-batched --concurrency 64 --input x:FP32:1x3
     loadgen_step c1-binary-16MiB --concurrency 1 --protocol rest-binary --input x:FP32:1x4194304
     REPORTS+=("$OUT_DIR/c1-binary-16MiB.json")
 

@@ -67,6 +67,51 @@ def test_closed_loop_sweep_counts_add_up_json_parses_and_png_is_written(doubler,
     assert (width, height) == (1100, 650)
 
 
+def test_grpc_protocol_counts_add_up_against_the_servers_stats(doubler, tmp_path):
+    report_path = tmp_path / "grpc.json"
+    before = successes(doubler)
+    done = bench(
+        doubler.base_url,
+        "--model", MODEL,
+        "--protocol", "grpc",
+        "--grpc-url", f"http://{doubler.grpc_url}",
+        "--concurrency", "1,4",
+        "--duration", "2",
+        "--warmup", "0.5",
+        "--json", str(report_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = load_report(report_path)
+    sent = 0
+    for step in report["steps"]:
+        assert step["ok"] > 0 and step["error_count"] == 0, step
+        # Statistics come from REST while the load goes over gRPC: the server saw them all.
+        assert step["plugin"]["rows"] == step["requests"], step
+        sent += step["requests"] + step["warmup_requests"]
+    assert successes(doubler) - before == sent
+
+
+def test_grpc_errors_are_counted_by_status_code(doubler, tmp_path):
+    report_path = tmp_path / "grpc_err.json"
+    done = bench(
+        doubler.base_url,
+        "--model", MODEL,
+        "--protocol", "grpc",
+        "--input", "x:INT32:1x3",
+        "--grpc-url", f"http://{doubler.grpc_url}",
+        "--concurrency", "1",
+        "--duration", "1",
+        "--warmup", "0",
+        "--json", str(report_path),
+    )  # fmt: skip
+    assert done.returncode == 1, "nothing answered: scripts must notice"
+    step = load_report(report_path)["steps"][0]
+    assert step["ok"] == 0 and step["error_count"] == step["requests"] > 0, step
+    # The doubler takes FP32: INVALID_ARGUMENT (3) for every request, and the server serves on.
+    assert set(step["errors"]) == {"grpc_3"}, step["errors"]
+    assert doubler.alive()
+
+
 def test_open_loop_binary_protocol_counts_add_up(doubler, tmp_path):
     report_path = tmp_path / "open.json"
     before = successes(doubler)

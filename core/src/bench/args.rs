@@ -20,6 +20,10 @@ pub enum Protocol {
     /// Any JSON HTTP endpoint (FastAPI, LitServe, Ray Serve): POST the `--body-json` file,
     /// unchanged, to `--url` itself (its path included). No statistics are read.
     HttpJson,
+    /// KServe V2 gRPC (`inference.GRPCInferenceService/ModelInfer`) at `--grpc-url`, inputs
+    /// as `raw_input_contents` (what tritonclient.grpc sends), one HTTP/2 connection per
+    /// client. Statistics still come from the REST `--url`.
+    Grpc,
 }
 
 impl Protocol {
@@ -28,6 +32,7 @@ impl Protocol {
             Protocol::Rest => "rest",
             Protocol::RestBinary => "rest-binary",
             Protocol::HttpJson => "http-json",
+            Protocol::Grpc => "grpc",
         }
     }
 }
@@ -48,6 +53,10 @@ pub struct Args {
     /// Request encoding.
     #[arg(long, value_enum, default_value_t = Protocol::Rest)]
     pub protocol: Protocol,
+    /// The server's gRPC address for --protocol grpc (`unimodel run` serves it on
+    /// --grpc-port, 8001 by default).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8001")]
+    pub grpc_url: String,
     /// Input tensor NAME:DATATYPE:SHAPE, e.g. x:FP32:1x3 (repeat for several inputs; default
     /// x:FP32:1x3). Element 0 of the first input carries a per-request counter.
     #[arg(long = "input", value_name = "NAME:DATATYPE:SHAPE")]
@@ -228,6 +237,12 @@ impl Args {
             ),
             Protocol::HttpJson if self.check_double => problems
                 .push("--check-double reads KServe outputs; it does not apply to http-json".into()),
+            Protocol::Grpc if self.body_file.is_some() => problems.push(
+                "--input-json is sent as JSON; use --input or --shape with --protocol grpc".into(),
+            ),
+            Protocol::Grpc if self.check_double => problems.push(
+                "--check-double reads REST responses; it does not apply to --protocol grpc".into(),
+            ),
             _ => {}
         }
         if self.check_double {
@@ -327,6 +342,16 @@ mod tests {
             ]
         );
         assert_eq!(a.validate(), Ok(()));
+    }
+
+    #[test]
+    fn grpc_protocol_takes_a_grpc_url_and_refuses_http_only_options() {
+        let a = parse(&["--protocol", "grpc", "--grpc-url", "http://127.0.0.1:9001"]);
+        assert_eq!(a.protocol, Protocol::Grpc);
+        assert_eq!(a.grpc_url, "http://127.0.0.1:9001");
+        assert_eq!(a.validate(), Ok(()));
+        let checked = parse(&["--protocol", "grpc", "--check-double"]);
+        assert!(checked.validate().unwrap_err().contains("--protocol grpc"));
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl Target {
                     .parse::<Uri>()?,
                 None,
             ),
-            Protocol::Rest | Protocol::RestBinary => (path("infer")?, Some(path("stats")?)),
+            // gRPC requests go to --grpc-url (`grpc_client.rs`); statistics still come from REST.
+            Protocol::Rest | Protocol::RestBinary | Protocol::Grpc => {
+                (path("infer")?, Some(path("stats")?))
+            }
         };
         Ok(Target {
             addr,

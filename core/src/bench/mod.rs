@@ -1,7 +1,8 @@
 //! `unimodel bench`: a load generator for KServe V2 servers (UniModel, Triton, PyTriton) and
 //! plain JSON endpoints (FastAPI, LitServe, Ray Serve), closed loop or open loop.
 //!
-//! Each virtual client holds one HTTP/1.1 keep-alive connection. A run is a sweep of steps
+//! Each virtual client holds one HTTP/1.1 keep-alive connection (gRPC: one HTTP/2
+//! connection). A run is a sweep of steps
 //! (`--concurrency 1,8,64` or `--rate 100,500`); each step warms up, then measures
 //! throughput, latency percentiles, errors by kind, payload bandwidth, the plugin's own time
 //! (from the server's statistics) and the bench's own CPU. `benches/README.md` explains every
@@ -11,6 +12,7 @@
 //! - `input_spec`: `--input NAME:DATATYPE:SHAPE` and the values it holds.
 //! - `payload`, `body`: request bodies pre-built once, with a per-request counter.
 //! - `client`: virtual clients and their connections (the one file that speaks HTTP).
+//! - `grpc_client`: `--protocol grpc`, the same clients over KServe V2 gRPC (ModelInfer).
 //! - `open_loop`: Poisson arrivals and their dispatcher; the closed loop is in `step`.
 //! - `check`: `--check-double`.
 //! - `tally`: per-client counts and latency histogram.
@@ -24,6 +26,7 @@ pub mod args;
 mod body;
 mod check;
 mod client;
+mod grpc_client;
 mod input_spec;
 mod noop;
 mod open_loop;
@@ -45,11 +48,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 pub use crate::bench::args::Args;
+use crate::bench::args::Protocol;
 use crate::bench::client::Target;
+use crate::bench::client::VirtualClient;
+use crate::bench::grpc_client::{GrpcClient, GrpcTarget};
 use crate::bench::payload::Payload;
 use crate::bench::progress::ProgressLine;
 use crate::bench::report::{Report, format_step, summary_table};
-use crate::bench::step::{StepPlan, cpu_seconds, run_step};
+use crate::bench::step::{NewClient, StepPlan, cpu_seconds, run_step};
 
 /// Runs `unimodel bench` on its own runtime (one thread by default: the cheapest client).
 pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
@@ -149,6 +155,15 @@ async fn run(
         )
         .await?,
     );
+    let grpc = match args.protocol {
+        Protocol::Grpc => Some(Arc::new(GrpcTarget::new(
+            &args.grpc_url,
+            &args.model,
+            &inputs,
+            Arc::clone(&target),
+        )?)),
+        _ => None,
+    };
     let label = args.effective_label();
 
     let loads = args.loads();
@@ -167,7 +182,20 @@ async fn run(
             plan.warmup + plan.duration,
             !args.no_progress,
         );
-        let step = run_step(&target, &args.model, plan).await;
+        let step = match &grpc {
+            Some(g) => {
+                let g = Arc::clone(g);
+                let new_client: NewClient<GrpcClient> =
+                    Arc::new(move |i, stride| GrpcClient::new(Arc::clone(&g), i, stride));
+                run_step(&target, &args.model, plan, new_client).await
+            }
+            None => {
+                let t = Arc::clone(&target);
+                let new_client: NewClient<VirtualClient> =
+                    Arc::new(move |i, stride| VirtualClient::new(Arc::clone(&t), i, stride));
+                run_step(&target, &args.model, plan, new_client).await
+            }
+        };
         drop(progress);
         let step = step?;
         on_step(&label, &step);

@@ -53,7 +53,9 @@ impl Payload {
                     tensor_bytes,
                 }
             }
-            Protocol::RestBinary => {
+            // gRPC builds its own messages (`grpc_client.rs`); the binary body stands in for
+            // the sizes and is never sent.
+            Protocol::RestBinary | Protocol::Grpc => {
                 let header = binary_header(inputs);
                 let header_length = HeaderValue::from(header.len());
                 let mut raw = Vec::with_capacity(tensor_bytes as usize);
@@ -96,7 +98,7 @@ impl Payload {
             let value = (seq % crate::bench::input_spec::counter_modulus(datatype)) as i64;
             let n = match protocol {
                 Protocol::Rest | Protocol::HttpJson => write_json_into(&mut buf, datatype, value),
-                Protocol::RestBinary => encode_le_into(&mut buf, datatype, value),
+                Protocol::RestBinary | Protocol::Grpc => encode_le_into(&mut buf, datatype, value),
             };
             Inline::new(&buf[..n])
         });

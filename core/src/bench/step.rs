@@ -12,7 +12,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use tokio::time::Instant;
 
 use crate::bench::args::Load;
-use crate::bench::client::{Client, Target, VirtualClient, get, run_until};
+use crate::bench::client::{Client, Target, get, run_until};
 use crate::bench::open_loop::{Arrivals, OpenPlan, run_open_phase};
 use crate::bench::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
 use crate::bench::report::{Cpu, RoundTrip, StepReport, Traffic};
@@ -28,13 +28,18 @@ pub struct StepPlan {
     pub seed: u64,
 }
 
-/// Runs one step and reports it.
-pub async fn run_step(
+/// Opens client number `index` of `stride` (clients interleave their sequence numbers).
+pub type NewClient<C> = Arc<dyn Fn(u64, u64) -> C + Send + Sync>;
+
+/// Runs one step with clients made by `new_client` and reports it. `target` gives the
+/// statistics route, the payload sizes and the progress counters whatever the protocol.
+pub async fn run_step<C: Client>(
     target: &Arc<Target>,
     model: &str,
     plan: StepPlan,
+    new_client: NewClient<C>,
 ) -> anyhow::Result<StepReport> {
-    let mut phases = Phases::new(target, plan);
+    let mut phases = Phases::new(new_client, plan);
     let mut warmup_requests = 0;
     if !plan.warmup.is_zero() {
         warmup_requests = phases.run(plan.warmup).await?.requests();
@@ -75,28 +80,26 @@ pub async fn run_step(
 }
 
 /// The clients of a step, kept across its phases so connections stay open.
-struct Phases {
-    target: Arc<Target>,
+struct Phases<C> {
+    new_client: NewClient<C>,
     load: Load,
-    clients: Vec<VirtualClient>,
+    clients: Vec<C>,
     arrivals: Arrivals,
 }
 
-impl Phases {
-    fn new(target: &Arc<Target>, plan: StepPlan) -> Phases {
+impl<C: Client> Phases<C> {
+    fn new(new_client: NewClient<C>, plan: StepPlan) -> Phases<C> {
         let (clients, rate) = match plan.load {
             Load::Closed(n) => {
                 let stride = n as u64;
-                let clients = (0..stride)
-                    .map(|i| VirtualClient::new(Arc::clone(target), i, stride))
-                    .collect();
+                let clients = (0..stride).map(|i| new_client(i, stride)).collect();
                 (clients, 1.0)
             }
             // Open-loop clients are opened as arrivals need them.
             Load::Open { rate, .. } => (Vec::new(), rate),
         };
         Phases {
-            target: Arc::clone(target),
+            new_client,
             load: plan.load,
             clients,
             arrivals: Arrivals::new(rate, plan.seed),
@@ -110,10 +113,9 @@ impl Phases {
         let (clients, tally) = match self.load {
             Load::Closed(_) => run_closed_phase(clients, until).await?,
             Load::Open { max_in_flight, .. } => {
-                let target = Arc::clone(&self.target);
+                let make = Arc::clone(&self.new_client);
                 let stride = max_in_flight as u64;
-                let new_client =
-                    move |i: usize| VirtualClient::new(Arc::clone(&target), i as u64, stride);
+                let new_client = move |i: usize| make(i as u64, stride);
                 let plan = OpenPlan {
                     arrivals: &mut self.arrivals,
                     max_in_flight,

@@ -28,10 +28,13 @@ pub enum ErrorKind {
     Timeout,
     /// A 2xx response that failed `--check-double`.
     Check,
+    /// A gRPC call that ended with this status code (8: RESOURCE_EXHAUSTED, 14: UNAVAILABLE).
+    Grpc(i32),
 }
 
 impl ErrorKind {
-    /// The stable key used in reports: `status_503`, `connect`, `io`, `timeout`, `check`.
+    /// The stable key used in reports: `status_503`, `connect`, `io`, `timeout`, `check`,
+    /// `grpc_8` (a gRPC status code).
     pub fn label(self) -> String {
         match self {
             ErrorKind::Status(code) => format!("status_{code}"),
@@ -39,6 +42,7 @@ impl ErrorKind {
             ErrorKind::Io => "io".into(),
             ErrorKind::Timeout => "timeout".into(),
             ErrorKind::Check => "check".into(),
+            ErrorKind::Grpc(code) => format!("grpc_{code}"),
         }
     }
 }
