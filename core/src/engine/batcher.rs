@@ -15,6 +15,7 @@ use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{BatchPolicy, Decision, Pending, Queue};
 use super::stats::StatsRecorder;
+use super::wake_timer::WakeTimer;
 use crate::worker::types::InstanceState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +64,8 @@ pub struct Batcher {
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// When the forming batch must be released, if one is forming.
     release_at: Option<Instant>,
+    /// Wakes the loop at `next_wake` with microsecond precision (batching delays).
+    timer: WakeTimer,
     /// Running batch tasks, so `Abort` can cancel them.
     running: HashMap<u64, AbortHandle>,
     next_batch_id: u64,
@@ -121,6 +124,7 @@ impl Batcher {
             state,
             drain_waiters: Vec::new(),
             release_at: None,
+            timer: WakeTimer::new(),
             running: HashMap::new(),
             next_batch_id: 0,
             ever_ready: false,
@@ -142,7 +146,7 @@ impl Batcher {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
-                _ = sleep_until(wake), if wake.is_some() => {}
+                _ = self.timer.sleep_until(wake), if wake.is_some() => {}
             }
             self.expire();
             self.dispatch();
@@ -332,13 +336,6 @@ impl Batcher {
         for p in self.queue.drain_all() {
             let _ = p.reply.send(Err(err.clone()));
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -18,6 +18,7 @@ mod stats;
 pub mod stream;
 pub mod tensor;
 pub mod validate;
+mod wake_timer;
 
 #[cfg(test)]
 mod tests;
