@@ -48,7 +48,7 @@ class Storm(um.Model):
     name = "storm"
     max_batch_size = 8
     instances = 2
-    retry_on_worker_failure = os.environ.get("STORM_RETRY") == "1"
+    retry_on_worker_failure = os.environ.get("UNIMODEL_STORM_RETRY") == "1"
     inputs = {"x": um.Tensor("FP32", [1])}
     outputs = {"y": um.Tensor("FP32", [1]), "pid": um.Tensor("INT64", [1])}
 
@@ -162,7 +162,7 @@ def main() -> None:
         plugin.write_text(PLUGIN)
         port = free_port()
         log = open(Path(tmp) / "server.log", "w+b")  # noqa: SIM115
-        env = dict(os.environ, STORM_RETRY="1" if args.retry else "0")
+        env = dict(os.environ, UNIMODEL_STORM_RETRY="1" if args.retry else "0")
         proc = subprocess.Popen(
             [
                 args.bin,
