@@ -44,6 +44,9 @@ def test_inspect_doubler_example():
                 "max_queue_delay_ms": 1.0,
                 "instances": 1,
                 "streaming": False,
+                "max_concurrency": None,
+                "retry_on_worker_failure": False,
+                "memory_limit_bytes": None,
                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
             }

@@ -76,6 +76,9 @@ def test_manual_is_the_class_docstring():
         "max_batch_size",
         "max_queue_delay_ms",
         "instances",
+        "max_concurrency",
+        "retry_on_worker_failure",
+        "memory_limit_bytes",
         "Example (batched)",
         "Tips",
         "yield",
@@ -145,6 +148,35 @@ def test_missing_declarations_and_wrong_types():
     assert any("max_batch_size must be an int >= 0, got 2.5" in p for p in problems)
     assert any("max_queue_delay_ms must be a number" in p for p in problems)
     assert any("instances must be an int >= 1, got True" in p for p in problems)
+
+
+def test_fault_guards_are_checked():
+    class Guarded(um.Model):
+        max_concurrency = 0
+        retry_on_worker_failure = "yes"
+        memory_limit_bytes = 1000
+        inputs = {"x": um.Tensor("FP32", [-1])}
+        outputs = {"y": um.Tensor("FP32", [-1])}
+
+        def predict(self, x):
+            return {"y": x}
+
+    problems = model_problems(Guarded)
+    assert any(
+        "max_concurrency must be None (no limit) or an int >= 1, got 0" in p for p in problems
+    )
+    assert any("retry_on_worker_failure must be True or False, got 'yes'" in p for p in problems)
+    assert any(
+        "memory_limit_bytes must be None (no limit) or an int >= 67108864" in p for p in problems
+    )
+    assert len(problems) == 3
+
+    class Fine(Guarded):
+        max_concurrency = 8
+        retry_on_worker_failure = True
+        memory_limit_bytes = 1 << 30
+
+    assert model_problems(Fine) == []
 
 
 def test_datatype_suggestion_and_device():

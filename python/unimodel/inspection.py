@@ -31,6 +31,9 @@ def describe_model(cls: type[Model]) -> dict[str, Any]:
         "max_queue_delay_ms": float(cls.max_queue_delay_ms),
         "instances": cls.instances,
         "streaming": is_streaming(cls),
+        "max_concurrency": cls.max_concurrency,
+        "retry_on_worker_failure": cls.retry_on_worker_failure,
+        "memory_limit_bytes": cls.memory_limit_bytes,
         "inputs": _tensors(cls.inputs or {}),
         "outputs": _tensors(cls.outputs or {}),
     }

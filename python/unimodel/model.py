@@ -101,6 +101,14 @@ class Model:
       exactly as declared); N > 0 means up to N rows per call, with a batch dimension first.
     - ``max_queue_delay_ms`` [1.0]: how long the first request of a batch may wait for more.
     - ``instances`` [1]: worker processes (each with its own copy of the model).
+    - ``max_concurrency`` [None]: requests admitted at once (queued plus running); past it
+      clients get 429 (gRPC RESOURCE_EXHAUSTED). None: only the server's queue bounds them.
+    - ``retry_on_worker_failure`` [False]: when a worker dies running a batch, its requests
+      are queued again, once, for another (or the restarted) instance. Only for a
+      ``predict`` that is safe to run twice; never for generators.
+    - ``memory_limit_bytes`` [None]: ``RLIMIT_AS`` of each worker. Past it allocations fail
+      (``MemoryError``, answered 500 naming the limit). It counts *virtual* memory: thread
+      stacks (numpy/BLAS pools, torch) and mappings count in full, so set it generously.
     - ``inputs`` / ``outputs`` [required]: ``{name: um.Tensor(datatype, shape)}``, shapes per
       request without the batch dimension, ``-1`` for a variable dimension.
 
@@ -135,6 +143,9 @@ class Model:
     max_batch_size: ClassVar[int] = 0
     max_queue_delay_ms: ClassVar[float] = 1.0
     instances: ClassVar[int] = 1
+    max_concurrency: ClassVar[int | None] = None
+    retry_on_worker_failure: ClassVar[bool] = False
+    memory_limit_bytes: ClassVar[int | None] = None
     inputs: ClassVar[dict[str, Tensor] | None] = None
     outputs: ClassVar[dict[str, Tensor] | None] = None
 

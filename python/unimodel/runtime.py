@@ -100,6 +100,9 @@ class Worker:
         #: The streaming execute now running, and whether the core cancelled it.
         self.streaming_id: int | None = None
         self.stream_cancelled = False
+        # The stream whose last chunk went out in dedicated regions and awaits its release:
+        # such a chunk holds no arena block, but must not run ahead of a slow client either.
+        self.dedicated_chunk: int | None = None
         self.stopping = False
         #: Client memory the current execute's outputs go to: name -> (mapping, offset, length).
         self.targets: dict[str, tuple] = {}
@@ -146,6 +149,8 @@ class Worker:
             self.pending.append(msg)
         elif kind == "release":
             self.ring.release(msg["id"])
+            if self.dedicated_chunk == msg["id"]:
+                self.dedicated_chunk = None
         elif kind == "ping":
             self.channel.send({"type": "pong", "seq": msg["seq"]})
         elif kind == "cancel":
@@ -339,6 +344,7 @@ class Worker:
                 refs_out, out_fds = outputs
                 frame = {"type": "stream_chunk", "id": exec_id, "outputs": refs_out}
                 if out_fds:
+                    self.dedicated_chunk = exec_id
                     self._send_with_fds(frame, out_fds)
                 else:
                     self.channel.send(frame)
@@ -354,6 +360,7 @@ class Worker:
             return
         finally:
             self.streaming_id = None
+            self.dedicated_chunk = None
         if self.stream_cancelled:
             self._close(gen, exec_id)
             self._send_error(exec_id, "Cancelled: cancelled while streaming", "", "cancelled")
@@ -365,7 +372,9 @@ class Worker:
         """Waits (serving control frames) until the core has released this stream's previous
         chunk, or cancelled the stream: the core releases a chunk only once its client has
         taken it, so a slow client holds the generator here instead of filling memory."""
-        while self.ring.holds(exec_id) and not self.stream_cancelled:
+        while (
+            self.ring.holds(exec_id) or self.dedicated_chunk == exec_id
+        ) and not self.stream_cancelled:
             self.dispatch(self.channel.recv())
             if self.stopping:
                 raise _Stop()

@@ -52,6 +52,33 @@ def _check_numbers(cls: type[Model], problems: list[str]) -> None:
     instances = cls.instances
     if not _is_int(instances) or instances < 1:
         problems.append(f"instances must be an int >= 1, got {instances!r}: e.g. instances = 1")
+    _check_fault_guards(cls, problems)
+
+
+# The smallest memory limit the core accepts (a Python worker needs about that much).
+MIN_MEMORY_LIMIT = 64 << 20
+
+
+def _check_fault_guards(cls: type[Model], problems: list[str]) -> None:
+    limit = cls.max_concurrency
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        problems.append(
+            f"max_concurrency must be None (no limit) or an int >= 1, got {limit!r}: "
+            "e.g. max_concurrency = 64"
+        )
+    retry = cls.retry_on_worker_failure
+    if not isinstance(retry, bool):
+        problems.append(
+            f"retry_on_worker_failure must be True or False, got {retry!r}: "
+            "e.g. retry_on_worker_failure = True"
+        )
+    memory = cls.memory_limit_bytes
+    if memory is not None and (not _is_int(memory) or memory < MIN_MEMORY_LIMIT):
+        problems.append(
+            f"memory_limit_bytes must be None (no limit) or an int >= {MIN_MEMORY_LIMIT} "
+            f"(64 MiB), got {memory!r}: e.g. memory_limit_bytes = 4 << 30 (it caps virtual "
+            "memory, which thread stacks and mappings count in full: be generous)"
+        )
 
 
 def _datatype_problem(where: str, datatype: object) -> str | None:

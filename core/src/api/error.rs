@@ -85,7 +85,9 @@ fn engine_status(e: &EngineError) -> StatusCode {
             StatusCode::NOT_FOUND
         }
         EngineError::Validation(_) | EngineError::StreamingOnly { .. } => StatusCode::BAD_REQUEST,
-        EngineError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+        EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         EngineError::NotReady { .. }
         | EngineError::WorkerFailed { .. }
         | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -142,7 +144,9 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = status.as_u16(), error = %message, "request failed");
         }
         let mut response = (status, axum::Json(ErrorBody { error: &message })).into_response();
-        if let ApiError::Engine(EngineError::QueueFull { .. }) = self {
+        if let ApiError::Engine(EngineError::QueueFull { .. } | EngineError::Overloaded { .. }) =
+            self
+        {
             // The queue drains in milliseconds; a second is a polite, short back-off.
             response
                 .headers_mut()
@@ -196,6 +200,13 @@ mod tests {
                 StatusCode::TOO_MANY_REQUESTS,
             ),
             (
+                EngineError::Overloaded {
+                    model: m(),
+                    limit: 8,
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
                 EngineError::NotReady {
                     model: m(),
                     state: "LOADING".into(),
@@ -242,7 +253,10 @@ mod tests {
     async fn every_engine_error_has_its_status_and_json_body() {
         for (err, status) in engine_errors() {
             let message = err.to_string();
-            let is_queue_full = matches!(err, EngineError::QueueFull { .. });
+            let is_queue_full = matches!(
+                err,
+                EngineError::QueueFull { .. } | EngineError::Overloaded { .. }
+            );
             let response = ApiError::from(err).into_response();
             assert_eq!(response.status(), status, "{message}");
             assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");

@@ -260,6 +260,7 @@ mod tests {
             queue_capacity: 4,
             request_timeout: Duration::from_secs(1),
             streaming: true,
+            faults: Default::default(),
         }
     }
 

@@ -64,6 +64,7 @@ fn status(
         queue_capacity: 4,
         request_timeout: Duration::from_secs(5),
         streaming: false,
+        faults: Default::default(),
     };
     let ready_instances = u32::from(state.is_ready());
     ModelStatus {
@@ -711,6 +712,13 @@ async fn engine_errors_map_to_their_statuses() {
             StatusCode::TOO_MANY_REQUESTS,
         ),
         (
+            EngineError::Overloaded {
+                model: m(),
+                limit: 8,
+            },
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+        (
             EngineError::NotReady {
                 model: m(),
                 state: "LOADING".into(),
@@ -746,7 +754,10 @@ async fn engine_errors_map_to_their_statuses() {
     ];
     for (err, status) in cases {
         let expected = err.to_string();
-        let queue_full = matches!(err, EngineError::QueueFull { .. });
+        let queue_full = matches!(
+            err,
+            EngineError::QueueFull { .. } | EngineError::Overloaded { .. }
+        );
         fake.fail_next(err);
         let r = post_json(&app, "/v2/models/doubler/infer", doubler_request()).await;
         assert_eq!(

@@ -35,6 +35,7 @@ fn engine_outcome(e: &EngineError) -> &'static str {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => "not_found",
         EngineError::Validation(_) | EngineError::StreamingOnly { .. } => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
+        EngineError::Overloaded { .. } => "overloaded",
         EngineError::NotReady { .. } | EngineError::ShuttingDown => "unavailable",
         EngineError::WorkerFailed { .. } => "worker_error",
         // Both are the plugin's fault: it raised, or returned outputs that do not fit.

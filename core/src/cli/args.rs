@@ -65,6 +65,11 @@ pub struct PluginArgs {
     /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill).
     #[arg(long, value_name = "MS")]
     pub max_queue_delay_ms: Option<f64>,
+    /// Override the plugin's `max_concurrency`: requests admitted per model at once (queued
+    /// plus running); past it, 429 (gRPC RESOURCE_EXHAUSTED) naming the limit. Default: no
+    /// limit but --queue-capacity.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_concurrency: Option<u64>,
     #[command(flatten)]
     pub worker: WorkerArgs,
 }
@@ -227,6 +232,8 @@ mod tests {
             "2",
             "--max-queue-delay-ms",
             "0.5",
+            "--max-concurrency",
+            "8",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -240,6 +247,10 @@ mod tests {
         );
         assert_eq!(run.plugin.instances, Some(2));
         assert_eq!(run.plugin.max_queue_delay_ms, Some(0.5));
+        assert_eq!(run.plugin.max_concurrency, Some(8));
+        assert!(
+            Cli::try_parse_from(["unimodel", "run", "p.py", "--max-concurrency", "0"]).is_err()
+        );
         assert_eq!(run.server.metrics_port, None);
         assert_eq!(run.server.grpc_port, 8001);
     }

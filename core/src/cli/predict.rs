@@ -271,6 +271,7 @@ mod tests {
             queue_capacity: 1,
             request_timeout: Duration::from_secs(1),
             streaming: false,
+            faults: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 
 use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::validate::Limits;
-use crate::engine::{Engine, EngineOptions, Executor, ModelConfig};
+use crate::engine::{Engine, EngineOptions, Executor, FaultPolicy, ModelConfig};
 use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
@@ -139,6 +139,9 @@ struct Overrides {
     max_queue_delay_ms: Option<f64>,
     instances: Option<u32>,
     parameters: BTreeMap<String, String>,
+    max_concurrency: Option<u64>,
+    retry_on_worker_failure: Option<bool>,
+    memory_limit_bytes: Option<u64>,
 }
 
 impl Overrides {
@@ -148,6 +151,9 @@ impl Overrides {
             max_queue_delay_ms: args.max_queue_delay_ms,
             instances: args.instances,
             parameters: args.set.iter().cloned().collect(),
+            max_concurrency: args.max_concurrency,
+            retry_on_worker_failure: None,
+            memory_limit_bytes: None,
         }
     }
 }
@@ -176,6 +182,16 @@ fn model_config(
         queue_capacity: s.queue_capacity,
         request_timeout: s.request_timeout,
         streaming: d.streaming,
+        faults: FaultPolicy {
+            max_concurrency: o
+                .max_concurrency
+                .or(d.max_concurrency)
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            retry_on_worker_failure: o
+                .retry_on_worker_failure
+                .unwrap_or(d.retry_on_worker_failure),
+            memory_limit_bytes: o.memory_limit_bytes.or(d.memory_limit_bytes),
+        },
     })
 }
 
@@ -212,6 +228,7 @@ fn instance_configs(
                 max_backoff: Duration::from_secs(10),
                 max_setup_failures: 3,
             },
+            memory_limit_bytes: c.faults.memory_limit_bytes,
         })
         .collect()
 }
@@ -268,6 +285,9 @@ impl Loader for PluginLoader {
                 max_queue_delay_ms: o.max_queue_delay_ms,
                 instances: o.instances,
                 parameters: o.parameters.clone(),
+                max_concurrency: o.max_concurrency,
+                retry_on_worker_failure: o.retry_on_worker_failure,
+                memory_limit_bytes: o.memory_limit_bytes,
             };
             let mut config = model_config(decl, &version.plugin, &overrides, &settings)
                 .map_err(|e| e.to_string())?;

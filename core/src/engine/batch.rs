@@ -223,6 +223,7 @@ mod tests {
             reply: tx,
             permit: None,
             chunks: None,
+            retried: false,
             origin: Default::default(),
             targets: Vec::new(),
         };

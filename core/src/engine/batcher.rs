@@ -200,6 +200,7 @@ impl Batcher {
     fn on_outcome(&mut self, outcome: Outcome) {
         let (idx, batch_id) = match outcome {
             Outcome::Finished { idx, batch_id } => (idx, batch_id),
+            Outcome::Retry { idx, batch, reason } => return self.retry(idx, batch, reason),
             Outcome::NotStarted {
                 idx,
                 batch_id,
@@ -225,6 +226,25 @@ impl Batcher {
         {
             slot.outstanding = slot.outstanding.saturating_sub(1);
         }
+    }
+
+    /// Requests whose worker crashed under them go back to the head of the queue, once,
+    /// for another instance or the restarted one; their deadlines still hold.
+    fn retry(&mut self, idx: usize, mut batch: Vec<Pending>, reason: String) {
+        tracing::info!(model = %self.ctx.config.name, instance = idx, requests = batch.len(), "worker {reason}; retrying its requests once");
+        if let Some(slot) = self.slots.get_mut(idx) {
+            slot.suspect_until = Some(Instant::now() + SUSPECT_FOR);
+        }
+        if self.aborted {
+            for p in batch {
+                let _ = p.reply.send(Err(EngineError::ShuttingDown));
+            }
+            return;
+        }
+        for p in &mut batch {
+            p.retried = true;
+        }
+        self.queue.requeue_front(batch);
     }
 
     fn on_instance_state(&mut self, idx: usize, state: InstanceState) {
@@ -382,6 +402,11 @@ pub fn model_state<'a>(
     });
     match restarting {
         Some(reason) if ever_ready => ModelState::Unavailable { reason },
+        // Replacements starting after crashes: still UNAVAILABLE, not LOADING, so requests
+        // keep queueing for them instead of being refused at the door.
+        None if ever_ready => ModelState::Unavailable {
+            reason: "its workers are starting again after a crash".into(),
+        },
         _ => ModelState::Loading,
     }
 }

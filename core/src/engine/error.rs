@@ -24,6 +24,11 @@ pub enum EngineError {
         "model '{model}' queue is full ({capacity} requests waiting); retry later or raise --queue-capacity"
     )]
     QueueFull { model: String, capacity: usize },
+    /// The model's `max_concurrency` requests are already admitted (queued or running).
+    #[error(
+        "model '{model}' is at its max_concurrency limit of {limit} requests (queued plus running); retry later or raise max_concurrency"
+    )]
+    Overloaded { model: String, limit: usize },
     #[error("model '{model}' is not ready: {state}")]
     NotReady { model: String, state: String },
     #[error("model '{model}' worker failed: {reason}")]

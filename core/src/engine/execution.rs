@@ -29,6 +29,13 @@ pub enum Outcome {
         batch: Vec<Pending>,
         reason: String,
     },
+    /// The instance crashed running it and the model retries (`retry_on_worker_failure`):
+    /// queue these requests again, once. The batch's `Finished` follows separately.
+    Retry {
+        idx: usize,
+        batch: Vec<Pending>,
+        reason: String,
+    },
 }
 
 /// Shared by every batch task of a model.
@@ -103,6 +110,24 @@ pub async fn run_batch(
     };
     let returned = Instant::now();
     count_worker_call(ctx.stats.metrics(), staged, &result);
+    let result = match result {
+        Err(WorkerError::Crashed { status }) if ctx.config.faults.retry_on_worker_failure => {
+            // Each request gets one more try; a client already gone needs none.
+            let (again, failed): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut batch)
+                .into_iter()
+                .partition(|p| !p.retried && !p.is_cancelled());
+            batch = failed;
+            if !again.is_empty() {
+                let _ = ctx.outcomes.send(Outcome::Retry {
+                    idx,
+                    batch: again,
+                    reason: status.clone(),
+                });
+            }
+            Err(WorkerError::Crashed { status })
+        }
+        other => other,
+    };
 
     let replies: Vec<Reply> = match result {
         Err(WorkerError::NotStarted { reason }) => {

@@ -22,7 +22,7 @@ use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// Settings that apply to every model.
@@ -232,13 +232,10 @@ impl Engine {
         )?;
         check_ready(config, &entry.state(), entry.is_unloading())?;
 
-        let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
-            entry.metrics.rejected();
-            EngineError::QueueFull {
-                model: config.name.clone(),
-                capacity: config.queue_capacity,
-            }
-        })?;
+        let Admission {
+            admitted: _admitted,
+            place,
+        } = admit(&entry)?;
         // Counted until this future ends: answered, timed out, or dropped by the client.
         let _inflight = entry.metrics.inflight();
         let timeout = req
@@ -253,8 +250,9 @@ impl Engine {
             enqueued: now,
             deadline: now + timeout,
             reply: reply_tx,
-            permit: Some(permit),
+            permit: Some(place),
             chunks: None,
+            retried: false,
             origin: Origin {
                 id: req.id.clone(),
                 trace: req.trace,
@@ -379,11 +377,16 @@ fn spawn_entry(
         config.queue_capacity,
     );
     let places = Arc::new(Semaphore::new(config.queue_capacity));
+    let admitted = config
+        .faults
+        .max_concurrency
+        .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
     sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
     Arc::new(ModelEntry {
         config,
         commands,
         places,
+        admitted,
         state: state_rx,
         stats,
         metrics,
@@ -470,6 +473,37 @@ fn status_of(m: &ModelEntry) -> ModelStatus {
         state: m.state(),
         ready_instances: ready_instances as u32,
     }
+}
+
+/// What a request holds while the engine has it: one of the model's `max_concurrency`
+/// admissions, until it is answered (or its client goes), and a place in the model's queue,
+/// given back when a batch takes it.
+pub(super) struct Admission {
+    pub admitted: Option<OwnedSemaphorePermit>,
+    pub place: OwnedSemaphorePermit,
+}
+
+/// Takes a request's admission and queue place, or says which limit refused it (429).
+pub(super) fn admit(entry: &ModelEntry) -> Result<Admission, EngineError> {
+    let config = &entry.config;
+    let admitted = match (&entry.admitted, config.faults.max_concurrency) {
+        (Some(sem), Some(limit)) => Some(sem.clone().try_acquire_owned().map_err(|_| {
+            entry.metrics.rejected();
+            EngineError::Overloaded {
+                model: config.name.clone(),
+                limit,
+            }
+        })?),
+        _ => None,
+    };
+    let place = entry.places.clone().try_acquire_owned().map_err(|_| {
+        entry.metrics.rejected();
+        EngineError::QueueFull {
+            model: config.name.clone(),
+            capacity: config.queue_capacity,
+        }
+    })?;
+    Ok(Admission { admitted, place })
 }
 
 /// Requests are refused at the door while no instance can serve. A model whose instances

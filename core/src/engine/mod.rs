@@ -27,7 +27,7 @@ pub use crate::worker::client_shm::OutputTarget;
 pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
-pub use model::{ModelConfig, ModelState};
+pub use model::{FaultPolicy, ModelConfig, ModelState};
 pub use registry::parse_version;
 pub use stream::InferStream;
 pub use tensor::{DataType, Tensor, TensorSpec};

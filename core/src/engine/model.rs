@@ -36,6 +36,23 @@ pub struct ModelConfig {
     /// `predict` is a generator: each request is answered with a stream of responses
     /// (`Engine::infer_stream`) and executed alone, never batched with others.
     pub streaming: bool,
+    /// Limits and recovery under faults and overload.
+    pub faults: FaultPolicy,
+}
+
+/// A model's guards against overload and crashing workers (plugin class attributes or
+/// config.toml keys of the same names; `run --max-concurrency` too). All off by default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FaultPolicy {
+    /// Requests admitted at once, queued plus running; past it 429 / RESOURCE_EXHAUSTED
+    /// naming the limit. `None`: only the queue capacity bounds the waiting ones.
+    pub max_concurrency: Option<usize>,
+    /// Requests of a batch whose worker crashed are queued again, once, for another (or the
+    /// restarted) instance, within their deadline. Plain infer only: a stream's responses
+    /// may already have reached its client. For models whose `predict` is idempotent.
+    pub retry_on_worker_failure: bool,
+    /// `RLIMIT_AS` of each worker process, in bytes.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// Lifecycle of a model, as `GET /v2/models/{m}` reports it.

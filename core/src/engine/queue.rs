@@ -66,6 +66,9 @@ pub struct Pending {
     pub origin: Origin,
     /// Where the client wants outputs written (`InferRequest::output_targets`).
     pub targets: Vec<crate::worker::client_shm::OutputTarget>,
+    /// Already queued again after a worker crash (`retry_on_worker_failure`), or never to
+    /// be (a stream): a crash now fails it.
+    pub retried: bool,
 }
 
 impl Pending {
@@ -242,6 +245,7 @@ mod tests {
             reply: tx,
             permit: None,
             chunks: None,
+            retried: false,
             origin: Origin::default(),
             targets: Vec::new(),
         };

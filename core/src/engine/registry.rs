@@ -23,6 +23,9 @@ pub(super) struct ModelEntry {
     pub commands: mpsc::Sender<Command>,
     /// One permit per place in the queue.
     pub places: Arc<Semaphore>,
+    /// One permit per request admitted (queued or running), if the model sets
+    /// `max_concurrency`; held until the request is answered.
+    pub admitted: Option<Arc<Semaphore>>,
     pub state: watch::Receiver<ModelState>,
     pub stats: Arc<StatsRecorder>,
     pub metrics: ModelMetrics,

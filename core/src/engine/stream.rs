@@ -23,7 +23,7 @@ use super::batch::{build_work, split_outputs};
 use super::batcher::Command;
 use super::execution::{BatchContext, FinishGuard, Outcome, worker_error};
 use super::executor::Executor;
-use super::handle::{Engine, check_ready, in_declared_order};
+use super::handle::{Admission, Engine, admit, check_ready, in_declared_order};
 use super::queue::{Answer, Origin, Pending, Reply};
 use super::stats::BatchTimes;
 use super::tensor::Tensor;
@@ -73,13 +73,7 @@ impl Engine {
             &self.options().limits,
         )?;
         check_ready(&config, &entry.state(), entry.is_unloading())?;
-        let permit = entry.places.clone().try_acquire_owned().map_err(|_| {
-            entry.metrics.rejected();
-            EngineError::QueueFull {
-                model: config.name.clone(),
-                capacity: config.queue_capacity,
-            }
-        })?;
+        let Admission { admitted, place } = admit(&entry)?;
         let inflight = entry.metrics.inflight();
         let timeout = req
             .timeout
@@ -94,8 +88,10 @@ impl Engine {
             enqueued: now,
             deadline: now + timeout,
             reply: reply_tx,
-            permit: Some(permit),
+            permit: Some(place),
             chunks: Some(chunks_tx),
+            // A stream's responses may already have reached its client: never retried.
+            retried: true,
             // A stream's responses come back in its events, never written into client memory.
             targets: Vec::new(),
             origin: Origin {
@@ -117,6 +113,7 @@ impl Engine {
             version: config.version.clone(),
             id: req.id,
             _inflight: inflight,
+            _admitted: admitted,
             _wake: WakeOnDrop(entry.commands.clone()),
         };
         Ok(futures::stream::unfold(flow, Flow::step).boxed())
@@ -135,6 +132,8 @@ struct Flow {
     id: Option<String>,
     /// Counted in flight until the stream is dropped.
     _inflight: InflightGuard,
+    /// The model's `max_concurrency` counts the stream until it is dropped.
+    _admitted: Option<tokio::sync::OwnedSemaphorePermit>,
     _wake: WakeOnDrop,
 }
 

@@ -118,6 +118,7 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
         queue_capacity: queue,
         request_timeout: Duration::from_secs(5),
         streaming: false,
+        faults: Default::default(),
     }
 }
 
@@ -239,6 +240,79 @@ async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
     assert!(matches!(err, EngineError::WorkerFailed { .. }));
     let msg = err.to_string();
     assert!(msg.contains("'m'") && msg.contains("SIGKILL"), "{msg}");
+}
+
+#[tokio::test]
+async fn with_retry_on_worker_failure_a_crashed_batch_runs_again_on_another_instance() {
+    let crashed = || WorkerError::Crashed {
+        status: "killed by signal 9 (SIGKILL)".into(),
+    };
+    let mut cfg = config(4, 0, 8);
+    cfg.faults.retry_on_worker_failure = true;
+    // Instance 0 crashes under every batch; instance 1 serves, but only takes work when 0 is
+    // busy or suspect, so the retry is what reaches it.
+    let engine = start(
+        cfg.clone(),
+        &[FakeExec::failing(crashed()), FakeExec::new(0)],
+    );
+    ready(&engine).await;
+    for i in 0..4 {
+        let answer = engine.infer(request(&[i as f32])).await.unwrap();
+        assert_eq!(values(&answer.outputs[0]), vec![2.0 * i as f32]);
+    }
+    // Retried once only: where every instance crashes, the second crash is the answer.
+    let engine = start(
+        cfg,
+        &[FakeExec::failing(crashed()), FakeExec::failing(crashed())],
+    );
+    ready(&engine).await;
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(err.to_string().contains("SIGKILL"), "{err}");
+}
+
+#[tokio::test]
+async fn without_retry_a_crashed_batch_fails_even_with_a_healthy_instance() {
+    let crashed = WorkerError::Crashed {
+        status: "killed by signal 9 (SIGKILL)".into(),
+    };
+    let engine = start(
+        config(4, 0, 8),
+        &[FakeExec::failing(crashed), FakeExec::new(0)],
+    );
+    ready(&engine).await;
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(matches!(err, EngineError::WorkerFailed { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn max_concurrency_counts_queued_and_running_requests() {
+    let mut cfg = config(0, 0, 64);
+    cfg.faults.max_concurrency = Some(3);
+    let engine = start(cfg, &[FakeExec::new(200)]);
+    ready(&engine).await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            engine.infer(request(&[i as f32])).await
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => {}
+            Err(EngineError::Overloaded { limit, .. }) => {
+                assert_eq!(limit, 3);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Two run (the pipeline), one waits in a queue of 64: the limit, not the queue, refuses.
+    assert_eq!(refused, 2);
+    // Answered requests give their place back.
+    assert!(engine.infer(request(&[1.0])).await.is_ok());
 }
 
 #[tokio::test]
@@ -473,6 +547,15 @@ fn restarts_before_the_first_ready_still_count_as_loading() {
         model_state([&restarting].into_iter(), true),
         ModelState::Unavailable { .. }
     ));
+    // Replacements starting after a crash: still UNAVAILABLE (requests queue), not LOADING.
+    assert!(matches!(
+        model_state([&InstanceState::Starting].into_iter(), true),
+        ModelState::Unavailable { .. }
+    ));
+    assert_eq!(
+        model_state([&InstanceState::Starting].into_iter(), false),
+        ModelState::Loading
+    );
     let failed = InstanceState::Failed {
         error: "e".into(),
         traceback: "t".into(),

@@ -7,6 +7,9 @@
 //! instances = 2
 //! device = "cpu"
 //! version_policy = { latest = 2 }   # or { all = true }, { specific = [1, 3] }
+//! max_concurrency = 64         # requests admitted at once (queued + running); 429 past it
+//! retry_on_worker_failure = true    # retry a crashed batch's requests once (idempotent models)
+//! memory_limit_bytes = 4294967296   # RLIMIT_AS of each worker (virtual memory: be generous)
 //! [parameters]                 # ctx.parameters in setup()
 //! factor = 3
 //! ```
@@ -31,6 +34,9 @@ pub struct ModelFile {
     pub parameters: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub version_policy: PolicyTable,
+    pub max_concurrency: Option<u64>,
+    pub retry_on_worker_failure: Option<bool>,
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// `ModelFile` checked and resolved.
@@ -43,6 +49,9 @@ pub struct ModelOverrides {
     pub device: Option<String>,
     pub parameters: BTreeMap<String, String>,
     pub version_policy: VersionPolicy,
+    pub max_concurrency: Option<u64>,
+    pub retry_on_worker_failure: Option<bool>,
+    pub memory_limit_bytes: Option<u64>,
 }
 
 impl ModelFile {
@@ -65,6 +74,16 @@ impl ModelFile {
                 "max_queue_delay_ms must be a non-negative number of milliseconds, got {ms}"
             ));
         }
+        if self.max_concurrency == Some(0) {
+            return Err("max_concurrency must be at least 1 (omit it for no limit), got 0".into());
+        }
+        if let Some(n) = self.memory_limit_bytes
+            && n < MIN_MEMORY_LIMIT
+        {
+            return Err(format!(
+                "memory_limit_bytes must be at least {MIN_MEMORY_LIMIT} (64 MiB: the Python worker alone needs about that much virtual memory), got {n}"
+            ));
+        }
         let parameters = self
             .parameters
             .iter()
@@ -78,6 +97,9 @@ impl ModelFile {
             device: self.device.clone(),
             parameters,
             version_policy: self.version_policy.resolve()?,
+            max_concurrency: self.max_concurrency,
+            retry_on_worker_failure: self.retry_on_worker_failure,
+            memory_limit_bytes: self.memory_limit_bytes,
         })
     }
 
@@ -89,12 +111,20 @@ impl ModelFile {
         self.instances = over.instances.or(self.instances);
         self.device = over.device.or(self.device);
         self.parameters.extend(over.parameters);
+        self.max_concurrency = over.max_concurrency.or(self.max_concurrency);
+        self.retry_on_worker_failure = over
+            .retry_on_worker_failure
+            .or(self.retry_on_worker_failure);
+        self.memory_limit_bytes = over.memory_limit_bytes.or(self.memory_limit_bytes);
         if over.version_policy != PolicyTable::default() {
             self.version_policy = over.version_policy;
         }
         self
     }
 }
+
+/// The smallest `memory_limit_bytes` accepted: below it no worker could even start.
+pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
 
 fn parameter(key: &str, v: &toml::Value) -> Result<String, String> {
     match v {
@@ -123,6 +153,9 @@ mod tests {
             instances = 2
             device = "cpu"
             version_policy = { specific = [1, 3] }
+            max_concurrency = 5
+            retry_on_worker_failure = true
+            memory_limit_bytes = 1073741824
             [parameters]
             factor = 3
             name = "x"
@@ -136,6 +169,9 @@ mod tests {
         assert_eq!(o.max_queue_delay_ms, Some(2.5));
         assert_eq!(o.instances, Some(2));
         assert_eq!(o.version_policy, VersionPolicy::Specific(vec![1, 3]));
+        assert_eq!(o.max_concurrency, Some(5));
+        assert_eq!(o.retry_on_worker_failure, Some(true));
+        assert_eq!(o.memory_limit_bytes, Some(1 << 30));
         assert_eq!(o.parameters["factor"], "3");
         assert_eq!(o.parameters["name"], "x");
         assert_eq!(o.parameters["on"], "true");
@@ -164,6 +200,8 @@ mod tests {
         assert!(bad("max_queue_delay_ms = -1.0").contains("max_queue_delay_ms"));
         assert!(bad("[parameters]\nx = [1]").contains("parameters.x"));
         assert!(bad("version_policy = { latest = 0 }").contains("latest"));
+        assert!(bad("max_concurrency = 0").contains("max_concurrency"));
+        assert!(bad("memory_limit_bytes = 1000").contains("memory_limit_bytes"));
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl Metrics {
         );
         r.register(
             "queue_rejections",
-            "Requests refused with 429 because the model's queue was full",
+            "Requests refused with 429 because the model's queue was full or its max_concurrency reached",
             self.rejections.clone(),
         );
         r.register_with_unit(

@@ -14,8 +14,10 @@
 //! 4. a crash, EOF, hang or protocol error fails the execute the worker was running (`Crashed`,
 //!    `ExecutionTimeout`, `Protocol`) and answers the ones it had not started, or that were
 //!    still queued here, `NotStarted` (the engine runs those elsewhere); then the process is
-//!    restarted after an exponential backoff; `setup` failing (or dying before `ready`)
-//!    `max_setup_failures` times in a row ends in Failed with the traceback.
+//!    restarted: after the initial delay if it died idle or had served successfully (a crash
+//!    storm must not slow recovery), else after an exponential backoff; `setup` failing (or
+//!    dying before `ready`) `max_setup_failures` times in a row ends in Failed with the
+//!    traceback.
 //!
 //! One task owns all state; its `select!` is biased towards the worker's frames so that an
 //! answer that arrived just before the process exited is still delivered.
@@ -30,6 +32,7 @@ use super::session::Session;
 use super::stream::{Notice, Receipt, StreamItem, StreamSender, WorkChunk, WorkStream};
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
 use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -143,6 +146,7 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
         backoff,
         death: None,
         ready_this_session: false,
+        served_this_session: false,
         stopping: false,
         shutdown_waiters: Vec::new(),
     };
@@ -353,6 +357,9 @@ struct Actor {
     death: Option<Death>,
     /// The current process has reached `ready` (a death after that is not a setup failure).
     ready_this_session: bool,
+    /// The current process has answered an execute successfully: if it dies, it restarts
+    /// after the initial delay, whatever happened before (see `RestartPolicy`).
+    served_this_session: bool,
     stopping: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -373,6 +380,9 @@ impl Actor {
             let event = self.next_event().await;
             match event {
                 Event::Frame(Some(Ok(frame))) => self.on_frame(frame),
+                // A frame cut short by the end of the stream is the worker dying mid-write
+                // (a kill): its exit status tells the caller more than "unreadable frame".
+                Event::Frame(Some(Err(CodecError::UnexpectedEof { .. }))) => self.on_eof(),
                 Event::Frame(Some(Err(e))) => self.protocol_error(format!("unreadable frame: {e}")),
                 Event::Frame(None) => self.on_eof(),
                 Event::Exited(status) => self.on_exit(status),
@@ -424,6 +434,7 @@ impl Actor {
                 tracing::debug!(model = %self.cfg.model, instance = self.cfg.instance, pid = session.process.pid(), "worker started");
                 self.session = Some(session);
                 self.ready_this_session = false;
+                self.served_this_session = false;
                 self.phase = Phase::Hello {
                     deadline: Instant::now() + self.cfg.timeouts.hello,
                 };
@@ -493,6 +504,22 @@ impl Actor {
             (_, Some(e)) => format!("{exit} (control socket write failed: {e})"),
             _ => exit.clone(),
         };
+        // A worker killed by a signal we did not send may have hit its memory limit (a
+        // failed stack growth is a SIGSEGV); say that the limit exists.
+        let crash = match (
+            self.cfg.memory_limit_bytes,
+            &death,
+            status.map(|s| s.signal()),
+        ) {
+            (Some(limit), None, Some(Some(_))) => {
+                format!("{crash}; its memory limit is {limit} bytes (memory_limit_bytes)")
+            }
+            _ => crash,
+        };
+        // Running something when it died, without having served anything: it may die in
+        // every `predict`, so its restarts back off. Idle, or proven healthy: restart now.
+        let busy = self.inflight.iter().any(|f| f.started.is_some());
+        let healthy = self.served_this_session || !busy;
         // Only what the worker had started can have died with it; the rest never ran.
         self.fail_all(
             || WorkerError::Crashed {
@@ -513,7 +540,12 @@ impl Actor {
                 let tail = session.process.stderr_tail();
                 self.setup_failed(format!("worker {crash} before it was ready"), tail);
             }
-            _ => self.schedule_restart(format!("worker {crash}")),
+            _ => {
+                if healthy {
+                    self.backoff = self.cfg.restart.initial_backoff;
+                }
+                self.schedule_restart(format!("worker {crash}"))
+            }
         }
     }
 
@@ -705,6 +737,7 @@ impl Actor {
         match copied {
             Some(Ok(tensors)) => {
                 self.backoff = self.cfg.restart.initial_backoff;
+                self.served_this_session = true;
                 if let Some(reply) = done.reply {
                     reply.send(Ok(WorkOutput {
                         outputs: tensors,
@@ -729,7 +762,7 @@ impl Actor {
         };
         let err = match kind {
             ErrorKind::Plugin | ErrorKind::InvalidOutput => WorkerError::Plugin {
-                message: error,
+                message: explain_memory_error(self.cfg.memory_limit_bytes, error),
                 traceback,
             },
             ErrorKind::TooLarge => WorkerError::TooLarge(error),
@@ -760,8 +793,11 @@ impl Actor {
             }
         }
         let Some(session) = &self.session else { return };
-        // Only a chunk in the output arena holds a block the worker waits to reuse.
-        let in_arena = outputs.iter().any(|r| r.region == Region::Output);
+        // A chunk in the output arena or in dedicated regions: the worker waits for its
+        // release before the next one (inline-only chunks are tiny and do not wait).
+        let held = outputs
+            .iter()
+            .any(|r| matches!(r.region, Region::Output | Region::Fd));
         let notices = self.notices_tx.clone();
         let Some(front) = self.inflight.front_mut() else {
             return;
@@ -773,7 +809,7 @@ impl Actor {
         };
         let Some(sink) = sink else {
             drop(fds);
-            if in_arena {
+            if held {
                 self.send(&CoreMessage::Release { id }, Vec::new());
             }
             return;
@@ -781,7 +817,7 @@ impl Actor {
         match batch::collect(outputs, &fds, &session.output, &[]) {
             Ok(tensors) => {
                 drop(fds);
-                let receipt = in_arena.then(|| {
+                let receipt = held.then(|| {
                     front.owed += 1;
                     Receipt::new(id, notices)
                 });
@@ -1099,6 +1135,29 @@ impl Actor {
     }
 }
 
+/// A `MemoryError` under a memory limit says which limit: the plugin's own message
+/// ("Unable to allocate ...") does not know that the cap was ours.
+fn explain_memory_error(limit: Option<u64>, message: String) -> String {
+    // "MemoryError" or "MemoryError: text" (the protocol's "Type: text" form).
+    let text = match message.strip_prefix("MemoryError") {
+        Some("") => Some(""),
+        Some(rest) => rest.strip_prefix(": "),
+        None => None,
+    };
+    match (limit, text) {
+        (Some(limit), Some(text)) => {
+            let detail = match text.trim() {
+                "" => String::new(),
+                t => format!(": {t}"),
+            };
+            format!(
+                "MemoryError: memory limit of {limit} bytes reached (the model's memory_limit_bytes, a cap on virtual memory){detail}"
+            )
+        }
+        _ => message,
+    }
+}
+
 /// The next frame, or never when there is no socket to read.
 async fn recv_frame(
     rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>,
@@ -1133,5 +1192,30 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_memory_error;
+
+    #[test]
+    fn a_memory_error_under_a_limit_names_the_limit() {
+        let limit = Some(1 << 30);
+        assert_eq!(
+            explain_memory_error(limit, "MemoryError".into()),
+            "MemoryError: memory limit of 1073741824 bytes reached (the model's memory_limit_bytes, a cap on virtual memory)"
+        );
+        let numpy = explain_memory_error(limit, "MemoryError: Unable to allocate 8.00 GiB".into());
+        assert!(numpy.starts_with("MemoryError: memory limit of 1073741824 bytes reached"));
+        assert!(numpy.ends_with(": Unable to allocate 8.00 GiB"), "{numpy}");
+        // Other errors, and any error without a limit, pass through.
+        for message in ["ValueError: no", "MemoryErrorish: x"] {
+            assert_eq!(explain_memory_error(limit, message.into()), message);
+        }
+        assert_eq!(
+            explain_memory_error(None, "MemoryError".into()),
+            "MemoryError"
+        );
     }
 }

@@ -65,6 +65,8 @@ pub struct SpawnSpec<'a> {
     pub control: OwnedFd,
     pub input_arena: OwnedFd,
     pub output_arena: OwnedFd,
+    /// `RLIMIT_AS` set in the child before exec (`InstanceConfig::memory_limit_bytes`).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// A running worker process.
@@ -190,10 +192,14 @@ fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProc
     ];
     // `parent` is read before the fork: the child compares its parent against it, not
     // against 1, so a core running as PID 1 (a container's entry point) can start workers.
+    let memory_limit = spec.memory_limit_bytes;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (fcntl, dup2, prctl, getppid, _exit) on plain integers.
+    // (fcntl, dup2, prctl, setrlimit, getppid, _exit) on plain integers.
     unsafe {
-        cmd.pre_exec(move || install_fds(&sources, parent));
+        cmd.pre_exec(move || {
+            install_fds(&sources, parent)?;
+            limit_memory(memory_limit)
+        });
     }
     let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
         interpreter: spec.python.interpreter.display().to_string(),
@@ -324,6 +330,15 @@ fn install_fds(sources: &[(RawFd, RawFd); 3], parent: libc::pid_t) -> std::io::R
         unsafe { libc::_exit(1) };
     }
     Ok(())
+}
+
+/// In the forked child: caps its virtual address space (`RLIMIT_AS`, soft and hard, so the
+/// plugin cannot raise it). Virtual, not resident: thread stacks (numpy's BLAS pool, torch)
+/// and mappings count in full, hence the README's advice to set the limit generously.
+fn limit_memory(limit: Option<u64>) -> std::io::Result<()> {
+    let Some(bytes) = limit else { return Ok(()) };
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes)
+        .map_err(std::io::Error::from)
 }
 
 /// Whether a child whose parent was `parent` at fork time, and whose parent is now `ppid`,
@@ -573,6 +588,7 @@ mod tests {
             control: theirs.into(),
             input_arena: input.try_clone_fd().unwrap(),
             output_arena: output.try_clone_fd().unwrap(),
+            memory_limit_bytes: None,
         })
         .unwrap();
         ours.set_nonblocking(true).unwrap();
@@ -619,6 +635,7 @@ mod tests {
                 control: theirs.into(),
                 input_arena: input.try_clone_fd().unwrap(),
                 output_arena: output.try_clone_fd().unwrap(),
+                memory_limit_bytes: None,
             },
             not_me,
         )
@@ -665,6 +682,7 @@ mod tests {
             control: theirs.into(),
             input_arena: input.try_clone_fd().unwrap(),
             output_arena: output.try_clone_fd().unwrap(),
+            memory_limit_bytes: None,
         })
         .unwrap();
         ours.set_nonblocking(true).unwrap();

@@ -173,6 +173,7 @@ fn config(f: &Fixture, class: &str) -> InstanceConfig {
             max_backoff: Duration::from_millis(400),
             max_setup_failures: 3,
         },
+        memory_limit_bytes: None,
     }
 }
 

@@ -97,6 +97,7 @@ impl Session {
             control: theirs.into(),
             input_arena: input_for_child,
             output_arena: OwnedFd::from(output_file),
+            memory_limit_bytes: cfg.memory_limit_bytes,
         })?;
         let (reader, writer) = codec::split(ours);
         let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);

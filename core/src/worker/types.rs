@@ -31,6 +31,15 @@ pub struct ModelDecl {
     /// `predict` is a generator (streams several responses per request).
     #[serde(default)]
     pub streaming: bool,
+    /// Requests admitted at once (queued plus running); `None`: no limit but the queue's.
+    #[serde(default)]
+    pub max_concurrency: Option<u64>,
+    /// Retry the requests of a batch whose worker crashed, once.
+    #[serde(default)]
+    pub retry_on_worker_failure: bool,
+    /// `RLIMIT_AS` of each worker process.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// Timeouts the supervisor enforces.
@@ -51,7 +60,10 @@ pub struct Timeouts {
 /// How crashed or failing workers are restarted.
 #[derive(Clone, Debug)]
 pub struct RestartPolicy {
-    /// First delay after a crash; doubled on each consecutive failure.
+    /// Delay before restarting a worker that died after serving a batch successfully, or
+    /// while idle (a kill, an OOM): a healthy model's replacement should serve at once. It
+    /// is doubled on each consecutive failure that does not qualify (a setup that fails, a
+    /// worker that dies in every `predict` it runs), up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     /// Consecutive failed `setup` calls (or crashes before `ready`) before the instance is FAILED.
@@ -77,6 +89,9 @@ pub struct InstanceConfig {
     pub max_output_bytes: usize,
     pub timeouts: Timeouts,
     pub restart: RestartPolicy,
+    /// `RLIMIT_AS` of the worker process (bytes of virtual memory), if the model sets
+    /// `memory_limit_bytes`; an allocation past it fails (Python `MemoryError`).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// State of one worker instance, published on a `watch` channel.

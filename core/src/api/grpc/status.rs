@@ -55,7 +55,7 @@ fn engine_code(e: &EngineError) -> Code {
     match e {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => Code::NotFound,
         EngineError::Validation(_) | EngineError::StreamingOnly { .. } => Code::InvalidArgument,
-        EngineError::QueueFull { .. } => Code::ResourceExhausted,
+        EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => Code::ResourceExhausted,
         EngineError::NotReady { .. }
         | EngineError::WorkerFailed { .. }
         | EngineError::ShuttingDown => Code::Unavailable,
@@ -161,6 +161,13 @@ mod tests {
             ),
             (EngineError::ShuttingDown, Code::Unavailable),
             (EngineError::Internal("boom".into()), Code::Internal),
+            (
+                EngineError::Overloaded {
+                    model: m(),
+                    limit: 8,
+                },
+                Code::ResourceExhausted,
+            ),
         ];
         for (err, want) in cases {
             let rest_message = ApiError::from(err.clone()).to_string();
