@@ -172,10 +172,11 @@ def test_bursts_of_large_requests_past_the_queue_do_not_grow_memory(start_server
         after.append(vm_rss_bytes(server.proc.pid))
     offered = clients * size
     # Bodies in flight are held (the server reads a request before it can refuse it), but
-    # what is refused is freed: the first burst may cost up to about what it offered...
-    assert after[0] - before < 2 * offered, (before, after)
-    # ...and later bursts reuse that memory instead of adding to it.
-    assert max(after[1:]) - after[0] < offered // 2, (before, after)
+    # what is refused is freed: no burst costs more than about what one burst offers...
+    assert max(after) - before < 2 * offered, (before, after)
+    # ...and later bursts reuse that memory instead of adding to it (the allocator may keep
+    # some of it mapped, so compare against the highest of the first two bursts).
+    assert after[-1] <= max(after[:2]) + offered // 4, (before, after)
     assert server.alive()
 
 
