@@ -140,7 +140,8 @@ def test_a_body_over_the_limit_is_413_naming_the_limit(server):
 
 def raw_exchange(server, head: bytes, deadline_s: float = 10.0) -> int | None:
     """Sends raw request bytes; returns the response status, or None if the server closed or
-    reset the connection without one."""
+    reset the connection without one (it answers 431 and closes while a 1 MiB head may still
+    be on its way: the client can then see the reset first)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=deadline_s) as sock:
         try:
             sock.sendall(head)
@@ -162,7 +163,7 @@ def test_a_huge_header_is_refused_and_the_server_serves_on(server):
 def test_too_many_headers_are_refused_and_the_server_serves_on(server):
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(500))
     status = raw_exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
-    assert status in (431, None), status
+    assert status == 431, status
     assert serves(server)
 
 
