@@ -1,5 +1,8 @@
-"""SIGTERM drains: requests in flight are all answered, the process exits 0 within the drain
-timeout, new work is refused meanwhile, and nothing is left behind in /dev/shm."""
+"""SIGTERM and SIGINT drain: readiness turns false at once (REST and gRPC, health watchers
+told), new work is refused (503 / UNAVAILABLE), requests in flight are all answered, the
+workers stop (no process of the server's tree is left), nothing is left in /dev/shm, and the
+process exits 0 within the drain timeout. A second signal exits at once (status 130), even
+while a plugin hangs."""
 
 import os
 import signal
@@ -8,59 +11,117 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+import numpy as np
+import pytest
 import requests
-from umclient import Inp, decode, infer_json, plugin
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+from umclient import Inp, decode, infer_json, pid_alive, plugin, wait_until
 
 MODEL = "slow"
 DRAIN_TIMEOUT_S = 20.0
 DEV_SHM = Path("/dev/shm")
+# grpc.health.v1.HealthCheckResponse: field 1 (status), SERVING = 1, NOT_SERVING = 2.
+SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"
 
 
 def shm_entries() -> set[str]:
     return set(os.listdir(DEV_SHM)) if DEV_SHM.is_dir() else set()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_cleanly(start_server):
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (its workers and anything they started)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def health_watch(server):
+    """A grpc.health.v1 Watch on the whole server (raw bytes: no extra package needed)."""
+    channel = grpc.insecure_channel(server.grpc_url)
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    return channel, watch(b"", timeout=60)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig):
     before = shm_entries()
     server = start_server(
         plugin("slow.py"),
         "--set",
         "delay_s=0.5",
+        "--instances",
+        "2",
         "--drain-timeout-ms",
         str(int(DRAIN_TIMEOUT_S * 1000)),
         "--request-timeout-ms",
         "60000",
     )
-    clients = 6  # ~3s of work on one worker: well inside the drain timeout
+    workers = descendants(server.proc.pid)
+    assert len(workers) >= 2, workers
+    channel, watch = health_watch(server)
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+    clients = 12  # ~3s of work on two workers: well inside the drain timeout
     sent = threading.Barrier(clients + 1, timeout=30)
 
     def one(i: int):
         sent.wait()
         return infer_json(server, MODEL, [Inp("x", "FP32", [float(i)])], timeout=(5.0, 60.0))
 
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        futures = [pool.submit(one, i) for i in range(clients)]
-        sent.wait()
-        time.sleep(1.0)  # every request has reached the server; the first is executing
-        server.proc.send_signal(signal.SIGTERM)
-        signalled_at = time.monotonic()
+    try:
+        assert next(watch) == SERVING
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            futures = [pool.submit(one, i) for i in range(clients)]
+            sent.wait()
+            time.sleep(1.0)  # every request has reached the server; two are executing
+            server.proc.send_signal(sig)
+            signalled_at = time.monotonic()
 
-        time.sleep(0.2)
-        try:
+            # Readiness false at once, told to health watchers, while work is still running.
+            assert next(watch) == NOT_SERVING
+            assert time.monotonic() - signalled_at < 1.0
+            ready = server.get("/v2/health/ready", timeout=(2.0, 10.0))
+            assert ready.status_code == 503, ready.text
+            assert not grpc_client.is_server_ready()
             late = infer_json(server, MODEL, [Inp("x", "FP32", [9.0])], timeout=(2.0, 10.0))
-        except requests.RequestException:
-            late = None  # the listener is closed: refused, as it should be
-        if late is not None:
             assert late.status_code == 503, f"new work accepted while draining: {late.text}"
+            assert "shutting down" in late.json()["error"], late.text
+            x = grpcclient.InferInput("x", [1], "FP32")
+            x.set_data_from_numpy(np.array([9.0], dtype=np.float32))
+            with pytest.raises(InferenceServerException) as refused:
+                grpc_client.infer(MODEL, [x])
+            assert "UNAVAILABLE" in str(refused.value.status()), refused.value
+            assert any(not f.done() for f in futures), "the drain must still have work to do"
 
-        responses = [f.result(timeout=60) for f in futures]
+            responses = [f.result(timeout=60) for f in futures]
+    finally:
+        grpc_client.close()
+        channel.close()
 
     for i, resp in enumerate(responses):
         assert decode(resp).outputs["y"].tolist() == [2.0 * i], f"request {i}"
     code = server.wait_exit(DRAIN_TIMEOUT_S + 10.0)
     exited_after = time.monotonic() - signalled_at
     assert code == 0, f"exit status {code}; log tail:\n{server.log_tail()}"
-    assert exited_after < DRAIN_TIMEOUT_S + 2.0, f"exited {exited_after:.1f}s after SIGTERM"
+    assert exited_after < DRAIN_TIMEOUT_S + 2.0, f"exited {exited_after:.1f}s after {sig.name}"
+    left = {pid for pid in workers if pid_alive(pid)}
+    assert not left, f"processes of the server's tree still running: {left}"
     leftovers = shm_entries() - before
     assert not leftovers, f"left in /dev/shm: {sorted(leftovers)}"
 
@@ -104,3 +165,37 @@ def test_sigterm_past_the_drain_deadline_answers_everything_and_exits(start_serv
     assert code == 0, f"exit status {code}; log tail:\n{server.log_tail()}"
     # Deadline, then at most the HTTP and worker grace periods (5 s each).
     assert exited_after < drain_s + 11.0, f"exited {exited_after:.1f}s after SIGTERM"
+
+
+def test_a_second_signal_exits_at_once_even_while_a_plugin_hangs(start_server):
+    """The first signal starts a drain that the hung plugin would hold for the whole drain
+    timeout (60 s here); the second ends the process at once, with status 130, and the
+    workers die with it (PR_SET_PDEATHSIG)."""
+    server = start_server(plugin("hang.py"), "--drain-timeout-ms", "60000")
+    workers = descendants(server.proc.pid)
+    assert workers
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hung = pool.submit(
+            infer_json, server, "hang", [Inp("x", "FP32", [1.0])], timeout=(5.0, 60.0)
+        )
+        wait_until(
+            lambda: 'inflight_requests{model="hang"} 1' in server.get("/metrics").text,
+            10.0,
+            "the hanging request to be in flight",
+        )
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert server.alive(), "the drain waits for the hung request"
+        server.proc.send_signal(signal.SIGTERM)
+        signalled_at = time.monotonic()
+        code = server.wait_exit(10.0)
+        assert time.monotonic() - signalled_at < 3.0
+        assert code == 130, f"exit status {code}; log tail:\n{server.log_tail()}"
+        try:
+            answer = hung.result(timeout=30)
+            assert answer.status_code == 503, answer.text
+        except requests.RequestException:
+            pass  # the connection went with the process: the client is not left waiting
+    wait_until(
+        lambda: not any(pid_alive(p) for p in workers), 5.0, "the workers to die with the server"
+    )

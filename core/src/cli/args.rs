@@ -97,6 +97,11 @@ pub struct WorkerArgs {
     /// Largest input or output tensor accepted.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
     pub max_tensor_bytes: usize,
+    /// Pass this variable of the server's environment on to the workers (repeatable).
+    /// Workers get only PATH, HOME, LANG, TZ, TMPDIR, VIRTUAL_ENV, CUDA_VISIBLE_DEVICES,
+    /// OMP_NUM_THREADS and LC_*, OPENBLAS_*, MKL_*, HF_*, TORCH_*, UNIMODEL_* otherwise.
+    #[arg(long = "worker-env", value_name = "NAME", value_parser = env_name)]
+    pub worker_env: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -197,6 +202,15 @@ fn at_least_4096(s: &str) -> Result<usize, String> {
         ));
     }
     Ok(n)
+}
+
+fn env_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('=') || s.contains('\0') {
+        return Err(format!(
+            "'{s}' is not an environment variable name (give the NAME only; its value is taken from the server's environment)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -301,6 +315,26 @@ mod tests {
         assert!(Cli::try_parse_from(["unimodel", "serve", "--config", "u.toml"]).is_ok());
         // Where the models are must be said.
         assert!(Cli::try_parse_from(["unimodel", "serve"]).is_err());
+    }
+
+    #[test]
+    fn worker_env_takes_names_only() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "run",
+            "p.py",
+            "--worker-env",
+            "HF_TOKEN",
+            "--worker-env",
+            "MY_VAR",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.plugin.worker.worker_env, vec!["HF_TOKEN", "MY_VAR"]);
+        assert!(Cli::try_parse_from(["unimodel", "run", "p.py", "--worker-env", "A=b"]).is_err());
+        assert!(Cli::try_parse_from(["unimodel", "run", "p.py", "--worker-env", ""]).is_err());
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    let python = prepare_python(args.worker.python.as_deref()).await?;
+    let mut python = prepare_python(args.worker.python.as_deref()).await?;
+    python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
     let metrics = metrics(&args.server).await?;

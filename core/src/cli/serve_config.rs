@@ -55,6 +55,7 @@ struct ServerFile {
     execution_timeout_ms: Option<u64>,
     arena_bytes: Option<usize>,
     max_tensor_bytes: Option<usize>,
+    worker_env: Option<Vec<String>>,
 }
 
 /// Applies `file` to `args` (where the flag was not given) and returns the model source.
@@ -90,6 +91,7 @@ pub fn apply(
     set!(args.worker, execution_timeout_ms);
     set!(args.worker, arena_bytes);
     set!(args.worker, max_tensor_bytes);
+    set!(args.worker, worker_env);
     if s.metrics_port.is_some() && !given("metrics_port") {
         args.server.metrics_port = s.metrics_port;
     }

@@ -3,7 +3,8 @@
 //!
 //! On the first SIGTERM/SIGINT: readiness false, new requests 503, queued and running work
 //! finishes (up to `--drain-timeout-ms`), HTTP and gRPC stop, workers stop, exit 0. A second signal
-//! exits at once (workers die with us through PDEATHSIG).
+//! exits at once with status 130 (workers die with us through PDEATHSIG): the drain it cut
+//! short did not finish, which a supervisor should be able to tell from a clean stop.
 
 use super::args::ServerArgs;
 use super::metrics_port;
@@ -160,6 +161,9 @@ impl Stop<'_> {
         tracing::info!(
             "shutting down: finishing queued and running requests (up to {drain:?}); a second signal exits at once"
         );
+        // Readiness is false from here on: tell gRPC health watchers now, not after the drain.
+        engine.stop_accepting();
+        grpc.readiness_changed();
         let graceful = async {
             if !engine.drain(drain).await {
                 tracing::warn!("drain timed out after {drain:?}: answering what is left with 503");

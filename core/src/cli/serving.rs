@@ -77,7 +77,8 @@ pub struct ServeSettings {
 /// Resolves the plugin, prepares Python and inspects the plugin's classes.
 pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow::Result<Loaded> {
     let spec = PluginSpec::parse(&args.plugin)?;
-    let python = prepare_python(args.worker.python.as_deref()).await?;
+    let mut python = prepare_python(args.worker.python.as_deref()).await?;
+    python.pass_env.clone_from(&args.worker.worker_env);
     let decls = inspect(&python, &spec.to_arg()).await?;
     if decls.is_empty() {
         bail!("'{}' defines no um.Model subclass", spec.file.display());

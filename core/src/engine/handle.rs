@@ -296,6 +296,12 @@ impl Engine {
         })
     }
 
+    /// Readiness false and new requests refused from now on: the first step of a drain, taken
+    /// before it so health watchers can be told at once.
+    pub fn stop_accepting(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
     /// Stops taking requests (readiness false, new requests 503) and waits until every
     /// queued and running request has been answered, at most `timeout`. Returns whether
     /// everything finished in time.

@@ -104,6 +104,7 @@ fn fake_python() -> PythonEnv {
     PythonEnv {
         interpreter: test_python(),
         sdk_path: dir,
+        pass_env: Vec::new(),
     }
 }
 

@@ -22,7 +22,9 @@ pub const OUTPUT_ARENA_FD: RawFd = 5;
 /// Stderr lines kept for explaining a crash before `ready` (e.g. an import error).
 const STDERR_TAIL_LINES: usize = 40;
 
-/// Environment variables passed through from the core (exact names, then prefixes).
+/// Environment variables passed through from the core (exact names, then prefixes); anything
+/// else (credentials such as `AWS_*`, tokens) stays in the core unless named with
+/// `--worker-env NAME` (`PythonEnv::pass_env`). README "Safe defaults" lists them.
 const ENV_ALLOW: &[&str] = &[
     "PATH",
     "HOME",
@@ -134,12 +136,15 @@ pub fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
-/// The worker's environment: the allow-list from ours, then the protocol's variables.
+/// The worker's environment: the allow-list and `--worker-env` names from ours, then the
+/// protocol's variables.
 pub fn worker_env(python: &PythonEnv, labels: &LogLabels) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
-            ENV_ALLOW.contains(&k.as_ref()) || ENV_ALLOW_PREFIXES.iter().any(|p| k.starts_with(p))
+            ENV_ALLOW.contains(&k.as_ref())
+                || ENV_ALLOW_PREFIXES.iter().any(|p| k.starts_with(p))
+                || python.pass_env.iter().any(|n| *n == k)
         })
         .collect();
     let set = [
@@ -522,6 +527,7 @@ mod tests {
         let py = PythonEnv {
             interpreter: PathBuf::from("/usr/bin/python3"),
             sdk_path: PathBuf::from("/sdk"),
+            pass_env: Vec::new(),
         };
         let env = worker_env(
             &py,
@@ -575,6 +581,7 @@ mod tests {
         let py = PythonEnv {
             interpreter: PathBuf::from("python3"),
             sdk_path: dir.clone(),
+            pass_env: Vec::new(),
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let input = WritableRegion::create(c"in", 4096).unwrap();
@@ -619,6 +626,7 @@ mod tests {
         let py = PythonEnv {
             interpreter: PathBuf::from("python3"),
             sdk_path: dir.clone(),
+            pass_env: Vec::new(),
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let input = WritableRegion::create(c"in", 4096).unwrap();
@@ -669,6 +677,7 @@ mod tests {
         let py = PythonEnv {
             interpreter: PathBuf::from("python3"),
             sdk_path: dir.clone(),
+            pass_env: Vec::new(),
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let input = WritableRegion::create(c"in", 4096).unwrap();

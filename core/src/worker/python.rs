@@ -95,6 +95,7 @@ pub(crate) async fn prepare_with(setup: &Setup) -> Result<PythonEnv, PythonSetup
     let env = PythonEnv {
         interpreter: setup.interpreter.clone(),
         sdk_path,
+        pass_env: Vec::new(),
     };
     if imports_runtime_deps(&env).await {
         return Ok(env);
@@ -103,6 +104,7 @@ pub(crate) async fn prepare_with(setup: &Setup) -> Result<PythonEnv, PythonSetup
     Ok(PythonEnv {
         interpreter: venv,
         sdk_path: env.sdk_path,
+        pass_env: Vec::new(),
     })
 }
 
@@ -298,6 +300,7 @@ async fn ensure_venv(
     let with_venv = PythonEnv {
         interpreter: python.clone(),
         sdk_path: sdk_path.to_path_buf(),
+        pass_env: Vec::new(),
     };
     if venv.join(READY_MARKER).exists() && imports_runtime_deps(&with_venv).await {
         return Ok(python);

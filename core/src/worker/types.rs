@@ -15,6 +15,9 @@ pub struct PythonEnv {
     pub interpreter: PathBuf,
     /// Directory put first on `PYTHONPATH`; holds the `unimodel` package.
     pub sdk_path: PathBuf,
+    /// Variables of the core's environment passed on to workers beyond the allow-list
+    /// (`--worker-env NAME`).
+    pub pass_env: Vec<String>,
 }
 
 /// A model class as the plugin declares it (`python -m unimodel.worker --inspect`).

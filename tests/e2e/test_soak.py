@@ -1,0 +1,69 @@
+"""A short soak (benches/soak.py with 20k requests: REST JSON, REST binary, gRPC and bad
+requests mixed) against the binary under test: no descriptor growth beyond a small constant,
+bounded RSS growth, nothing left in /dev/shm, every bad request answered as expected, and a
+clean exit on SIGTERM. The 1M-request run and its slopes are in benches/README.md."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from umclient import REPO_ROOT, python_bin, unimodel_bin
+
+REQUESTS = 20_000
+# A descriptor or two may be open at a sample (a connection being accepted); more is a leak.
+FD_SLACK = 8
+# Steady-state RSS growth over the last 90% of the run, in MiB.
+RSS_SLACK_MIB = 32.0
+
+
+# A debug build on a loaded 2-core machine: 20k requests take a minute or two.
+@pytest.mark.timeout(600)
+def test_short_soak_leaks_no_descriptors_and_keeps_memory_bounded(tmp_path):
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benches" / "soak.py"),
+            "--requests",
+            str(REQUESTS),
+            "--bin",
+            str(unimodel_bin()),
+            "--python",
+            python_bin(),
+            "--round-s",
+            "2",
+            "--sample-s",
+            "0.5",
+            "--concurrency",
+            "8",
+            "--out-dir",
+            str(tmp_path / "soak"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert out.exists(), f"no report; stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    context = f"stdout:\n{proc.stdout}"
+    assert report["requests_answered"] >= REQUESTS, context
+    assert set(report["bench_requests"]) == {"rest", "rest-binary", "grpc"}, context
+    assert all(n > 0 for n in report["bench_requests"].values()), context
+    for kind in ("malformed_json", "unknown_model", "too_large", "hang_up_before_answer"):
+        assert report["error_requests"].get(kind, 0) > 0, (kind, context)
+    assert report["error_requests"].get("grpc_unknown_model", 0) > 0, context
+
+    steady = [s for s in report["samples"] if s["requests"] >= report["warmup_requests"]]
+    assert len(steady) >= 3, context
+    first, last = steady[0], steady[-1]
+    assert last["core_fds"] - first["core_fds"] <= FD_SLACK, context
+    assert max(s["core_fds"] for s in steady) - first["core_fds"] <= FD_SLACK, context
+    assert last["core_rss_mib"] - first["core_rss_mib"] <= RSS_SLACK_MIB, context
+    assert last["core_threads"] - first["core_threads"] <= FD_SLACK, context
+    # Other processes on the machine may create /dev/shm entries; the server holds none.
+    assert all(s["dev_shm_ours"] == 0 for s in report["samples"]), context
+    assert report["exit_code"] == 0, context
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]
