@@ -349,7 +349,8 @@ def test_grpc_follows_the_same_rules(server, creds):
     grpc_raises(lambda: client.get_model_metadata("doubler"), "UNAUTHENTICATED")
     bad = {"authorization": "Bearer not-a-key-not-a-key"}
     grpc_raises(lambda: client.infer("doubler", grpc_input(), headers=bad), "UNAUTHENTICATED")
-    expired = bearer(creds.es256(exp=int(time.time()) - 120))
+    # gRPC metadata names are lower case.
+    expired = {"authorization": f"Bearer {creds.es256(exp=int(time.time()) - 120)}"}
     grpc_raises(lambda: client.infer("doubler", grpc_input(), headers=expired), "UNAUTHENTICATED")
 
     for headers in (
