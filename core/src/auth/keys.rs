@@ -109,7 +109,9 @@ impl ApiKeys {
 /// `KEY ROLES [rps=N] [burst=N]` (already trimmed, not a comment).
 fn parse_line(content: &str, default_rate: Option<Rate>) -> Result<KeyEntry, String> {
     // A field starting with `#` starts a trailing comment.
-    let mut fields = content.split_whitespace().take_while(|f| !f.starts_with('#'));
+    let mut fields = content
+        .split_whitespace()
+        .take_while(|f| !f.starts_with('#'));
     let key = fields.next().unwrap_or_default();
     let digest = digest_of(key)?;
     let roles = parse_roles(fields.next().ok_or("no roles after the key")?)?;
