@@ -1,6 +1,7 @@
 //! UniModel: serve Python model plugins with a Rust core.
 //!
 //! - `api`: HTTP front end (KServe V2 REST, binary tensor extension), error → status mapping.
+//! - `auth`: API keys, JWT, roles, rate limits and audit events (checked by `api`).
 //! - `engine`: model registry, bounded queues, dynamic batcher, instance scheduling.
 //! - `repository`: many models: a model repository directory, versions, load and unload.
 //! - `worker`: supervised Python worker processes, shared-memory arenas, control channel.
@@ -13,6 +14,7 @@
 //! Dependencies point one way: `api -> repository -> engine -> worker`.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod engine;

@@ -4,6 +4,7 @@
 //! `EngineError` variant does not compile until it has a status here. Every error body is
 //! `{"error": "<message>"}`, Triton's shape, which its clients print as-is.
 
+use crate::auth::DenialKind;
 use crate::engine::EngineError;
 use crate::regions::RegionError;
 use crate::repository::RepositoryError;
@@ -41,6 +42,10 @@ pub enum ApiError {
     Region(#[from] RegionError),
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    /// Refused by auth (`api/auth.rs`): only the kind, whose message says nothing more
+    /// than "authentication required", "not permitted" or "rate limit exceeded".
+    #[error(transparent)]
+    Auth(DenialKind),
 }
 
 impl ApiError {
@@ -55,6 +60,11 @@ impl ApiError {
             ApiError::Engine(e) => engine_status(e),
             ApiError::Region(e) => region_status(e),
             ApiError::Repository(e) => repository_status(e),
+            ApiError::Auth(kind) => match kind {
+                DenialKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+                DenialKind::Forbidden => StatusCode::FORBIDDEN,
+                DenialKind::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            },
         }
     }
 
@@ -151,6 +161,15 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::Auth(kind) = self {
+            let headers = response.headers_mut();
+            if kind == DenialKind::Unauthenticated {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            if let Some(secs) = kind.retry_after_secs() {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
         }
         response
     }
@@ -373,5 +392,45 @@ mod tests {
             ApiError::PayloadTooLarge { limit: 10 }.to_string(),
             "request body is larger than the limit of 10 bytes; raise it with --max-body-bytes"
         );
+    }
+
+    #[tokio::test]
+    async fn auth_denials_have_their_status_headers_and_a_bare_message() {
+        let cases = [
+            (
+                DenialKind::Unauthenticated,
+                StatusCode::UNAUTHORIZED,
+                "authentication required",
+            ),
+            (
+                DenialKind::Forbidden,
+                StatusCode::FORBIDDEN,
+                "not permitted",
+            ),
+            (
+                DenialKind::RateLimited {
+                    retry_after: Duration::from_millis(1500),
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded",
+            ),
+        ];
+        for (kind, status, message) in cases {
+            let response = ApiError::Auth(kind).into_response();
+            assert_eq!(response.status(), status);
+            assert_eq!(
+                response.headers().get(header::WWW_AUTHENTICATE).is_some(),
+                kind == DenialKind::Unauthenticated
+            );
+            let retry = response.headers().get(header::RETRY_AFTER).cloned();
+            assert_eq!(retry.is_some(), status == StatusCode::TOO_MANY_REQUESTS);
+            if let Some(v) = retry {
+                assert_eq!(v, "2");
+            }
+            assert_eq!(
+                body_of(response).await,
+                serde_json::json!({ "error": message })
+            );
+        }
     }
 }

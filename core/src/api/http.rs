@@ -38,6 +38,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Clients' shared-memory regions (`/v2/systemsharedmemory/*`, shm inputs and outputs).
     pub regions: Arc<Regions>,
+    /// API keys / JWT (`--api-key-file`, `--jwt-*`); `None`: auth off, no layer at all.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// What every handler gets: the backend, the settings and where requests are recorded.
@@ -70,12 +72,14 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let limit = cfg.max_body_bytes;
     let regions = cfg.regions.clone();
     let metrics = backend.metrics();
+    let auth = cfg.auth.clone();
+    let gate = auth.map(|a| super::auth::AuthGate::new(a, metrics.clone()));
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),
         metrics,
     };
-    Router::new()
+    let routes = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live::<B>))
         .route("/v2/health/ready", get(ready::<B>))
@@ -137,7 +141,16 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .merge(shm::routes(regions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::max(limit));
+    // Auth runs inside `observe`, so a denied request still gets its access log line.
+    let routes = match gate {
+        Some(gate) => routes.layer(axum::middleware::from_fn_with_state(
+            gate,
+            super::auth::check,
+        )),
+        None => routes,
+    };
+    routes
         .layer(axum::middleware::from_fn(super::observe::observe))
         .with_state(state)
 }
@@ -156,7 +169,9 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router)
+    // Connect info gives handlers (the auth audit log) the client's address.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }

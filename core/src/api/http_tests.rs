@@ -247,6 +247,7 @@ fn app(fake: &Arc<Fake>) -> Router {
         HttpConfig {
             max_body_bytes: MAX_BODY,
             regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
+            auth: None,
         },
     )
 }
@@ -971,4 +972,63 @@ async fn repository_routes_without_a_repository_list_and_refuse_clearly() {
     }
     let wrong_method = get(&app, "/v2/repository/index").await;
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// The router with auth on: one `infer` key.
+fn app_with_auth(fake: &Arc<Fake>) -> Router {
+    let dir = std::env::temp_dir().join(format!("um-http-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "infer-key-0123456789 infer\n").unwrap();
+    let cfg = crate::auth::AuthConfig {
+        api_key_file: Some(keys),
+        ..Default::default()
+    };
+    let auth = crate::auth::Auth::load(&cfg).unwrap().unwrap();
+    router(
+        Arc::clone(fake),
+        HttpConfig {
+            max_body_bytes: MAX_BODY,
+            regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
+            auth: Some(Arc::new(auth)),
+        },
+    )
+}
+
+#[tokio::test]
+async fn with_auth_on_routes_need_a_key_and_its_role() {
+    let fake = Fake::new();
+    let app = app_with_auth(&fake);
+    assert_eq!(get(&app, "/v2/health/ready").await.status(), StatusCode::OK);
+    let r = post_json(&app, "/v2/models/doubler/infer", doubler_request()).await;
+    assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    assert_eq!(
+        error_of(r, StatusCode::UNAUTHORIZED).await,
+        "authentication required"
+    );
+    let with_key = |method: Method, uri: &str, body: Value| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-api-key", "infer-key-0123456789")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let r = app
+        .clone()
+        .oneshot(with_key(
+            Method::POST,
+            "/v2/models/doubler/infer",
+            doubler_request(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(json_of(r).await, doubler_expected());
+    let r = app
+        .clone()
+        .oneshot(with_key(Method::POST, "/v2/repository/index", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(error_of(r, StatusCode::FORBIDDEN).await, "not permitted");
 }

@@ -196,6 +196,7 @@ mod tests {
             HttpConfig {
                 max_body_bytes: 1024,
                 regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
+                auth: None,
             },
         );
         let body = r#"{"inputs": []}"#;

@@ -10,6 +10,7 @@
 //! - `binary`: Triton's binary tensor data framing.
 //! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
+//! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
 //! - `error`: `ApiError`, the one place errors become statuses.
 //! - `observe`: per-request span, `traceparent`, access log line.
 //! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
@@ -17,6 +18,7 @@
 //! - `metrics`: `GET /metrics` and per-request recording.
 //! - `shm`: the system (and, unsupported, CUDA) shared-memory routes.
 
+pub mod auth;
 pub mod backend;
 pub mod binary;
 pub mod error;

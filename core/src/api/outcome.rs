@@ -26,6 +26,8 @@ impl ApiError {
             },
             // Not an inference: never recorded per request, labelled for completeness.
             ApiError::Repository(_) => "repository_error",
+            // Refused before the handler: counted by `unimodel_auth_denials_total` instead.
+            ApiError::Auth(kind) => kind.outcome(),
         }
     }
 }

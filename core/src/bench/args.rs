@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use hyper::header::{HeaderName, HeaderValue};
 
 use crate::bench::input_spec::InputSpec;
 use crate::engine::DataType;
@@ -133,9 +134,38 @@ pub struct Args {
     /// No progress line on stderr (it is only drawn on a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+    /// Extra request header 'NAME: VALUE' (repeatable), e.g. 'Authorization: Bearer KEY';
+    /// gRPC metadata with --protocol grpc.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// API key of a server with auth on: sent as `Authorization: Bearer KEY` (REST and gRPC).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+}
+
+fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected 'NAME: VALUE', got '{s}'"))?;
+    let name = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("'{}' is not a header name", name.trim()))?;
+    let value = HeaderValue::from_str(value.trim())
+        .map_err(|_| format!("the value of {name} is not a valid header value"))?;
+    Ok((name, value))
 }
 
 impl Args {
+    /// Every extra header to send: `--header`s, then `--api-key` as a bearer token.
+    pub fn request_headers(&self) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+        let mut headers = self.headers.clone();
+        if let Some(key) = &self.api_key {
+            let value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "--api-key must be visible ASCII".to_string())?;
+            headers.push((hyper::header::AUTHORIZATION, value));
+        }
+        Ok(headers)
+    }
+
     /// The inputs to synthesise: `--input`s, the `--shape` one, or x:FP32:1x3.
     pub fn effective_inputs(&self) -> Result<Vec<InputSpec>, String> {
         if let Some(shape) = &self.shape {

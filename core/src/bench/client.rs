@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -49,6 +49,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Requests finished so far, for the progress line.
     pub progress: Progress,
+    /// `--header`s and `--api-key`, sent with every request (statistics reads included).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Finished and failed requests of the run so far, shared by every client.
@@ -109,6 +111,7 @@ impl Target {
             check,
             timeout,
             progress: Progress::default(),
+            headers: Vec::new(),
         })
     }
 }
@@ -138,6 +141,7 @@ pub async fn get(target: &Target, uri: &Uri) -> anyhow::Result<(StatusCode, Byte
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = uri.clone();
         req.headers_mut().insert(HOST, target.host.clone());
+        req.headers_mut().extend(target.headers.iter().cloned());
         let res = sender.send_request(req).await?;
         let status = res.status();
         let body = res.into_body().collect().await?.to_bytes();
@@ -257,6 +261,7 @@ impl VirtualClient {
         if let Some(len) = &target.payload.header_length {
             headers.insert(HEADER_LENGTH, len.clone());
         }
+        headers.extend(target.headers.iter().cloned());
 
         let sender = self.ready_sender().await?;
         let res = match sender.send_request(req).await {

@@ -35,6 +35,8 @@ pub struct GrpcTarget {
     counted: Option<InputSpec>,
     /// Timeout and progress counters shared with the HTTP side (statistics come from REST).
     http: Arc<Target>,
+    /// `--header`s and `--api-key` as call metadata.
+    metadata: tonic::metadata::MetadataMap,
 }
 
 impl GrpcTarget {
@@ -67,6 +69,9 @@ impl GrpcTarget {
             endpoint,
             template,
             counted: inputs.first().filter(|i| i.has_counter()).cloned(),
+            metadata: tonic::metadata::MetadataMap::from_headers(
+                http.headers.iter().cloned().collect(),
+            ),
             http,
         })
     }
@@ -138,7 +143,9 @@ impl GrpcClient {
                 )
             }
         };
-        match client.model_infer(req).await {
+        let mut call = tonic::Request::new(req);
+        *call.metadata_mut() = self.target.metadata.clone();
+        match client.model_infer(call).await {
             Ok(res) => {
                 let received = res.get_ref().encoded_len() as u64;
                 Ok(Answer::new(start.elapsed(), sent, received))

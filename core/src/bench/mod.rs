@@ -144,17 +144,17 @@ async fn run(
         None
     };
     let timeout = Duration::from_secs_f64(args.timeout);
-    let target = Arc::new(
-        Target::resolve(
-            &args.url,
-            &args.model,
-            args.protocol,
-            payload,
-            check,
-            timeout,
-        )
-        .await?,
-    );
+    let mut target = Target::resolve(
+        &args.url,
+        &args.model,
+        args.protocol,
+        payload,
+        check,
+        timeout,
+    )
+    .await?;
+    target.headers = args.request_headers().map_err(anyhow::Error::msg)?;
+    let target = Arc::new(target);
     let grpc = match args.protocol {
         Protocol::Grpc => Some(Arc::new(GrpcTarget::new(
             &args.grpc_url,

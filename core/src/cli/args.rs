@@ -148,6 +148,64 @@ pub struct ServerArgs {
     /// segment can crash the server.
     #[arg(long)]
     pub allow_client_shm: bool,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Auth and rate limits (README "Security: auth"). Auth is on as soon as a key file or a
+/// JWT key is given; then every route and RPC but health and metrics needs a credential.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AuthArgs {
+    /// API keys, one per line: `KEY ROLES [rps=N] [burst=N]` or `sha256:HEX ROLES ...`
+    /// (the file then holds no plain key), ROLES a comma list of `infer` and `admin`;
+    /// blank lines and `#` comments allowed. Clients send `Authorization: Bearer KEY` or
+    /// `X-API-Key: KEY` (gRPC: the same metadata).
+    #[arg(long, value_name = "FILE", help_heading = "Auth")]
+    pub api_key_file: Option<PathBuf>,
+    /// Accept JWT bearer tokens signed with HS256 by the secret in FILE (at least 32 bytes;
+    /// a trailing newline is ignored).
+    #[arg(long, value_name = "FILE", help_heading = "Auth")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Accept JWT bearer tokens signed by this PEM public key: RSA (RS256) or EC P-256
+    /// (ES256). The algorithm comes from the key, never from the token.
+    #[arg(long, value_name = "FILE", help_heading = "Auth")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Accept JWT bearer tokens signed by a key of this JWKS file (RS256 and ES256 keys,
+    /// picked by the token's `kid`).
+    #[arg(long, value_name = "FILE", help_heading = "Auth")]
+    pub jwks_file: Option<PathBuf>,
+    /// Require JWTs to carry this `aud`.
+    #[arg(long, value_name = "AUD", help_heading = "Auth")]
+    pub jwt_audience: Option<String>,
+    /// Require JWTs to carry this `iss`.
+    #[arg(long, value_name = "ISS", help_heading = "Auth")]
+    pub jwt_issuer: Option<String>,
+    /// Health routes (/v2/health/*, /health/*) and RPCs (ServerLive, ServerReady,
+    /// grpc.health.v1) need a credential too (any role). Open by default, for probes.
+    #[arg(long, help_heading = "Auth")]
+    pub auth_health: bool,
+    /// GET /metrics needs a credential too (any role), here and on --metrics-port. Open by
+    /// default, for scrapers.
+    #[arg(long, help_heading = "Auth")]
+    pub auth_metrics: bool,
+    /// Requests per second each API key (and each JWT subject) may make; past it 429 with
+    /// Retry-After (gRPC RESOURCE_EXHAUSTED). A key's own `rps=` in the key file wins.
+    #[arg(long, value_name = "RPS", help_heading = "Auth", value_parser = positive_rate)]
+    pub rate_limit: Option<f64>,
+    /// Requests a caller may send at once before --rate-limit applies [default: one
+    /// second's worth]. A key's own `burst=` in the key file wins.
+    #[arg(long, value_name = "N", help_heading = "Auth", requires = "rate_limit",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: Option<u32>,
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.001 => Ok(r),
+        _ => Err(format!(
+            "'{s}' is not a rate; expected requests per second, at least 0.001"
+        )),
+    }
 }
 
 /// `unimodel serve`: many models from a model repository or a config file.
@@ -335,6 +393,46 @@ mod tests {
         assert_eq!(run.plugin.worker.worker_env, vec!["HF_TOKEN", "MY_VAR"]);
         assert!(Cli::try_parse_from(["unimodel", "run", "p.py", "--worker-env", "A=b"]).is_err());
         assert!(Cli::try_parse_from(["unimodel", "run", "p.py", "--worker-env", ""]).is_err());
+    }
+
+    #[test]
+    fn parses_auth_flags() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "run",
+            "p.py",
+            "--api-key-file",
+            "keys.txt",
+            "--jwks-file",
+            "jwks.json",
+            "--jwt-audience",
+            "um",
+            "--auth-health",
+            "--rate-limit",
+            "2.5",
+            "--rate-limit-burst",
+            "5",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let auth = run.server.auth;
+        assert_eq!(auth.api_key_file, Some(PathBuf::from("keys.txt")));
+        assert_eq!(auth.jwks_file, Some(PathBuf::from("jwks.json")));
+        assert_eq!(auth.jwt_audience.as_deref(), Some("um"));
+        assert!(auth.auth_health && !auth.auth_metrics);
+        assert_eq!(auth.rate_limit, Some(2.5));
+        assert_eq!(auth.rate_limit_burst, Some(5));
+        for bad in [
+            &["--rate-limit", "0"][..],
+            &["--rate-limit", "fast"],
+            &["--rate-limit-burst", "5"],
+            &["--rate-limit", "1", "--rate-limit-burst", "0"],
+        ] {
+            let args = ["unimodel", "run", "p.py"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

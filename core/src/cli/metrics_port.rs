@@ -1,8 +1,11 @@
 //! `--metrics-port`: `/metrics` on a listener of its own, so a scraper can reach it on a port
 //! that is not exposed to inference clients (and keep scraping while the server drains).
+//! With `--auth-metrics` it checks credentials like the main port.
 
+use crate::api::auth::{AuthGate, check};
 use crate::api::http::serve;
 use crate::api::metrics::routes;
+use crate::auth::Auth;
 use crate::telemetry::metrics::Metrics;
 use anyhow::Context as _;
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +13,12 @@ use std::sync::Arc;
 
 /// Binds `host:port` and serves `GET /metrics` there until the process exits; returns the
 /// bound address (useful with port 0).
-pub async fn start(host: IpAddr, port: u16, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+pub async fn start(
+    host: IpAddr,
+    port: u16,
+    metrics: Arc<Metrics>,
+    auth: Option<Arc<Auth>>,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| {
@@ -19,9 +27,14 @@ pub async fn start(host: IpAddr, port: u16, metrics: Arc<Metrics>) -> anyhow::Re
     let local = listener
         .local_addr()
         .context("reading the metrics listening address")?;
+    let mut app = routes(metrics.clone());
+    if let Some(auth) = auth {
+        let gate = AuthGate::new(auth, Some(metrics));
+        app = app.layer(axum::middleware::from_fn_with_state(gate, check));
+    }
     tokio::spawn(async move {
         // Never asked to stop: it lives as long as the runtime, like the workers' metrics.
-        if let Err(e) = serve(listener, routes(metrics), std::future::pending()).await {
+        if let Err(e) = serve(listener, app, std::future::pending()).await {
             tracing::warn!("metrics listener: {e}");
         }
     });

@@ -2,6 +2,7 @@
 //! `server` is what `run` and `serve` share around the engine.
 
 pub mod args;
+mod auth;
 mod metrics_port;
 mod predict;
 mod progress;

@@ -14,10 +14,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let auth = super::auth::load(&args.server.auth)?;
     let loaded = load_plugin(&args.plugin, &settings(&args.server)).await?;
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
-    let metrics = metrics(&args.server).await?;
+    let metrics = metrics(&args.server, auth.as_ref()).await?;
     let engine = start_engine(&loaded, &args.plugin, metrics);
     super::progress::report_load_progress(&engine);
     tracing::info!(plugin = %loaded.spec.file.display(), "serving plugin");
@@ -26,6 +27,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         engine.clone(),
         listening,
         &args.server,
+        auth,
         report_models(&engine, &base),
     )
     .await

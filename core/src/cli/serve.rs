@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     let source = source(&mut args)?;
+    let auth = super::auth::load(&args.server.auth)?;
     let mode = match args.model_control_mode {
         ControlModeArg::None => ControlMode::None,
         ControlModeArg::Explicit => ControlMode::Explicit,
@@ -45,7 +46,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
-    let metrics = metrics(&args.server).await?;
+    let metrics = metrics(&args.server, auth.as_ref()).await?;
     let engine = Engine::start(Vec::new(), engine_options(&args.worker, metrics));
     let loader = PluginLoader {
         python,
@@ -74,6 +75,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine,
         listening,
         &args.server,
+        auth,
         load_at_start(&repository, at_start, &base),
     )
     .await

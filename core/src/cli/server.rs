@@ -12,6 +12,7 @@ use super::serving::ServeSettings;
 use crate::api::Backend;
 use crate::api::grpc::{self, GrpcConfig, GrpcServer};
 use crate::api::http::{HttpConfig, router, serve};
+use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::telemetry::metrics::Metrics;
 use anyhow::Context as _;
@@ -60,11 +61,16 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
     })
 }
 
-/// The metrics registry, also served on `--metrics-port` when given.
-pub async fn metrics(server: &ServerArgs) -> anyhow::Result<Arc<Metrics>> {
+/// The metrics registry, also served on `--metrics-port` when given (behind auth with
+/// `--auth-metrics`).
+pub async fn metrics(
+    server: &ServerArgs,
+    auth: Option<&Arc<Auth>>,
+) -> anyhow::Result<Arc<Metrics>> {
     let metrics = Arc::new(Metrics::new());
     if let Some(port) = server.metrics_port {
-        let at = metrics_port::start(server.host, port, metrics.clone()).await?;
+        let auth = auth.filter(|a| !a.open_metrics).cloned();
+        let at = metrics_port::start(server.host, port, metrics.clone(), auth).await?;
         tracing::info!(address = %format!("http://{at}/metrics"), "metrics listening");
     }
     Ok(metrics)
@@ -77,6 +83,7 @@ pub async fn serve_until_signal<B: Backend>(
     engine: Engine,
     listening: Listening,
     server: &ServerArgs,
+    auth: Option<Arc<Auth>>,
     startup: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
     // One table of client shared-memory regions for both protocols.
@@ -88,6 +95,7 @@ pub async fn serve_until_signal<B: Backend>(
         GrpcConfig {
             max_message_bytes: server.max_body_bytes,
             regions: Arc::clone(&regions),
+            auth: auth.clone(),
         },
     )
     .await?;
@@ -97,6 +105,7 @@ pub async fn serve_until_signal<B: Backend>(
         HttpConfig {
             max_body_bytes: server.max_body_bytes,
             regions,
+            auth,
         },
     );
     let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();

@@ -81,6 +81,12 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    protocol: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     model: String,
     direction: &'static str,
@@ -118,6 +124,7 @@ pub struct Metrics {
     execution_timeouts: Family<ModelLabels, Counter>,
     rejections: Family<ModelLabels, Counter>,
     shm_bytes: Family<DirectionLabels, Counter>,
+    auth_denials: Family<DenialLabels, Counter>,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -153,6 +160,7 @@ impl Metrics {
             execution_timeouts: Family::default(),
             rejections: Family::default(),
             shm_bytes: Family::default(),
+            auth_denials: Family::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -249,6 +257,11 @@ impl Metrics {
             Unit::Bytes,
             self.shm_bytes.clone(),
         );
+        r.register(
+            "auth_denials",
+            "Requests refused by auth, by protocol and outcome (unauthenticated: 401, forbidden: 403, rate_limited: 429)",
+            self.auth_denials.clone(),
+        );
     }
 
     /// Handles for one model, labelled once. Creating them makes the model's series appear
@@ -320,6 +333,13 @@ impl Metrics {
                 })
                 .observe(elapsed.as_secs_f64());
         }
+    }
+
+    /// A request refused by auth (`outcome`: unauthenticated, forbidden, rate_limited).
+    pub fn auth_denied(&self, protocol: &'static str, outcome: &'static str) {
+        self.auth_denials
+            .get_or_create(&DenialLabels { protocol, outcome })
+            .inc();
     }
 
     /// Runs `sample` before every scrape (to copy a state owned elsewhere into a gauge).

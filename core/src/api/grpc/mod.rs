@@ -14,7 +14,9 @@
 //! - `repository`: RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload.
 //! - `shm`: SystemSharedMemory{Status,Register,Unregister} over the REST routes' regions.
 //! - `unsupported`: RPCs whose engine side does not exist yet (clear UNIMPLEMENTED).
+//! - `auth`: the auth layer around every service (only when auth is on).
 
+mod auth;
 mod call;
 pub mod config;
 mod contents;
@@ -35,6 +37,7 @@ pub mod proto {
 }
 
 use super::Backend;
+use super::auth::AuthGate;
 use crate::regions::Regions;
 use anyhow::Context as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -56,6 +59,8 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Clients' shared-memory regions: the same table the REST routes use.
     pub regions: Arc<Regions>,
+    /// API keys / JWT (`--api-key-file`, `--jwt-*`); `None`: auth off, no layer at all.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// A running gRPC server.
@@ -87,6 +92,9 @@ pub async fn start<B: Backend>(
         .context("reading the gRPC listening address")?;
     // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let gate = cfg
+        .auth
+        .map(|a| auth::AuthLayer::new(AuthGate::new(a, backend.metrics())));
     let service = InferenceService::new(Arc::clone(&backend), cfg.regions);
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
@@ -96,6 +104,7 @@ pub async fn start<B: Backend>(
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(
         Server::builder()
+            .layer(tower::util::option_layer(gate))
             .add_service(inference)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, async move {

@@ -5,6 +5,7 @@
 //! does not compile until it has a code here too.
 
 use crate::api::ApiError;
+use crate::auth::DenialKind;
 use crate::engine::EngineError;
 use crate::regions::RegionError;
 use crate::repository::RepositoryError;
@@ -21,6 +22,11 @@ pub fn code(e: &ApiError) -> Code {
         ApiError::Engine(e) => engine_code(e),
         ApiError::Region(e) => region_code(e),
         ApiError::Repository(e) => repository_code(e),
+        ApiError::Auth(kind) => match kind {
+            DenialKind::Unauthenticated => Code::Unauthenticated,
+            DenialKind::Forbidden => Code::PermissionDenied,
+            DenialKind::RateLimited { .. } => Code::ResourceExhausted,
+        },
     }
 }
 
@@ -190,6 +196,20 @@ mod tests {
                 Code::Unimplemented,
             ),
             (ApiError::Unavailable("draining".into()), Code::Unavailable),
+            (
+                ApiError::Auth(DenialKind::Unauthenticated),
+                Code::Unauthenticated,
+            ),
+            (
+                ApiError::Auth(DenialKind::Forbidden),
+                Code::PermissionDenied,
+            ),
+            (
+                ApiError::Auth(DenialKind::RateLimited {
+                    retry_after: Duration::from_secs(1),
+                }),
+                Code::ResourceExhausted,
+            ),
         ];
         for (err, want) in cases {
             let message = err.to_string();
