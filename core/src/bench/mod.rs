@@ -152,6 +152,7 @@ async fn run(
             payload,
             check,
             timeout,
+            &args.tls_files(),
         )
         .await?,
     );
@@ -161,6 +162,7 @@ async fn run(
             &args.model,
             &inputs,
             Arc::clone(&target),
+            &args.tls_files(),
         )?)),
         _ => None,
     };

@@ -44,7 +44,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     let python = prepare_python(args.worker.python.as_deref()).await?;
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
-    let metrics = metrics(&args.server).await?;
+    let metrics = metrics(&args.server, &listening).await?;
     let engine = Engine::start(Vec::new(), engine_options(&args.worker, metrics));
     let loader = PluginLoader {
         python,

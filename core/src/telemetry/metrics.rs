@@ -81,6 +81,12 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     model: String,
     direction: &'static str,
@@ -118,6 +124,7 @@ pub struct Metrics {
     execution_timeouts: Family<ModelLabels, Counter>,
     rejections: Family<ModelLabels, Counter>,
     shm_bytes: Family<DirectionLabels, Counter>,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -153,6 +160,7 @@ impl Metrics {
             execution_timeouts: Family::default(),
             rejections: Family::default(),
             shm_bytes: Family::default(),
+            tls_handshake_failures: Family::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -249,6 +257,24 @@ impl Metrics {
             Unit::Bytes,
             self.shm_bytes.clone(),
         );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (reason \"failed\": not TLS, unknown CA, no or bad client certificate, ...) or did not finish within the handshake timeout (\"timeout\"), by listener (http, grpc, metrics)",
+            self.tls_handshake_failures.clone(),
+        );
+    }
+
+    /// The handshake failure counters of one TLS listener (its series appear at zero).
+    pub fn tls_handshake_failures(&self, listener: &'static str) -> HandshakeFailures {
+        let counter = |reason| {
+            self.tls_handshake_failures
+                .get_or_create(&HandshakeLabels { listener, reason })
+                .clone()
+        };
+        HandshakeFailures {
+            failed: counter("failed"),
+            timed_out: counter("timeout"),
+        }
     }
 
     /// Handles for one model, labelled once. Creating them makes the model's series appear
@@ -347,6 +373,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One TLS listener's handshake failure counters.
+#[derive(Clone, Debug)]
+pub struct HandshakeFailures {
+    pub failed: Counter,
+    pub timed_out: Counter,
 }
 
 /// The `outcome` label of a successful request.

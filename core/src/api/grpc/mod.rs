@@ -36,6 +36,7 @@ pub mod proto {
 
 use super::Backend;
 use crate::regions::Regions;
+use crate::tls::TlsIncoming;
 use anyhow::Context as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +57,8 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Clients' shared-memory regions: the same table the REST routes use.
     pub regions: Arc<Regions>,
+    /// TLS handshakes in front of the port (`--tls-cert-file`); `None`: plain HTTP/2.
+    pub tls: Option<crate::tls::Handshake>,
 }
 
 /// A running gRPC server.
@@ -85,8 +88,6 @@ pub async fn start<B: Backend>(
     let addr = listener
         .local_addr()
         .context("reading the gRPC listening address")?;
-    // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = InferenceService::new(Arc::clone(&backend), cfg.regions);
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
@@ -94,14 +95,24 @@ pub async fn start<B: Backend>(
     let (readiness, changed) = watch::channel(());
     let health = HealthServer::new(health::HealthService::new(backend, changed));
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        Server::builder()
-            .add_service(inference)
-            .add_service(health)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stopped.await;
-            }),
-    );
+    let server = Server::builder().add_service(inference).add_service(health);
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let task = match cfg.tls {
+        None => {
+            // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        Some(handshake) => {
+            // The acceptor sets TCP_NODELAY itself.
+            let incoming = TlsIncoming::start(listener, handshake)
+                .context("starting TLS on the gRPC port")?
+                .into_stream();
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     Ok(GrpcServer {
         addr,
         stop,
