@@ -147,7 +147,8 @@ pub struct ServerArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TlsArgs {
     /// Serve HTTPS on --port, TLS on --grpc-port and on --metrics-port with this PEM
-    /// certificate (the server's first, then its intermediates). Needs --tls-key-file.
+    /// certificate (the server's first, then its intermediates). Needs --tls-key-file. SIGHUP
+    /// reads the files again (a bad new file is logged and the old certificate kept).
     #[arg(long, value_name = "PEM", requires = "tls_key_file")]
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of --tls-cert-file: PKCS#8 (RSA or EC), or PKCS#1 / SEC1.
