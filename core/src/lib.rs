@@ -8,6 +8,7 @@
 //! - `telemetry`: logging (text or JSON), spans, W3C trace context, OTLP export, and the
 //!   Prometheus metrics behind `/metrics`.
 //! - `regions`: clients' system shared-memory regions (register, status, unregister).
+//! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //!
@@ -21,4 +22,5 @@ pub mod engine;
 pub mod regions;
 pub mod repository;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

@@ -13,6 +13,8 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Every TLS config uses ring; tonic's client builds its own from the process default.
+    unimodel::tls::install_crypto_provider();
     let cli = Cli::parse();
     let command = match cli.command {
         // The bench builds its own (by default single-threaded) runtime and logs nothing.

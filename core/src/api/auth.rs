@@ -10,6 +10,7 @@ use crate::auth::audit::{self, Called};
 use crate::auth::role::OpenDoors;
 use crate::auth::{Access, Auth, DenialKind, rest_access};
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
+use crate::tls::TlsPeer;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -71,11 +72,16 @@ pub async fn check(State(gate): State<AuthGate>, req: Request, next: Next) -> Re
     }
     let called = Called {
         protocol: PROTOCOL_REST,
-        // Set when the server was started with connect info (`http::serve`).
+        // Set when the server was started with connect info (`http::serve_incoming`).
         remote: req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0),
+            .map(|c| c.0)
+            .or_else(|| {
+                req.extensions()
+                    .get::<ConnectInfo<TlsPeer>>()
+                    .map(|c| c.0.0)
+            }),
         method: req.method().as_str(),
         path: req.uri().path(),
     };

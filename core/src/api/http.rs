@@ -176,6 +176,43 @@ pub async fn serve(
         .await
 }
 
+/// Where the HTTP server's connections come from.
+pub enum Incoming {
+    Plain(tokio::net::TcpListener),
+    /// Connections that finished their TLS handshake (ALPN picks HTTP/1.1 or HTTP/2).
+    Tls(crate::tls::TlsIncoming),
+}
+
+impl Incoming {
+    /// `listener` as is, or with TLS handshakes in front of it.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        tls: Option<crate::tls::Handshake>,
+    ) -> std::io::Result<Incoming> {
+        Ok(match tls {
+            None => Incoming::Plain(listener),
+            Some(handshake) => Incoming::Tls(crate::tls::TlsIncoming::start(listener, handshake)?),
+        })
+    }
+}
+
+/// `serve` on plain or TLS connections; graceful shutdown is the same for both.
+pub async fn serve_incoming(
+    incoming: Incoming,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match incoming {
+        Incoming::Plain(listener) => serve(listener, router, shutdown).await,
+        Incoming::Tls(tls) => {
+            let service = router.into_make_service_with_connect_info::<crate::tls::TlsPeer>();
+            axum::serve(tls, service)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
 /// `GET /v2`: 200 `{name, version, extensions}`.
 async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata::current())

@@ -45,7 +45,8 @@ impl Protocol {
 #[derive(Clone, Debug, Parser)]
 #[command(args_override_self = true)]
 pub struct Args {
-    /// Server base URL (plain http). With --protocol http-json: the full endpoint URL.
+    /// Server base URL, http:// or https:// (with --cacert). With --protocol http-json: the
+    /// full endpoint URL.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub url: String,
     /// Model to call: POST {url}/v2/models/{model}/infer.
@@ -55,7 +56,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Protocol::Rest)]
     pub protocol: Protocol,
     /// The server's gRPC address for --protocol grpc (`unimodel run` serves it on
-    /// --grpc-port, 8001 by default).
+    /// --grpc-port, 8001 by default); https:// for a TLS server (with --cacert).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8001")]
     pub grpc_url: String,
     /// Input tensor NAME:DATATYPE:SHAPE, e.g. x:FP32:1x3 (repeat for several inputs; default
@@ -131,6 +132,17 @@ pub struct Args {
     /// thread) and drive it instead of --url. Its req/s is the most this bench can measure.
     #[arg(long, conflicts_with_all = ["url", "summarize"])]
     pub against_noop: bool,
+    /// PEM CA certificate(s) that signed the server's certificate, for https:// URLs (the
+    /// system store is not read).
+    #[arg(long, value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate to present, for servers that require one
+    /// (--tls-client-ca-file). Needs --key.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// No progress line on stderr (it is only drawn on a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
@@ -164,6 +176,15 @@ impl Args {
             headers.push((hyper::header::AUTHORIZATION, value));
         }
         Ok(headers)
+    }
+
+    /// The TLS files for https:// URLs.
+    pub fn tls_files(&self) -> crate::tls::ClientTlsFiles {
+        crate::tls::ClientTlsFiles {
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
     }
 
     /// The inputs to synthesise: `--input`s, the `--shape` one, or x:FP32:1x3.

@@ -1,4 +1,5 @@
-//! Virtual clients: one keep-alive HTTP/1.1 connection each, one request at a time.
+//! Virtual clients: one keep-alive HTTP/1.1 connection each (over TLS for an https:// URL),
+//! one request at a time.
 //!
 //! A client owns its connection and its running sequence number. The closed loop
 //! (`closed_loop.rs`) runs each client back to back until a deadline; the open loop
@@ -19,8 +20,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::bench::args::Protocol;
 use crate::bench::body::PayloadBody;
@@ -28,6 +31,7 @@ use crate::bench::check::check_doubled;
 use crate::bench::input_spec::InputSpec;
 use crate::bench::payload::{HEADER_LENGTH, Payload};
 use crate::bench::tally::{Answer, ErrorKind, Outcome, Tally};
+use crate::tls::{ClientTlsFiles, client_config};
 
 /// Pause after a failed connect, so a server that is down costs a few hundred attempts per
 /// second per client, not a busy loop that starves the machine the server shares.
@@ -51,6 +55,15 @@ pub struct Target {
     pub progress: Progress,
     /// `--header`s and `--api-key`, sent with every request (statistics reads included).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// For an https:// URL: how to verify the server (and present a client certificate).
+    pub tls: Option<TlsTarget>,
+}
+
+/// TLS towards the server: the client config and the name its certificate must carry.
+#[derive(Debug)]
+pub struct TlsTarget {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
 }
 
 /// Finished and failed requests of the run so far, shared by every client.
@@ -61,7 +74,7 @@ pub struct Progress {
 }
 
 impl Target {
-    /// Resolves `url` (`http://HOST:PORT[/prefix]`) for `model`.
+    /// Resolves `url` (`http[s]://HOST:PORT[/prefix]`) for `model`.
     pub async fn resolve(
         url: &str,
         model: &str,
@@ -69,15 +82,32 @@ impl Target {
         payload: Payload,
         check: Option<InputSpec>,
         timeout: Duration,
+        tls_files: &ClientTlsFiles,
     ) -> anyhow::Result<Target> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("--url '{url}' is not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            bail!("--url '{url}': only http:// is supported (the bench speaks plain HTTP/1.1)");
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("--url '{url}': expected an http:// or https:// URL"),
+        };
         let authority = uri.authority().context("--url needs a host")?.clone();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            // An IPv6 literal comes bracketed in the URL; the certificate names it without.
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            Some(TlsTarget {
+                config: Arc::new(client_config(tls_files, &[b"http/1.1"])?),
+                name: ServerName::try_from(host.to_string())
+                    .with_context(|| format!("--url '{url}': '{host}' is not a host name"))?,
+            })
+        } else {
+            None
+        };
         let addr = tokio::net::lookup_host((authority.host(), port))
             .await
             .with_context(|| format!("cannot resolve '{}'", authority.host()))?
@@ -112,21 +142,39 @@ impl Target {
             timeout,
             progress: Progress::default(),
             headers: Vec::new(),
+            tls,
         })
     }
 }
 
 /// Opens a connection with Nagle off (a request is one write; waiting to coalesce would add
-/// tens of milliseconds) and drives it on its own task.
-async fn connect<B>(addr: SocketAddr) -> anyhow::Result<SendRequest<B>>
+/// tens of milliseconds), over TLS for an https:// target, and drives it on its own task.
+async fn connect<B>(target: &Target) -> anyhow::Result<SendRequest<B>>
 where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await?;
+    let stream = TcpStream::connect(target.addr).await?;
     stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    match &target.tls {
+        None => drive(stream).await,
+        Some(tls) => {
+            let connector = TlsConnector::from(Arc::clone(&tls.config));
+            drive(connector.connect(tls.name.clone(), stream).await?).await
+        }
+    }
+}
+
+/// Speaks HTTP/1.1 over `io`, the connection driven on its own task.
+async fn drive<B, IO>(io: IO) -> anyhow::Result<SendRequest<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         // A connection error also fails the request in flight, which is where it is counted.
         let _ = connection.await;
@@ -137,7 +185,7 @@ where
 /// One GET on a fresh connection, bounded by the target's timeout: status and body.
 pub async fn get(target: &Target, uri: &Uri) -> anyhow::Result<(StatusCode, Bytes)> {
     let exchange = async {
-        let mut sender = connect::<Empty<Bytes>>(target.addr).await?;
+        let mut sender = connect::<Empty<Bytes>>(target).await?;
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = uri.clone();
         req.headers_mut().insert(HOST, target.host.clone());
@@ -317,7 +365,7 @@ impl VirtualClient {
         };
         if !alive {
             self.sender = Some(
-                connect(self.target.addr)
+                connect(&self.target)
                     .await
                     .map_err(|_| ErrorKind::Connect)?,
             );

@@ -4,6 +4,7 @@
 //! Inputs travel as `raw_input_contents`, what `tritonclient.grpc` sends. The message is built
 //! once; per request only the first input's raw bytes are rebuilt, with element 0 carrying
 //! the counter so every request differs. Payload bytes are the encoded message sizes.
+//! An https:// `--grpc-url` is TLS, trusting `--cacert` and presenting `--cert`/`--key`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use prost::Message as _;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::api::grpc::proto::ModelInferRequest;
 use crate::api::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -22,6 +23,7 @@ use crate::bench::client::{Client, Target};
 use crate::bench::input_spec::InputSpec;
 use crate::bench::payload::raw_data;
 use crate::bench::tally::{Answer, ErrorKind, Outcome};
+use crate::tls::ClientTlsFiles;
 
 /// Pause after a failed connect (see `client.rs`).
 const CONNECT_BACKOFF: Duration = Duration::from_millis(20);
@@ -40,17 +42,23 @@ pub struct GrpcTarget {
 }
 
 impl GrpcTarget {
-    /// `url` is `http://HOST:PORT` of the server's gRPC port.
+    /// `url` is `http://HOST:PORT` (or `https://`) of the server's gRPC port.
     pub fn new(
         url: &str,
         model: &str,
         inputs: &[InputSpec],
         http: Arc<Target>,
+        tls: &ClientTlsFiles,
     ) -> anyhow::Result<GrpcTarget> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("--grpc-url '{url}' is not a URL"))?
             .tcp_nodelay(true)
             .connect_timeout(http.timeout);
+        if url.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(grpc_tls(tls)?)
+                .with_context(|| format!("--grpc-url '{url}': TLS settings"))?;
+        }
         let template = ModelInferRequest {
             model_name: model.to_string(),
             inputs: inputs
@@ -83,6 +91,27 @@ impl GrpcTarget {
         }
         req
     }
+}
+
+/// tonic's TLS settings from the bench's files (tonic builds the rustls config itself, with
+/// the process's ring provider).
+fn grpc_tls(files: &ClientTlsFiles) -> anyhow::Result<ClientTlsConfig> {
+    // Checked the same way as for REST, so a bad file gets the same clear error.
+    crate::tls::client_config(files, &[b"h2"])?;
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("{flag} '{}'", path.display()))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &files.cacert {
+        config = config.ca_certificate(Certificate::from_pem(read("--cacert", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+        config = config.identity(Identity::from_pem(
+            read("--cert", cert)?,
+            read("--key", key)?,
+        ));
+    }
+    Ok(config)
 }
 
 /// One gRPC virtual client.

@@ -151,6 +151,7 @@ async fn run(
         payload,
         check,
         timeout,
+        &args.tls_files(),
     )
     .await?;
     target.headers = args.request_headers().map_err(anyhow::Error::msg)?;
@@ -161,6 +162,7 @@ async fn run(
             &args.model,
             &inputs,
             Arc::clone(&target),
+            &args.tls_files(),
         )?)),
         _ => None,
     };

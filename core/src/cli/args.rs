@@ -150,6 +150,8 @@ pub struct ServerArgs {
     pub allow_client_shm: bool,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Auth and rate limits (README "Security: auth"). Auth is on as soon as a key file or a
@@ -206,6 +208,27 @@ fn positive_rate(s: &str) -> Result<f64, String> {
             "'{s}' is not a rate; expected requests per second, at least 0.001"
         )),
     }
+}
+
+/// TLS on every listener (`tls/`). Files are read and checked at start-up; SIGHUP reads them
+/// again (a bad new file is logged and the old one kept).
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Serve HTTPS on --port, TLS on --grpc-port and on --metrics-port with this PEM
+    /// certificate (the server's first, then its intermediates). Needs --tls-key-file. SIGHUP
+    /// reads the files again (a bad new file is logged and the old certificate kept).
+    #[arg(long, value_name = "PEM", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file: PKCS#8 (RSA or EC), or PKCS#1 / SEC1.
+    #[arg(long, value_name = "PEM", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Require client certificates (mutual TLS) on every listener: a client must present a
+    /// certificate that chains to a CA in this PEM file, or its handshake fails.
+    #[arg(long, value_name = "PEM", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Time a client gets to complete its TLS handshake before its connection is closed.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_handshake_timeout_ms: u64,
 }
 
 /// `unimodel serve`: many models from a model repository or a config file.
@@ -432,6 +455,36 @@ mod tests {
         ] {
             let args = ["unimodel", "run", "p.py"].iter().chain(bad);
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "run",
+            "p.py",
+            "--tls-cert-file",
+            "s.pem",
+            "--tls-key-file",
+            "s.key",
+            "--tls-client-ca-file",
+            "ca.pem",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.server.tls.tls_cert_file, Some(PathBuf::from("s.pem")));
+        assert_eq!(run.server.tls.tls_handshake_timeout_ms, 10_000);
+        for alone in [
+            ["--tls-cert-file", "s.pem"],
+            ["--tls-key-file", "s.key"],
+            ["--tls-client-ca-file", "ca.pem"],
+        ] {
+            let mut argv = vec!["unimodel", "run", "p.py"];
+            argv.extend(alone);
+            assert!(Cli::try_parse_from(argv).is_err(), "{alone:?} alone");
         }
     }
 

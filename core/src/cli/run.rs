@@ -18,7 +18,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let loaded = load_plugin(&args.plugin, &settings(&args.server)).await?;
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
-    let metrics = metrics(&args.server, auth.as_ref()).await?;
+    let metrics = metrics(&args.server, &listening, auth.as_ref()).await?;
     let engine = start_engine(&loaded, &args.plugin, metrics);
     super::progress::report_load_progress(&engine);
     tracing::info!(plugin = %loaded.spec.file.display(), "serving plugin");

@@ -46,7 +46,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
     let base = listening.base.clone();
-    let metrics = metrics(&args.server, auth.as_ref()).await?;
+    let metrics = metrics(&args.server, &listening, auth.as_ref()).await?;
     let engine = Engine::start(Vec::new(), engine_options(&args.worker, metrics));
     let loader = PluginLoader {
         python,

@@ -56,6 +56,10 @@ struct ServerFile {
     arena_bytes: Option<usize>,
     max_tensor_bytes: Option<usize>,
     worker_env: Option<Vec<String>>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
+    tls_handshake_timeout_ms: Option<u64>,
 }
 
 /// Applies `file` to `args` (where the flag was not given) and returns the model source.
@@ -94,6 +98,32 @@ pub fn apply(
     set!(args.worker, worker_env);
     if s.metrics_port.is_some() && !given("metrics_port") {
         args.server.metrics_port = s.metrics_port;
+    }
+    set!(args.server.tls, tls_handshake_timeout_ms);
+    // TLS files, like python, are relative to the config file.
+    let tls = &mut args.server.tls;
+    for (value, target, id) in [
+        (s.tls_cert_file, &mut tls.tls_cert_file, "tls_cert_file"),
+        (s.tls_key_file, &mut tls.tls_key_file, "tls_key_file"),
+        (
+            s.tls_client_ca_file,
+            &mut tls.tls_client_ca_file,
+            "tls_client_ca_file",
+        ),
+    ] {
+        if let Some(path) = value
+            && !given(id)
+        {
+            *target = Some(base.join(path));
+        }
+    }
+    if tls.tls_cert_file.is_some() != tls.tls_key_file.is_some()
+        || (tls.tls_client_ca_file.is_some() && tls.tls_cert_file.is_none())
+    {
+        bail!(
+            "{}: server.tls_cert_file and server.tls_key_file go together (and tls_client_ca_file needs them)",
+            file.display()
+        );
     }
     if s.python.is_some() && !given("python") {
         args.worker.python = s.python.map(|p| base.join(p));
@@ -220,6 +250,34 @@ mod tests {
         };
         assert_eq!(models["a"].path, file.parent().unwrap().join("a.py"));
         assert_eq!(models["a"].config.max_batch_size, Some(4));
+    }
+
+    #[test]
+    fn tls_files_are_relative_to_the_config_file_and_go_together() {
+        let file = write(
+            "tls",
+            r#"
+            [server]
+            tls_cert_file = "certs/server.pem"
+            tls_key_file = "certs/server.key"
+            tls_handshake_timeout_ms = 500
+            [models.a]
+            path = "a.py"
+            "#,
+        );
+        let mut args = serve_args(&[]);
+        apply(&file, &mut args, &|_| false).unwrap();
+        let dir = file.parent().unwrap();
+        let tls = &args.server.tls;
+        assert_eq!(tls.tls_cert_file, Some(dir.join("certs/server.pem")));
+        assert_eq!(tls.tls_key_file, Some(dir.join("certs/server.key")));
+        assert_eq!(tls.tls_handshake_timeout_ms, 500);
+        let half = write(
+            "tls-half",
+            "[server]\ntls_cert_file = \"s.pem\"\n[models.a]\npath = \"a.py\"",
+        );
+        let err = apply(&half, &mut serve_args(&[]), &|_| false).unwrap_err();
+        assert!(format!("{err:#}").contains("go together"), "{err:#}");
     }
 
     #[test]

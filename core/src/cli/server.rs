@@ -5,16 +5,20 @@
 //! finishes (up to `--drain-timeout-ms`), HTTP and gRPC stop, workers stop, exit 0. A second signal
 //! exits at once with status 130 (workers die with us through PDEATHSIG): the drain it cut
 //! short did not finish, which a supervisor should be able to tell from a clean stop.
+//!
+//! With `--tls-cert-file`, every listener speaks TLS (`tls/`); the files are checked in
+//! `listen`, before any worker starts, and read again on SIGHUP.
 
 use super::args::ServerArgs;
 use super::metrics_port;
 use super::serving::ServeSettings;
 use crate::api::Backend;
 use crate::api::grpc::{self, GrpcConfig, GrpcServer};
-use crate::api::http::{HttpConfig, router, serve};
+use crate::api::http::{HttpConfig, Incoming, router, serve_incoming};
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::telemetry::metrics::Metrics;
+use crate::tls::{ListenerKind, ServerTls, ServerTlsFiles};
 use anyhow::Context as _;
 use std::future::Future;
 use std::process::ExitCode;
@@ -28,10 +32,11 @@ const HTTP_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long workers get to exit cleanly before the process ends anyway.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// A bound listener and its URL.
+/// A bound listener, its URL, and the TLS settings of every listener.
 pub struct Listening {
     listener: tokio::net::TcpListener,
     pub base: String,
+    tls: Option<Arc<ServerTls>>,
 }
 
 /// Per-model settings that come from the server flags.
@@ -42,8 +47,10 @@ pub fn settings(server: &ServerArgs) -> ServeSettings {
     }
 }
 
-/// Binds the HTTP port (before workers start, so liveness answers while they load).
+/// Reads the TLS files and binds the HTTP port (before workers start, so a bad file stops
+/// the server before any worker starts, and liveness answers while they load).
 pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
+    let tls = load_tls(server)?.map(Arc::new);
     let listener = tokio::net::TcpListener::bind((server.host, server.port))
         .await
         .with_context(|| {
@@ -55,23 +62,61 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     Ok(Listening {
         listener,
-        base: format!("http://{local}"),
+        base: format!("{scheme}://{local}"),
+        tls,
     })
 }
 
-/// The metrics registry, also served on `--metrics-port` when given (behind auth with
-/// `--auth-metrics`).
+/// The `--tls-*` files, read and checked; `None` without `--tls-cert-file`.
+fn load_tls(server: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
+    let args = &server.tls;
+    let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let tls = ServerTlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca_file.clone(),
+        handshake_timeout: Duration::from_millis(args.tls_handshake_timeout_ms),
+    }
+    .load()?;
+    tracing::info!(
+        cert = %cert.display(),
+        client_certificates = if tls.requires_client_cert() { "required" } else { "not asked for" },
+        "TLS on for HTTP, gRPC and metrics"
+    );
+    Ok(Some(tls))
+}
+
+impl Listening {
+    /// The TLS handshake settings of one listener, its failures counted in `metrics`.
+    fn handshake(
+        &self,
+        kind: ListenerKind,
+        metrics: Option<&Metrics>,
+    ) -> Option<crate::tls::Handshake> {
+        let tls = self.tls.as_ref()?;
+        Some(tls.handshake(kind, metrics.map(|m| m.tls_handshake_failures(kind.name()))))
+    }
+}
+
+/// The metrics registry, also served on `--metrics-port` when given (over TLS when the
+/// other listeners are; behind auth with `--auth-metrics`).
 pub async fn metrics(
     server: &ServerArgs,
+    listening: &Listening,
     auth: Option<&Arc<Auth>>,
 ) -> anyhow::Result<Arc<Metrics>> {
     let metrics = Arc::new(Metrics::new());
     if let Some(port) = server.metrics_port {
+        let tls = listening.handshake(ListenerKind::Metrics, Some(metrics.as_ref()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let auth = auth.filter(|a| !a.open_metrics).cloned();
-        let at = metrics_port::start(server.host, port, metrics.clone(), auth).await?;
-        tracing::info!(address = %format!("http://{at}/metrics"), "metrics listening");
+        let at = metrics_port::start(server.host, port, metrics.clone(), auth, tls).await?;
+        tracing::info!(address = %format!("{scheme}://{at}/metrics"), "metrics listening");
     }
     Ok(metrics)
 }
@@ -88,6 +133,10 @@ pub async fn serve_until_signal<B: Backend>(
 ) -> anyhow::Result<ExitCode> {
     // One table of client shared-memory regions for both protocols.
     let regions = Arc::new(crate::regions::Regions::new(server.allow_client_shm));
+    let metrics = backend.metrics();
+    if let Some(tls) = &listening.tls {
+        tokio::spawn(reload_tls_on_sighup(Arc::clone(tls)));
+    }
     let grpc = grpc::start(
         server.host,
         server.grpc_port,
@@ -96,10 +145,11 @@ pub async fn serve_until_signal<B: Backend>(
             max_message_bytes: server.max_body_bytes,
             regions: Arc::clone(&regions),
             auth: auth.clone(),
+            tls: listening.handshake(ListenerKind::Grpc, metrics.as_deref()),
         },
     )
     .await?;
-    tracing::info!(address = %grpc.addr(), "grpc listening");
+    tracing::info!(address = %grpc.addr(), tls = listening.tls.is_some(), "grpc listening");
     let app = router(
         backend,
         HttpConfig {
@@ -109,7 +159,9 @@ pub async fn serve_until_signal<B: Backend>(
         },
     );
     let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(serve(listening.listener, app, async move {
+    let handshake = listening.handshake(ListenerKind::Http, metrics.as_deref());
+    let incoming = Incoming::new(listening.listener, handshake).context("starting TLS")?;
+    let http = tokio::spawn(serve_incoming(incoming, app, async move {
         let _ = stop_http_rx.await;
     }));
     tracing::info!(address = %listening.base, "listening");
@@ -133,6 +185,29 @@ pub async fn serve_until_signal<B: Backend>(
         grpc,
     };
     stop.run(&mut signals).await
+}
+
+/// SIGHUP: read the TLS files again. New handshakes use the new certificate; open
+/// connections keep theirs; a file that fails the checks is logged and the old one kept.
+async fn reload_tls_on_sighup(tls: Arc<ServerTls>) {
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot install the SIGHUP handler (TLS reload is off): {e}");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let tls = Arc::clone(&tls);
+        // Reading files blocks; keep it off the runtime's threads.
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+            Ok(Err(e)) => {
+                tracing::warn!("SIGHUP: TLS files not reloaded, keeping the old ones: {e}")
+            }
+            Err(e) => tracing::warn!("SIGHUP: TLS reload task: {e}"),
+        }
+    }
 }
 
 struct Signals {

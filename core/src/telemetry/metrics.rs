@@ -87,6 +87,12 @@ struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     model: String,
     direction: &'static str,
@@ -125,6 +131,7 @@ pub struct Metrics {
     rejections: Family<ModelLabels, Counter>,
     shm_bytes: Family<DirectionLabels, Counter>,
     auth_denials: Family<DenialLabels, Counter>,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -161,6 +168,7 @@ impl Metrics {
             rejections: Family::default(),
             shm_bytes: Family::default(),
             auth_denials: Family::default(),
+            tls_handshake_failures: Family::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -262,6 +270,24 @@ impl Metrics {
             "Requests refused by auth, by protocol and outcome (unauthenticated: 401, forbidden: 403, rate_limited: 429)",
             self.auth_denials.clone(),
         );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (reason \"failed\": not TLS, unknown CA, no or bad client certificate, ...) or did not finish within the handshake timeout (\"timeout\"), by listener (http, grpc, metrics)",
+            self.tls_handshake_failures.clone(),
+        );
+    }
+
+    /// The handshake failure counters of one TLS listener (its series appear at zero).
+    pub fn tls_handshake_failures(&self, listener: &'static str) -> HandshakeFailures {
+        let counter = |reason| {
+            self.tls_handshake_failures
+                .get_or_create(&HandshakeLabels { listener, reason })
+                .clone()
+        };
+        HandshakeFailures {
+            failed: counter("failed"),
+            timed_out: counter("timeout"),
+        }
     }
 
     /// Handles for one model, labelled once. Creating them makes the model's series appear
@@ -367,6 +393,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One TLS listener's handshake failure counters.
+#[derive(Clone, Debug)]
+pub struct HandshakeFailures {
+    pub failed: Counter,
+    pub timed_out: Counter,
 }
 
 /// The `outcome` label of a successful request.

@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response};
 use std::future::{Ready, ready};
 use std::task::{Context, Poll};
 use tonic::body::Body;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 /// `Server::builder().layer(AuthLayer::new(gate))`.
@@ -67,6 +67,11 @@ where
             remote: req
                 .extensions()
                 .get::<TcpConnectInfo>()
+                .or_else(|| {
+                    req.extensions()
+                        .get::<TlsConnectInfo<TcpConnectInfo>>()
+                        .map(TlsConnectInfo::get_ref)
+                })
                 .and_then(TcpConnectInfo::remote_addr),
             // Always POST: gRPC calls are HTTP/2 POSTs; the path names the RPC.
             method: req.method().as_str(),

@@ -39,6 +39,7 @@ pub mod proto {
 use super::Backend;
 use super::auth::AuthGate;
 use crate::regions::Regions;
+use crate::tls::TlsIncoming;
 use anyhow::Context as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +62,8 @@ pub struct GrpcConfig {
     pub regions: Arc<Regions>,
     /// API keys / JWT (`--api-key-file`, `--jwt-*`); `None`: auth off, no layer at all.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// TLS handshakes in front of the port (`--tls-cert-file`); `None`: plain HTTP/2.
+    pub tls: Option<crate::tls::Handshake>,
 }
 
 /// A running gRPC server.
@@ -90,8 +93,6 @@ pub async fn start<B: Backend>(
     let addr = listener
         .local_addr()
         .context("reading the gRPC listening address")?;
-    // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let gate = cfg
         .auth
         .map(|a| auth::AuthLayer::new(AuthGate::new(a, backend.metrics())));
@@ -102,15 +103,27 @@ pub async fn start<B: Backend>(
     let (readiness, changed) = watch::channel(());
     let health = HealthServer::new(health::HealthService::new(backend, changed));
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        Server::builder()
-            .layer(tower::util::option_layer(gate))
-            .add_service(inference)
-            .add_service(health)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stopped.await;
-            }),
-    );
+    let server = Server::builder()
+        .layer(tower::util::option_layer(gate))
+        .add_service(inference)
+        .add_service(health);
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let task = match cfg.tls {
+        None => {
+            // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        Some(handshake) => {
+            // The acceptor sets TCP_NODELAY itself.
+            let incoming = TlsIncoming::start(listener, handshake)
+                .context("starting TLS on the gRPC port")?
+                .into_stream();
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     Ok(GrpcServer {
         addr,
         stop,
