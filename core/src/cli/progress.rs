@@ -35,13 +35,15 @@ async fn follow(name: String, mut states: Vec<watch::Receiver<InstanceState>>) {
             .iter()
             .filter(|s| **s == InstanceState::Ready)
             .count();
-        if ready > reported {
-            reported = ready;
+        // Instances that became ready together (one wake-up saw both) still get a line
+        // each, so the count always climbs 1, 2, ... total.
+        while reported < ready {
+            reported += 1;
             tracing::info!(
                 model = %name,
-                ready,
+                ready = reported,
                 total,
-                "model {name}: {ready}/{total} instances ready"
+                "model {name}: {reported}/{total} instances ready"
             );
         }
         let settled = current.iter().all(|s| {
