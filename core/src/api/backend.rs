@@ -2,6 +2,8 @@
 //!
 //! The methods mirror `engine::Engine` one for one, so the production implementation is
 //! plain delegation; tests drive the router with a fake backend instead of real workers.
+//! No method has a default body: a backend that forgot one (as `unimodel serve` once forgot
+//! `infer_stream`, and answered every stream with "use generate_stream") does not compile.
 //! The repository methods are protocol-neutral, for REST (`/v2/repository/*`) and gRPC
 //! (`RepositoryIndex`, `RepositoryModelLoad`, `RepositoryModelUnload`) alike; `Engine`
 //! (`unimodel run`) has no repository, `repository::ModelServer` (`unimodel serve`) has.
@@ -11,7 +13,6 @@ use crate::engine::{
 };
 use crate::repository::{IndexEntry, ModelServer, RepositoryError};
 use crate::telemetry::metrics::Metrics;
-use futures::StreamExt as _;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -34,18 +35,11 @@ pub trait Backend: Send + Sync + 'static {
     /// yields (KServe `generate_stream`, gRPC `ModelStreamInfer`), exactly one for an
     /// ordinary model. Errors before the first response (unknown model, invalid input, 429,
     /// not ready) are this call's `Err`; once streaming, an error is the stream's last item.
-    /// Dropping the stream cancels the request, a generator already running included. The
-    /// default serves backends that cannot stream: `infer`'s one answer.
+    /// Dropping the stream cancels the request, a generator already running included.
     fn infer_stream(
         &self,
         req: InferRequest,
-    ) -> impl Future<Output = Result<InferStream, EngineError>> + Send {
-        let answer = self.infer(req);
-        async move {
-            let response = answer.await?;
-            Ok(futures::stream::once(async { Ok(response) }).boxed())
-        }
-    }
+    ) -> impl Future<Output = Result<InferStream, EngineError>> + Send;
     /// Statistics of one model, or of every model when `name` is `None`.
     fn stats(
         &self,
@@ -53,37 +47,27 @@ pub trait Backend: Send + Sync + 'static {
         version: Option<&str>,
     ) -> Result<Vec<ModelStats>, EngineError>;
     /// Where requests are recorded and what `/metrics` serves; `None`: no metrics.
-    fn metrics(&self) -> Option<Arc<Metrics>> {
-        None
-    }
+    fn metrics(&self) -> Option<Arc<Metrics>>;
     /// The model repository index: every model with each version's state (READY, LOADING,
     /// UNLOADING, UNAVAILABLE, FAILED) and, when not READY, the reason; `ready_only` keeps
     /// the READY rows. Without a repository: the models served.
     fn repository_index(
         &self,
         ready_only: bool,
-    ) -> impl Future<Output = Result<Vec<IndexEntry>, RepositoryError>> + Send {
-        let rows = served_index(&self.models(), ready_only);
-        async move { Ok(rows) }
-    }
+    ) -> impl Future<Output = Result<Vec<IndexEntry>, RepositoryError>> + Send;
     /// Loads model `name`, or reloads it (re-reading its files) when loaded; answers once
     /// every selected version is READY (`Ok`) or has failed (`LoadFailed` with the reason).
     /// Refused with `ControlDisabled` under `--model-control-mode none`.
-    fn load_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
-        let _ = name;
-        async { Err(RepositoryError::NoRepository) }
-    }
+    /// Without a repository: `NoRepository`.
+    fn load_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send;
     /// Unloads every version of model `name`: new requests are refused at once, queued and
     /// running ones finish, then its workers stop. Unloading a model that is not loaded
-    /// succeeds; an unknown name is `UnknownModel`.
-    fn unload_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send {
-        let _ = name;
-        async { Err(RepositoryError::NoRepository) }
-    }
+    /// succeeds; an unknown name is `UnknownModel`. Without a repository: `NoRepository`.
+    fn unload_model(&self, name: &str) -> impl Future<Output = Result<(), RepositoryError>> + Send;
 }
 
 /// The index of what is served, for a backend without a repository.
-fn served_index(models: &[ModelStatus], ready_only: bool) -> Vec<IndexEntry> {
+pub fn served_index(models: &[ModelStatus], ready_only: bool) -> Vec<IndexEntry> {
     models
         .iter()
         .filter(|m| !ready_only || m.state.is_ready())
@@ -142,6 +126,23 @@ impl Backend for Engine {
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(Engine::metrics(self).clone())
     }
+
+    fn repository_index(
+        &self,
+        ready_only: bool,
+    ) -> impl Future<Output = Result<Vec<IndexEntry>, RepositoryError>> + Send {
+        let rows = served_index(&Engine::models(self), ready_only);
+        async move { Ok(rows) }
+    }
+
+    /// `unimodel run` serves what it was given: nothing to load or unload.
+    async fn load_model(&self, _name: &str) -> Result<(), RepositoryError> {
+        Err(RepositoryError::NoRepository)
+    }
+
+    async fn unload_model(&self, _name: &str) -> Result<(), RepositoryError> {
+        Err(RepositoryError::NoRepository)
+    }
 }
 
 impl Backend for ModelServer {
@@ -167,6 +168,13 @@ impl Backend for ModelServer {
         req: InferRequest,
     ) -> impl Future<Output = Result<InferResponse, EngineError>> + Send {
         self.engine.infer(req)
+    }
+
+    fn infer_stream(
+        &self,
+        req: InferRequest,
+    ) -> impl Future<Output = Result<InferStream, EngineError>> + Send {
+        self.engine.infer_stream(req)
     }
 
     fn stats(

@@ -5,19 +5,22 @@
 //! its input. Outputs come back in the model's declared order, so tests also show the API
 //! reorders them as the request asked.
 
-use super::backend::Backend;
+use super::backend::{Backend, served_index};
 use super::binary::HEADER_CONTENT_LENGTH;
 use super::http::{HttpConfig, router, serve};
 use crate::engine::validate::{Limits, validate_request};
 use crate::engine::{
-    BatchStat, DataType, EngineError, InferRequest, InferResponse, ModelConfig, ModelState,
-    ModelStats, ModelStatus, StatDuration, Tensor, TensorSpec, bytes_codec,
+    BatchStat, DataType, EngineError, InferRequest, InferResponse, InferStream, ModelConfig,
+    ModelState, ModelStats, ModelStatus, StatDuration, Tensor, TensorSpec, bytes_codec,
 };
+use crate::repository::{IndexEntry, RepositoryError};
+use crate::telemetry::metrics::Metrics;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -236,6 +239,28 @@ impl Backend for Fake {
             Some(n) => Ok(vec![one(&self.model(n, version)?)]),
             None => Ok(self.models.iter().map(one).collect()),
         }
+    }
+
+    /// No generator models here: a stream is `infer`'s one answer.
+    async fn infer_stream(&self, req: InferRequest) -> Result<InferStream, EngineError> {
+        let response = self.infer(req).await?;
+        Ok(futures::stream::once(async { Ok(response) }).boxed())
+    }
+
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        None
+    }
+
+    async fn repository_index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, RepositoryError> {
+        Ok(served_index(&self.models, ready_only))
+    }
+
+    async fn load_model(&self, _name: &str) -> Result<(), RepositoryError> {
+        Err(RepositoryError::NoRepository)
+    }
+
+    async fn unload_model(&self, _name: &str) -> Result<(), RepositoryError> {
+        Err(RepositoryError::NoRepository)
     }
 }
 

@@ -81,10 +81,13 @@ mod tests {
     use super::*;
     use crate::api::http::{HttpConfig, router};
     use crate::engine::{
-        EngineError, InferRequest, InferResponse, ModelConfig, ModelState, ModelStats, ModelStatus,
+        EngineError, InferRequest, InferResponse, InferStream, ModelConfig, ModelState, ModelStats,
+        ModelStatus,
     };
+    use crate::repository::{IndexEntry, RepositoryError};
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
+    use futures::StreamExt as _;
     use std::collections::BTreeMap;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -164,6 +167,19 @@ mod tests {
         }
         fn metrics(&self) -> Option<Arc<Metrics>> {
             Some(self.metrics.clone())
+        }
+        async fn infer_stream(&self, req: InferRequest) -> Result<InferStream, EngineError> {
+            let response = self.infer(req).await?;
+            Ok(futures::stream::once(async { Ok(response) }).boxed())
+        }
+        async fn repository_index(&self, _: bool) -> Result<Vec<IndexEntry>, RepositoryError> {
+            Ok(vec![])
+        }
+        async fn load_model(&self, _: &str) -> Result<(), RepositoryError> {
+            Err(RepositoryError::NoRepository)
+        }
+        async fn unload_model(&self, _: &str) -> Result<(), RepositoryError> {
+            Err(RepositoryError::NoRepository)
         }
     }
 
