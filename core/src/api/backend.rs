@@ -48,6 +48,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<ModelStats>, EngineError>;
     /// Where requests are recorded and what `/metrics` serves; `None`: no metrics.
     fn metrics(&self) -> Option<Arc<Metrics>>;
+    /// Whether models can be loaded and unloaded (`unimodel serve`): decides whether server
+    /// metadata announces the model repository extension.
+    fn has_repository(&self) -> bool;
     /// The model repository index: every model with each version's state (READY, LOADING,
     /// UNLOADING, UNAVAILABLE, FAILED) and, when not READY, the reason; `ready_only` keeps
     /// the READY rows. Without a repository: the models served.
@@ -127,6 +130,10 @@ impl Backend for Engine {
         Some(Engine::metrics(self).clone())
     }
 
+    fn has_repository(&self) -> bool {
+        false
+    }
+
     fn repository_index(
         &self,
         ready_only: bool,
@@ -187,6 +194,10 @@ impl Backend for ModelServer {
 
     fn metrics(&self) -> Option<Arc<Metrics>> {
         Some(self.engine.metrics().clone())
+    }
+
+    fn has_repository(&self) -> bool {
+        true
     }
 
     fn repository_index(

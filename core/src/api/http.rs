@@ -80,7 +80,7 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         metrics,
     };
     let routes = Router::new()
-        .route("/v2", get(server_metadata))
+        .route("/v2", get(server_metadata::<B>))
         .route("/v2/health/live", get(live::<B>))
         .route("/v2/health/ready", get(ready::<B>))
         .route("/health/live", get(live::<B>))
@@ -214,8 +214,8 @@ pub async fn serve_incoming(
 }
 
 /// `GET /v2`: 200 `{name, version, extensions}`.
-async fn server_metadata() -> Json<ServerMetadata> {
-    Json(ServerMetadata::current())
+async fn server_metadata<B: Backend>(State(s): State<AppState<B>>) -> Json<ServerMetadata> {
+    Json(ServerMetadata::of(&*s.backend, &s.cfg.regions))
 }
 
 /// `GET /v2/health/live`, `/health/live`: 200 (empty), or 503 `{"error"}`.

@@ -251,6 +251,10 @@ impl Backend for Fake {
         None
     }
 
+    fn has_repository(&self) -> bool {
+        false
+    }
+
     async fn repository_index(&self, ready_only: bool) -> Result<Vec<IndexEntry>, RepositoryError> {
         Ok(served_index(&self.models, ready_only))
     }
@@ -394,7 +398,7 @@ async fn server_metadata_names_the_server() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
         json_of(r).await,
-        json!({"name": "unimodel", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data", "statistics"]})
+        json!({"name": "unimodel", "version": env!("CARGO_PKG_VERSION"), "extensions": ["model_configuration", "binary_tensor_data", "statistics"]})
     );
 }
 

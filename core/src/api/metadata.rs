@@ -1,28 +1,64 @@
 //! JSON bodies of the read-only routes: server and model metadata, Triton statistics.
 //!
 //! Plain borrowed structs serialised by serde; the field names are the wire format
-//! (KServe V2 metadata, Triton's statistics extension).
+//! (KServe V2 metadata, Triton's statistics extension). `extensions` is the one list of
+//! extensions both protocols announce.
 
+use super::Backend;
 use crate::engine::{ModelState, ModelStats, ModelStatus, StatDuration, TensorSpec};
+use crate::regions::Regions;
 use serde::Serialize;
 
-/// Extensions `GET /v2` announces: what a Triton client may rely on.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "statistics"];
+/// What this server can do, which decides the extensions it announces.
+#[derive(Clone, Copy, Debug)]
+pub struct Capabilities {
+    /// `unimodel serve`: the repository index, load and unload (`unimodel run` refuses the
+    /// last two, naming `unimodel serve`).
+    pub repository: bool,
+    /// `--allow-client-shm`: clients may register system shared-memory regions.
+    pub client_shm: bool,
+}
+
+/// The extensions a server with `c` implements, by Triton's names and in Triton's order; the
+/// one list `GET /v2` and gRPC ServerMetadata announce. Triton's clients branch on it, so a
+/// name is here only when the extension works. Never here, because not implemented:
+/// `classification`, `sequence`, `schedule_policy` (the `timeout` parameter is honoured,
+/// `priority` is not), `cuda_shared_memory`, `parameters` (custom request parameters do not
+/// reach the plugin), `trace` and `logging` (their settings are fixed at start-up).
+/// `model_repository(unload_dependents)`: the parameter is accepted, and with no ensembles a
+/// model has no dependents, so unloading it is all there is to do.
+pub fn extensions(c: Capabilities) -> Vec<&'static str> {
+    let mut names = Vec::with_capacity(6);
+    if c.repository {
+        names.extend(["model_repository", "model_repository(unload_dependents)"]);
+    }
+    names.push("model_configuration");
+    if c.client_shm {
+        names.push("system_shared_memory");
+    }
+    names.extend(["binary_tensor_data", "statistics"]);
+    names
+}
 
 /// `GET /v2`.
 #[derive(Serialize)]
 pub struct ServerMetadata {
     pub name: &'static str,
     pub version: &'static str,
-    pub extensions: &'static [&'static str],
+    pub extensions: Vec<&'static str>,
 }
 
 impl ServerMetadata {
-    pub fn current() -> ServerMetadata {
+    /// The metadata of `backend` serving clients' `regions`; REST and gRPC both answer this.
+    pub fn of<B: Backend>(backend: &B, regions: &Regions) -> ServerMetadata {
+        let capabilities = Capabilities {
+            repository: backend.has_repository(),
+            client_shm: regions.allowed(),
+        };
         ServerMetadata {
             name: "unimodel",
             version: env!("CARGO_PKG_VERSION"),
-            extensions: EXTENSIONS,
+            extensions: extensions(capabilities),
         }
     }
 }
@@ -185,5 +221,37 @@ impl<'a> ModelStatsJson<'a> {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_follow_the_capabilities() {
+        let of = |repository, client_shm| {
+            extensions(Capabilities {
+                repository,
+                client_shm,
+            })
+        };
+        let always = ["model_configuration", "binary_tensor_data", "statistics"];
+        assert_eq!(of(false, false), always);
+        let all = of(true, true);
+        assert_eq!(
+            all,
+            [
+                "model_repository",
+                "model_repository(unload_dependents)",
+                "model_configuration",
+                "system_shared_memory",
+                "binary_tensor_data",
+                "statistics"
+            ]
+        );
+        assert!(of(true, false).contains(&"model_repository"));
+        assert!(!of(true, false).contains(&"system_shared_memory"));
+        assert!(of(false, true).contains(&"system_shared_memory"));
     }
 }

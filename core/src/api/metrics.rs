@@ -168,6 +168,9 @@ mod tests {
         fn metrics(&self) -> Option<Arc<Metrics>> {
             Some(self.metrics.clone())
         }
+        fn has_repository(&self) -> bool {
+            false
+        }
         async fn infer_stream(&self, req: InferRequest) -> Result<InferStream, EngineError> {
             let response = self.infer(req).await?;
             Ok(futures::stream::once(async { Ok(response) }).boxed())

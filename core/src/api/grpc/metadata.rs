@@ -10,8 +10,7 @@ use crate::api::metadata::{ModelMetadata, ServerMetadata};
 use crate::engine::{ModelStats, ModelStatus, StatDuration};
 use std::collections::HashMap;
 
-pub fn server_metadata() -> ServerMetadataResponse {
-    let m = ServerMetadata::current();
+pub fn server_metadata(m: ServerMetadata) -> ServerMetadataResponse {
     ServerMetadataResponse {
         name: m.name.to_string(),
         version: m.version.to_string(),

@@ -201,7 +201,8 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
         &self,
         _: Request<ServerMetadataRequest>,
     ) -> RpcResult<ServerMetadataResponse> {
-        Ok(Response::new(metadata::server_metadata()))
+        let m = crate::api::metadata::ServerMetadata::of(&*self.backend, &self.regions);
+        Ok(Response::new(metadata::server_metadata(m)))
     }
 
     async fn model_metadata(
