@@ -23,6 +23,14 @@ pub enum ApiError {
         "request body is larger than the limit of {limit} bytes; raise it with --max-body-bytes"
     )]
     PayloadTooLarge { limit: usize },
+    /// The body's `Content-Encoding` is not one the server decodes (`compression.rs`).
+    #[error(
+        "request Content-Encoding '{given}' is not supported; send the body uncompressed or compressed with one of: {accepted}"
+    )]
+    UnsupportedEncoding {
+        given: String,
+        accepted: &'static str,
+    },
     /// No route matches the path.
     #[error("no route for {method} {path}")]
     RouteNotFound { method: String, path: String },
@@ -53,6 +61,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -161,6 +170,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::UnsupportedEncoding { accepted, .. } = self {
+            // RFC 7694: a 415 for a content coding lists the codings the server accepts.
+            response
+                .headers_mut()
+                .insert(header::ACCEPT_ENCODING, HeaderValue::from_static(accepted));
         }
         if let ApiError::Auth(kind) = self {
             let headers = response.headers_mut();

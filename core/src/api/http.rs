@@ -4,8 +4,9 @@
 //! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
 //! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
 //! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
-//! `{"error": ...}` body. With a backend that has metrics, `GET /metrics` serves them and
-//! every infer request is recorded (`metrics.rs`).
+//! `{"error": ...}` body. Bodies may be compressed both ways (`compression.rs`). With a
+//! backend that has metrics, `GET /metrics` serves them and every infer request is recorded
+//! (`metrics.rs`).
 
 use super::backend::Backend;
 use super::error::ApiError;
@@ -142,6 +143,8 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit));
+    // Outside the body limit, so the limit counts decoded bytes (see `compression.rs`).
+    let routes = super::compression::with_compression(routes);
     // Auth runs inside `observe`, so a denied request still gets its access log line.
     let routes = match gate {
         Some(gate) => routes.layer(axum::middleware::from_fn_with_state(

@@ -803,6 +803,97 @@ async fn engine_errors_map_to_their_statuses() {
     error_of(r, StatusCode::SERVICE_UNAVAILABLE).await;
 }
 
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+async fn post_encoded(
+    app: &Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Response {
+    let mut req = Request::builder().method(Method::POST).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    app.clone()
+        .oneshot(req.body(Body::from(body)).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_decoded_and_answers_compressed_when_asked() {
+    let app = app(&Fake::new());
+    let body = gzip(doubler_request().to_string().as_bytes());
+    let both = [("content-encoding", "gzip"), ("accept-encoding", "gzip")];
+    let r = post_encoded(&app, "/v2/models/doubler/infer", &both, body.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
+    let mut decoded = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&body_bytes(r).await[..]),
+        &mut decoded,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&decoded).unwrap(),
+        doubler_expected()
+    );
+    // Not asked: not compressed.
+    let r = post_encoded(&app, "/v2/models/doubler/infer", &both[..1], body).await;
+    assert!(r.headers().get(header::CONTENT_ENCODING).is_none());
+    assert_eq!(json_of(r).await, doubler_expected());
+}
+
+#[tokio::test]
+async fn the_body_limit_counts_decoded_bytes() {
+    let app = app(&Fake::new());
+    // A few dozen bytes on the wire, one byte over the limit once decoded.
+    let body = gzip(&vec![b' '; MAX_BODY + 1]);
+    assert!(body.len() < MAX_BODY / 10);
+    let r = post_encoded(
+        &app,
+        "/v2/models/doubler/infer",
+        &[("content-encoding", "gzip")],
+        body,
+    )
+    .await;
+    let msg = error_of(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+    assert!(msg.contains("--max-body-bytes"), "{msg}");
+}
+
+#[tokio::test]
+async fn an_unknown_content_encoding_is_415_listing_the_accepted_ones() {
+    let app = app(&Fake::new());
+    let r = post_encoded(
+        &app,
+        "/v2/models/doubler/infer",
+        &[("content-encoding", "br")],
+        doubler_request().to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.headers()[header::ACCEPT_ENCODING], "gzip, deflate");
+    let msg = error_of(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    assert_eq!(
+        msg,
+        "request Content-Encoding 'br' is not supported; send the body uncompressed or compressed with one of: gzip, deflate"
+    );
+    // `identity` is no coding at all.
+    let r = post_encoded(
+        &app,
+        "/v2/models/doubler/infer",
+        &[("content-encoding", "identity")],
+        doubler_request().to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(json_of(r).await, doubler_expected());
+}
+
 #[tokio::test]
 async fn oversized_body_is_413_naming_the_flag() {
     let app = app(&Fake::new());

@@ -12,6 +12,7 @@
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
 //! - `error`: `ApiError`, the one place errors become statuses.
+//! - `compression`: gzip/deflate request and response bodies on every route.
 //! - `observe`: per-request span, `traceparent`, access log line.
 //! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
 //! - `outcome`: the `outcome` metric label of each error, next to its status.
@@ -21,6 +22,7 @@
 pub mod auth;
 pub mod backend;
 pub mod binary;
+mod compression;
 pub mod error;
 pub mod generate;
 pub mod grpc;

@@ -135,7 +135,8 @@ pub struct ServerArgs {
     /// Default deadline of a request (queueing plus execution); clients may ask for less.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub request_timeout_ms: u64,
-    /// Largest request body accepted (413 beyond).
+    /// Largest request body accepted (413 beyond), counted once decoded when the body is
+    /// compressed; also the largest gRPC message, likewise counted once inflated.
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it

@@ -15,9 +15,11 @@
 //! - `shm`: SystemSharedMemory{Status,Register,Unregister} over the REST routes' regions.
 //! - `unsupported`: RPCs whose engine side does not exist yet (clear UNIMPLEMENTED).
 //! - `auth`: the auth layer around every service (only when auth is on).
+//! - `compression`: gzip/deflate/zstd messages, and when answers are compressed.
 
 mod auth;
 mod call;
+mod compression;
 pub mod config;
 mod contents;
 mod convert;
@@ -97,14 +99,23 @@ pub async fn start<B: Backend>(
         .auth
         .map(|a| auth::AuthLayer::new(AuthGate::new(a, backend.metrics())));
     let service = InferenceService::new(Arc::clone(&backend), cfg.regions);
-    let inference = GrpcInferenceServiceServer::new(service)
+    // The decoding limit caps compressed messages once inflated, too (`compression.rs`).
+    let mut inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
+    for encoding in compression::ENCODINGS {
+        inference = inference
+            .accept_compressed(encoding)
+            .send_compressed(encoding);
+    }
     let (readiness, changed) = watch::channel(());
     let health = HealthServer::new(health::HealthService::new(backend, changed));
     let (stop, stopped) = oneshot::channel::<()>();
     let server = Server::builder()
         .layer(tower::util::option_layer(gate))
+        .layer(tower::util::MapRequestLayer::new(
+            compression::plain_answers_to_plain_calls,
+        ))
         .add_service(inference)
         .add_service(health);
     let shutdown = async move {

@@ -16,6 +16,8 @@ pub fn code(e: &ApiError) -> Code {
     match e {
         ApiError::BadRequest(_) => Code::InvalidArgument,
         ApiError::PayloadTooLarge { .. } => Code::ResourceExhausted,
+        // REST only: tonic itself answers an unknown `grpc-encoding` with UNIMPLEMENTED.
+        ApiError::UnsupportedEncoding { .. } => Code::Unimplemented,
         ApiError::RouteNotFound { .. } => Code::NotFound,
         ApiError::MethodNotAllowed { .. } | ApiError::NotImplemented(_) => Code::Unimplemented,
         ApiError::Unavailable(_) => Code::Unavailable,
