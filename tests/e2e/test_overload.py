@@ -14,7 +14,16 @@ import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-from umclient import Inp, decode, error_of, infer_binary, infer_json, plugin, wait_until
+from umclient import (
+    Inp,
+    decode,
+    error_of,
+    gated_burst,
+    infer_binary,
+    infer_json,
+    plugin,
+    wait_until,
+)
 
 SLOW = "slow"
 
@@ -35,28 +44,32 @@ def burst(clients: int, one):
         return list(pool.map(run, range(clients)))
 
 
-def test_max_concurrency_flag_refuses_the_excess_with_429(start_server):
+def test_max_concurrency_flag_refuses_the_excess_with_429(start_server, tmp_path):
     limit, clients = 4, 12
+    gate = tmp_path / "gate"
     server = start_server(
-        plugin("slow.py"), "--set", "delay_s=1.0", "--max-concurrency", str(limit)
+        plugin("slow.py"),
+        "--set",
+        "delay_s=0",
+        "--set",
+        f"gate={gate}",
+        "--max-concurrency",
+        str(limit),
     )
 
     def one(i: int):
-        started = time.monotonic()
-        resp = infer_json(server, SLOW, x_input(float(i)), timeout=(5.0, 120.0))
-        return i, resp, time.monotonic() - started
+        return i, infer_json(server, SLOW, x_input(float(i)), timeout=(5.0, 120.0))
 
-    answers = burst(clients, one)
-    served = [(i, r) for i, r, _ in answers if r.status_code == 200]
-    refused = [(r, t) for _, r, t in answers if r.status_code == 429]
-    assert len(served) == limit, sorted(r.status_code for _, r, _ in answers)
-    assert len(refused) == clients - limit
-    for resp, elapsed in refused:
+    # The refusals all come while the admitted requests are held: refused at the door.
+    answers, early = gated_burst(clients, one, gate, refused=clients - limit)
+    assert [r.status_code for _, r in early] == [429] * (clients - limit)
+    served = [(i, r) for i, r in answers if r.status_code == 200]
+    assert len(served) == limit, sorted(r.status_code for _, r in answers)
+    for _, resp in early:
         assert re.fullmatch(r"\d+", resp.headers.get("Retry-After", "")), dict(resp.headers)
         message = error_of(resp)
         assert f"max_concurrency limit of {limit}" in message, message
         assert "'slow'" in message, message
-        assert elapsed < 5.0, f"a 429 took {elapsed:.1f}s: it must be refused at the door"
     for i, resp in served:
         assert decode(resp).outputs["y"].tolist() == [2.0 * i]
     # Answered requests give their admission back.
@@ -65,6 +78,7 @@ def test_max_concurrency_flag_refuses_the_excess_with_429(start_server):
 
 GUARDED = """
     import time
+    from pathlib import Path
 
     import numpy as np
 
@@ -77,8 +91,13 @@ GUARDED = """
         inputs = {"x": um.Tensor("FP32", [1])}
         outputs = {"y": um.Tensor("FP32", [1])}
 
+        def setup(self, ctx):
+            self.gate = Path(ctx.parameters["gate"])
+
         def predict(self, x):
-            time.sleep(1.0)
+            # Held until the test opens the gate (see umclient.gated_burst).
+            while not self.gate.exists():
+                time.sleep(0.005)
             return {"y": (x * 2).astype(np.float32)}
 """
 
@@ -99,16 +118,26 @@ def grpc_infer(server, model: str, value: float):
 def test_max_concurrency_class_attribute_over_grpc_is_resource_exhausted(start_server, tmp_path):
     path = tmp_path / "guarded.py"
     path.write_text(textwrap.dedent(GUARDED))
-    server = start_server(str(path))
-    answers = burst(6, lambda i: grpc_infer(server, "guarded", float(i)))
+    gate = tmp_path / "gate"
+    server = start_server(str(path), "--set", f"gate={gate}")
+    answers, early = gated_burst(
+        6, lambda i: grpc_infer(server, "guarded", float(i)), gate, refused=4
+    )
     ok = [y for y, e in answers if e is None]
-    errors = [e for _, e in answers if e is not None]
     assert len(ok) == 2, [(y, e and e.status()) for y, e in answers]
-    for e in errors:
+    for _, e in early:
+        assert e is not None, early
         assert e.status() == "StatusCode.RESOURCE_EXHAUSTED", f"{e.status()}: {e.message()}"
         assert "max_concurrency limit of 2" in e.message(), e.message()
-    # The same over REST.
-    answers = burst(4, lambda i: infer_json(server, "guarded", x_input(1.0), timeout=(5, 60)))
+    # The same over REST, the gate shut again.
+    gate.unlink()
+    answers, early = gated_burst(
+        4,
+        lambda i: infer_json(server, "guarded", x_input(1.0), timeout=(5, 60)),
+        gate,
+        refused=2,
+    )
+    assert [r.status_code for r in early] == [429, 429]
     assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
 
 
@@ -249,14 +278,18 @@ def test_config_toml_sets_the_guards_of_a_repository_model(start_server, tmp_pat
     model.mkdir(parents=True)
     model.joinpath("plugin.py").write_text(Path(plugin("slow.py")).read_text())
     limit = 2 << 30
+    gate = tmp_path / "gate"
     model.joinpath("config.toml").write_text(
         "max_concurrency = 1\n"
         "retry_on_worker_failure = true\n"
         f"memory_limit_bytes = {limit}\n"
-        "[parameters]\ndelay_s = 1.0\n"
+        f'[parameters]\ndelay_s = 0\ngate = "{gate}"\n'
     )
     server = start_server.serve("--model-repository", str(repo), wait=("slow", "READY"))
-    answers = burst(3, lambda i: infer_json(server, SLOW, x_input(1.0), timeout=(5, 60)))
+    answers, early = gated_burst(
+        3, lambda i: infer_json(server, SLOW, x_input(1.0), timeout=(5, 60)), gate, refused=2
+    )
+    assert [r.status_code for r in early] == [429, 429]
     assert sorted(r.status_code for r in answers) == [200, 429, 429]
     refused = next(r for r in answers if r.status_code == 429)
     assert "max_concurrency limit of 1" in error_of(refused)
