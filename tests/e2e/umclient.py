@@ -597,3 +597,11 @@ def gated_burst(clients: int, one, gate: Path, refused: int) -> tuple[list, list
             gate.touch()
         assert len(early) == refused, f"{len(early)} answers before the gate opened: {early}"
         return [f.result(timeout=120) for f in futures], early
+
+
+def model_gauge(server: Server, name: str, model: str) -> float:
+    """A per-model gauge from `/metrics` (`unimodel_inflight_requests`, `unimodel_queue_depth`):
+    the server's own count, for tests to wait on instead of sleeping; 0 before it exists."""
+    text = server.get("/metrics", timeout=30).text
+    match = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
