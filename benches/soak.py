@@ -5,7 +5,8 @@ Starts `unimodel run PLUGIN` (the release binary by default) and drives it with 
 bench` in rounds that rotate REST JSON, REST binary and gRPC, while a side thread sends bad
 requests (malformed JSON, unknown model, wrong datatype, a body over the limit, clients that
 hang up mid-body or before their answer) and a few gRPC error rounds run between cycles.
-Every `--sample-s` seconds it samples the core's RSS, open fds (/proc/PID/fd) and threads,
+Every `--sample-s` seconds it samples the core's RSS and live heap (the server runs with
+`UNIMODEL_HEAP_ACCOUNTING=1`), open fds (/proc/PID/fd) and threads,
 each worker's RSS, and the entries of /dev/shm (all of them, and those the server's processes
 hold), against the requests the server has answered so far (`unimodel_requests_total`, every
 outcome). At the end it prints the samples, the
@@ -42,6 +43,9 @@ MAX_BODY = 64 << 10  # small, so a too-large body fits in the socket buffers
 # wobbles by allocator pages; a leak of one 100-byte object per request is ~10 MB per 100k.
 THRESHOLDS = {
     "core_rss_mib": 2.0,
+    # The core's live heap (`UNIMODEL_HEAP_ACCOUNTING=1`): exact, so any growth is a leak; the
+    # margin covers what the requests in flight at a sample hold.
+    "core_heap_mib": 1.0,
     "worker_rss_mib": 2.0,
     "core_fds": 1.0,
     "core_threads": 1.0,
@@ -55,6 +59,7 @@ class Sample:
     t_s: float
     requests: int
     core_rss_mib: float
+    core_heap_mib: float
     core_fds: int
     core_threads: int
     worker_rss_mib: list[float]
@@ -135,14 +140,24 @@ def shm_held(pids: list[int]) -> set[str]:
 
 def answered(base: str) -> int:
     """Sum of `unimodel_requests_total` over every label set."""
+    return counters(base)[0]
+
+
+def counters(base: str) -> tuple[int, float]:
+    """Requests answered (`unimodel_requests_total` over every label set) and the core's live
+    heap in MiB (`unimodel_heap_live_bytes`)."""
     with urlopen(base, "GET", "/metrics") as (status, body):
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
-    total = 0.0
+    total, heap = 0.0, None
     for line in body.decode().splitlines():
         if line.startswith("unimodel_requests_total{"):
             total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+        elif line.startswith("unimodel_heap_live_bytes "):
+            heap = float(line.rsplit(" ", 1)[1]) / (1 << 20)
+    if heap is None:
+        raise RuntimeError("no unimodel_heap_live_bytes in /metrics (heap accounting is off?)")
+    return int(total), heap
 
 
 def sample(pid: int, base: str, started: float) -> Sample:
@@ -153,10 +168,12 @@ def sample(pid: int, base: str, started: float) -> Sample:
             rss.append(status_field(w, "VmRSS") / 1024)
         except OSError:
             pass
+    requests, heap_mib = counters(base)
     return Sample(
         t_s=round(time.monotonic() - started, 1),
-        requests=answered(base),
+        requests=requests,
         core_rss_mib=round(status_field(pid, "VmRSS") / 1024, 1),
+        core_heap_mib=round(heap_mib, 2),
         core_fds=len(os.listdir(f"/proc/{pid}/fd")),
         core_threads=status_field(pid, "Threads"),
         worker_rss_mib=[round(r, 1) for r in rss],
@@ -290,6 +307,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def series(samples: list[Sample]) -> dict[str, list[float]]:
     return {
         "core_rss_mib": [s.core_rss_mib for s in samples],
+        "core_heap_mib": [s.core_heap_mib for s in samples],
         "worker_rss_mib": [max(s.worker_rss_mib, default=0.0) for s in samples],
         "core_fds": [float(s.core_fds) for s in samples],
         "core_threads": [float(s.core_threads) for s in samples],
@@ -318,7 +336,7 @@ def print_report(report: Report) -> None:
     print(f"bench requests by protocol: {report.bench_requests}")
     print(f"bad requests by kind: {report.error_requests}")
     print(
-        f"\n{'t s':>7} {'requests':>10} {'core MiB':>9} {'fds':>5} {'threads':>7} "
+        f"\n{'t s':>7} {'requests':>10} {'core MiB':>9} {'heap MiB':>9} {'fds':>5} {'threads':>7} "
         f"{'workers':>7} {'worker MiB':>11} {'/dev/shm':>8} {'ours':>4}"
     )
     rows = report.samples
@@ -326,7 +344,8 @@ def print_report(report: Report) -> None:
     for s in rows[::step] + ([rows[-1]] if rows and (len(rows) - 1) % step else []):
         worker = max(s.worker_rss_mib, default=0.0)
         print(
-            f"{s.t_s:>7.0f} {s.requests:>10,} {s.core_rss_mib:>9.1f} {s.core_fds:>5} "
+            f"{s.t_s:>7.0f} {s.requests:>10,} {s.core_rss_mib:>9.1f} {s.core_heap_mib:>9.2f} "
+            f"{s.core_fds:>5} "
             f"{s.core_threads:>7} {s.workers:>7} {worker:>11.1f} {s.dev_shm:>8} {s.dev_shm_ours:>4}"
         )
     print(f"\nslope per 100k requests after the first {report.warmup_requests:,}:")
@@ -362,7 +381,11 @@ def run(args) -> Report:
     ]
     if args.python:
         cmd += ["--python", str(args.python)]
-    server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    # The live heap is the leak measure (see core/src/heap.rs); the RSS is reported beside it.
+    env = dict(os.environ, UNIMODEL_HEAP_ACCOUNTING="1")
+    server = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+    )
     report = Report(requests_asked=args.requests)
     try:
         wait_ready(server, base)

@@ -11,6 +11,7 @@
 //! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
+//! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
 //!
 //! Dependencies point one way: `api -> repository -> engine -> worker`.
 
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod engine;
+pub mod heap;
 pub mod regions;
 pub mod repository;
 pub mod telemetry;

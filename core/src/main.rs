@@ -8,11 +8,13 @@ use unimodel::cli::args::{Cli, Command, LogFormat};
 /// (JSON, HTTP, tensors) across threads, and malloc/free were 12.6 % of the core's CPU at
 /// c=64 (perf). Measured in one run, alternating binaries: +5-9 % req/s on the batched
 /// matmul at c=64 and +8-10 % on 16 MiB binary round trips (tensor buffers are reused
-/// without glibc's per-request mmap and page faults); peak RSS 18 -> 35 MB.
+/// without glibc's per-request mmap and page faults); peak RSS 18 -> 35 MB. Wrapped to count
+/// live bytes when `UNIMODEL_HEAP_ACCOUNTING` is set (see `unimodel::heap`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: unimodel::heap::Allocator = unimodel::heap::Allocator;
 
 fn main() -> ExitCode {
+    unimodel::heap::init_from_env();
     // Every TLS config uses ring; tonic's client builds its own from the process default.
     unimodel::tls::install_crypto_provider();
     let cli = Cli::parse();

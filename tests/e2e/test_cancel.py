@@ -4,8 +4,9 @@ generator.
 
 The `counted` plugin (tests/plugins/counted.py) appends a line per `predict` call to a file
 before it sleeps, so "never executed" is read from the plugin's own record, not from the
-server's statistics. One slow, unbatched instance keeps the queue busy: the request in front
-runs for `DELAY_S` while the others wait behind it.
+server's statistics. One unbatched instance keeps the queue busy: the request in front is
+held at a gate (a file the test creates) while the others wait behind it, so what the test
+sees before it opens the gate cannot depend on the machine's speed.
 """
 
 import json
@@ -22,23 +23,26 @@ import requests
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from umclient import Inp, decode, error_of, infer_json, json_request, plugin, wait_until
 
-DELAY_S = 3.0
-
 
 @pytest.fixture
 def counted(start_server, tmp_path):
+    """(server, calls file, gate): "counted" holds every call until the gate file exists."""
     calls = tmp_path / "calls.txt"
     calls.touch()
+    gate = tmp_path / "gate"
     server = start_server(
         plugin("counted.py"),
         "--set",
         f"calls_file={calls}",
         "--set",
-        f"delay_s={DELAY_S}",
+        "delay_s=0",
+        "--set",
+        f"gate={gate}",
         "--request-timeout-ms",
         "60000",
     )
-    return server, calls
+    yield server, calls, gate
+    gate.touch()  # a failed test must not leave calls held while the server stops
 
 
 def calls_of(calls: Path, model: str) -> list[list[float]]:
@@ -110,7 +114,7 @@ def start_busy(server, calls: Path, pool: ThreadPoolExecutor, value: float = 1.0
 
 
 def test_rest_clients_that_hang_up_while_queued_never_reach_the_worker(counted):
-    server, calls = counted
+    server, calls, gate = counted
     with ThreadPoolExecutor(max_workers=2) as pool:
         busy = start_busy(server, calls, pool)
         # 2 is taken at once into the worker's second pipeline slot (sent to it, not started);
@@ -123,13 +127,14 @@ def test_rest_clients_that_hang_up_while_queued_never_reach_the_worker(counted):
         )
         for v in (2.0, 3.0, 4.0):
             waiting[v].hang_up()
-        # Their places are freed while the first call is still running.
+        # Their places are freed while the first call is still running (held at the gate).
         wait_until(
             lambda: gauge(server, "unimodel_inflight_requests", "counted") == 2,
-            DELAY_S / 2,
+            30.0,
             "the hung-up requests to leave",
         )
         assert executed(calls, "counted") == {1.0}, "the worker was still busy with the first"
+        gate.touch()
         status, body = waiting[5.0].response()
         assert status == 200, body
         assert body["outputs"][0]["data"] == [10.0]
@@ -140,7 +145,7 @@ def test_rest_clients_that_hang_up_while_queued_never_reach_the_worker(counted):
 
 
 def test_rest_deadline_passed_in_the_queue_is_504_and_never_executed(counted):
-    server, calls = counted
+    server, calls, gate = counted
     with ThreadPoolExecutor(max_workers=3) as pool:
         busy = start_busy(server, calls, pool)
         # One pipelined behind the busy call, one in the queue: both expire before a slot frees.
@@ -157,6 +162,7 @@ def test_rest_deadline_passed_in_the_queue_is_504_and_never_executed(counted):
         for future in late:
             resp = future.result(timeout=30)
             assert re.search(r"time(d)?[ _-]?out", error_of(resp, 504), re.IGNORECASE)
+        gate.touch()
         busy.result(timeout=60)
     # After the busy call the worker is idle: nothing of the expired requests ran.
     fresh = decode(infer_json(server, "counted", [Inp("x", "FP32", [4.0])]))
@@ -174,7 +180,7 @@ def grpc_request(value: float) -> service_pb2.ModelInferRequest:
 
 
 def test_grpc_cancelled_call_and_client_deadline_never_reach_the_worker(counted):
-    server, calls = counted
+    server, calls, gate = counted
     channel = grpc.insecure_channel(server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     try:
@@ -199,9 +205,11 @@ def test_grpc_cancelled_call_and_client_deadline_never_reach_the_worker(counted)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
             wait_until(
                 lambda: gauge(server, "unimodel_inflight_requests", "counted") == 1,
-                DELAY_S / 2,
+                30.0,
                 "the cancelled and expired calls to leave",
             )
+            assert executed(calls, "counted") == {1.0}, "the worker was still busy"
+            gate.touch()
             busy.result(timeout=60)
         answer = stub.ModelInfer(grpc_request(5.0), timeout=30)
         assert np.frombuffer(answer.raw_output_contents[0], "<f4").tolist() == [10.0]
@@ -211,24 +219,31 @@ def test_grpc_cancelled_call_and_client_deadline_never_reach_the_worker(counted)
 
 
 def test_a_forming_batch_runs_without_its_cancelled_requests(counted):
-    """counted_batch waits 1.5 s for a batch to fill: two of its four requests hang up
-    meanwhile, and the batch that runs holds only the other two."""
-    server, calls = counted
+    """counted_batch waits up to a minute for a batch of 8 rows to fill: two of its four
+    requests hang up meanwhile, and the batch that a filler completes holds only the others."""
+    server, calls, _ = counted
     raws = {v: RawRequest(server, "counted_batch", x_body(v, rows=1)) for v in (1.0, 2.0, 3.0)}
     # Four rows from a client that asked for two batch rows: the batch takes both.
     raws[4.0] = RawRequest(server, "counted_batch", x_body(4.0, rows=2))
     wait_until(
         lambda: gauge(server, "unimodel_inflight_requests", "counted_batch") == 4,
-        5.0,
+        30.0,
         "four requests in the forming batch",
     )
     raws[2.0].hang_up()
     raws[3.0].hang_up()
-    for v, rows in ((1.0, 1), (4.0, 2)):
+    wait_until(
+        lambda: gauge(server, "unimodel_inflight_requests", "counted_batch") == 2,
+        30.0,
+        "the hung-up requests to leave the forming batch",
+    )
+    # 1 + 2 + 5 rows: the batch is full and leaves at once.
+    raws[5.0] = RawRequest(server, "counted_batch", x_body(5.0, rows=5))
+    for v, rows in ((1.0, 1), (4.0, 2), (5.0, 5)):
         status, body = raws[v].response()
         assert status == 200, body
         assert body["outputs"][0]["data"] == [2 * v] * rows
-    assert calls_of(calls, "counted_batch") == [[1.0, 4.0, 4.0]]
+    assert calls_of(calls, "counted_batch") == [[1.0, 4.0, 4.0] + [5.0] * 5]
 
 
 def ticker_stopped(calls: Path, tag: str) -> int | None:
@@ -240,7 +255,7 @@ def ticker_stopped(calls: Path, tag: str) -> int | None:
 
 
 def test_a_rest_stream_whose_client_goes_away_stops_its_generator(counted):
-    server, calls = counted
+    server, calls, _ = counted
     resp = requests.post(
         server.url("/v2/models/ticker/generate_stream"),
         json={"tag": "rest", "count": 1_000_000},
@@ -259,7 +274,7 @@ def test_a_rest_stream_whose_client_goes_away_stops_its_generator(counted):
 
 
 def test_a_grpc_stream_whose_client_goes_away_stops_its_generator(counted):
-    server, calls = counted
+    server, calls, _ = counted
     channel = grpc.insecure_channel(server.grpc_url)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     req = service_pb2.ModelInferRequest(model_name="ticker", id="g")

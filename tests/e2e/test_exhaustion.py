@@ -8,10 +8,18 @@ The plugins are written here, one per test, so each misbehaviour sits next to it
 import re
 import textwrap
 import threading
-import time
 
 import numpy as np
-from umclient import Inp, decode, error_of, infer_binary, infer_json, pid_alive, wait_until
+from umclient import (
+    Inp,
+    decode,
+    error_of,
+    infer_binary,
+    infer_json,
+    model_gauge,
+    pid_alive,
+    wait_until,
+)
 
 MEMORY_LIMIT = 1 << 30  # generous: RLIMIT_AS counts virtual memory (see the README)
 
@@ -184,7 +192,13 @@ def test_a_predict_that_never_returns_times_out_and_requests_behind_it_are_serve
         target=lambda: stuck.update(resp=infer_json(server, "stuck", x(-1.0), timeout=(5, 60)))
     )
     hung.start()
-    time.sleep(0.3)  # the hung request reaches the worker first
+    # The hung request is in the server first (one request, an idle worker: it goes straight
+    # there); the next one queues behind it.
+    wait_until(
+        lambda: model_gauge(server, "unimodel_inflight_requests", "stuck") == 1,
+        30.0,
+        "the hung request in the server",
+    )
     behind = infer_json(server, "stuck", x(4.0), timeout=(5.0, 60.0))
     hung.join(timeout=60)
     assert not hung.is_alive()

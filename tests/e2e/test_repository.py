@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
-from umclient import REPO_ROOT, Inp, decode, error_of, infer_json, plugin, run_cli
+from umclient import (
+    REPO_ROOT,
+    Inp,
+    decode,
+    error_of,
+    infer_json,
+    model_gauge,
+    plugin,
+    run_cli,
+    wait_until,
+)
 
 FAILING_MARKER = "setup exploded on purpose (e2e marker 5821)"
 
@@ -276,7 +286,11 @@ def test_unload_answers_every_request_in_flight(explicit_server):
         futures = [
             pool.submit(infer_json, explicit_server, "slow", slow_x(float(i))) for i in range(6)
         ]
-        time.sleep(0.3)
+        wait_until(
+            lambda: model_gauge(explicit_server, "unimodel_inflight_requests", "slow") == 6,
+            30.0,
+            "the six requests in the server",
+        )
         started = time.monotonic()
         client.unload_model("slow")
         took = time.monotonic() - started
@@ -300,8 +314,12 @@ def test_operations_on_one_model_run_in_arrival_order(explicit_server):
 
     loader = threading.Thread(target=load)
     loader.start()
-    # The load is spawning a worker (well over this) when the unload arrives: it waits.
-    time.sleep(0.2)
+    # The load is spawning a worker when the unload arrives: it waits.
+    wait_until(
+        lambda: rows_of(client).get(("slow", "1"), {}).get("state") == "LOADING",
+        30.0,
+        "the load to start",
+    )
     client.unload_model("slow")
     done["unload"] = time.monotonic()
     loader.join(timeout=120)

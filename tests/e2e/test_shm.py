@@ -275,7 +275,8 @@ def test_mixed_outputs_shm_and_binary(client, regions):
 
 
 def test_shm_requests_batched_with_json_requests(server, client, regions):
-    """Concurrent requests share a batch (300 ms queue delay): the shm one is copied in."""
+    """Four concurrent requests share one batch (`mixed_four` waits for the fourth): the shm
+    one is copied in."""
     rows = [np.full((1, 4), i, dtype=np.float32) for i in range(4)]
     b = np.ones((1, 4), dtype=np.int32)
     in_name, _ = register(client, regions, "bin", rows[0])
@@ -286,14 +287,14 @@ def test_shm_requests_batched_with_json_requests(server, client, regions):
         c = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
         try:
             if i > 0:
-                return c.infer("mixed", mixed_inputs(rows[i], b, "json")).as_numpy("sum")
+                return c.infer("mixed_four", mixed_inputs(rows[i], b, "json")).as_numpy("sum")
             ia = httpclient.InferInput("a", [1, 4], "FP32")
             ia.set_shared_memory(in_name, 16)
             ib = httpclient.InferInput("b", [1, 4], "INT32")
             ib.set_data_from_numpy(b)
             out = httpclient.InferRequestedOutput("sum")
             out.set_shared_memory(out_name, 16)
-            c.infer("mixed", [ia, ib], outputs=[out])
+            c.infer("mixed_four", [ia, ib], outputs=[out])
             return shm.get_contents_as_numpy(out_handle, np.float32, [1, 4])
         finally:
             c.close()
@@ -302,8 +303,10 @@ def test_shm_requests_batched_with_json_requests(server, client, regions):
         sums = list(pool.map(call, range(4)))
     for i, s in enumerate(sums):
         np.testing.assert_array_equal(s, rows[i] + 1)
-    stats = client.get_inference_statistics("mixed")["model_stats"][0]
-    assert any(s["batch_size"] > 1 for s in stats["batch_stats"]), stats
+    stats = client.get_inference_statistics("mixed_four")["model_stats"][0]
+    assert [(s["batch_size"], s["compute_infer"]["count"]) for s in stats["batch_stats"]] == [
+        (4, 1)
+    ], stats
 
 
 # -- malformed requests ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-from umclient import Inp, decode, infer_json, pid_alive, plugin, wait_until
+from umclient import Inp, decode, infer_json, model_gauge, pid_alive, plugin, wait_until
 
 MODEL = "slow"
 DRAIN_TIMEOUT_S = 20.0
@@ -60,12 +60,17 @@ def health_watch(server):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig):
+def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig, tmp_path):
     before = shm_entries()
+    # Every call is held until the gate opens: the checks below run while all the work is
+    # still in flight, however slowly the machine runs.
+    gate = tmp_path / "gate"
     server = start_server(
         plugin("slow.py"),
         "--set",
-        "delay_s=0.5",
+        "delay_s=0.1",
+        "--set",
+        f"gate={gate}",
         "--instances",
         "2",
         "--drain-timeout-ms",
@@ -77,7 +82,7 @@ def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig)
     assert len(workers) >= 2, workers
     channel, watch = health_watch(server)
     grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
-    clients = 12  # ~3s of work on two workers: well inside the drain timeout
+    clients = 12  # ~0.6 s of work on two workers once the gate opens: inside the drain timeout
     sent = threading.Barrier(clients + 1, timeout=30)
 
     def one(i: int):
@@ -89,13 +94,16 @@ def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig)
         with ThreadPoolExecutor(max_workers=clients) as pool:
             futures = [pool.submit(one, i) for i in range(clients)]
             sent.wait()
-            time.sleep(1.0)  # every request has reached the server; two are executing
+            wait_until(
+                lambda: model_gauge(server, "unimodel_inflight_requests", MODEL) == clients,
+                30.0,
+                "every request in the server",
+            )
             server.proc.send_signal(sig)
             signalled_at = time.monotonic()
 
-            # Readiness false at once, told to health watchers, while work is still running.
+            # Readiness false, told to health watchers, while all the work is still held.
             assert next(watch) == NOT_SERVING
-            assert time.monotonic() - signalled_at < 1.0
             ready = server.get("/v2/health/ready", timeout=(2.0, 10.0))
             assert ready.status_code == 503, ready.text
             assert not grpc_client.is_server_ready()
@@ -107,10 +115,11 @@ def test_a_signal_drains_in_flight_requests_and_exits_cleanly(start_server, sig)
             with pytest.raises(InferenceServerException) as refused:
                 grpc_client.infer(MODEL, [x])
             assert "UNAVAILABLE" in str(refused.value.status()), refused.value
-            assert any(not f.done() for f in futures), "the drain must still have work to do"
-
+            assert not any(f.done() for f in futures), "answered before the gate opened"
+            gate.touch()
             responses = [f.result(timeout=60) for f in futures]
     finally:
+        gate.touch()
         grpc_client.close()
         channel.close()
 

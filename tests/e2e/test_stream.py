@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -199,15 +198,10 @@ def queue_depth(server) -> float:
     return tokens_gauge(server, "queue_depth")
 
 
-def settled_with_one_queued(server) -> bool:
-    """Three streams accepted, one of them waiting in the queue, twice in a row 0.2 s apart: a
-    stream passes through the queue on its way to the worker's second slot, so one reading of
-    depth 1 may be that stream in transit, not the third one waiting."""
-    for _ in range(2):
-        if tokens_gauge(server, "inflight_requests") != 3.0 or queue_depth(server) != 1.0:
-            return False
-        time.sleep(0.2)
-    return True
+def holds(server, inflight: float, queued: float) -> bool:
+    """The server counts `inflight` streams, `queued` of them in the queue (a stream leaves
+    the queue, freeing its place, when it goes to the worker)."""
+    return tokens_gauge(server, "inflight_requests") == inflight and queue_depth(server) == queued
 
 
 def test_a_full_queue_refuses_streams_with_429_and_a_freed_place_is_served(start_server):
@@ -218,9 +212,12 @@ def test_a_full_queue_refuses_streams_with_429_and_a_freed_place_is_served(start
     first_events = events(first)  # kept: a dropped reader closes the connection
     next(first_events)
     with ThreadPoolExecutor(2) as pool:
+        # One at a time: sent together, the third could find the place still held by the
+        # second on its way to the worker, and be refused.
         second = pool.submit(stream_all, server, tokens_body("second", 2))
+        wait_until(lambda: holds(server, 2.0, 0.0), 30.0, "the second stream at the worker")
         third = pool.submit(stream_all, server, tokens_body("third", 1))
-        wait_until(lambda: settled_with_one_queued(server), 10.0, "a stream waiting in the queue")
+        wait_until(lambda: holds(server, 3.0, 1.0), 30.0, "the third stream in the queue")
         full = server.post("/v2/models/tokens/generate_stream", json=tokens_body("late", 1))
         assert "queue is full" in error_of(full, 429)
         assert full.headers["retry-after"] == "1"

@@ -106,13 +106,14 @@ def test_json_logs_parse_and_carry_labels_trace_and_access_fields(start_server):
 
 
 def test_a_batch_logs_the_trace_ids_of_all_its_requests(start_server):
-    # Two rows per batch at most, and a long delay: two concurrent requests fill one batch.
+    # Two rows per batch at most, and a delay no loaded machine reaches between two clients:
+    # two concurrent requests fill one batch, which leaves as soon as it is full.
     server = start_server(
         plugin("traced_batch.py"),
         "--max-batch-size",
         "2",
         "--max-queue-delay-ms",
-        "2000",
+        "60000",
         "--log-format",
         "json",
         "--access-log",

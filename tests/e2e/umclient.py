@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -570,3 +571,37 @@ def wait_until(predicate, deadline_s: float, what: str, interval_s: float = POLL
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def gated_burst(clients: int, one, gate: Path, refused: int) -> tuple[list, list]:
+    """Runs `one(i)` in `clients` threads released together against a model that holds every
+    call until `gate` exists (`slow.py` with `--set gate=...`). Nothing admitted can finish
+    while the gate is shut, so the first `refused` answers are the refusals, however slowly
+    the machine runs; then it opens the gate. Returns (all answers in request order, the
+    answers that came before the gate opened)."""
+    barrier = threading.Barrier(clients, timeout=30)
+
+    def run(i: int):
+        barrier.wait()
+        return one(i)
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        futures = [pool.submit(run, i) for i in range(clients)]
+        early = []
+        try:
+            for future in as_completed(futures, timeout=60):
+                early.append(future.result())
+                if len(early) == refused:
+                    break
+        finally:
+            gate.touch()
+        assert len(early) == refused, f"{len(early)} answers before the gate opened: {early}"
+        return [f.result(timeout=120) for f in futures], early
+
+
+def model_gauge(server: Server, name: str, model: str) -> float:
+    """A per-model gauge from `/metrics` (`unimodel_inflight_requests`, `unimodel_queue_depth`):
+    the server's own count, for tests to wait on instead of sleeping; 0 before it exists."""
+    text = server.get("/metrics", timeout=30).text
+    match = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

@@ -3,6 +3,8 @@
 - `identity`: unbatched FP32 identity, the zero-copy path's simplest case.
 - `mixed`: batched, two inputs of two datatypes and two outputs, so that one request can mix
   JSON, binary and shared-memory tensors, and concurrent requests batch together.
+- `mixed_four`: `mixed` in batches of exactly four rows: it waits up to a minute for the
+  fourth, so four concurrent requests always share one batch, however slowly they arrive.
 - `slow_identity`: identity after `delay_s` seconds (default 0.5), to keep requests queued
   while a test unregisters their region.
 """
@@ -33,6 +35,12 @@ class Mixed(um.Model):
 
     def predict(self, a, b):
         return {"sum": (a + b).astype(np.float32), "neg": -b}
+
+
+class MixedFour(Mixed):
+    name = "mixed_four"
+    max_batch_size = 4
+    max_queue_delay_ms = 60_000.0
 
 
 class SlowIdentity(um.Model):

@@ -4,7 +4,7 @@
 
 use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::validate::Limits;
-use crate::engine::{Engine, EngineOptions, Executor, FaultPolicy, ModelConfig};
+use crate::engine::{Engine, EngineOptions, Executor, FaultPolicy, ModelConfig, WakeClock};
 use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
@@ -248,6 +248,7 @@ pub fn engine_options(worker: &WorkerArgs, metrics: Arc<Metrics>) -> EngineOptio
             max_tensor_bytes: worker.max_tensor_bytes,
         },
         metrics,
+        wake_clock: WakeClock::Precise,
     }
 }
 

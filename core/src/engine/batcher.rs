@@ -15,7 +15,7 @@ use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::queue::{BatchPolicy, Decision, Pending, Queue};
 use super::stats::StatsRecorder;
-use super::wake_timer::WakeTimer;
+use super::wake_timer::{WakeClock, WakeTimer};
 use crate::worker::types::InstanceState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,13 +75,15 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the actor for `config` over `instances`; returns its command sender.
+    /// Starts the actor for `config` over `instances`, its delays on `clock`; returns its
+    /// command sender.
     pub fn spawn(
         config: Arc<ModelConfig>,
         instances: Vec<Arc<dyn Executor>>,
         stats: Arc<StatsRecorder>,
         state: watch::Sender<ModelState>,
         queue_capacity: usize,
+        clock: WakeClock,
     ) -> mpsc::Sender<Command> {
         let (cmd_tx, cmd_rx) = mpsc::channel(queue_capacity.max(1));
         let (state_tx, state_rx) = mpsc::channel(16 + instances.len() * 4);
@@ -124,7 +126,7 @@ impl Batcher {
             state,
             drain_waiters: Vec::new(),
             release_at: None,
-            timer: WakeTimer::new(),
+            timer: WakeTimer::new(clock),
             running: HashMap::new(),
             next_batch_id: 0,
             ever_ready: false,

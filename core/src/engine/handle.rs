@@ -17,6 +17,7 @@ use super::queue::{Origin, Pending};
 use super::registry::{ModelEntry, Registry, Table, parse_version};
 use super::stats::StatsRecorder;
 use super::validate::{Limits, validate_request};
+use super::wake_timer::WakeClock;
 use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct EngineOptions {
     pub limits: Limits,
     /// Where the engine records its metrics (served at `/metrics`).
     pub metrics: Arc<Metrics>,
+    /// The clock of the batchers' delays: the precise timerfd, or tokio's (paused in tests).
+    pub wake_clock: WakeClock,
 }
 
 struct Inner {
@@ -55,7 +58,7 @@ impl Engine {
         let mut table = Table::new();
         for (config, instances) in models {
             let key = parse_version(&config.version).unwrap_or_default();
-            let entry = spawn_entry(config, instances, &options.metrics);
+            let entry = spawn_entry(config, instances, &options);
             table
                 .entry(entry.config.name.clone())
                 .or_default()
@@ -171,7 +174,7 @@ impl Engine {
             )));
         };
         let name = config.name.clone();
-        let entry = spawn_entry(config, instances, &self.inner.options.metrics);
+        let entry = spawn_entry(config, instances, &self.inner.options);
         let previous = self
             .inner
             .registry
@@ -364,8 +367,9 @@ impl Engine {
 fn spawn_entry(
     config: ModelConfig,
     instances: Vec<Arc<dyn Executor>>,
-    all_metrics: &Metrics,
+    options: &EngineOptions,
 ) -> Arc<ModelEntry> {
+    let all_metrics = &*options.metrics;
     let config = Arc::new(config);
     let metrics = all_metrics.model(&config.name, &config.version);
     let stats = Arc::new(StatsRecorder::new(
@@ -381,6 +385,7 @@ fn spawn_entry(
         stats.clone(),
         state_tx,
         config.queue_capacity,
+        options.wake_clock,
     );
     let places = Arc::new(Semaphore::new(config.queue_capacity));
     let admitted = config

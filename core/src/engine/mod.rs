@@ -31,6 +31,7 @@ pub use model::{FaultPolicy, ModelConfig, ModelState};
 pub use registry::parse_version;
 pub use stream::InferStream;
 pub use tensor::{DataType, Tensor, TensorSpec};
+pub use wake_timer::WakeClock;
 
 use std::sync::Arc;
 use std::time::Duration;

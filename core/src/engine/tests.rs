@@ -1,5 +1,9 @@
 //! The engine driven end to end with in-process executors (no Python): batching under
 //! concurrency, least-loaded dispatch, worker failures, the queue bound, deadlines, drain.
+//!
+//! Every async test runs on tokio's paused clock, and the batchers use tokio's timer
+//! (`WakeClock::Tokio`), so no outcome depends on the machine's speed: time moves only when
+//! every task waits (`advance`), and then by exactly what the test or the next timer says.
 
 use super::*;
 use crate::engine::validate::Limits;
@@ -17,6 +21,8 @@ struct FakeExec {
     delay: Duration,
     fail: Option<WorkerError>,
     batches: Mutex<Vec<u32>>,
+    /// Batches started so far, to wait on.
+    started: watch::Sender<usize>,
 }
 
 impl FakeExec {
@@ -27,6 +33,7 @@ impl FakeExec {
             delay: Duration::from_millis(delay_ms),
             fail: None,
             batches: Mutex::new(Vec::new()),
+            started: watch::Sender::new(0),
         })
     }
 
@@ -37,7 +44,28 @@ impl FakeExec {
             delay: Duration::ZERO,
             fail: Some(err),
             batches: Mutex::new(Vec::new()),
+            started: watch::Sender::new(0),
         })
+    }
+
+    fn with_state(state: InstanceState) -> Arc<FakeExec> {
+        let (state, _) = watch::channel(state);
+        Arc::new(FakeExec {
+            state,
+            delay: Duration::ZERO,
+            fail: None,
+            batches: Mutex::new(Vec::new()),
+            started: watch::Sender::new(0),
+        })
+    }
+
+    /// Waits until `count` batches have reached this instance.
+    async fn wait_started(&self, count: usize) {
+        let mut rx = self.started.subscribe();
+        tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|n| *n >= count))
+            .await
+            .expect("the batches never reached the instance")
+            .unwrap();
     }
 
     fn batch_sizes(&self) -> Vec<u32> {
@@ -48,6 +76,7 @@ impl FakeExec {
 impl Executor for FakeExec {
     fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>> {
         self.batches.lock().unwrap().push(work.batch_size);
+        self.started.send_modify(|n| *n += 1);
         let delay = self.delay;
         let fail = self.fail.clone();
         Box::pin(async move {
@@ -134,6 +163,7 @@ fn start(cfg: ModelConfig, execs: &[Arc<FakeExec>]) -> Engine {
                 max_tensor_bytes: 1 << 20,
             },
             metrics: Arc::new(crate::telemetry::metrics::Metrics::new()),
+            wake_clock: WakeClock::Tokio,
         },
     )
 }
@@ -172,7 +202,13 @@ async fn ready(engine: &Engine) {
     assert_eq!(engine.wait_loaded("m").await.unwrap(), ModelState::Ready);
 }
 
-#[tokio::test]
+/// Lets every task run as far as it can, then moves the paused clock by `ms` (a sleep on a
+/// paused clock ends only once the runtime is idle, and timers due on the way fire in order).
+async fn advance(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn concurrent_requests_are_batched_and_answered_correctly() {
     let exec = FakeExec::new(5);
     let engine = start(config(16, 2, 256), std::slice::from_ref(&exec));
@@ -208,7 +244,7 @@ async fn concurrent_requests_are_batched_and_answered_correctly() {
     assert_eq!(stats[0].execution_count as usize, sizes.len());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn spreads_batches_over_instances() {
     let a = FakeExec::new(20);
     let b = FakeExec::new(20);
@@ -229,7 +265,7 @@ async fn spreads_batches_over_instances() {
     assert_eq!(a.batch_sizes().len() + b.batch_sizes().len(), 8);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
     let exec = FakeExec::failing(WorkerError::Crashed {
         status: "killed by signal 9 (SIGKILL)".into(),
@@ -242,7 +278,7 @@ async fn worker_crash_fails_the_batch_with_503_naming_the_signal() {
     assert!(msg.contains("'m'") && msg.contains("SIGKILL"), "{msg}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn with_retry_on_worker_failure_a_crashed_batch_runs_again_on_another_instance() {
     let crashed = || WorkerError::Crashed {
         status: "killed by signal 9 (SIGKILL)".into(),
@@ -270,7 +306,7 @@ async fn with_retry_on_worker_failure_a_crashed_batch_runs_again_on_another_inst
     assert!(err.to_string().contains("SIGKILL"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_retry_a_crashed_batch_fails_even_with_a_healthy_instance() {
     let crashed = WorkerError::Crashed {
         status: "killed by signal 9 (SIGKILL)".into(),
@@ -284,7 +320,7 @@ async fn without_retry_a_crashed_batch_fails_even_with_a_healthy_instance() {
     assert!(matches!(err, EngineError::WorkerFailed { .. }), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn max_concurrency_counts_queued_and_running_requests() {
     let mut cfg = config(0, 0, 64);
     cfg.faults.max_concurrency = Some(3);
@@ -296,7 +332,7 @@ async fn max_concurrency_counts_queued_and_running_requests() {
         tasks.push(tokio::spawn(async move {
             engine.infer(request(&[i as f32])).await
         }));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        advance(5).await;
     }
     let mut refused = 0;
     for t in tasks {
@@ -315,7 +351,7 @@ async fn max_concurrency_counts_queued_and_running_requests() {
     assert!(engine.infer(request(&[1.0])).await.is_ok());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn plugin_error_carries_type_and_text() {
     let exec = FakeExec::failing(WorkerError::Plugin {
         message: "ValueError: bad x".into(),
@@ -327,7 +363,7 @@ async fn plugin_error_carries_type_and_text() {
     assert!(err.to_string().contains("ValueError: bad x"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn full_queue_is_refused_not_waited_on() {
     let exec = FakeExec::new(300);
     let engine = start(config(0, 0, 2), &[exec]);
@@ -338,20 +374,55 @@ async fn full_queue_is_refused_not_waited_on() {
         tasks.push(tokio::spawn(async move {
             engine.infer(request(&[i as f32])).await
         }));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        advance(5).await;
     }
     let mut full = 0;
     for t in tasks {
-        if let Err(EngineError::QueueFull { capacity, .. }) = t.await.unwrap() {
-            assert_eq!(capacity, 2);
-            full += 1;
+        match t.await.unwrap() {
+            Ok(_) => {}
+            Err(EngineError::QueueFull { capacity, .. }) => {
+                assert_eq!(capacity, 2);
+                full += 1;
+            }
+            Err(e) => panic!("{e}"),
         }
     }
     // Two run (pipeline depth), two wait, the rest are refused.
-    assert!(full >= 1, "expected refusals");
+    assert_eq!(full, 2, "expected the last two to be refused");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
+async fn a_partial_batch_leaves_after_max_queue_delay_and_not_before() {
+    let exec = FakeExec::new(0);
+    let engine = start(config(4, 10, 16), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    let sent = Instant::now();
+    let lone = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.infer(request(&[1.0])).await }
+    });
+    advance(9).await;
+    assert!(exec.batch_sizes().is_empty(), "the batch left early");
+    exec.wait_started(1).await;
+    assert_eq!(sent.elapsed(), Duration::from_millis(10));
+    assert_eq!(values(&lone.await.unwrap().unwrap().outputs[0]), vec![2.0]);
+    // A full batch does not wait.
+    let sent = Instant::now();
+    let full: Vec<_> = (0..4)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
+        })
+        .collect();
+    exec.wait_started(2).await;
+    assert_eq!(sent.elapsed(), Duration::ZERO);
+    for t in full {
+        assert!(t.await.unwrap().is_ok());
+    }
+    assert_eq!(exec.batch_sizes(), vec![1, 4]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn request_deadline_expires_in_queue() {
     let exec = FakeExec::new(400);
     let engine = start(config(0, 0, 16), &[exec]);
@@ -361,7 +432,7 @@ async fn request_deadline_expires_in_queue() {
     let e2 = engine.clone();
     let busy1 = tokio::spawn(async move { e1.infer(request(&[1.0])).await });
     let busy2 = tokio::spawn(async move { e2.infer(request(&[2.0])).await });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    advance(20).await;
     let mut short = request(&[3.0]);
     short.timeout = Some(Duration::from_millis(50));
     let err = engine.infer(short).await.unwrap_err();
@@ -369,7 +440,7 @@ async fn request_deadline_expires_in_queue() {
     assert!(busy1.await.unwrap().is_ok() && busy2.await.unwrap().is_ok());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_model_refuses_requests_and_reports_traceback() {
     let exec = FakeExec::new(0);
     let engine = start(config(4, 0, 8), std::slice::from_ref(&exec));
@@ -378,22 +449,26 @@ async fn failed_model_refuses_requests_and_reports_traceback() {
         error: "RuntimeError: no weights".into(),
         traceback: "Traceback ...".into(),
     });
-    let mut rx_ok = false;
-    for _ in 0..100 {
-        if let ModelState::Failed { traceback, .. } = engine.model("m", None).unwrap().state {
-            assert_eq!(traceback, "Traceback ...");
-            rx_ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(rx_ok, "model never reported FAILED");
+    let mut state = engine.entry("m", None).unwrap().state.clone();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(60),
+        state.wait_for(|s| matches!(s, ModelState::Failed { .. })),
+    )
+    .await
+    .expect("model never reported FAILED")
+    .unwrap()
+    .clone();
+    assert!(
+        matches!(&failed, ModelState::Failed { traceback, .. } if traceback == "Traceback ..."),
+        "{failed:?}"
+    );
+    assert_eq!(engine.model("m", None).unwrap().state, failed);
     assert!(!engine.ready());
     let err = engine.infer(request(&[1.0])).await.unwrap_err();
     assert!(err.to_string().contains("no weights"), "{err}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_model_and_version_are_not_found() {
     let engine = start(config(4, 0, 8), &[FakeExec::new(0)]);
     let mut r = request(&[1.0]);
@@ -410,7 +485,7 @@ async fn unknown_model_and_version_are_not_found() {
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn drain_answers_in_flight_then_refuses_new_work() {
     let exec = FakeExec::new(100);
     let engine = start(config(0, 0, 16), &[exec]);
@@ -421,7 +496,7 @@ async fn drain_answers_in_flight_then_refuses_new_work() {
             tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    advance(10).await;
     assert!(
         engine.drain(Duration::from_secs(5)).await,
         "drain timed out"
@@ -436,7 +511,7 @@ async fn drain_answers_in_flight_then_refuses_new_work() {
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn batches_an_instance_cannot_start_run_on_another() {
     let broken = FakeExec::failing(WorkerError::NotStarted {
         reason: "worker died".into(),
@@ -455,7 +530,7 @@ async fn batches_an_instance_cannot_start_run_on_another() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn abort_answers_queued_and_running_requests_with_503() {
     let exec = FakeExec::new(2_000);
     let engine = start(config(0, 0, 16), std::slice::from_ref(&exec));
@@ -466,15 +541,16 @@ async fn abort_answers_queued_and_running_requests_with_503() {
             tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    advance(50).await;
     let started = Instant::now();
     engine.abort().await;
     for t in tasks {
         let err = t.await.unwrap().unwrap_err();
         assert!(matches!(err, EngineError::ShuttingDown), "{err}");
     }
+    // The clock is tokio's: this is exact, not a margin.
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < exec.delay,
         "abort must not wait for the running batches"
     );
     assert!(matches!(
@@ -483,7 +559,7 @@ async fn abort_answers_queued_and_running_requests_with_503() {
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_client_that_leaves_frees_its_queue_place_at_once() {
     let exec = FakeExec::new(1_000);
     let engine = start(config(0, 0, 1), std::slice::from_ref(&exec));
@@ -495,13 +571,13 @@ async fn a_client_that_leaves_frees_its_queue_place_at_once() {
         running.push(tokio::spawn(async move {
             engine.infer(request(&[i as f32])).await
         }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        advance(30).await;
     }
     let waiting = {
         let engine = engine.clone();
         tokio::spawn(async move { engine.infer(request(&[9.0])).await })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    advance(30).await;
     assert_eq!(
         exec.batch_sizes().len(),
         2,
@@ -517,20 +593,25 @@ async fn a_client_that_leaves_frees_its_queue_place_at_once() {
         "{refused:?}"
     );
     waiting.abort();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    advance(30).await;
     // The place is free again long before the running batches end.
     let next = tokio::spawn({
         let engine = engine.clone();
         async move { engine.infer(request(&[5.0])).await }
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    advance(30).await;
     assert!(
-        !next.is_finished() || next.await.unwrap().is_ok(),
-        "the new request was refused"
+        !next.is_finished(),
+        "the new request was refused: {:?}",
+        next.await
     );
     for r in running {
         assert!(r.await.unwrap().is_ok());
     }
+    assert!(
+        next.await.unwrap().is_ok(),
+        "the new request was not served"
+    );
 }
 
 #[test]
@@ -662,6 +743,7 @@ fn start_gen(cfg: ModelConfig, exec: &Arc<FakeGen>) -> Engine {
                 max_tensor_bytes: 1 << 20,
             },
             metrics: Arc::new(crate::telemetry::metrics::Metrics::new()),
+            wake_clock: WakeClock::Tokio,
         },
     )
 }
@@ -674,7 +756,7 @@ async fn collect(stream: InferStream) -> Vec<Result<f32, EngineError>> {
         .await
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn generator_responses_arrive_in_order_then_the_stream_ends() {
     let exec = FakeGen::new();
     let engine = start_gen(config(0, 0, 4), &exec);
@@ -689,7 +771,7 @@ async fn generator_responses_arrive_in_order_then_the_stream_ends() {
     assert!(matches!(err, EngineError::StreamingOnly { .. }), "{err:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_ordinary_model_streams_exactly_one_response() {
     let exec = FakeExec::new(0);
     let engine = start(config(0, 0, 4), &[exec]);
@@ -699,7 +781,7 @@ async fn an_ordinary_model_streams_exactly_one_response() {
     assert_eq!(*got[0].as_ref().unwrap(), 3.0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dropping_a_stream_cancels_its_running_generator() {
     use futures::StreamExt as _;
     let exec = FakeGen::new();
@@ -717,7 +799,7 @@ async fn dropping_a_stream_cancels_its_running_generator() {
     assert_eq!(got.len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn generator_requests_run_alone_and_the_queue_bound_holds() {
     let exec = FakeGen::new();
     // A batching model: streams must still not share a batch.
@@ -730,7 +812,7 @@ async fn generator_requests_run_alone_and_the_queue_bound_holds() {
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(engine.infer_stream(request(&[1e6, 5.0])).await.unwrap());
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        advance(30).await;
     }
     let err = engine
         .infer_stream(request(&[1.0, 0.0]))
@@ -741,7 +823,7 @@ async fn generator_requests_run_alone_and_the_queue_bound_holds() {
     assert_eq!(exec.batches.lock().unwrap().clone(), vec![1, 1]);
     // Dropping the queued one frees its place at once, before it costs a worker call.
     held.pop();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    advance(20).await;
     let queued = engine.infer_stream(request(&[1.0, 0.0])).await;
     assert!(queued.is_ok(), "the dropped request's place was not freed");
     drop(held);
@@ -751,7 +833,7 @@ async fn generator_requests_run_alone_and_the_queue_bound_holds() {
     assert_eq!(exec.batches.lock().unwrap().clone(), vec![1, 1, 1]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_stalled_generator_hits_the_per_response_deadline() {
     let exec = FakeGen::new();
     let mut cfg = config(0, 0, 4);
@@ -785,7 +867,7 @@ fn versioned(version: &str) -> ModelConfig {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn versions_load_side_by_side_and_the_highest_is_the_default() {
     let engine = start(versioned("1"), &[FakeExec::new(0)]);
     ready(&engine).await;
@@ -808,7 +890,7 @@ async fn versions_load_side_by_side_and_the_highest_is_the_default() {
     assert!(engine.ready());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unload_answers_queued_and_running_requests_then_forgets_the_model() {
     let exec = FakeExec::new(100);
     let engine = start(config(0, 0, 16), std::slice::from_ref(&exec));
@@ -819,12 +901,12 @@ async fn unload_answers_queued_and_running_requests_then_forgets_the_model() {
             tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    advance(10).await;
     let unloading = {
         let engine = engine.clone();
         tokio::spawn(async move { engine.unload("m", "1").await })
     };
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    advance(10).await;
     // While it drains: reported UNLOADING, new requests refused with a clear 503.
     assert_eq!(engine.model("m", None).unwrap().state.name(), "UNLOADING");
     let refused = engine.infer(request(&[1.0])).await.unwrap_err();
@@ -841,21 +923,15 @@ async fn unload_answers_queued_and_running_requests_then_forgets_the_model() {
     assert!(engine.ready(), "no model left to wait for");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_reload_swaps_in_new_instances_only_once_they_are_ready() {
     let old = FakeExec::new(0);
     let engine = start(config(0, 0, 16), std::slice::from_ref(&old));
     ready(&engine).await;
     // The new instance fails its setup: the old one keeps serving.
-    let (failed_tx, _) = watch::channel(InstanceState::Failed {
+    let broken = FakeExec::with_state(InstanceState::Failed {
         error: "boom".into(),
         traceback: String::new(),
-    });
-    let broken = Arc::new(FakeExec {
-        state: failed_tx,
-        delay: Duration::ZERO,
-        fail: None,
-        batches: Mutex::new(Vec::new()),
     });
     let state = engine
         .load(config(0, 0, 16), vec![broken as Arc<dyn Executor>])
@@ -876,23 +952,17 @@ async fn a_reload_swaps_in_new_instances_only_once_they_are_ready() {
     assert_eq!(*old.state.borrow(), InstanceState::Stopped);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_version_still_loading_does_not_take_the_default_traffic() {
     let engine = start(versioned("1"), &[FakeExec::new(0)]);
     ready(&engine).await;
-    let (starting, _) = watch::channel(InstanceState::Starting);
-    let v2 = Arc::new(FakeExec {
-        state: starting,
-        delay: Duration::ZERO,
-        fail: None,
-        batches: Mutex::new(Vec::new()),
-    });
+    let v2 = FakeExec::with_state(InstanceState::Starting);
     let loading = {
         let engine = engine.clone();
         let v2 = v2.clone() as Arc<dyn Executor>;
         tokio::spawn(async move { engine.load(versioned("2"), vec![v2]).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    advance(20).await;
     assert_eq!(
         engine.model("m", Some("2")).unwrap().state,
         ModelState::Loading

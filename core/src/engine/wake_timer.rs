@@ -7,7 +7,9 @@
 //! when asked (the kernel's timer slack, 50 µs by default), at the cost of one
 //! `timerfd_settime` whenever the wake-up instant changes.
 //!
-//! Without a timerfd (it cannot be created), tokio's timer is the fallback.
+//! Without a timerfd (it cannot be created), tokio's timer is the fallback. Tests ask for
+//! tokio's timer on purpose (`WakeClock::Tokio`): a timerfd runs on the kernel's clock and
+//! ignores tokio's paused one, so a test on `start_paused` could not move a batching delay.
 
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -25,6 +27,18 @@ impl AsRawFd for Timer {
     }
 }
 
+/// Which clock the batcher's wake-ups follow; chosen where the batcher is spawned
+/// (`EngineOptions::wake_clock`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WakeClock {
+    /// A timerfd on the kernel's monotonic clock, precise to tens of microseconds.
+    #[default]
+    Precise,
+    /// tokio's timer: whole milliseconds, but it follows tokio's clock, so engine tests run on
+    /// the paused clock and move time themselves.
+    Tokio,
+}
+
 pub struct WakeTimer {
     fd: Option<AsyncFd<Timer>>,
     /// The instant the timerfd is set for, so an unchanged wake-up costs no syscall.
@@ -32,7 +46,13 @@ pub struct WakeTimer {
 }
 
 impl WakeTimer {
-    pub fn new() -> Self {
+    pub fn new(clock: WakeClock) -> Self {
+        if clock == WakeClock::Tokio {
+            return WakeTimer {
+                fd: None,
+                armed: None,
+            };
+        }
         let fd = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -103,7 +123,7 @@ mod tests {
 
     #[tokio::test]
     async fn fires_at_sub_millisecond_deadlines() {
-        let mut timer = WakeTimer::new();
+        let mut timer = WakeTimer::new(WakeClock::Precise);
         assert!(timer.fd.is_some(), "timerfd is available on Linux");
         let start = Instant::now();
         timer
@@ -114,22 +134,39 @@ mod tests {
 
     #[tokio::test]
     async fn re_arming_to_a_later_instant_waits_for_the_later_one() {
-        let mut timer = WakeTimer::new();
+        let mut timer = WakeTimer::new(WakeClock::Precise);
+        // Arm for 20 ms and abandon the wait after one poll; let that expiry pass unread, then
+        // ask for a later instant: the stale expiry must not end the second wait. A thread
+        // descheduled past the first instant before its poll finds nothing armed: try again.
+        let mut early = None;
+        for _ in 0..10 {
+            let at = Instant::now() + Duration::from_millis(20);
+            if futures::FutureExt::now_or_never(timer.sleep_until(Some(at))).is_none() {
+                early = Some(at);
+                break;
+            }
+        }
+        let early = early.expect("the timer was never left armed");
+        tokio::time::sleep_until(early + Duration::from_millis(5)).await;
+        let later = early + Duration::from_millis(30);
+        timer.sleep_until(Some(later)).await;
+        assert!(Instant::now() >= later);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tokio_clock_follows_a_paused_runtime() {
+        let mut timer = WakeTimer::new(WakeClock::Tokio);
         let start = Instant::now();
-        // Arm for 1 ms and abandon the wait after one poll; let that expiry pass unread, then
-        // ask for 5 ms: the stale expiry must not end the second wait.
-        let early = timer.sleep_until(Some(start + Duration::from_millis(1)));
-        assert!(futures::FutureExt::now_or_never(early).is_none());
-        tokio::time::sleep(Duration::from_millis(3)).await;
+        // An hour on the paused clock passes as soon as nothing else can run.
         timer
-            .sleep_until(Some(start + Duration::from_millis(5)))
+            .sleep_until(Some(start + Duration::from_secs(3600)))
             .await;
-        assert!(start.elapsed() >= Duration::from_millis(5));
+        assert_eq!(start.elapsed(), Duration::from_secs(3600));
     }
 
     #[tokio::test]
     async fn past_instants_return_at_once_and_none_never_does() {
-        let mut timer = WakeTimer::new();
+        let mut timer = WakeTimer::new(WakeClock::Precise);
         timer.sleep_until(Some(Instant::now())).await;
         let never = timer.sleep_until(None);
         assert!(

@@ -173,7 +173,26 @@ impl Metrics {
             registry: Registry::with_prefix("unimodel"),
         };
         m.register_families();
+        m.register_heap();
         m
+    }
+
+    /// `heap_live_bytes`, only while the allocator counts (`crate::heap`): refreshed before
+    /// each scrape.
+    fn register_heap(&mut self) {
+        if crate::heap::live_bytes().is_none() {
+            return;
+        }
+        let live = Gauge::<i64>::default();
+        self.registry.register_with_unit(
+            "heap_live",
+            "Bytes in the core's live heap allocations (UNIMODEL_HEAP_ACCOUNTING is set)",
+            Unit::Bytes,
+            live.clone(),
+        );
+        self.add_sampler(move || {
+            live.set(crate::heap::live_bytes().unwrap_or_default());
+        });
     }
 
     /// Puts every family in the registry with its name, unit and help text.

@@ -284,19 +284,18 @@ async fn only_the_running_batch_fails_with(mode: &str, running: WorkerError) {
     cfg.timeouts.execute = Duration::from_millis(700);
     let h = spawn_instance(cfg);
     wait_for(&h, |s| *s == InstanceState::Ready).await;
-    let mut tasks = Vec::new();
+    let mut calls = Vec::new();
     for bytes in [40 << 10, 10 << 10, 40 << 10] {
-        let h2 = h.clone();
-        tasks.push(tokio::spawn(
-            async move { h2.execute(sized_work(bytes)).await },
-        ));
-        // Keep the order: each reaches the actor before the next is submitted.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut call = Box::pin(h.execute(sized_work(bytes)));
+        // Keep the order: the first poll puts the batch in the actor's channel, in turn.
+        assert!(futures::poll!(call.as_mut()).is_pending(), "{mode}");
+        calls.push(call);
     }
-    let mut results = Vec::new();
-    for t in tasks {
-        results.push(t.await.unwrap().unwrap_err());
-    }
+    let results: Vec<WorkerError> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_err())
+        .collect();
     assert_eq!(results[0], running, "{mode}");
     for (i, err) in results.iter().enumerate().skip(1) {
         assert!(
