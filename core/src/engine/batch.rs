@@ -5,14 +5,14 @@
 //! slices the one output buffer the worker layer copied out (`Bytes::slice`, no copy).
 
 use super::bytes_codec;
-use super::queue::Pending;
+use super::scheduler::Admitted;
 use super::tensor::{Tensor, element_count};
 use crate::telemetry::TraceId;
 use crate::worker::types::{Work, WorkInput};
 
 /// The batch's trace ids in request order, each once (requests of one trace may share a
 /// batch). A batch is one `predict` call, so the plugin's log lines name all of them.
-pub fn trace_ids(batch: &[Pending]) -> Vec<TraceId> {
+pub fn trace_ids(batch: &[Admitted]) -> Vec<TraceId> {
     let mut ids: Vec<TraceId> = Vec::with_capacity(batch.len());
     for t in batch.iter().filter_map(|p| p.origin.trace) {
         if !ids.contains(&t) {
@@ -23,7 +23,7 @@ pub fn trace_ids(batch: &[Pending]) -> Vec<TraceId> {
 }
 
 /// Builds the worker call for `batch` (non-empty, requests already compatible).
-pub fn build_work(batch: &[Pending], batching: bool) -> Work {
+pub fn build_work(batch: &[Admitted], batching: bool) -> Work {
     let rows: u32 = batch.iter().map(|p| p.rows).sum();
     let first = &batch[0];
     let inputs = first
@@ -127,7 +127,7 @@ fn row_bounds(t: &Tensor, rows: u32) -> Result<Vec<usize>, SplitError> {
 /// Splits the batch's outputs into each request's outputs, in the order it asked for them
 /// (or `declared` order when it asked for all).
 pub fn split_outputs(
-    batch: &[Pending],
+    batch: &[Admitted],
     outputs: Vec<Tensor>,
     declared: &[String],
     batching: bool,
@@ -190,11 +190,10 @@ pub fn split_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::queue::Reply;
+    use crate::engine::response::{self, ResponseReceiver};
     use crate::engine::tensor::DataType;
     use bytes::Bytes;
     use std::time::Duration;
-    use tokio::sync::oneshot;
     use tokio::time::Instant;
 
     fn f32_bytes(v: &[f32]) -> Bytes {
@@ -205,11 +204,11 @@ mod tests {
         values: &[f32],
         width: usize,
         outputs: Option<Vec<String>>,
-    ) -> (Pending, oneshot::Receiver<Reply>) {
-        let (tx, rx) = oneshot::channel();
+    ) -> (Admitted, ResponseReceiver) {
+        let (sink, rx) = response::channel();
         let rows = (values.len() / width) as u32;
         let now = Instant::now();
-        let p = Pending {
+        let p = Admitted {
             inputs: vec![Tensor {
                 name: "x".into(),
                 datatype: DataType::Fp32,
@@ -220,9 +219,8 @@ mod tests {
             rows,
             enqueued: now,
             deadline: now + Duration::from_secs(1),
-            reply: tx,
-            permit: None,
-            chunks: None,
+            sink,
+            place: None,
             retried: false,
             origin: Default::default(),
             targets: Vec::new(),
