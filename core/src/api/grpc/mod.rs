@@ -19,7 +19,7 @@
 mod auth;
 mod call;
 pub mod config;
-mod contents;
+pub(crate) mod contents;
 mod convert;
 mod health;
 mod metadata;
