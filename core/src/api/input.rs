@@ -5,8 +5,8 @@
 //! Triton's `shared_memory_*` parameters and where the data is: JSON `data`, a slice of the
 //! binary section, a raw entry, typed contents) or an `OutputDesc`; the checks they share
 //! live here once: the datatype and shape, the shape against the data's size, the data
-//! source (exactly one), and shared-memory regions (an input is a view of the client's
-//! region, an output a target in it; `regions::Region`). Messages name each protocol's own
+//! source (exactly one), and shared-memory regions (an input lives in the client's region,
+//! `Storage::Client`, read through a view; an output goes to a target in it). Messages name each protocol's own
 //! fields (`Protocol`), so a client reads the words of the API it called.
 //!
 //! Signature checks (names, shapes against the model) belong to `engine::validate`; this
@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::grpc::contents;
 use super::grpc::proto::InferTensorContents;
 use super::json_data;
-use crate::engine::tensor::element_count;
+use crate::engine::tensor::{ClientSlice, Storage, element_count};
 use crate::engine::{DataType, Tensor};
 use crate::regions::{RegionError, Regions};
 use crate::worker::client_shm::OutputTarget;
@@ -149,13 +149,15 @@ impl Decoder<'_, '_> {
             ))
         })?;
         let shm = shm?;
-        let data = match &shm.shared_memory_region {
+        let (data, storage) = match &shm.shared_memory_region {
             Some(region) => {
                 if data.given() {
                     return Err(bad(self.protocol.shm_and_data().to_string()));
                 }
-                shm_input(&name, datatype, &shape, count, region, &shm, self.regions)
-                    .map_err(|e| e.into_api(&name))?
+                let (slice, view) =
+                    shm_input(&name, datatype, &shape, count, region, &shm, self.regions)
+                        .map_err(|e| e.into_api(&name))?;
+                (view, Storage::Client(slice))
             }
             None if shm.shared_memory_byte_size.is_some() || shm.shared_memory_offset.is_some() => {
                 return Err(bad(
@@ -163,13 +165,17 @@ impl Decoder<'_, '_> {
                         .to_string(),
                 ));
             }
-            None => self.data(&name, datatype, &shape, count, data)?,
+            None => (
+                self.data(&name, datatype, &shape, count, data)?,
+                Storage::Core,
+            ),
         };
         Ok(Tensor {
             name,
             datatype,
             shape,
             data,
+            storage,
         })
     }
 
@@ -247,8 +253,8 @@ impl Protocol {
     }
 }
 
-/// The bytes of input `name` in `region` (a view of the mapped region, not a copy), after
-/// checking that `shared_memory_byte_size` is given and fits the shape.
+/// Where input `name` lives in `region` and its bytes (a view of the mapped region, not a
+/// copy), after checking that `shared_memory_byte_size` is given and fits the shape.
 fn shm_input(
     name: &str,
     datatype: DataType,
@@ -257,7 +263,7 @@ fn shm_input(
     region: &str,
     params: &ShmParameters,
     regions: &Regions,
-) -> Result<Bytes, ShmInputError> {
+) -> Result<(ClientSlice, Bytes), ShmInputError> {
     let size = params.shared_memory_byte_size.ok_or_else(|| {
         ShmInputError::Message(
             "parameters.shared_memory_byte_size is required with shared_memory_region".into(),

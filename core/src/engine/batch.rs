@@ -6,7 +6,7 @@
 
 use super::bytes_codec;
 use super::scheduler::Admitted;
-use super::tensor::{Tensor, element_count};
+use super::tensor::{Storage, Tensor, element_count};
 use crate::telemetry::TraceId;
 use crate::worker::types::{Work, WorkInput};
 
@@ -40,6 +40,11 @@ pub fn build_work(batch: &[Admitted], batching: bool) -> Work {
                 datatype: t.datatype,
                 shape,
                 parts: batch.iter().map(|p| p.inputs[i].data.clone()).collect(),
+                // Only one request's input is in one place; a batch's is put together.
+                storage: match batch {
+                    [_] => t.storage.clone(),
+                    _ => Storage::Core,
+                },
             }
         })
         .collect();
@@ -179,6 +184,7 @@ pub fn split_outputs(
                 datatype: t.datatype,
                 shape,
                 data: t.data.slice(start..end),
+                storage: Storage::Core,
             });
         }
         per_request.push(tensors);
@@ -214,6 +220,7 @@ mod tests {
                 datatype: DataType::Fp32,
                 shape: vec![rows as i64, width as i64],
                 data: f32_bytes(values),
+                storage: Default::default(),
             }],
             outputs,
             rows,
@@ -248,12 +255,14 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![3, 2],
             data: f32_bytes(&all),
+            storage: Default::default(),
         };
         let z = Tensor {
             name: "z".into(),
             datatype: DataType::Fp32,
             shape: vec![3, 1],
             data: f32_bytes(&[7.0, 8.0, 9.0]),
+            storage: Default::default(),
         };
         let declared = vec!["y".to_string(), "z".to_string()];
         let parts = split_outputs(&batch, vec![z, y], &declared, true).unwrap();
@@ -268,7 +277,7 @@ mod tests {
     }
 
     #[test]
-    fn output_targets_go_to_the_worker_only_for_a_lone_request() {
+    fn client_memory_goes_to_the_worker_only_for_a_lone_request() {
         let file = std::fs::File::from(
             nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .unwrap(),
@@ -282,14 +291,26 @@ mod tests {
             length: 8,
         };
         let (mut a, _ra) = req(&[1.0, 2.0], 2, None);
-        a.targets = vec![target];
+        a.targets = vec![target.clone()];
+        // The input lives in the client's segment too.
+        a.inputs[0].storage = Storage::Client(crate::worker::client_shm::ClientSlice {
+            region: "r".into(),
+            segment: target.segment.clone(),
+            offset: 0,
+            len: 8,
+        });
         let alone = build_work(std::slice::from_ref(&a), true);
         assert_eq!(alone.targets.len(), 1);
+        assert!(matches!(alone.inputs[0].storage, Storage::Client(ref s) if s.region == "r"));
         let (b, _rb) = req(&[3.0, 4.0], 2, None);
         let together = build_work(&[a, b], true);
         assert!(
             together.targets.is_empty(),
             "a batch's outputs are split, then copied"
+        );
+        assert!(
+            matches!(together.inputs[0].storage, Storage::Core),
+            "a batch's input is put together in the arena"
         );
     }
 
@@ -304,6 +325,7 @@ mod tests {
             datatype: DataType::Bytes,
             shape: vec![3, 1],
             data: Bytes::from(data),
+            storage: Default::default(),
         };
         let parts = split_outputs(&batch, vec![t], &["s".to_string()], true).unwrap();
         assert_eq!(
@@ -327,6 +349,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![3, 1],
             data: f32_bytes(&[1.0, 2.0, 3.0]),
+            storage: Default::default(),
         };
         assert!(matches!(
             split_outputs(&batch, vec![y], &["y".into()], true),
@@ -337,6 +360,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![2, 1],
             data: f32_bytes(&[1.0]),
+            storage: Default::default(),
         };
         assert!(matches!(
             split_outputs(&batch, vec![y], &["y".into()], true),

@@ -37,7 +37,7 @@ pub use handle::{Engine, EngineOptions};
 pub use model::{FaultPolicy, ModelConfig, ModelState};
 pub use registry::parse_version;
 pub use response::InferStream;
-pub use tensor::{DataType, Tensor, TensorSpec};
+pub use tensor::{DataType, Storage, Tensor, TensorSpec};
 
 use std::sync::Arc;
 use std::time::Duration;

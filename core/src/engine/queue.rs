@@ -174,6 +174,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![rows as i64, width],
             data: Bytes::from(vec![0u8; rows as usize * width as usize * 4]),
+            storage: Default::default(),
         };
         let p = Admitted {
             inputs: vec![t],
