@@ -20,9 +20,8 @@ use super::response::{Answer, Delivered};
 use super::scheduler::Admitted;
 use super::stats::{BatchTimes, StatsRecorder};
 use super::tensor::Tensor;
-use crate::worker::types::{Work, WorkerError};
-use crate::worker::{StreamItem, WorkStream};
-use futures::future::BoxFuture;
+use crate::worker::types::{Work, WorkOutput, WorkerError};
+use crate::worker::{StreamItem, WorkChunk, WorkStream};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -98,21 +97,18 @@ pub async fn run_batch(
 ) {
     let mut guard = FinishGuard::new(&ctx, idx, batch_id);
     let batching = ctx.config.max_batch_size > 0;
+    let started = Instant::now();
+    let work = build_work(&batch, batching);
     let mut run = Run {
-        started: Instant::now(),
+        started,
+        rows: work.batch_size,
+        staged: staged_bytes(&work),
         built: Instant::now(),
-        rows: 0,
-        staged: 0,
         inputs_counted: false,
         delivered: 0,
         delivering: Duration::ZERO,
-        failed: Vec::new(),
+        failed: vec![None; batch.len()],
     };
-    let work = build_work(&batch, batching);
-    run.rows = work.batch_size;
-    run.staged = staged_bytes(&work);
-    run.failed = vec![None; batch.len()];
-    run.built = Instant::now();
 
     // Dropping the call (every client gone) cancels it in the worker if it has not started;
     // dropping the stream later cancels a running generator.
@@ -201,17 +197,49 @@ pub async fn run_batch(
 }
 
 /// The worker call for a batch. A generator model's streams its chunks; a plain model's one
-/// answer is a stream of one chunk, so both are answered by the same loop.
-fn worker_call(
-    exec: &Arc<dyn Executor>,
-    work: Work,
-    streaming: bool,
-) -> BoxFuture<'static, WorkStream> {
+/// answer is read as a stream of one chunk, so both are answered by the same loop.
+async fn worker_call(exec: &Arc<dyn Executor>, work: Work, streaming: bool) -> Call {
     if streaming {
-        return exec.execute_stream(work);
+        Call::Stream(exec.execute_stream(work).await)
+    } else {
+        Call::Once(Once::Answer(exec.execute(work).await))
     }
-    let call = exec.execute(work);
-    Box::pin(async move { WorkStream::from_output(call.await) })
+}
+
+/// What a worker call gives back, read item by item.
+enum Call {
+    Stream(WorkStream),
+    Once(Once),
+}
+
+/// A plain model's one answer as stream items (no channel in between).
+enum Once {
+    Answer(Result<WorkOutput, WorkerError>),
+    End { compute_ns: u64 },
+    Done,
+}
+
+impl Call {
+    async fn next(&mut self) -> Option<Result<StreamItem, WorkerError>> {
+        let once = match self {
+            Call::Stream(stream) => return stream.next().await,
+            Call::Once(once) => once,
+        };
+        match std::mem::replace(once, Once::Done) {
+            Once::Answer(Ok(out)) => {
+                *once = Once::End {
+                    compute_ns: out.compute_ns,
+                };
+                Some(Ok(StreamItem::Chunk(WorkChunk {
+                    outputs: out.outputs,
+                    receipt: None,
+                })))
+            }
+            Once::Answer(Err(e)) => Some(Err(e)),
+            Once::End { compute_ns } => Some(Ok(StreamItem::End { compute_ns })),
+            Once::Done => None,
+        }
+    }
 }
 
 /// Resolves once every client still served (not failed) has gone.

@@ -28,6 +28,8 @@ pub mod validate;
 mod wake_timer;
 
 #[cfg(test)]
+mod path_tests;
+#[cfg(test)]
 mod tests;
 
 pub use crate::worker::client_shm::OutputTarget;
