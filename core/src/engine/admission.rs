@@ -58,13 +58,14 @@ impl Engine {
             .timeout
             .map_or(config.request_timeout, |t| t.min(config.request_timeout));
         let now = Instant::now();
+        let deadline = now + timeout;
         let (sink, receiver) = response::channel();
         let request = Admitted {
             inputs: in_declared_order(config, req.inputs),
             outputs: req.outputs,
             rows,
             enqueued: now,
-            deadline: now + timeout,
+            deadline,
             sink,
             place: Some(place),
             origin: Origin {
@@ -87,6 +88,7 @@ impl Engine {
             receiver,
             Holds {
                 timeout,
+                deadline,
                 model: config.name.clone(),
                 version: config.version.clone(),
                 id: req.id,

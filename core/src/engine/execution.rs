@@ -3,8 +3,10 @@
 //!
 //! One path for every model: the worker call is a stream of chunks (a plain model's one
 //! answer is a stream of one chunk), each chunk is split per request and handed to the
-//! request's sink, and the stream's end answers every request. A generator model's batch is
-//! one request (the batcher never batches them), so its chunks reach one client in order.
+//! request's sink, and the stream's end answers every request (a plain model's one chunk goes
+//! with its end, after the statistics are recorded, so its client wakes once). A generator
+//! model's batch is one request (the batcher never batches them), so its chunks reach one
+//! client in order.
 //!
 //! Each batch runs in its own task so a slow worker never blocks the batcher actor. The task
 //! always reports back (`Finished`, from a drop guard, so even a panic frees the instance's
@@ -116,6 +118,8 @@ pub async fn run_batch(
         s = worker_call(&exec, work, ctx.config.streaming) => s,
         _ = all_gone(&mut batch, &run.failed) => return,
     };
+    // A plain model's one chunk, held until its end so both reach the client together.
+    let mut last: Option<Vec<Vec<Tensor>>> = None;
     let result = loop {
         let item = tokio::select! {
             biased;
@@ -139,6 +143,11 @@ pub async fn run_batch(
                             });
                         }
                     };
+                if stream.ends_next() {
+                    last = Some(parts);
+                    run.delivered += 1;
+                    continue;
+                }
                 run.deliver(&ctx, &mut batch, parts).await;
                 // Passed on: the worker may write its next chunk.
                 drop(chunk.receipt);
@@ -193,7 +202,7 @@ pub async fn run_batch(
     if let Ok(compute_ns) = result {
         run.record_batch(&ctx, compute_ns);
     }
-    run.finish(&ctx, batch, result.map(|_| ()));
+    run.finish(&ctx, batch, result.map(|_| last));
 }
 
 /// The worker call for a batch. A generator model's streams its chunks; a plain model's one
@@ -220,6 +229,11 @@ enum Once {
 }
 
 impl Call {
+    /// The next item is known to be the end (a plain model's answer after its chunk).
+    fn ends_next(&self) -> bool {
+        matches!(self, Call::Once(Once::End { .. }))
+    }
+
     async fn next(&mut self) -> Option<Result<StreamItem, WorkerError>> {
         let once = match self {
             Call::Stream(stream) => return stream.next().await,
@@ -324,8 +338,19 @@ impl Run {
         });
     }
 
-    /// Answers every request: its own error if it has one, else `result`.
-    fn finish(self, ctx: &BatchContext, batch: Vec<Admitted>, result: Result<(), EngineError>) {
+    /// Answers every request: its own error if it has one, else `result`, with its part of
+    /// a held last chunk. Recorded before answering, so a client that reads the statistics
+    /// after its answer finds itself counted.
+    fn finish(
+        self,
+        ctx: &BatchContext,
+        batch: Vec<Admitted>,
+        result: Result<Option<Vec<Vec<Tensor>>>, EngineError>,
+    ) {
+        let (result, mut last) = match result {
+            Ok(last) => (Ok(()), last.map(Vec::into_iter)),
+            Err(e) => (Err(e), None),
+        };
         for (p, failed) in batch.into_iter().zip(self.failed) {
             let end = match failed {
                 Some(e) => Err(e),
@@ -336,7 +361,13 @@ impl Run {
                 self.started.saturating_duration_since(p.enqueued),
                 p.enqueued.elapsed(),
             );
-            p.sink.finish(end);
+            match last.as_mut().and_then(Iterator::next) {
+                Some(outputs) if end.is_ok() => p.sink.finish_with(Answer {
+                    outputs,
+                    batch_size: self.rows,
+                }),
+                _ => p.sink.finish(end),
+            }
         }
     }
 

@@ -45,7 +45,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts a batcher for each model over its instances. Must run inside a tokio runtime.
+    /// Starts a scheduler for each model over its instances. Must run inside a tokio runtime.
     /// Models whose version is not a number are served as version 0.
     pub fn start(
         models: Vec<(ModelConfig, Vec<Arc<dyn Executor>>)>,

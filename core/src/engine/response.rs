@@ -15,7 +15,8 @@
 //! `WakeOnDrop`), a running one is cancelled.
 //!
 //! Deadline: the request's timeout (the model's, or less if the client asks) bounds the
-//! wait for each response, the first one including the queue wait. A generator may stream
+//! wait for each response; the first one must come by the request's deadline, set at
+//! admission (the queue wait included). A generator may stream
 //! for as long as it keeps producing and its client keeps reading.
 
 use super::scheduler::Scheduler;
@@ -26,6 +27,7 @@ use futures::stream::BoxStream;
 use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
 
 /// The responses to one request, in order; an `Err` item ends it. Dropping it cancels the
 /// request (see the module doc).
@@ -110,6 +112,18 @@ impl ResponseSink {
         }
     }
 
+    /// Sends a request's only response and its end at once (a plain model's answer): the
+    /// client wakes once, to both.
+    pub fn finish_with(self, answer: Answer) {
+        match self.responses.try_send(answer) {
+            Ok(()) | Err(TrySendError::Closed(_)) => self.finish(Ok(())),
+            // Only if a response was sent before, which a plain model's request never has.
+            Err(TrySendError::Full(_)) => self.finish(Err(EngineError::Internal(
+                "a request's only response found its buffer full".into(),
+            ))),
+        }
+    }
+
     /// Ends the request. The client may have gone; nobody to tell then.
     pub fn finish(self, end: End) {
         let ResponseSink { responses, end: tx } = self;
@@ -128,8 +142,10 @@ pub struct ResponseReceiver {
 
 /// What the client of an admitted request holds besides its receiver.
 pub(super) struct Holds {
-    /// Bound on the wait for each response.
+    /// Bound on the wait for each response after the first.
     pub timeout: Duration,
+    /// The request's deadline: bound on the wait for its first response (the queue included).
+    pub deadline: Instant,
     pub model: String,
     pub version: String,
     pub id: Option<String>,
@@ -145,6 +161,8 @@ pub(super) struct Holds {
 pub struct Responses {
     receiver: ResponseReceiver,
     timeout: Duration,
+    /// Until the first response: the request's deadline.
+    first_deadline: Option<Instant>,
     model: String,
     version: String,
     id: Option<String>,
@@ -165,6 +183,7 @@ impl Responses {
         Responses {
             receiver,
             timeout: holds.timeout,
+            first_deadline: Some(holds.deadline),
             model: holds.model,
             version: holds.version,
             id: holds.id,
@@ -185,7 +204,11 @@ impl Responses {
                 None => Next::End(end.await),
             }
         };
-        match tokio::time::timeout(self.timeout, wait).await {
+        let until = self
+            .first_deadline
+            .take()
+            .unwrap_or_else(|| Instant::now() + self.timeout);
+        match tokio::time::timeout_at(until, wait).await {
             Ok(Next::Response(answer)) => Some(Ok(self.response(answer))),
             Ok(Next::End(end)) => {
                 self.receiver.end = None;
