@@ -206,10 +206,12 @@ impl Responses {
         };
         let until = self
             .first_deadline
-            .take()
             .unwrap_or_else(|| Instant::now() + self.timeout);
         match tokio::time::timeout_at(until, wait).await {
-            Ok(Next::Response(answer)) => Some(Ok(self.response(answer))),
+            Ok(Next::Response(answer)) => {
+                self.first_deadline = None;
+                Some(Ok(self.response(answer)))
+            }
             Ok(Next::End(end)) => {
                 self.receiver.end = None;
                 // Answered: nothing left for the scheduler to look for.
