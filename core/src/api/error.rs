@@ -1,8 +1,11 @@
-//! The one place errors become HTTP statuses.
+//! The one place errors are classified, for HTTP and gRPC alike.
 //!
-//! Every handler returns `ApiError`; `status` matches exhaustively (no wildcard), so a new
-//! `EngineError` variant does not compile until it has a status here. Every error body is
-//! `{"error": "<message>"}`, Triton's shape, which its clients print as-is.
+//! Every handler (REST and gRPC) fails with an `ApiError`; `ApiError::class` sorts it into an
+//! `ErrorClass` with exhaustive matches (no wildcard), so a new error variant does not compile
+//! until it has a class, and `ErrorClass::status_and_code` is the one table that gives each
+//! class its HTTP status and its gRPC code, so the two protocols cannot drift apart. Every
+//! REST error body is `{"error": "<message>"}`, Triton's shape, which its clients print
+//! as-is; gRPC carries the same message (`grpc/status.rs`).
 
 use crate::auth::DenialKind;
 use crate::engine::EngineError;
@@ -11,6 +14,7 @@ use crate::repository::RepositoryError;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tonic::Code;
 
 /// Why the HTTP front end could not answer a request successfully.
 #[derive(Debug, thiserror::Error)]
@@ -56,25 +60,92 @@ pub enum ApiError {
     Auth(DenialKind),
 }
 
-impl ApiError {
-    pub fn status(&self) -> StatusCode {
+/// What kind of failure an error is, as a client sees it: one HTTP status and one gRPC code
+/// per class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is malformed or does not fit the model (fix the request).
+    BadRequest,
+    /// No or bad credentials.
+    Unauthenticated,
+    /// Known caller (or this server's configuration) refuses it; repeating will not help.
+    Forbidden,
+    /// The model, version, route or region does not exist.
+    NotFound,
+    /// The path exists, the method does not.
+    MethodNotAllowed,
+    /// The body is over `--max-body-bytes`.
+    PayloadTooLarge,
+    /// The body's `Content-Encoding` is not one the server decodes (REST only: tonic itself
+    /// answers an unknown `grpc-encoding` with UNIMPLEMENTED).
+    UnsupportedMediaType,
+    /// A limit refused it for now (queue, max_concurrency, rate limit): retry later.
+    TooManyRequests,
+    /// The plugin or the server failed.
+    Internal,
+    /// A feature this server does not offer.
+    NotImplemented,
+    /// Not ready, a worker failed, or shutting down.
+    Unavailable,
+    /// The request's deadline passed.
+    Timeout,
+}
+
+impl ErrorClass {
+    /// The one table: each class's HTTP status and gRPC code.
+    pub const fn status_and_code(self) -> (StatusCode, Code) {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedEncoding { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            ApiError::Engine(e) => engine_status(e),
-            ApiError::Region(e) => region_status(e),
-            ApiError::Repository(e) => repository_status(e),
+            ErrorClass::BadRequest => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            ErrorClass::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            ErrorClass::Forbidden => (StatusCode::FORBIDDEN, Code::PermissionDenied),
+            ErrorClass::NotFound => (StatusCode::NOT_FOUND, Code::NotFound),
+            ErrorClass::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Code::Unimplemented),
+            ErrorClass::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            ErrorClass::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::Unimplemented)
+            }
+            ErrorClass::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
+            ErrorClass::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+            ErrorClass::NotImplemented => (StatusCode::NOT_IMPLEMENTED, Code::Unimplemented),
+            ErrorClass::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            ErrorClass::Timeout => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+        }
+    }
+
+    pub const fn status(self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    pub const fn code(self) -> Code {
+        self.status_and_code().1
+    }
+}
+
+impl ApiError {
+    /// The error's class; its status and code follow from it.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ApiError::BadRequest(_) => ErrorClass::BadRequest,
+            ApiError::PayloadTooLarge { .. } => ErrorClass::PayloadTooLarge,
+            ApiError::UnsupportedEncoding { .. } => ErrorClass::UnsupportedMediaType,
+            ApiError::RouteNotFound { .. } => ErrorClass::NotFound,
+            ApiError::MethodNotAllowed { .. } => ErrorClass::MethodNotAllowed,
+            ApiError::Unavailable(_) => ErrorClass::Unavailable,
+            ApiError::NotImplemented(_) => ErrorClass::NotImplemented,
+            ApiError::Engine(e) => engine_class(e),
+            ApiError::Region(e) => region_class(e),
+            ApiError::Repository(e) => repository_class(e),
             ApiError::Auth(kind) => match kind {
-                DenialKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-                DenialKind::Forbidden => StatusCode::FORBIDDEN,
-                DenialKind::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                DenialKind::Unauthenticated => ErrorClass::Unauthenticated,
+                DenialKind::Forbidden => ErrorClass::Forbidden,
+                DenialKind::RateLimited { .. } => ErrorClass::TooManyRequests,
             },
         }
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        self.class().status()
     }
 
     /// Maps axum's body rejection: over the limit is 413 naming the flag, anything else
@@ -98,32 +169,32 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-fn engine_status(e: &EngineError) -> StatusCode {
+fn engine_class(e: &EngineError) -> ErrorClass {
     match e {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => {
-            StatusCode::NOT_FOUND
+            ErrorClass::NotFound
         }
-        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => StatusCode::BAD_REQUEST,
+        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => ErrorClass::BadRequest,
         EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => {
-            StatusCode::TOO_MANY_REQUESTS
+            ErrorClass::TooManyRequests
         }
         EngineError::NotReady { .. }
         | EngineError::WorkerFailed { .. }
-        | EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        | EngineError::ShuttingDown => ErrorClass::Unavailable,
         EngineError::Plugin { .. } | EngineError::BadOutput { .. } | EngineError::Internal(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
+            ErrorClass::Internal
         }
-        EngineError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        EngineError::Timeout { .. } => ErrorClass::Timeout,
     }
 }
 
-fn region_status(e: &RegionError) -> StatusCode {
+fn region_class(e: &RegionError) -> ErrorClass {
     match e {
         // The request is fine; this server's configuration refuses it, and repeating it will
         // not help until an operator restarts with --allow-client-shm: 403, not 400.
-        RegionError::Disabled { .. } => StatusCode::FORBIDDEN,
+        RegionError::Disabled { .. } => ErrorClass::Forbidden,
         // A whole extension this server does not implement, not a malformed request.
-        RegionError::CudaUnsupported => StatusCode::NOT_IMPLEMENTED,
+        RegionError::CudaUnsupported => ErrorClass::NotImplemented,
         // Everything else is the client's key, sizes, offsets or names (Triton answers 400).
         RegionError::BadKey { .. }
         | RegionError::Open { .. }
@@ -132,21 +203,21 @@ fn region_status(e: &RegionError) -> StatusCode {
         | RegionError::Unknown(_)
         | RegionError::OutOfRegion { .. }
         | RegionError::BadTensor { .. }
-        | RegionError::OutputTooLarge { .. } => StatusCode::BAD_REQUEST,
+        | RegionError::OutputTooLarge { .. } => ErrorClass::BadRequest,
     }
 }
 
-fn repository_status(e: &RepositoryError) -> StatusCode {
+fn repository_class(e: &RepositoryError) -> ErrorClass {
     match e {
-        RepositoryError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+        RepositoryError::UnknownModel { .. } => ErrorClass::NotFound,
         // The request cannot succeed until the files or the server's mode change.
         RepositoryError::BadConfig { .. }
         | RepositoryError::BadLayout { .. }
         | RepositoryError::ControlDisabled { .. }
-        | RepositoryError::NoRepository => StatusCode::BAD_REQUEST,
+        | RepositoryError::NoRepository => ErrorClass::BadRequest,
         // The plugin itself failed (import, setup): the server could not do what was asked.
-        RepositoryError::LoadFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        RepositoryError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        RepositoryError::LoadFailed { .. } => ErrorClass::Internal,
+        RepositoryError::ShuttingDown => ErrorClass::Unavailable,
     }
 }
 
@@ -281,6 +352,30 @@ mod tests {
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
         ]
+    }
+
+    #[test]
+    fn each_class_has_one_status_and_its_grpc_counterpart() {
+        let table = [
+            (ErrorClass::BadRequest, 400, Code::InvalidArgument),
+            (ErrorClass::Unauthenticated, 401, Code::Unauthenticated),
+            (ErrorClass::Forbidden, 403, Code::PermissionDenied),
+            (ErrorClass::NotFound, 404, Code::NotFound),
+            (ErrorClass::MethodNotAllowed, 405, Code::Unimplemented),
+            (ErrorClass::PayloadTooLarge, 413, Code::ResourceExhausted),
+            (ErrorClass::UnsupportedMediaType, 415, Code::Unimplemented),
+            (ErrorClass::TooManyRequests, 429, Code::ResourceExhausted),
+            (ErrorClass::Internal, 500, Code::Internal),
+            (ErrorClass::NotImplemented, 501, Code::Unimplemented),
+            (ErrorClass::Unavailable, 503, Code::Unavailable),
+            (ErrorClass::Timeout, 504, Code::DeadlineExceeded),
+        ];
+        for (class, status, code) in table {
+            assert_eq!(class.status().as_u16(), status, "{class:?}");
+            assert_eq!(class.code(), code, "{class:?}");
+        }
+        let statuses: std::collections::BTreeSet<u16> = table.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(statuses.len(), table.len(), "one status per class");
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@
 
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
+use crate::engine::tensor::Storage;
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
 use axum::response::sse::Event;
 use serde_json::{Map, Value};
@@ -122,6 +123,7 @@ fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tens
         datatype: spec.datatype,
         shape,
         data: data.into(),
+        storage: Storage::Core,
     })
 }
 
@@ -320,6 +322,7 @@ mod tests {
             datatype: DataType::Bytes,
             shape: vec![1],
             data: bytes_codec::encode([text.as_bytes()]).into(),
+            storage: Default::default(),
         }
     }
 

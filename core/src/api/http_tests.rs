@@ -125,6 +125,7 @@ impl Fake {
             datatype: src.datatype,
             shape: src.shape.clone(),
             data: Bytes::from(data),
+            storage: Default::default(),
         };
         let x = &inputs[0];
         if model == "echo" {

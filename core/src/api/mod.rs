@@ -27,6 +27,7 @@ pub mod error;
 pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod input;
 pub mod json_data;
 pub mod metadata;
 pub mod metrics;

@@ -7,18 +7,16 @@
 //! shapes against the model) belong to `engine::validate`; this file only checks what the
 //! encoding itself promises (shape × datatype against the data given).
 //!
-//! Inputs in a client's shared-memory region (`parameters.shared_memory_region`) become
-//! views of the mapped region, not copies (`regions::Region::input`); outputs the client wants
-//! in a region are resolved to `OutputTarget`s here, so a bad region or slice is answered
-//! before anything reaches a worker.
+//! This file only reads the JSON into protocol-neutral descriptions; the one input decoder
+//! shared with gRPC (`input.rs`) checks and decodes them, shared-memory inputs and outputs
+//! included, so a bad region or slice is answered before anything reaches a worker.
 
-use super::binary::{self, BinaryData};
+use super::binary;
 use super::error::ApiError;
-use super::json_data;
-use crate::engine::tensor::element_count;
-use crate::engine::{DataType, InferRequest, Tensor};
-use crate::regions::{RegionError, Regions};
-use crate::worker::client_shm::OutputTarget;
+pub use super::input::ShmOutput;
+use super::input::{Data, Decoder, InputDesc, OutputDesc, Protocol, ShmParameters};
+use crate::engine::InferRequest;
+use crate::regions::Regions;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -42,32 +40,6 @@ pub struct OutputPlan {
     pub requested: Option<Vec<(String, bool)>>,
     /// Requested outputs that go into the client's shared memory instead of the body.
     pub shm: Vec<ShmOutput>,
-}
-
-/// An output to write into a registered region (`shared_memory_*` output parameters).
-#[derive(Debug, Clone)]
-pub struct ShmOutput {
-    /// The region's name, echoed in the response.
-    pub region: String,
-    /// `shared_memory_offset` as the client gave it (within the region).
-    pub offset: u64,
-    pub target: OutputTarget,
-}
-
-impl PartialEq for ShmOutput {
-    fn eq(&self, other: &Self) -> bool {
-        (
-            &self.region,
-            self.offset,
-            &self.target.name,
-            self.target.length,
-        ) == (
-            &other.region,
-            other.offset,
-            &other.target.name,
-            other.target.length,
-        )
-    }
 }
 
 #[derive(Deserialize)]
@@ -104,15 +76,6 @@ struct InputParameters {
     shm: ShmParameters,
 }
 
-/// Triton's shared-memory parameters of an input or output (gRPC reads them from its
-/// parameter map into the same struct).
-#[derive(Deserialize, Default)]
-pub struct ShmParameters {
-    pub shared_memory_region: Option<String>,
-    pub shared_memory_byte_size: Option<u64>,
-    pub shared_memory_offset: Option<u64>,
-}
-
 #[derive(Deserialize)]
 struct OutputJson {
     name: String,
@@ -141,16 +104,26 @@ pub fn decode(
         .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
     let params = parsed.parameters.unwrap_or_default();
     let mut binary = split.binary;
+    let mut decoder = Decoder {
+        protocol: Protocol::Rest,
+        regions,
+        binary: Some(&mut binary),
+    };
     let inputs = parsed
         .inputs
         .into_iter()
-        .map(|input| decode_input(input, &mut binary, regions))
+        .map(|input| decoder.input(describe(input)))
         .collect::<Result<Vec<_>, _>>()?;
     binary.finish()?;
+    let decoder = Decoder {
+        protocol: Protocol::Rest,
+        regions,
+        binary: None,
+    };
     let plan = output_plan(
         params.binary_data_output.unwrap_or(false),
         parsed.outputs,
-        regions,
+        &decoder,
     )?;
     let outputs = plan
         .requested
@@ -170,165 +143,28 @@ pub fn decode(
     Ok(DecodedRequest { request, plan })
 }
 
-fn decode_input(
-    input: InputJson<'_>,
-    binary: &mut BinaryData,
-    regions: &Regions,
-) -> Result<Tensor, ApiError> {
-    let name = input.name;
-    let bad = |msg: String| ApiError::BadRequest(format!("input '{name}': {msg}"));
-    let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
-        bad(format!(
-            "unknown datatype '{}'; expected one of {}",
-            input.datatype,
-            known.join(", ")
-        ))
-    })?;
-    let count = element_count(&input.shape).ok_or_else(|| {
-        bad(format!(
-            "shape {:?} has a negative dimension or too many elements",
-            input.shape
-        ))
-    })?;
+/// What the JSON says about one input, for the shared decoder.
+fn describe(input: InputJson<'_>) -> InputDesc<'_> {
     let params = input.parameters.unwrap_or_default();
-    if let Some(region) = &params.shm.shared_memory_region {
-        if params.binary_data_size.is_some() || input.data.is_some() {
-            return Err(bad(
-                "has parameters.shared_memory_region and also 'data' or binary_data_size; send one"
-                    .to_string(),
-            ));
-        }
-        let data = shm_input(
-            &name,
-            datatype,
-            &input.shape,
-            count,
-            region,
-            &params.shm,
-            regions,
-        )
-        .map_err(|e| e.into_api(&name))?;
-        return Ok(Tensor {
-            name,
-            datatype,
-            shape: input.shape,
-            data,
-        });
-    }
-    if params.shm.shared_memory_byte_size.is_some() || params.shm.shared_memory_offset.is_some() {
-        return Err(bad(
-            "has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
-                .to_string(),
-        ));
-    }
     let data = match (params.binary_data_size, input.data) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "has both 'data' and parameters.binary_data_size; send one".to_string(),
-            ));
-        }
-        (None, None) => {
-            return Err(bad(
-                "has neither 'data' nor parameters.binary_data_size".to_string()
-            ));
-        }
-        (Some(size), None) => {
-            let size = usize::try_from(size)
-                .map_err(|_| bad(format!("binary_data_size {size} is too large")))?;
-            check_data_size(datatype, &input.shape, count, size, "binary_data_size")
-                .map_err(bad)?;
-            binary.take(&name, size)?
-        }
-        (None, Some(raw)) => Bytes::from(
-            json_data::decode(raw, datatype, count).map_err(|e| bad(format!("data: {e}")))?,
-        ),
+        (Some(_), Some(_)) => Data::Both,
+        (None, None) => Data::Absent,
+        (Some(size), None) => Data::Binary(size),
+        (None, Some(raw)) => Data::Json(raw),
     };
-    Ok(Tensor {
-        name,
-        datatype,
+    InputDesc {
+        name: input.name,
+        datatype: input.datatype,
         shape: input.shape,
+        shm: Ok(params.shm),
         data,
-    })
-}
-
-/// The bytes of input `name` in `region` (a view of the mapped region, not a copy), after
-/// checking that `shared_memory_byte_size` is given and fits the shape. Shared by REST and
-/// gRPC; errors are prefixed with the input's name by the caller.
-pub fn shm_input(
-    name: &str,
-    datatype: DataType,
-    shape: &[i64],
-    count: usize,
-    region: &str,
-    params: &ShmParameters,
-    regions: &Regions,
-) -> Result<Bytes, ShmInputError> {
-    let size = params.shared_memory_byte_size.ok_or_else(|| {
-        ShmInputError::Message(
-            "parameters.shared_memory_byte_size is required with shared_memory_region".into(),
-        )
-    })?;
-    let len = usize::try_from(size).map_err(|_| {
-        ShmInputError::Message(format!("shared_memory_byte_size {size} is too large"))
-    })?;
-    check_data_size(datatype, shape, count, len, "shared_memory_byte_size")
-        .map_err(ShmInputError::Message)?;
-    let offset = params.shared_memory_offset.unwrap_or(0);
-    Ok(regions
-        .get(region)
-        .and_then(|r| r.input(&format!("input '{name}'"), offset, size))?)
-}
-
-/// Why `shm_input` failed: a message about the input's parameters (the caller names the
-/// input), or a region error (which names it already).
-#[derive(Debug)]
-pub enum ShmInputError {
-    Message(String),
-    Region(RegionError),
-}
-
-impl ShmInputError {
-    /// The API error for input `input`.
-    pub fn into_api(self, input: &str) -> ApiError {
-        match self {
-            ShmInputError::Message(m) => ApiError::BadRequest(format!("input '{input}': {m}")),
-            ShmInputError::Region(e) => e.into(),
-        }
-    }
-}
-
-impl From<RegionError> for ShmInputError {
-    fn from(e: RegionError) -> Self {
-        ShmInputError::Region(e)
-    }
-}
-
-/// Fixed-size datatypes must send exactly shape × element size; BYTES can only be checked
-/// element by element, which `engine::validate` does.
-fn check_data_size(
-    datatype: DataType,
-    shape: &[i64],
-    count: usize,
-    size: usize,
-    what: &str,
-) -> Result<(), String> {
-    let Some(elem) = datatype.size() else {
-        return Ok(());
-    };
-    match count.checked_mul(elem) {
-        Some(expected) if expected == size => Ok(()),
-        Some(expected) => Err(format!(
-            "{what} is {size} but shape {shape:?} of {datatype} needs {expected} bytes"
-        )),
-        None => Err(format!("shape {shape:?} has too many elements")),
     }
 }
 
 fn output_plan(
     binary_default: bool,
     outputs: Option<Vec<OutputJson>>,
-    regions: &Regions,
+    decoder: &Decoder<'_, '_>,
 ) -> Result<OutputPlan, ApiError> {
     // An empty list asks for nothing in particular, which Triton treats as every output.
     let Some(outputs) = outputs.filter(|o| !o.is_empty()) else {
@@ -343,13 +179,12 @@ fn output_plan(
         .into_iter()
         .map(|o| {
             let params = o.parameters.unwrap_or_default();
-            if params.classification.is_some() {
-                return Err(ApiError::BadRequest(format!(
-                    "output '{}': the classification extension is not supported",
-                    o.name
-                )));
-            }
-            if let Some(out) = shm_output(&o.name, params.shm, regions)? {
+            let desc = OutputDesc {
+                name: o.name.clone(),
+                classification: params.classification.is_some(),
+                shm: Ok(params.shm),
+            };
+            if let Some(out) = decoder.output(desc)? {
                 shm.push(out);
             }
             Ok((o.name, params.binary_data.unwrap_or(binary_default)))
@@ -362,40 +197,11 @@ fn output_plan(
     })
 }
 
-/// Where output `name` goes when the client gave a shared-memory region for it.
-pub fn shm_output(
-    name: &str,
-    params: ShmParameters,
-    regions: &Regions,
-) -> Result<Option<ShmOutput>, ApiError> {
-    let Some(region) = params.shared_memory_region else {
-        if params.shared_memory_byte_size.is_some() || params.shared_memory_offset.is_some() {
-            return Err(ApiError::BadRequest(format!(
-                "output '{name}': has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
-            )));
-        }
-        return Ok(None);
-    };
-    let size = params
-        .shared_memory_byte_size
-        .ok_or_else(|| RegionError::BadTensor {
-            tensor: format!("output '{name}'"),
-            message: "parameters.shared_memory_byte_size is required with shared_memory_region"
-                .into(),
-        })?;
-    let offset = params.shared_memory_offset.unwrap_or(0);
-    let target = regions.get(&region)?.output_target(name, offset, size)?;
-    Ok(Some(ShmOutput {
-        region,
-        offset,
-        target,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::bytes_codec;
+    use crate::engine::{DataType, bytes_codec};
+    use crate::regions::RegionError;
     use axum::http::HeaderValue;
 
     fn json(body: &str) -> Result<DecodedRequest, ApiError> {

@@ -189,6 +189,7 @@ mod tests {
             datatype,
             shape: shape.to_vec(),
             data: Bytes::from(data),
+            storage: Default::default(),
         }
     }
 

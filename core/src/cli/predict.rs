@@ -4,7 +4,7 @@
 use super::args::PredictArgs;
 use super::serving::{ServeSettings, load_plugin, start_engine};
 use crate::engine::bytes_codec;
-use crate::engine::tensor::{DataType, Tensor, TensorSpec};
+use crate::engine::tensor::{DataType, Storage, Tensor, TensorSpec};
 use crate::engine::{InferRequest, ModelConfig, ModelState};
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
@@ -123,6 +123,7 @@ fn input_tensor(config: &ModelConfig, name: &str, raw: &str) -> anyhow::Result<T
         datatype: spec.datatype,
         shape,
         data: encode(spec, &flat)?,
+        storage: Storage::Core,
     })
 }
 

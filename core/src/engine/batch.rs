@@ -5,14 +5,14 @@
 //! slices the one output buffer the worker layer copied out (`Bytes::slice`, no copy).
 
 use super::bytes_codec;
-use super::queue::Pending;
-use super::tensor::{Tensor, element_count};
+use super::scheduler::Admitted;
+use super::tensor::{Storage, Tensor, element_count};
 use crate::telemetry::TraceId;
 use crate::worker::types::{Work, WorkInput};
 
 /// The batch's trace ids in request order, each once (requests of one trace may share a
 /// batch). A batch is one `predict` call, so the plugin's log lines name all of them.
-pub fn trace_ids(batch: &[Pending]) -> Vec<TraceId> {
+pub fn trace_ids(batch: &[Admitted]) -> Vec<TraceId> {
     let mut ids: Vec<TraceId> = Vec::with_capacity(batch.len());
     for t in batch.iter().filter_map(|p| p.origin.trace) {
         if !ids.contains(&t) {
@@ -23,7 +23,7 @@ pub fn trace_ids(batch: &[Pending]) -> Vec<TraceId> {
 }
 
 /// Builds the worker call for `batch` (non-empty, requests already compatible).
-pub fn build_work(batch: &[Pending], batching: bool) -> Work {
+pub fn build_work(batch: &[Admitted], batching: bool) -> Work {
     let rows: u32 = batch.iter().map(|p| p.rows).sum();
     let first = &batch[0];
     let inputs = first
@@ -40,6 +40,11 @@ pub fn build_work(batch: &[Pending], batching: bool) -> Work {
                 datatype: t.datatype,
                 shape,
                 parts: batch.iter().map(|p| p.inputs[i].data.clone()).collect(),
+                // Only one request's input is in one place; a batch's is put together.
+                storage: match batch {
+                    [_] => t.storage.clone(),
+                    _ => Storage::Core,
+                },
             }
         })
         .collect();
@@ -127,7 +132,7 @@ fn row_bounds(t: &Tensor, rows: u32) -> Result<Vec<usize>, SplitError> {
 /// Splits the batch's outputs into each request's outputs, in the order it asked for them
 /// (or `declared` order when it asked for all).
 pub fn split_outputs(
-    batch: &[Pending],
+    batch: &[Admitted],
     outputs: Vec<Tensor>,
     declared: &[String],
     batching: bool,
@@ -179,6 +184,7 @@ pub fn split_outputs(
                 datatype: t.datatype,
                 shape,
                 data: t.data.slice(start..end),
+                storage: Storage::Core,
             });
         }
         per_request.push(tensors);
@@ -190,11 +196,10 @@ pub fn split_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::queue::Reply;
+    use crate::engine::response::{self, ResponseReceiver};
     use crate::engine::tensor::DataType;
     use bytes::Bytes;
     use std::time::Duration;
-    use tokio::sync::oneshot;
     use tokio::time::Instant;
 
     fn f32_bytes(v: &[f32]) -> Bytes {
@@ -205,24 +210,24 @@ mod tests {
         values: &[f32],
         width: usize,
         outputs: Option<Vec<String>>,
-    ) -> (Pending, oneshot::Receiver<Reply>) {
-        let (tx, rx) = oneshot::channel();
+    ) -> (Admitted, ResponseReceiver) {
+        let (sink, rx) = response::channel();
         let rows = (values.len() / width) as u32;
         let now = Instant::now();
-        let p = Pending {
+        let p = Admitted {
             inputs: vec![Tensor {
                 name: "x".into(),
                 datatype: DataType::Fp32,
                 shape: vec![rows as i64, width as i64],
                 data: f32_bytes(values),
+                storage: Default::default(),
             }],
             outputs,
             rows,
             enqueued: now,
             deadline: now + Duration::from_secs(1),
-            reply: tx,
-            permit: None,
-            chunks: None,
+            sink,
+            place: None,
             retried: false,
             origin: Default::default(),
             targets: Vec::new(),
@@ -250,12 +255,14 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![3, 2],
             data: f32_bytes(&all),
+            storage: Default::default(),
         };
         let z = Tensor {
             name: "z".into(),
             datatype: DataType::Fp32,
             shape: vec![3, 1],
             data: f32_bytes(&[7.0, 8.0, 9.0]),
+            storage: Default::default(),
         };
         let declared = vec!["y".to_string(), "z".to_string()];
         let parts = split_outputs(&batch, vec![z, y], &declared, true).unwrap();
@@ -270,7 +277,7 @@ mod tests {
     }
 
     #[test]
-    fn output_targets_go_to_the_worker_only_for_a_lone_request() {
+    fn client_memory_goes_to_the_worker_only_for_a_lone_request() {
         let file = std::fs::File::from(
             nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .unwrap(),
@@ -284,14 +291,26 @@ mod tests {
             length: 8,
         };
         let (mut a, _ra) = req(&[1.0, 2.0], 2, None);
-        a.targets = vec![target];
+        a.targets = vec![target.clone()];
+        // The input lives in the client's segment too.
+        a.inputs[0].storage = Storage::Client(crate::worker::client_shm::ClientSlice {
+            region: "r".into(),
+            segment: target.segment.clone(),
+            offset: 0,
+            len: 8,
+        });
         let alone = build_work(std::slice::from_ref(&a), true);
         assert_eq!(alone.targets.len(), 1);
+        assert!(matches!(alone.inputs[0].storage, Storage::Client(ref s) if s.region == "r"));
         let (b, _rb) = req(&[3.0, 4.0], 2, None);
         let together = build_work(&[a, b], true);
         assert!(
             together.targets.is_empty(),
             "a batch's outputs are split, then copied"
+        );
+        assert!(
+            matches!(together.inputs[0].storage, Storage::Core),
+            "a batch's input is put together in the arena"
         );
     }
 
@@ -306,6 +325,7 @@ mod tests {
             datatype: DataType::Bytes,
             shape: vec![3, 1],
             data: Bytes::from(data),
+            storage: Default::default(),
         };
         let parts = split_outputs(&batch, vec![t], &["s".to_string()], true).unwrap();
         assert_eq!(
@@ -329,6 +349,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![3, 1],
             data: f32_bytes(&[1.0, 2.0, 3.0]),
+            storage: Default::default(),
         };
         assert!(matches!(
             split_outputs(&batch, vec![y], &["y".into()], true),
@@ -339,6 +360,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![2, 1],
             data: f32_bytes(&[1.0]),
+            storage: Default::default(),
         };
         assert!(matches!(
             split_outputs(&batch, vec![y], &["y".into()], true),

@@ -1,21 +1,23 @@
-//! The per-model batcher actor: owns the model's queue and its instances' load, forms
-//! batches and dispatches each to the least-loaded ready instance.
+//! The dynamic batcher, the scheduler of every model today (`scheduler::SchedulerKind`): an
+//! actor that owns the model's queue and its instances' load, forms batches (Triton
+//! semantics, `queue.rs`) and dispatches each to the least-loaded ready instance.
 //!
-//! Flow: `Engine::infer` sends `Command::Enqueue`; the actor wakes on that, on instance
-//! state changes, on batch outcomes (`execution.rs`) and on the earliest batching or
+//! Flow: admission sends `Command::Enqueue` (`scheduler.rs`); the actor wakes on that, on
+//! instance state changes, on batch outcomes (`execution.rs`) and on the earliest batching or
 //! request deadline, then calls `dispatch`. A batch an instance could not start comes back
 //! and is queued again at the head. `Abort` fails everything still waiting and cancels
 //! running batches (shutdown after a drain timeout). A closed command channel (every engine
-//! handle dropped) stops the actor.
+//! handle dropped) stops the actor. docs/schedulers.md walks through it as the worked
+//! example of a scheduler.
 
 use super::EngineError;
 use super::batch::trace_ids;
 use super::execution::{BatchContext, Outcome, run_batch};
 use super::executor::Executor;
-use super::model::{ModelConfig, ModelState};
-use super::queue::{BatchPolicy, Decision, Pending, Queue};
-use super::stats::StatsRecorder;
-use super::wake_timer::{WakeClock, WakeTimer};
+use super::model::ModelState;
+use super::queue::{BatchPolicy, Decision, Queue};
+use super::scheduler::{Admitted, Command, SchedulerContext};
+use super::wake_timer::WakeTimer;
 use crate::worker::types::InstanceState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,19 +33,6 @@ pub const PIPELINE_DEPTH: usize = 2;
 /// How long an instance that could not start a batch is passed over, unless its state
 /// changes first (its crash is usually being reported at that moment).
 const SUSPECT_FOR: Duration = Duration::from_millis(50);
-
-// Nearly every command is an `Enqueue`: boxing it would add an allocation per request to save
-// moving a couple of hundred bytes through the channel.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    Enqueue(Pending),
-    /// Answer once the queue is empty and no batch is running.
-    Drain(oneshot::Sender<()>),
-    /// Fail every waiting request, cancel running batches and refuse new ones.
-    Abort(oneshot::Sender<()>),
-    /// A client went away: look at the queue again so its place is freed now.
-    Wake,
-}
 
 struct Slot {
     exec: Arc<dyn Executor>,
@@ -75,17 +64,15 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the actor for `config` over `instances`, its delays on `clock`; returns its
-    /// command sender.
-    pub fn spawn(
-        config: Arc<ModelConfig>,
-        instances: Vec<Arc<dyn Executor>>,
-        stats: Arc<StatsRecorder>,
-        state: watch::Sender<ModelState>,
-        queue_capacity: usize,
-        clock: WakeClock,
-    ) -> mpsc::Sender<Command> {
-        let (cmd_tx, cmd_rx) = mpsc::channel(queue_capacity.max(1));
+    /// Starts the actor over the model's instances, taking its commands from `commands`.
+    pub fn spawn(ctx: SchedulerContext, commands: mpsc::Receiver<Command>) {
+        let SchedulerContext {
+            config,
+            instances,
+            stats,
+            state,
+            clock,
+        } = ctx;
         let (state_tx, state_rx) = mpsc::channel(16 + instances.len() * 4);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         for (idx, exec) in instances.iter().enumerate() {
@@ -120,7 +107,7 @@ impl Batcher {
             },
             queue: Queue::new(policy),
             slots,
-            commands: cmd_rx,
+            commands,
             states: state_rx,
             outcomes: out_rx,
             state,
@@ -133,7 +120,6 @@ impl Batcher {
             aborted: false,
         };
         tokio::spawn(batcher.run());
-        cmd_tx
     }
 
     async fn run(mut self) {
@@ -163,7 +149,7 @@ impl Batcher {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Enqueue(p) if self.aborted => {
-                let _ = p.reply.send(Err(EngineError::ShuttingDown));
+                p.sink.finish(Err(EngineError::ShuttingDown));
             }
             Command::Enqueue(p) => self.queue.push(p),
             Command::Drain(tx) => self.drain_waiters.push(tx),
@@ -215,7 +201,7 @@ impl Batcher {
                 }
                 if self.aborted {
                     for p in batch {
-                        let _ = p.reply.send(Err(EngineError::ShuttingDown));
+                        p.sink.finish(Err(EngineError::ShuttingDown));
                     }
                 } else {
                     self.queue.requeue_front(batch);
@@ -232,14 +218,14 @@ impl Batcher {
 
     /// Requests whose worker crashed under them go back to the head of the queue, once,
     /// for another instance or the restarted one; their deadlines still hold.
-    fn retry(&mut self, idx: usize, mut batch: Vec<Pending>, reason: String) {
+    fn retry(&mut self, idx: usize, mut batch: Vec<Admitted>, reason: String) {
         tracing::info!(model = %self.ctx.config.name, instance = idx, requests = batch.len(), "worker {reason}; retrying its requests once");
         if let Some(slot) = self.slots.get_mut(idx) {
             slot.suspect_until = Some(Instant::now() + SUSPECT_FOR);
         }
         if self.aborted {
             for p in batch {
-                let _ = p.reply.send(Err(EngineError::ShuttingDown));
+                p.sink.finish(Err(EngineError::ShuttingDown));
             }
             return;
         }
@@ -287,9 +273,10 @@ impl Batcher {
         for p in expired.timed_out {
             let waited = p.enqueued.elapsed();
             self.ctx.stats.record_request(false, waited, waited);
-            let _ = p.reply.send(Err(EngineError::Timeout {
+            let after = p.deadline.saturating_duration_since(p.enqueued);
+            p.sink.finish(Err(EngineError::Timeout {
                 model: self.ctx.config.name.clone(),
-                after: p.deadline.saturating_duration_since(p.enqueued),
+                after,
             }));
         }
     }
@@ -331,12 +318,12 @@ impl Batcher {
         }
     }
 
-    fn launch(&mut self, idx: usize, mut batch: Vec<Pending>) {
+    fn launch(&mut self, idx: usize, mut batch: Vec<Admitted>) {
         let slot = &mut self.slots[idx];
         slot.outstanding += 1;
         for p in &mut batch {
             // The request leaves the queue: its place is free for the next one.
-            p.permit = None;
+            p.place = None;
         }
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
@@ -356,7 +343,7 @@ impl Batcher {
 
     fn fail_all_queued(&mut self, err: EngineError) {
         for p in self.queue.drain_all() {
-            let _ = p.reply.send(Err(err.clone()));
+            p.sink.finish(Err(err.clone()));
         }
     }
 }
@@ -415,7 +402,7 @@ pub fn model_state<'a>(
 
 /// The span of one worker call: a root span linked (`follows_from`) to the `infer` span of
 /// each request in it, listing their trace ids and client request ids ("-" for none).
-fn batch_span(model: &str, instance: usize, batch: &[Pending]) -> tracing::Span {
+fn batch_span(model: &str, instance: usize, batch: &[Admitted]) -> tracing::Span {
     // DEBUG: only built when exported (OTLP) or logged at debug level; at tens of thousands
     // of requests per second, span bookkeeping is otherwise a measurable share of the path.
     let span = tracing::debug_span!(

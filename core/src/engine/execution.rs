@@ -1,18 +1,29 @@
-//! Running one formed batch on one instance and answering its requests.
+//! Running one formed batch on one instance and answering its requests: the batcher's
+//! worker call.
+//!
+//! One path for every model: the worker call is a stream of chunks (a plain model's one
+//! answer is a stream of one chunk), each chunk is split per request and handed to the
+//! request's sink, and the stream's end answers every request (a plain model's one chunk goes
+//! with its end, after the statistics are recorded, so its client wakes once). A generator
+//! model's batch is one request (the batcher never batches them), so its chunks reach one
+//! client in order.
 //!
 //! Each batch runs in its own task so a slow worker never blocks the batcher actor. The task
 //! always reports back (`Finished`, from a drop guard, so even a panic frees the instance's
 //! pipeline slot); a batch that never reached a live worker goes back to the actor to be
-//! queued again instead of failing.
+//! queued again instead of failing. Once every client has gone the task returns, and
+//! dropping the worker call cancels it (a running generator stops at its next `yield`).
 
 use super::EngineError;
 use super::batch::{build_work, split_outputs};
 use super::executor::Executor;
 use super::model::ModelConfig;
-use super::queue::{Answer, Pending, Reply};
+use super::response::{Answer, Delivered};
+use super::scheduler::Admitted;
 use super::stats::{BatchTimes, StatsRecorder};
-use crate::telemetry::metrics::ModelMetrics;
+use super::tensor::Tensor;
 use crate::worker::types::{Work, WorkOutput, WorkerError};
+use crate::worker::{StreamItem, WorkChunk, WorkStream};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -26,14 +37,14 @@ pub enum Outcome {
     NotStarted {
         idx: usize,
         batch_id: u64,
-        batch: Vec<Pending>,
+        batch: Vec<Admitted>,
         reason: String,
     },
     /// The instance crashed running it and the model retries (`retry_on_worker_failure`):
     /// queue these requests again, once. The batch's `Finished` follows separately.
     Retry {
         idx: usize,
-        batch: Vec<Pending>,
+        batch: Vec<Admitted>,
         reason: String,
     },
 }
@@ -84,104 +95,294 @@ pub async fn run_batch(
     idx: usize,
     batch_id: u64,
     exec: Arc<dyn Executor>,
-    mut batch: Vec<Pending>,
+    mut batch: Vec<Admitted>,
 ) {
-    if ctx.config.streaming {
-        return super::stream::run_stream(ctx, idx, batch_id, exec, batch).await;
-    }
     let mut guard = FinishGuard::new(&ctx, idx, batch_id);
     let batching = ctx.config.max_batch_size > 0;
     let started = Instant::now();
     let work = build_work(&batch, batching);
-    let rows = work.batch_size;
-    let staged = staged_bytes(&work);
-    let built = Instant::now();
+    let mut run = Run {
+        started,
+        rows: work.batch_size,
+        staged: staged_bytes(&work),
+        built: Instant::now(),
+        inputs_counted: false,
+        delivered: 0,
+        delivering: Duration::ZERO,
+        failed: vec![None; batch.len()],
+    };
 
-    // Dropping the execute future cancels the batch in the worker if it has not started.
-    let result = {
-        let all_gone = futures::future::join_all(batch.iter_mut().map(|p| p.reply.closed()));
-        tokio::select! {
-            r = exec.execute(work) => Some(r),
-            _ = all_gone => None,
+    // Dropping the call (every client gone) cancels it in the worker if it has not started;
+    // dropping the stream later cancels a running generator.
+    let mut stream = tokio::select! {
+        s = worker_call(&exec, work, ctx.config.streaming) => s,
+        _ = all_gone(&mut batch, &run.failed) => return,
+    };
+    // A plain model's one chunk, held until its end so both reach the client together.
+    let mut last: Option<Vec<Vec<Tensor>>> = None;
+    let result = loop {
+        let item = tokio::select! {
+            biased;
+            item = stream.next() => item,
+            _ = all_gone(&mut batch, &run.failed) => return,
+        };
+        match item {
+            Some(Ok(StreamItem::Chunk(chunk))) => {
+                let at = Instant::now();
+                run.count_inputs(&ctx);
+                ctx.stats
+                    .metrics()
+                    .shm_out(chunk.outputs.iter().map(|t| t.data.len() as u64).sum());
+                let parts =
+                    match split_outputs(&batch, chunk.outputs, &ctx.declared_outputs, batching) {
+                        Ok(parts) => parts,
+                        Err(e) => {
+                            break Err(EngineError::BadOutput {
+                                model: ctx.config.name.clone(),
+                                message: e.to_string(),
+                            });
+                        }
+                    };
+                if stream.ends_next() {
+                    last = Some(parts);
+                    run.delivered += 1;
+                    continue;
+                }
+                run.deliver(&ctx, &mut batch, parts).await;
+                // Passed on: the worker may write its next chunk.
+                drop(chunk.receipt);
+                run.delivering += at.elapsed();
+                if run.nobody_waits(&batch) {
+                    return run.finish_failed(&ctx, batch);
+                }
+            }
+            Some(Ok(StreamItem::End { compute_ns })) => break Ok(compute_ns),
+            Some(Err(WorkerError::NotStarted { reason })) if run.delivered == 0 => {
+                guard.armed = false;
+                let _ = ctx.outcomes.send(Outcome::NotStarted {
+                    idx,
+                    batch_id,
+                    batch,
+                    reason,
+                });
+                return;
+            }
+            Some(Err(WorkerError::Crashed { status }))
+                if run.delivered == 0 && ctx.config.faults.retry_on_worker_failure =>
+            {
+                // Each request gets one more try; a client already gone needs none.
+                let (again, failed): (Vec<Admitted>, Vec<Admitted>) = std::mem::take(&mut batch)
+                    .into_iter()
+                    .partition(|p| !p.retried && !p.is_cancelled());
+                batch = failed;
+                run.failed = vec![None; batch.len()];
+                if !again.is_empty() {
+                    let _ = ctx.outcomes.send(Outcome::Retry {
+                        idx,
+                        batch: again,
+                        reason: status.clone(),
+                    });
+                }
+                break Err(worker_error(
+                    &ctx.config.name,
+                    WorkerError::Crashed { status },
+                ));
+            }
+            Some(Err(e)) => {
+                match &e {
+                    WorkerError::ExecutionTimeout { .. } => ctx.stats.metrics().execution_timeout(),
+                    WorkerError::Plugin { .. } => run.count_inputs(&ctx),
+                    _ => {}
+                }
+                break Err(worker_error(&ctx.config.name, e));
+            }
+            None => break Err(EngineError::ShuttingDown),
         }
     };
-    let Some(result) = result else {
-        return; // every client has gone: nobody to answer
-    };
-    let returned = Instant::now();
-    count_worker_call(ctx.stats.metrics(), staged, &result);
-    let result = match result {
-        Err(WorkerError::Crashed { status }) if ctx.config.faults.retry_on_worker_failure => {
-            // Each request gets one more try; a client already gone needs none.
-            let (again, failed): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut batch)
-                .into_iter()
-                .partition(|p| !p.retried && !p.is_cancelled());
-            batch = failed;
-            if !again.is_empty() {
-                let _ = ctx.outcomes.send(Outcome::Retry {
-                    idx,
-                    batch: again,
-                    reason: status.clone(),
+    if let Ok(compute_ns) = result {
+        run.record_batch(&ctx, compute_ns);
+    }
+    run.finish(&ctx, batch, result.map(|_| last));
+}
+
+/// The worker call for a batch. A generator model's streams its chunks; a plain model's one
+/// answer is read as a stream of one chunk, so both are answered by the same loop.
+async fn worker_call(exec: &Arc<dyn Executor>, work: Work, streaming: bool) -> Call {
+    if streaming {
+        Call::Stream(exec.execute_stream(work).await)
+    } else {
+        Call::Once(Once::Answer(exec.execute(work).await))
+    }
+}
+
+/// What a worker call gives back, read item by item.
+enum Call {
+    Stream(WorkStream),
+    Once(Once),
+}
+
+/// A plain model's one answer as stream items (no channel in between).
+enum Once {
+    Answer(Result<WorkOutput, WorkerError>),
+    End { compute_ns: u64 },
+    Done,
+}
+
+impl Call {
+    /// The next item is known to be the end (a plain model's answer after its chunk).
+    fn ends_next(&self) -> bool {
+        matches!(self, Call::Once(Once::End { .. }))
+    }
+
+    async fn next(&mut self) -> Option<Result<StreamItem, WorkerError>> {
+        let once = match self {
+            Call::Stream(stream) => return stream.next().await,
+            Call::Once(once) => once,
+        };
+        match std::mem::replace(once, Once::Done) {
+            Once::Answer(Ok(out)) => {
+                *once = Once::End {
+                    compute_ns: out.compute_ns,
+                };
+                Some(Ok(StreamItem::Chunk(WorkChunk {
+                    outputs: out.outputs,
+                    receipt: None,
+                })))
+            }
+            Once::Answer(Err(e)) => Some(Err(e)),
+            Once::End { compute_ns } => Some(Ok(StreamItem::End { compute_ns })),
+            Once::Done => None,
+        }
+    }
+}
+
+/// Resolves once every client still served (not failed) has gone.
+async fn all_gone(batch: &mut [Admitted], failed: &[Option<EngineError>]) {
+    let waits = batch
+        .iter_mut()
+        .zip(failed)
+        .filter(|(_, f)| f.is_none())
+        .map(|(p, _)| p.sink.closed());
+    futures::future::join_all(waits).await;
+}
+
+/// The bookkeeping of one batch while it runs.
+struct Run {
+    started: Instant,
+    /// Inputs built; the worker call starts here.
+    built: Instant,
+    rows: u32,
+    staged: u64,
+    inputs_counted: bool,
+    /// Chunks handed on so far; before the first, a batch may still run elsewhere.
+    delivered: usize,
+    /// Time spent splitting chunks and handing them on (not the worker's).
+    delivering: Duration,
+    /// Per request: the error it already ended with (its client stopped reading).
+    failed: Vec<Option<EngineError>>,
+}
+
+impl Run {
+    /// Inputs count as staged once the worker has answered (a chunk or a plugin error).
+    fn count_inputs(&mut self, ctx: &BatchContext) {
+        if !self.inputs_counted {
+            self.inputs_counted = true;
+            ctx.stats.metrics().shm_in(self.staged);
+        }
+    }
+
+    /// Hands each request its part of one chunk.
+    async fn deliver(
+        &mut self,
+        ctx: &BatchContext,
+        batch: &mut [Admitted],
+        parts: Vec<Vec<Tensor>>,
+    ) {
+        for ((p, outputs), failed) in batch.iter_mut().zip(parts).zip(&mut self.failed) {
+            if failed.is_some() {
+                continue;
+            }
+            let answer = Answer {
+                outputs,
+                batch_size: self.rows,
+            };
+            let within = p.deadline.saturating_duration_since(p.enqueued);
+            // A gone client is noticed by `nobody_waits` or answered at the end.
+            if let Delivered::Stalled(after) = p.sink.send(answer, within).await {
+                *failed = Some(EngineError::Timeout {
+                    model: ctx.config.name.clone(),
+                    after,
                 });
             }
-            Err(WorkerError::Crashed { status })
         }
-        other => other,
-    };
+        self.delivered += 1;
+    }
 
-    let replies: Vec<Reply> = match result {
-        Err(WorkerError::NotStarted { reason }) => {
-            guard.armed = false;
-            let _ = ctx.outcomes.send(Outcome::NotStarted {
-                idx,
-                batch_id,
-                batch,
-                reason,
-            });
-            return;
-        }
-        Err(e) => vec![Err(worker_error(&ctx.config.name, e)); batch.len()],
-        Ok(out) => {
-            let infer = Duration::from_nanos(out.compute_ns);
-            match split_outputs(&batch, out.outputs, &ctx.declared_outputs, batching) {
-                Ok(parts) => {
-                    let output = (returned - built).saturating_sub(infer) + returned.elapsed();
-                    ctx.stats.record_batch(BatchTimes {
-                        rows,
-                        input: built - started,
-                        infer,
-                        output,
-                        call: returned - built,
-                    });
-                    parts
-                        .into_iter()
-                        .map(|outputs| {
-                            Ok(Answer {
-                                outputs,
-                                batch_size: rows,
-                            })
-                        })
-                        .collect()
-                }
-                Err(e) => {
-                    let err = EngineError::BadOutput {
-                        model: ctx.config.name.clone(),
-                        message: e.to_string(),
-                    };
-                    vec![Err(err); batch.len()]
-                }
+    /// Every client has gone or stopped reading: the rest of the work is for nobody.
+    fn nobody_waits(&self, batch: &[Admitted]) -> bool {
+        batch
+            .iter()
+            .zip(&self.failed)
+            .all(|(p, f)| f.is_some() || p.is_cancelled())
+    }
+
+    fn record_batch(&self, ctx: &BatchContext, compute_ns: u64) {
+        let infer = Duration::from_nanos(compute_ns);
+        let call = self.built.elapsed().saturating_sub(self.delivering);
+        ctx.stats.record_batch(BatchTimes {
+            rows: self.rows,
+            input: self.built - self.started,
+            infer,
+            output: call.saturating_sub(infer) + self.delivering,
+            call,
+        });
+    }
+
+    /// Answers every request: its own error if it has one, else `result`, with its part of
+    /// a held last chunk. Recorded before answering, so a client that reads the statistics
+    /// after its answer finds itself counted.
+    fn finish(
+        self,
+        ctx: &BatchContext,
+        batch: Vec<Admitted>,
+        result: Result<Option<Vec<Vec<Tensor>>>, EngineError>,
+    ) {
+        let (result, mut last) = match result {
+            Ok(last) => (Ok(()), last.map(Vec::into_iter)),
+            Err(e) => (Err(e), None),
+        };
+        for (p, failed) in batch.into_iter().zip(self.failed) {
+            let end = match failed {
+                Some(e) => Err(e),
+                None => result.clone(),
+            };
+            ctx.stats.record_request(
+                end.is_ok(),
+                self.started.saturating_duration_since(p.enqueued),
+                p.enqueued.elapsed(),
+            );
+            match last.as_mut().and_then(Iterator::next) {
+                Some(outputs) if end.is_ok() => p.sink.finish_with(Answer {
+                    outputs,
+                    batch_size: self.rows,
+                }),
+                _ => p.sink.finish(end),
             }
         }
-    };
+    }
 
-    for (p, reply) in batch.into_iter().zip(replies) {
-        ctx.stats.record_request(
-            reply.is_ok(),
-            started.saturating_duration_since(p.enqueued),
-            p.enqueued.elapsed(),
-        );
-        // The client may have gone; nobody to tell then.
-        let _ = p.reply.send(reply);
+    /// Answers the requests that failed; the others' clients have gone.
+    fn finish_failed(self, ctx: &BatchContext, batch: Vec<Admitted>) {
+        for (p, failed) in batch.into_iter().zip(self.failed) {
+            if let Some(e) = failed {
+                ctx.stats.record_request(
+                    false,
+                    self.started.saturating_duration_since(p.enqueued),
+                    p.enqueued.elapsed(),
+                );
+                p.sink.finish(Err(e));
+            }
+        }
     }
 }
 
@@ -193,24 +394,6 @@ fn staged_bytes(work: &Work) -> u64 {
         .flat_map(|i| i.parts.iter().map(|p| p.len()))
         .sum();
     bytes as u64
-}
-
-/// Shared-memory traffic and execution timeouts of one worker call. Inputs count once the
-/// worker has answered (a result or a plugin error): only then were they surely staged.
-fn count_worker_call(
-    metrics: &ModelMetrics,
-    staged: u64,
-    result: &Result<WorkOutput, WorkerError>,
-) {
-    match result {
-        Ok(out) => {
-            metrics.shm_in(staged);
-            metrics.shm_out(out.outputs.iter().map(|t| t.data.len() as u64).sum());
-        }
-        Err(WorkerError::Plugin { .. }) => metrics.shm_in(staged),
-        Err(WorkerError::ExecutionTimeout { .. }) => metrics.execution_timeout(),
-        Err(_) => {}
-    }
 }
 
 /// Maps a worker-layer failure to what the client is told.

@@ -1,4 +1,4 @@
-//! What the batcher needs from a worker instance, as a trait so the batcher can be tested
+//! What a scheduler needs from a worker instance, as a trait so schedulers can be tested
 //! with an in-process executor and the worker layer stays behind one seam.
 
 use crate::worker::WorkStream;

@@ -1,30 +1,29 @@
 //! `Engine`: the registry of served models and the entry point for requests.
 //!
-//! Each model version has a batcher actor (see `batcher.rs`); this handle validates a
-//! request, takes a place in the model's bounded queue (or answers 429), hands the request
-//! to the actor and waits for the answer up to the request's deadline.
+//! Each model version has a scheduler (`scheduler.rs`; the dynamic batcher for now). Every
+//! request goes through admission (`admission.rs`) to it and is answered as a stream of
+//! responses (`response.rs`); `infer` collects a plain model's one response.
 //!
 //! The registry is an immutable table behind `registry::Registry`: a request clones the
 //! current `Arc` (one uncontended read lock) and never waits on a load or an unload, which
 //! build a new table and swap it in. Loads and unloads of one model are serialised by their
 //! caller (the repository actor, `crate::repository`).
 
-use super::batcher::{Batcher, Command};
+use super::admission::Expect;
 use super::executor::Executor;
 use super::lifecycle::watch_instances;
 use super::model::{ModelConfig, ModelState};
-use super::queue::{Origin, Pending};
 use super::registry::{ModelEntry, Registry, Table, parse_version};
+use super::scheduler::{SchedulerContext, SchedulerKind};
 use super::stats::StatsRecorder;
-use super::validate::{Limits, validate_request};
+use super::validate::Limits;
 use super::wake_timer::WakeClock;
-use super::{EngineError, InferRequest, InferResponse, ModelStats, ModelStatus};
+use super::{EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::time::Instant;
+use tokio::sync::{Semaphore, watch};
 
 /// Settings that apply to every model.
 #[derive(Clone, Debug)]
@@ -49,7 +48,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts a batcher for each model over its instances. Must run inside a tokio runtime.
+    /// Starts a scheduler for each model over its instances. Must run inside a tokio runtime.
     /// Models whose version is not a number are served as version 0.
     pub fn start(
         models: Vec<(ModelConfig, Vec<Arc<dyn Executor>>)>,
@@ -214,89 +213,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Validates, queues, batches and executes one request.
+    /// Validates, queues, batches and executes one request: its one response, collected
+    /// from the same stream `infer_stream` hands out. A generator model is refused
+    /// (`StreamingOnly`): its responses need a stream.
     #[tracing::instrument(level = "debug", name = "infer", skip_all, fields(model = %req.model))]
     pub async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
-        let entry = self.entry(&req.model, req.version.as_deref())?;
-        if self.is_draining() {
-            return Err(EngineError::ShuttingDown);
-        }
-        let config = &entry.config;
-        if config.streaming {
-            return Err(EngineError::StreamingOnly {
-                model: config.name.clone(),
-            });
-        }
-        let rows = validate_request(
-            config,
-            &req.inputs,
-            req.outputs.as_deref(),
-            &self.inner.options.limits,
-        )?;
-        check_ready(config, &entry.state(), entry.is_unloading())?;
+        self.submit(req, Expect::One).await?.collect_one().await
+    }
 
-        let Admission {
-            admitted: _admitted,
-            place,
-        } = admit(&entry)?;
-        // Counted until this future ends: answered, timed out, or dropped by the client.
-        let _inflight = entry.metrics.inflight();
-        let timeout = req
-            .timeout
-            .map_or(config.request_timeout, |t| t.min(config.request_timeout));
-        let now = Instant::now();
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let pending = Pending {
-            inputs: in_declared_order(config, req.inputs),
-            outputs: req.outputs,
-            rows,
-            enqueued: now,
-            deadline: now + timeout,
-            reply: reply_tx,
-            permit: Some(place),
-            chunks: None,
-            retried: false,
-            origin: Origin {
-                id: req.id.clone(),
-                trace: req.trace,
-                span: tracing::Span::current(),
-            },
-            targets: req.output_targets,
-        };
-        entry
-            .commands
-            .send(Command::Enqueue(pending))
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
-        // If this future is dropped (the client went away) while the request waits, the
-        // guard wakes the batcher so the request's place is freed at once.
-        let mut guard = WakeOnDrop {
-            commands: &entry.commands,
-            armed: true,
-        };
-
-        // The batcher answers timeouts of queued requests itself; this bound covers a batch
-        // that is still running when the deadline passes.
-        let waited = tokio::time::timeout(timeout, reply_rx).await;
-        guard.armed = false;
-        let answer = match waited {
-            Ok(Ok(reply)) => reply?,
-            // The batch task was cancelled (shutdown after the drain deadline).
-            Ok(Err(_)) => return Err(EngineError::ShuttingDown),
-            Err(_) => {
-                return Err(EngineError::Timeout {
-                    model: config.name.clone(),
-                    after: timeout,
-                });
-            }
-        };
-        Ok(InferResponse {
-            model_name: config.name.clone(),
-            model_version: config.version.clone(),
-            id: req.id,
-            outputs: answer.outputs,
-            batch_size: answer.batch_size,
-        })
+    /// Validates, queues and executes one request, answering with a stream of responses: one
+    /// per chunk a generator model yields, or exactly one for an ordinary model. Errors before
+    /// the stream starts (unknown model, invalid input, queue full, not ready, shutting down)
+    /// are the `Err` of this call; once streaming, an error is the stream's last item.
+    /// Dropping the stream cancels the request (see `response.rs`).
+    #[tracing::instrument(level = "debug", name = "infer_stream", skip_all, fields(model = %req.model))]
+    pub async fn infer_stream(&self, req: InferRequest) -> Result<InferStream, EngineError> {
+        Ok(self.submit(req, Expect::Stream).await?.boxed())
     }
 
     /// Readiness false and new requests refused from now on: the first step of a drain, taken
@@ -311,7 +243,7 @@ impl Engine {
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
         let entries = self.inner.registry.entries();
-        let waits = entries.iter().map(|m| ask(&m.commands, Command::Drain));
+        let waits = entries.iter().map(|m| m.scheduler.drain());
         tokio::time::timeout(timeout, futures::future::join_all(waits))
             .await
             .is_ok()
@@ -322,7 +254,7 @@ impl Engine {
     pub async fn abort(&self) {
         self.inner.draining.store(true, Ordering::Release);
         let entries = self.inner.registry.entries();
-        let aborts = entries.iter().map(|m| ask(&m.commands, Command::Abort));
+        let aborts = entries.iter().map(|m| m.scheduler.abort());
         futures::future::join_all(aborts).await;
     }
 
@@ -339,7 +271,7 @@ impl Engine {
             .is_ok()
     }
 
-    /// Settings shared by every model (`engine::stream` validates with them too).
+    /// Settings shared by every model (admission validates with them).
     pub(super) fn options(&self) -> &EngineOptions {
         &self.inner.options
     }
@@ -363,7 +295,7 @@ impl Engine {
     }
 }
 
-/// Starts the batcher of one model version over its instances.
+/// Starts the scheduler of one model version over its instances.
 fn spawn_entry(
     config: ModelConfig,
     instances: Vec<Arc<dyn Executor>>,
@@ -379,14 +311,13 @@ fn spawn_entry(
     ));
     watch_instances(&instances, &metrics);
     let (state_tx, state_rx) = watch::channel(ModelState::Loading);
-    let commands = Batcher::spawn(
-        config.clone(),
-        instances.clone(),
-        stats.clone(),
-        state_tx,
-        config.queue_capacity,
-        options.wake_clock,
-    );
+    let scheduler = SchedulerKind::for_model(&config).spawn(SchedulerContext {
+        config: config.clone(),
+        instances: instances.clone(),
+        stats: stats.clone(),
+        state: state_tx,
+        clock: options.wake_clock,
+    });
     let places = Arc::new(Semaphore::new(config.queue_capacity));
     let admitted = config
         .faults
@@ -395,7 +326,7 @@ fn spawn_entry(
     sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
     Arc::new(ModelEntry {
         config,
-        commands,
+        scheduler,
         places,
         admitted,
         state: state_rx,
@@ -426,32 +357,9 @@ async fn wait_settled(entry: &ModelEntry) -> Result<ModelState, EngineError> {
 /// slipped in after the drain is answered 503 rather than left waiting.
 async fn retire(entry: &ModelEntry) {
     entry.unloading.store(true, Ordering::Release);
-    ask(&entry.commands, Command::Drain).await;
-    ask(&entry.commands, Command::Abort).await;
+    entry.scheduler.drain().await;
+    entry.scheduler.abort().await;
     futures::future::join_all(entry.instances.iter().map(|i| i.shutdown())).await;
-}
-
-/// Sends a command that answers on a oneshot and waits for the answer (or the actor's end).
-async fn ask(commands: &mpsc::Sender<Command>, make: fn(oneshot::Sender<()>) -> Command) {
-    let (tx, rx) = oneshot::channel();
-    if commands.send(make(tx)).await.is_ok() {
-        let _ = rx.await;
-    }
-}
-
-/// Wakes the batcher when a waiting `infer` is dropped before its answer.
-struct WakeOnDrop<'a> {
-    commands: &'a mpsc::Sender<Command>,
-    armed: bool,
-}
-
-impl Drop for WakeOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            // A full channel means the batcher is busy and will look at its queue anyway.
-            let _ = self.commands.try_send(Command::Wake);
-        }
-    }
 }
 
 /// Queue depth is the places taken in the queue, read at scrape time (nothing per request).
@@ -484,75 +392,4 @@ fn status_of(m: &ModelEntry) -> ModelStatus {
         state: m.state(),
         ready_instances: ready_instances as u32,
     }
-}
-
-/// What a request holds while the engine has it: one of the model's `max_concurrency`
-/// admissions, until it is answered (or its client goes), and a place in the model's queue,
-/// given back when a batch takes it.
-pub(super) struct Admission {
-    pub admitted: Option<OwnedSemaphorePermit>,
-    pub place: OwnedSemaphorePermit,
-}
-
-/// Takes a request's admission and queue place, or says which limit refused it (429).
-pub(super) fn admit(entry: &ModelEntry) -> Result<Admission, EngineError> {
-    let config = &entry.config;
-    let admitted = match (&entry.admitted, config.faults.max_concurrency) {
-        (Some(sem), Some(limit)) => Some(sem.clone().try_acquire_owned().map_err(|_| {
-            entry.metrics.rejected();
-            EngineError::Overloaded {
-                model: config.name.clone(),
-                limit,
-            }
-        })?),
-        _ => None,
-    };
-    let place = entry.places.clone().try_acquire_owned().map_err(|_| {
-        entry.metrics.rejected();
-        EngineError::QueueFull {
-            model: config.name.clone(),
-            capacity: config.queue_capacity,
-        }
-    })?;
-    Ok(Admission { admitted, place })
-}
-
-/// Requests are refused at the door while no instance can serve. A model whose instances
-/// are restarting still queues: a replacement usually serves within a second.
-pub(super) fn check_ready(
-    config: &ModelConfig,
-    state: &ModelState,
-    unloading: bool,
-) -> Result<(), EngineError> {
-    let not_ready = |state: String| {
-        Err(EngineError::NotReady {
-            model: config.name.clone(),
-            state,
-        })
-    };
-    match state {
-        ModelState::Ready | ModelState::Unavailable { .. } => Ok(()),
-        ModelState::Loading => not_ready("LOADING (workers are starting)".into()),
-        ModelState::Failed { error, .. } => not_ready(format!("FAILED: {error}")),
-        ModelState::Stopping if unloading => not_ready(format!(
-            "UNLOADING (version {} is being unloaded; it takes no new requests)",
-            config.version
-        )),
-        ModelState::Stopping => Err(EngineError::ShuttingDown),
-    }
-}
-
-/// Puts inputs in the order the model declares them, so batches line up input by input.
-pub(super) fn in_declared_order(
-    config: &ModelConfig,
-    mut inputs: Vec<super::Tensor>,
-) -> Vec<super::Tensor> {
-    inputs.sort_by_key(|t| {
-        config
-            .inputs
-            .iter()
-            .position(|s| s.name == t.name)
-            .unwrap_or(usize::MAX)
-    });
-    inputs
 }

@@ -1,8 +1,14 @@
-//! The engine: model registry, per-model queues, the dynamic batcher and instance scheduling.
+//! The engine: model registry, admission, schedulers (the dynamic batcher) and instances.
 //!
 //! It knows nothing of HTTP or gRPC (the `api` layer translates) and nothing of sockets or
 //! processes (the `worker` layer executes one formed batch at a time).
+//!
+//! The request path: `admission` (written once for every request) -> the model's
+//! `scheduler` (the seam; docs/schedulers.md) -> the worker, answered through `response`
+//! as a stream of responses. The dynamic batcher is one scheduler: `batcher` (the actor),
+//! `queue` (its policy), `execution` (one worker call), `batch` (concatenate and split).
 
+mod admission;
 mod batch;
 mod batcher;
 pub mod bytes_codec;
@@ -14,12 +20,15 @@ mod lifecycle;
 pub mod model;
 mod queue;
 mod registry;
+pub mod response;
+pub mod scheduler;
 mod stats;
-pub mod stream;
 pub mod tensor;
 pub mod validate;
 mod wake_timer;
 
+#[cfg(test)]
+mod path_tests;
 #[cfg(test)]
 mod tests;
 
@@ -29,8 +38,8 @@ pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
 pub use model::{FaultPolicy, ModelConfig, ModelState};
 pub use registry::parse_version;
-pub use stream::InferStream;
-pub use tensor::{DataType, Tensor, TensorSpec};
+pub use response::InferStream;
+pub use tensor::{DataType, Storage, Tensor, TensorSpec};
 pub use wake_timer::WakeClock;
 
 use std::sync::Arc;

@@ -31,7 +31,7 @@ pub struct ModelConfig {
     /// Requests waiting beyond this many get 429.
     pub queue_capacity: usize,
     /// Default per-request deadline (queue wait plus execution); a request may ask for less.
-    /// For a generator model it bounds the wait for each response (see `engine::stream`).
+    /// For a generator model it bounds the wait for each response (see `engine::response`).
     pub request_timeout: Duration,
     /// `predict` is a generator: each request is answered with a stream of responses
     /// (`Engine::infer_stream`) and executed alone, never batched with others.

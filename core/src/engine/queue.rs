@@ -9,82 +9,20 @@
 //! request has waited `max_queue_delay`; until then the caller sleeps until `release_at`.
 //! Requests that do not match stay queued, in order, for a later batch.
 
-use super::EngineError;
-use super::tensor::Tensor;
+use super::scheduler::Admitted;
 use std::collections::VecDeque;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
-/// What a queued request is answered with.
-pub type Reply = Result<Answer, EngineError>;
-
-/// A successful answer: the outputs the request asked for, in its order, and the size of
-/// the batch it ran in.
-#[derive(Clone, Debug)]
-pub struct Answer {
-    pub outputs: Vec<Tensor>,
-    /// Rows in the batch (sum over its requests).
-    pub batch_size: u32,
-}
-
-/// Where a request came from, for the batch span: its client id, its trace and the span
-/// it waits in (`follows_from` target).
-#[derive(Debug)]
-pub struct Origin {
-    pub id: Option<String>,
-    pub trace: Option<crate::telemetry::TraceId>,
-    pub span: tracing::Span,
-}
-
-impl Default for Origin {
-    fn default() -> Self {
-        Origin {
-            id: None,
-            trace: None,
-            span: tracing::Span::none(),
-        }
-    }
-}
-
-/// A validated request waiting for a batch.
-#[derive(Debug)]
-pub struct Pending {
-    /// Inputs in the model's declared order.
-    pub inputs: Vec<Tensor>,
-    /// Outputs the client asked for (`None`: all), in its order.
-    pub outputs: Option<Vec<String>>,
-    /// Rows this request contributes (its first dimension, or 1 without batching).
-    pub rows: u32,
-    pub enqueued: Instant,
-    pub deadline: Instant,
-    pub reply: oneshot::Sender<Reply>,
-    /// Holds one place in the model's queue; dropped when the request leaves it.
-    pub permit: Option<OwnedSemaphorePermit>,
-    /// A streaming request's responses go here before its final `reply` (`engine::stream`).
-    pub chunks: Option<super::stream::ChunkSink>,
-    pub origin: Origin,
-    /// Where the client wants outputs written (`InferRequest::output_targets`).
-    pub targets: Vec<crate::worker::client_shm::OutputTarget>,
-    /// Already queued again after a worker crash (`retry_on_worker_failure`), or never to
-    /// be (a stream): a crash now fails it.
-    pub retried: bool,
-}
-
-impl Pending {
+impl Admitted {
     /// Requests can share a batch when every input has the same non-batch dimensions.
-    fn batches_with(&self, other: &Pending) -> bool {
+    fn batches_with(&self, other: &Admitted) -> bool {
         self.inputs.len() == other.inputs.len()
             && self
                 .inputs
                 .iter()
                 .zip(&other.inputs)
                 .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
-    }
-
-    /// The client stopped waiting (disconnected or timed out in the HTTP layer).
-    pub fn is_cancelled(&self) -> bool {
-        self.reply.is_closed()
     }
 }
 
@@ -104,14 +42,14 @@ pub enum Decision {
     /// A batch is forming; ask again at this instant (or when a request arrives).
     WaitUntil(Instant),
     /// Send this batch now.
-    Batch(Vec<Pending>),
+    Batch(Vec<Admitted>),
 }
 
 /// Requests that left the queue without a batch, to be answered by the caller.
 #[derive(Debug, Default)]
 pub struct Expired {
     /// Past their deadline.
-    pub timed_out: Vec<Pending>,
+    pub timed_out: Vec<Admitted>,
     /// Nobody is waiting for the answer any more; dropped silently.
     pub cancelled: usize,
 }
@@ -120,7 +58,7 @@ pub struct Expired {
 #[derive(Debug)]
 pub struct Queue {
     policy: BatchPolicy,
-    entries: VecDeque<Pending>,
+    entries: VecDeque<Admitted>,
 }
 
 impl Queue {
@@ -131,7 +69,7 @@ impl Queue {
         }
     }
 
-    pub fn push(&mut self, p: Pending) {
+    pub fn push(&mut self, p: Admitted) {
         self.entries.push_back(p);
     }
 
@@ -145,7 +83,7 @@ impl Queue {
     }
 
     /// Puts a batch that never reached a worker back at the head of the queue, in order.
-    pub fn requeue_front(&mut self, batch: Vec<Pending>) {
+    pub fn requeue_front(&mut self, batch: Vec<Admitted>) {
         for p in batch.into_iter().rev() {
             self.entries.push_front(p);
         }
@@ -174,7 +112,7 @@ impl Queue {
     }
 
     /// Takes everything (shutdown, or the model failed for good).
-    pub fn drain_all(&mut self) -> Vec<Pending> {
+    pub fn drain_all(&mut self) -> Vec<Admitted> {
         self.entries.drain(..).collect()
     }
 
@@ -212,7 +150,7 @@ impl Queue {
             return Decision::WaitUntil(if full_only { head.deadline } else { release_at });
         }
         // Remove back to front so earlier indices stay valid.
-        let mut batch: Vec<Pending> = chosen
+        let mut batch: Vec<Admitted> = chosen
             .iter()
             .rev()
             .filter_map(|&i| self.entries.remove(i))
@@ -225,28 +163,29 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::tensor::DataType;
+    use crate::engine::response::{self, ResponseReceiver};
+    use crate::engine::tensor::{DataType, Tensor};
     use bytes::Bytes;
 
-    fn pending(rows: u32, width: i64, enqueued: Instant) -> (Pending, oneshot::Receiver<Reply>) {
-        let (tx, rx) = oneshot::channel();
+    fn pending(rows: u32, width: i64, enqueued: Instant) -> (Admitted, ResponseReceiver) {
+        let (sink, rx) = response::channel();
         let t = Tensor {
             name: "x".into(),
             datatype: DataType::Fp32,
             shape: vec![rows as i64, width],
             data: Bytes::from(vec![0u8; rows as usize * width as usize * 4]),
+            storage: Default::default(),
         };
-        let p = Pending {
+        let p = Admitted {
             inputs: vec![t],
             outputs: None,
             rows,
             enqueued,
             deadline: enqueued + Duration::from_secs(10),
-            reply: tx,
-            permit: None,
-            chunks: None,
+            sink,
+            place: None,
             retried: false,
-            origin: Origin::default(),
+            origin: Default::default(),
             targets: Vec::new(),
         };
         (p, rx)

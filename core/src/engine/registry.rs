@@ -7,20 +7,20 @@
 //! until it is done with it.
 
 use super::EngineError;
-use super::batcher::Command;
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
+use super::scheduler::Scheduler;
 use super::stats::StatsRecorder;
 use crate::telemetry::metrics::ModelMetrics;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 
-/// One served version of a model: its batcher, queue places, state and instances.
+/// One served version of a model: its scheduler, queue places, state and instances.
 pub(super) struct ModelEntry {
     pub config: Arc<ModelConfig>,
-    pub commands: mpsc::Sender<Command>,
+    pub scheduler: Scheduler,
     /// One permit per place in the queue.
     pub places: Arc<Semaphore>,
     /// One permit per request admitted (queued or running), if the model sets
@@ -39,7 +39,7 @@ impl ModelEntry {
         self.unloading.load(Ordering::Acquire)
     }
 
-    /// The state as reported: UNLOADING once an unload started, else the batcher's.
+    /// The state as reported: UNLOADING once an unload started, else the scheduler's.
     pub fn state(&self) -> ModelState {
         if self.is_unloading() {
             ModelState::Stopping

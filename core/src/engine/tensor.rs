@@ -5,6 +5,7 @@
 //! length, then the element's bytes. Keeping one representation means the binary
 //! extension, the worker arenas and the JSON decoder all meet at the same type.
 
+pub use crate::worker::client_shm::ClientSlice;
 use bytes::Bytes;
 use std::fmt;
 
@@ -96,12 +97,39 @@ pub fn element_count(shape: &[i64]) -> Option<usize> {
 }
 
 /// A named tensor with its data.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Tensor {
     pub name: String,
     pub datatype: DataType,
     pub shape: Vec<i64>,
+    /// The bytes, readable in the core wherever they live.
     pub data: Bytes,
+    /// Where `data` lives; the worker layer hands a worker what it can map without a copy.
+    pub storage: Storage,
+}
+
+/// Where a tensor's bytes live, carried as data from the API to the worker layer (which
+/// must never have to guess it from an address).
+///
+/// More places join as they come: a slice of a worker's arena (outputs handed on without a
+/// copy), a CUDA IPC region (the CUDA shared-memory extension).
+#[derive(Clone, Debug, Default)]
+pub enum Storage {
+    /// Bytes the core holds: a decoded request body, an output copied out of a worker's
+    /// arena (or written by a worker into a client's output target). A worker gets a copy.
+    #[default]
+    Core,
+    /// A slice of a client's registered shared-memory region (`data` is a view of it): a
+    /// worker maps the client's segment instead of getting a copy.
+    Client(ClientSlice),
+}
+
+/// Tensors are equal by their contents; where the bytes live does not matter.
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        (&self.name, self.datatype, &self.shape, &self.data)
+            == (&other.name, other.datatype, &other.shape, &other.data)
+    }
 }
 
 /// Declared signature of one input or output. `-1` in `shape` is a variable dimension.

@@ -100,6 +100,7 @@ impl Executor for FakeExec {
                 datatype: DataType::Fp32,
                 shape: x.shape.clone(),
                 data: Bytes::from(data),
+                storage: Default::default(),
             };
             Ok(WorkOutput {
                 outputs: vec![y],
@@ -183,6 +184,7 @@ fn request(values: &[f32]) -> InferRequest {
                     .flat_map(|v| v.to_le_bytes())
                     .collect::<Vec<_>>(),
             ),
+            storage: Default::default(),
         }],
         outputs: None,
         timeout: None,
@@ -710,6 +712,7 @@ impl Executor for FakeGen {
                     datatype: DataType::Fp32,
                     shape: vec![1, 1],
                     data: Bytes::from((i as f32).to_le_bytes().to_vec()),
+                    storage: Default::default(),
                 };
                 let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
                     outputs: vec![y],

@@ -414,6 +414,7 @@ mod tests {
             datatype: DataType::Fp32,
             shape: shape.to_vec(),
             data: Bytes::from(vec![0u8; n * 4]),
+            storage: Default::default(),
         }
     }
 
@@ -423,6 +424,7 @@ mod tests {
             datatype: DataType::Bytes,
             shape: shape.to_vec(),
             data: Bytes::from(bytes_codec::encode(elems.iter().copied())),
+            storage: Default::default(),
         }
     }
 
@@ -672,6 +674,7 @@ mod tests {
             datatype: DataType::Bool,
             shape: vec![3],
             data: Bytes::from_static(&[0, 1, 1]),
+            storage: Default::default(),
         };
         assert_eq!(
             validate_request(&m, std::slice::from_ref(&t), None, &LIMITS),

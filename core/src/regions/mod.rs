@@ -8,7 +8,8 @@
 //!
 //! A registered region opens the client's POSIX segment (`shm_open`, never creating one) and
 //! maps it once (`worker::client_shm::ClientSegment`); an infer request then names a slice of
-//! it for an input (`Region::input`: a zero-copy view) or an output (`Region::output_target`).
+//! it for an input (`Region::input`: a `ClientSlice`, the tensor's `Storage::Client`, read
+//! through a zero-copy view) or an output (`Region::output_target`).
 //! Requests hold the segment by `Arc`, so unregistering a region while requests still use it
 //! only removes the name.
 

@@ -6,7 +6,7 @@
 
 use super::error::RegionError;
 use super::key::check_key;
-use crate::worker::client_shm::{ClientSegment, OutputTarget};
+use crate::worker::client_shm::{ClientSegment, ClientSlice, OutputTarget};
 use bytes::Bytes;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -184,18 +184,29 @@ impl Region {
         Ok((start, len))
     }
 
-    /// The bytes of an input at `offset` (within the region), without copying them.
-    pub fn input(&self, tensor: &str, offset: u64, byte_size: u64) -> Result<Bytes, RegionError> {
+    /// Where an input at `offset` (within the region) lives, and its bytes read in place
+    /// (no copy).
+    pub fn input(
+        &self,
+        tensor: &str,
+        offset: u64,
+        byte_size: u64,
+    ) -> Result<(ClientSlice, Bytes), RegionError> {
         let (start, len) = self.slice(tensor, offset, byte_size)?;
-        self.segment
-            .view(start, len)
-            .ok_or(RegionError::OutOfRegion {
-                tensor: tensor.into(),
-                region: self.name.clone(),
-                offset,
-                byte_size,
-                size: self.byte_size,
-            })
+        let slice = ClientSlice {
+            region: self.name.clone(),
+            segment: Arc::clone(&self.segment),
+            offset: start,
+            len,
+        };
+        let view = slice.view().ok_or(RegionError::OutOfRegion {
+            tensor: tensor.into(),
+            region: self.name.clone(),
+            offset,
+            byte_size,
+            size: self.byte_size,
+        })?;
+        Ok((slice, view))
     }
 
     /// Where output `output` goes: `byte_size` bytes at `offset` within the region.
@@ -334,7 +345,13 @@ mod tests {
         let r = regions.get("r").unwrap();
         let target = r.output_target("y", 8, 8).unwrap();
         write_output(&target, "r", b"12345678").unwrap();
-        assert_eq!(r.input("input 'x'", 8, 8).unwrap().as_ref(), b"12345678");
+        let (slice, bytes) = r.input("input 'x'", 8, 8).unwrap();
+        assert_eq!(bytes.as_ref(), b"12345678");
+        // The slice names the registration and where it lies in the segment.
+        assert_eq!(
+            (slice.region.as_str(), slice.offset, slice.len),
+            ("r", 136, 8)
+        );
         assert!(matches!(
             r.input("input 'x'", 60, 5),
             Err(RegionError::OutOfRegion { size: 64, .. })
@@ -358,7 +375,7 @@ mod tests {
         regions.register("r", &seg.key, 0, 4096).unwrap();
         let r = regions.get("r").unwrap();
         let target = r.output_target("y", 0, 4).unwrap();
-        let input = r.input("input 'x'", 0, 4).unwrap();
+        let (_, input) = r.input("input 'x'", 0, 4).unwrap();
         drop(r);
         regions.unregister(None);
         drop(seg); // the client unlinks its segment too

@@ -5,11 +5,11 @@
 //! descriptors, and outputs the worker wrote into it come back as views of it.
 
 use super::arena::{AllocError, Block, Ring, layout};
-use super::client_shm::{self, OutputTarget};
+use super::client_shm::OutputTarget;
 use super::protocol::{Region, Target, TensorRef};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion};
 use super::types::{Work, WorkInput};
-use crate::engine::tensor::{DataType, Tensor, element_count};
+use crate::engine::tensor::{DataType, Storage, Tensor, element_count};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// The input arena: the core's writable mapping and its ring bookkeeping.
@@ -50,8 +50,8 @@ pub enum StageError {
     Overflow,
 }
 
-/// Places the work's inputs for the worker. An input that is one view of a client's segment
-/// (`client_shm::locate`) goes as that segment's descriptor and offset: no copy. The others
+/// Places the work's inputs for the worker. An input that lives in a client's segment
+/// (`Storage::Client`) goes as that segment's descriptor and offset: no copy. The others
 /// are copied into one arena block (each tensor 64-byte aligned, its parts concatenated in
 /// order), or, when they are larger than the whole arena, into one memfd per tensor.
 pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> {
@@ -140,26 +140,24 @@ fn input_ref(input: &WorkInput, region: Region, offset: usize, len: usize) -> Te
     )
 }
 
-/// The input as a client segment's descriptor and offset, if it is one view of one.
+/// The input as a client segment's descriptor and offset, if it lives in one.
 fn client_input(
     input: &WorkInput,
     fds: &mut Vec<OwnedFd>,
 ) -> Result<Option<TensorRef>, StageError> {
-    let [part] = input.parts.as_slice() else {
+    let Storage::Client(slice) = &input.storage else {
         return Ok(None);
     };
-    let Some((segment, offset)) = client_shm::locate(part) else {
-        return Ok(None);
-    };
-    let fd = segment
+    let fd = slice
+        .segment
         .read_only_fd()
         .try_clone_to_owned()
         .map_err(|source| ShmError::Map {
-            len: part.len(),
+            len: slice.len,
             source,
         })?;
     fds.push(fd);
-    let mut r = input_ref(input, Region::Client, offset, part.len());
+    let mut r = input_ref(input, Region::Client, slice.offset, slice.len);
     r.fd = Some((fds.len() - 1) as u32);
     Ok(Some(r))
 }
@@ -255,6 +253,7 @@ fn collect_one(
         datatype,
         shape: r.shape,
         data,
+        storage: Storage::Core,
     })
 }
 
@@ -281,6 +280,7 @@ fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<bytes::Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::client_shm;
     use crate::worker::types::WorkInput;
     use bytes::Bytes;
 
@@ -294,12 +294,14 @@ mod tests {
                     datatype: DataType::Uint8,
                     shape: vec![parts.iter().map(|p| p.len() as i64).sum()],
                     parts: parts.iter().map(|p| Bytes::copy_from_slice(p)).collect(),
+                    storage: Storage::Core,
                 },
                 WorkInput {
                     name: "y".into(),
                     datatype: DataType::Int32,
                     shape: vec![1],
                     parts: vec![Bytes::from_static(&[1, 0, 0, 0])],
+                    storage: Storage::Core,
                 },
             ],
             outputs: None,
@@ -432,7 +434,14 @@ mod tests {
         let segment = client_segment(8192);
         assert!(segment.write(4096, b"abcd"));
         let mut w = work(&[b"xyz"]);
-        w.inputs[0].parts = vec![segment.view(4096, 4).unwrap()];
+        let slice = client_shm::ClientSlice {
+            region: "r".into(),
+            segment: segment.clone(),
+            offset: 4096,
+            len: 4,
+        };
+        w.inputs[0].parts = vec![slice.view().unwrap()];
+        w.inputs[0].storage = Storage::Client(slice);
         w.inputs[0].shape = vec![4];
         w.targets = vec![OutputTarget {
             name: "out".into(),
@@ -474,7 +483,8 @@ mod tests {
         )];
         let t = collect(out, &[], &view, &w.targets).unwrap();
         assert_eq!(t[0].data.as_ref(), b"written!");
-        assert_eq!(client_shm::locate(&t[0].data).unwrap().1, 64);
+        let in_place = segment.view(64, 8).unwrap();
+        assert_eq!(t[0].data.as_ptr(), in_place.as_ptr(), "a view, not a copy");
         let too_long = vec![TensorRef::located(
             "out",
             "UINT8",

@@ -2,12 +2,13 @@
 //! worker layer sees them: a mapping in the core plus the descriptors that let a worker map
 //! the same memory itself.
 //!
-//! The point is copies. A tensor whose bytes are a `Bytes` view of a `ClientSegment`
-//! (`ClientSegment::view`) is handed to the worker as the segment's descriptor and an offset
-//! (region `client` in docs/worker-protocol.md) instead of being copied into the input arena,
-//! and an output the client wants in its segment (`OutputTarget`) is written there by the
-//! worker itself. `locate` finds the segment behind a `Bytes` by address, so the engine in
-//! between carries plain `Bytes` and never learns about any of this.
+//! The point is copies. An input a request names in a registered region is a `ClientSlice`
+//! (the tensor's `engine::tensor::Storage::Client`), carried as data from the API through the
+//! engine to the worker layer, which hands the worker the segment's descriptor and the
+//! slice's offset (region `client` in docs/worker-protocol.md) instead of copying it into the
+//! input arena; the core reads the same bytes through a `Bytes` view (`ClientSlice::view`).
+//! An output the client wants in its segment (`OutputTarget`) is written there by the worker
+//! itself.
 //!
 //! Lifetime: every view and target holds an `Arc` of its segment, so unregistering a region
 //! (or the client unlinking its segment) while a request still uses it unmaps nothing early.
@@ -18,10 +19,9 @@
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 /// A mapped client segment (the whole object, from byte 0).
 pub struct ClientSegment {
@@ -39,11 +39,6 @@ impl std::fmt::Debug for ClientSegment {
             .finish()
     }
 }
-
-/// Every live segment by its mapping's start address, so that `locate` can tell whether a
-/// `Bytes` points into one. Entries are added by `map` and removed by `Drop` before the unmap,
-/// so an address found here always belongs to the segment still mapped there.
-static SEGMENTS: Mutex<BTreeMap<usize, Weak<ClientSegment>>> = Mutex::new(BTreeMap::new());
 
 impl ClientSegment {
     /// Maps a whole segment read-write (`file` must be open read-write) and keeps a read-only
@@ -65,17 +60,11 @@ impl ClientSegment {
             // No /proc: workers get a read-write descriptor (they are trusted with the plugin).
             Err(_) => file.as_fd().try_clone_to_owned()?,
         };
-        let segment = Arc::new(ClientSegment {
+        Ok(Arc::new(ClientSegment {
             file,
             read_only,
             map,
-        });
-        lock_table().insert(segment.base(), Arc::downgrade(&segment));
-        Ok(segment)
-    }
-
-    fn base(&self) -> usize {
-        self.map.as_ptr() as usize
+        }))
     }
 
     pub fn len(&self) -> usize {
@@ -125,17 +114,6 @@ impl ClientSegment {
     }
 }
 
-impl Drop for ClientSegment {
-    fn drop(&mut self) {
-        lock_table().remove(&self.base());
-    }
-}
-
-fn lock_table() -> std::sync::MutexGuard<'static, BTreeMap<usize, Weak<ClientSegment>>> {
-    // The table holds plain data; a panic elsewhere cannot leave it half-updated.
-    SEGMENTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The owner behind a `Bytes` view of a segment.
 struct View {
     segment: Arc<ClientSegment>,
@@ -152,17 +130,24 @@ impl AsRef<[u8]> for View {
     }
 }
 
-/// The segment a `Bytes` lies in and its offset there, if it is a view of a client segment.
-pub fn locate(data: &Bytes) -> Option<(Arc<ClientSegment>, usize)> {
-    if data.is_empty() {
-        return None;
+/// Where an input's bytes live when a request names a registered region: a checked slice
+/// of the region's segment (`Region::input`).
+#[derive(Clone, Debug)]
+pub struct ClientSlice {
+    /// The registered region's name (the registration the slice came from).
+    pub region: String,
+    /// The segment that registration mapped; held so unregistering unmaps nothing early.
+    pub segment: Arc<ClientSegment>,
+    /// Where the slice starts in the segment (the region's offset plus the tensor's).
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl ClientSlice {
+    /// The slice's bytes, read in place; `None` when it does not lie inside the segment.
+    pub fn view(&self) -> Option<Bytes> {
+        self.segment.view(self.offset, self.len)
     }
-    let at = data.as_ptr() as usize;
-    let table = lock_table();
-    let (&base, weak) = table.range(..=at).next_back()?;
-    let segment = weak.upgrade()?;
-    let offset = at - base;
-    (offset + data.len() <= segment.len()).then_some((segment, offset))
 }
 
 /// An output the client wants written into its segment: `[offset, offset + length)`.
@@ -189,26 +174,25 @@ mod tests {
     }
 
     #[test]
-    fn views_are_located_and_keep_the_segment_alive() {
+    fn views_keep_the_segment_alive() {
         let s = segment(8192);
         assert!(s.write(100, b"hello"));
-        let v = s.view(100, 5).unwrap();
+        let slice = ClientSlice {
+            region: "r".into(),
+            segment: s.clone(),
+            offset: 100,
+            len: 5,
+        };
+        let v = slice.view().unwrap();
         assert_eq!(v.as_ref(), b"hello");
-        let (found, offset) = locate(&v).unwrap();
-        assert!(Arc::ptr_eq(&found, &s));
-        assert_eq!(offset, 100);
-        assert_eq!(locate(&v.slice(2..)).unwrap().1, 102);
-        drop((s, found));
+        drop((s, slice));
         // Still mapped through the view.
         assert_eq!(v.as_ref(), b"hello");
-        assert_eq!(locate(&v).unwrap().1, 100);
     }
 
     #[test]
-    fn ordinary_bytes_and_out_of_range_views_are_not_located() {
+    fn out_of_range_views_and_writes_are_refused() {
         let s = segment(4096);
-        assert!(locate(&Bytes::from_static(b"abc")).is_none());
-        assert!(locate(&Bytes::from(vec![1u8; 64])).is_none());
         assert!(s.view(4000, 97).is_none());
         assert!(s.view(usize::MAX, 2).is_none());
         assert!(!s.write(4095, b"ab"));

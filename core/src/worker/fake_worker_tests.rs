@@ -147,6 +147,7 @@ fn work() -> Work {
             datatype: DataType::Uint8,
             shape: vec![3],
             parts: vec![Bytes::from_static(b"abc")],
+            storage: Default::default(),
         }],
         outputs: None,
         targets: Vec::new(),
@@ -238,6 +239,7 @@ async fn batch_needing_too_many_descriptors_fails_alone() {
                 datatype: DataType::Uint8,
                 shape: vec![1024],
                 parts: vec![Bytes::from(vec![1u8; 1024])],
+                storage: Default::default(),
             })
             .collect(),
         outputs: None,
@@ -268,6 +270,7 @@ fn sized_work(bytes: usize) -> Work {
             datatype: DataType::Uint8,
             shape: vec![bytes as i64],
             parts: vec![Bytes::from(vec![0u8; bytes])],
+            storage: Default::default(),
         }],
         outputs: None,
         trace: Vec::new(),

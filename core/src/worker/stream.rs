@@ -208,6 +208,7 @@ mod tests {
                 datatype: DataType::Uint8,
                 shape: vec![1],
                 data: bytes::Bytes::from_static(&[5]),
+                storage: Default::default(),
             }],
             compute_ns: 9,
         };

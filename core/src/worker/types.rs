@@ -2,7 +2,7 @@
 //! back. The engine never sees sockets, arenas or processes; the worker layer never sees
 //! batching policy (it executes one already-formed batch at a time).
 
-use crate::engine::tensor::{DataType, Tensor, TensorSpec};
+use crate::engine::tensor::{DataType, Storage, Tensor, TensorSpec};
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -120,6 +120,10 @@ pub struct WorkInput {
     pub datatype: DataType,
     pub shape: Vec<i64>,
     pub parts: Vec<Bytes>,
+    /// Where the input lives when it is in one place a worker can map (one request's slice
+    /// of a client's region, `Storage::Client`); `Storage::Core` when its parts are to be
+    /// copied into the input arena.
+    pub storage: Storage,
 }
 
 /// A formed batch for one worker call.

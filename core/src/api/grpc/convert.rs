@@ -5,14 +5,12 @@
 //! what `tritonclient.grpc` sends) or each as typed `contents` (`contents.rs`). Raw entries
 //! are `Bytes` slices of the received message, so they reach the engine without a copy.
 //! Outputs always go back as `raw_output_contents`, as Triton does; clients read either.
-//! Signature checks (names, shapes against the model) belong to `engine::validate`; this
-//! file only checks what the encoding itself promises (shape × datatype against the data).
-//!
-//! Inputs and outputs with Triton's `shared_memory_region` / `shared_memory_offset` /
-//! `shared_memory_byte_size` parameters go through the same functions as REST
-//! (`api::request::{shm_input, shm_output}`, `regions::write_output`): inputs are views of
-//! the client's region, outputs are written there and answered with those parameters and
-//! an empty raw entry (kept so `raw_output_contents` stays aligned with `outputs`).
+//! This file only reads the message into protocol-neutral descriptions; the one input
+//! decoder shared with REST (`api::input`) checks and decodes them (datatype, shape against
+//! the data, Triton's `shared_memory_region` / `shared_memory_offset` /
+//! `shared_memory_byte_size` parameters). Outputs written into a client's region
+//! (`regions::write_output`) are answered with those parameters and an empty raw entry
+//! (kept so `raw_output_contents` stays aligned with `outputs`).
 
 use super::contents;
 use super::proto::infer_parameter::ParameterChoice;
@@ -20,9 +18,8 @@ use super::proto::model_infer_request::InferInputTensor;
 use super::proto::model_infer_response::InferOutputTensor;
 use super::proto::{InferParameter, ModelInferRequest, ModelInferResponse};
 use crate::api::ApiError;
-use crate::api::request::{ShmOutput, ShmParameters, shm_input, shm_output};
-use crate::engine::tensor::element_count;
-use crate::engine::{DataType, InferRequest, InferResponse, Tensor};
+use crate::api::input::{Data, Decoder, InputDesc, OutputDesc, Protocol, ShmOutput, ShmParameters};
+use crate::engine::{InferRequest, InferResponse};
 use crate::regions::{Regions, write_output};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -51,13 +48,18 @@ pub fn decode(
         )));
     }
     let mut raw = raw.into_iter();
+    let mut decoder = Decoder {
+        protocol: Protocol::Grpc,
+        regions,
+        binary: None,
+    };
     let inputs = req
         .inputs
         .into_iter()
-        .map(|input| decode_input(input, &mut raw, regions))
+        .map(|input| decoder.input(describe(input, &mut raw)))
         .collect::<Result<Vec<_>, _>>()?;
     let mut shm = Vec::new();
-    let outputs = requested_outputs(req.outputs, regions, &mut shm)?;
+    let outputs = requested_outputs(req.outputs, &decoder, &mut shm)?;
     let timeout = request_timeout(&req.parameters)?;
     let output_targets = shm.iter().map(|s| s.target.clone()).collect();
     let request = InferRequest {
@@ -174,99 +176,24 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// One input; takes its entry of `raw_input_contents` unless it is in shared memory.
-fn decode_input(
-    input: InferInputTensor,
-    raw: &mut impl Iterator<Item = Bytes>,
-    regions: &Regions,
-) -> Result<Tensor, ApiError> {
-    let name = input.name;
-    let bad = |msg: String| ApiError::BadRequest(format!("input '{name}': {msg}"));
-    let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-        let known: Vec<&str> = DataType::ALL.iter().map(|d| d.as_str()).collect();
-        bad(format!(
-            "unknown datatype '{}'; expected one of {}",
-            input.datatype,
-            known.join(", ")
-        ))
-    })?;
-    let count = element_count(&input.shape).ok_or_else(|| {
-        bad(format!(
-            "shape {:?} has a negative dimension or too many elements",
-            input.shape
-        ))
-    })?;
-    let shm = shm_parameters_of(&input.parameters, &format!("input '{name}'"))?;
-    if let Some(region) = &shm.shared_memory_region {
-        if input
-            .contents
-            .as_ref()
-            .is_some_and(|c| !contents::is_empty(c))
-        {
-            return Err(bad(
-                "has shared_memory_region and also contents; send one".to_string()
-            ));
-        }
-        let data = shm_input(&name, datatype, &input.shape, count, region, &shm, regions)
-            .map_err(|e| e.into_api(&name))?;
-        return Ok(Tensor {
-            name,
-            datatype,
-            shape: input.shape,
-            data,
-        });
-    }
-    if shm.shared_memory_byte_size.is_some() || shm.shared_memory_offset.is_some() {
-        return Err(bad(
-            "has shared_memory_byte_size or shared_memory_offset but no shared_memory_region"
-                .to_string(),
-        ));
-    }
-    let data = match (raw.next(), input.contents) {
-        (Some(_), Some(c)) if !contents::is_empty(&c) => {
-            return Err(bad(
-                "has both contents and raw_input_contents; send one".to_string()
-            ));
-        }
-        (Some(raw), _) => {
-            check_raw_size(datatype, &input.shape, count, raw.len()).map_err(bad)?;
-            raw
-        }
-        (None, Some(c)) => Bytes::from(contents::decode(&c, datatype, count).map_err(bad)?),
-        // Zero elements need no data; anything else is missing it.
-        (None, None) if count == 0 => Bytes::new(),
-        (None, None) => {
-            return Err(bad(
-                "has no data; send raw_input_contents or contents".to_string()
-            ));
-        }
+/// What the message says about one input, for the shared decoder; takes the input's entry
+/// of `raw_input_contents` unless it is in shared memory (which has none).
+fn describe(input: InferInputTensor, raw: &mut impl Iterator<Item = Bytes>) -> InputDesc<'static> {
+    let shm = shm_parameters_of(&input.parameters, &format!("input '{}'", input.name));
+    let in_shm = input.parameters.contains_key("shared_memory_region");
+    let contents = input.contents.filter(|c| !in_shm || !contents::is_empty(c));
+    let data = match (if in_shm { None } else { raw.next() }, contents) {
+        (Some(_), Some(c)) if !contents::is_empty(&c) => Data::Both,
+        (Some(raw), _) => Data::Raw(raw),
+        (None, Some(c)) => Data::Typed(c),
+        (None, None) => Data::Absent,
     };
-    Ok(Tensor {
-        name,
-        datatype,
+    InputDesc {
+        name: input.name,
+        datatype: input.datatype,
         shape: input.shape,
+        shm,
         data,
-    })
-}
-
-/// Fixed-size datatypes must send exactly shape × element size; BYTES can only be checked
-/// element by element, which `engine::validate` does.
-fn check_raw_size(
-    datatype: DataType,
-    shape: &[i64],
-    count: usize,
-    size: usize,
-) -> Result<(), String> {
-    let Some(elem) = datatype.size() else {
-        return Ok(());
-    };
-    match count.checked_mul(elem) {
-        Some(expected) if expected == size => Ok(()),
-        Some(expected) => Err(format!(
-            "raw_input_contents has {size} bytes but shape {shape:?} of {datatype} needs \
-             {expected} bytes"
-        )),
-        None => Err(format!("shape {shape:?} has too many elements")),
     }
 }
 
@@ -274,7 +201,7 @@ fn check_raw_size(
 /// shared memory are added to `shm`.
 fn requested_outputs(
     outputs: Vec<super::proto::model_infer_request::InferRequestedOutputTensor>,
-    regions: &Regions,
+    decoder: &Decoder<'_, '_>,
     shm: &mut Vec<ShmOutput>,
 ) -> Result<Option<Vec<String>>, ApiError> {
     // An empty list asks for nothing in particular, which Triton treats as every output.
@@ -284,14 +211,12 @@ fn requested_outputs(
     outputs
         .into_iter()
         .map(|o| {
-            if o.parameters.contains_key("classification") {
-                return Err(ApiError::BadRequest(format!(
-                    "output '{}': the classification extension is not supported",
-                    o.name
-                )));
-            }
-            let params = shm_parameters_of(&o.parameters, &format!("output '{}'", o.name))?;
-            if let Some(out) = shm_output(&o.name, params, regions)? {
+            let desc = OutputDesc {
+                classification: o.parameters.contains_key("classification"),
+                shm: shm_parameters_of(&o.parameters, &format!("output '{}'", o.name)),
+                name: o.name.clone(),
+            };
+            if let Some(out) = decoder.output(desc)? {
                 shm.push(out);
             }
             // `binary_data` means nothing here: gRPC outputs are always raw.
@@ -325,6 +250,7 @@ mod tests {
     use super::*;
     use crate::api::grpc::proto::InferTensorContents;
     use crate::api::grpc::proto::model_infer_request::InferRequestedOutputTensor;
+    use crate::engine::{DataType, Tensor};
 
     fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
         InferInputTensor {
@@ -532,12 +458,14 @@ mod tests {
                     datatype: DataType::Fp32,
                     shape: vec![1, 2],
                     data: f32_bytes(&[2.0, 4.0]),
+                    storage: Default::default(),
                 },
                 Tensor {
                     name: "s".into(),
                     datatype: DataType::Bytes,
                     shape: vec![1],
                     data: Bytes::from_static(b"\x02\x00\x00\x00hi"),
+                    storage: Default::default(),
                 },
             ],
             batch_size: 1,

@@ -21,7 +21,7 @@ mod auth;
 mod call;
 mod compression;
 pub mod config;
-mod contents;
+pub(crate) mod contents;
 mod convert;
 mod health;
 mod metadata;

@@ -1,77 +1,14 @@
-//! The one place errors become gRPC statuses (the counterpart of `api/error.rs` for HTTP).
-//!
-//! The message is exactly the REST `{"error": ...}` text, so a client sees the same words
-//! whichever protocol it speaks. The match is exhaustive (no wildcard): a new error variant
-//! does not compile until it has a code here too.
+//! Errors as gRPC statuses. The code comes from the error's class (`api/error.rs`, one
+//! table for HTTP status and gRPC code), and the message is exactly the REST
+//! `{"error": ...}` text, so a client sees the same words whichever protocol it speaks.
 
 use crate::api::ApiError;
-use crate::auth::DenialKind;
 use crate::engine::EngineError;
-use crate::regions::RegionError;
-use crate::repository::RepositoryError;
 use tonic::{Code, Status};
 
-/// The gRPC code of an error.
+/// The gRPC code of an error: its class's (`ApiError::class`, the table shared with HTTP).
 pub fn code(e: &ApiError) -> Code {
-    match e {
-        ApiError::BadRequest(_) => Code::InvalidArgument,
-        ApiError::PayloadTooLarge { .. } => Code::ResourceExhausted,
-        // REST only: tonic itself answers an unknown `grpc-encoding` with UNIMPLEMENTED.
-        ApiError::UnsupportedEncoding { .. } => Code::Unimplemented,
-        ApiError::RouteNotFound { .. } => Code::NotFound,
-        ApiError::MethodNotAllowed { .. } | ApiError::NotImplemented(_) => Code::Unimplemented,
-        ApiError::Unavailable(_) => Code::Unavailable,
-        ApiError::Engine(e) => engine_code(e),
-        ApiError::Region(e) => region_code(e),
-        ApiError::Repository(e) => repository_code(e),
-        ApiError::Auth(kind) => match kind {
-            DenialKind::Unauthenticated => Code::Unauthenticated,
-            DenialKind::Forbidden => Code::PermissionDenied,
-            DenialKind::RateLimited { .. } => Code::ResourceExhausted,
-        },
-    }
-}
-
-fn region_code(e: &RegionError) -> Code {
-    match e {
-        RegionError::Disabled { .. } => Code::PermissionDenied,
-        RegionError::CudaUnsupported => Code::Unimplemented,
-        RegionError::BadKey { .. }
-        | RegionError::Open { .. }
-        | RegionError::OutOfSegment { .. }
-        | RegionError::Duplicate(_)
-        | RegionError::Unknown(_)
-        | RegionError::OutOfRegion { .. }
-        | RegionError::BadTensor { .. }
-        | RegionError::OutputTooLarge { .. } => Code::InvalidArgument,
-    }
-}
-
-fn repository_code(e: &RepositoryError) -> Code {
-    match e {
-        RepositoryError::UnknownModel { .. } => Code::NotFound,
-        RepositoryError::BadConfig { .. }
-        | RepositoryError::BadLayout { .. }
-        | RepositoryError::ControlDisabled { .. }
-        | RepositoryError::NoRepository => Code::InvalidArgument,
-        RepositoryError::LoadFailed { .. } => Code::Internal,
-        RepositoryError::ShuttingDown => Code::Unavailable,
-    }
-}
-
-fn engine_code(e: &EngineError) -> Code {
-    match e {
-        EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => Code::NotFound,
-        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => Code::InvalidArgument,
-        EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => Code::ResourceExhausted,
-        EngineError::NotReady { .. }
-        | EngineError::WorkerFailed { .. }
-        | EngineError::ShuttingDown => Code::Unavailable,
-        EngineError::Plugin { .. } | EngineError::BadOutput { .. } | EngineError::Internal(_) => {
-            Code::Internal
-        }
-        EngineError::Timeout { .. } => Code::DeadlineExceeded,
-    }
+    e.class().code()
 }
 
 /// The status a failed RPC answers with; server-side failures are logged like REST's 5xx.
@@ -99,6 +36,7 @@ impl From<EngineError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::DenialKind;
     use crate::engine::validate::ValidationError;
     use std::time::Duration;
 
