@@ -107,6 +107,7 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
                 .unwrap_or_default();
             let instances = instance_configs(
                 &config,
+                d.concurrency,
                 &args.worker,
                 &args.worker.device,
                 &python,
@@ -198,6 +199,7 @@ fn model_config(
 
 fn instance_configs(
     c: &ModelConfig,
+    concurrency: u32,
     worker: &WorkerArgs,
     device: &str,
     python: &PythonEnv,
@@ -230,6 +232,7 @@ fn instance_configs(
                 max_setup_failures: 3,
             },
             memory_limit_bytes: c.faults.memory_limit_bytes,
+            concurrency,
         })
         .collect()
 }
@@ -295,7 +298,14 @@ impl Loader for PluginLoader {
             config.name = spec.name.clone();
             config.version = version.version.to_string();
             let device = o.device.as_deref().unwrap_or(&worker.device);
-            let instances = instance_configs(&config, &worker, device, &python, &version.model_dir);
+            let instances = instance_configs(
+                &config,
+                decl.concurrency,
+                &worker,
+                device,
+                &python,
+                &version.model_dir,
+            );
             tracing::info!(
                 model = %config.name,
                 version = %config.version,
