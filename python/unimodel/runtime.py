@@ -18,7 +18,7 @@ each chunk it sends, the loop drains pending frames the same way, so a ``cancel`
 running stream closes the generator at its next ``yield``; and it writes a chunk into the
 output arena only once the core has released the previous one (the stream's back-pressure).
 Per execute the hot path is: one ``recvmsg_into``, one ``unpackb``, one `np.ndarray` per
-input over the arena, `predict`, one copy per output into the output ring, one ``pack`` and
+input over the arena, `predict`, one copy per output into the output arena, one ``pack`` and
 one ``sendall``. Nothing is logged on it unless something fails.
 """
 

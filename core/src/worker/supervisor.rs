@@ -110,11 +110,12 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
 
 impl InstanceHandle {
     /// Runs one batch. Dropping the returned future cancels it: a batch not yet sent is
-    /// dropped, a sent one gets a `cancel` (the worker skips it if it has not started).
+    /// dropped, a sent one gets a `cancel` (the worker skips it if it has not started, and
+    /// stops it if it runs an async `predict`).
     ///
     /// `NotStarted` means the batch never reached a running worker (not ready, or the process
-    /// died before starting it), so it may run elsewhere; only the batch the worker was running
-    /// gets `Crashed` or `ExecutionTimeout`.
+    /// died before starting it), so it may run elsewhere; only batches the worker was running
+    /// (up to its `capacity`) get `Crashed` or `ExecutionTimeout`.
     pub async fn execute(&self, work: Work) -> Result<WorkOutput, WorkerError> {
         let state = self.inner.state.borrow().clone();
         if state != InstanceState::Ready {
