@@ -221,6 +221,7 @@ class FakeCore:
         batch_size: int = 1,
         outputs: list[str] | None = None,
         fds: list[int] | None = None,
+        trace: list[str] | None = None,
     ) -> None:
         self.send(
             {
@@ -229,6 +230,7 @@ class FakeCore:
                 "batch_size": batch_size,
                 "inputs": inputs,
                 "outputs": outputs,
+                "trace": trace or [],
             },
             fds,
         )

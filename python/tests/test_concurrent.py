@@ -8,6 +8,7 @@ never by timing.
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -33,6 +34,7 @@ PLUGIN = textwrap.dedent(
         outputs = {"k": um.Tensor("INT32", [1])}
 
         def setup(self, ctx):
+            self.logger = ctx.logger
             self.inside = 0
             self.all_in = asyncio.Event()
             self.b_done = asyncio.Event()
@@ -54,6 +56,7 @@ PLUGIN = textwrap.dedent(
                 except asyncio.CancelledError:
                     os.write(2, b"predict 200 cancelled\\n")
                     raise
+            self.logger.info("done %d", key)
             return {"k": np.array([key], np.int32)}
 
 
@@ -63,10 +66,12 @@ PLUGIN = textwrap.dedent(
         outputs = {"k": um.Tensor("INT32", [1]), "thread": um.Tensor("INT64", [1])}
 
         def setup(self, ctx):
+            self.logger = ctx.logger
             self.barrier = threading.Barrier(4, timeout=GATE_TIMEOUT)
 
         def predict(self, k):
             self.barrier.wait()  # raises BrokenBarrierError unless 4 threads are in
+            self.logger.info("pool %d", int(k[0]))
             return {"k": k.copy(), "thread": np.array([threading.get_ident()], np.int64)}
 
 
@@ -281,3 +286,35 @@ def test_a_held_output_block_does_not_block_other_results(core, plugin):
         c.send({"type": "release", "id": i})
     assert int(c.outputs(held)["blob"][0]) == 1, "the held block was never overwritten"
     assert c.shutdown() == 0
+
+
+def log_traces(c: FakeCore) -> dict[str, str]:
+    """``{message: trace_id}`` of the worker's log records so far."""
+    records = [
+        json.loads(line[len("\x1eUMLOG ") :])
+        for line in c.stderr().split("\n")  # not splitlines(): it splits at \x1e too
+        if line.startswith("\x1eUMLOG ")
+    ]
+    return {r["message"]: r.get("trace_id", "") for r in records}
+
+
+def test_each_concurrent_execute_logs_with_its_own_trace_ids(core, plugin):
+    traces = [f"{i:032x}" for i in range(1, 7)]
+    c = core()
+    ready(c, plugin, "Gate")
+    # 100 waits while 101 runs and logs: contexts must not leak between the two tasks.
+    c.execute(1, [c.put("k", np.array([100], np.int32))], trace=[traces[0]])
+    c.execute(2, [c.put("k", np.array([101], np.int32))], trace=[traces[1]])
+    assert [c.recv()["id"], c.recv()["id"]] == [2, 1]
+    assert c.shutdown() == 0
+    logged = log_traces(c)
+    assert (logged["done 100"], logged["done 101"]) == (traces[0], traces[1])
+
+    pool = core()
+    ready(pool, plugin, "Pool")
+    for i in range(4):
+        pool.execute(i + 1, [pool.put("k", np.array([i], np.int32))], trace=[traces[2 + i]])
+    assert sorted(pool.recv()["id"] for _ in range(4)) == [1, 2, 3, 4]
+    assert pool.shutdown() == 0
+    logged = log_traces(pool)
+    assert [logged[f"pool {i}"] for i in range(4)] == traces[2:]
