@@ -117,7 +117,8 @@ class Model:
       to interleave many token streams); with a plain ``def predict`` (or generator) they
       run in a pool of that many threads, so ``predict`` must then be thread-safe (numpy and
       torch release the GIL in their kernels). Different requests' generators interleave.
-      Each running request holds its inputs' shared memory until it ends.
+      Each running request holds its inputs' shared memory until it ends. A model's
+      ``config.toml`` may set it too; ``self.concurrency`` holds the served value.
     - ``memory_limit_bytes`` [None]: ``RLIMIT_AS`` of each worker. Past it allocations fail
       (``MemoryError``, answered 500 naming the limit). It counts *virtual* memory: thread
       stacks (numpy/BLAS pools, torch) and mappings count in full, so set it generously.

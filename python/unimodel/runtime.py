@@ -230,6 +230,7 @@ class Worker:
             # The served values win over the class defaults (CLI flags, --set, config).
             instance.name = model_name  # type: ignore[misc]
             instance.max_batch_size = int(msg.get("max_batch_size") or 0)  # type: ignore[misc]
+            instance.concurrency = int(msg.get("concurrency") or cls.concurrency)  # type: ignore[misc]
             started = time.perf_counter()
             instance.setup(ctx)
             setup_ms = (time.perf_counter() - started) * 1000.0

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +124,23 @@ def test_a_plain_predict_runs_in_a_pool_of_concurrency_threads(start_server):
         answers = [decode(r).outputs for r in pool.map(one, range(4))]
     assert sorted(int(a["k"][0]) for a in answers) == [0, 1, 2, 3]
     assert len({int(a["thread"][0]) for a in answers}) == 4
+
+
+def test_config_toml_sets_how_many_requests_a_worker_runs_at_once(start_server, tmp_path):
+    # The class says 4; config.toml says 6, and the plugin's barrier (sized by the served
+    # `concurrency`) only opens once 6 requests are inside the one worker at once.
+    model = tmp_path / "repo" / "pool6"
+    model.mkdir(parents=True)
+    (model / "plugin.py").write_text(Path(PLUGIN).read_text())
+    (model / "config.toml").write_text('class = "Pool"\nconcurrency = 6\n')
+    server = start_server.serve("--model-repository", str(tmp_path / "repo"))
+
+    def one(k: int) -> requests.Response:
+        return infer_json(server, "pool6", [Inp("k", "INT32", [k])], timeout=HTTP_TIMEOUT)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = [decode(r).outputs for r in pool.map(one, range(6))]
+    assert len({int(a["thread"][0]) for a in answers}) == 6
 
 
 def test_sixteen_generator_streams_interleave_in_one_worker(start_server):

@@ -10,7 +10,8 @@ are inside the same worker at the same time.
   event "entered:TAG", so "wait:entered:TAG" returns once that request is inside), "set:TAG",
   "hold" (runs until cancelled, counted in `cancelled`), "pid".
   With `x` (UINT8, any size) it also holds that input while it waits.
-- "pool" (plain def, concurrency 4): a threading barrier of 4; returns its thread id.
+- "pool" (plain def, concurrency 4): a threading barrier of `self.concurrency` (the served
+  value: config.toml may change it); returns its thread id.
 - "streams" (async generator, concurrency 16): `n` tokens; after its first token each
   stream waits until 16 streams have produced theirs, so the chunks of 16 streams
   interleave in one worker. Chunks carry the worker's pid and how many of its streams
@@ -85,7 +86,7 @@ class Pool(um.Model):
         self.barrier = threading.Barrier(self.concurrency, timeout=RENDEZVOUS_TIMEOUT_S)
 
     def predict(self, k):
-        self.barrier.wait()  # BrokenBarrierError (500) unless 4 threads are in at once
+        self.barrier.wait()  # BrokenBarrierError (500) unless all are in at once
         return {"k": k.copy(), "thread": np.array([threading.get_ident()], np.int64)}
 
 

@@ -144,6 +144,7 @@ struct Overrides {
     max_concurrency: Option<u64>,
     retry_on_worker_failure: Option<bool>,
     memory_limit_bytes: Option<u64>,
+    concurrency: Option<u32>,
 }
 
 impl Overrides {
@@ -156,6 +157,7 @@ impl Overrides {
             max_concurrency: args.max_concurrency,
             retry_on_worker_failure: None,
             memory_limit_bytes: None,
+            concurrency: None,
         }
     }
 }
@@ -292,6 +294,7 @@ impl Loader for PluginLoader {
                 max_concurrency: o.max_concurrency,
                 retry_on_worker_failure: o.retry_on_worker_failure,
                 memory_limit_bytes: o.memory_limit_bytes,
+                concurrency: o.concurrency,
             };
             let mut config = model_config(decl, &version.plugin, &overrides, &settings)
                 .map_err(|e| e.to_string())?;
@@ -300,7 +303,7 @@ impl Loader for PluginLoader {
             let device = o.device.as_deref().unwrap_or(&worker.device);
             let instances = instance_configs(
                 &config,
-                decl.concurrency,
+                overrides.concurrency.unwrap_or(decl.concurrency),
                 &worker,
                 device,
                 &python,
