@@ -3,11 +3,10 @@
 //!
 //! A worker answers executes in any order (protocol v2), so blocks are freed in any order:
 //! the allocator is a first-fit free list of 64-byte-aligned ranges, coalescing neighbours on
-//! free, over a `BTreeMap` keyed by offset. The core frees an execute's input block when that
+//! free. The list is a `Vec` sorted by offset: it holds at most one range more than there
+//! are live blocks (a handful: the executes in flight), so a scan beats a tree. The core frees an execute's input block when that
 //! execute is answered (the in-flight table in `pipeline.rs` holds it by id). The Python side
 //! (`python/unimodel/allocator.py`) runs the same rule on the output arena.
-
-use std::collections::BTreeMap;
 
 /// Every block and every tensor inside a block starts at a multiple of this, so numpy views
 /// (and SIMD loads) over the arena are aligned for any datatype.
@@ -54,8 +53,8 @@ pub enum FreeError {
 #[derive(Debug)]
 pub struct Allocator {
     capacity: usize,
-    /// Free ranges, offset -> length; never two adjacent ones (they are merged).
-    free: BTreeMap<usize, usize>,
+    /// Free ranges `(offset, len)`, sorted by offset; never two adjacent (they are merged).
+    free: Vec<(usize, usize)>,
     live: usize,
 }
 
@@ -63,10 +62,11 @@ impl Allocator {
     /// `capacity` is rounded down to a multiple of `ALIGN`.
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity & !(ALIGN - 1);
-        let mut free = BTreeMap::new();
-        if capacity > 0 {
-            free.insert(0, capacity);
-        }
+        let free = if capacity > 0 {
+            vec![(0, capacity)]
+        } else {
+            Vec::new()
+        };
         Allocator {
             capacity,
             free,
@@ -98,15 +98,16 @@ impl Allocator {
         if len > self.capacity {
             return Err(too_large);
         }
-        let (offset, room) = self
+        let i = self
             .free
             .iter()
-            .find(|&(_, &room)| room >= len)
-            .map(|(&o, &r)| (o, r))
+            .position(|&(_, room)| room >= len)
             .ok_or(AllocError::Full { size })?;
-        self.free.remove(&offset);
+        let (offset, room) = self.free[i];
         if room > len {
-            self.free.insert(offset + len, room - len);
+            self.free[i] = (offset + len, room - len);
+        } else {
+            self.free.remove(i);
         }
         self.live += 1;
         Ok(Block { offset, len })
@@ -123,36 +124,33 @@ impl Allocator {
                 capacity: self.capacity,
             });
         };
-        let before = self
-            .free
-            .range(..=offset)
-            .next_back()
-            .map(|(&o, &l)| (o, l));
-        let after = self.free.range(offset..).next().map(|(&o, &l)| (o, l));
+        // The first free range at or after the block, and the one before it.
+        let i = self.free.partition_point(|&(o, _)| o < offset);
+        let before = i.checked_sub(1).map(|j| self.free[j]);
+        let after = self.free.get(i).copied();
         let overlaps_before = before.is_some_and(|(o, l)| o + l > offset);
         let overlaps_after = after.is_some_and(|(o, _)| o < end);
         if overlaps_before || overlaps_after {
             return Err(FreeError::NotLive { offset, len });
         }
-        let mut start = offset;
-        let mut stop = end;
-        if let Some((o, l)) = before.filter(|(o, l)| o + l == offset) {
-            self.free.remove(&o);
-            start = o;
-            stop = stop.max(o + l);
+        let joins_before = before.is_some_and(|(o, l)| o + l == offset);
+        let joins_after = after.is_some_and(|(o, _)| o == end);
+        match (joins_before, joins_after) {
+            (true, true) => {
+                let (_, next) = self.free.remove(i);
+                self.free[i - 1].1 += len + next;
+            }
+            (true, false) => self.free[i - 1].1 += len,
+            (false, true) => self.free[i] = (offset, len + self.free[i].1),
+            (false, false) => self.free.insert(i, (offset, len)),
         }
-        if let Some((o, l)) = after.filter(|(o, _)| *o == end) {
-            self.free.remove(&o);
-            stop = o + l;
-        }
-        self.free.insert(start, stop - start);
         self.live = self.live.saturating_sub(1);
         Ok(())
     }
 
     /// Bytes in live blocks.
     pub fn used(&self) -> usize {
-        self.capacity - self.free.values().sum::<usize>()
+        self.capacity - self.free.iter().map(|&(_, l)| l).sum::<usize>()
     }
 }
 
