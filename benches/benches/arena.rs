@@ -1,46 +1,42 @@
-//! Ring allocator micro-benchmarks: the bookkeeping cost per batch on the input arena
-//! (`unimodel::worker::arena`), with and without wrap-around.
+//! Arena allocator micro-benchmarks: the bookkeeping cost per batch on the input arena
+//! (`unimodel::worker::arena`), freed in order and out of order.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
-use unimodel::worker::arena::Ring;
+use unimodel::worker::arena::Allocator;
 
-/// Two blocks in flight, freed in order: the engine's steady state (pipelining depth 2).
+/// Two blocks in flight, freed in order: the engine's steady state for a worker that runs
+/// one execute at a time (one running, one prepared).
 fn alloc_free_pipelined(c: &mut Criterion) {
     c.bench_function("arena/alloc_free_depth2", |b| {
-        let mut ring = Ring::new(64 << 20);
-        let first = ring.alloc(4096).expect("fits");
-        let mut oldest = first;
+        let mut arena = Allocator::new(64 << 20);
+        let mut oldest = arena.alloc(4096).expect("fits");
         b.iter(|| {
-            let block = ring.alloc(black_box(4096)).expect("fits");
-            ring.free(oldest).expect("in order");
+            let block = arena.alloc(black_box(4096)).expect("fits");
+            arena.free(oldest).expect("live");
             oldest = block;
         });
     });
 }
 
-/// Blocks sized so that every few allocations wrap to offset 0.
-fn alloc_free_wrapping(c: &mut Criterion) {
-    c.bench_function("arena/alloc_free_wraparound", |b| {
-        let mut ring = Ring::new(1 << 20);
-        let mut live = std::collections::VecDeque::new();
-        let sizes = [300_000usize, 123_456, 77_777, 250_000];
-        let mut i = 0;
+/// Sixteen blocks of mixed sizes in flight, answered out of order (a worker running many
+/// requests at once): each step frees a live block chosen by a fixed sequence.
+fn alloc_free_out_of_order(c: &mut Criterion) {
+    c.bench_function("arena/alloc_free_16_out_of_order", |b| {
+        let mut arena = Allocator::new(1 << 20);
+        let sizes = [30_000usize, 12_345, 7_777, 25_000];
+        let mut live: Vec<_> = (0..16)
+            .map(|i| arena.alloc(sizes[i % sizes.len()]).expect("fits"))
+            .collect();
+        let mut i = 0usize;
         b.iter(|| {
-            let size = sizes[i % sizes.len()];
             i += 1;
-            loop {
-                match ring.alloc(black_box(size)) {
-                    Ok(block) => {
-                        live.push_back(block);
-                        break;
-                    }
-                    Err(_) => {
-                        let oldest = live.pop_front().expect("a full ring has live blocks");
-                        ring.free(oldest).expect("in order");
-                    }
-                }
-            }
+            let victim = (i * 7) % live.len();
+            arena.free(live.swap_remove(victim)).expect("live");
+            let block = arena
+                .alloc(black_box(sizes[i % sizes.len()]))
+                .expect("fits");
+            live.push(block);
         });
     });
 }
@@ -55,7 +51,7 @@ fn layout_batch(c: &mut Criterion) {
 criterion_group!(
     benches,
     alloc_free_pipelined,
-    alloc_free_wrapping,
+    alloc_free_out_of_order,
     layout_batch
 );
 criterion_main!(benches);

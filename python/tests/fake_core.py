@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from unimodel.allocator import align_up
 from unimodel.channel import Channel
 from unimodel.datatypes import NUMPY_DTYPES, bytes_array, decode_bytes_elements
 from unimodel.datatypes import encode_bytes_elements as encode_bytes
-from unimodel.protocol import encode_message
-from unimodel.ring import align_up
+from unimodel.protocol import PROTOCOL_VERSION, encode_message
 
 SDK_PATH = Path(__file__).resolve().parent.parent  # python/
 
@@ -147,11 +147,14 @@ class FakeCore:
         max_batch_size: int = 0,
         max_output_bytes: int = 1 << 30,
         model_dir: str = "",
+        concurrency: int = 0,
     ) -> dict[str, Any]:
+        """Sends ``load``; `concurrency` 0 leaves it to the class (as if a v2 core sent the
+        class's own value)."""
         self.send(
             {
                 "type": "load",
-                "protocol": 1,
+                "protocol": PROTOCOL_VERSION,
                 "plugin": str(plugin),
                 "class": cls,
                 "model": model,
@@ -161,6 +164,7 @@ class FakeCore:
                 "parameters": parameters or {},
                 "max_batch_size": max_batch_size,
                 "max_output_bytes": max_output_bytes,
+                "concurrency": concurrency,
             }
         )
         return self.recv()
@@ -217,6 +221,7 @@ class FakeCore:
         batch_size: int = 1,
         outputs: list[str] | None = None,
         fds: list[int] | None = None,
+        trace: list[str] | None = None,
     ) -> None:
         self.send(
             {
@@ -225,6 +230,7 @@ class FakeCore:
                 "batch_size": batch_size,
                 "inputs": inputs,
                 "outputs": outputs,
+                "trace": trace or [],
             },
             fds,
         )

@@ -47,6 +47,7 @@ def test_inspect_doubler_example():
                 "max_concurrency": None,
                 "retry_on_worker_failure": False,
                 "memory_limit_bytes": None,
+                "concurrency": 1,
                 "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
             }

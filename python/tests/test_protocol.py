@@ -108,7 +108,7 @@ TENSOR_INLINE = {
 }
 
 EXAMPLES: list[dict[str, Any]] = [
-    {"type": "hello", "protocol": 1, "pid": 4242, "python": "3.11.7", "sdk": "0.1.0"},
+    {"type": "hello", "protocol": 2, "pid": 4242, "python": "3.11.7", "sdk": "0.1.0"},
     {"type": "ready", "setup_ms": 12.5},
     {"type": "load_failed", "error": "RuntimeError: boom", "traceback": "Traceback ...\n"},
     {"type": "result", "id": 7, "outputs": [TENSOR_IN, TENSOR_FD], "compute_ns": 123456789},
@@ -118,7 +118,7 @@ EXAMPLES: list[dict[str, Any]] = [
     {"type": "pong", "seq": 3},
     {
         "type": "load",
-        "protocol": 1,
+        "protocol": 2,
         "plugin": "/srv/plugins/doubler.py",
         "class": "Doubler",
         "model": "doubler",
@@ -128,6 +128,7 @@ EXAMPLES: list[dict[str, Any]] = [
         "parameters": {"factor": "3", "ünïcode": "✓"},
         "max_batch_size": 16,
         "max_output_bytes": 1 << 32,
+        "concurrency": 16,
     },
     {"type": "execute", "id": 1, "batch_size": 2, "inputs": [TENSOR_IN], "outputs": None},
     {

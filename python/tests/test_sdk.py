@@ -6,7 +6,7 @@ import pytest
 
 import unimodel as um
 from unimodel.model import snake_case
-from unimodel.validation import check_model_class, is_streaming, model_problems
+from unimodel.validation import check_model_class, is_async, is_streaming, model_problems
 
 
 class Good(um.Model):
@@ -205,15 +205,42 @@ def test_predict_signature_must_match_inputs():
     assert any("predict parameter 'image' is not a declared input" in p for p in problems)
 
 
-def test_async_predict_is_rejected():
+def test_async_predict_and_concurrency_are_accepted():
     class Async(um.Model):
+        concurrency = 16
         inputs = {"x": um.Tensor("FP32", [-1])}
         outputs = {"y": um.Tensor("FP32", [-1])}
 
         async def predict(self, x):
             return {"y": x}
 
-    assert any("predict is async" in p for p in model_problems(Async))
+    class AsyncStream(Async):
+        async def predict(self, x):
+            yield {"y": x}
+
+    assert model_problems(Async) == []
+    assert is_async(Async) and not is_streaming(Async)
+    assert is_async(AsyncStream) and is_streaming(AsyncStream)
+    assert not is_async(Good) and Good.concurrency == 1
+
+
+def test_bad_concurrency_is_reported_with_the_other_problems():
+    for bad in (0, -1, 1.5, True, "4", 1025):
+
+        class Bad(um.Model):
+            concurrency = bad
+            instances = 0
+            inputs = {"x": um.Tensor("FP32", [-1])}
+            outputs = {"y": um.Tensor("FP32", [-1])}
+
+            def predict(self, x):
+                return {"y": x}
+
+        problems = model_problems(Bad)
+        assert any(
+            f"concurrency must be an int between 1 and 1024, got {bad!r}" in p for p in problems
+        ), problems
+        assert any("instances must be" in p for p in problems), "reported together"
 
 
 def test_empty_tensor_dicts_and_bad_tensor_names():

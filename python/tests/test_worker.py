@@ -178,7 +178,7 @@ def test_full_lifecycle(core, plugin):
     hello = c.hello()
     assert hello == {
         "type": "hello",
-        "protocol": 1,
+        "protocol": 2,
         "pid": c.proc.pid,
         "python": hello["python"],
         "sdk": "0.1.0",

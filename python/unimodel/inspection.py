@@ -34,6 +34,7 @@ def describe_model(cls: type[Model]) -> dict[str, Any]:
         "max_concurrency": cls.max_concurrency,
         "retry_on_worker_failure": cls.retry_on_worker_failure,
         "memory_limit_bytes": cls.memory_limit_bytes,
+        "concurrency": cls.concurrency,
         "inputs": _tensors(cls.inputs or {}),
         "outputs": _tensors(cls.outputs or {}),
     }

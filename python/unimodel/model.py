@@ -79,7 +79,8 @@ class Model:
        ``setup(ctx)`` once: load weights here, not in ``__init__`` or at import time.
     3. Requests are validated against `inputs` by the server, queued and, when
        ``max_batch_size > 0``, batched along a new first dimension.
-    4. ``predict(**inputs)`` runs on one batch at a time and returns a dict of outputs.
+    4. ``predict(**inputs)`` runs on one batch and returns a dict of outputs; a worker runs
+       `concurrency` of them at once (one by default).
 
     Hooks:
 
@@ -93,6 +94,11 @@ class Model:
       ``BYTES``, torch or cupy tensors); values are cast to the declared datatype when that is
       safe (float64 -> FP32 is, float -> INT32 is not). Return only outputs you declared.
       A generator ``predict`` streams: each ``yield`` of such a dict is one response.
+      ``async def predict`` (or an async generator) runs on an asyncio event loop in the
+      worker; with ``concurrency = N`` up to N requests are inside it at once, interleaving
+      at each ``await``. A cancelled request (its client went away) gets
+      ``asyncio.CancelledError`` at its current ``await``; a plain generator is closed
+      (``GeneratorExit``) at its next ``yield``.
 
     Class attributes (defaults in brackets):
 
@@ -106,6 +112,13 @@ class Model:
     - ``retry_on_worker_failure`` [False]: when a worker dies running a batch, its requests
       are queued again, once, for another (or the restarted) instance. Only for a
       ``predict`` that is safe to run twice; never for generators.
+    - ``concurrency`` [1]: requests one worker runs at once. With ``async def predict`` they
+      share the worker's event loop (the way to wrap an async engine with its own queue, or
+      to interleave many token streams); with a plain ``def predict`` (or generator) they
+      run in a pool of that many threads, so ``predict`` must then be thread-safe (numpy and
+      torch release the GIL in their kernels). Different requests' generators interleave.
+      Each running request holds its inputs' shared memory until it ends. A model's
+      ``config.toml`` may set it too; ``self.concurrency`` holds the served value.
     - ``memory_limit_bytes`` [None]: ``RLIMIT_AS`` of each worker. Past it allocations fail
       (``MemoryError``, answered 500 naming the limit). It counts *virtual* memory: thread
       stacks (numpy/BLAS pools, torch) and mappings count in full, so set it generously.
@@ -137,6 +150,22 @@ class Model:
     - Heavy imports (torch, transformers) belong in ``setup`` so ``--inspect`` stays fast.
     - Log with ``ctx.logger``; ``print`` also works and is logged at INFO.
     - Exceptions from ``predict`` fail only that batch; the worker keeps serving.
+
+    Example (async, many requests per worker)::
+
+        import asyncio
+        import numpy as np
+        import unimodel as um
+
+        class Tokens(um.Model):
+            concurrency = 16
+            inputs = {"n": um.Tensor("INT32", [1])}
+            outputs = {"token": um.Tensor("INT32", [1])}
+
+            async def predict(self, n):  # an async generator: one response per yield
+                for i in range(int(n[0])):
+                    await asyncio.sleep(0.01)  # e.g. one decode step of an engine
+                    yield {"token": np.array([i], np.int32)}
     """
 
     name: ClassVar[str]
@@ -146,6 +175,7 @@ class Model:
     max_concurrency: ClassVar[int | None] = None
     retry_on_worker_failure: ClassVar[bool] = False
     memory_limit_bytes: ClassVar[int | None] = None
+    concurrency: ClassVar[int] = 1
     inputs: ClassVar[dict[str, Tensor] | None] = None
     outputs: ClassVar[dict[str, Tensor] | None] = None
 

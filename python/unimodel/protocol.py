@@ -13,7 +13,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+#: 2: answers keyed by id in any order, output blocks released by id, ``load.concurrency``.
+PROTOCOL_VERSION = 2
 #: Frames larger than this are a protocol error on both sides (tensors travel in arenas).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -41,6 +42,7 @@ MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
         "parameters",
         "max_batch_size",
         "max_output_bytes",
+        "concurrency",
     ),
     "execute": ("id", "batch_size", "inputs", "outputs", "trace", "targets"),
     "release": ("id",),

@@ -1,18 +1,24 @@
 """The worker process's event loop: the Python side of docs/worker-protocol.md.
 
 Flow: send ``hello``; on ``load`` import the plugin, instantiate the class and call
-``setup(ctx)`` (answer ``ready`` or ``load_failed``); then serve ``execute`` frames in the
-order they arrive, one ``result`` or ``error`` each. The core's side is
-``core/src/worker/`` (supervisor, arenas, control channel).
+``setup(ctx)`` (answer ``ready`` or ``load_failed``); then serve ``execute`` frames, one
+``result`` or ``error`` each, keyed by the execute's id. The core's side is
+``core/src/worker/`` (supervisor, request pipeline, arenas, control channel).
 
-The loop is single-threaded and `predict` runs on it. Frames that arrive while `predict` runs
+A model with ``concurrency > 1`` or an ``async def predict`` is served by the asyncio
+runtime in `unimodel.concurrent` (many executes at once, answered in any order); this
+module's loop serves the rest, one execute at a time in arrival order, and hands over to
+that runtime right after ``load`` when the model needs it. It also owns what both share:
+loading, turning inputs into arrays and writing outputs.
+
+This loop is single-threaded and `predict` runs on it. Frames that arrive while `predict` runs
 wait in the socket; before starting a queued execute the loop drains them without blocking,
 so a ``cancel`` for a queued execute is seen in time. A generator `predict` streams: after
 each chunk it sends, the loop drains pending frames the same way, so a ``cancel`` of the
 running stream closes the generator at its next ``yield``; and it writes a chunk into the
 output arena only once the core has released the previous one (the stream's back-pressure).
 Per execute the hot path is: one ``recvmsg_into``, one ``unpackb``, one `np.ndarray` per
-input over the arena, `predict`, one copy per output into the output ring, one ``pack`` and
+input over the arena, `predict`, one copy per output into the output arena, one ``pack`` and
 one ``sendall``. Nothing is logged on it unless something fails.
 """
 
@@ -25,15 +31,16 @@ import platform
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, logs
+from .allocator import ALIGN, OutputArena, align_up
 from .channel import Channel, ChannelClosed
 from .discovery import PluginSpec, find_models, parse_spec
 from .errors import PluginError
 from .model import Context, Model
 from .protocol import PROTOCOL_VERSION
-from .ring import ALIGN, OutputRing, align_up
 from .tensors import (
     InputArena,
     InvalidOutputError,
@@ -46,7 +53,7 @@ from .tensors import (
     write_dedicated,
     write_output,
 )
-from .validation import check_model_class, is_streaming
+from .validation import check_model_class, is_async, is_streaming
 
 log = logging.getLogger("unimodel.worker")
 
@@ -63,6 +70,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+@dataclass
+class OutputPlacement:
+    """Where a result's outputs go: `direct` refs already written into client memory, and
+    `prepared` outputs for one output-arena block of `arena_bytes` (0: too large for the
+    arena, so one dedicated region each)."""
+
+    direct: list[dict[str, Any]]
+    prepared: list[PreparedOutput]
+    arena_bytes: int
+
+
 class LoadedModel:
     """A set-up plugin instance plus what the hot path needs, resolved once."""
 
@@ -70,6 +88,11 @@ class LoadedModel:
         self.instance = instance
         self.predict = instance.predict
         self.streaming = is_streaming(cls)
+        self.is_async = is_async(cls)
+        #: Executes run at once: the core's value (config may override the class's).
+        self.concurrency = max(1, int(msg.get("concurrency") or cls.concurrency or 1))
+        #: Served by `unimodel.concurrent` rather than this module's one-at-a-time loop.
+        self.concurrent = self.is_async or self.concurrency > 1
         self.max_batch_size = int(msg.get("max_batch_size") or 0)
         max_output_bytes = int(msg.get("max_output_bytes") or 0)
         self.plan = OutputPlan(cls.outputs or {}, self.max_batch_size > 0, max_output_bytes)
@@ -91,7 +114,7 @@ class Worker:
         self.channel = channel
         self.inputs = InputArena(input_fd)
         self.out_mm = map_fd(output_fd, writable=True)
-        self.ring = OutputRing(len(self.out_mm) if self.out_mm is not None else 0)
+        self.arena = OutputArena(len(self.out_mm) if self.out_mm is not None else 0)
         self.model: LoadedModel | None = None
         #: Executes received and not yet started, in arrival order.
         self.pending: deque[dict[str, Any]] = deque()
@@ -137,6 +160,10 @@ class Worker:
                     self.execute(msg)  # the common case: nothing queued, nothing behind it
                 else:
                     self.dispatch(msg)
+                    if self.model is not None and self.model.concurrent:
+                        from .concurrent import ConcurrentRuntime
+
+                        return ConcurrentRuntime(self).run()
         except (ChannelClosed, _Stop):
             pass
         self._answer_abandoned()
@@ -148,7 +175,7 @@ class Worker:
         if kind == "execute":
             self.pending.append(msg)
         elif kind == "release":
-            self.ring.release(msg["id"])
+            self.arena.release(msg["id"])
             if self.dedicated_chunk == msg["id"]:
                 self.dedicated_chunk = None
         elif kind == "ping":
@@ -203,6 +230,7 @@ class Worker:
             # The served values win over the class defaults (CLI flags, --set, config).
             instance.name = model_name  # type: ignore[misc]
             instance.max_batch_size = int(msg.get("max_batch_size") or 0)  # type: ignore[misc]
+            instance.concurrency = int(msg.get("concurrency") or cls.concurrency)  # type: ignore[misc]
             started = time.perf_counter()
             instance.setup(ctx)
             setup_ms = (time.perf_counter() - started) * 1000.0
@@ -373,7 +401,7 @@ class Worker:
         chunk, or cancelled the stream: the core releases a chunk only once its client has
         taken it, so a slow client holds the generator here instead of filling memory."""
         while (
-            self.ring.holds(exec_id) or self.dedicated_chunk == exec_id
+            self.arena.holds(exec_id) or self.dedicated_chunk == exec_id
         ) and not self.stream_cancelled:
             self.dispatch(self.channel.recv())
             if self.stopping:
@@ -422,6 +450,24 @@ class Worker:
 
         A failure while writing (e.g. no memfd for a dedicated region) propagates to `execute`.
         """
+        plan = self.plan_outputs(exec_id, model, returned, msg, self.targets)
+        if plan is None:
+            return None
+        if plan.arena_bytes:
+            base = self._alloc(plan.arena_bytes, exec_id)
+            return plan.direct + self.write_arena(base, plan.prepared), []
+        return self.place_outside_arena(plan)
+
+    def plan_outputs(
+        self,
+        exec_id: int,
+        model: LoadedModel,
+        returned: Any,
+        msg: dict[str, Any],
+        targets: dict[str, tuple],
+    ) -> OutputPlacement | None:
+        """Validates what `predict` returned and writes the outputs that have client targets;
+        says where the rest go. None after sending an ``error`` for an unusable result."""
         try:
             prepared = model.plan.prepare(returned, msg["outputs"], msg["batch_size"])
         except InvalidOutputError as e:
@@ -434,32 +480,38 @@ class Worker:
             kind, exc, tb = "invalid_output", e, traceback.format_exc()
         else:
             direct: list[dict[str, Any]] = []
-            if self.targets:
-                direct, prepared = self._write_targets(prepared)
+            if targets:
+                direct, prepared = self._write_targets(prepared, targets)
                 if not prepared:
-                    return direct, []
+                    return OutputPlacement(direct, [], 0)
             total = 0
             for out in prepared:
                 total += align_up(out.nbytes)
-            # An all-empty result still takes one ALIGN block (`_write_arena`): an arena smaller
-            # than that could never hold it, and `_alloc` would wait for room forever.
-            if max(total, ALIGN) > self.ring.capacity:
-                refs, fds = self._write_dedicated(prepared)
-                return direct + refs, fds
-            return direct + self._write_arena(exec_id, prepared, total), []
+            # An all-empty result still takes one ALIGN block (`write_arena`): an arena smaller
+            # than that could never hold it, and allocation would wait for room forever.
+            size = max(total, ALIGN)
+            return OutputPlacement(direct, prepared, size if size <= self.arena.capacity else 0)
         log.error("execute %d: %s", exec_id, exc, exc_info=bool(tb))
         self._send_error(exec_id, describe(exc), tb, kind)
         return None
 
+    def place_outside_arena(self, plan: OutputPlacement) -> tuple[list[dict[str, Any]], list[int]]:
+        """Refs (and descriptors) of a result that takes no arena block."""
+        if not plan.prepared:
+            return plan.direct, []
+        refs, fds = self._write_dedicated(plan.prepared)
+        return plan.direct + refs, fds
+
+    @staticmethod
     def _write_targets(
-        self, prepared: list[PreparedOutput]
+        prepared: list[PreparedOutput], targets: dict[str, tuple]
     ) -> tuple[list[dict[str, Any]], list[PreparedOutput]]:
         """Writes the outputs that have a target and fit it straight into client memory;
         returns their refs (region ``client``) and the outputs left for the arena."""
         direct = []
         rest = []
         for out in prepared:
-            target = self.targets.get(out.spec.name)
+            target = targets.get(out.spec.name)
             if target is None or out.nbytes > target[2]:
                 rest.append(out)  # too large: the core reports it, naming the sizes
                 continue
@@ -477,10 +529,8 @@ class Worker:
             )
         return direct, rest
 
-    def _write_arena(
-        self, exec_id: int, prepared: list[PreparedOutput], total: int
-    ) -> list[dict[str, Any]]:
-        base = self._alloc(max(total, ALIGN), exec_id)
+    def write_arena(self, base: int, prepared: list[PreparedOutput]) -> list[dict[str, Any]]:
+        """Writes the outputs into the output-arena block at `base`; returns their refs."""
         mm = self.out_mm
         refs = []
         offset = base
@@ -526,14 +576,14 @@ class Worker:
         return refs, fds
 
     def _alloc(self, size: int, owner: int) -> int:
-        """A block of the output ring; while it is full, serve control frames until a release."""
-        ring = self.ring
-        offset = ring.alloc(size, owner)
+        """A block of the output arena; while it is full, serve control frames until a release."""
+        arena = self.arena
+        offset = arena.alloc(size, owner)
         while offset is None:
             self.dispatch(self.channel.recv())
             if self.stopping:
                 raise _Stop()
-            offset = ring.alloc(size, owner)
+            offset = arena.alloc(size, owner)
         return offset
 
 

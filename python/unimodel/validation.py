@@ -57,6 +57,9 @@ def _check_numbers(cls: type[Model], problems: list[str]) -> None:
 
 # The smallest memory limit the core accepts (a Python worker needs about that much).
 MIN_MEMORY_LIMIT = 64 << 20
+# Requests one worker may run at once: each holds its inputs' arena block and, for a plain
+# predict, a thread.
+MAX_CONCURRENCY = 1024
 
 
 def _check_fault_guards(cls: type[Model], problems: list[str]) -> None:
@@ -78,6 +81,13 @@ def _check_fault_guards(cls: type[Model], problems: list[str]) -> None:
             f"memory_limit_bytes must be None (no limit) or an int >= {MIN_MEMORY_LIMIT} "
             f"(64 MiB), got {memory!r}: e.g. memory_limit_bytes = 4 << 30 (it caps virtual "
             "memory, which thread stacks and mappings count in full: be generous)"
+        )
+    concurrency = cls.concurrency
+    if not _is_int(concurrency) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        problems.append(
+            f"concurrency must be an int between 1 and {MAX_CONCURRENCY}, got {concurrency!r}: "
+            "the number of requests one worker runs at once, e.g. concurrency = 16 with "
+            "async def predict"
         )
 
 
@@ -158,11 +168,6 @@ def _check_predict(cls: type[Model], problems: list[str]) -> None:
     if not callable(predict):
         problems.append(f"predict must be a method, got {type(predict).__name__}")
         return
-    if inspect.iscoroutinefunction(predict) or inspect.isasyncgenfunction(predict):
-        problems.append(
-            "predict is async; the worker calls it synchronously: define it with plain `def` "
-            "(use `yield` to stream)"
-        )
     setup = getattr(cls, "setup", None)
     if setup is not None and not callable(setup):
         problems.append(f"setup must be a method, got {type(setup).__name__}")
@@ -225,5 +230,11 @@ def check_model_class(cls: type[Model], origin: str = "") -> None:
 
 
 def is_streaming(cls: type[Model]) -> bool:
-    """True when `predict` is a generator function: each `yield` is one response."""
-    return inspect.isgeneratorfunction(cls.predict)
+    """True when `predict` is a generator function (plain or async): each `yield` is one
+    response."""
+    return inspect.isgeneratorfunction(cls.predict) or inspect.isasyncgenfunction(cls.predict)
+
+
+def is_async(cls: type[Model]) -> bool:
+    """True when `predict` is ``async def`` (a coroutine or an async generator)."""
+    return inspect.iscoroutinefunction(cls.predict) or inspect.isasyncgenfunction(cls.predict)

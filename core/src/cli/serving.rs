@@ -107,6 +107,7 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
                 .unwrap_or_default();
             let instances = instance_configs(
                 &config,
+                d.concurrency,
                 &args.worker,
                 &args.worker.device,
                 &python,
@@ -143,6 +144,7 @@ struct Overrides {
     max_concurrency: Option<u64>,
     retry_on_worker_failure: Option<bool>,
     memory_limit_bytes: Option<u64>,
+    concurrency: Option<u32>,
 }
 
 impl Overrides {
@@ -155,6 +157,7 @@ impl Overrides {
             max_concurrency: args.max_concurrency,
             retry_on_worker_failure: None,
             memory_limit_bytes: None,
+            concurrency: None,
         }
     }
 }
@@ -198,6 +201,7 @@ fn model_config(
 
 fn instance_configs(
     c: &ModelConfig,
+    concurrency: u32,
     worker: &WorkerArgs,
     device: &str,
     python: &PythonEnv,
@@ -230,6 +234,7 @@ fn instance_configs(
                 max_setup_failures: 3,
             },
             memory_limit_bytes: c.faults.memory_limit_bytes,
+            concurrency,
         })
         .collect()
 }
@@ -290,13 +295,21 @@ impl Loader for PluginLoader {
                 max_concurrency: o.max_concurrency,
                 retry_on_worker_failure: o.retry_on_worker_failure,
                 memory_limit_bytes: o.memory_limit_bytes,
+                concurrency: o.concurrency,
             };
             let mut config = model_config(decl, &version.plugin, &overrides, &settings)
                 .map_err(|e| e.to_string())?;
             config.name = spec.name.clone();
             config.version = version.version.to_string();
             let device = o.device.as_deref().unwrap_or(&worker.device);
-            let instances = instance_configs(&config, &worker, device, &python, &version.model_dir);
+            let instances = instance_configs(
+                &config,
+                overrides.concurrency.unwrap_or(decl.concurrency),
+                &worker,
+                device,
+                &python,
+                &version.model_dir,
+            );
             tracing::info!(
                 model = %config.name,
                 version = %config.version,

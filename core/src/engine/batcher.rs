@@ -27,8 +27,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-/// Batches a worker may hold at once: one running, one prepared behind it.
-pub const PIPELINE_DEPTH: usize = 2;
+/// Batches a worker may hold beyond those it runs at once (its `Executor::capacity`): one
+/// prepared behind them, so the next starts as soon as one ends.
+pub const PIPELINE_AHEAD: usize = 1;
 
 /// How long an instance that could not start a batch is passed over, unless its state
 /// changes first (its crash is usually being reported at that moment).
@@ -37,6 +38,8 @@ const SUSPECT_FOR: Duration = Duration::from_millis(50);
 struct Slot {
     exec: Arc<dyn Executor>,
     state: InstanceState,
+    /// Batches the instance runs at once.
+    capacity: usize,
     outstanding: usize,
     /// Not chosen before this instant (it just failed to start a batch).
     suspect_until: Option<Instant>,
@@ -93,6 +96,7 @@ impl Batcher {
             .into_iter()
             .map(|exec| Slot {
                 state: exec.state().borrow().clone(),
+                capacity: exec.capacity().max(1),
                 exec,
                 outstanding: 0,
                 suspect_until: None,
@@ -288,7 +292,7 @@ impl Batcher {
             .enumerate()
             .filter(|(_, s)| {
                 s.state == InstanceState::Ready
-                    && s.outstanding < PIPELINE_DEPTH
+                    && s.outstanding < s.capacity + PIPELINE_AHEAD
                     && s.suspect_until.is_none_or(|t| now >= t)
             })
             .min_by_key(|(_, s)| s.outstanding)
@@ -302,9 +306,10 @@ impl Batcher {
         }
         let now = Instant::now();
         while let Some(idx) = self.pick_instance(now) {
-            // A busy instance only gets a full batch in advance; partial batches keep
-            // filling until some instance is idle.
-            let full_only = self.slots[idx].outstanding > 0;
+            // A busy instance (running all it can at once) only gets a full batch in advance;
+            // partial batches keep filling until some instance has room to run one.
+            let slot = &self.slots[idx];
+            let full_only = slot.outstanding >= slot.capacity;
             match self.queue.next_batch(now, full_only) {
                 Decision::Empty => break,
                 Decision::WaitUntil(at) => {

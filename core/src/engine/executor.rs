@@ -17,6 +17,11 @@ pub trait Executor: Send + Sync + 'static {
         let answer = self.execute(work);
         Box::pin(async move { WorkStream::from_output(answer.await) })
     }
+    /// How many batches the instance runs at once (its model's `concurrency`); the batcher
+    /// keeps one more in flight. One for an executor that runs a batch at a time.
+    fn capacity(&self) -> usize {
+        1
+    }
     /// The instance's lifecycle state.
     fn state(&self) -> watch::Receiver<InstanceState>;
     /// Finishes in-flight work and stops the instance.
@@ -33,6 +38,10 @@ impl Executor for crate::worker::InstanceHandle {
     fn execute_stream(&self, work: Work) -> BoxFuture<'static, WorkStream> {
         let handle = self.clone();
         Box::pin(async move { handle.execute_stream(work).await })
+    }
+
+    fn capacity(&self) -> usize {
+        crate::worker::InstanceHandle::capacity(self)
     }
 
     fn state(&self) -> watch::Receiver<InstanceState> {

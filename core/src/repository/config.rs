@@ -10,6 +10,7 @@
 //! max_concurrency = 64         # requests admitted at once (queued + running); 429 past it
 //! retry_on_worker_failure = true    # retry a crashed batch's requests once (idempotent models)
 //! memory_limit_bytes = 4294967296   # RLIMIT_AS of each worker (virtual memory: be generous)
+//! concurrency = 16             # requests one worker runs at once (async predict, or threads)
 //! [parameters]                 # ctx.parameters in setup()
 //! factor = 3
 //! ```
@@ -37,6 +38,7 @@ pub struct ModelFile {
     pub max_concurrency: Option<u64>,
     pub retry_on_worker_failure: Option<bool>,
     pub memory_limit_bytes: Option<u64>,
+    pub concurrency: Option<u32>,
 }
 
 /// `ModelFile` checked and resolved.
@@ -52,6 +54,7 @@ pub struct ModelOverrides {
     pub max_concurrency: Option<u64>,
     pub retry_on_worker_failure: Option<bool>,
     pub memory_limit_bytes: Option<u64>,
+    pub concurrency: Option<u32>,
 }
 
 impl ModelFile {
@@ -84,6 +87,13 @@ impl ModelFile {
                 "memory_limit_bytes must be at least {MIN_MEMORY_LIMIT} (64 MiB: the Python worker alone needs about that much virtual memory), got {n}"
             ));
         }
+        if let Some(n) = self.concurrency
+            && !(1..=MAX_CONCURRENCY).contains(&n)
+        {
+            return Err(format!(
+                "concurrency must be between 1 and {MAX_CONCURRENCY} (requests one worker runs at once), got {n}"
+            ));
+        }
         let parameters = self
             .parameters
             .iter()
@@ -100,6 +110,7 @@ impl ModelFile {
             max_concurrency: self.max_concurrency,
             retry_on_worker_failure: self.retry_on_worker_failure,
             memory_limit_bytes: self.memory_limit_bytes,
+            concurrency: self.concurrency,
         })
     }
 
@@ -116,6 +127,7 @@ impl ModelFile {
             .retry_on_worker_failure
             .or(self.retry_on_worker_failure);
         self.memory_limit_bytes = over.memory_limit_bytes.or(self.memory_limit_bytes);
+        self.concurrency = over.concurrency.or(self.concurrency);
         if over.version_policy != PolicyTable::default() {
             self.version_policy = over.version_policy;
         }
@@ -125,6 +137,10 @@ impl ModelFile {
 
 /// The smallest `memory_limit_bytes` accepted: below it no worker could even start.
 pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
+
+/// The largest `concurrency` accepted (the SDK's limit too: each running request holds its
+/// input block, and a plain `predict` a thread).
+pub const MAX_CONCURRENCY: u32 = 1024;
 
 fn parameter(key: &str, v: &toml::Value) -> Result<String, String> {
     match v {
@@ -156,6 +172,7 @@ mod tests {
             max_concurrency = 5
             retry_on_worker_failure = true
             memory_limit_bytes = 1073741824
+            concurrency = 16
             [parameters]
             factor = 3
             name = "x"
@@ -172,6 +189,7 @@ mod tests {
         assert_eq!(o.max_concurrency, Some(5));
         assert_eq!(o.retry_on_worker_failure, Some(true));
         assert_eq!(o.memory_limit_bytes, Some(1 << 30));
+        assert_eq!(o.concurrency, Some(16));
         assert_eq!(o.parameters["factor"], "3");
         assert_eq!(o.parameters["name"], "x");
         assert_eq!(o.parameters["on"], "true");
@@ -202,6 +220,8 @@ mod tests {
         assert!(bad("version_policy = { latest = 0 }").contains("latest"));
         assert!(bad("max_concurrency = 0").contains("max_concurrency"));
         assert!(bad("memory_limit_bytes = 1000").contains("memory_limit_bytes"));
+        assert!(bad("concurrency = 0").contains("concurrency must be between 1 and 1024"));
+        assert!(bad("concurrency = 1025").contains("got 1025"));
     }
 
     #[test]

@@ -1,13 +1,12 @@
-//! The ring allocator behind both shared-memory arenas (pure bookkeeping; the memory itself
+//! The block allocator behind both shared-memory arenas (pure bookkeeping; the memory itself
 //! is in `shm.rs`).
 //!
-//! Blocks are variable-size, start at 64-byte-aligned offsets and are freed in allocation
-//! order, which is exactly the order the worker answers executes (and the order the core
-//! releases results). An allocation that does not fit between the newest block and the end
-//! wraps to offset 0 if it fits before the oldest live block. The layout rule is shared with
-//! the Python side (`python/unimodel/`), which runs the same ring on the output arena.
-
-use std::collections::VecDeque;
+//! A worker answers executes in any order (protocol v2), so blocks are freed in any order:
+//! the allocator is a first-fit free list of 64-byte-aligned ranges, coalescing neighbours on
+//! free. The list is a `Vec` sorted by offset: it holds at most one range more than there
+//! are live blocks (a handful: the executes in flight), so a scan beats a tree. The core frees an execute's input block when that
+//! execute is answered (the in-flight table in `pipeline.rs` holds it by id). The Python side
+//! (`python/unimodel/allocator.py`) runs the same rule on the output arena.
 
 /// Every block and every tensor inside a block starts at a multiple of this, so numpy views
 /// (and SIMD loads) over the arena are aligned for any datatype.
@@ -18,7 +17,7 @@ pub fn align_up(n: usize) -> Option<usize> {
     n.checked_add(ALIGN - 1).map(|v| v & !(ALIGN - 1))
 }
 
-/// A live block of the ring.
+/// A live block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
     pub offset: usize,
@@ -32,36 +31,46 @@ pub enum AllocError {
     /// Larger than the whole arena: the caller must use a dedicated region.
     #[error("{size} bytes exceed the arena's {capacity}-byte capacity")]
     TooLarge { size: usize, capacity: usize },
-    /// Fits the arena, but not until older blocks are freed.
-    #[error("arena full: {size} bytes must wait for older blocks to be freed")]
+    /// Fits the arena, but not until live blocks are freed.
+    #[error("arena full: {size} bytes must wait for live blocks to be freed")]
     Full { size: usize },
 }
 
-/// Why a free was refused.
+/// Why a free was refused (a bug of the caller: the allocator is left unchanged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FreeError {
-    #[error("no live block to free")]
-    Empty,
-    #[error(
-        "block at offset {offset} is not the oldest live block (offset {oldest}); blocks are freed in order"
-    )]
-    OutOfOrder { offset: usize, oldest: usize },
+    #[error("block at offset {offset} (+{len}) lies outside the {capacity}-byte arena")]
+    OutOfBounds {
+        offset: usize,
+        len: usize,
+        capacity: usize,
+    },
+    #[error("block at offset {offset} (+{len}) is not live (freed twice?)")]
+    NotLive { offset: usize, len: usize },
 }
 
-/// A ring of blocks over `capacity` bytes.
+/// First-fit allocation of aligned blocks over `capacity` bytes.
 #[derive(Debug)]
-pub struct Ring {
+pub struct Allocator {
     capacity: usize,
-    /// Live blocks, oldest first.
-    blocks: VecDeque<Block>,
+    /// Free ranges `(offset, len)`, sorted by offset; never two adjacent (they are merged).
+    free: Vec<(usize, usize)>,
+    live: usize,
 }
 
-impl Ring {
+impl Allocator {
     /// `capacity` is rounded down to a multiple of `ALIGN`.
     pub fn new(capacity: usize) -> Self {
-        Ring {
-            capacity: capacity & !(ALIGN - 1),
-            blocks: VecDeque::new(),
+        let capacity = capacity & !(ALIGN - 1);
+        let free = if capacity > 0 {
+            vec![(0, capacity)]
+        } else {
+            Vec::new()
+        };
+        Allocator {
+            capacity,
+            free,
+            live: 0,
         }
     }
 
@@ -70,7 +79,7 @@ impl Ring {
     }
 
     pub fn live_blocks(&self) -> usize {
-        self.blocks.len()
+        self.live
     }
 
     /// Whether a block of `size` bytes could ever be allocated (the arena empty).
@@ -78,70 +87,70 @@ impl Ring {
         align_up(size.max(1)).is_some_and(|s| s <= self.capacity)
     }
 
-    /// Reserves a block of at least `size` bytes.
+    /// Reserves a block of at least `size` bytes at the lowest offset where it fits.
     pub fn alloc(&mut self, size: usize) -> Result<Block, AllocError> {
-        // A zero-size request still gets a distinct block so that in-order frees stay unambiguous.
-        let len = align_up(size.max(1)).ok_or(AllocError::TooLarge {
+        // A zero-size request still gets a distinct block, so that every execute owns one.
+        let too_large = AllocError::TooLarge {
             size,
             capacity: self.capacity,
-        })?;
+        };
+        let len = align_up(size.max(1)).ok_or(too_large)?;
         if len > self.capacity {
-            return Err(AllocError::TooLarge {
-                size,
+            return Err(too_large);
+        }
+        let i = self
+            .free
+            .iter()
+            .position(|&(_, room)| room >= len)
+            .ok_or(AllocError::Full { size })?;
+        let (offset, room) = self.free[i];
+        if room > len {
+            self.free[i] = (offset + len, room - len);
+        } else {
+            self.free.remove(i);
+        }
+        self.live += 1;
+        Ok(Block { offset, len })
+    }
+
+    /// Frees a live block, whenever it was allocated, merging it with free neighbours.
+    pub fn free(&mut self, block: Block) -> Result<(), FreeError> {
+        let Block { offset, len } = block;
+        let end = offset.checked_add(len).filter(|&e| e <= self.capacity);
+        let Some(end) = end.filter(|_| len > 0 && offset.is_multiple_of(ALIGN)) else {
+            return Err(FreeError::OutOfBounds {
+                offset,
+                len,
                 capacity: self.capacity,
             });
-        }
-        let offset = self.place(len).ok_or(AllocError::Full { size })?;
-        let block = Block { offset, len };
-        self.blocks.push_back(block);
-        Ok(block)
-    }
-
-    /// Where a block of `len` (aligned) bytes goes, if anywhere.
-    fn place(&self, len: usize) -> Option<usize> {
-        let (Some(oldest), Some(newest)) = (self.blocks.front(), self.blocks.back()) else {
-            return Some(0);
         };
-        let head = newest.offset + newest.len;
-        let tail = oldest.offset;
-        if newest.offset >= tail {
-            // Live data is one run [tail, head): free space after it, then before it.
-            if head + len <= self.capacity {
-                Some(head)
-            } else if len <= tail {
-                Some(0)
-            } else {
-                None
+        // The first free range at or after the block, and the one before it.
+        let i = self.free.partition_point(|&(o, _)| o < offset);
+        let before = i.checked_sub(1).map(|j| self.free[j]);
+        let after = self.free.get(i).copied();
+        let overlaps_before = before.is_some_and(|(o, l)| o + l > offset);
+        let overlaps_after = after.is_some_and(|(o, _)| o < end);
+        if overlaps_before || overlaps_after {
+            return Err(FreeError::NotLive { offset, len });
+        }
+        let joins_before = before.is_some_and(|(o, l)| o + l == offset);
+        let joins_after = after.is_some_and(|(o, _)| o == end);
+        match (joins_before, joins_after) {
+            (true, true) => {
+                let (_, next) = self.free.remove(i);
+                self.free[i - 1].1 += len + next;
             }
-        } else if head + len <= tail {
-            // Wrapped: the only free space is [head, tail).
-            Some(head)
-        } else {
-            None
+            (true, false) => self.free[i - 1].1 += len,
+            (false, true) => self.free[i] = (offset, len + self.free[i].1),
+            (false, false) => self.free.insert(i, (offset, len)),
         }
-    }
-
-    /// Frees the oldest live block, which must be `block`.
-    pub fn free(&mut self, block: Block) -> Result<(), FreeError> {
-        let oldest = self.blocks.front().ok_or(FreeError::Empty)?;
-        if *oldest != block {
-            return Err(FreeError::OutOfOrder {
-                offset: block.offset,
-                oldest: oldest.offset,
-            });
-        }
-        self.blocks.pop_front();
+        self.live = self.live.saturating_sub(1);
         Ok(())
     }
 
-    /// Takes back the newest block (an allocation whose use failed before anyone saw it).
-    pub fn free_newest(&mut self) -> Option<Block> {
-        self.blocks.pop_back()
-    }
-
-    /// Frees the oldest live block, whichever it is.
-    pub fn free_oldest(&mut self) -> Option<Block> {
-        self.blocks.pop_front()
+    /// Bytes in live blocks.
+    pub fn used(&self) -> usize {
+        self.capacity - self.free.iter().map(|&(_, l)| l).sum::<usize>()
     }
 }
 
@@ -163,115 +172,130 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allocations_are_aligned_and_consecutive() {
-        let mut r = Ring::new(1024);
-        let a = r.alloc(10).unwrap();
-        let b = r.alloc(65).unwrap();
-        let c = r.alloc(0).unwrap();
-        assert_eq!((a.offset, a.len), (0, 64));
-        assert_eq!((b.offset, b.len), (64, 128));
-        assert_eq!((c.offset, c.len), (192, 64));
+    fn allocations_are_aligned_and_first_fit() {
+        let mut a = Allocator::new(1024);
+        let x = a.alloc(10).unwrap();
+        let y = a.alloc(65).unwrap();
+        let z = a.alloc(0).unwrap();
+        assert_eq!((x.offset, x.len), (0, 64));
+        assert_eq!((y.offset, y.len), (64, 128));
+        assert_eq!((z.offset, z.len), (192, 64));
+        assert_eq!(a.live_blocks(), 3);
+        assert_eq!(a.used(), 256);
     }
 
     #[test]
     fn exact_fit_fills_the_arena() {
-        let mut r = Ring::new(256);
+        let mut a = Allocator::new(256);
+        let all = a.alloc(256).unwrap();
         assert_eq!(
-            r.alloc(256).unwrap(),
+            all,
             Block {
                 offset: 0,
                 len: 256
             }
         );
-        assert_eq!(r.alloc(1), Err(AllocError::Full { size: 1 }));
-        r.free_oldest();
-        let a = r.alloc(128).unwrap();
-        let b = r.alloc(128).unwrap();
-        assert_eq!((a.offset, b.offset), (0, 128));
-        assert_eq!(r.alloc(1), Err(AllocError::Full { size: 1 }));
+        assert_eq!(a.alloc(1), Err(AllocError::Full { size: 1 }));
+        a.free(all).unwrap();
+        let x = a.alloc(128).unwrap();
+        let y = a.alloc(128).unwrap();
+        assert_eq!((x.offset, y.offset), (0, 128));
+        assert_eq!(a.alloc(1), Err(AllocError::Full { size: 1 }));
     }
 
     #[test]
     fn too_large_is_distinct_from_full() {
-        let mut r = Ring::new(256);
-        assert_eq!(
-            r.alloc(257),
-            Err(AllocError::TooLarge {
-                size: 257,
-                capacity: 256
-            })
-        );
-        assert_eq!(
-            r.alloc(usize::MAX),
-            Err(AllocError::TooLarge {
-                size: usize::MAX,
-                capacity: 256
-            })
-        );
-        assert!(!r.fits(257));
-        assert!(r.fits(256));
+        let mut a = Allocator::new(256);
+        let err = AllocError::TooLarge {
+            size: 257,
+            capacity: 256,
+        };
+        assert_eq!(a.alloc(257), Err(err));
+        assert!(matches!(
+            a.alloc(usize::MAX),
+            Err(AllocError::TooLarge { .. })
+        ));
+        assert!(!a.fits(257));
+        assert!(a.fits(256));
+        assert_eq!(Allocator::new(1000).capacity(), 960);
+    }
+
+    /// The point of protocol v2: a block held by a slow execute does not hold back the blocks
+    /// allocated after it.
+    #[test]
+    fn blocks_are_freed_in_any_order_and_their_room_reused() {
+        let mut a = Allocator::new(512);
+        let slow = a.alloc(128).unwrap(); // [0, 128)
+        let b = a.alloc(128).unwrap(); // [128, 256)
+        let c = a.alloc(256).unwrap(); // [256, 512)
+        assert_eq!(a.alloc(64), Err(AllocError::Full { size: 64 }));
+        a.free(b).unwrap();
+        // The hole b left is reused while `slow` (older) is still live.
+        assert_eq!(a.alloc(128).unwrap().offset, 128);
+        a.free(c).unwrap();
+        assert_eq!(a.alloc(200).unwrap().offset, 256);
+        assert_eq!(a.live_blocks(), 3);
+        a.free(slow).unwrap();
+        assert_eq!(a.alloc(64).unwrap().offset, 0);
     }
 
     #[test]
-    fn wraps_to_the_start_when_the_oldest_block_is_freed() {
-        let mut r = Ring::new(512);
-        let a = r.alloc(192).unwrap(); // [0, 192)
-        let b = r.alloc(192).unwrap(); // [192, 384)
-        // 192 more does not fit after b (384 + 192 > 512) nor before a (a is live).
-        assert_eq!(r.alloc(192), Err(AllocError::Full { size: 192 }));
-        r.free(a).unwrap();
-        let c = r.alloc(192).unwrap();
-        assert_eq!(c.offset, 0, "wrapped to the start");
-        // Wrapped: free space is only [192, 192) now that b starts at 192.
-        assert_eq!(r.alloc(64), Err(AllocError::Full { size: 64 }));
-        r.free(b).unwrap();
-        // c is the only block: run [0,192); next goes after it.
-        assert_eq!(r.alloc(64).unwrap().offset, 192);
+    fn neighbours_coalesce_into_one_range() {
+        let mut a = Allocator::new(4 * 64);
+        let blocks: Vec<_> = (0..4).map(|_| a.alloc(64).unwrap()).collect();
+        // Free the middle two in either order, then the ends: one range again.
+        a.free(blocks[2]).unwrap();
+        a.free(blocks[1]).unwrap();
+        assert_eq!(a.alloc(128).unwrap().offset, 64, "the two holes merged");
+        a.free(Block {
+            offset: 64,
+            len: 128,
+        })
+        .unwrap();
+        a.free(blocks[0]).unwrap();
+        a.free(blocks[3]).unwrap();
+        assert_eq!(a.used(), 0);
+        assert_eq!(a.alloc(256).unwrap().offset, 0);
     }
 
     #[test]
-    fn wrapped_ring_allocates_between_head_and_tail() {
-        let mut r = Ring::new(1024);
-        let a = r.alloc(512).unwrap(); // [0, 512)
-        let _b = r.alloc(256).unwrap(); // [512, 768)
-        r.free(a).unwrap();
-        let c = r.alloc(384).unwrap(); // does not fit after b (768+384 > 1024): wraps
-        assert_eq!(c.offset, 0);
-        let d = r.alloc(128).unwrap(); // wrapped region [384, 512)
-        assert_eq!(d.offset, 384);
-        assert_eq!(r.alloc(64), Err(AllocError::Full { size: 64 }));
+    fn bad_frees_are_refused_and_change_nothing() {
+        let mut a = Allocator::new(1024);
+        let x = a.alloc(64).unwrap();
+        a.free(x).unwrap();
+        assert_eq!(a.free(x), Err(FreeError::NotLive { offset: 0, len: 64 }));
+        let y = a.alloc(128).unwrap();
+        let z = Block {
+            offset: 64,
+            len: 128,
+        };
+        assert!(matches!(a.free(z), Err(FreeError::NotLive { .. })));
+        let outside = Block {
+            offset: 1024,
+            len: 64,
+        };
+        assert!(matches!(
+            a.free(outside),
+            Err(FreeError::OutOfBounds { .. })
+        ));
+        a.free(y).unwrap();
+        assert_eq!(a.used(), 0);
     }
 
     #[test]
-    fn frees_must_be_in_order() {
-        let mut r = Ring::new(1024);
-        let a = r.alloc(64).unwrap();
-        let b = r.alloc(64).unwrap();
-        assert_eq!(
-            r.free(b),
-            Err(FreeError::OutOfOrder {
-                offset: 64,
-                oldest: 0
-            })
-        );
-        r.free(a).unwrap();
-        r.free(b).unwrap();
-        assert_eq!(r.free(b), Err(FreeError::Empty));
-        // Empty again: allocation restarts at 0.
-        assert_eq!(r.alloc(64).unwrap().offset, 0);
-    }
-
-    #[test]
-    fn long_random_run_never_overlaps() {
-        let mut r = Ring::new(4096);
-        let mut live: VecDeque<Block> = VecDeque::new();
+    fn long_random_run_never_overlaps_and_frees_everything() {
+        let mut a = Allocator::new(4096);
+        let mut live: Vec<Block> = Vec::new();
         let mut seed = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..20_000 {
+        let mut next = || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let size = (seed % 1500) as usize;
-            match r.alloc(size) {
+            seed
+        };
+        for _ in 0..20_000 {
+            let size = (next() % 1500) as usize;
+            match a.alloc(size) {
                 Ok(b) => {
                     assert_eq!(b.offset % ALIGN, 0);
                     assert!(b.offset + b.len <= 4096);
@@ -281,15 +305,22 @@ mod tests {
                             "{b:?} overlaps {l:?}"
                         );
                     }
-                    live.push_back(b);
+                    live.push(b);
                 }
                 Err(AllocError::Full { .. }) => {
-                    let oldest = live.pop_front().unwrap();
-                    r.free(oldest).unwrap();
+                    // Free a random live block, not the oldest.
+                    let i = (next() as usize) % live.len();
+                    a.free(live.swap_remove(i)).unwrap();
                 }
                 Err(e) => panic!("{e}"),
             }
+            assert_eq!(a.live_blocks(), live.len());
+            assert_eq!(a.used(), live.iter().map(|b| b.len).sum::<usize>());
         }
+        for b in live.drain(..) {
+            a.free(b).unwrap();
+        }
+        assert_eq!(a.alloc(4096).unwrap().offset, 0, "fully coalesced");
     }
 
     #[test]

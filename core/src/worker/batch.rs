@@ -4,7 +4,7 @@
 //! Client shared memory (`client_shm`) is the exception to copying: inputs in it travel as
 //! descriptors, and outputs the worker wrote into it come back as views of it.
 
-use super::arena::{AllocError, Block, Ring, layout};
+use super::arena::{AllocError, Allocator, Block, layout};
 use super::client_shm::OutputTarget;
 use super::protocol::{Region, Target, TensorRef};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion};
@@ -12,16 +12,16 @@ use super::types::{Work, WorkInput};
 use crate::engine::tensor::{DataType, Storage, Tensor, element_count};
 use std::os::fd::{AsFd, OwnedFd};
 
-/// The input arena: the core's writable mapping and its ring bookkeeping.
+/// The input arena: the core's writable mapping and its block bookkeeping.
 pub struct InputArena {
     pub region: WritableRegion,
-    pub ring: Ring,
+    pub blocks: Allocator,
 }
 
 impl InputArena {
     pub fn new(region: WritableRegion) -> Self {
-        let ring = Ring::new(region.len());
-        InputArena { region, ring }
+        let blocks = Allocator::new(region.len());
+        InputArena { region, blocks }
     }
 }
 
@@ -41,7 +41,7 @@ pub struct Staged {
 /// Why a batch could not be staged now.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    /// The arena has no room until an earlier execute is answered.
+    /// The arena has no room until some execute in flight is answered.
     #[error("input arena full")]
     Full,
     #[error("cannot stage inputs: {0}")]
@@ -72,8 +72,8 @@ pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> 
     if !copied.is_empty() {
         let (offsets, total) =
             layout(copied.iter().map(|&(_, len)| len)).ok_or(StageError::Overflow)?;
-        let fits = arena.ring.fits(total);
-        let allocated = match fits.then(|| arena.ring.alloc(total)) {
+        let fits = arena.blocks.fits(total);
+        let allocated = match fits.then(|| arena.blocks.alloc(total)) {
             Some(Ok(b)) => Some(b),
             Some(Err(AllocError::Full { .. })) => return Err(StageError::Full),
             Some(Err(AllocError::TooLarge { .. })) | None => None,
@@ -84,9 +84,10 @@ pub fn stage(work: &Work, arena: &mut InputArena) -> Result<Staged, StageError> 
                     let offset = b.offset + rel;
                     let input = &work.inputs[i];
                     if let Err(e) = arena.region.write_parts(offset, &input.parts) {
-                        // Give the block back: it is the newest, so undoing it keeps the ring
-                        // in order.
-                        arena.ring.free_newest();
+                        // Give the block back: nobody has seen it.
+                        if let Err(free) = arena.blocks.free(b) {
+                            tracing::error!("input arena: {free}");
+                        }
                         return Err(e.into());
                     }
                     refs[i] = Some(input_ref(input, Region::Input, offset, len));

@@ -37,17 +37,35 @@ def recv():
     (n,) = struct.unpack("<I", recv_exact(4))
     return msgpack.unpackb(recv_exact(n))
 
-send({"type": "hello", "protocol": 2 if mode == "badversion" else 1, "pid": os.getpid(),
+send({"type": "hello", "protocol": 3 if mode == "badversion" else 2, "pid": os.getpid(),
       "python": "3", "sdk": "fake"})
-recv()
+load = recv()
 send({"type": "ready", "setup_ms": 0.0})
 received = 0
+held = []
 while True:
     m = recv()
     if m["type"] != "execute":
         continue
     received += 1
-    if mode == "garbage":
+    if mode == "reverse":
+        # Runs `concurrency` executes at once and answers them newest first, each with
+        # its own id's bytes in the output arena (offsets by id: blocks freed by id).
+        held.append(m)
+        if len(held) == load["concurrency"]:
+            for e in reversed(held):
+                off = 64 * (e["id"] % 16)
+                os.pwrite(5, bytes([e["id"]]), off)
+                ref = {"name": "y", "datatype": "UINT8", "shape": [1], "region": "output",
+                       "offset": off, "length": 1}
+                send({"type": "result", "id": e["id"], "outputs": [ref], "compute_ns": 1})
+            held = []
+    elif mode == "exitholdingtwo":
+        # Runs two at once; dies once both are running.
+        if received == 2:
+            time.sleep(0.3)
+            os._exit(9)
+    elif mode == "garbage":
         send_raw(b"\xc1\xc1\xc1")
     elif mode == "wrongid":
         send({"type": "result", "id": m["id"] + 5, "outputs": [], "compute_ns": 1})
@@ -135,6 +153,7 @@ fn config(mode: &str) -> InstanceConfig {
             max_setup_failures: 2,
         },
         memory_limit_bytes: None,
+        concurrency: 1,
     }
 }
 
@@ -188,7 +207,7 @@ async fn malformed_frame_is_a_protocol_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answer_out_of_order_is_a_protocol_error() {
-    protocol_violation_restarts("wrongid", "oldest unanswered one is Some(").await;
+    protocol_violation_restarts("wrongid", "which is not in flight (in flight: [").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +380,7 @@ async fn protocol_version_mismatch_fails_setup() {
         unreachable!()
     };
     assert!(
-        error.contains("worker speaks protocol 2, the core speaks 1"),
+        error.contains("worker speaks protocol 3, the core speaks 2"),
         "{error}"
     );
     h.shutdown().await;
@@ -425,6 +444,61 @@ async fn a_worker_dying_in_every_execute_backs_off_exponentially() {
     assert!(gaps[0] >= Duration::from_millis(90), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(190), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_millis(390), "{gaps:?}");
+    h.shutdown().await;
+}
+
+/// Protocol v2: a worker with concurrency 2 answers its two executes newest first; each
+/// caller gets its own answer, and both input blocks are freed (many rounds fit a small
+/// arena only if blocks come back whatever the order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_in_any_order_reach_their_own_callers() {
+    let mut cfg = config("reverse");
+    cfg.concurrency = 2;
+    cfg.input_arena_bytes = 16 << 10;
+    let h = spawn_instance(cfg);
+    assert_eq!(h.capacity(), 2);
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    for _ in 0..20 {
+        let (a, b) = tokio::join!(
+            h.execute(sized_work(6 << 10)),
+            h.execute(sized_work(6 << 10))
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        // Each answer carries its execute's id: `a` was sent first (lower id) and answered
+        // last. Matching answers in arrival order would swap them.
+        let (ia, ib) = (a.outputs[0].data[0], b.outputs[0].data[0]);
+        assert_eq!(ia + 1, ib);
+    }
+    assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
+}
+
+/// A worker running two executes at once dies: both fail with the exit status, and a
+/// third, sent but not started (behind them), is `NotStarted` for the engine to re-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_fails_every_execute_the_worker_was_running() {
+    let mut cfg = config("exitholdingtwo");
+    cfg.concurrency = 2;
+    let h = spawn_instance(cfg);
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let h2 = h.clone();
+        tasks.push(tokio::spawn(async move { h2.execute(work()).await }));
+    }
+    let mut crashed = 0;
+    let mut not_started = 0;
+    for t in tasks {
+        match t.await.unwrap().unwrap_err() {
+            WorkerError::Crashed { status } => {
+                assert_eq!(status, "exited with code 9");
+                crashed += 1;
+            }
+            WorkerError::NotStarted { .. } => not_started += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((crashed, not_started), (2, 1));
     h.shutdown().await;
 }
 

@@ -1,13 +1,16 @@
 //! Worker processes: spawning and supervising one Python process per model instance,
 //! the shared-memory arenas and the control channel. See docs/worker-protocol.md.
 //!
-//! - `instance`: the per-instance supervisor actor the engine talks to (`InstanceHandle`).
+//! - `supervisor`: the per-instance actor the engine talks to (`InstanceHandle`): starts,
+//!   watches and restarts the worker process.
+//! - `pipeline`: the requests of one instance: queued executes and the in-flight table keyed
+//!   by id (answers arrive in any order), input blocks freed by id.
 //! - `session`: one running worker process with its socket tasks and arenas.
 //! - `stream`: what the caller of a streaming (generator) execute holds.
 //! - `batch`: staging a batch's inputs into shared memory and copying outputs back.
 //! - `protocol`: the MessagePack control messages.
 //! - `codec`: length-prefixed frames with descriptor passing on the control socket.
-//! - `arena`: the ring allocator behind both shared-memory arenas.
+//! - `arena`: the block allocator behind both shared-memory arenas (freed in any order).
 //! - `shm`: memfd creation and mappings.
 //! - `client_shm`: clients' shared-memory segments, passed to workers without copies.
 //! - `process`: spawning one worker process (fds, process group, environment, logs).
@@ -19,13 +22,14 @@ mod batch;
 pub mod client_shm;
 pub mod codec;
 mod inspect;
-mod instance;
+mod pipeline;
 pub mod process;
 pub mod protocol;
 mod python;
 mod session;
 pub mod shm;
 mod stream;
+mod supervisor;
 pub mod types;
 
 #[cfg(test)]
@@ -34,7 +38,7 @@ mod fake_worker_tests;
 mod real_worker_tests;
 
 pub use inspect::{InspectError, inspect};
-pub use instance::{InstanceHandle, spawn_instance};
 pub use python::{PythonSetupError, prepare_python};
 pub use stream::{Receipt, StreamItem, WorkChunk, WorkStream};
+pub use supervisor::{InstanceHandle, spawn_instance};
 pub use types::*;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Version sent in `hello` and `load`; a worker speaking another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: answers keyed by id in any order, blocks freed by id, `load.concurrency`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Where a tensor's bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +67,8 @@ pub struct TensorRef {
 pub enum ErrorKind {
     /// `predict` raised.
     Plugin,
-    /// Cancelled before it started.
+    /// Cancelled before it started, or stopped while running (a generator, an async
+    /// `predict`).
     Cancelled,
     /// An output exceeded `max_output_bytes`.
     TooLarge,
@@ -125,6 +127,8 @@ pub struct Load {
     pub parameters: BTreeMap<String, String>,
     pub max_batch_size: u32,
     pub max_output_bytes: u64,
+    /// Executes the worker runs at once (the model's `concurrency`).
+    pub concurrency: u32,
 }
 
 /// Core → worker.

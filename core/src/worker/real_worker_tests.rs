@@ -174,6 +174,7 @@ fn config(f: &Fixture, class: &str) -> InstanceConfig {
             max_setup_failures: 3,
         },
         memory_limit_bytes: None,
+        concurrency: 1,
     }
 }
 

@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Frames buffered between the reader task and the supervisor. The worker sends at most a
-/// few frames per execute and the engine keeps at most two executes in flight.
+/// few frames per execute (a stream one per chunk, each waiting for its release) and the
+/// engine keeps at most the model's concurrency plus one executes in flight; a full queue
+/// only makes the reader wait.
 const FRAME_QUEUE: usize = 16;
 
 /// Why a worker process could not be started.

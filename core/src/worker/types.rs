@@ -1,6 +1,6 @@
 //! The worker layer's public face: what the engine hands a worker instance and what it gets
 //! back. The engine never sees sockets, arenas or processes; the worker layer never sees
-//! batching policy (it executes one already-formed batch at a time).
+//! batching policy (it executes already-formed batches, up to the model's `concurrency` at once).
 
 use crate::engine::tensor::{DataType, Storage, Tensor, TensorSpec};
 use bytes::Bytes;
@@ -43,6 +43,13 @@ pub struct ModelDecl {
     /// `RLIMIT_AS` of each worker process.
     #[serde(default)]
     pub memory_limit_bytes: Option<u64>,
+    /// Requests one worker runs at once (`async def predict`, or a thread pool).
+    #[serde(default = "one")]
+    pub concurrency: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Timeouts the supervisor enforces.
@@ -95,6 +102,8 @@ pub struct InstanceConfig {
     /// `RLIMIT_AS` of the worker process (bytes of virtual memory), if the model sets
     /// `memory_limit_bytes`; an allocation past it fails (Python `MemoryError`).
     pub memory_limit_bytes: Option<u64>,
+    /// Executes the worker runs at once (the model's `concurrency`, at least 1).
+    pub concurrency: u32,
 }
 
 /// State of one worker instance, published on a `watch` channel.

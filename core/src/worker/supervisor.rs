@@ -1,37 +1,33 @@
 //! The supervisor of one model instance: an actor that owns the worker process (a
-//! `Session`), stages batches into its arenas, matches answers to callers, and restarts the
-//! process when it dies or hangs. The engine talks to it only through `InstanceHandle`.
+//! `Session`), starts it, watches it and restarts it when it dies or hangs. The requests it
+//! carries (queued executes, the in-flight table keyed by id, stream chunks and the input
+//! blocks they hold) are the request pipeline's (`pipeline.rs`), which this actor calls on
+//! every frame and command. The engine talks to it only through `InstanceHandle`.
 //!
 //! Flow (docs/worker-protocol.md, "Lifecycle"):
 //! 1. start a session; wait for `hello` (hello timeout), send `load`, wait for `ready`
 //!    (load timeout) -> state Ready;
-//! 2. `execute`: copy inputs into one input-arena block, send `execute`; on `result` copy
-//!    outputs out, send `release`, free the input block, answer the caller;
-//!    a streaming execute (`execute_stream`) answers with chunks instead, each copied out
-//!    and handed over with a `Receipt`; `release` for a chunk waits for its receipt (the
-//!    worker's back-pressure, see `stream.rs`), and its end is the final empty `result`;
+//! 2. executes go through the pipeline: up to the model's `concurrency` run in the worker
+//!    at once, answered in any order;
 //! 3. idle: `ping` every heartbeat interval, expect `pong` within the heartbeat timeout;
-//! 4. a crash, EOF, hang or protocol error fails the execute the worker was running (`Crashed`,
-//!    `ExecutionTimeout`, `Protocol`) and answers the ones it had not started, or that were
-//!    still queued here, `NotStarted` (the engine runs those elsewhere); then the process is
-//!    restarted: after the initial delay if it died idle or had served successfully (a crash
-//!    storm must not slow recovery), else after an exponential backoff; `setup` failing (or
-//!    dying before `ready`) `max_setup_failures` times in a row ends in Failed with the
-//!    traceback.
+//! 4. a crash, EOF, hang or protocol error fails every execute the worker was running
+//!    (`Crashed`, `ExecutionTimeout`, `Protocol`) and answers the ones it had not started, or
+//!    that were still queued here, `NotStarted` (the engine runs those elsewhere); then the
+//!    process is restarted: after the initial delay if it died idle or had served
+//!    successfully (a crash storm must not slow recovery), else after an exponential backoff;
+//!    `setup` failing (or dying before `ready`) `max_setup_failures` times in a row ends in
+//!    Failed with the traceback.
 //!
 //! One task owns all state; its `select!` is biased towards the worker's frames so that an
 //! answer that arrived just before the process exited is still delivered.
 
-use super::batch::{self, StageError};
-use super::codec::{CodecError, Frame, MAX_FDS_PER_FRAME};
+use super::codec::{CodecError, Frame};
+use super::pipeline::{Answered, Job, Pipeline, Reply};
 use super::process::describe_exit;
-use super::protocol::{
-    self, CoreMessage, ErrorKind, Load, PROTOCOL_VERSION, Region, TensorRef, WorkerMessage,
-};
+use super::protocol::{self, CoreMessage, Load, PROTOCOL_VERSION, WorkerMessage};
 use super::session::Session;
-use super::stream::{Notice, Receipt, StreamItem, StreamSender, WorkChunk, WorkStream};
+use super::stream::{Notice, WorkStream};
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
-use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +35,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-/// Commands waiting for the actor. The engine keeps at most two executes in flight per
-/// instance, so a handful of slots is plenty; a full queue only delays the sender.
+/// Commands waiting for the actor. The engine keeps at most the worker's concurrency plus
+/// one executes in flight per instance; a full queue only delays the sender.
 const COMMAND_QUEUE: usize = 16;
 
 /// How long a worker that got `shutdown` may take to exit before it is killed.
@@ -49,56 +45,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// After the control socket closes (or the process is reaped), how long to wait for the
 /// other half of the news before acting on what we know.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
-
-/// Where an execute's answer goes: one result, or a stream of chunks and its end.
-enum Reply {
-    Once(oneshot::Sender<Result<WorkOutput, WorkerError>>),
-    Stream(StreamSender),
-}
-
-impl Reply {
-    /// Delivers the final answer. A stream gets a non-empty result (an ordinary `predict`
-    /// called through `execute_stream`) as one chunk before its end.
-    fn send(self, result: Result<WorkOutput, WorkerError>) {
-        // A caller that has gone needs no answer.
-        match self {
-            Reply::Once(tx) => {
-                let _ = tx.send(result);
-            }
-            Reply::Stream(tx) => match result {
-                Ok(out) => {
-                    if !out.outputs.is_empty() {
-                        let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
-                            outputs: out.outputs,
-                            receipt: None,
-                        })));
-                    }
-                    let _ = tx.send(Ok(StreamItem::End {
-                        compute_ns: out.compute_ns,
-                    }));
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            },
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Reply::Once(tx) => tx.is_closed(),
-            Reply::Stream(tx) => tx.is_closed(),
-        }
-    }
-}
-
-/// One `execute` call, as it reaches the actor.
-struct Job {
-    /// Chosen by the handle, so a cancel can name the job before the actor has seen it.
-    ticket: u64,
-    work: Work,
-    reply: Reply,
-}
 
 enum Command {
     Execute(Job),
@@ -116,6 +62,8 @@ struct HandleInner {
     notices: mpsc::UnboundedSender<Notice>,
     state: watch::Receiver<InstanceState>,
     next_ticket: AtomicU64,
+    /// Executes the worker runs at once (the model's `concurrency`).
+    capacity: usize,
 }
 
 /// Starts the supervisor; the process starts in the background (watch `state()` for Ready).
@@ -124,19 +72,17 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(InstanceState::Starting);
     let backoff = cfg.restart.initial_backoff;
+    let (cfg_concurrency, cfg_memory_limit) = (cfg.concurrency, cfg.memory_limit_bytes);
     let actor = Actor {
         cfg,
         commands,
         notices,
-        notices_tx: notices_tx.clone(),
         state: state_tx,
         phase: Phase::Backoff {
             until: Instant::now(),
         },
         session: None,
-        waiting: VecDeque::new(),
-        inflight: VecDeque::new(),
-        next_id: 1,
+        pipeline: Pipeline::new(cfg_concurrency, notices_tx.clone(), cfg_memory_limit),
         heartbeat: Heartbeat {
             seq: 0,
             outstanding: None,
@@ -157,17 +103,19 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
             notices: notices_tx,
             state,
             next_ticket: AtomicU64::new(1),
+            capacity: (cfg_concurrency as usize).max(1),
         }),
     }
 }
 
 impl InstanceHandle {
     /// Runs one batch. Dropping the returned future cancels it: a batch not yet sent is
-    /// dropped, a sent one gets a `cancel` (the worker skips it if it has not started).
+    /// dropped, a sent one gets a `cancel` (the worker skips it if it has not started, and
+    /// stops it if it runs an async `predict`).
     ///
     /// `NotStarted` means the batch never reached a running worker (not ready, or the process
-    /// died before starting it), so it may run elsewhere; only the batch the worker was running
-    /// gets `Crashed` or `ExecutionTimeout`.
+    /// died before starting it), so it may run elsewhere; only batches the worker was running
+    /// (up to its `capacity`) get `Crashed` or `ExecutionTimeout`.
     pub async fn execute(&self, work: Work) -> Result<WorkOutput, WorkerError> {
         let state = self.inner.state.borrow().clone();
         if state != InstanceState::Ready {
@@ -222,6 +170,12 @@ impl InstanceHandle {
             job.reply.send(Err(WorkerError::ShuttingDown));
         }
         stream
+    }
+
+    /// How many executes the worker runs at once (the model's `concurrency`); the engine
+    /// keeps one more in flight so the next is staged while they run.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity
     }
 
     /// The instance's state; changes are published as they happen.
@@ -299,25 +253,6 @@ enum Phase {
     Stopped,
 }
 
-/// An execute sent to the worker and not yet answered.
-struct InFlight {
-    ticket: u64,
-    id: u64,
-    /// `None` once answered early (timed out) or cancelled by its caller.
-    reply: Option<Reply>,
-    /// Its input-arena block, freed when it is answered.
-    block: Option<super::arena::Block>,
-    /// When it became the worker's current execute, or last sent a chunk (the execution
-    /// timeout runs from here: per chunk for a stream).
-    started: Option<Instant>,
-    cancel_sent: bool,
-    /// Chunks handed over whose receipt has not come back: the worker is (or soon will be)
-    /// waiting for their `release`, so the execution timeout is paused meanwhile.
-    owed: u32,
-    /// Client memory it may have written outputs into (`result` region `client`).
-    targets: Vec<super::client_shm::OutputTarget>,
-}
-
 struct Heartbeat {
     seq: u64,
     /// When the unanswered ping was sent.
@@ -340,15 +275,10 @@ struct Actor {
     cfg: InstanceConfig,
     commands: mpsc::Receiver<Command>,
     notices: mpsc::UnboundedReceiver<Notice>,
-    /// Given to chunk receipts.
-    notices_tx: mpsc::UnboundedSender<Notice>,
     state: watch::Sender<InstanceState>,
     phase: Phase,
     session: Option<Session>,
-    /// Accepted executes waiting for input-arena room, in order.
-    waiting: VecDeque<Job>,
-    inflight: VecDeque<InFlight>,
-    next_id: u64,
+    pipeline: Pipeline,
     heartbeat: Heartbeat,
     /// Consecutive failed setups or deaths before `ready`.
     setup_failures: u32,
@@ -518,7 +448,7 @@ impl Actor {
         };
         // Running something when it died, without having served anything: it may die in
         // every `predict`, so its restarts back off. Idle, or proven healthy: restart now.
-        let busy = self.inflight.iter().any(|f| f.started.is_some());
+        let busy = self.pipeline.busy();
         let healthy = self.served_this_session || !busy;
         // Only what the worker had started can have died with it; the rest never ran.
         self.fail_all(
@@ -590,26 +520,13 @@ impl Actor {
         }
     }
 
-    /// Answers every queued and in-flight execute with an error: `started` for those the
-    /// worker had begun (`InFlight::started`), `not_started` for the rest, which were queued
-    /// here or sent but still waiting behind the running one.
+    /// Answers every queued and in-flight execute (see `Pipeline::fail_all`).
     fn fail_all(
         &mut self,
         started: impl Fn() -> WorkerError,
         not_started: impl Fn() -> WorkerError,
     ) {
-        for job in self.waiting.drain(..) {
-            job.reply.send(Err(not_started()));
-        }
-        for f in self.inflight.drain(..) {
-            if let Some(reply) = f.reply {
-                let err = match f.started {
-                    Some(_) => started(),
-                    None => not_started(),
-                };
-                reply.send(Err(err));
-            }
-        }
+        self.pipeline.fail_all(started, not_started);
     }
 
     // ---- frames from the worker --------------------------------------------------------
@@ -633,7 +550,11 @@ impl Actor {
                     compute_ns,
                 },
                 _,
-            ) => self.on_result(id, outputs, frame.fds, compute_ns),
+            ) => {
+                let fds = frame.fds;
+                let answered = self.step(|p, s| p.on_result(id, outputs, fds, compute_ns, s));
+                self.after_answer(answered);
+            }
             (
                 WorkerMessage::Error {
                     id,
@@ -642,9 +563,13 @@ impl Actor {
                     kind,
                 },
                 _,
-            ) => self.on_error(id, error, traceback, kind),
+            ) => {
+                let answered = self.step(|p, s| p.on_error(id, error, traceback, kind, s));
+                self.after_answer(answered);
+            }
             (WorkerMessage::StreamChunk { id, outputs }, _) => {
-                self.on_stream_chunk(id, outputs, frame.fds)
+                let fds = frame.fds;
+                self.step(|p, s| p.on_stream_chunk(id, outputs, fds, s));
             }
             (WorkerMessage::Pong { seq }, _) => {
                 if seq == self.heartbeat.seq {
@@ -673,6 +598,7 @@ impl Actor {
             parameters: c.parameters.clone(),
             max_batch_size: c.max_batch_size,
             max_output_bytes: c.max_output_bytes as u64,
+            concurrency: c.concurrency,
         });
         self.send(&load, Vec::new());
         self.phase = Phase::Loading {
@@ -689,172 +615,36 @@ impl Actor {
         self.publish(InstanceState::Ready);
     }
 
-    /// Pops the answered execute, which must be the oldest one (answers come in order).
-    fn take_answered(&mut self, id: u64) -> Option<InFlight> {
-        if self.inflight.front().map(|f| f.id) != Some(id) {
-            let expected = self.inflight.front().map(|f| f.id);
-            self.protocol_error(format!(
-                "answer for execute {id}, but the oldest unanswered one is {expected:?}"
-            ));
-            return None;
-        }
-        let done = self.inflight.pop_front()?;
-        if let (Some(block), Some(s)) = (done.block, &mut self.session) {
-            // In order by construction; a mismatch would be our bug, and the ring says so.
-            if let Err(e) = s.input.ring.free(block) {
-                tracing::error!("input arena: {e}");
+    /// Runs a pipeline step against the live session; a protocol error it reports fails
+    /// what the worker had started and kills it. `None` then, or without a session.
+    fn step<T>(
+        &mut self,
+        step: impl FnOnce(&mut Pipeline, &mut Session) -> Result<T, String>,
+    ) -> Option<T> {
+        let session = self.session.as_mut()?;
+        match step(&mut self.pipeline, session) {
+            Ok(v) => {
+                self.heartbeat.last_activity = Instant::now();
+                Some(v)
+            }
+            Err(detail) => {
+                self.protocol_error(detail);
+                None
             }
         }
-        if let Some(next) = self.inflight.front_mut() {
-            next.started = Some(Instant::now());
-        }
-        Some(done)
     }
 
-    fn on_result(
-        &mut self,
-        id: u64,
-        outputs: Vec<TensorRef>,
-        fds: Vec<std::os::fd::OwnedFd>,
-        compute_ns: u64,
-    ) {
-        let Some(done) = self.take_answered(id) else {
-            return;
-        };
-        let Some(session) = &self.session else { return };
-        let copied = match done.reply.as_ref().is_some_and(|r| !r.is_closed()) {
-            true => Some(batch::collect(
-                outputs,
-                &fds,
-                &session.output,
-                &done.targets,
-            )),
-            false => None,
-        };
-        drop(fds);
-        // Copied (or unwanted): the worker may reuse those output blocks.
-        self.send(&CoreMessage::Release { id }, Vec::new());
-        match copied {
-            Some(Ok(tensors)) => {
+    /// An execute was answered (`None`: the answer was a protocol error): its room is free
+    /// for waiting work, or a requested shutdown may finish.
+    fn after_answer(&mut self, answered: Option<Answered>) {
+        match answered {
+            None => return,
+            Some(Answered::Served) => {
                 self.backoff = self.cfg.restart.initial_backoff;
                 self.served_this_session = true;
-                if let Some(reply) = done.reply {
-                    reply.send(Ok(WorkOutput {
-                        outputs: tensors,
-                        compute_ns,
-                    }));
-                }
             }
-            Some(Err(e)) => {
-                if let Some(reply) = done.reply {
-                    reply.send(Err(WorkerError::Protocol(e.clone())));
-                }
-                return self.protocol_error(e);
-            }
-            None => {}
+            Some(Answered::Other) => {}
         }
-        self.after_answer();
-    }
-
-    fn on_error(&mut self, id: u64, error: String, traceback: String, kind: ErrorKind) {
-        let Some(done) = self.take_answered(id) else {
-            return;
-        };
-        let err = match kind {
-            ErrorKind::Plugin | ErrorKind::InvalidOutput => WorkerError::Plugin {
-                message: explain_memory_error(self.cfg.memory_limit_bytes, error),
-                traceback,
-            },
-            ErrorKind::TooLarge => WorkerError::TooLarge(error),
-            ErrorKind::Cancelled => WorkerError::Cancelled,
-        };
-        if let Some(reply) = done.reply {
-            reply.send(Err(err));
-        }
-        self.after_answer();
-    }
-
-    /// A chunk of the running (front) execute: copy it out and hand it over with a receipt
-    /// whose drop sends `release` (see `stream.rs`); without a streaming caller it is
-    /// released at once. The execution timeout restarts: it bounds each chunk.
-    fn on_stream_chunk(
-        &mut self,
-        id: u64,
-        outputs: Vec<TensorRef>,
-        fds: Vec<std::os::fd::OwnedFd>,
-    ) {
-        match self.inflight.front() {
-            Some(f) if f.id == id => {}
-            front => {
-                let expected = front.map(|f| f.id);
-                return self.protocol_error(format!(
-                    "stream_chunk for execute {id}, but the running one is {expected:?}"
-                ));
-            }
-        }
-        let Some(session) = &self.session else { return };
-        // A chunk in the output arena or in dedicated regions: the worker waits for its
-        // release before the next one (inline-only chunks are tiny and do not wait).
-        let held = outputs
-            .iter()
-            .any(|r| matches!(r.region, Region::Output | Region::Fd));
-        let notices = self.notices_tx.clone();
-        let Some(front) = self.inflight.front_mut() else {
-            return;
-        };
-        front.started = Some(Instant::now());
-        let sink = match &front.reply {
-            Some(Reply::Stream(tx)) if !tx.is_closed() => Some(tx.clone()),
-            _ => None,
-        };
-        let Some(sink) = sink else {
-            drop(fds);
-            if held {
-                self.send(&CoreMessage::Release { id }, Vec::new());
-            }
-            return;
-        };
-        match batch::collect(outputs, &fds, &session.output, &[]) {
-            Ok(tensors) => {
-                drop(fds);
-                let receipt = held.then(|| {
-                    front.owed += 1;
-                    Receipt::new(id, notices)
-                });
-                let chunk = WorkChunk {
-                    outputs: tensors,
-                    receipt,
-                };
-                // A receiver gone since the check drops the chunk, and with it the receipt,
-                // which releases the block.
-                let _ = sink.send(Ok(StreamItem::Chunk(chunk)));
-            }
-            Err(e) => {
-                if let Some(reply) = front.reply.take() {
-                    reply.send(Err(WorkerError::Protocol(e.clone())));
-                }
-                self.protocol_error(e);
-            }
-        }
-    }
-
-    /// A chunk's receipt came back: the worker may reuse its block.
-    fn on_consumed(&mut self, id: u64) {
-        let Some(pos) = self.inflight.iter().position(|f| f.id == id) else {
-            // Answered already: the result's own `release` covered the chunk.
-            return;
-        };
-        let f = &mut self.inflight[pos];
-        f.owed = f.owed.saturating_sub(1);
-        if f.owed == 0 && f.started.is_some() {
-            // The worker waited for this release, not for its plugin.
-            f.started = Some(Instant::now());
-        }
-        self.send(&CoreMessage::Release { id }, Vec::new());
-    }
-
-    /// Room was freed: send waiting work, or finish a requested shutdown.
-    fn after_answer(&mut self) {
         self.pump();
         self.maybe_finish_shutdown();
     }
@@ -863,11 +653,8 @@ impl Actor {
     /// started are answered `NotStarted` once it is gone (`session_over`).
     fn protocol_error(&mut self, detail: String) {
         tracing::error!(model = %self.cfg.model, instance = self.cfg.instance, "worker protocol error: {detail}");
-        for f in self.inflight.iter_mut().filter(|f| f.started.is_some()) {
-            if let Some(reply) = f.reply.take() {
-                reply.send(Err(WorkerError::Protocol(detail.clone())));
-            }
-        }
+        self.pipeline
+            .fail_started(|| WorkerError::Protocol(detail.clone()));
         self.kill(Death::Killed(format!("protocol error: {detail}")));
     }
 
@@ -911,7 +698,7 @@ impl Actor {
             job.reply.send(Err(WorkerError::NotStarted { reason }));
             return;
         }
-        self.waiting.push_back(job);
+        self.pipeline.accept(job);
         self.pump();
     }
 
@@ -932,85 +719,30 @@ impl Actor {
         }
     }
 
-    /// Sends waiting executes while the input arena has room and the worker can take them.
+    /// Sends waiting executes while the input arena has room.
     fn pump(&mut self) {
         if self.unavailable().is_some() {
             // They are answered `NotStarted` when the session is over.
             return;
         }
-        while let Some(job) = self.waiting.front() {
-            if job.reply.is_closed() {
-                self.waiting.pop_front();
-                continue;
-            }
-            let Some(session) = &mut self.session else {
-                return;
-            };
-            let staged = match batch::stage(&job.work, &mut session.input) {
-                Ok(s) => s,
-                Err(StageError::Full) => return,
-                Err(e) => {
-                    if let Some(job) = self.waiting.pop_front() {
-                        job.reply.send(Err(WorkerError::Protocol(e.to_string())));
-                    }
-                    continue;
-                }
-            };
-            let Some(job) = self.waiting.pop_front() else {
-                return;
-            };
-            if staged.fds.len() > MAX_FDS_PER_FRAME {
-                // One frame cannot carry them; the engine refuses such models at load, so this
-                // only fails the batch (its regions close as `staged` drops).
-                job.reply.send(Err(WorkerError::Protocol(format!(
-                    "the batch needs {} descriptors (one per input too large for the input arena), over the limit of {MAX_FDS_PER_FRAME} per frame",
-                    staged.fds.len()
-                ))));
-                continue;
-            }
-            let id = self.next_id;
-            self.next_id += 1;
-            let msg = CoreMessage::Execute {
-                id,
-                batch_size: job.work.batch_size,
-                inputs: staged.refs,
-                outputs: job.work.outputs,
-                trace: job.work.trace.iter().map(|t| t.to_string()).collect(),
-                targets: staged.targets,
-            };
-            let started = self.inflight.is_empty().then(Instant::now);
-            self.inflight.push_back(InFlight {
-                ticket: job.ticket,
-                id,
-                reply: Some(job.reply),
-                block: staged.block,
-                started,
-                cancel_sent: false,
-                owed: 0,
-                targets: job.work.targets,
-            });
-            // A ping in flight is answered before this execute; the execute timeout covers
+        if self.step(|p, s| p.pump(s)) == Some(true) {
+            // A ping in flight is answered before these executes; the execute timeout covers
             // the worker from here on.
             self.heartbeat.outstanding = None;
-            self.send(&msg, staged.fds);
         }
     }
 
     fn on_cancel(&mut self, ticket: u64) {
-        if let Some(pos) = self.waiting.iter().position(|j| j.ticket == ticket) {
-            self.waiting.remove(pos);
-            return;
+        if let Err(detail) = self.pipeline.cancel(ticket, self.session.as_mut()) {
+            self.protocol_error(detail);
         }
-        let Some(f) = self.inflight.iter_mut().find(|f| f.ticket == ticket) else {
-            return;
-        };
-        if f.cancel_sent || f.reply.is_none() {
-            return;
+    }
+
+    /// A chunk's receipt came back: the worker may reuse its block.
+    fn on_consumed(&mut self, id: u64) {
+        if let Err(detail) = self.pipeline.on_consumed(id, self.session.as_mut()) {
+            self.protocol_error(detail);
         }
-        f.cancel_sent = true;
-        f.reply = None;
-        let id = f.id;
-        self.send(&CoreMessage::Cancel { id }, Vec::new());
     }
 
     fn on_handles_dropped(&mut self) {
@@ -1019,11 +751,7 @@ impl Actor {
     }
 
     fn maybe_finish_shutdown(&mut self) {
-        if self.stopping
-            && matches!(self.phase, Phase::Ready)
-            && self.inflight.is_empty()
-            && self.waiting.is_empty()
-        {
+        if self.stopping && matches!(self.phase, Phase::Ready) && self.pipeline.is_empty() {
             self.send(&CoreMessage::Shutdown, Vec::new());
             self.phase = Phase::Exiting {
                 deadline: Instant::now() + SHUTDOWN_GRACE,
@@ -1040,13 +768,10 @@ impl Actor {
             | Phase::Loading { deadline }
             | Phase::Exiting { deadline } => Some(*deadline),
             Phase::Backoff { until } => Some(*until),
-            Phase::Ready => match self.inflight.front() {
-                Some(f) if f.owed > 0 => None,
-                Some(f) => f.started.map(|s| s + t.execute),
-                None => match self.heartbeat.outstanding {
-                    Some(sent) => Some(sent + t.heartbeat_timeout),
-                    None => Some(self.heartbeat.last_activity + t.heartbeat_interval),
-                },
+            Phase::Ready if !self.pipeline.idle() => self.pipeline.next_deadline(t.execute),
+            Phase::Ready => match self.heartbeat.outstanding {
+                Some(sent) => Some(sent + t.heartbeat_timeout),
+                None => Some(self.heartbeat.last_activity + t.heartbeat_interval),
             },
             Phase::Dying | Phase::Failed | Phase::Stopped => None,
         };
@@ -1086,11 +811,8 @@ impl Actor {
     /// Execution timeout, heartbeat timeout, or time for the next ping.
     fn check_ready_timers(&mut self, now: Instant) {
         let t = self.cfg.timeouts.clone();
-        if let Some(front) = self.inflight.front_mut() {
-            if front.owed == 0 && front.started.is_some_and(|s| now >= s + t.execute) {
-                if let Some(reply) = front.reply.take() {
-                    reply.send(Err(WorkerError::ExecutionTimeout { after: t.execute }));
-                }
+        if !self.pipeline.idle() {
+            if self.pipeline.time_out(now, t.execute) {
                 self.kill(Death::Killed(format!(
                     "execution exceeded the {:?} execution timeout",
                     t.execute
@@ -1135,29 +857,6 @@ impl Actor {
     }
 }
 
-/// A `MemoryError` under a memory limit says which limit: the plugin's own message
-/// ("Unable to allocate ...") does not know that the cap was ours.
-fn explain_memory_error(limit: Option<u64>, message: String) -> String {
-    // "MemoryError" or "MemoryError: text" (the protocol's "Type: text" form).
-    let text = match message.strip_prefix("MemoryError") {
-        Some("") => Some(""),
-        Some(rest) => rest.strip_prefix(": "),
-        None => None,
-    };
-    match (limit, text) {
-        (Some(limit), Some(text)) => {
-            let detail = match text.trim() {
-                "" => String::new(),
-                t => format!(": {t}"),
-            };
-            format!(
-                "MemoryError: memory limit of {limit} bytes reached (the model's memory_limit_bytes, a cap on virtual memory){detail}"
-            )
-        }
-        _ => message,
-    }
-}
-
 /// The next frame, or never when there is no socket to read.
 async fn recv_frame(
     rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>,
@@ -1192,30 +891,5 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::explain_memory_error;
-
-    #[test]
-    fn a_memory_error_under_a_limit_names_the_limit() {
-        let limit = Some(1 << 30);
-        assert_eq!(
-            explain_memory_error(limit, "MemoryError".into()),
-            "MemoryError: memory limit of 1073741824 bytes reached (the model's memory_limit_bytes, a cap on virtual memory)"
-        );
-        let numpy = explain_memory_error(limit, "MemoryError: Unable to allocate 8.00 GiB".into());
-        assert!(numpy.starts_with("MemoryError: memory limit of 1073741824 bytes reached"));
-        assert!(numpy.ends_with(": Unable to allocate 8.00 GiB"), "{numpy}");
-        // Other errors, and any error without a limit, pass through.
-        for message in ["ValueError: no", "MemoryErrorish: x"] {
-            assert_eq!(explain_memory_error(limit, message.into()), message);
-        }
-        assert_eq!(
-            explain_memory_error(None, "MemoryError".into()),
-            "MemoryError"
-        );
     }
 }
