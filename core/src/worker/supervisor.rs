@@ -429,9 +429,15 @@ impl Actor {
             .map(|s| describe_exit(&s))
             .unwrap_or_else(|| "exited (status unknown)".into());
         let death = self.death.take();
+        // A failed write explains a clean (or unknown) exit: the worker read EOF and left. A
+        // worker that died of a signal or a non-zero exit broke the socket by dying, so the
+        // write error (EPIPE) is a symptom, not the cause, and is left out.
+        let died_on_its_own = status.is_some_and(|s| !s.success());
         let crash = match (&death, session.write_error()) {
             (Some(Death::Killed(reason)), _) => format!("{exit} ({reason})"),
-            (_, Some(e)) => format!("{exit} (control socket write failed: {e})"),
+            (_, Some(e)) if !died_on_its_own => {
+                format!("{exit} (control socket write failed: {e})")
+            }
             _ => exit.clone(),
         };
         // A worker killed by a signal we did not send may have hit its memory limit (a
