@@ -12,8 +12,23 @@
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
+//! - `tensor`: tensor types, the BYTES codec, where bytes live (`Storage`, client segments).
+//! - `proto`: the generated KServe V2 gRPC messages, server trait and client.
 //!
-//! Dependencies point one way: `api -> repository -> engine -> worker`.
+//! Dependencies point one way, leaves first (`core/tests/layering.rs` holds the table and
+//! fails on any `crate::` path against it):
+//!
+//! ```text
+//! tensor, proto, heap, auth          leaves
+//! telemetry -> heap;  tls -> telemetry
+//! worker -> tensor, telemetry
+//! engine -> worker, tensor, telemetry
+//! regions -> worker, tensor;  repository -> engine
+//! api -> engine, repository, regions, auth, tls, telemetry, tensor, proto
+//!        (REST and gRPC inside it are siblings: neither names the other)
+//! bench -> tensor, proto, tls        (a client: it knows no server module)
+//! cli -> everything (the commands wire the layers together)
+//! ```
 
 pub mod api;
 pub mod auth;
@@ -21,8 +36,10 @@ pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod heap;
+pub mod proto;
 pub mod regions;
 pub mod repository;
 pub mod telemetry;
+pub mod tensor;
 pub mod tls;
 pub mod worker;

@@ -18,8 +18,8 @@
 
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
-use crate::engine::tensor::Storage;
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
+use crate::tensor::Storage;
 use axum::response::sse::Event;
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -233,7 +233,7 @@ pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
 mod tests {
     use super::*;
     use crate::engine::DataType;
-    use crate::engine::bytes_codec;
+    use crate::tensor::bytes_codec;
     use std::collections::BTreeMap;
 
     fn config(max_batch_size: u32) -> ModelConfig {

@@ -428,8 +428,8 @@ async fn model_config<B: Backend>(
 ) -> Result<Response, ApiError> {
     let Path(p) = path?;
     let status = s.backend.model(&p.model, p.version.as_deref())?;
-    let config = super::grpc::config::model_config(&status.config);
-    Ok(Json(super::grpc::config::to_json(&config)).into_response())
+    let config = super::model_config::model_config(&status.config);
+    Ok(Json(super::model_config::to_json(&config)).into_response())
 }
 
 /// `GET /metrics`: 200 Prometheus text format (version 0.0.4); 404 when the backend keeps

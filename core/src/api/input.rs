@@ -13,14 +13,14 @@
 //! file only checks what the encoding itself promises.
 
 use super::binary::BinaryData;
+use super::contents;
 use super::error::ApiError;
-use super::grpc::contents;
-use super::grpc::proto::InferTensorContents;
 use super::json_data;
-use crate::engine::tensor::{ClientSlice, Storage, element_count};
 use crate::engine::{DataType, Tensor};
+use crate::proto::InferTensorContents;
 use crate::regions::{RegionError, Regions};
-use crate::worker::client_shm::OutputTarget;
+use crate::tensor::client_shm::OutputTarget;
+use crate::tensor::{ClientSlice, Storage, element_count};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -6,7 +6,7 @@
 //! typed elements straight from the tensor's bytes (serde_json writes floats with `ryu`).
 
 use crate::engine::DataType;
-use crate::engine::bytes_codec;
+use crate::tensor::bytes_codec;
 use half::{bf16, f16};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeSeq, Serializer};

@@ -1,8 +1,15 @@
 //! Network front ends: KServe V2 over HTTP (axum) and gRPC (tonic). Parses and encodes; the
 //! engine serves.
 //!
+//! Two sibling front ends over shared pieces; neither names the other (checked by
+//! `core/tests/layering.rs`):
 //! - `grpc`: the gRPC service, its server and conversions (see its module doc).
 //! - `http`: the router, its handlers and `serve` (graceful shutdown).
+//!
+//! Shared by both:
+//! - `input`: the one input decoder (protocol-neutral descriptions of inputs and outputs).
+//! - `contents`: typed tensor contents (gRPC's `InferTensorContents`, also what JSON decodes to).
+//! - `model_config`: Triton's `ModelConfig`, as a message (gRPC) and as JSON (REST).
 //! - `backend`: the `Backend` trait the routes call; `engine::Engine` implements it.
 //! - `request`: KServe V2 infer request → `engine::InferRequest` (JSON and binary data).
 //! - `response`: `engine::InferResponse` → HTTP response (JSON or binary data).
@@ -23,6 +30,7 @@ pub mod auth;
 pub mod backend;
 pub mod binary;
 mod compression;
+pub mod contents;
 pub mod error;
 pub mod generate;
 pub mod grpc;
@@ -31,6 +39,7 @@ pub mod input;
 pub mod json_data;
 pub mod metadata;
 pub mod metrics;
+pub mod model_config;
 pub mod observe;
 pub mod openapi;
 mod outcome;

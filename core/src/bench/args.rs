@@ -6,7 +6,7 @@ use clap::{Parser, ValueEnum};
 use hyper::header::{HeaderName, HeaderValue};
 
 use crate::bench::input_spec::InputSpec;
-use crate::engine::DataType;
+use crate::tensor::DataType;
 
 /// What the bench speaks to the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

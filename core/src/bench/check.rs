@@ -1,7 +1,7 @@
 //! `--check-double`: verifies that the first output of a response is twice the first input,
 //! element by element, for JSON responses and for binary-extension responses.
 
-use crate::engine::DataType;
+use crate::tensor::DataType;
 
 use crate::bench::input_spec::InputSpec;
 

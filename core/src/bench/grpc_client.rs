@@ -16,13 +16,13 @@ use prost::Message as _;
 use tokio::time::Instant;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::api::grpc::proto::ModelInferRequest;
-use crate::api::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use crate::api::grpc::proto::model_infer_request::InferInputTensor;
 use crate::bench::client::{Client, Target};
 use crate::bench::input_spec::InputSpec;
 use crate::bench::payload::raw_data;
 use crate::bench::tally::{Answer, ErrorKind, Outcome};
+use crate::proto::ModelInferRequest;
+use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::proto::model_infer_request::InferInputTensor;
 use crate::tls::ClientTlsFiles;
 
 /// Pause after a failed connect (see `client.rs`).

@@ -7,8 +7,8 @@
 
 use std::str::FromStr;
 
-use crate::engine::DataType;
-use crate::engine::tensor::element_count;
+use crate::tensor::DataType;
+use crate::tensor::element_count;
 
 /// Largest tensor the bench agrees to build (bytes of raw data), so a typo cannot exhaust memory.
 const MAX_TENSOR_BYTES: usize = 1 << 31;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::engine::DataType;
+use crate::tensor::DataType;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 

@@ -11,7 +11,6 @@
 mod admission;
 mod batch;
 mod batcher;
-pub mod bytes_codec;
 pub mod error;
 mod execution;
 pub mod executor;
@@ -23,7 +22,6 @@ mod registry;
 pub mod response;
 pub mod scheduler;
 mod stats;
-pub mod tensor;
 pub mod validate;
 mod wake_timer;
 
@@ -32,7 +30,10 @@ mod path_tests;
 #[cfg(test)]
 mod tests;
 
-pub use crate::worker::client_shm::OutputTarget;
+pub use crate::tensor::client_shm::OutputTarget;
+/// The tensor types live in the leaf module `crate::tensor`; these paths are kept for the
+/// engine's callers.
+pub use crate::tensor::{self, bytes_codec};
 pub use error::EngineError;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};

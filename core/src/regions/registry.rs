@@ -6,7 +6,7 @@
 
 use super::error::RegionError;
 use super::key::check_key;
-use crate::worker::client_shm::{ClientSegment, ClientSlice, OutputTarget};
+use crate::tensor::client_shm::{ClientSegment, ClientSlice, OutputTarget};
 use bytes::Bytes;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;

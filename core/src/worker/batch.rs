@@ -9,7 +9,7 @@ use super::client_shm::OutputTarget;
 use super::protocol::{Region, Target, TensorRef};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion};
 use super::types::{Work, WorkInput};
-use crate::engine::tensor::{DataType, Storage, Tensor, element_count};
+use crate::tensor::{DataType, Storage, Tensor, element_count};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// The input arena: the core's writable mapping and its block bookkeeping.

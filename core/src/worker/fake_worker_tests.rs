@@ -6,7 +6,7 @@ use super::codec::MAX_FDS_PER_FRAME;
 use super::python::tests::{temp_dir, test_python};
 use super::types::*;
 use super::{InstanceHandle, spawn_instance};
-use crate::engine::tensor::DataType;
+use crate::tensor::DataType;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

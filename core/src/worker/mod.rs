@@ -19,7 +19,7 @@
 
 pub mod arena;
 mod batch;
-pub mod client_shm;
+pub use crate::tensor::client_shm;
 pub mod codec;
 mod inspect;
 mod pipeline;

@@ -8,7 +8,7 @@ use super::python::tests::{temp_dir, test_python};
 use super::python::{Setup, prepare_with};
 use super::types::*;
 use super::{InstanceHandle, StreamItem, WorkChunk, WorkStream, inspect, spawn_instance};
-use crate::engine::tensor::DataType;
+use crate::tensor::DataType;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -230,7 +230,7 @@ fn tool_work(x: f32) -> Work {
     }
 }
 
-fn output<'a>(out: &'a WorkOutput, name: &str) -> &'a crate::engine::tensor::Tensor {
+fn output<'a>(out: &'a WorkOutput, name: &str) -> &'a crate::tensor::Tensor {
     out.outputs
         .iter()
         .find(|t| t.name == name)
@@ -341,7 +341,7 @@ async fn bytes_tensors_round_trip() {
     let f = fixture().await;
     let h = spawn_instance(config(&f, "Echo"));
     ready(&h).await;
-    let data = crate::engine::bytes_codec::encode([b"hello".as_slice(), "wörld".as_bytes(), b""]);
+    let data = crate::tensor::bytes_codec::encode([b"hello".as_slice(), "wörld".as_bytes(), b""]);
     let work = Work {
         batch_size: 1,
         trace: Vec::new(),

@@ -12,7 +12,7 @@
 //! and the worker closes a running generator at its next `yield`.
 
 use super::types::{WorkOutput, WorkerError};
-use crate::engine::tensor::Tensor;
+use crate::tensor::Tensor;
 use tokio::sync::mpsc;
 
 /// What the supervisor hears from a stream's caller.
@@ -168,7 +168,7 @@ impl WorkStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::tensor::DataType;
+    use crate::tensor::DataType;
 
     #[tokio::test]
     async fn dropping_an_unfinished_stream_cancels_it_and_a_finished_one_does_not() {

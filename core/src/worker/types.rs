@@ -2,7 +2,7 @@
 //! back. The engine never sees sockets, arenas or processes; the worker layer never sees
 //! batching policy (it executes already-formed batches, up to the model's `concurrency` at once).
 
-use crate::engine::tensor::{DataType, Storage, Tensor, TensorSpec};
+use crate::tensor::{DataType, Storage, Tensor, TensorSpec};
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -12,12 +12,12 @@
 //! (`regions::write_output`) are answered with those parameters and an empty raw entry
 //! (kept so `raw_output_contents` stays aligned with `outputs`).
 
-use super::contents;
 use super::proto::infer_parameter::ParameterChoice;
 use super::proto::model_infer_request::InferInputTensor;
 use super::proto::model_infer_response::InferOutputTensor;
 use super::proto::{InferParameter, ModelInferRequest, ModelInferResponse};
 use crate::api::ApiError;
+use crate::api::contents;
 use crate::api::input::{Data, Decoder, InputDesc, OutputDesc, Protocol, ShmOutput, ShmParameters};
 use crate::engine::{InferRequest, InferResponse};
 use crate::regions::{Regions, write_output};

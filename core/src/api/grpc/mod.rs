@@ -5,8 +5,7 @@
 //!
 //! - `service`: the RPCs; `infer_one` is the inference both ModelInfer and ModelStreamInfer use.
 //! - `stream`: ModelStreamInfer (concurrent, answered in order; generators once per chunk).
-//! - `convert`: infer request/response messages ↔ engine types; `contents`: typed data.
-//! - `config`: Triton's `ModelConfig` (message and JSON form, the latter for REST too).
+//! - `convert`: infer request/response messages ↔ engine types (through `api::input`).
 //! - `metadata`: server/model metadata and statistics messages.
 //! - `status`: the one place errors become gRPC statuses.
 //! - `call`: trace and deadline from the call's metadata.
@@ -20,8 +19,6 @@
 mod auth;
 mod call;
 mod compression;
-pub mod config;
-pub(crate) mod contents;
 mod convert;
 mod health;
 mod metadata;
@@ -32,11 +29,8 @@ pub mod status;
 mod stream;
 mod unsupported;
 
-/// The generated protocol types (messages, server trait, client).
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("inference");
-}
+/// The generated protocol types (messages, server trait, client), a leaf module of the crate.
+pub use crate::proto;
 
 use super::Backend;
 use super::auth::AuthGate;

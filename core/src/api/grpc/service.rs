@@ -6,7 +6,7 @@
 use super::call::CallContext;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::*;
-use super::{config, convert, metadata, repository, shm, stream, unsupported};
+use super::{convert, metadata, repository, shm, stream, unsupported};
 use crate::api::metrics::{self as api_metrics, Target};
 use crate::api::{ApiError, Backend};
 use crate::engine::{EngineError, InferStream};
@@ -241,7 +241,7 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
         let req = req.into_inner();
         let status = self.model_status(&req.name, &req.version)?;
         Ok(Response::new(ModelConfigResponse {
-            config: Some(config::model_config(&status.config)),
+            config: Some(crate::api::model_config::model_config(&status.config)),
         }))
     }
 

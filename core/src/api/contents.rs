@@ -6,8 +6,8 @@
 //! FP16 and BF16 have no typed form and must be sent raw. Values that do not fit the
 //! narrower types (300 for INT8) are refused, never wrapped.
 
-use super::proto::InferTensorContents;
-use crate::engine::{DataType, bytes_codec};
+use crate::proto::InferTensorContents;
+use crate::tensor::{DataType, bytes_codec};
 
 /// Whether no list holds anything (an empty message, as some clients send beside raw data).
 pub fn is_empty(c: &InferTensorContents) -> bool {

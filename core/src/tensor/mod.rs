@@ -1,12 +1,20 @@
-//! Tensor types shared by every layer: KServe datatypes, shapes and raw data.
+//! Tensor types shared by every layer: KServe datatypes, shapes and raw data, and where the
+//! bytes live (`Storage`; `client_shm`: clients' mapped shared-memory segments). The leaf of
+//! the crate's layering: it names no other module.
+//!
+//! - `bytes_codec`: the KServe BYTES serialisation (4-byte length, then the bytes).
+//! - `client_shm`: a client's registered segment mapped read-write, slices and output targets.
 //!
 //! Data is always held as little-endian bytes (`Bytes`, cheap to slice and share).
 //! BYTES tensors hold the KServe serialisation: per element a 4-byte little-endian
 //! length, then the element's bytes. Keeping one representation means the binary
 //! extension, the worker arenas and the JSON decoder all meet at the same type.
 
-pub use crate::worker::client_shm::ClientSlice;
+pub mod bytes_codec;
+pub mod client_shm;
+
 use bytes::Bytes;
+pub use client_shm::ClientSlice;
 use std::fmt;
 
 /// A KServe V2 datatype.

@@ -6,14 +6,14 @@
 //! mapping), so `tritonclient.http.get_model_config` returns the same dictionary shape for
 //! both servers.
 
-use super::proto::model_config::SchedulingChoice;
-use super::proto::model_instance_group::Kind;
-use super::proto::model_version_policy::{Latest, PolicyChoice};
-use super::proto::{
+use crate::engine::{DataType, ModelConfig, TensorSpec};
+use crate::proto::model_config::SchedulingChoice;
+use crate::proto::model_instance_group::Kind;
+use crate::proto::model_version_policy::{Latest, PolicyChoice};
+use crate::proto::{
     self, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelParameter,
     ModelQueuePolicy, ModelTransactionPolicy, ModelVersionPolicy,
 };
-use crate::engine::{DataType, ModelConfig, TensorSpec};
 use serde_json::{Value, json};
 
 /// What `platform` and `backend` say: a Python plugin served by UniModel's workers.
