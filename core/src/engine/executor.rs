@@ -1,5 +1,6 @@
 //! What a scheduler needs from a worker instance, as a trait so schedulers can be tested
-//! with an in-process executor and the worker layer stays behind one seam.
+//! with an in-process executor and the worker layer stays behind one seam. No method has a
+//! default body, so an executor states every behaviour it has.
 
 use crate::worker::WorkStream;
 use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
@@ -11,17 +12,13 @@ pub trait Executor: Send + Sync + 'static {
     /// Runs one batch. Dropping the future cancels it if the worker has not started it.
     fn execute(&self, work: Work) -> BoxFuture<'static, Result<WorkOutput, WorkerError>>;
     /// Runs one request of a generator model: its chunks, then its end (see `WorkStream`).
-    /// Dropping the stream cancels the work, even once running. The default serves an
-    /// executor that does not stream: the one answer of `execute` as a single chunk.
-    fn execute_stream(&self, work: Work) -> BoxFuture<'static, WorkStream> {
-        let answer = self.execute(work);
-        Box::pin(async move { WorkStream::from_output(answer.await) })
-    }
+    /// Dropping the stream cancels the work, even once running. No default: an executor
+    /// that cannot stream says so here (`WorkStream::from_output` of its one answer), so a
+    /// new executor cannot silently drop a generator's chunks.
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, WorkStream>;
     /// How many batches the instance runs at once (its model's `concurrency`); the batcher
-    /// keeps one more in flight. One for an executor that runs a batch at a time.
-    fn capacity(&self) -> usize {
-        1
-    }
+    /// keeps one more in flight.
+    fn capacity(&self) -> usize;
     /// The instance's lifecycle state.
     fn state(&self) -> watch::Receiver<InstanceState>;
     /// Finishes in-flight work and stops the instance.

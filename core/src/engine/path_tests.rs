@@ -60,6 +60,16 @@ impl Executor for GatedExec {
         })
     }
 
+    /// Not a generator model's executor: one answer, as one chunk.
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, crate::worker::WorkStream> {
+        let answer = self.execute(work);
+        Box::pin(async move { crate::worker::WorkStream::from_output(answer.await) })
+    }
+
+    fn capacity(&self) -> usize {
+        1
+    }
+
     fn state(&self) -> watch::Receiver<InstanceState> {
         self.state.subscribe()
     }

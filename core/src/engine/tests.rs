@@ -109,6 +109,16 @@ impl Executor for FakeExec {
         })
     }
 
+    /// Not a generator model's executor: one answer, as one chunk.
+    fn execute_stream(&self, work: Work) -> BoxFuture<'static, crate::worker::WorkStream> {
+        let answer = self.execute(work);
+        Box::pin(async move { crate::worker::WorkStream::from_output(answer.await) })
+    }
+
+    fn capacity(&self) -> usize {
+        1
+    }
+
     fn state(&self) -> watch::Receiver<InstanceState> {
         self.state.subscribe()
     }
@@ -722,6 +732,10 @@ impl Executor for FakeGen {
             let _ = tx.send(Ok(StreamItem::End { compute_ns: 10 }));
         });
         Box::pin(async move { stream })
+    }
+
+    fn capacity(&self) -> usize {
+        1
     }
 
     fn state(&self) -> watch::Receiver<InstanceState> {
