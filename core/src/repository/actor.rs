@@ -222,6 +222,9 @@ impl Actor {
                         record.running = None;
                         record.notes = notes;
                     }
+                    // Readiness first, then the answer: a client that unloads a failed model
+                    // and then asks `/v2/health/ready` must see the state its call produced.
+                    self.publish_settled();
                     let _ = reply.send(result);
                     self.next(&name);
                     self.forget_if_empty(&name);
