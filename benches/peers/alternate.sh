@@ -15,12 +15,12 @@ OLD=${1:?usage: $0 OLD_BIN NEW_BIN [ROUNDS]}
 NEW=${2:?usage: $0 OLD_BIN NEW_BIN [ROUNDS]}
 ROUNDS=${3:-2}
 OUT=${RESULTS:-$HERE/results/alternate}
-rm -rf "$OUT"
-mkdir -p "$OUT"
 [[ -x $OLD && -x $NEW ]] || {
     echo "$0: OLD_BIN and NEW_BIN must be executables" >&2
     exit 2
 }
+rm -rf "$OUT"
+mkdir -p "$OUT"
 for round in $(seq 1 "$ROUNDS"); do
     for tag in old new; do
         bin=$OLD
