@@ -155,13 +155,17 @@ impl FrameReader {
     }
 
     /// One `recvmsg` into the buffer; returns the bytes read (0 at end of stream).
+    ///
+    /// Cancel-safe, and so is `read_frame`: the only await is the readiness wait, and the
+    /// buffer grows only between it and the (non-blocking) read, so a read dropped while
+    /// waiting leaves the reader as it was. The supervisor polls it in its `select!`.
     async fn read_more(&mut self) -> Result<usize, CodecError> {
         let old_len = self.buf.len();
-        self.buf.resize(old_len + READ_CHUNK, 0);
         let result = loop {
             if let Err(e) = self.sock.readable().await {
                 break Err(CodecError::Io(e));
             }
+            self.buf.resize(old_len + READ_CHUNK, 0);
             let fd = self.sock.as_raw_fd();
             let target = &mut self.buf[old_len..];
             match self.sock.try_io(Interest::READABLE, || {
@@ -174,7 +178,10 @@ impl FrameReader {
                     break Err(CodecError::TooManyFds { count: fds.len() });
                 }
                 Ok(Chunk::Data(n, fds)) => break Ok((n, fds)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.buf.truncate(old_len);
+                    continue;
+                }
                 Err(e) => break Err(CodecError::Io(e)),
             }
         };
@@ -351,6 +358,23 @@ mod tests {
             assert_eq!(f.payload.as_ref(), vec![i as u8; i as usize].as_slice());
             assert!(f.fds.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_while_it_waits_loses_nothing() {
+        // The supervisor polls `read_frame` in a `select!`: another branch winning drops it.
+        use futures::FutureExt as _;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (mut rb, _wb) = split(b);
+        let frame = frame_bytes(b"hello world").unwrap();
+        a.write_all(&frame[..6]).await.unwrap();
+        for _ in 0..3 {
+            assert!(rb.read_frame().now_or_never().is_none());
+            tokio::task::yield_now().await;
+        }
+        a.write_all(&frame[6..]).await.unwrap();
+        let f = rb.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.payload.as_ref(), b"hello world");
     }
 
     #[tokio::test]

@@ -43,12 +43,23 @@ load = recv()
 send({"type": "ready", "setup_ms": 0.0})
 received = 0
 held = []
+released = set()
 while True:
     m = recv()
+    if m["type"] == "release":
+        released.add(m["id"])
     if m["type"] != "execute":
         continue
     received += 1
-    if mode == "reverse":
+    if mode == "releases":
+        # Answers in the output arena with how many of its earlier results were released
+        # before this execute arrived.
+        off = 64 * (m["id"] % 16)
+        os.pwrite(5, bytes([len(released)]), off)
+        ref = {"name": "y", "datatype": "UINT8", "shape": [1], "region": "output",
+               "offset": off, "length": 1}
+        send({"type": "result", "id": m["id"], "outputs": [ref], "compute_ns": 1})
+    elif mode == "reverse":
         # Runs `concurrency` executes at once and answers them newest first, each with
         # its own id's bytes in the output arena (offsets by id: blocks freed by id).
         held.append(m)
@@ -470,6 +481,19 @@ async fn answers_in_any_order_reach_their_own_callers() {
         assert_eq!(ia + 1, ib);
     }
     assert_eq!(*h.state().borrow(), InstanceState::Ready);
+    h.shutdown().await;
+}
+
+/// A result that leaves the worker idle has its `release` held back, then sent ahead of the
+/// next execute: every earlier result is released by the time the next one arrives.
+#[tokio::test]
+async fn an_idle_workers_release_goes_ahead_of_its_next_execute() {
+    let h = spawn_instance(config("releases"));
+    wait_for(&h, |s| *s == InstanceState::Ready).await;
+    for earlier in 0..20u8 {
+        let out = h.execute(work()).await.unwrap();
+        assert_eq!(out.outputs[0].data[0], earlier);
+    }
     h.shutdown().await;
 }
 

@@ -290,8 +290,16 @@ impl Pipeline {
             false => None,
         };
         drop(fds);
-        // Copied (or unwanted): the worker may reuse this result's output block.
-        send(session, &CoreMessage::Release { id }, Vec::new())?;
+        // Copied (or unwanted): the worker may reuse this result's output block. A worker
+        // left with nothing to do needs no room until its next execute, which the held
+        // release precedes (`Session::hold_release`); a busy one may be waiting for it.
+        if self.is_empty() {
+            session
+                .hold_release(id)
+                .map_err(|e| format!("cannot send a release: {e}"))?;
+        } else {
+            send(session, &CoreMessage::Release { id }, Vec::new())?;
+        }
         match copied {
             Some(Ok(tensors)) => {
                 if let Some(reply) = done.reply {

@@ -1,6 +1,6 @@
 //! One running worker process and everything that lives exactly as long as it: the control
-//! socket (a reader task forwarding frames, a writer task sending them), the two arenas and
-//! the exit status. Each restart makes a new `Session`, so a crashed worker's arena
+//! socket (read by the supervisor's own task, written directly or by a writer task), the two
+//! arenas and the exit status. Each restart makes a new `Session`, so a crashed worker's arena
 //! bookkeeping can never leak into the next one. Owned by the supervisor in `instance.rs`.
 
 use super::batch::InputArena;
@@ -16,12 +16,6 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// Frames buffered between the reader task and the supervisor. The worker sends at most a
-/// few frames per execute (a stream one per chunk, each waiting for its release) and the
-/// engine keeps at most the model's concurrency plus one executes in flight; a full queue
-/// only makes the reader wait.
-const FRAME_QUEUE: usize = 16;
 
 /// Why a worker process could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +47,8 @@ struct Outgoing {
 /// A live worker process.
 pub struct Session {
     pub process: WorkerProcess,
-    /// Frames from the worker; `None` from `recv` means end of stream.
-    pub frames: mpsc::Receiver<Result<Frame, CodecError>>,
+    /// Frames from the worker; `None` from `next` means end of stream.
+    pub frames: Frames,
     /// Sends frames directly while nothing is queued for the writer task (the common case),
     /// saving a task hop per frame; the writer task takes over when the socket is full.
     direct: codec::FrameWriter,
@@ -71,7 +65,9 @@ pub struct Session {
     pub exited: Option<(Instant, Option<ExitStatus>)>,
     /// The worker's stderr has been read to its end.
     pub stderr_closed: bool,
-    tasks: [JoinHandle<()>; 2],
+    writer_task: JoinHandle<()>,
+    /// Encoded `release` frames held back while the worker is idle (`hold_release`).
+    held_releases: Vec<u8>,
 }
 
 impl Session {
@@ -102,22 +98,20 @@ impl Session {
             memory_limit_bytes: cfg.memory_limit_bytes,
         })?;
         let (reader, writer) = codec::split(ours);
-        let (frames_tx, frames) = mpsc::channel(FRAME_QUEUE);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let write_error = Arc::new(OnceLock::new());
-        let tasks = [
-            tokio::spawn(read_frames(reader, frames_tx)),
-            tokio::spawn(write_frames(
-                writer.clone(),
-                out_rx,
-                queued.clone(),
-                write_error.clone(),
-            )),
-        ];
+        let writer_task = tokio::spawn(write_frames(
+            writer.clone(),
+            out_rx,
+            queued.clone(),
+            write_error.clone(),
+        ));
         Ok(Session {
             process,
-            frames,
+            frames: Frames {
+                reader: Some(reader),
+            },
             direct: writer,
             writer: out_tx,
             queued,
@@ -127,31 +121,62 @@ impl Session {
             eof_at: None,
             exited: None,
             stderr_closed: false,
-            tasks,
+            writer_task,
+            held_releases: Vec::new(),
         })
     }
 
-    /// Queues a message for the worker. A failed write shuts the socket down (`write_failed`),
-    /// which shows up as the worker's EOF and exit, which the supervisor handles; the result
-    /// here only reports a message that cannot be sent at all.
-    pub fn send(&self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), SendError> {
+    /// Queues a message for the worker, after any held-back releases (`hold_release`). A
+    /// failed write shuts the socket down (`write_failed`), which shows up as the worker's EOF
+    /// and exit, which the supervisor handles; the result here only reports a message that
+    /// cannot be sent at all.
+    pub fn send(&mut self, msg: &CoreMessage, fds: Vec<OwnedFd>) -> Result<(), SendError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(SendError::TooManyFds { count: fds.len() });
         }
-        let payload = protocol::encode(msg)?;
-        let frame = codec::frame_bytes(&payload)
-            .map_err(|_| protocol::MessageError::TooLarge { len: payload.len() })?;
+        let frame = encode_frame(msg)?;
+        let frame = if self.held_releases.is_empty() {
+            frame
+        } else if fds.is_empty() {
+            // One write for both: the releases go out with the frame that follows them.
+            let mut all = std::mem::take(&mut self.held_releases);
+            all.extend_from_slice(&frame);
+            all
+        } else {
+            // Descriptors belong on the first byte of their own frame.
+            let held = std::mem::take(&mut self.held_releases);
+            self.write(held, Vec::new());
+            frame
+        };
+        self.write(frame, fds);
+        Ok(())
+    }
+
+    /// Holds back a `release`: it goes out ahead of the next frame sent to the worker.
+    ///
+    /// Only for a worker with nothing in flight (the caller's to know): an idle worker waits
+    /// for no release, and the one write saved keeps a syscall and a wake-up of the worker
+    /// process off the path of the answer that was just read (measured on a c=1 request).
+    pub fn hold_release(&mut self, id: u64) -> Result<(), SendError> {
+        let frame = encode_frame(&CoreMessage::Release { id })?;
+        self.held_releases.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// Writes bytes of whole frames (descriptors on their first byte), directly while the
+    /// writer task is idle, else through it.
+    fn write(&self, frame: Vec<u8>, fds: Vec<OwnedFd>) {
         let mut fds = fds;
         let mut sent = 0;
         // Frames must stay in order: write directly only while the writer task is idle.
         if self.queued.load(Ordering::Acquire) == 0 {
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             match self.direct.try_send(&frame, &borrowed) {
-                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) if n == frame.len() => return,
                 Ok(n) => sent = n,
                 Err(e) => {
                     write_failed(&self.direct, &self.write_error, &e);
-                    return Ok(());
+                    return;
                 }
             }
             if sent > 0 {
@@ -164,13 +189,18 @@ impl Session {
         // Fails only once the writer task has ended, after `write_failed`: nothing more can
         // reach this worker, and the supervisor is about to learn so through the reader.
         let _ = self.writer.send(Outgoing { bytes: rest, fds });
-        Ok(())
     }
 
     /// The first control-socket write error, if one happened (the socket is shut down then).
     pub fn write_error(&self) -> Option<&str> {
         self.write_error.get().map(String::as_str)
     }
+}
+
+fn encode_frame(msg: &CoreMessage) -> Result<Vec<u8>, SendError> {
+    let payload = protocol::encode(msg)?;
+    Ok(codec::frame_bytes(&payload)
+        .map_err(|_| protocol::MessageError::TooLarge { len: payload.len() })?)
 }
 
 /// A write failed, possibly part-way through a frame: later frames cannot be delivered
@@ -195,27 +225,33 @@ fn child_input_fd(input: &WritableRegion) -> std::io::Result<OwnedFd> {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.writer_task.abort();
     }
 }
 
-async fn read_frames(mut reader: codec::FrameReader, tx: mpsc::Sender<Result<Frame, CodecError>>) {
-    loop {
+/// The worker's frames, read by the supervisor in its own task: a reader task forwarding
+/// them through a channel cost one more task wake-up per answer on the request path.
+pub struct Frames {
+    /// `None` once the stream ended or failed.
+    reader: Option<codec::FrameReader>,
+}
+
+impl Frames {
+    /// The next frame; `None` at the end of the stream, and for good after an unreadable
+    /// frame (reported once). Cancel-safe (`FrameReader::read_frame`).
+    pub async fn next(&mut self) -> Option<Result<Frame, CodecError>> {
+        let reader = self.reader.as_mut()?;
         let item = match reader.read_frame().await {
-            Ok(Some(frame)) => Ok(frame),
-            Ok(None) => return,
+            Ok(Some(frame)) => return Some(Ok(frame)),
+            Ok(None) => None,
             // The worker died with frames of ours still unread (say, a `release` sent while a
             // generator was running): the kernel reports that as a reset. It is the worker's
             // end of stream like any other, for the supervisor to report with its exit status.
-            Err(CodecError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => Err(e),
+            Err(CodecError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => Some(Err(e)),
         };
-        let fatal = item.is_err();
-        if tx.send(item).await.is_err() || fatal {
-            return;
-        }
+        self.reader = None;
+        item
     }
 }
 

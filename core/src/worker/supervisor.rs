@@ -665,7 +665,7 @@ impl Actor {
     }
 
     fn send(&mut self, msg: &CoreMessage, fds: Vec<std::os::fd::OwnedFd>) {
-        let Some(s) = &self.session else { return };
+        let Some(s) = &mut self.session else { return };
         if let Err(e) = s.send(msg, fds) {
             // Our own messages are always sendable short of a bug; treat it as fatal for this
             // process rather than sending something half-formed.
@@ -865,10 +865,10 @@ impl Actor {
 
 /// The next frame, or never when there is no socket to read.
 async fn recv_frame(
-    rx: Option<&mut mpsc::Receiver<Result<Frame, CodecError>>>,
+    frames: Option<&mut super::session::Frames>,
 ) -> Option<Result<Frame, CodecError>> {
-    match rx {
-        Some(rx) => rx.recv().await,
+    match frames {
+        Some(frames) => frames.next().await,
         None => std::future::pending().await,
     }
 }
