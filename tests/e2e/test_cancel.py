@@ -222,8 +222,17 @@ def test_a_forming_batch_runs_without_its_cancelled_requests(counted):
     """counted_batch waits up to a minute for a batch of 8 rows to fill: two of its four
     requests hang up meanwhile, and the batch that a filler completes holds only the others."""
     server, calls, _ = counted
-    raws = {v: RawRequest(server, "counted_batch", x_body(v, rows=1)) for v in (1.0, 2.0, 3.0)}
-    # Four rows from a client that asked for two batch rows: the batch takes both.
+    # 1.0 is queued first (the batch's row order is arrival order, and separate connections
+    # race), then the others.
+    raws = {1.0: RawRequest(server, "counted_batch", x_body(1.0, rows=1))}
+    wait_until(
+        lambda: gauge(server, "unimodel_inflight_requests", "counted_batch") == 1,
+        30.0,
+        "the first request in the forming batch",
+    )
+    for v in (2.0, 3.0):
+        raws[v] = RawRequest(server, "counted_batch", x_body(v, rows=1))
+    # Two rows from a client that asked for two batch rows: the batch takes both.
     raws[4.0] = RawRequest(server, "counted_batch", x_body(4.0, rows=2))
     wait_until(
         lambda: gauge(server, "unimodel_inflight_requests", "counted_batch") == 4,
