@@ -21,6 +21,7 @@ pub mod arena;
 mod batch;
 pub use crate::tensor::client_shm;
 pub mod codec;
+mod handle;
 mod inspect;
 mod pipeline;
 pub mod process;
@@ -37,8 +38,8 @@ mod fake_worker_tests;
 #[cfg(test)]
 mod real_worker_tests;
 
+pub use handle::{InstanceHandle, spawn_instance};
 pub use inspect::{InspectError, inspect};
 pub use python::{PythonSetupError, prepare_python};
 pub use stream::{Receipt, StreamItem, WorkChunk, WorkStream};
-pub use supervisor::{InstanceHandle, spawn_instance};
 pub use types::*;
