@@ -16,7 +16,7 @@ use super::client_shm::OutputTarget;
 use super::codec::MAX_FDS_PER_FRAME;
 use super::protocol::{CoreMessage, ErrorKind, Region, TensorRef};
 use super::session::Session;
-use super::stream::{Notice, Receipt, StreamItem, StreamSender, WorkChunk};
+use super::stream::{Notice, Receipt, StreamItem, StreamSender, WorkChunk, send_answer};
 use super::types::{Work, WorkOutput, WorkerError};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
@@ -39,22 +39,7 @@ impl Reply {
             Reply::Once(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Stream(tx) => match result {
-                Ok(out) => {
-                    if !out.outputs.is_empty() {
-                        let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
-                            outputs: out.outputs,
-                            receipt: None,
-                        })));
-                    }
-                    let _ = tx.send(Ok(StreamItem::End {
-                        compute_ns: out.compute_ns,
-                    }));
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            },
+            Reply::Stream(tx) => send_answer(&tx, result),
         }
     }
 

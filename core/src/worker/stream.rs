@@ -109,20 +109,7 @@ impl WorkStream {
     /// For executors that do not stream (an ordinary `execute` seen through this API).
     pub fn from_output(result: Result<WorkOutput, WorkerError>) -> Self {
         let (tx, items) = mpsc::unbounded_channel();
-        match result {
-            Ok(out) => {
-                let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
-                    outputs: out.outputs,
-                    receipt: None,
-                })));
-                let _ = tx.send(Ok(StreamItem::End {
-                    compute_ns: out.compute_ns,
-                }));
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        }
+        send_answer(&tx, result);
         WorkStream {
             items,
             cancel: None,
@@ -162,6 +149,28 @@ impl WorkStream {
             }
         }
         item
+    }
+}
+
+/// Ends a stream with a final answer: its outputs as one last chunk (none when it has no
+/// outputs, as a generator's closing `result`), then the end; or the error. A receiver that
+/// has gone needs no answer.
+pub(super) fn send_answer(tx: &StreamSender, result: Result<WorkOutput, WorkerError>) {
+    match result {
+        Ok(out) => {
+            if !out.outputs.is_empty() {
+                let _ = tx.send(Ok(StreamItem::Chunk(WorkChunk {
+                    outputs: out.outputs,
+                    receipt: None,
+                })));
+            }
+            let _ = tx.send(Ok(StreamItem::End {
+                compute_ns: out.compute_ns,
+            }));
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+        }
     }
 }
 
