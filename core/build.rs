@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Raw tensor data is sliced into engine tensors without a copy.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        // Decode errors are the client's (INVALID_ARGUMENT), not INTERNAL (`proto/codec.rs`).
+        .codec_path("crate::proto::codec::ProtoCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
+//! - `echo`: bounded echoes of client-supplied values in error messages.
 //! - `tensor`: tensor types, the BYTES codec, where bytes live (`Storage`, client segments).
 //! - `proto`: the generated KServe V2 gRPC messages, server trait and client.
 //!
@@ -19,12 +20,13 @@
 //! fails on any `crate::` path against it):
 //!
 //! ```text
-//! tensor, proto, heap, auth          leaves
+//! tensor, proto, heap, echo         leaves
+//! auth -> telemetry, echo
 //! telemetry -> heap;  tls -> telemetry
 //! worker -> tensor, telemetry
-//! engine -> worker, tensor, telemetry
-//! regions -> worker, tensor;  repository -> engine
-//! api -> engine, repository, regions, auth, tls, telemetry, tensor, proto
+//! engine -> worker, tensor, telemetry, echo
+//! regions -> worker, tensor;  repository -> engine, echo
+//! api -> engine, repository, regions, auth, tls, telemetry, tensor, proto, echo
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)
 //! cli -> everything (the commands wire the layers together)
@@ -34,6 +36,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod echo;
 pub mod engine;
 pub mod heap;
 pub mod proto;

@@ -11,15 +11,16 @@ use std::path::{Path, PathBuf};
 /// Module → the modules it may depend on. Leaves first; `cli` wires everything together.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("tensor", &[]),
+    ("echo", &[]),
     ("proto", &[]),
     ("heap", &[]),
     ("telemetry", &["heap"]),
-    ("auth", &["telemetry"]),
+    ("auth", &["telemetry", "echo"]),
     ("tls", &["telemetry"]),
     ("worker", &["tensor", "telemetry"]),
-    ("engine", &["worker", "tensor", "telemetry"]),
+    ("engine", &["worker", "tensor", "telemetry", "echo"]),
     ("regions", &["worker", "tensor"]),
-    ("repository", &["engine", "tensor", "telemetry"]),
+    ("repository", &["engine", "tensor", "telemetry", "echo"]),
     (
         "api",
         &[
@@ -31,6 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "telemetry",
             "tensor",
             "proto",
+            "echo",
         ],
     ),
     ("bench", &["tensor", "proto", "tls"]),

@@ -372,7 +372,9 @@ def test_wrong_datatype_shape_and_byte_size_are_invalid_argument(doubler):
         )
         with pytest.raises(grpc.RpcError) as info:
             garbage(b"\xff\xff\xff\xff", timeout=30)
-        assert info.value.code() == grpc.StatusCode.INTERNAL
+        # The client's bytes are wrong, not the server (issue 15): INVALID_ARGUMENT.
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelInferRequest protobuf message" in info.value.details()
     assert_doubles(doubler)
 
 

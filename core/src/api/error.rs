@@ -8,6 +8,7 @@
 //! as-is; gRPC carries the same message (`grpc/status.rs`).
 
 use crate::auth::DenialKind;
+use crate::echo::{Echo, bound_message};
 use crate::engine::EngineError;
 use crate::regions::RegionError;
 use crate::repository::RepositoryError;
@@ -29,17 +30,18 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     /// The body's `Content-Encoding` is not one the server decodes (`compression.rs`).
     #[error(
-        "request Content-Encoding '{given}' is not supported; send the body uncompressed or compressed with one of: {accepted}"
+        "request Content-Encoding '{}' is not supported; send the body uncompressed or compressed with one of: {accepted}",
+        Echo(given)
     )]
     UnsupportedEncoding {
         given: String,
         accepted: &'static str,
     },
     /// No route matches the path.
-    #[error("no route for {method} {path}")]
+    #[error("no route for {} {}", Echo(method), Echo(path))]
     RouteNotFound { method: String, path: String },
     /// The path exists, the method does not.
-    #[error("method {method} is not allowed on {path}")]
+    #[error("method {} is not allowed on {}", Echo(method), Echo(path))]
     MethodNotAllowed { method: String, path: String },
     /// The server as a whole is not live or not ready (health routes).
     #[error("{0}")]
@@ -143,6 +145,12 @@ impl ApiError {
         }
     }
 
+    /// The message a client gets (REST body, gRPC status), never longer than
+    /// `echo::MESSAGE_MAX_CHARS` characters whatever the client sent.
+    pub fn message(&self) -> String {
+        bound_message(self.to_string())
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         self.class().status()
@@ -229,7 +237,7 @@ struct ErrorBody<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = self.to_string();
+        let message = self.message();
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %message, "request failed");
         }

@@ -145,6 +145,11 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .layer(DefaultBodyLimit::max(limit));
     // Outside the body limit, so the limit counts decoded bytes (see `compression.rs`).
     let routes = super::compression::with_compression(routes);
+    // Outside decompression, where `Content-Length` is still the client's own.
+    let routes = routes.layer(axum::middleware::from_fn_with_state(
+        limit,
+        super::body_limit::refuse_declared_oversize,
+    ));
     // Auth runs inside `observe`, so a denied request still gets its access log line.
     let routes = match gate {
         Some(gate) => routes.layer(axum::middleware::from_fn_with_state(

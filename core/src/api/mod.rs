@@ -19,6 +19,7 @@
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
 //! - `error`: `ApiError`, the one place errors become statuses.
+//! - `body_limit`: 413 for a declared `Content-Length` over the limit, before any read.
 //! - `compression`: gzip/deflate request and response bodies on every route.
 //! - `observe`: per-request span, `traceparent`, access log line.
 //! - `openapi`: the OpenAPI document (`/openapi.json`) and its offline page (`/docs`).
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod backend;
 pub mod binary;
+mod body_limit;
 mod compression;
 pub mod contents;
 pub mod error;

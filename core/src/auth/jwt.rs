@@ -7,7 +7,8 @@
 //! public-key tokens find no key. `exp` is required, `nbf` honoured, both with a small
 //! leeway for clock skew; `aud` and `iss` are checked when configured. Roles come from the
 //! `roles` claim (an array of strings; unknown names are ignored), the caller's name from
-//! `sub` (required: the audit log and the rate limit need it).
+//! `sub` (required and non-empty: the audit log and the rate limit need it). A header with
+//! `crit` is refused: it names extensions this server does not implement.
 
 use super::error::{ConfigError, Reason};
 use super::role::{Role, Roles};
@@ -132,6 +133,17 @@ impl JwtVerifier {
         let bad =
             |what: &str, e: jsonwebtoken::errors::Error| Reason::BadToken(format!("{what}: {e}"));
         let header = jsonwebtoken::decode_header(token).map_err(|e| bad("header", e))?;
+        // RFC 7515 §4.1.11: a token whose `crit` names an extension the recipient does not
+        // understand must be refused. This server understands none (and an empty list is
+        // itself invalid), so any `crit` is refused, before any key is tried.
+        if let Some(crit) = &header.crit {
+            let listed = format!("{crit:?}");
+            return Err(Reason::BadToken(format!(
+                "the header's crit lists {}; this server implements no critical JWS \
+                 extension, so it refuses any token with crit (RFC 7515 section 4.1.11)",
+                crate::echo::Echo(&listed)
+            )));
+        }
         let mut candidates = self.keys.iter().filter(|k| {
             k.alg() == header.alg
                 && match (&header.kid, &k.kid) {
@@ -161,6 +173,13 @@ impl JwtVerifier {
             }
         }
         let claims = result.map_err(|e| bad("claims", e))?.claims;
+        // The subject names the caller in the audit log and keys its rate-limit bucket: an
+        // empty one would make every such token one anonymous caller sharing one bucket.
+        if claims.sub.trim().is_empty() {
+            return Err(Reason::BadToken(
+                "the sub claim is empty; a token must name its caller in a non-empty sub".into(),
+            ));
+        }
         Ok(Verified {
             subject: claims.sub,
             roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
@@ -315,6 +334,8 @@ mod tests {
         with("iss", json!("mallory"));
         with("roles", json!("admin"));
         with("sub", json!(null));
+        with("sub", json!(""));
+        with("sub", json!("  "));
         let mut no_exp = good_claims();
         no_exp.as_object_mut().unwrap().remove("exp");
         bad.push(("no exp".into(), token(no_exp, SECRET)));
@@ -329,6 +350,22 @@ mod tests {
         let mut c = good_claims();
         c["exp"] = json!(now - 1);
         assert!(v.verify(&token(c, SECRET)).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn any_crit_header_is_refused_and_named() {
+        let dir = tempdir("crit");
+        let v = JwtVerifier::load(&settings(&dir)).unwrap().unwrap();
+        for crit in [vec!["exp".to_string()], vec!["b64".into()], vec![]] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.crit = Some(crit.clone());
+            let t = encode(&header, &good_claims(), &EncodingKey::from_secret(SECRET)).unwrap();
+            match v.verify(&t) {
+                Err(Reason::BadToken(m)) => assert!(m.contains("crit"), "{m}"),
+                other => panic!("crit {crit:?} was not refused: {other:?}"),
+            }
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

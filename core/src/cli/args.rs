@@ -56,8 +56,9 @@ pub struct PluginArgs {
     /// Plugin parameter given to setup() as ctx.parameters[KEY] (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub set: Vec<(String, String)>,
-    /// Override the plugin's `instances` (worker processes per model).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Override the plugin's `instances` (worker processes per model), 1 to 256 like
+    /// config.toml's.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_INSTANCES as i64))]
     pub instances: Option<u32>,
     /// Override the plugin's `max_batch_size` (0 disables batching).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1_048_576))]

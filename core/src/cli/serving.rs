@@ -4,7 +4,9 @@
 
 use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::validate::Limits;
-use crate::engine::{Engine, EngineOptions, Executor, FaultPolicy, ModelConfig, WakeClock};
+use crate::engine::{
+    Engine, EngineOptions, Executor, FaultPolicy, MAX_INSTANCES, ModelConfig, WakeClock,
+};
 use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
 use crate::worker::codec::MAX_FDS_PER_FRAME;
@@ -168,6 +170,19 @@ fn model_config(
     o: &Overrides,
     s: &ServeSettings,
 ) -> anyhow::Result<ModelConfig> {
+    let instances = o.instances.unwrap_or(d.instances);
+    if !(1..=MAX_INSTANCES).contains(&instances) {
+        bail!(
+            "instances must be between 1 and {MAX_INSTANCES}, got {instances} (from {}); \
+             lower the plugin's `instances`, or override it with --instances (run) or \
+             config.toml's instances (serve)",
+            if o.instances.is_some() {
+                "the override"
+            } else {
+                "the plugin's class attribute"
+            }
+        );
+    }
     let delay_ms = o.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms);
     if !(delay_ms.is_finite() && delay_ms >= 0.0) {
         bail!("--max-queue-delay-ms must be a non-negative number of milliseconds, got {delay_ms}");
@@ -179,7 +194,7 @@ fn model_config(
         class: d.class.clone(),
         max_batch_size: o.max_batch_size.unwrap_or(d.max_batch_size),
         max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
-        instances: o.instances.unwrap_or(d.instances).max(1),
+        instances,
         inputs: d.inputs.clone(),
         outputs: d.outputs.clone(),
         parameters: o.parameters.clone(),

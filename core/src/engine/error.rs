@@ -1,13 +1,18 @@
 //! Errors of the engine layer. `api::error` maps each variant to an HTTP status once.
 
+use crate::echo::Echo;
 use std::time::Duration;
 
 /// Why a request could not be served by the engine.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("unknown model '{name}'; loaded models: {available}")]
+    #[error("unknown model '{}'; loaded models: {available}", Echo(name))]
     ModelNotFound { name: String, available: String },
-    #[error("model '{name}' has no version '{version}'; available versions: {available}")]
+    #[error(
+        "model '{}' has no version '{}'; available versions: {available}",
+        Echo(name),
+        Echo(version)
+    )]
     VersionNotFound {
         name: String,
         version: String,

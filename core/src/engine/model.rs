@@ -8,6 +8,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Most worker processes one model may ask for, wherever the number comes from (the plugin's
+/// `instances`, `--instances`, `config.toml`): each is a Python process with its own arenas,
+/// and a typo of a few zeros must not fork thousands of them.
+pub const MAX_INSTANCES: u32 = 256;
+
 /// Everything the engine needs to serve one model.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -22,7 +27,7 @@ pub struct ModelConfig {
     pub max_batch_size: u32,
     /// How long the batcher may hold a request waiting for a fuller batch.
     pub max_queue_delay: Duration,
-    /// Worker processes for this model.
+    /// Worker processes for this model, 1..=`MAX_INSTANCES`.
     pub instances: u32,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,

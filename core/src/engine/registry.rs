@@ -117,12 +117,25 @@ impl Registry {
     }
 }
 
-/// A version as served: a decimal number (Triton's version folders `1/`, `2/`, ...).
+/// A version as served: a canonical decimal number (Triton's version folders `1/`, `2/`,
+/// ...). Canonical means one spelling per version: no sign, no whitespace and no leading
+/// zero, so `01` names no version (404) instead of quietly meaning `1`.
 pub fn parse_version(v: &str) -> Option<u64> {
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+    if !is_canonical_number(v) {
         return None;
     }
     v.parse().ok()
+}
+
+/// Digits only, and no leading zero unless the number is `0` itself.
+fn is_canonical_number(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && (v == "0" || !v.starts_with('0'))
+}
+
+/// Whether `v` is a number spelled other than canonically (`01`, `007`): a version folder so
+/// named is refused rather than ignored or read as another version.
+pub fn is_noncanonical_version(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && !is_canonical_number(v)
 }
 
 /// The version a request without one gets: the highest READY one (a version still loading
@@ -140,7 +153,7 @@ fn default_version(versions: &Versions) -> Option<&Arc<ModelEntry>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_version;
+    use super::{is_noncanonical_version, parse_version};
 
     #[test]
     fn versions_are_decimal_numbers() {
@@ -150,5 +163,25 @@ mod tests {
         assert_eq!(parse_version("-1"), None);
         assert_eq!(parse_version("v1"), None);
         assert_eq!(parse_version("1.0"), None);
+        assert_eq!(parse_version("0"), Some(0));
+    }
+
+    #[test]
+    fn only_the_canonical_spelling_names_a_version() {
+        for v in [
+            "01",
+            "00",
+            "007",
+            "+1",
+            " 1",
+            "1 ",
+            "1\n",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(parse_version(v), None, "{v:?}");
+        }
+        assert!(is_noncanonical_version("01"));
+        assert!(!is_noncanonical_version("10"));
+        assert!(!is_noncanonical_version("v1"));
     }
 }

@@ -8,18 +8,25 @@
 use super::bytes_codec::{self, BytesCodecError};
 use super::model::ModelConfig;
 use super::tensor::{DataType, Tensor, TensorSpec, element_count};
+use crate::echo::Echo;
 use std::fmt;
 
 /// Why a request does not match the model's signature.
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum ValidationError {
-    #[error("model '{model}' has no input '{name}'; expected inputs: {expected}")]
+    #[error(
+        "model '{model}' has no input '{}'; expected inputs: {expected}",
+        Echo(name)
+    )]
     UnknownInput {
         model: String,
         name: String,
         expected: String,
     },
-    #[error("input '{name}' is given more than once; give each of {expected} exactly once")]
+    #[error(
+        "input '{}' is given more than once; give each of {expected} exactly once",
+        Echo(name)
+    )]
     DuplicateInput { name: String, expected: String },
     #[error(
         "model '{model}' needs input '{name}', which the request lacks; expected inputs: {expected}, given: {given}"
@@ -36,7 +43,7 @@ pub enum ValidationError {
         expected: DataType,
         given: DataType,
     },
-    #[error("input '{name}': expected shape {expected}, given {given}")]
+    #[error("input '{name}': expected shape {expected}, given {}", Echo(given))]
     Shape {
         name: String,
         expected: String,
@@ -60,7 +67,10 @@ pub enum ValidationError {
         first: String,
         first_batch: i64,
     },
-    #[error("input '{name}': shape {shape} is invalid (negative dimension or too many elements)")]
+    #[error(
+        "input '{name}': shape {} is invalid (negative dimension or too many elements)",
+        Echo(shape)
+    )]
     InvalidShape { name: String, shape: String },
     #[error(
         "input '{name}': shape {shape} of {datatype} needs {expected} bytes of data, given {given}"
@@ -98,13 +108,16 @@ pub enum ValidationError {
         size: usize,
         limit: usize,
     },
-    #[error("model '{model}' has no output '{name}'; expected outputs: {expected}")]
+    #[error(
+        "model '{model}' has no output '{}'; expected outputs: {expected}",
+        Echo(name)
+    )]
     UnknownOutput {
         model: String,
         name: String,
         expected: String,
     },
-    #[error("output '{name}' is requested more than once")]
+    #[error("output '{}' is requested more than once", Echo(name))]
     DuplicateOutput { name: String },
 }
 

@@ -18,6 +18,7 @@
 //! Unknown keys are refused (a typo must not be silently ignored); errors name the key.
 
 use super::policy::{PolicyTable, VersionPolicy};
+use crate::engine::MAX_INSTANCES;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -66,9 +67,11 @@ impl ModelFile {
     /// Checks ranges and turns parameters into strings.
     pub fn resolve(&self) -> Result<ModelOverrides, String> {
         if let Some(n) = self.instances
-            && !(1..=256).contains(&n)
+            && !(1..=MAX_INSTANCES).contains(&n)
         {
-            return Err(format!("instances must be between 1 and 256, got {n}"));
+            return Err(format!(
+                "instances must be between 1 and {MAX_INSTANCES}, got {n}"
+            ));
         }
         if let Some(ms) = self.max_queue_delay_ms
             && !(ms.is_finite() && ms >= 0.0)

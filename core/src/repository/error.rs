@@ -1,11 +1,16 @@
 //! Errors of the model repository. `api::error` maps each variant to an HTTP status once
 //! (and the gRPC front end to a code, in its one place).
 
+use crate::echo::Echo;
+
 /// Why a repository request (index, load, unload) failed.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum RepositoryError {
     /// No folder (or listed entry) of that name.
-    #[error("model '{name}' is not in the model repository {repository}; it holds: {available}")]
+    #[error(
+        "model '{}' is not in the model repository {repository}; it holds: {available}",
+        Echo(name)
+    )]
     UnknownModel {
         name: String,
         repository: String,
@@ -26,8 +31,9 @@ pub enum RepositoryError {
     LoadFailed { name: String, reason: String },
     /// The server runs with `--model-control-mode none`.
     #[error(
-        "cannot {action} model '{name}': the server runs with --model-control-mode none \
-         (models are loaded at start only); start it with --model-control-mode explicit"
+        "cannot {action} model '{}': the server runs with --model-control-mode none \
+         (models are loaded at start only); start it with --model-control-mode explicit",
+        Echo(name)
     )]
     ControlDisabled { action: &'static str, name: String },
     /// The server was started with `unimodel run`, which has no model repository.

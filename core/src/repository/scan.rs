@@ -172,15 +172,32 @@ fn versions_in(name: &str, dir: &Path) -> Result<Vec<(u64, PathBuf, PathBuf)>, R
         name: name.to_string(),
         message: format!("cannot read '{}': {e}", dir.display()),
     })?;
-    let mut found: Vec<(u64, PathBuf, PathBuf)> = read
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let version = crate::engine::parse_version(e.file_name().to_str()?)?;
-            let folder = e.path();
-            let plugin = folder.join("plugin.py");
-            plugin.is_file().then_some((version, plugin, folder))
-        })
-        .collect();
+    let mut found: Vec<(u64, PathBuf, PathBuf)> = Vec::new();
+    for entry in read.filter_map(Result::ok) {
+        let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let folder = entry.path();
+        let plugin = folder.join("plugin.py");
+        if !plugin.is_file() {
+            continue;
+        }
+        // `01/` would otherwise be served as version 1 beside (or instead of) `1/`.
+        if crate::engine::is_noncanonical_version(&file_name) {
+            let canonical = file_name.trim_start_matches('0');
+            return Err(RepositoryError::BadLayout {
+                name: name.to_string(),
+                message: format!(
+                    "version folder '{file_name}/' is not a canonical version number (no leading \
+                     zeros); rename it to '{}/'",
+                    if canonical.is_empty() { "0" } else { canonical }
+                ),
+            });
+        }
+        if let Some(version) = crate::engine::parse_version(&file_name) {
+            found.push((version, plugin, folder));
+        }
+    }
     found.sort_by_key(|(v, _, _)| *v);
     if found.is_empty() {
         let plugin = dir.join("plugin.py");

@@ -43,8 +43,9 @@ fn known(service: &str) -> Result<(), Status> {
         return Ok(());
     }
     Err(Status::not_found(format!(
-        "unknown service '{service}'; health is reported for \"\" and \
-         \"inference.GRPCInferenceService\""
+        "unknown service '{}'; health is reported for \"\" and \
+         \"inference.GRPCInferenceService\"",
+        crate::echo::Echo(service)
     )))
 }
 

@@ -14,7 +14,7 @@ pub fn code(e: &ApiError) -> Code {
 /// The status a failed RPC answers with; server-side failures are logged like REST's 5xx.
 pub fn to_status(e: &ApiError) -> Status {
     let code = code(e);
-    let message = e.to_string();
+    let message = e.message();
     if matches!(code, Code::Internal | Code::Unavailable) {
         tracing::warn!(code = ?code, error = %message, "gRPC request failed");
     }

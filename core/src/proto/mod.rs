@@ -4,4 +4,6 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
+pub mod codec;
+
 tonic::include_proto!("inference");
