@@ -6,6 +6,7 @@ binary: each test failed on the binary before its fix.
 - `Expect: 100-continue` with a declared body over `--max-body-bytes` gets 413, no 100;
 - protobuf garbage on gRPC is INVALID_ARGUMENT, not INTERNAL;
 - a JWT with `crit`, or with an empty `sub`, is refused;
+- what a plugin starts in a new session (`setsid`) dies with its worker: at unload and at stop;
 - a plugin's `instances` is capped at 256 like config.toml's and `--instances`.
 """
 
@@ -13,7 +14,10 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import signal
 import socket
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-from umclient import REPO_ROOT, error_of, run_cli, wait_until
+from umclient import REPO_ROOT, error_of, pid_alive, run_cli, wait_until
 
 DOUBLER = str(REPO_ROOT / "plugins" / "examples" / "doubler.py")
 INFER_BODY = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
@@ -245,6 +249,125 @@ def test_f_a_jwt_with_an_empty_sub_is_refused(jwt_server):
         "the audit event naming the sub claim",
     )
     assert infer_with(jwt_server, hs256(header, claims(sub="bob"))).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# g. setsid grandchildren
+
+SPAWNER = textwrap.dedent(
+    '''
+    """Starts a `sleep` in a new session, directly and through a shell that exits (so the
+    second is orphaned while the worker lives), and writes their pids."""
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    import unimodel as um
+
+
+    class Spawner(um.Model):
+        name = "spawner"
+        max_batch_size = 0
+        inputs = {"x": um.Tensor("FP32", [-1])}
+        outputs = {"y": um.Tensor("FP32", [-1])}
+
+        def setup(self, ctx):
+            out = Path(ctx.parameters["pid_dir"])
+            child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+            (out / "direct.tmp").write_text(str(child.pid))
+            (out / "direct.tmp").rename(out / "direct")
+            script = "setsid sleep 1000 >/dev/null 2>&1 & echo $! > " + str(out / "orphan.tmp")
+            subprocess.run(["sh", "-c", script], check=True)
+            (out / "orphan.tmp").rename(out / "orphan")
+
+        def predict(self, x: np.ndarray):
+            return {"y": x}
+    '''
+)
+
+
+def leftover_pids(pid_dir: Path) -> list[int]:
+    pids = [int((pid_dir / name).read_text()) for name in ("direct", "orphan")]
+    for pid in pids:
+        assert pid_alive(pid), f"sleep {pid} is not running while its worker serves"
+    return pids
+
+
+def assert_gone(pids: list[int]):
+    try:
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 30, f"pids {pids} to end")
+    finally:
+        for pid in pids:
+            # On failure, do not leave our own `sleep 1000` behind.
+            if pid_alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00":
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_g_setsid_grandchildren_die_at_unload(start_server, tmp_path):
+    repo = tmp_path / "models"
+    (repo / "spawner").mkdir(parents=True)
+    (repo / "spawner" / "plugin.py").write_text(SPAWNER)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    (repo / "spawner" / "config.toml").write_text(f'[parameters]\npid_dir = "{pid_dir}"\n')
+    server = start_server.serve(
+        "--model-repository",
+        str(repo),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "spawner",
+    )
+    pids = leftover_pids(pid_dir)
+    assert server.post("/v2/repository/models/spawner/unload").status_code == 200
+    assert_gone(pids)
+    assert server.get("/v2/health/live").status_code == 200
+
+
+def test_g_setsid_grandchildren_die_at_server_stop(start_server, tmp_path):
+    plugin_file = tmp_path / "spawner.py"
+    plugin_file.write_text(SPAWNER)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    server = start_server(str(plugin_file), "--set", f"pid_dir={pid_dir}")
+    pids = leftover_pids(pid_dir)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0
+    assert_gone(pids)
+
+
+def test_g_setsid_grandchildren_die_when_their_worker_crashes(start_server, tmp_path):
+    plugin_file = tmp_path / "spawner.py"
+    plugin_file.write_text(SPAWNER)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    server = start_server(str(plugin_file), "--set", f"pid_dir={pid_dir}")
+    try:
+        crash_and_stop(server, pid_dir)
+    finally:
+        server.stop()
+        # On failure, whatever the restarted worker started must not outlive the test.
+        for name in ("direct", "orphan"):
+            if (pid_dir / name).exists():
+                assert_gone([int((pid_dir / name).read_text())])
+
+
+def crash_and_stop(server, pid_dir: Path):
+    pids = leftover_pids(pid_dir)
+    stat = Path(f"/proc/{pids[0]}/stat").read_text()
+    worker = int(stat.rsplit(")", 1)[1].split()[1])
+    assert worker != server.proc.pid, "the direct child's parent is its worker"
+    for name in ("direct", "orphan"):
+        (pid_dir / name).unlink()
+    os.kill(worker, signal.SIGKILL)
+    assert_gone(pids)
+    # The restarted worker starts its own, which go at the server's stop.
+    wait_until(lambda: (pid_dir / "orphan").exists(), 60, "the restarted worker's setup")
+    server.wait_ready()
+    again = leftover_pids(pid_dir)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0
+    assert_gone(again)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,6 +131,9 @@ pub async fn serve_until_signal<B: Backend>(
     auth: Option<Arc<Auth>>,
     startup: impl Future<Output = ()>,
 ) -> anyhow::Result<ExitCode> {
+    // What plugins start outside their worker's process group is re-parented to us, to be
+    // killed with its worker (`worker/orphans.rs`).
+    crate::worker::orphans::adopt();
     // One table of client shared-memory regions for both protocols.
     let regions = Arc::new(crate::regions::Regions::new(server.allow_client_shm));
     let metrics = backend.metrics();
@@ -267,15 +270,18 @@ impl Stop<'_> {
                 );
             }
         };
-        tokio::select! {
+        let code = tokio::select! {
             _ = graceful => {
                 tracing::info!("stopped");
-                Ok(ExitCode::SUCCESS)
+                ExitCode::SUCCESS
             }
             _ = signals.next() => {
                 tracing::warn!("second signal: exiting now");
-                Ok(ExitCode::from(130))
+                ExitCode::from(130)
             }
-        }
+        };
+        // Whatever a plugin left behind (even with its environment cleared) goes with us.
+        crate::worker::orphans::kill_left_behind(None);
+        Ok(code)
     }
 }

@@ -14,6 +14,7 @@
 //! - `shm`: memfd creation and mappings.
 //! - `client_shm`: clients' shared-memory segments, passed to workers without copies.
 //! - `process`: spawning one worker process (fds, process group, environment, logs).
+//! - `orphans`: killing and reaping what a worker's plugin left outside its process group.
 //! - `python`: finding an interpreter, unpacking the embedded SDK, bootstrapping a venv.
 //! - `inspect`: asking a plugin what models it declares.
 
@@ -23,6 +24,7 @@ pub use crate::tensor::client_shm;
 pub mod codec;
 mod handle;
 mod inspect;
+pub mod orphans;
 mod pipeline;
 pub mod process;
 pub mod protocol;

@@ -3,6 +3,7 @@
 //! with the core, with a cleaned environment and its stdout/stderr re-emitted as `tracing`
 //! events labelled with the model and instance. The supervisor is `instance.rs`.
 
+use super::orphans;
 use super::types::PythonEnv;
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -185,6 +186,9 @@ pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
 /// `spawn`, with the pid the child must find as its parent (ours; tests fake another).
 fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProcess, SpawnError> {
     let mut cmd = python_command(spec.python, &spec.labels);
+    // Inherited by what the plugin starts, so its leftovers can be told apart (`orphans.rs`).
+    let worker_id = orphans::next_worker_id();
+    cmd.env(orphans::WORKER_ID_VAR, &worker_id);
     cmd.args(["-m", "unimodel.worker"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -206,6 +210,8 @@ fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProc
             limit_memory(memory_limit)
         });
     }
+    // Registered under the lock the orphan scans take, so none sees it as adopted.
+    let mut workers = orphans::workers();
     let mut child = cmd.spawn().map_err(|source| SpawnError::Exec {
         interpreter: spec.python.interpreter.display().to_string(),
         source,
@@ -218,6 +224,8 @@ fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProc
             what: "process id",
             source: std::io::Error::other("child exited before its pid was read"),
         })?;
+    workers.insert(pid);
+    drop(workers);
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
     if let Some(out) = child.stdout.take() {
         tokio::spawn(forward_lines(
@@ -237,7 +245,7 @@ fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProc
     }
     let (exit_tx, exit) = oneshot::channel();
     let reaped = Arc::new(Mutex::new(false));
-    tokio::spawn(reap(child, pid, reaped.clone(), exit_tx));
+    tokio::spawn(reap(child, (pid, worker_id), reaped.clone(), exit_tx));
     Ok(WorkerProcess {
         pid,
         exit,
@@ -250,9 +258,12 @@ fn spawn_child_of(spec: SpawnSpec<'_>, parent: libc::pid_t) -> Result<WorkerProc
 /// Waits for the worker to exit, kills what is left of its process group while the unreaped
 /// worker still pins the group id, then reaps it and reports its status. Without pidfds
 /// (Linux before 5.3, some sandboxes) it can only reap and mark it reaped, leaving the group.
+/// Either way, what left the group and was re-parented to us when the worker died is killed
+/// before the exit is reported (`orphans.rs`), so an unload or a stop that waits for the
+/// worker also waits for them.
 async fn reap(
     mut child: tokio::process::Child,
-    pid: i32,
+    (pid, worker_id): (i32, String),
     reaped: Arc<Mutex<bool>>,
     exit_tx: oneshot::Sender<ExitStatus>,
 ) {
@@ -260,8 +271,12 @@ async fn reap(
         Some(pidfd) => loop {
             // A pidfd turns readable once the process has exited (it stays a zombie for us).
             let Ok(mut ready) = pidfd.readable().await else {
-                break child.wait().await.ok();
+                let status = child.wait().await.ok();
+                orphans::kill_left_behind(Some(&worker_id));
+                break status;
             };
+            // Its children were re-parented when it exited, before the pidfd turned readable.
+            orphans::kill_left_behind(Some(&worker_id));
             let Ok(mut flag) = reaped.lock() else { return };
             kill_group(pid);
             match child.try_wait() {
@@ -282,9 +297,11 @@ async fn reap(
             if let Ok(mut flag) = reaped.lock() {
                 *flag = true;
             }
+            orphans::kill_left_behind(Some(&worker_id));
             status
         }
     };
+    orphans::forget_worker(pid);
     if let Some(status) = status {
         let _ = exit_tx.send(status);
     }
