@@ -106,7 +106,7 @@ class Model:
     - ``max_batch_size`` [0]: 0 means no batching (``predict`` sees one request, shapes
       exactly as declared); N > 0 means up to N rows per call, with a batch dimension first.
     - ``max_queue_delay_ms`` [1.0]: how long the first request of a batch may wait for more.
-    - ``instances`` [1]: worker processes (each with its own copy of the model).
+    - ``instances`` [1]: worker processes (each with its own copy of the model), 1 to 256.
     - ``max_concurrency`` [None]: requests admitted at once (queued plus running); past it
       clients get 429 (gRPC RESOURCE_EXHAUSTED). None: only the server's queue bounds them.
     - ``retry_on_worker_failure`` [False]: when a worker dies running a batch, its requests
