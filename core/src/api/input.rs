@@ -6,8 +6,9 @@
 //! binary section, a raw entry, typed contents) or an `OutputDesc`; the checks they share
 //! live here once: the datatype and shape, the shape against the data's size, the data
 //! source (exactly one), and shared-memory regions (an input lives in the client's region,
-//! `Storage::Client`, read through a view; an output goes to a target in it). Messages name each protocol's own
-//! fields (`Protocol`), so a client reads the words of the API it called.
+//! `Storage::Client`, its bytes read once through the segment's descriptor; an output goes
+//! to a target in it). Messages name each protocol's own fields (`Protocol`), so a client
+//! reads the words of the API it called.
 //!
 //! Signature checks (names, shapes against the model) belong to `engine::validate`; this
 //! file only checks what the encoding itself promises.
@@ -154,10 +155,10 @@ impl Decoder<'_, '_> {
                 if data.given() {
                     return Err(bad(self.protocol.shm_and_data().to_string()));
                 }
-                let (slice, view) =
+                let (slice, copy) =
                     shm_input(&name, datatype, &shape, count, region, &shm, self.regions)
                         .map_err(|e| e.into_api(&name))?;
-                (view, Storage::Client(slice))
+                (copy, Storage::Client(slice))
             }
             None if shm.shared_memory_byte_size.is_some() || shm.shared_memory_offset.is_some() => {
                 return Err(bad(
@@ -253,8 +254,9 @@ impl Protocol {
     }
 }
 
-/// Where input `name` lives in `region` and its bytes (a view of the mapped region, not a
-/// copy), after checking that `shared_memory_byte_size` is given and fits the shape.
+/// Where input `name` lives in `region` and a copy of its bytes (read through the segment's
+/// descriptor, `Region::input`), after checking that `shared_memory_byte_size` is given and
+/// fits the shape.
 fn shm_input(
     name: &str,
     datatype: DataType,

@@ -111,7 +111,7 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
 
 /// Writes `tensor` into its shared-memory slice and describes it (no data in the body).
 fn shm_output<'a>(tensor: &'a Tensor, shm: &'a ShmOutput) -> Result<OutputJson<'a>, ApiError> {
-    write_output(&shm.target, &shm.region, &tensor.data)?;
+    write_output(&shm.target, tensor)?;
     Ok(OutputJson {
         name: &tensor.name,
         datatype: tensor.datatype.as_str(),

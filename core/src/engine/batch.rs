@@ -184,7 +184,12 @@ pub fn split_outputs(
                 datatype: t.datatype,
                 shape,
                 data: t.data.slice(start..end),
-                storage: Storage::Core,
+                // A whole output keeps its place: one the worker wrote into its client's
+                // memory (a request alone in its batch) is not written there again.
+                storage: match (start, end) == (0, t.data.len()) {
+                    true => t.storage.clone(),
+                    false => Storage::Core,
+                },
             });
         }
         per_request.push(tensors);
@@ -283,9 +288,10 @@ mod tests {
                 .unwrap(),
         );
         file.set_len(64).unwrap();
-        let segment = crate::worker::client_shm::ClientSegment::map(file).unwrap();
+        let segment = crate::worker::client_shm::ClientSegment::open(file).unwrap();
         let target = crate::worker::client_shm::OutputTarget {
             name: "y".into(),
+            region: "r".into(),
             segment,
             offset: 0,
             length: 8,
@@ -312,6 +318,33 @@ mod tests {
             matches!(together.inputs[0].storage, Storage::Core),
             "a batch's input is put together in the arena"
         );
+
+        // An output the worker wrote into the lone request's memory stays marked as there,
+        // so the API does not write it again; a row of a batch's output does not.
+        let written = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 2],
+            data: f32_bytes(&[2.0, 4.0]),
+            storage: Storage::Client(crate::worker::client_shm::ClientSlice {
+                region: "r".into(),
+                segment: target.segment.clone(),
+                offset: 0,
+                len: 8,
+            }),
+        };
+        let (c, _rc) = req(&[1.0, 2.0], 2, None);
+        let alone = split_outputs(&[c], vec![written.clone()], &["y".into()], true).unwrap();
+        assert!(matches!(&alone[0][0].storage, Storage::Client(s) if target.holds(s)));
+        let (d, _rd) = req(&[1.0, 2.0], 2, None);
+        let (e, _re) = req(&[3.0, 4.0], 2, None);
+        let two = Tensor {
+            shape: vec![2, 2],
+            data: f32_bytes(&[2.0, 4.0, 6.0, 8.0]),
+            ..written
+        };
+        let rows = split_outputs(&[d, e], vec![two], &["y".into()], true).unwrap();
+        assert!(matches!(rows[0][0].storage, Storage::Core));
     }
 
     #[test]

@@ -402,6 +402,7 @@ pub(super) fn worker_error(model: &str, e: WorkerError) -> EngineError {
     match e {
         WorkerError::Plugin { message, .. } => EngineError::Plugin { model, message },
         WorkerError::TooLarge(message) => EngineError::BadOutput { model, message },
+        WorkerError::ClientMemory(message) => EngineError::ClientMemory(message),
         WorkerError::NotReady { state } | WorkerError::NotStarted { reason: state } => {
             EngineError::NotReady { model, state }
         }
