@@ -118,7 +118,7 @@ fn shm_output<'a>(tensor: &'a Tensor, shm: &'a ShmOutput) -> Result<OutputJson<'
         shape: &tensor.shape,
         parameters: Some(OutputParameters::Shm {
             shared_memory_region: &shm.region,
-            shared_memory_byte_size: tensor.data.len(),
+            shared_memory_byte_size: tensor.byte_len(),
             shared_memory_offset: shm.offset,
         }),
         data: None,

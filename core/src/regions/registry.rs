@@ -223,25 +223,25 @@ impl Region {
         Ok((start, len))
     }
 
-    /// Where an input at `offset` (within the region) lives, and a copy of its bytes (read
-    /// through the descriptor: a segment the client shrank is an error, not a fault).
+    /// Where an input at `offset` (within the region) lives, checked against the segment's
+    /// size now (the early, clear error for a segment shrunk since registration; whoever
+    /// reads it later, `read_input` or a batch's assembly, still gets an error, not a fault).
     pub fn input(
         &self,
         tensor: &str,
         offset: u64,
         byte_size: u64,
-    ) -> Result<(ClientSlice, Bytes), RegionError> {
+    ) -> Result<ClientSlice, RegionError> {
         let (start, len) = self.slice(tensor, offset, byte_size)?;
-        let slice = ClientSlice {
+        self.segment
+            .check(start, len)
+            .map_err(|e| access_error(tensor, &self.name, e))?;
+        Ok(ClientSlice {
             region: self.name.clone(),
             segment: Arc::clone(&self.segment),
             offset: start,
             len,
-        };
-        let data = slice
-            .read()
-            .map_err(|e| access_error(tensor, &self.name, e))?;
-        Ok((slice, data))
+        })
     }
 
     /// Where output `output` goes: `byte_size` bytes at `offset` within the region, checked
@@ -289,6 +289,14 @@ pub fn write_output(target: &OutputTarget, tensor: &Tensor) -> Result<(), Region
         .segment
         .write(target.offset, data)
         .map_err(|e| access_error(&format!("output '{}'", target.name), &target.region, e))
+}
+
+/// A copy of input `tensor`'s bytes in `slice`, for the core's own checks (read through the
+/// descriptor: a segment the client shrank is an error, not a fault).
+pub fn read_input(slice: &ClientSlice, tensor: &str) -> Result<Bytes, RegionError> {
+    slice
+        .read()
+        .map_err(|e| access_error(tensor, &slice.region, e))
 }
 
 /// A failed access to `region`'s segment for `tensor`, as the client is told.
@@ -426,8 +434,11 @@ mod tests {
         let r = regions.get("r").unwrap();
         let target = r.output_target("y", 8, 8).unwrap();
         write_output(&target, &output(b"12345678")).unwrap();
-        let (slice, bytes) = r.input("input 'x'", 8, 8).unwrap();
-        assert_eq!(bytes.as_ref(), b"12345678");
+        let slice = r.input("input 'x'", 8, 8).unwrap();
+        assert_eq!(
+            read_input(&slice, "input 'x'").unwrap().as_ref(),
+            b"12345678"
+        );
         // The slice names the registration and where it lies in the segment.
         assert_eq!(
             (slice.region.as_str(), slice.offset, slice.len),
@@ -459,8 +470,8 @@ mod tests {
         regions.unregister(None);
         drop(seg); // the client unlinks its segment too
         write_output(&target, &output(b"abcd")).unwrap();
-        let (_, input) = r.input("input 'x'", 0, 4).unwrap();
-        assert_eq!(input.as_ref(), b"abcd");
+        let input = r.input("input 'x'", 0, 4).unwrap();
+        assert_eq!(read_input(&input, "input 'x'").unwrap().as_ref(), b"abcd");
     }
 
     /// Issue 15: a segment shrunk after registration is refused with its size and the range
@@ -472,6 +483,7 @@ mod tests {
         regions.register("r", &seg.key, 0, 64 << 10).unwrap();
         let r = regions.get("r").unwrap();
         let early = r.output_target("y", 32 << 10, 4).unwrap();
+        let early_input = r.input("input 'x'", 32 << 10, 16).unwrap();
         let fd = nix::sys::mman::shm_open(seg.key.as_str(), OFlag::O_RDWR, Mode::empty()).unwrap();
         File::from(fd).set_len(4096).unwrap();
         let err = r.input("input 'x'", 32 << 10, 16).unwrap_err();
@@ -490,6 +502,7 @@ mod tests {
                 && err.to_string().contains("[32768, 32768+16)"),
             "{err}"
         );
+        assert_eq!(read_input(&early_input, "input 'x'"), Err(err));
         assert!(matches!(
             r.output_target("y", 32 << 10, 4),
             Err(RegionError::Shrunk { size: 4096, .. })
@@ -501,7 +514,11 @@ mod tests {
         // What is still inside the segment stays usable.
         let low = r.output_target("y", 0, 4).unwrap();
         write_output(&low, &output(b"abcd")).unwrap();
-        assert_eq!(r.input("input 'x'", 0, 4).unwrap().1.as_ref(), b"abcd");
+        let low_input = r.input("input 'x'", 0, 4).unwrap();
+        assert_eq!(
+            read_input(&low_input, "input 'x'").unwrap().as_ref(),
+            b"abcd"
+        );
     }
 
     #[test]

@@ -10,16 +10,19 @@
 //! results, checked here and reported as `AccessError::Shrunk` (naming the segment's current
 //! size and the range asked for), which the API answers with a 400.
 //!
-//! Copies: an input a request names in a registered region is read once, when the request
-//! is decoded (`ClientSegment::read`), so every later reader in the core (validation, batch
-//! assembly) holds bytes of its own, and a request alone in its batch still travels to the
-//! worker as the segment's descriptor and the slice's offset (`ClientSlice`, the tensor's
-//! `engine::tensor::Storage::Client`; region `client` in docs/worker-protocol.md), not through
-//! the input arena. An output the client wants in its segment (`OutputTarget`) is written
-//! there by the worker itself when the request ran alone (the core reads it back for its own
-//! checks and does not write it again), or by the core (`ClientSegment::write`) when it ran
-//! in a batch. A worker maps the segment, so a truncation can still kill the *worker* with
-//! SIGBUS; the supervisor answers its requests with an error and restarts it.
+//! Copies: an input a request names in a registered region is a `ClientSlice` (the tensor's
+//! `engine::tensor::Storage::Client`), checked against the segment's size when the request
+//! is decoded and carried as data from the API through the engine. A request alone in its
+//! batch travels to the worker as the segment's descriptor and the slice's offset (region
+//! `client` in docs/worker-protocol.md): the core never reads it. A batch of several reads
+//! each request's slice (`ClientSlice::read_for`) before putting them together, so a segment
+//! shrunk meanwhile fails only its own request; BOOL and BYTES inputs, whose elements the
+//! core checks, are read when decoded. An output the client wants in its segment
+//! (`OutputTarget`) is written there by the worker itself when the request ran alone (the
+//! core leaves it there, reading back only BYTES outputs, whose elements it checks), or by
+//! the core (`ClientSegment::write`) when it ran in a batch. A worker maps the segment, so a
+//! truncation can still kill the *worker* with SIGBUS; the supervisor answers its requests
+//! with an error and restarts it.
 //!
 //! Lifetime: every slice and target holds an `Arc` of its segment, so unregistering a region
 //! (or the client unlinking its segment) while a request still uses it closes nothing early.
@@ -38,7 +41,7 @@ pub enum AccessError {
     /// The client shrank the segment after registering it: `[offset, offset + len)` is no
     /// longer inside it.
     #[error(
-        "the segment is now {size} bytes, but bytes [{offset}, {offset}+{len}) were asked for (the client shrank it after registering it)"
+        "its segment is now {size} bytes, but the tensor needs bytes [{offset}, {offset}+{len}) of it (the segment was shrunk after registration; register it again at its new size)"
     )]
     Shrunk {
         size: u64,
@@ -152,6 +155,21 @@ impl ClientSlice {
     pub fn read(&self) -> Result<Bytes, AccessError> {
         self.segment.read(self.offset, self.len)
     }
+
+    /// As `read`, with the failure worded for the client: `tensor` (e.g. "input 'x'") names
+    /// what the slice holds.
+    pub fn read_for(&self, tensor: &str) -> Result<Bytes, String> {
+        self.read().map_err(|e| self.unusable(tensor, &e))
+    }
+
+    /// The message for a failed access to this slice (the same words as the API's
+    /// `RegionError::Shrunk`).
+    pub fn unusable(&self, tensor: &str, e: &AccessError) -> String {
+        format!(
+            "{tensor}: shared-memory region '{}' is unusable: {e}",
+            self.region
+        )
+    }
 }
 
 /// An output the client wants written into its segment: `[offset, offset + length)`.
@@ -230,7 +248,7 @@ mod tests {
         let err = s.read(32 << 10, 6).unwrap_err();
         assert!(
             err.to_string()
-                .contains("now 4096 bytes, but bytes [32768, 32768+6)"),
+                .contains("now 4096 bytes, but the tensor needs bytes [32768, 32768+6)"),
             "{err}"
         );
         assert!(matches!(

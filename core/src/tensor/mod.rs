@@ -128,11 +128,23 @@ pub enum Storage {
     /// arena. A worker gets a copy.
     #[default]
     Core,
-    /// A slice of a client's registered shared-memory region, whose bytes `data` holds a
-    /// copy of (never a view: the client may shrink its segment at any time). An input: a
-    /// worker maps the client's segment instead of getting a copy. An output: the worker
-    /// wrote it there already, so it is not written again.
+    /// A slice of a client's registered shared-memory region, where the bytes stay: `data`
+    /// is empty, `Tensor::byte_len` gives the size, and the core reads them (`ClientSlice::
+    /// read`, never through a mapping: the client may shrink its segment at any time) only
+    /// where it needs them (a batch's inputs are put together). An input: a worker maps the
+    /// client's segment instead of getting a copy. An output: the worker wrote it there
+    /// already, so it is not written again.
     Client(ClientSlice),
+}
+
+impl Tensor {
+    /// The size of the tensor's bytes, wherever they live.
+    pub fn byte_len(&self) -> usize {
+        match &self.storage {
+            Storage::Client(slice) => slice.len,
+            Storage::Core => self.data.len(),
+        }
+    }
 }
 
 /// Tensors are equal by their contents; where the bytes live does not matter.

@@ -2,8 +2,9 @@
 //! arena (or dedicated memfds) as tensor references, and copying a result's outputs back out
 //! into owned tensors. Pure data movement; the supervisor (`instance.rs`) decides when.
 //! Client shared memory (`client_shm`) is the exception to copying: inputs in it travel as
-//! descriptors, and outputs the worker wrote into it are read back through the segment's
-//! descriptor (never a mapping: the client may have shrunk it meanwhile).
+//! descriptors, and outputs the worker wrote into it stay there (`Storage::Client`), except
+//! BYTES outputs, read back through the segment's descriptor (never a mapping: the client
+//! may have shrunk it meanwhile) because the engine checks their elements.
 
 use super::arena::{AllocError, Allocator, Block, layout};
 use super::client_shm::{ClientSlice, OutputTarget};
@@ -200,8 +201,9 @@ impl From<String> for CollectError {
 }
 
 /// Copies every output out of shared memory into owned tensors. Outputs the worker wrote
-/// into client memory (region `client`) are read back (`Storage::Client`, so that they are
-/// not written there again).
+/// into client memory (region `client`) stay there (`Storage::Client`, so that they are not
+/// written there again), BYTES outputs aside (read back: the engine splits and checks their
+/// elements).
 pub fn collect(
     refs: Vec<TensorRef>,
     fds: &[OwnedFd],
@@ -269,9 +271,21 @@ fn collect_one(
             bytes::Bytes::from(data)
         }
         Region::Client => {
-            let (slice, data) = client_output(&r, targets)?;
-            storage = Storage::Client(slice);
-            data
+            let slice = client_output(&r, targets)?;
+            let what = format!("output '{}'", r.name);
+            let unusable = |e| CollectError::Client(slice.unusable(&what, &e));
+            if datatype == DataType::Bytes {
+                slice.read().map_err(unusable)?
+            } else {
+                // Still there? (Only a courtesy: the client may shrink it at any time, but
+                // then it has only itself to blame for losing the output.)
+                slice
+                    .segment
+                    .check(slice.offset, slice.len)
+                    .map_err(unusable)?;
+                storage = Storage::Client(slice);
+                bytes::Bytes::new()
+            }
         }
         Region::Input => {
             return Err(format!("output '{}' points into the input arena", r.name).into());
@@ -286,11 +300,8 @@ fn collect_one(
     })
 }
 
-/// An output the worker wrote into its target: where it lies, and a copy read back.
-fn client_output(
-    r: &TensorRef,
-    targets: &[OutputTarget],
-) -> Result<(ClientSlice, bytes::Bytes), CollectError> {
+/// Where an output the worker wrote into its target lies.
+fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<ClientSlice, CollectError> {
     let target = targets.iter().find(|t| t.name == r.name).ok_or_else(|| {
         format!(
             "output '{}' is in region client, but no target names it",
@@ -304,19 +315,12 @@ fn client_output(
         )
         .into());
     }
-    let slice = ClientSlice {
+    Ok(ClientSlice {
         region: target.region.clone(),
         segment: target.segment.clone(),
         offset: target.offset,
         len: r.length as usize,
-    };
-    let data = slice.read().map_err(|e| {
-        CollectError::Client(format!(
-            "output '{}': shared-memory region '{}' is unusable: {e}",
-            r.name, target.region
-        ))
-    })?;
-    Ok((slice, data))
+    })
 }
 
 #[cfg(test)]
@@ -518,8 +522,7 @@ mod tests {
         );
         assert_eq!(staged.fds.len(), 2);
 
-        // The worker wrote 8 bytes into the target: the core reads them back, and knows they
-        // are there already.
+        // The worker wrote 8 bytes into the target: the core leaves them there.
         segment.write(64, b"written!").unwrap();
         let view = ReadOnlyRegion::map(arena.region.fd(), None).unwrap();
         let out = vec![TensorRef::located(
@@ -531,8 +534,23 @@ mod tests {
             8,
         )];
         let t = collect(out, &[], &view, &w.targets).unwrap();
-        assert_eq!(t[0].data.as_ref(), b"written!");
+        assert!(t[0].data.is_empty(), "not read back");
+        assert_eq!(t[0].byte_len(), 8);
         assert!(matches!(&t[0].storage, Storage::Client(s) if w.targets[0].holds(s)));
+        // A BYTES output is read back: the engine checks its elements.
+        let encoded = crate::tensor::bytes_codec::encode([b"ab".as_slice()]);
+        segment.write(64, &encoded).unwrap();
+        let bytes_out = vec![TensorRef::located(
+            "out",
+            "BYTES",
+            &[1],
+            Region::Client,
+            64,
+            encoded.len() as u64,
+        )];
+        let t = collect(bytes_out, &[], &view, &w.targets).unwrap();
+        assert_eq!(t[0].data, encoded);
+        assert!(matches!(t[0].storage, Storage::Core));
         let too_long = vec![TensorRef::located(
             "out",
             "UINT8",
@@ -559,17 +577,19 @@ mod tests {
         // the worker did nothing wrong (and the core does not fault).
         let shrink = segment.fd().try_clone_to_owned().unwrap();
         std::fs::File::from(shrink).set_len(32).unwrap();
-        let out = vec![TensorRef::located(
-            "out",
-            "UINT8",
-            &[8],
-            Region::Client,
-            64,
-            8,
-        )];
-        assert!(matches!(
-            collect(out, &[], &view, &w.targets),
-            Err(CollectError::Client(m)) if m.contains("region 'r'") && m.contains("now 32 bytes")
-        ));
+        for datatype in ["UINT8", "BYTES"] {
+            let out = vec![TensorRef::located(
+                "out",
+                datatype,
+                &[if datatype == "BYTES" { 1 } else { 8 }],
+                Region::Client,
+                64,
+                8,
+            )];
+            assert!(matches!(
+                collect(out, &[], &view, &w.targets),
+                Err(CollectError::Client(m)) if m.contains("region 'r'") && m.contains("now 32 bytes")
+            ));
+        }
     }
 }

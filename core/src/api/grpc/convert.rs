@@ -89,7 +89,7 @@ pub fn encode(response: InferResponse, shm: &[ShmOutput]) -> Result<ModelInferRe
         let data = match shm.iter().find(|s| s.target.name == t.name) {
             Some(s) => {
                 write_output(&s.target, &t)?;
-                parameters = shm_parameters(s, t.data.len());
+                parameters = shm_parameters(s, t.byte_len());
                 Bytes::new()
             }
             None => t.data,
