@@ -16,8 +16,10 @@
 //! batch travels to the worker as the segment's descriptor and the slice's offset (region
 //! `client` in docs/worker-protocol.md): the core never reads it. A batch of several reads
 //! each request's slice (`ClientSlice::read_for`) before putting them together, so a segment
-//! shrunk meanwhile fails only its own request; BOOL and BYTES inputs, whose elements the
-//! core checks, are read when decoded. An output the client wants in its segment
+//! shrunk meanwhile fails only its own request (reading straight into the input arena would
+//! save a pass over the bytes, but a shrink between a check and that copy would then fail
+//! the whole batch, other clients' requests included); BOOL and BYTES inputs, whose elements
+//! the core checks, are read when decoded. An output the client wants in its segment
 //! (`OutputTarget`) is written there by the worker itself when the request ran alone (the
 //! core leaves it there, reading back only BYTES outputs, whose elements it checks), or by
 //! the core (`ClientSegment::write`) when it ran in a batch. A worker maps the segment, so a
