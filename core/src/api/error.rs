@@ -182,7 +182,9 @@ fn engine_class(e: &EngineError) -> ErrorClass {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => {
             ErrorClass::NotFound
         }
-        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => ErrorClass::BadRequest,
+        EngineError::Validation(_)
+        | EngineError::StreamingOnly { .. }
+        | EngineError::ClientMemory(_) => ErrorClass::BadRequest,
         EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => {
             ErrorClass::TooManyRequests
         }
@@ -203,6 +205,8 @@ fn region_class(e: &RegionError) -> ErrorClass {
         RegionError::Disabled { .. } => ErrorClass::Forbidden,
         // A whole extension this server does not implement, not a malformed request.
         RegionError::CudaUnsupported => ErrorClass::NotImplemented,
+        // A limit refused it for now: registering succeeds again once a region goes.
+        RegionError::TooMany { .. } => ErrorClass::TooManyRequests,
         // Everything else is the client's key, sizes, offsets or names (Triton answers 400).
         RegionError::BadKey { .. }
         | RegionError::Open { .. }
@@ -211,7 +215,9 @@ fn region_class(e: &RegionError) -> ErrorClass {
         | RegionError::Unknown(_)
         | RegionError::OutOfRegion { .. }
         | RegionError::BadTensor { .. }
-        | RegionError::OutputTooLarge { .. } => ErrorClass::BadRequest,
+        | RegionError::OutputTooLarge { .. }
+        | RegionError::Shrunk { .. }
+        | RegionError::Access { .. } => ErrorClass::BadRequest,
     }
 }
 

@@ -6,8 +6,8 @@
 //! binary section, a raw entry, typed contents) or an `OutputDesc`; the checks they share
 //! live here once: the datatype and shape, the shape against the data's size, the data
 //! source (exactly one), and shared-memory regions (an input lives in the client's region,
-//! `Storage::Client`, read through a view; an output goes to a target in it). Messages name each protocol's own
-//! fields (`Protocol`), so a client reads the words of the API it called.
+//! `Storage::Client`, its bytes left there; an output goes to a target in it). Messages name
+//! each protocol's own fields (`Protocol`), so a client reads the words of the API it called.
 //!
 //! Signature checks (names, shapes against the model) belong to `engine::validate`; this
 //! file only checks what the encoding itself promises.
@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::json_data;
 use crate::engine::{DataType, Tensor};
 use crate::proto::InferTensorContents;
-use crate::regions::{RegionError, Regions};
+use crate::regions::{RegionError, Regions, read_input};
 use crate::tensor::client_shm::OutputTarget;
 use crate::tensor::{ClientSlice, Storage, element_count};
 use bytes::Bytes;
@@ -154,10 +154,19 @@ impl Decoder<'_, '_> {
                 if data.given() {
                     return Err(bad(self.protocol.shm_and_data().to_string()));
                 }
-                let (slice, view) =
-                    shm_input(&name, datatype, &shape, count, region, &shm, self.regions)
-                        .map_err(|e| e.into_api(&name))?;
-                (view, Storage::Client(slice))
+                let slice = shm_input(&name, datatype, &shape, count, region, &shm, self.regions)
+                    .map_err(|e| e.into_api(&name))?;
+                match datatype {
+                    // The engine checks every element of these (`engine::validate`): read
+                    // them once, here, and let them travel as the core's own bytes.
+                    DataType::Bool | DataType::Bytes => (
+                        read_input(&slice, &format!("input '{name}'"))?,
+                        Storage::Core,
+                    ),
+                    // The bytes stay in the client's segment: a lone request's worker maps
+                    // it, a batch's assembly reads it.
+                    _ => (Bytes::new(), Storage::Client(slice)),
+                }
             }
             None if shm.shared_memory_byte_size.is_some() || shm.shared_memory_offset.is_some() => {
                 return Err(bad(
@@ -253,8 +262,8 @@ impl Protocol {
     }
 }
 
-/// Where input `name` lives in `region` and its bytes (a view of the mapped region, not a
-/// copy), after checking that `shared_memory_byte_size` is given and fits the shape.
+/// Where input `name` lives in `region` (`Region::input`), after checking that
+/// `shared_memory_byte_size` is given and fits the shape.
 fn shm_input(
     name: &str,
     datatype: DataType,
@@ -263,7 +272,7 @@ fn shm_input(
     region: &str,
     params: &ShmParameters,
     regions: &Regions,
-) -> Result<(ClientSlice, Bytes), ShmInputError> {
+) -> Result<ClientSlice, ShmInputError> {
     let size = params.shared_memory_byte_size.ok_or_else(|| {
         ShmInputError::Message(
             "parameters.shared_memory_byte_size is required with shared_memory_region".into(),
@@ -473,6 +482,60 @@ mod tests {
             decode(Protocol::Rest, offset_only)
                 .unwrap_err()
                 .ends_with("but no shared_memory_region")
+        );
+    }
+
+    /// Inputs in a client's region stay there (a worker maps them), except BOOL and BYTES,
+    /// whose elements the engine checks: those are read once, here, as the core's own bytes.
+    #[test]
+    fn shm_inputs_stay_in_the_segment_unless_their_elements_are_checked() {
+        use nix::fcntl::OFlag;
+        use nix::sys::stat::Mode;
+        let key = format!("/um-test-{}-input", std::process::id());
+        let fd = nix::sys::mman::shm_open(
+            key.as_str(),
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(64).unwrap();
+        let element = crate::tensor::bytes_codec::encode([b"hi".as_slice()]);
+        std::os::unix::fs::FileExt::write_all_at(&file, &element, 0).unwrap();
+        let regions = Regions::new(true);
+        regions.register("r", &key, 0, 64).unwrap();
+        let _ = nix::sys::mman::shm_unlink(key.as_str());
+        let mut decoder = Decoder {
+            protocol: Protocol::Rest,
+            regions: &regions,
+            binary: None,
+        };
+        let mut input = |datatype: &str, shape: Vec<i64>, size: u64| {
+            decoder.input(InputDesc {
+                name: "x".into(),
+                datatype: datatype.into(),
+                shape,
+                shm: Ok(ShmParameters {
+                    shared_memory_region: Some("r".into()),
+                    shared_memory_byte_size: Some(size),
+                    shared_memory_offset: None,
+                }),
+                data: Data::Absent,
+            })
+        };
+        let fp32 = input("FP32", vec![2], 8).unwrap();
+        assert!(fp32.data.is_empty());
+        assert_eq!(fp32.byte_len(), 8);
+        assert!(matches!(&fp32.storage, Storage::Client(s) if s.region == "r" && s.len == 8));
+        let bytes = input("BYTES", vec![1], element.len() as u64).unwrap();
+        assert_eq!(bytes.data, element);
+        assert!(matches!(bytes.storage, Storage::Core));
+        // Shrunk since registration: refused when decoded, naming the sizes.
+        file.set_len(4).unwrap();
+        let err = input("FP32", vec![2], 8).unwrap_err().to_string();
+        assert!(
+            err.contains("region 'r' is unusable") && err.contains("now 4 bytes"),
+            "{err}"
         );
     }
 }

@@ -36,7 +36,9 @@ impl ApiError {
 fn engine_outcome(e: &EngineError) -> &'static str {
     match e {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => "not_found",
-        EngineError::Validation(_) | EngineError::StreamingOnly { .. } => "bad_request",
+        EngineError::Validation(_)
+        | EngineError::StreamingOnly { .. }
+        | EngineError::ClientMemory(_) => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::Overloaded { .. } => "overloaded",
         EngineError::NotReady { .. } | EngineError::ShuttingDown => "unavailable",

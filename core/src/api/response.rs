@@ -111,14 +111,14 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
 
 /// Writes `tensor` into its shared-memory slice and describes it (no data in the body).
 fn shm_output<'a>(tensor: &'a Tensor, shm: &'a ShmOutput) -> Result<OutputJson<'a>, ApiError> {
-    write_output(&shm.target, &shm.region, &tensor.data)?;
+    write_output(&shm.target, tensor)?;
     Ok(OutputJson {
         name: &tensor.name,
         datatype: tensor.datatype.as_str(),
         shape: &tensor.shape,
         parameters: Some(OutputParameters::Shm {
             shared_memory_region: &shm.region,
-            shared_memory_byte_size: tensor.data.len(),
+            shared_memory_byte_size: tensor.byte_len(),
             shared_memory_offset: shm.offset,
         }),
         data: None,

@@ -146,10 +146,14 @@ pub struct ServerArgs {
     pub drain_timeout_ms: u64,
     /// Let clients register their POSIX shared-memory segments (Triton's system
     /// shared-memory extension) for inputs and outputs. Off by default, because with it the
-    /// server maps memory that local clients own, and a client that shrinks a registered
-    /// segment can crash the server.
+    /// server trusts local clients with memory they own (a client that shrinks a registered
+    /// segment gets errors for its own requests, and can crash the worker that ran one).
     #[arg(long)]
     pub allow_client_shm: bool,
+    /// Most client shared-memory regions registered at once (each holds two descriptors);
+    /// registering more is refused (429 / RESOURCE_EXHAUSTED) until some are unregistered.
+    #[arg(long, value_name = "N", default_value_t = crate::regions::DEFAULT_MAX_REGIONS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_shm_regions: u64,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]

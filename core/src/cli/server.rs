@@ -135,8 +135,18 @@ pub async fn serve_until_signal<B: Backend>(
     // killed with its worker (`worker/orphans.rs`).
     crate::worker::orphans::adopt();
     // One table of client shared-memory regions for both protocols.
-    let regions = Arc::new(crate::regions::Regions::new(server.allow_client_shm));
+    let regions = Arc::new(
+        crate::regions::Regions::new(server.allow_client_shm)
+            .with_max_regions(usize::try_from(server.max_shm_regions).unwrap_or(usize::MAX)),
+    );
     let metrics = backend.metrics();
+    if let Some(m) = &metrics {
+        let gauge = m.shm_regions();
+        let counted = Arc::clone(&regions);
+        m.add_sampler(move || {
+            gauge.set(i64::try_from(counted.len()).unwrap_or(i64::MAX));
+        });
+    }
     if let Some(tls) = &listening.tls {
         tokio::spawn(reload_tls_on_sighup(Arc::clone(tls)));
     }

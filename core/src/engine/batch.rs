@@ -22,7 +22,21 @@ pub fn trace_ids(batch: &[Admitted]) -> Vec<TraceId> {
     ids
 }
 
-/// Builds the worker call for `batch` (non-empty, requests already compatible).
+/// Reads every input of `p` that is still in its client's segment (`Storage::Client`) into
+/// bytes of the core's own, for a batch to put together: a segment the client shrank since
+/// the request was decoded is an error naming the region and the sizes, not a fault.
+pub fn read_client_inputs(p: &mut Admitted) -> Result<(), String> {
+    for t in &mut p.inputs {
+        if let Storage::Client(slice) = &t.storage {
+            t.data = slice.read_for(&format!("input '{}'", t.name))?;
+            t.storage = Storage::Core;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the worker call for `batch` (non-empty, requests already compatible; in a batch of
+/// several, inputs are the core's own bytes: `read_client_inputs`).
 pub fn build_work(batch: &[Admitted], batching: bool) -> Work {
     let rows: u32 = batch.iter().map(|p| p.rows).sum();
     let first = &batch[0];
@@ -99,10 +113,10 @@ fn row_bounds(t: &Tensor, rows: u32) -> Result<Vec<usize>, SplitError> {
         Some(size) => {
             let stride = per_row * size;
             let expected = stride * rows as usize;
-            if t.data.len() != expected {
+            if t.byte_len() != expected {
                 return Err(SplitError::Size {
                     name: t.name.clone(),
-                    got: t.data.len(),
+                    got: t.byte_len(),
                     expected,
                     shape: t.shape.clone(),
                 });
@@ -153,7 +167,7 @@ pub fn split_outputs(
             let bounds = row_bounds(&t, rows)?;
             split.push((t, bounds));
         } else {
-            let len = t.data.len();
+            let len = t.byte_len();
             split.push((t, vec![0, len]));
         }
     }
@@ -177,14 +191,28 @@ pub fn split_outputs(
                 shape[0] = p.rows as i64;
                 (bounds[row], bounds[row + r], shape)
             } else {
-                (0, t.data.len(), t.shape.clone())
+                (0, t.byte_len(), t.shape.clone())
+            };
+            let (data, storage) = match &t.storage {
+                // A whole output keeps its place: one the worker wrote into its client's
+                // memory (only ever for a request alone in its batch) stays there.
+                _ if (start, end) == (0, t.byte_len()) => (t.data.clone(), t.storage.clone()),
+                Storage::Core => (t.data.slice(start..end), Storage::Core),
+                Storage::Client(_) => {
+                    return Err(SplitError::Size {
+                        name: t.name.clone(),
+                        got: t.byte_len(),
+                        expected: end - start,
+                        shape: t.shape.clone(),
+                    });
+                }
             };
             tensors.push(Tensor {
                 name: t.name.clone(),
                 datatype: t.datatype,
                 shape,
-                data: t.data.slice(start..end),
-                storage: Storage::Core,
+                data,
+                storage,
             });
         }
         per_request.push(tensors);
@@ -283,9 +311,10 @@ mod tests {
                 .unwrap(),
         );
         file.set_len(64).unwrap();
-        let segment = crate::worker::client_shm::ClientSegment::map(file).unwrap();
+        let segment = crate::worker::client_shm::ClientSegment::open(file).unwrap();
         let target = crate::worker::client_shm::OutputTarget {
             name: "y".into(),
+            region: "r".into(),
             segment,
             offset: 0,
             length: 8,
@@ -311,6 +340,65 @@ mod tests {
         assert!(
             matches!(together.inputs[0].storage, Storage::Core),
             "a batch's input is put together in the arena"
+        );
+
+        // An output the worker wrote into the lone request's memory stays there, so the API
+        // does not write it again.
+        let written = Tensor {
+            name: "y".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 2],
+            data: Bytes::new(),
+            storage: Storage::Client(crate::worker::client_shm::ClientSlice {
+                region: "r".into(),
+                segment: target.segment.clone(),
+                offset: 0,
+                len: 8,
+            }),
+        };
+        let (c, _rc) = req(&[1.0, 2.0], 2, None);
+        let alone = split_outputs(&[c], vec![written], &["y".into()], true).unwrap();
+        assert!(matches!(&alone[0][0].storage, Storage::Client(s) if target.holds(s)));
+        assert_eq!(alone[0][0].byte_len(), 8);
+    }
+
+    /// A batch of several puts its inputs together from the core's own bytes: inputs still
+    /// in a client's segment are read first, and a segment shrunk since the request was
+    /// decoded is that request's error (not a fault, and not the batch's).
+    #[test]
+    fn a_batch_reads_client_inputs_and_refuses_a_shrunk_segment() {
+        let file = std::fs::File::from(
+            nix::sys::memfd::memfd_create(c"client", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap(),
+        );
+        file.set_len(64 << 10).unwrap();
+        let shrink = file.try_clone().unwrap();
+        let segment = crate::worker::client_shm::ClientSegment::open(file).unwrap();
+        segment.write(32 << 10, &f32_bytes(&[1.0, 2.0])).unwrap();
+        let in_client = |p: &mut Admitted| {
+            p.inputs[0].data = Bytes::new();
+            p.inputs[0].storage = Storage::Client(crate::worker::client_shm::ClientSlice {
+                region: "r".into(),
+                segment: segment.clone(),
+                offset: 32 << 10,
+                len: 8,
+            });
+        };
+        let (mut a, _ra) = req(&[0.0, 0.0], 2, None);
+        in_client(&mut a);
+        read_client_inputs(&mut a).unwrap();
+        assert_eq!(a.inputs[0].data, f32_bytes(&[1.0, 2.0]));
+        assert!(matches!(a.inputs[0].storage, Storage::Core));
+
+        let (mut b, _rb) = req(&[0.0, 0.0], 2, None);
+        in_client(&mut b);
+        shrink.set_len(4096).unwrap();
+        let err = read_client_inputs(&mut b).unwrap_err();
+        assert!(
+            err.contains("input 'x': shared-memory region 'r' is unusable")
+                && err.contains("now 4096 bytes")
+                && err.contains("[32768, 32768+8)"),
+            "{err}"
         );
     }
 

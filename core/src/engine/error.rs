@@ -45,6 +45,10 @@ pub enum EngineError {
     BadOutput { model: String, message: String },
     #[error("model '{model}': request timed out after {after:?}")]
     Timeout { model: String, after: Duration },
+    /// The request's client shared memory became unusable while it ran (the client shrank
+    /// its segment); the message names the region, its size and the range.
+    #[error("{0}")]
+    ClientMemory(String),
     #[error("server is shutting down; not accepting new requests")]
     ShuttingDown,
     #[error("internal error: {0}")]

@@ -21,7 +21,7 @@ use super::model::ModelConfig;
 use super::response::{Answer, Delivered};
 use super::scheduler::Admitted;
 use super::stats::{BatchTimes, StatsRecorder};
-use super::tensor::Tensor;
+use super::tensor::{Storage, Tensor};
 use crate::worker::types::{Work, WorkOutput, WorkerError};
 use crate::worker::{StreamItem, WorkChunk, WorkStream};
 use std::sync::Arc;
@@ -100,6 +100,10 @@ pub async fn run_batch(
     let mut guard = FinishGuard::new(&ctx, idx, batch_id);
     let batching = ctx.config.max_batch_size > 0;
     let started = Instant::now();
+    read_client_inputs(&ctx, &mut batch, started);
+    if batch.is_empty() {
+        return;
+    }
     let work = build_work(&batch, batching);
     let mut run = Run {
         started,
@@ -132,7 +136,7 @@ pub async fn run_batch(
                 run.count_inputs(&ctx);
                 ctx.stats
                     .metrics()
-                    .shm_out(chunk.outputs.iter().map(|t| t.data.len() as u64).sum());
+                    .shm_out(chunk.outputs.iter().map(|t| t.byte_len() as u64).sum());
                 let parts =
                     match split_outputs(&batch, chunk.outputs, &ctx.declared_outputs, batching) {
                         Ok(parts) => parts,
@@ -203,6 +207,31 @@ pub async fn run_batch(
         run.record_batch(&ctx, compute_ns);
     }
     run.finish(&ctx, batch, result.map(|_| last));
+}
+
+/// Puts together what a batch of several requests needs from clients' shared memory: each
+/// input still in a client's segment is read now (`batch::read_client_inputs`). A request
+/// whose client shrank its segment since it was decoded is answered with that error alone
+/// and leaves the batch; the others run. A request alone keeps its inputs where they are.
+fn read_client_inputs(ctx: &BatchContext, batch: &mut Vec<Admitted>, started: Instant) {
+    if batch.len() < 2 {
+        return;
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    for mut p in std::mem::take(batch) {
+        match super::batch::read_client_inputs(&mut p) {
+            Ok(()) => kept.push(p),
+            Err(message) => {
+                ctx.stats.record_request(
+                    false,
+                    started.saturating_duration_since(p.enqueued),
+                    p.enqueued.elapsed(),
+                );
+                p.sink.finish(Err(EngineError::ClientMemory(message)));
+            }
+        }
+    }
+    *batch = kept;
 }
 
 /// The worker call for a batch. A generator model's streams its chunks; a plain model's one
@@ -391,7 +420,10 @@ fn staged_bytes(work: &Work) -> u64 {
     let bytes: usize = work
         .inputs
         .iter()
-        .flat_map(|i| i.parts.iter().map(|p| p.len()))
+        .map(|i| match &i.storage {
+            Storage::Client(slice) => slice.len,
+            Storage::Core => i.parts.iter().map(|p| p.len()).sum(),
+        })
         .sum();
     bytes as u64
 }
@@ -402,6 +434,7 @@ pub(super) fn worker_error(model: &str, e: WorkerError) -> EngineError {
     match e {
         WorkerError::Plugin { message, .. } => EngineError::Plugin { model, message },
         WorkerError::TooLarge(message) => EngineError::BadOutput { model, message },
+        WorkerError::ClientMemory(message) => EngineError::ClientMemory(message),
         WorkerError::NotReady { state } | WorkerError::NotStarted { reason: state } => {
             EngineError::NotReady { model, state }
         }

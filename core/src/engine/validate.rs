@@ -211,10 +211,10 @@ fn check_input(
         });
     }
     let batch = check_shape(max_batch_size, spec, tensor)?;
-    if tensor.data.len() > limits.max_tensor_bytes {
+    if tensor.byte_len() > limits.max_tensor_bytes {
         return Err(ValidationError::TensorTooLarge {
             name: tensor.name.clone(),
-            size: tensor.data.len(),
+            size: tensor.byte_len(),
             limit: limits.max_tensor_bytes,
         });
     }
@@ -295,16 +295,17 @@ fn check_data(tensor: &Tensor) -> Result<(), ValidationError> {
                         name: tensor.name.clone(),
                         shape: ShapeDisplay(&tensor.shape).to_string(),
                     })?;
-            if tensor.data.len() != expected {
+            if tensor.byte_len() != expected {
                 return Err(ValidationError::DataLength {
                     name: tensor.name.clone(),
                     shape: ShapeDisplay(&tensor.shape).to_string(),
                     datatype: tensor.datatype,
                     expected,
-                    given: tensor.data.len(),
+                    given: tensor.byte_len(),
                 });
             }
-            // numpy reads any non-zero byte as a bool it cannot print or compare sanely.
+            // numpy reads any non-zero byte as a bool it cannot print or compare sanely (BOOL
+            // and BYTES inputs are always the core's own bytes, `api::input`).
             if tensor.datatype == DataType::Bool
                 && let Some(index) = tensor.data.iter().position(|&b| b > 1)
             {

@@ -54,6 +54,30 @@ pub enum RegionError {
         size: usize,
         byte_size: u64,
     },
+    /// The client shrank its segment after registering it: a tensor's bytes are no longer
+    /// inside it (`offset`, `byte_size`: the tensor's range within the segment).
+    #[error(
+        "{tensor}: shared-memory region '{region}' is unusable: its segment is now {size} bytes, but the tensor needs bytes [{offset}, {offset}+{byte_size}) of it (the segment was shrunk after registration; register it again at its new size)"
+    )]
+    Shrunk {
+        tensor: String,
+        region: String,
+        offset: usize,
+        byte_size: usize,
+        size: u64,
+    },
+    /// Reading or writing the client's segment failed for another reason.
+    #[error("{tensor}: cannot access shared-memory region '{region}': {reason}")]
+    Access {
+        tensor: String,
+        region: String,
+        reason: String,
+    },
+    /// `--max-shm-regions` regions are registered already (each holds descriptors).
+    #[error(
+        "cannot register region '{name}': {limit} regions are registered, the most this server allows (--max-shm-regions); unregister one first"
+    )]
+    TooMany { name: String, limit: usize },
     /// The CUDA extension's routes exist so clients get this instead of a 404.
     #[error("CUDA shared memory is not supported by this server yet; use system shared memory")]
     CudaUnsupported,

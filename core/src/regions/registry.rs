@@ -6,7 +6,8 @@
 
 use super::error::RegionError;
 use super::key::check_key;
-use crate::tensor::client_shm::{ClientSegment, ClientSlice, OutputTarget};
+use crate::tensor::client_shm::{AccessError, ClientSegment, ClientSlice, OutputTarget};
+use crate::tensor::{Storage, Tensor};
 use bytes::Bytes;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -33,20 +34,43 @@ pub struct RegionStatus {
     pub byte_size: u64,
 }
 
-/// The registered regions, and whether registering is allowed at all.
+/// The registered regions, whether registering is allowed at all, and how many may be.
 #[derive(Debug)]
 pub struct Regions {
     allow: bool,
+    max_regions: usize,
     table: RwLock<BTreeMap<String, Arc<Region>>>,
 }
 
+/// The default of `--max-shm-regions`: each region holds two descriptors of the core.
+pub const DEFAULT_MAX_REGIONS: u64 = 1024;
+
 impl Regions {
-    /// `allow`: `--allow-client-shm`; without it every registration is refused.
+    /// `allow`: `--allow-client-shm`; without it every registration is refused. At most
+    /// `DEFAULT_MAX_REGIONS` regions (see `with_max_regions`).
     pub fn new(allow: bool) -> Self {
         Regions {
             allow,
+            max_regions: DEFAULT_MAX_REGIONS as usize,
             table: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    /// `--max-shm-regions`: registering more is refused until some are unregistered.
+    pub fn with_max_regions(self, max_regions: usize) -> Self {
+        Regions {
+            max_regions,
+            ..self
+        }
+    }
+
+    /// How many regions are registered now.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn allowed(&self) -> bool {
@@ -66,9 +90,7 @@ impl Regions {
             return Err(RegionError::Disabled { name: name.into() });
         }
         check_key(key)?;
-        if self.read().contains_key(name) {
-            return Err(RegionError::Duplicate(name.into()));
-        }
+        self.check_room(&self.read(), name)?;
         let open_error = |reason: String| RegionError::Open {
             name: name.into(),
             key: key.into(),
@@ -90,7 +112,7 @@ impl Regions {
                 size,
             });
         }
-        let segment = ClientSegment::map(file).map_err(|e| open_error(e.to_string()))?;
+        let segment = ClientSegment::open(file).map_err(|e| open_error(e.to_string()))?;
         let region = Arc::new(Region {
             name: name.into(),
             key: key.into(),
@@ -98,11 +120,28 @@ impl Regions {
             byte_size,
             segment,
         });
+        // Checked again under the write lock: another registration may have come between.
         let mut table = self.write();
+        self.check_room(&table, name)?;
+        table.insert(name.into(), region);
+        Ok(())
+    }
+
+    /// Refuses a name already registered, or a registration past `max_regions`.
+    fn check_room(
+        &self,
+        table: &BTreeMap<String, Arc<Region>>,
+        name: &str,
+    ) -> Result<(), RegionError> {
         if table.contains_key(name) {
             return Err(RegionError::Duplicate(name.into()));
         }
-        table.insert(name.into(), region);
+        if table.len() >= self.max_regions {
+            return Err(RegionError::TooMany {
+                name: name.into(),
+                limit: self.max_regions,
+            });
+        }
         Ok(())
     }
 
@@ -184,41 +223,44 @@ impl Region {
         Ok((start, len))
     }
 
-    /// Where an input at `offset` (within the region) lives, and its bytes read in place
-    /// (no copy).
+    /// Where an input at `offset` (within the region) lives, checked against the segment's
+    /// size now (the early, clear error for a segment shrunk since registration; whoever
+    /// reads it later, `read_input` or a batch's assembly, still gets an error, not a fault).
     pub fn input(
         &self,
         tensor: &str,
         offset: u64,
         byte_size: u64,
-    ) -> Result<(ClientSlice, Bytes), RegionError> {
+    ) -> Result<ClientSlice, RegionError> {
         let (start, len) = self.slice(tensor, offset, byte_size)?;
-        let slice = ClientSlice {
+        self.segment
+            .check(start, len)
+            .map_err(|e| access_error(tensor, &self.name, e))?;
+        Ok(ClientSlice {
             region: self.name.clone(),
             segment: Arc::clone(&self.segment),
             offset: start,
             len,
-        };
-        let view = slice.view().ok_or(RegionError::OutOfRegion {
-            tensor: tensor.into(),
-            region: self.name.clone(),
-            offset,
-            byte_size,
-            size: self.byte_size,
-        })?;
-        Ok((slice, view))
+        })
     }
 
-    /// Where output `output` goes: `byte_size` bytes at `offset` within the region.
+    /// Where output `output` goes: `byte_size` bytes at `offset` within the region, checked
+    /// against the segment's size now (the early, clear error for a segment shrunk since
+    /// registration; `write_output` checks again).
     pub fn output_target(
         &self,
         output: &str,
         offset: u64,
         byte_size: u64,
     ) -> Result<OutputTarget, RegionError> {
-        let (start, len) = self.slice(&format!("output '{output}'"), offset, byte_size)?;
+        let tensor = format!("output '{output}'");
+        let (start, len) = self.slice(&tensor, offset, byte_size)?;
+        self.segment
+            .check(start, len)
+            .map_err(|e| access_error(&tensor, &self.name, e))?;
         Ok(OutputTarget {
             name: output.into(),
+            region: self.name.clone(),
             segment: Arc::clone(&self.segment),
             offset: start,
             length: len,
@@ -226,24 +268,71 @@ impl Region {
     }
 }
 
-/// Writes an output's bytes into its target (`region` names it in errors). Bytes the worker
-/// already wrote there are not copied again.
-pub fn write_output(target: &OutputTarget, region: &str, data: &[u8]) -> Result<(), RegionError> {
-    if data.len() > target.length || !target.segment.write(target.offset, data) {
+/// Writes output `tensor` into its target. An output the worker already wrote there (a
+/// request that ran alone) is not copied again.
+pub fn write_output(target: &OutputTarget, tensor: &Tensor) -> Result<(), RegionError> {
+    let data = &tensor.data;
+    if data.len() > target.length {
         return Err(RegionError::OutputTooLarge {
             output: target.name.clone(),
-            region: region.into(),
+            region: target.region.clone(),
             size: data.len(),
             byte_size: target.length as u64,
         });
     }
-    Ok(())
+    if let Storage::Client(slice) = &tensor.storage
+        && target.holds(slice)
+    {
+        return Ok(());
+    }
+    target
+        .segment
+        .write(target.offset, data)
+        .map_err(|e| access_error(&format!("output '{}'", target.name), &target.region, e))
+}
+
+/// A copy of input `tensor`'s bytes in `slice`, for the core's own checks (read through the
+/// descriptor: a segment the client shrank is an error, not a fault).
+pub fn read_input(slice: &ClientSlice, tensor: &str) -> Result<Bytes, RegionError> {
+    slice
+        .read()
+        .map_err(|e| access_error(tensor, &slice.region, e))
+}
+
+/// A failed access to `region`'s segment for `tensor`, as the client is told.
+fn access_error(tensor: &str, region: &str, e: AccessError) -> RegionError {
+    match e {
+        AccessError::Shrunk { size, offset, len } => RegionError::Shrunk {
+            tensor: tensor.into(),
+            region: region.into(),
+            offset,
+            byte_size: len,
+            size,
+        },
+        AccessError::Io(e) => RegionError::Access {
+            tensor: tensor.into(),
+            region: region.into(),
+            reason: e.to_string(),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::DataType;
     use std::ffi::CString;
+
+    /// An output tensor the core holds (not written in place by a worker).
+    fn output(data: &[u8]) -> Tensor {
+        Tensor {
+            name: "y".into(),
+            datatype: DataType::Uint8,
+            shape: vec![data.len() as i64],
+            data: Bytes::copy_from_slice(data),
+            storage: Storage::Core,
+        }
+    }
 
     /// A POSIX segment created the way tritonclient does, unlinked on drop.
     struct Segment {
@@ -344,9 +433,12 @@ mod tests {
         regions.register("r", &seg.key, 128, 64).unwrap();
         let r = regions.get("r").unwrap();
         let target = r.output_target("y", 8, 8).unwrap();
-        write_output(&target, "r", b"12345678").unwrap();
-        let (slice, bytes) = r.input("input 'x'", 8, 8).unwrap();
-        assert_eq!(bytes.as_ref(), b"12345678");
+        write_output(&target, &output(b"12345678")).unwrap();
+        let slice = r.input("input 'x'", 8, 8).unwrap();
+        assert_eq!(
+            read_input(&slice, "input 'x'").unwrap().as_ref(),
+            b"12345678"
+        );
         // The slice names the registration and where it lies in the segment.
         assert_eq!(
             (slice.region.as_str(), slice.offset, slice.len),
@@ -358,7 +450,7 @@ mod tests {
         ));
         assert!(r.input("input 'x'", u64::MAX, 1).is_err());
         assert!(matches!(
-            write_output(&target, "r", b"123456789"),
+            write_output(&target, &output(b"123456789")),
             Err(RegionError::OutputTooLarge {
                 size: 9,
                 byte_size: 8,
@@ -375,11 +467,81 @@ mod tests {
         regions.register("r", &seg.key, 0, 4096).unwrap();
         let r = regions.get("r").unwrap();
         let target = r.output_target("y", 0, 4).unwrap();
-        let (_, input) = r.input("input 'x'", 0, 4).unwrap();
-        drop(r);
         regions.unregister(None);
         drop(seg); // the client unlinks its segment too
-        write_output(&target, "r", b"abcd").unwrap();
-        assert_eq!(input.as_ref(), b"abcd");
+        write_output(&target, &output(b"abcd")).unwrap();
+        let input = r.input("input 'x'", 0, 4).unwrap();
+        assert_eq!(read_input(&input, "input 'x'").unwrap().as_ref(), b"abcd");
+    }
+
+    /// Issue 15: a segment shrunk after registration is refused with its size and the range
+    /// asked for, for inputs when decoded and for outputs when targeted and when written.
+    #[test]
+    fn a_segment_shrunk_after_registration_is_refused_clearly() {
+        let seg = Segment::new("shrunk", 64 << 10);
+        let regions = Regions::new(true);
+        regions.register("r", &seg.key, 0, 64 << 10).unwrap();
+        let r = regions.get("r").unwrap();
+        let early = r.output_target("y", 32 << 10, 4).unwrap();
+        let early_input = r.input("input 'x'", 32 << 10, 16).unwrap();
+        let fd = nix::sys::mman::shm_open(seg.key.as_str(), OFlag::O_RDWR, Mode::empty()).unwrap();
+        File::from(fd).set_len(4096).unwrap();
+        let err = r.input("input 'x'", 32 << 10, 16).unwrap_err();
+        assert_eq!(
+            err,
+            RegionError::Shrunk {
+                tensor: "input 'x'".into(),
+                region: "r".into(),
+                offset: 32 << 10,
+                byte_size: 16,
+                size: 4096,
+            }
+        );
+        assert!(
+            err.to_string().contains("now 4096 bytes")
+                && err.to_string().contains("[32768, 32768+16)"),
+            "{err}"
+        );
+        assert_eq!(read_input(&early_input, "input 'x'"), Err(err));
+        assert!(matches!(
+            r.output_target("y", 32 << 10, 4),
+            Err(RegionError::Shrunk { size: 4096, .. })
+        ));
+        assert!(matches!(
+            write_output(&early, &output(b"abcd")),
+            Err(RegionError::Shrunk { size: 4096, .. })
+        ));
+        // What is still inside the segment stays usable.
+        let low = r.output_target("y", 0, 4).unwrap();
+        write_output(&low, &output(b"abcd")).unwrap();
+        let low_input = r.input("input 'x'", 0, 4).unwrap();
+        assert_eq!(
+            read_input(&low_input, "input 'x'").unwrap().as_ref(),
+            b"abcd"
+        );
+    }
+
+    #[test]
+    fn registrations_past_the_limit_are_refused_until_one_goes() {
+        let seg = Segment::new("cap", 64);
+        let regions = Regions::new(true).with_max_regions(2);
+        regions.register("a", &seg.key, 0, 64).unwrap();
+        regions.register("b", &seg.key, 0, 64).unwrap();
+        assert_eq!(
+            regions.register("c", &seg.key, 0, 64),
+            Err(RegionError::TooMany {
+                name: "c".into(),
+                limit: 2
+            })
+        );
+        // A duplicate name is still named as such, not as the limit.
+        assert_eq!(
+            regions.register("a", &seg.key, 0, 64),
+            Err(RegionError::Duplicate("a".into()))
+        );
+        assert_eq!(regions.len(), 2);
+        regions.unregister(Some("a"));
+        regions.register("c", &seg.key, 0, 64).unwrap();
+        assert_eq!(regions.len(), 2);
     }
 }

@@ -130,6 +130,7 @@ pub struct Metrics {
     execution_timeouts: Family<ModelLabels, Counter>,
     rejections: Family<ModelLabels, Counter>,
     shm_bytes: Family<DirectionLabels, Counter>,
+    shm_regions: Gauge,
     auth_denials: Family<DenialLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
     samplers: Mutex<Vec<Sampler>>,
@@ -167,6 +168,7 @@ impl Metrics {
             execution_timeouts: Family::default(),
             rejections: Family::default(),
             shm_bytes: Family::default(),
+            shm_regions: Gauge::default(),
             auth_denials: Family::default(),
             tls_handshake_failures: Family::default(),
             samplers: Mutex::new(Vec::new()),
@@ -285,6 +287,11 @@ impl Metrics {
             self.shm_bytes.clone(),
         );
         r.register(
+            "shm_regions",
+            "Client shared-memory regions registered now (at most --max-shm-regions; each holds two descriptors)",
+            self.shm_regions.clone(),
+        );
+        r.register(
             "auth_denials",
             "Requests refused by auth, by protocol and outcome (unauthenticated: 401, forbidden: 403, rate_limited: 429)",
             self.auth_denials.clone(),
@@ -294,6 +301,11 @@ impl Metrics {
             "TLS handshakes that failed (reason \"failed\": not TLS, unknown CA, no or bad client certificate, ...) or did not finish within the handshake timeout (\"timeout\"), by listener (http, grpc, metrics)",
             self.tls_handshake_failures.clone(),
         );
+    }
+
+    /// The gauge of registered client shared-memory regions, for the server to refresh.
+    pub fn shm_regions(&self) -> Gauge {
+        self.shm_regions.clone()
     }
 
     /// The handshake failure counters of one TLS listener (its series appear at zero).

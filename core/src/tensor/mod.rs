@@ -1,9 +1,10 @@
 //! Tensor types shared by every layer: KServe datatypes, shapes and raw data, and where the
-//! bytes live (`Storage`; `client_shm`: clients' mapped shared-memory segments). The leaf of
+//! bytes live (`Storage`; `client_shm`: clients' shared-memory segments). The leaf of
 //! the crate's layering: it names no other module.
 //!
 //! - `bytes_codec`: the KServe BYTES serialisation (4-byte length, then the bytes).
-//! - `client_shm`: a client's registered segment mapped read-write, slices and output targets.
+//! - `client_shm`: a client's registered segment (read and written through its descriptor,
+//!   never mapped here), slices and output targets.
 //!
 //! Data is always held as little-endian bytes (`Bytes`, cheap to slice and share).
 //! BYTES tensors hold the KServe serialisation: per element a 4-byte little-endian
@@ -124,12 +125,26 @@ pub struct Tensor {
 #[derive(Clone, Debug, Default)]
 pub enum Storage {
     /// Bytes the core holds: a decoded request body, an output copied out of a worker's
-    /// arena (or written by a worker into a client's output target). A worker gets a copy.
+    /// arena. A worker gets a copy.
     #[default]
     Core,
-    /// A slice of a client's registered shared-memory region (`data` is a view of it): a
-    /// worker maps the client's segment instead of getting a copy.
+    /// A slice of a client's registered shared-memory region, where the bytes stay: `data`
+    /// is empty, `Tensor::byte_len` gives the size, and the core reads them (`ClientSlice::
+    /// read`, never through a mapping: the client may shrink its segment at any time) only
+    /// where it needs them (a batch's inputs are put together). An input: a worker maps the
+    /// client's segment instead of getting a copy. An output: the worker wrote it there
+    /// already, so it is not written again.
     Client(ClientSlice),
+}
+
+impl Tensor {
+    /// The size of the tensor's bytes, wherever they live.
+    pub fn byte_len(&self) -> usize {
+        match &self.storage {
+            Storage::Client(slice) => slice.len,
+            Storage::Core => self.data.len(),
+        }
+    }
 }
 
 /// Tensors are equal by their contents; where the bytes live does not matter.

@@ -2,10 +2,12 @@
 //! arena (or dedicated memfds) as tensor references, and copying a result's outputs back out
 //! into owned tensors. Pure data movement; the supervisor (`instance.rs`) decides when.
 //! Client shared memory (`client_shm`) is the exception to copying: inputs in it travel as
-//! descriptors, and outputs the worker wrote into it come back as views of it.
+//! descriptors, and outputs the worker wrote into it stay there (`Storage::Client`), except
+//! BYTES outputs, read back through the segment's descriptor (never a mapping: the client
+//! may have shrunk it meanwhile) because the engine checks their elements.
 
 use super::arena::{AllocError, Allocator, Block, layout};
-use super::client_shm::OutputTarget;
+use super::client_shm::{ClientSlice, OutputTarget};
 use super::protocol::{Region, Target, TensorRef};
 use super::shm::{ReadOnlyRegion, ShmError, WritableRegion};
 use super::types::{Work, WorkInput};
@@ -180,15 +182,34 @@ fn dedicated_input(
     Ok(r)
 }
 
-/// Copies every output out of shared memory into owned tensors. Errors are protocol errors
-/// (the worker named something it could not have written).
-/// Outputs the worker wrote into client memory (region `client`) are views of it, not copies.
+/// Why a result's outputs could not be collected.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The worker named something it could not have written: the worker is at fault.
+    #[error("{0}")]
+    Protocol(String),
+    /// An output the worker wrote into client memory cannot be read back (the client shrank
+    /// its segment): the request fails, the worker is fine.
+    #[error("{0}")]
+    Client(String),
+}
+
+impl From<String> for CollectError {
+    fn from(e: String) -> Self {
+        CollectError::Protocol(e)
+    }
+}
+
+/// Copies every output out of shared memory into owned tensors. Outputs the worker wrote
+/// into client memory (region `client`) stay there (`Storage::Client`, so that they are not
+/// written there again), BYTES outputs aside (read back: the engine splits and checks their
+/// elements).
 pub fn collect(
     refs: Vec<TensorRef>,
     fds: &[OwnedFd],
     output: &ReadOnlyRegion,
     targets: &[OutputTarget],
-) -> Result<Vec<Tensor>, String> {
+) -> Result<Vec<Tensor>, CollectError> {
     refs.into_iter()
         .map(|r| collect_one(r, fds, output, targets))
         .collect()
@@ -199,7 +220,7 @@ fn collect_one(
     fds: &[OwnedFd],
     output: &ReadOnlyRegion,
     targets: &[OutputTarget],
-) -> Result<Tensor, String> {
+) -> Result<Tensor, CollectError> {
     let datatype = DataType::parse(&r.datatype)
         .ok_or_else(|| format!("output '{}' has unknown datatype '{}'", r.name, r.datatype))?;
     if let Some(size) = datatype.size() {
@@ -208,9 +229,11 @@ fn collect_one(
             return Err(format!(
                 "output '{}' is {} bytes, but shape {:?} of {} needs {:?}",
                 r.name, r.length, r.shape, r.datatype, expected
-            ));
+            )
+            .into());
         }
     }
+    let mut storage = Storage::Core;
     let data = match r.region {
         Region::Output => output
             .copy_out(r.offset, r.length)
@@ -242,24 +265,43 @@ fn collect_one(
                     r.name,
                     data.len(),
                     r.length
-                ));
+                )
+                .into());
             }
             bytes::Bytes::from(data)
         }
-        Region::Client => client_output(&r, targets)?,
-        Region::Input => return Err(format!("output '{}' points into the input arena", r.name)),
+        Region::Client => {
+            let slice = client_output(&r, targets)?;
+            let what = format!("output '{}'", r.name);
+            let unusable = |e| CollectError::Client(slice.unusable(&what, &e));
+            if datatype == DataType::Bytes {
+                slice.read().map_err(unusable)?
+            } else {
+                // Still there? (Only a courtesy: the client may shrink it at any time, but
+                // then it has only itself to blame for losing the output.)
+                slice
+                    .segment
+                    .check(slice.offset, slice.len)
+                    .map_err(unusable)?;
+                storage = Storage::Client(slice);
+                bytes::Bytes::new()
+            }
+        }
+        Region::Input => {
+            return Err(format!("output '{}' points into the input arena", r.name).into());
+        }
     };
     Ok(Tensor {
         name: r.name,
         datatype,
         shape: r.shape,
         data,
-        storage: Storage::Core,
+        storage,
     })
 }
 
-/// An output the worker wrote into its target: a view of the client's memory there.
-fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<bytes::Bytes, String> {
+/// Where an output the worker wrote into its target lies.
+fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<ClientSlice, CollectError> {
     let target = targets.iter().find(|t| t.name == r.name).ok_or_else(|| {
         format!(
             "output '{}' is in region client, but no target names it",
@@ -270,12 +312,15 @@ fn client_output(r: &TensorRef, targets: &[OutputTarget]) -> Result<bytes::Bytes
         return Err(format!(
             "output '{}' claims [{}, {}+{}) of its target, which is [{}, {}+{})",
             r.name, r.offset, r.offset, r.length, target.offset, target.offset, target.length
-        ));
+        )
+        .into());
     }
-    target
-        .segment
-        .view(target.offset, r.length as usize)
-        .ok_or_else(|| format!("output '{}' lies outside its client segment", r.name))
+    Ok(ClientSlice {
+        region: target.region.clone(),
+        segment: target.segment.clone(),
+        offset: target.offset,
+        len: r.length as usize,
+    })
 }
 
 #[cfg(test)]
@@ -378,6 +423,7 @@ mod tests {
         assert!(
             collect(bad_size, &fds, &view, &[])
                 .unwrap_err()
+                .to_string()
                 .contains("needs")
         );
         let oob = vec![TensorRef::located(
@@ -396,6 +442,7 @@ mod tests {
         assert!(
             collect(bad_fd, &fds, &view, &[])
                 .unwrap_err()
+                .to_string()
                 .contains("carries 1")
         );
         // A worker's region it did not seal could be truncated while the core copies it.
@@ -408,7 +455,9 @@ mod tests {
             fd: Some(0),
             ..TensorRef::located("f", "UINT8", &[3], Region::Fd, 0, 3)
         }];
-        let err = collect(unsealed_ref, &unsealed_fds, &view, &[]).unwrap_err();
+        let err = collect(unsealed_ref, &unsealed_fds, &view, &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("output 'f'") && err.contains("F_SEAL_SHRINK"),
             "{err}"
@@ -417,6 +466,7 @@ mod tests {
         assert!(
             collect(bad_type, &fds, &view, &[])
                 .unwrap_err()
+                .to_string()
                 .contains("unknown datatype")
         );
     }
@@ -427,13 +477,13 @@ mod tests {
                 .unwrap(),
         );
         file.set_len(len as u64).unwrap();
-        client_shm::ClientSegment::map(file).unwrap()
+        client_shm::ClientSegment::open(file).unwrap()
     }
 
     #[test]
-    fn client_views_go_as_descriptors_and_targets_follow_them() {
+    fn client_inputs_go_as_descriptors_and_targets_follow_them() {
         let segment = client_segment(8192);
-        assert!(segment.write(4096, b"abcd"));
+        segment.write(4096, b"abcd").unwrap();
         let mut w = work(&[b"xyz"]);
         let slice = client_shm::ClientSlice {
             region: "r".into(),
@@ -441,11 +491,12 @@ mod tests {
             offset: 4096,
             len: 4,
         };
-        w.inputs[0].parts = vec![slice.view().unwrap()];
+        w.inputs[0].parts = vec![slice.read().unwrap()];
         w.inputs[0].storage = Storage::Client(slice);
         w.inputs[0].shape = vec![4];
         w.targets = vec![OutputTarget {
             name: "out".into(),
+            region: "r".into(),
             segment: segment.clone(),
             offset: 64,
             length: 16,
@@ -471,8 +522,8 @@ mod tests {
         );
         assert_eq!(staged.fds.len(), 2);
 
-        // The worker wrote 8 bytes into the target: the core gets a view, not a copy.
-        assert!(segment.write(64, b"written!"));
+        // The worker wrote 8 bytes into the target: the core leaves them there.
+        segment.write(64, b"written!").unwrap();
         let view = ReadOnlyRegion::map(arena.region.fd(), None).unwrap();
         let out = vec![TensorRef::located(
             "out",
@@ -483,9 +534,23 @@ mod tests {
             8,
         )];
         let t = collect(out, &[], &view, &w.targets).unwrap();
-        assert_eq!(t[0].data.as_ref(), b"written!");
-        let in_place = segment.view(64, 8).unwrap();
-        assert_eq!(t[0].data.as_ptr(), in_place.as_ptr(), "a view, not a copy");
+        assert!(t[0].data.is_empty(), "not read back");
+        assert_eq!(t[0].byte_len(), 8);
+        assert!(matches!(&t[0].storage, Storage::Client(s) if w.targets[0].holds(s)));
+        // A BYTES output is read back: the engine checks its elements.
+        let encoded = crate::tensor::bytes_codec::encode([b"ab".as_slice()]);
+        segment.write(64, &encoded).unwrap();
+        let bytes_out = vec![TensorRef::located(
+            "out",
+            "BYTES",
+            &[1],
+            Region::Client,
+            64,
+            encoded.len() as u64,
+        )];
+        let t = collect(bytes_out, &[], &view, &w.targets).unwrap();
+        assert_eq!(t[0].data, encoded);
+        assert!(matches!(t[0].storage, Storage::Core));
         let too_long = vec![TensorRef::located(
             "out",
             "UINT8",
@@ -503,10 +568,28 @@ mod tests {
             64,
             1,
         )];
-        assert!(
-            collect(untargeted, &[], &view, &w.targets)
-                .unwrap_err()
-                .contains("no target")
-        );
+        assert!(matches!(
+            collect(untargeted, &[], &view, &w.targets),
+            Err(CollectError::Protocol(m)) if m.contains("no target")
+        ));
+
+        // A client that shrinks its segment under a written output fails its own request;
+        // the worker did nothing wrong (and the core does not fault).
+        let shrink = segment.fd().try_clone_to_owned().unwrap();
+        std::fs::File::from(shrink).set_len(32).unwrap();
+        for datatype in ["UINT8", "BYTES"] {
+            let out = vec![TensorRef::located(
+                "out",
+                datatype,
+                &[if datatype == "BYTES" { 1 } else { 8 }],
+                Region::Client,
+                64,
+                8,
+            )];
+            assert!(matches!(
+                collect(out, &[], &view, &w.targets),
+                Err(CollectError::Client(m)) if m.contains("region 'r'") && m.contains("now 32 bytes")
+            ));
+        }
     }
 }

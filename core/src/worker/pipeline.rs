@@ -295,7 +295,15 @@ impl Pipeline {
                 }
                 Ok(Answered::Served)
             }
-            Some(Err(e)) => {
+            // The client shrank its segment under the output: its request fails, the worker
+            // did nothing wrong.
+            Some(Err(batch::CollectError::Client(e))) => {
+                if let Some(reply) = done.reply {
+                    reply.send(Err(WorkerError::ClientMemory(e)));
+                }
+                Ok(Answered::Other)
+            }
+            Some(Err(batch::CollectError::Protocol(e))) => {
                 if let Some(reply) = done.reply {
                     reply.send(Err(WorkerError::Protocol(e.clone())));
                 }
@@ -379,7 +387,9 @@ impl Pipeline {
                 let _ = sink.send(Ok(StreamItem::Chunk(chunk)));
                 Ok(())
             }
+            // Streams have no client targets: any error is the worker's.
             Err(e) => {
+                let e = e.to_string();
                 if let Some(reply) = f.reply.take() {
                     reply.send(Err(WorkerError::Protocol(e.clone())));
                 }

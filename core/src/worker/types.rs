@@ -181,6 +181,10 @@ pub enum WorkerError {
     TooLarge(String),
     #[error("worker protocol error: {0}")]
     Protocol(String),
+    /// An output the worker wrote into a client's shared memory cannot be read back: the
+    /// client shrank its segment meanwhile. The request's fault, not the worker's.
+    #[error("{0}")]
+    ClientMemory(String),
     #[error("request cancelled")]
     Cancelled,
     #[error("worker is shutting down")]

@@ -88,8 +88,8 @@ pub fn encode(response: InferResponse, shm: &[ShmOutput]) -> Result<ModelInferRe
         let mut parameters = HashMap::new();
         let data = match shm.iter().find(|s| s.target.name == t.name) {
             Some(s) => {
-                write_output(&s.target, &s.region, &t.data)?;
-                parameters = shm_parameters(s, t.data.len());
+                write_output(&s.target, &t)?;
+                parameters = shm_parameters(s, t.byte_len());
                 Bytes::new()
             }
             None => t.data,
