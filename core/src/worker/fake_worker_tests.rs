@@ -258,8 +258,11 @@ fn open_fds_named(name: &str) -> usize {
 /// replaces the worker, and none of the 64 stays open in the core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptors_a_message_does_not_use_are_refused_and_closed() {
-    protocol_violation_restarts("manyfds", "`result` carried 64 descriptors but its outputs use 0")
-        .await;
+    protocol_violation_restarts(
+        "manyfds",
+        "`result` carried 64 descriptors but its outputs use 0",
+    )
+    .await;
     assert_eq!(open_fds_named("fake-many-fds"), 0);
 }
 

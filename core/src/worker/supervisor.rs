@@ -337,7 +337,12 @@ impl Actor {
             Some(Death::SetupFailed { error, traceback }) => self.setup_failed(error, traceback),
             _ if !said_hello => {
                 let tail = session.process.stderr_tail();
-                let tail = tail.trim_end().lines().last().unwrap_or_default().to_string();
+                let tail = tail
+                    .trim_end()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string();
                 let detail = match tail.is_empty() {
                     true => String::new(),
                     false => format!(": {tail}"),
