@@ -233,3 +233,30 @@ def test_a_stalled_request_body_gets_408_and_the_connection_closes(start_server)
     # A body that arrives in time is not affected.
     with requests.Session() as s:
         answers(s, server)
+
+
+def test_idle_grpc_connections_are_closed_and_clients_reconnect(start_server):
+    import tritonclient.grpc as grpcclient
+
+    server = start_server(EXITER, "--idle-connection-timeout-ms", "300")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert client.is_model_ready("exiter")
+
+        def idle_closed() -> float:
+            text = requests.get(server.url("/metrics"), timeout=30).text
+            closed = metric(
+                text, "unimodel_connection_timeouts_total", listener="grpc", reason="idle"
+            )
+            return closed or 0
+
+        wait_until(idle_closed, 30, "the idle gRPC connection to be closed")
+        # The next call opens a new connection.
+        assert client.is_model_ready("exiter")
+        # A silent client (no HTTP/2 preface) is closed too.
+        host, port = server.grpc_url.rsplit(":", 1)
+        silent = socket.create_connection((host, int(port)), timeout=30)
+        assert closed_by_server(silent)
+        silent.close()
+    finally:
+        client.close()

@@ -16,7 +16,7 @@
 
 use super::ListenerKind;
 use super::server::Configs;
-use crate::api::conn::{Acceptor, ConnGuard};
+use crate::net::{Acceptor, ConnGuard};
 use crate::telemetry::metrics::{ConnectionMetrics, HandshakeFailures};
 use futures::Stream;
 use std::io;

@@ -147,8 +147,8 @@ async fn tls_client(
 }
 
 /// `listener` with no connection cap, as `TlsIncoming` takes it.
-fn acceptor(listener: TcpListener) -> crate::api::conn::Acceptor {
-    use crate::api::conn::{Acceptor, ConnectionLimit};
+fn acceptor(listener: TcpListener) -> crate::net::Acceptor {
+    use crate::net::{Acceptor, ConnectionLimit};
     Acceptor::new(listener, ConnectionLimit::new(usize::MAX), None, "http")
 }
 

@@ -388,7 +388,7 @@ impl Actor {
     fn start_failed(&mut self, error: String) {
         self.start_failures += 1;
         let attempt = self.start_failures;
-        if attempt <= 3 || attempt % 10 == 0 {
+        if attempt <= 3 || attempt.is_multiple_of(10) {
             tracing::warn!(
                 model = %self.cfg.model,
                 instance = self.cfg.instance,

@@ -3,8 +3,8 @@
 //! (`watch.rs`) closes it: once killed, reads and writes fail, the HTTP or gRPC server drops
 //! the connection, and its descriptor is closed.
 
-use super::limit::ConnGuard;
 use super::watch::ConnState;
+use crate::net::ConnGuard;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,9 +1,10 @@
 //! The connections of every listener (HTTP, gRPC, metrics), guarded so that no client can
 //! hold the server's descriptors hostage (issue 15, item 3):
 //!
-//! - `limit`: `--max-connections`, shared by all listeners. Past it a new connection is
-//!   accepted and closed at once, and counted; the open ones keep working. The cap is kept
-//!   below `RLIMIT_NOFILE` by a reserve (`cli/fd_limit.rs`), so workers can always restart.
+//! - `crate::net`: `--max-connections`, shared by all listeners (and TLS in front of them).
+//!   Past it a new connection is accepted and closed at once, and counted; the open ones keep
+//!   working. The cap is kept below `RLIMIT_NOFILE` by a reserve (`cli/fd_limit.rs`), so
+//!   workers can always restart.
 //! - `io`: `Conn`, a connection's stream with its place under the limit and a kill switch.
 //! - `watch`: per connection, the header-read and idle timeouts (`--header-read-timeout-ms`,
 //!   `--idle-connection-timeout-ms`): a watchdog closes a connection whose request head does
@@ -15,13 +16,12 @@
 
 mod body;
 mod io;
-mod limit;
 mod serve;
 mod watch;
 
+pub use crate::net::{Acceptor, ConnGuard, ConnectionLimit};
 pub use body::limit_body_time;
 pub use io::Conn;
-pub use limit::{Acceptor, ConnGuard, ConnectionLimit};
 pub use serve::{HttpIncoming, serve_http};
 pub use watch::{ConnRegistry, GrpcConns, TrackLayer};
 

@@ -6,8 +6,8 @@
 
 use super::ConnTimeouts;
 use super::body::{BodyDeadline, limit_body_time};
-use super::limit::{Acceptor, ConnGuard};
 use super::watch::{TrackLayer, guard_stream};
+use crate::net::{Acceptor, ConnGuard};
 use crate::telemetry::metrics::ConnectionMetrics;
 use crate::tls::{TlsIncoming, TlsPeer};
 use axum::Router;

@@ -15,7 +15,7 @@
 
 use super::ConnTimeouts;
 use super::io::Conn;
-use super::limit::ConnGuard;
+use crate::net::ConnGuard;
 use crate::telemetry::metrics::ConnectionMetrics;
 use futures::task::AtomicWaker;
 use http::{Request, Response, Version};
