@@ -12,10 +12,13 @@ the server's own health routes, metrics and log lines.
 import re
 import resource
 import socket
+import threading
 from pathlib import Path
 
+import numpy as np
 import requests
-from umclient import Inp, infer_json, plugin, wait_until
+import tritonclient.grpc as grpcclient
+from umclient import Inp, infer_json, model_gauge, plugin, wait_until
 
 EXITER = plugin("exiter.py")
 
@@ -236,8 +239,6 @@ def test_a_stalled_request_body_gets_408_and_the_connection_closes(start_server)
 
 
 def test_idle_grpc_connections_are_closed_and_clients_reconnect(start_server):
-    import tritonclient.grpc as grpcclient
-
     server = start_server(EXITER, "--idle-connection-timeout-ms", "300")
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
@@ -260,3 +261,58 @@ def test_idle_grpc_connections_are_closed_and_clients_reconnect(start_server):
         silent.close()
     finally:
         client.close()
+
+
+def test_requests_running_past_the_idle_timeout_are_not_cut(start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server(
+        plugin("slow.py"),
+        "--set",
+        f"gate={gate}",
+        "--set",
+        "delay_s=0",
+        "--instances",
+        "2",
+        "--idle-connection-timeout-ms",
+        "200",
+    )
+    grpc_url = server.grpc_url
+    results: dict = {}
+
+    def rest() -> None:
+        results["rest"] = infer_json(server, "slow", [Inp("x", "FP32", [1.0])], timeout=60)
+
+    def grpc() -> None:
+        client = grpcclient.InferenceServerClient(grpc_url)
+        x = grpcclient.InferInput("x", [1], "FP32")
+        x.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+        try:
+            results["grpc"] = client.infer("slow", [x]).as_numpy("y")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=f) for f in (rest, grpc)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(
+            lambda: model_gauge(server, "unimodel_inflight_requests", "slow") == 2,
+            30,
+            "both running",
+        )
+        # Connections that sit idle beside them are closed: the idle clock has run out.
+        host, port = grpc_url.rsplit(":", 1)
+        idle = [
+            socket.create_connection(("127.0.0.1", server.port), timeout=30),
+            socket.create_connection((host, int(port)), timeout=30),
+        ]
+        for sock in idle:
+            assert closed_by_server(sock)
+            sock.close()
+    finally:
+        gate.touch()
+        for t in threads:
+            t.join(timeout=60)
+    assert results["rest"].status_code == 200, results["rest"].text
+    assert results["rest"].json()["outputs"][0]["data"] == [2.0]
+    assert results["grpc"].tolist() == [4.0]
