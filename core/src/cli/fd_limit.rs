@@ -21,8 +21,9 @@ pub fn raise_nofile() -> u64 {
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
         Err(e) => {
-            tracing::warn!("cannot read RLIMIT_NOFILE: {e}");
-            return DEFAULT_MAX_CONNECTIONS + 1024;
+            // Plan for the usual default rather than for no limit at all.
+            tracing::warn!("cannot read RLIMIT_NOFILE (assuming 1024): {e}");
+            return 1024;
         }
     };
     // "Unlimited" cannot be set for descriptors; the kernel's ceiling is fs.nr_open.

@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::Body as _;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,5 +104,3 @@ impl http_body::Body for DeadlineBody {
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
