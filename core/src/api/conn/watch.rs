@@ -428,3 +428,74 @@ impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: ConnTimeouts = ConnTimeouts {
+        header_read: Duration::from_millis(1_000),
+        body_read: Duration::from_millis(5_000),
+        idle: Duration::from_millis(10_000),
+    };
+
+    #[test]
+    fn the_first_head_is_due_from_accept_and_a_request_stops_the_clock() {
+        let s = ConnState::new(None);
+        assert_eq!(s.deadline(&T), Some((1_000, KILLED_HEADER)));
+        s.bytes_read(b"GET / HT");
+        assert_eq!(
+            s.deadline(&T),
+            Some((1_000, KILLED_HEADER)),
+            "first byte keeps it"
+        );
+        s.request_started(Version::HTTP_11);
+        assert_eq!(s.deadline(&T), None, "nothing is due while a request runs");
+        s.bytes_read(b"body bytes");
+        s.request_ended();
+        let (at, reason) = s.deadline(&T).unwrap();
+        assert_eq!(
+            reason, KILLED_IDLE,
+            "idle, not a head, after a request: {at}"
+        );
+    }
+
+    #[test]
+    fn an_http1_head_that_starts_while_idle_is_timed_and_http2_heads_are_not() {
+        let h1 = ConnState::new(None);
+        h1.request_started(Version::HTTP_11);
+        h1.request_ended();
+        h1.bytes_read(b"GET / HTTP/1.1\r\nHost");
+        assert_eq!(h1.deadline(&T).map(|d| d.1), Some(KILLED_HEADER));
+
+        let h2 = ConnState::new(None);
+        h2.bytes_read(H2_PREFACE);
+        assert_eq!(
+            h2.deadline(&T).map(|d| d.1),
+            Some(KILLED_IDLE),
+            "the preface came"
+        );
+        h2.request_started(Version::HTTP_2);
+        h2.request_ended();
+        h2.bytes_read(b"a ping frame");
+        assert_eq!(h2.deadline(&T).map(|d| d.1), Some(KILLED_IDLE));
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_closes_a_silent_connection_at_the_header_timeout() {
+        let s = Arc::new(ConnState::new(None));
+        let t = ConnTimeouts {
+            header_read: Duration::from_millis(20),
+            ..T
+        };
+        let metrics = ConnectionMetrics::default();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watchdog(Arc::clone(&s), t, Some(metrics.clone())),
+        )
+        .await
+        .expect("the watchdog acted");
+        assert!(s.killed());
+        assert_eq!(metrics.header_timeouts.get(), 1);
+    }
+}
