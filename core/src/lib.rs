@@ -9,6 +9,7 @@
 //!   Prometheus metrics behind `/metrics`.
 //! - `regions`: clients' system shared-memory regions (register, status, unregister).
 //! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
+//! - `net`: accepting connections under `--max-connections` (shared by every listener).
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
@@ -22,11 +23,11 @@
 //! ```text
 //! tensor, proto, heap, echo         leaves
 //! auth -> telemetry, echo
-//! telemetry -> heap;  tls -> telemetry
+//! telemetry -> heap;  net -> telemetry;  tls -> telemetry, net
 //! worker -> tensor, telemetry
 //! engine -> worker, tensor, telemetry, echo
 //! regions -> worker, tensor;  repository -> engine, echo
-//! api -> engine, repository, regions, auth, tls, telemetry, tensor, proto, echo
+//! api -> engine, repository, regions, auth, tls, net, telemetry, tensor, proto, echo
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)
 //! cli -> everything (the commands wire the layers together)
@@ -39,6 +40,7 @@ pub mod cli;
 pub mod echo;
 pub mod engine;
 pub mod heap;
+pub mod net;
 pub mod proto;
 pub mod regions;
 pub mod repository;

@@ -232,13 +232,15 @@ class ServerFactory:
         *flags: str,
         wait: str | tuple[str, str] | None = "ready",
         env: dict[str, str] | None = None,
+        preexec_fn=None,
     ) -> Server:
         """Runs `unimodel run plugin_path --port P --grpc-port 0 --python PY *flags`.
 
         wait: "ready" (GET /v2/health/ready is 200), (model, state) (GET /v2/models/{model}
         reports that state), or None (return as soon as the process is started).
+        preexec_fn: run in the child before exec (e.g. to set its resource limits).
         """
-        return self._start(["run", plugin_path], flags, wait, env)
+        return self._start(["run", plugin_path], flags, wait, env, preexec_fn)
 
     def serve(
         self,
@@ -249,9 +251,9 @@ class ServerFactory:
         """Runs `unimodel serve --port P --python PY *flags` (many models); `wait` as above."""
         return self._start(["serve"], flags, wait, env)
 
-    def _start(self, head: list[str], flags, wait, env) -> Server:
+    def _start(self, head: list[str], flags, wait, env, preexec_fn=None) -> Server:
         for attempt in range(3):
-            server = self._spawn(head, flags, env, attempt)
+            server = self._spawn(head, flags, env, attempt, preexec_fn)
             try:
                 if wait == "ready":
                     server.wait_ready()
@@ -265,7 +267,7 @@ class ServerFactory:
                 raise
         raise AssertionError("unreachable")
 
-    def _spawn(self, head: list[str], flags, env, attempt: int) -> Server:
+    def _spawn(self, head: list[str], flags, env, attempt: int, preexec_fn=None) -> Server:
         port = free_port()
         log_path = self.log_dir / f"server-{len(self.servers)}-{attempt}.log"
         # Closed by Server.stop, not here: the server writes to it for its whole life.
@@ -287,7 +289,12 @@ class ServerFactory:
         full_env = dict(os.environ)
         full_env.update(env or {})
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=full_env
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=preexec_fn,
         )
         with _LIVE_LOCK:
             _LIVE.add(proc)

@@ -28,6 +28,11 @@ pub enum ApiError {
         "request body is larger than the limit of {limit} bytes; raise it with --max-body-bytes"
     )]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `--body-read-timeout-ms` (`conn/body.rs`).
+    #[error(
+        "the request body did not arrive within {after:?}; the connection is closed (send the body at once, or raise --body-read-timeout-ms)"
+    )]
+    BodyTimeout { after: std::time::Duration },
     /// The body's `Content-Encoding` is not one the server decodes (`compression.rs`).
     #[error(
         "request Content-Encoding '{}' is not supported; send the body uncompressed or compressed with one of: {accepted}",
@@ -78,6 +83,8 @@ pub enum ErrorClass {
     MethodNotAllowed,
     /// The body is over `--max-body-bytes`.
     PayloadTooLarge,
+    /// The body did not arrive in time (`--body-read-timeout-ms`).
+    RequestTimeout,
     /// The body's `Content-Encoding` is not one the server decodes (REST only: tonic itself
     /// answers an unknown `grpc-encoding` with UNIMPLEMENTED).
     UnsupportedMediaType,
@@ -103,6 +110,7 @@ impl ErrorClass {
             ErrorClass::NotFound => (StatusCode::NOT_FOUND, Code::NotFound),
             ErrorClass::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Code::Unimplemented),
             ErrorClass::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            ErrorClass::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, Code::DeadlineExceeded),
             ErrorClass::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::Unimplemented)
             }
@@ -129,6 +137,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => ErrorClass::BadRequest,
             ApiError::PayloadTooLarge { .. } => ErrorClass::PayloadTooLarge,
+            ApiError::BodyTimeout { .. } => ErrorClass::RequestTimeout,
             ApiError::UnsupportedEncoding { .. } => ErrorClass::UnsupportedMediaType,
             ApiError::RouteNotFound { .. } => ErrorClass::NotFound,
             ApiError::MethodNotAllowed { .. } => ErrorClass::MethodNotAllowed,
@@ -255,6 +264,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::BodyTimeout { .. } = self {
+            // The rest of the body may still come; the connection cannot be reused.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ApiError::UnsupportedEncoding { accepted, .. } = self {
             // RFC 7694: a 415 for a content coding lists the codings the server accepts.

@@ -164,61 +164,22 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets in-flight requests
-/// finish (axum's graceful shutdown) before returning.
+/// finish before returning: `conn::serve_http` with no connection cap and the default
+/// timeouts (tests and embedders; the CLI builds its own `Acceptor`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Responses are small and latency-bound: never let Nagle hold the last segment back.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    // Connect info gives handlers (the auth audit log) the client's address.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Where the HTTP server's connections come from.
-pub enum Incoming {
-    Plain(tokio::net::TcpListener),
-    /// Connections that finished their TLS handshake (ALPN picks HTTP/1.1 or HTTP/2).
-    Tls(crate::tls::TlsIncoming),
-}
-
-impl Incoming {
-    /// `listener` as is, or with TLS handshakes in front of it.
-    pub fn new(
-        listener: tokio::net::TcpListener,
-        tls: Option<crate::tls::Handshake>,
-    ) -> std::io::Result<Incoming> {
-        Ok(match tls {
-            None => Incoming::Plain(listener),
-            Some(handshake) => Incoming::Tls(crate::tls::TlsIncoming::start(listener, handshake)?),
-        })
-    }
-}
-
-/// `serve` on plain or TLS connections; graceful shutdown is the same for both.
-pub async fn serve_incoming(
-    incoming: Incoming,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    match incoming {
-        Incoming::Plain(listener) => serve(listener, router, shutdown).await,
-        Incoming::Tls(tls) => {
-            let service = router.into_make_service_with_connect_info::<crate::tls::TlsPeer>();
-            axum::serve(tls, service)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    }
+    use super::conn::{Acceptor, ConnTimeouts, ConnectionLimit, HttpIncoming, serve_http};
+    let acceptor = Acceptor::new(listener, ConnectionLimit::new(usize::MAX), None, "http");
+    serve_http(
+        HttpIncoming::Plain(acceptor),
+        router,
+        ConnTimeouts::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// `GET /v2`: 200 `{name, version, extensions}`.

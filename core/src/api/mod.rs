@@ -26,12 +26,15 @@
 //! - `outcome`: the `outcome` metric label of each error, next to its status.
 //! - `metrics`: `GET /metrics` and per-request recording.
 //! - `shm`: the system (and, unsupported, CUDA) shared-memory routes.
+//! - `conn`: every listener's connections: `--max-connections`, header/body/idle timeouts,
+//!   and the HTTP server loop.
 
 pub mod auth;
 pub mod backend;
 pub mod binary;
 mod body_limit;
 mod compression;
+pub mod conn;
 pub mod contents;
 pub mod error;
 pub mod generate;

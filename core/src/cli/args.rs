@@ -158,6 +158,37 @@ pub struct ServerArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// Client connections on every listener (`api/conn/`): how many, and how long each may take
+/// to send a request or sit idle, so that no client can hold the server's descriptors.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Most client connections open at once, over the HTTP, gRPC and metrics ports together;
+    /// past it a new connection is closed at once (unimodel_connections_refused_total).
+    /// [default: 10000, less when RLIMIT_NOFILE leaves less after the descriptors kept for
+    /// workers; a larger value is lowered to that too]
+    #[arg(long, value_name = "N", help_heading = "Connections",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
+    /// Time a client has to send a complete request head, from connecting (the first
+    /// request, or the HTTP/2 preface) and on HTTP/1.1 from the first byte of each later
+    /// one; past it the connection is closed (slowloris).
+    #[arg(long, value_name = "MS", default_value_t = 10_000, help_heading = "Connections",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub header_read_timeout_ms: u64,
+    /// Time a request body may take to arrive, from its head to its last byte; past it the
+    /// request gets 408 and the connection is closed.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, help_heading = "Connections",
+          value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub body_read_timeout_ms: u64,
+    /// Time a connection with no request running stays open (HTTP keep-alive, HTTP/2,
+    /// gRPC; an open stream is a running request).
+    #[arg(long, value_name = "MS", default_value_t = 120_000, help_heading = "Connections",
+          value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub idle_connection_timeout_ms: u64,
 }
 
 /// Auth and rate limits (README "Security: auth"). Auth is on as soon as a key file or a
@@ -491,6 +522,34 @@ mod tests {
             let mut argv = vec!["unimodel", "run", "p.py"];
             argv.extend(alone);
             assert!(Cli::try_parse_from(argv).is_err(), "{alone:?} alone");
+        }
+    }
+
+    #[test]
+    fn connection_flags_have_defaults_and_ranges() {
+        let cli = Cli::try_parse_from(["unimodel", "run", "p.py"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        let c = run.server.conn;
+        assert_eq!(c.max_connections, None);
+        assert_eq!(
+            (
+                c.header_read_timeout_ms,
+                c.body_read_timeout_ms,
+                c.idle_connection_timeout_ms
+            ),
+            (10_000, 60_000, 120_000)
+        );
+        for bad in [
+            ["--max-connections", "0"],
+            ["--header-read-timeout-ms", "0"],
+            ["--header-read-timeout-ms", "3600001"],
+            ["--body-read-timeout-ms", "1e30"],
+            ["--idle-connection-timeout-ms", "-1"],
+        ] {
+            let args = ["unimodel", "run", "p.py"].into_iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
     }
 

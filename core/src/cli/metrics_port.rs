@@ -5,7 +5,7 @@
 //! server has no plain-text port.
 
 use crate::api::auth::{AuthGate, check};
-use crate::api::http::{Incoming, serve_incoming};
+use crate::api::conn::{Acceptor, Guard, HttpIncoming, serve_http};
 use crate::api::metrics::routes;
 use crate::auth::Auth;
 use crate::telemetry::metrics::Metrics;
@@ -22,6 +22,7 @@ pub async fn start(
     metrics: Arc<Metrics>,
     auth: Option<Arc<Auth>>,
     tls: Option<Handshake>,
+    guard: Guard,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
@@ -31,15 +32,16 @@ pub async fn start(
     let local = listener
         .local_addr()
         .context("reading the metrics listening address")?;
+    let acceptor = Acceptor::new(listener, guard.limit, Some(&metrics), "metrics");
     let mut app = routes(metrics.clone());
     if let Some(auth) = auth {
         let gate = AuthGate::new(auth, Some(metrics));
         app = app.layer(axum::middleware::from_fn_with_state(gate, check));
     }
-    let incoming = Incoming::new(listener, tls).context("starting TLS on the metrics port")?;
+    let incoming = HttpIncoming::new(acceptor, tls).context("starting TLS on the metrics port")?;
     tokio::spawn(async move {
         // Never asked to stop: it lives as long as the runtime, like the workers' metrics.
-        if let Err(e) = serve_incoming(incoming, app, std::future::pending()).await {
+        if let Err(e) = serve_http(incoming, app, guard.timeouts, std::future::pending()).await {
             tracing::warn!("metrics listener: {e}");
         }
     });

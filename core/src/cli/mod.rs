@@ -3,6 +3,7 @@
 
 pub mod args;
 mod auth;
+mod fd_limit;
 mod metrics_port;
 mod predict;
 mod progress;

@@ -8,13 +8,17 @@
 //!
 //! With `--tls-cert-file`, every listener speaks TLS (`tls/`); the files are checked in
 //! `listen`, before any worker starts, and read again on SIGHUP.
+//!
+//! `listen` also raises the soft RLIMIT_NOFILE to the hard limit and sets the connection cap
+//! every listener shares (`fd_limit.rs`, `api/conn/`).
 
 use super::args::ServerArgs;
 use super::metrics_port;
 use super::serving::ServeSettings;
 use crate::api::Backend;
+use crate::api::conn::{Acceptor, ConnTimeouts, ConnectionLimit, Guard, HttpIncoming, serve_http};
 use crate::api::grpc::{self, GrpcConfig, GrpcServer};
-use crate::api::http::{HttpConfig, Incoming, router, serve_incoming};
+use crate::api::http::{HttpConfig, router};
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::telemetry::metrics::Metrics;
@@ -32,11 +36,12 @@ const HTTP_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long workers get to exit cleanly before the process ends anyway.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// A bound listener, its URL, and the TLS settings of every listener.
+/// A bound listener, its URL, the TLS settings and the connection guard of every listener.
 pub struct Listening {
     listener: tokio::net::TcpListener,
     pub base: String,
     tls: Option<Arc<ServerTls>>,
+    guard: Guard,
 }
 
 /// Per-model settings that come from the server flags.
@@ -51,6 +56,19 @@ pub fn settings(server: &ServerArgs) -> ServeSettings {
 /// the server before any worker starts, and liveness answers while they load).
 pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
     let tls = load_tls(server)?.map(Arc::new);
+    let fd_limit = super::fd_limit::raise_nofile();
+    let c = &server.conn;
+    let guard = Guard {
+        limit: ConnectionLimit::new(super::fd_limit::max_connections(
+            c.max_connections,
+            fd_limit,
+        )),
+        timeouts: ConnTimeouts {
+            header_read: Duration::from_millis(c.header_read_timeout_ms),
+            body_read: Duration::from_millis(c.body_read_timeout_ms),
+            idle: Duration::from_millis(c.idle_connection_timeout_ms),
+        },
+    };
     let listener = tokio::net::TcpListener::bind((server.host, server.port))
         .await
         .with_context(|| {
@@ -67,6 +85,7 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
         listener,
         base: format!("{scheme}://{local}"),
         tls,
+        guard,
     })
 }
 
@@ -115,7 +134,15 @@ pub async fn metrics(
         let tls = listening.handshake(ListenerKind::Metrics, Some(metrics.as_ref()));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let auth = auth.filter(|a| !a.open_metrics).cloned();
-        let at = metrics_port::start(server.host, port, metrics.clone(), auth, tls).await?;
+        let at = metrics_port::start(
+            server.host,
+            port,
+            metrics.clone(),
+            auth,
+            tls,
+            listening.guard.clone(),
+        )
+        .await?;
         tracing::info!(address = %format!("{scheme}://{at}/metrics"), "metrics listening");
     }
     Ok(metrics)
@@ -159,6 +186,7 @@ pub async fn serve_until_signal<B: Backend>(
             regions: Arc::clone(&regions),
             auth: auth.clone(),
             tls: listening.handshake(ListenerKind::Grpc, metrics.as_deref()),
+            guard: listening.guard.clone(),
         },
     )
     .await?;
@@ -173,8 +201,10 @@ pub async fn serve_until_signal<B: Backend>(
     );
     let (stop_http_tx, stop_http_rx) = oneshot::channel::<()>();
     let handshake = listening.handshake(ListenerKind::Http, metrics.as_deref());
-    let incoming = Incoming::new(listening.listener, handshake).context("starting TLS")?;
-    let http = tokio::spawn(serve_incoming(incoming, app, async move {
+    let Guard { limit, timeouts } = listening.guard;
+    let acceptor = Acceptor::new(listening.listener, limit, metrics.as_deref(), "http");
+    let incoming = HttpIncoming::new(acceptor, handshake).context("starting TLS")?;
+    let http = tokio::spawn(serve_http(incoming, app, timeouts, async move {
         let _ = stop_http_rx.await;
     }));
     tracing::info!(address = %listening.base, "listening");

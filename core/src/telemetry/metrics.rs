@@ -93,6 +93,17 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionTimeoutLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     model: String,
     direction: &'static str,
@@ -133,6 +144,9 @@ pub struct Metrics {
     shm_regions: Gauge,
     auth_denials: Family<DenialLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    open_connections: Family<ListenerLabels, Gauge>,
+    refused_connections: Family<ListenerLabels, Counter>,
+    connection_timeouts: Family<ConnectionTimeoutLabels, Counter>,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -171,12 +185,59 @@ impl Metrics {
             shm_regions: Gauge::default(),
             auth_denials: Family::default(),
             tls_handshake_failures: Family::default(),
+            open_connections: Family::default(),
+            refused_connections: Family::default(),
+            connection_timeouts: Family::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
         m.register_families();
         m.register_heap();
+        m.register_descriptors();
         m
+    }
+
+    /// `open_fds` and `fd_limit`: the process's descriptors (counted in /proc/self/fd) and
+    /// its soft RLIMIT_NOFILE, refreshed before each scrape. Where /proc is missing, the
+    /// count is -1.
+    fn register_descriptors(&mut self) {
+        let open = Gauge::<i64>::default();
+        let limit = Gauge::<i64>::default();
+        self.registry.register(
+            "open_fds",
+            "File descriptors the server process holds (connections, worker sockets and arenas, client shared-memory regions, ...)",
+            open.clone(),
+        );
+        self.registry.register(
+            "fd_limit",
+            "The process's soft RLIMIT_NOFILE (raised to the hard limit at start); at it, accepting connections and starting workers fail",
+            limit.clone(),
+        );
+        self.add_sampler(move || {
+            open.set(open_descriptors().map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)));
+            let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(-1, |(soft, _)| i64::try_from(soft).unwrap_or(i64::MAX));
+            limit.set(soft);
+        });
+    }
+
+    /// One listener's connection gauges and counters (its series appear at zero).
+    pub fn connections(&self, listener: &'static str) -> ConnectionMetrics {
+        let timeouts = |reason| {
+            self.connection_timeouts
+                .get_or_create_owned(&ConnectionTimeoutLabels { listener, reason })
+        };
+        ConnectionMetrics {
+            open: self
+                .open_connections
+                .get_or_create_owned(&ListenerLabels { listener }),
+            refused: self
+                .refused_connections
+                .get_or_create_owned(&ListenerLabels { listener }),
+            header_timeouts: timeouts("header"),
+            body_timeouts: timeouts("body"),
+            idle_timeouts: timeouts("idle"),
+        }
     }
 
     /// `heap_live_bytes`, only while the allocator counts (`crate::heap`): refreshed before
@@ -301,6 +362,21 @@ impl Metrics {
             "TLS handshakes that failed (reason \"failed\": not TLS, unknown CA, no or bad client certificate, ...) or did not finish within the handshake timeout (\"timeout\"), by listener (http, grpc, metrics)",
             self.tls_handshake_failures.clone(),
         );
+        r.register(
+            "open_connections",
+            "Client connections open now, by listener (http, grpc, metrics); all listeners together are capped by --max-connections",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open, by listener",
+            self.refused_connections.clone(),
+        );
+        r.register(
+            "connection_timeouts",
+            "Connections closed by a timeout, by listener and reason (header: no complete request head within --header-read-timeout-ms; body: a request body not in within --body-read-timeout-ms, answered 408; idle: no request for --idle-connection-timeout-ms)",
+            self.connection_timeouts.clone(),
+        );
     }
 
     /// The gauge of registered client shared-memory regions, for the server to refresh.
@@ -424,6 +500,22 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Descriptors open in this process (entries of /proc/self/fd, less the one reading it).
+pub fn open_descriptors() -> Option<usize> {
+    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(entries.count().saturating_sub(1))
+}
+
+/// One listener's connection metrics (cheap to clone: each is an `Arc`).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    pub refused: Counter,
+    pub header_timeouts: Counter,
+    pub body_timeouts: Counter,
+    pub idle_timeouts: Counter,
 }
 
 /// One TLS listener's handshake failure counters.

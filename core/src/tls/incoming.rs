@@ -8,18 +8,22 @@
 //! nothing else notices. At most `MAX_PENDING_HANDSHAKES` run at once: past that, accepting
 //! waits (new connections queue in the kernel's backlog), so memory stays bounded.
 //!
-//! Dropping the `TlsIncoming` (axum and tonic do on shutdown) stops the accept task and
+//! Connections are taken from an `Acceptor`, so `--max-connections` counts them from the TCP
+//! accept, handshake included; each finished one carries its place (`ConnGuard`).
+//!
+//! Dropping the `TlsIncoming` (the servers do on shutdown) stops the accept task and
 //! closes the listening socket; handshakes still running end with nobody to hand them to.
 
 use super::ListenerKind;
 use super::server::Configs;
-use crate::telemetry::metrics::HandshakeFailures;
+use crate::net::{Acceptor, ConnGuard};
+use crate::telemetry::metrics::{ConnectionMetrics, HandshakeFailures};
 use futures::Stream;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -28,8 +32,9 @@ use tokio_rustls::server::TlsStream;
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Finished handshakes waiting for the server to take them.
 const ACCEPTED_QUEUE: usize = 64;
-/// Pause after an accept error such as EMFILE, so a full fd table is not a busy loop.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A connection that finished its handshake, its peer and its place under the limit.
+pub type Accepted = (TlsStream<TcpStream>, SocketAddr, ConnGuard);
 
 /// What a listener needs to run TLS handshakes (from `ServerTls::handshake`).
 #[derive(Clone, Debug)]
@@ -72,27 +77,49 @@ impl Handshake {
 
 /// A stream of connections that completed their TLS handshake.
 pub struct TlsIncoming {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    accepted: mpsc::Receiver<Accepted>,
     local: SocketAddr,
+    metrics: Option<ConnectionMetrics>,
 }
 
 impl TlsIncoming {
-    /// Starts accepting on `listener`.
-    pub fn start(listener: TcpListener, handshake: Handshake) -> io::Result<TlsIncoming> {
-        let local = listener.local_addr()?;
+    /// Starts accepting from `acceptor`.
+    pub fn start(acceptor: Acceptor, handshake: Handshake) -> io::Result<TlsIncoming> {
+        let local = acceptor.local_addr()?;
+        let metrics = acceptor.metrics().cloned();
         let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
-        tokio::spawn(accept_loop(listener, handshake, tx));
-        Ok(TlsIncoming { accepted, local })
+        tokio::spawn(accept_loop(acceptor, handshake, tx));
+        Ok(TlsIncoming {
+            accepted,
+            local,
+            metrics,
+        })
     }
 
-    /// The connections as tonic's `serve_with_incoming` takes them.
-    pub fn into_stream(
-        self,
-    ) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    /// The listener's connection metrics (from its `Acceptor`).
+    pub fn metrics(&self) -> Option<&ConnectionMetrics> {
+        self.metrics.as_ref()
+    }
+
+    /// The next connection that finished its handshake.
+    pub async fn accept(&mut self) -> Accepted {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accept task only ends once this receiver is gone; never reached.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The connections as a stream (for tonic's `serve_with_incoming`, once wrapped).
+    pub fn into_stream(self) -> impl Stream<Item = Accepted> + Send + 'static {
         futures::stream::unfold(self.accepted, |mut rx| async move {
-            let (stream, _) = rx.recv().await?;
-            Some((Ok(stream), rx))
+            let accepted = rx.recv().await?;
+            Some((accepted, rx))
         })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 }
 
@@ -101,37 +128,8 @@ impl TlsIncoming {
 #[derive(Clone, Copy, Debug)]
 pub struct TlsPeer(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsIncoming>>
-    for TlsPeer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsIncoming>) -> Self {
-        TlsPeer(*stream.remote_addr())
-    }
-}
-
-impl axum::serve::Listener for TlsIncoming {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(accepted) => accepted,
-            // The accept task only ends once this receiver is gone; never reached.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local)
-    }
-}
-
 /// Accepts until the `TlsIncoming` is dropped, one handshake task per connection.
-async fn accept_loop(
-    listener: TcpListener,
-    handshake: Handshake,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
+async fn accept_loop(acceptor: Acceptor, handshake: Handshake, tx: mpsc::Sender<Accepted>) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let permit = tokio::select! {
@@ -142,42 +140,19 @@ async fn accept_loop(
             },
             _ = tx.closed() => return,
         };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    accept_error(e).await;
-                    continue;
-                }
-            },
+        // The acceptor closes connections past --max-connections and sets TCP_NODELAY.
+        let (tcp, peer, guard) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             _ = tx.closed() => return,
         };
-        // Requests and responses are small and latency-bound: never let Nagle hold them back.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
         let handshake = handshake.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Some(stream) = handshake.run(tcp, peer).await {
                 // Fails only when the server stopped accepting; the connection just closes.
-                let _ = tx.send((stream, peer)).await;
+                let _ = tx.send((stream, peer, guard)).await;
             }
         });
-    }
-}
-
-/// Errors of `accept` concern one connection (reset before it was taken) or a temporary
-/// shortage (file descriptors); neither stops the listener.
-async fn accept_error(e: io::Error) {
-    tracing::debug!("accept failed: {e}");
-    if !matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-    ) {
-        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
     }
 }

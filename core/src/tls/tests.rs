@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::telemetry::metrics::Metrics;
-use axum::serve::Listener as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -147,6 +146,12 @@ async fn tls_client(
         .await
 }
 
+/// `listener` with no connection cap, as `TlsIncoming` takes it.
+fn acceptor(listener: TcpListener) -> crate::net::Acceptor {
+    use crate::net::{Acceptor, ConnectionLimit};
+    Acceptor::new(listener, ConnectionLimit::new(usize::MAX), None, "http")
+}
+
 #[tokio::test]
 async fn stalled_and_failed_handshakes_hold_up_nobody_and_are_counted() {
     let tls = files("server.pem", "server.key", None).load().unwrap();
@@ -155,7 +160,7 @@ async fn stalled_and_failed_handshakes_hold_up_nobody_and_are_counted() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut incoming = TlsIncoming::start(
-        listener,
+        acceptor(listener),
         tls.handshake(ListenerKind::Http, Some(failures.clone())),
     )
     .unwrap();
@@ -167,7 +172,7 @@ async fn stalled_and_failed_handshakes_hold_up_nobody_and_are_counted() {
 
     // Meanwhile a TLS client gets through at once, with the ALPN it asked for.
     let client = tokio::spawn(tls_client(addr, b"h2"));
-    let (server_side, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, incoming.accept())
+    let (server_side, _, _) = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, incoming.accept())
         .await
         .expect("a good handshake waited for a stalled one");
     assert_eq!(server_side.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -195,7 +200,8 @@ async fn the_grpc_listener_offers_only_h2() {
     let tls = files("server.pem", "server.key", None).load().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let _incoming = TlsIncoming::start(listener, tls.handshake(ListenerKind::Grpc, None)).unwrap();
+    let _incoming =
+        TlsIncoming::start(acceptor(listener), tls.handshake(ListenerKind::Grpc, None)).unwrap();
     let e = tls_client(addr, b"http/1.1").await.unwrap_err();
     assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
 }
@@ -205,7 +211,8 @@ async fn dropping_the_incoming_closes_the_port() {
     let tls = files("server.pem", "server.key", None).load().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let incoming = TlsIncoming::start(listener, tls.handshake(ListenerKind::Http, None)).unwrap();
+    let incoming =
+        TlsIncoming::start(acceptor(listener), tls.handshake(ListenerKind::Http, None)).unwrap();
     drop(incoming);
     // The accept task notices and drops the socket; connecting then fails. Its end cannot be
     // awaited from here, so poll, with a deadline a loaded machine cannot reach by chance.

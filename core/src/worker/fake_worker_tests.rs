@@ -18,6 +18,11 @@ import array, errno, os, socket, struct, time, msgpack
 mode = os.environ["UNIMODEL_MODEL"]
 s = socket.socket(fileno=3)
 
+if mode == "nohello":
+    # Dies before its runtime says hello, as Python does when it cannot open a file.
+    os.write(2, b"OSError: [Errno 24] Too many open files\n")
+    os._exit(1)
+
 def send_raw(body):
     s.sendall(struct.pack("<I", len(body)) + body)
 
@@ -110,6 +115,15 @@ while True:
                 {"name": "outcome", "datatype": "UINT8", "shape": [len(text)],
                  "region": "inline", "offset": 0, "length": len(text), "data": text}]
         send({"type": "result", "id": m["id"], "outputs": refs, "compute_ns": 1})
+    elif mode == "manyfds":
+        # A result that uses no descriptor, carrying the most a frame may: 64 memfds.
+        fds = [os.memfd_create("fake-many-fds", os.MFD_CLOEXEC) for _ in range(64)]
+        body = msgpack.packb({"type": "result", "id": m["id"], "outputs": [],
+                              "compute_ns": 1})
+        s.sendmsg([struct.pack("<I", len(body)) + body],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        for fd in fds:
+            os.close(fd)
     elif mode == "unsealed":
         fd = os.memfd_create("plain", os.MFD_CLOEXEC)
         os.write(fd, b"x" * 16)
@@ -229,6 +243,55 @@ async fn output_outside_the_arena_is_a_protocol_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsealed_output_fd_is_a_protocol_error() {
     protocol_violation_restarts("unsealed", "F_SEAL_SHRINK").await;
+}
+
+/// Descriptors in this process whose link names `name` (memfds show as `/memfd:NAME`).
+fn open_fds_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains(name)))
+        .count()
+}
+
+/// A result carrying 64 descriptors its outputs do not use: refused as a protocol error that
+/// replaces the worker, and none of the 64 stays open in the core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_a_message_does_not_use_are_refused_and_closed() {
+    protocol_violation_restarts(
+        "manyfds",
+        "`result` carried 64 descriptors but its outputs use 0",
+    )
+    .await;
+    assert_eq!(open_fds_named("fake-many-fds"), 0);
+}
+
+/// A worker that dies before `hello` never reached the plugin's `setup` (a shortage: no
+/// descriptors, memory or processes): it is retried past `max_setup_failures` and never
+/// marked FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_before_hello_is_retried_and_never_failed() {
+    let cfg = config("nohello");
+    let max = cfg.restart.max_setup_failures;
+    let h = spawn_instance(cfg);
+    let mut rx = h.state();
+    let mut starts = 0;
+    while starts <= 2 * max {
+        tokio::time::timeout(Duration::from_secs(20), rx.changed())
+            .await
+            .expect("the instance keeps restarting")
+            .unwrap();
+        let state = rx.borrow_and_update().clone();
+        match state {
+            InstanceState::Starting => starts += 1,
+            InstanceState::Restarting { reason } => assert!(
+                reason.contains("before it said hello: OSError: [Errno 24] Too many open files"),
+                "{reason}"
+            ),
+            other => panic!("expected only restarts, got {other:?}"),
+        }
+    }
+    h.shutdown().await;
 }
 
 /// A worker cannot resize either arena: fd 4 is read-only and both are sealed. Had it shrunk

@@ -113,6 +113,34 @@ pub enum WorkerMessage {
     },
 }
 
+impl WorkerMessage {
+    /// Descriptors this message may carry: one per output in region `fd` (the protocol's
+    /// only use of `SCM_RIGHTS` from the worker); every other message carries none. The
+    /// supervisor refuses a frame with more (a protocol error), so a plugin cannot make the
+    /// core hold descriptors nobody asked for.
+    pub fn descriptors_allowed(&self) -> usize {
+        match self {
+            WorkerMessage::Result { outputs, .. } | WorkerMessage::StreamChunk { outputs, .. } => {
+                outputs.iter().filter(|r| r.region == Region::Fd).count()
+            }
+            _ => 0,
+        }
+    }
+
+    /// The message's `type`, as the protocol spells it (for error messages).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkerMessage::Hello { .. } => "hello",
+            WorkerMessage::Ready { .. } => "ready",
+            WorkerMessage::LoadFailed { .. } => "load_failed",
+            WorkerMessage::Result { .. } => "result",
+            WorkerMessage::Error { .. } => "error",
+            WorkerMessage::StreamChunk { .. } => "stream_chunk",
+            WorkerMessage::Pong { .. } => "pong",
+        }
+    }
+}
+
 /// The body of `load`, kept as its own struct because it has many keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Load {

@@ -16,8 +16,13 @@
 //!    that were still queued here, `NotStarted` (the engine runs those elsewhere); then the
 //!    process is restarted: after the initial delay if it died idle or had served
 //!    successfully (a crash storm must not slow recovery), else after an exponential backoff;
-//!    `setup` failing (or dying before `ready`) `max_setup_failures` times in a row ends in
-//!    Failed with the traceback.
+//!    `setup` failing (or dying between `hello` and `ready`) `max_setup_failures` times in a
+//!    row ends in Failed with the traceback;
+//! 5. a worker that cannot be started at all (no descriptors, memory or processes left:
+//!    EMFILE, ENFILE, ENOMEM, EAGAIN) or that dies before its runtime says `hello` never
+//!    reached the plugin's `setup`: that is a shortage or the environment, not the plugin, so
+//!    it is retried for as long as it takes, with the same capped exponential backoff
+//!    (readiness stays false meanwhile), and never ends in Failed.
 //!
 //! One task owns all state; its `select!` is biased towards the worker's frames so that an
 //! answer that arrived just before the process exited is still delivered.
@@ -95,8 +100,12 @@ pub(super) struct Actor {
     session: Option<Session>,
     pipeline: Pipeline,
     heartbeat: Heartbeat,
-    /// Consecutive failed setups or deaths before `ready`.
+    /// Consecutive failed setups or deaths between `hello` and `ready`.
     setup_failures: u32,
+    /// Consecutive failed starts (spawn errors, deaths before `hello`); only for the log.
+    start_failures: u32,
+    /// The current process has said `hello` (a death before that never reached `setup`).
+    hello_this_session: bool,
     /// Delay before the next restart.
     backoff: Duration,
     death: Option<Death>,
@@ -146,6 +155,8 @@ impl Actor {
                 last_activity: Instant::now(),
             },
             setup_failures: 0,
+            start_failures: 0,
+            hello_this_session: false,
             backoff,
             death: None,
             ready_this_session: false,
@@ -213,6 +224,7 @@ impl Actor {
             Ok(session) => {
                 tracing::debug!(model = %self.cfg.model, instance = self.cfg.instance, pid = session.process.pid(), "worker started");
                 self.session = Some(session);
+                self.hello_this_session = false;
                 self.ready_this_session = false;
                 self.served_this_session = false;
                 self.phase = Phase::Hello {
@@ -220,7 +232,7 @@ impl Actor {
                 };
                 self.publish(InstanceState::Starting);
             }
-            Err(e) => self.setup_failed(format!("cannot start the worker: {e}"), String::new()),
+            Err(e) => self.start_failed(format!("cannot start the worker: {e}")),
         }
     }
 
@@ -316,12 +328,27 @@ impl Actor {
             },
         );
         let was_ready = self.ready_this_session;
+        let said_hello = self.hello_this_session;
         if self.stopping {
             self.stop();
             return;
         }
         match death {
             Some(Death::SetupFailed { error, traceback }) => self.setup_failed(error, traceback),
+            _ if !said_hello => {
+                let tail = session.process.stderr_tail();
+                let tail = tail
+                    .trim_end()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string();
+                let detail = match tail.is_empty() {
+                    true => String::new(),
+                    false => format!(": {tail}"),
+                };
+                self.start_failed(format!("worker {crash} before it said hello{detail}"));
+            }
             _ if !was_ready => {
                 let tail = session.process.stderr_tail();
                 self.setup_failed(format!("worker {crash} before it was ready"), tail);
@@ -355,8 +382,31 @@ impl Actor {
         self.schedule_restart(format!("setup failed: {error}"));
     }
 
+    /// The worker could not be started, or died before `hello`: retried with backoff for as
+    /// long as it takes (see the module doc, 5.). Logged on the first three attempts of a
+    /// streak and then every tenth, so a long shortage does not flood the log.
+    fn start_failed(&mut self, error: String) {
+        self.start_failures += 1;
+        let attempt = self.start_failures;
+        if attempt <= 3 || attempt.is_multiple_of(10) {
+            tracing::warn!(
+                model = %self.cfg.model,
+                instance = self.cfg.instance,
+                attempt,
+                backoff = ?self.backoff,
+                "{error}; retrying (a start failure is never permanent: descriptors, memory or processes may be short)"
+            );
+        }
+        self.enter_backoff(format!("{error}; retrying"));
+    }
+
     fn schedule_restart(&mut self, reason: String) {
         tracing::warn!(model = %self.cfg.model, instance = self.cfg.instance, backoff = ?self.backoff, "{reason}; restarting");
+        self.enter_backoff(reason);
+    }
+
+    /// No process until the backoff is over; the next one doubles it (up to `max_backoff`).
+    fn enter_backoff(&mut self, reason: String) {
         self.phase = Phase::Backoff {
             until: Instant::now() + self.backoff,
         };
@@ -393,6 +443,16 @@ impl Actor {
             Ok(m) => m,
             Err(e) => return self.protocol_error(e.to_string()),
         };
+        let allowed = msg.descriptors_allowed();
+        if frame.fds.len() > allowed {
+            let (count, kind) = (frame.fds.len(), msg.kind());
+            // Closed here, before anything else runs: the worker must not be able to make
+            // the core hold descriptors its message does not use.
+            drop(frame);
+            return self.protocol_error(format!(
+                "`{kind}` carried {count} descriptors but its outputs use {allowed}; a message may carry one per output in region fd"
+            ));
+        }
         match (msg, &self.phase) {
             (WorkerMessage::Hello { protocol, .. }, Phase::Hello { .. }) => self.on_hello(protocol),
             (WorkerMessage::Ready { setup_ms }, Phase::Loading { .. }) => self.on_ready(setup_ms),
@@ -437,6 +497,8 @@ impl Actor {
     }
 
     fn on_hello(&mut self, version: u32) {
+        self.hello_this_session = true;
+        self.start_failures = 0;
         if version != PROTOCOL_VERSION {
             return self.kill(Death::Killed(format!(
                 "worker speaks protocol {version}, the core speaks {PROTOCOL_VERSION}; the SDK and binary do not match"

@@ -34,9 +34,11 @@ pub use crate::proto;
 
 use super::Backend;
 use super::auth::AuthGate;
+use super::conn::{Acceptor, ConnRegistry, GrpcConns, Guard, TrackLayer};
 use crate::regions::Regions;
 use crate::tls::TlsIncoming;
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -44,7 +46,6 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::HealthServer;
 
 pub use service::InferenceService;
@@ -60,7 +61,12 @@ pub struct GrpcConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// TLS handshakes in front of the port (`--tls-cert-file`); `None`: plain HTTP/2.
     pub tls: Option<crate::tls::Handshake>,
+    /// `--max-connections` (shared with the other listeners) and the connection timeouts.
+    pub guard: Guard,
 }
+
+/// How long a keepalive ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running gRPC server.
 pub struct GrpcServer {
@@ -92,6 +98,13 @@ pub async fn start<B: Backend>(
     let gate = cfg
         .auth
         .map(|a| auth::AuthLayer::new(AuthGate::new(a, backend.metrics())));
+    let metrics = backend.metrics();
+    let acceptor = Acceptor::new(listener, cfg.guard.limit, metrics.as_deref(), "grpc");
+    let conns = GrpcConns {
+        registry: ConnRegistry::default(),
+        timeouts: cfg.guard.timeouts,
+        metrics: acceptor.metrics().cloned(),
+    };
     let service = InferenceService::new(Arc::clone(&backend), cfg.regions);
     // The decoding limit caps compressed messages once inflated, too (`compression.rs`).
     let mut inference = GrpcInferenceServiceServer::new(service)
@@ -105,7 +118,14 @@ pub async fn start<B: Backend>(
     let (readiness, changed) = watch::channel(());
     let health = HealthServer::new(health::HealthService::new(backend, changed));
     let (stop, stopped) = oneshot::channel::<()>();
+    // A peer that stops answering pings is gone: its connection closes after the keepalive
+    // timeout, streams included. Pings go out after half the idle timeout without frames.
+    let keepalive = (cfg.guard.timeouts.idle / 2).max(Duration::from_secs(1));
     let server = Server::builder()
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // Outermost: a request denied by auth still counts as activity on its connection.
+        .layer(TrackLayer::registry(conns.registry.clone()))
         .layer(tower::util::option_layer(gate))
         .layer(tower::util::MapRequestLayer::new(
             compression::plain_answers_to_plain_calls,
@@ -117,15 +137,26 @@ pub async fn start<B: Backend>(
     };
     let task = match cfg.tls {
         None => {
-            // Requests are small and latency-bound, like REST's: never let Nagle hold them back.
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            // The acceptor sets TCP_NODELAY (requests are small and latency-bound).
+            let incoming = futures::stream::unfold(acceptor, move |acceptor| {
+                let conns = conns.clone();
+                async move {
+                    let (tcp, peer, guard) = acceptor.accept().await;
+                    Some((
+                        Ok::<_, std::io::Error>(conns.wrap(tcp, peer, guard)),
+                        acceptor,
+                    ))
+                }
+            });
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
         }
         Some(handshake) => {
-            // The acceptor sets TCP_NODELAY itself.
-            let incoming = TlsIncoming::start(listener, handshake)
+            let incoming = TlsIncoming::start(acceptor, handshake)
                 .context("starting TLS on the gRPC port")?
-                .into_stream();
+                .into_stream()
+                .map(move |(stream, peer, guard)| {
+                    Ok::<_, std::io::Error>(conns.wrap(stream, peer, guard))
+                });
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };

@@ -1,0 +1,501 @@
+//! Per connection: when it last ran a request, whether a request head is being read, and a
+//! watchdog task that closes it once a timeout passes.
+//!
+//! - Header-read timeout: from accept, the first request head (HTTP/1.1) or the HTTP/2
+//!   preface must arrive within `header_read`; on HTTP/1.1, so must every later head once
+//!   its first byte has arrived. A slowloris client that trickles a head is closed.
+//! - Idle timeout: a connection with no request running for `idle` is closed (HTTP/1.1
+//!   keep-alive, HTTP/2 and gRPC alike; an open stream is a running request).
+//!
+//! `TrackLayer` tells the state when requests start and end (the end is when the response
+//! body is finished or dropped). The HTTP loop hands each connection's service its state; for
+//! gRPC, whose connection loop is tonic's, the layer finds it in a `ConnRegistry` by the
+//! peer's address. Clocks are milliseconds since the connection's start, in atomics: the
+//! request path never takes a lock for them.
+
+use super::ConnTimeouts;
+use super::io::Conn;
+use crate::net::ConnGuard;
+use crate::telemetry::metrics::ConnectionMetrics;
+use futures::task::AtomicWaker;
+use http::{Request, Response, Version};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The first bytes a client sends on an HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// `killed` values.
+const ALIVE: u8 = 0;
+const KILLED_HEADER: u8 = 1;
+const KILLED_IDLE: u8 = 2;
+
+/// What the watchdog knows of one connection.
+#[derive(Debug)]
+pub struct ConnState {
+    start: Instant,
+    /// 1 + the millisecond a request head (or the preface) started to be awaited; 0: none.
+    head_since: AtomicU64,
+    /// Millisecond of the last request start or end.
+    last_active: AtomicU64,
+    in_flight: AtomicUsize,
+    /// An HTTP/2 connection: its heads come whole in frames, only the preface is timed.
+    http2: AtomicBool,
+    /// Nothing has been read yet (the first read tells HTTP/2 from HTTP/1.1).
+    first_read: AtomicBool,
+    killed: AtomicU8,
+    reader: AtomicWaker,
+    /// Wakes the watchdog when a deadline may have moved earlier, or the connection ended.
+    wake: Notify,
+    gone: AtomicBool,
+    /// Where the connection is registered for gRPC's `TrackLayer` (removed when it ends).
+    registered: Option<(ConnRegistry, SocketAddr)>,
+}
+
+impl ConnState {
+    fn new(registered: Option<(ConnRegistry, SocketAddr)>) -> ConnState {
+        ConnState {
+            start: Instant::now(),
+            // The first head is awaited from accept.
+            head_since: AtomicU64::new(1),
+            last_active: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+            killed: AtomicU8::new(ALIVE),
+            reader: AtomicWaker::new(),
+            wake: Notify::new(),
+            gone: AtomicBool::new(false),
+            registered,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire) != ALIVE
+    }
+
+    pub(super) fn kill_reason(&self) -> &'static str {
+        match self.killed.load(Ordering::Acquire) {
+            KILLED_HEADER => "the request head did not arrive within the header-read timeout",
+            KILLED_IDLE => "idle past the idle-connection timeout",
+            _ => "open",
+        }
+    }
+
+    pub(super) fn register_reader(&self, waker: &Waker) {
+        self.reader.register(waker);
+    }
+
+    /// Bytes arrived (`first` are the first bytes ever read, on the first call). Starts the
+    /// head clock on an idle HTTP/1.1 connection; the HTTP/2 preface stops it for good.
+    pub(super) fn bytes_read(&self, data: &[u8]) {
+        if self.first_read.swap(false, Ordering::AcqRel) {
+            let n = data.len().min(H2_PREFACE.len());
+            if n > 0 && data[..n] == H2_PREFACE[..n] {
+                self.http2.store(true, Ordering::Release);
+                self.head_since.store(0, Ordering::Release);
+                return;
+            }
+        }
+        if self.http2.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let now = self.now_ms() + 1;
+        if self
+            .head_since
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.wake.notify_one();
+        }
+    }
+
+    pub(super) fn gone(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.wake.notify_one();
+        if let Some((registry, peer)) = &self.registered {
+            registry.remove(peer);
+        }
+    }
+
+    fn request_started(&self, version: Version) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Release);
+        self.last_active.store(self.now_ms(), Ordering::Release);
+        if version == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Release);
+        }
+    }
+
+    fn request_ended(&self) {
+        self.last_active.store(self.now_ms(), Ordering::Release);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Idle from now: the watchdog has a deadline again.
+            self.wake.notify_one();
+        }
+    }
+
+    /// The next deadline and what passing it means; `None` while a request runs.
+    fn deadline(&self, t: &ConnTimeouts) -> Option<(u64, u8)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let idle = (
+            self.last_active
+                .load(Ordering::Acquire)
+                .saturating_add(millis(t.idle)),
+            KILLED_IDLE,
+        );
+        let head = match self.head_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some((since - 1 + millis(t.header_read), KILLED_HEADER)),
+        };
+        Some(head.map_or(idle, |h| h.min(idle)))
+    }
+
+    fn kill(&self, reason: u8) {
+        self.killed.store(reason, Ordering::Release);
+        self.reader.wake();
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Wraps an accepted stream: its state, its watchdog, and (for gRPC) its registration.
+pub(super) fn guard_stream<IO>(
+    io: IO,
+    guard: ConnGuard,
+    timeouts: ConnTimeouts,
+    metrics: Option<ConnectionMetrics>,
+    registry: Option<(&ConnRegistry, SocketAddr)>,
+) -> (Conn<IO>, Arc<ConnState>) {
+    let state = Arc::new(ConnState::new(registry.map(|(r, peer)| (r.clone(), peer))));
+    if let Some((registry, peer)) = registry {
+        registry.insert(peer, &state);
+    }
+    tokio::spawn(watchdog(Arc::clone(&state), timeouts, metrics));
+    (Conn::new(io, Arc::clone(&state), guard), state)
+}
+
+/// What gRPC connections share: the registry `TrackLayer` finds them in, their timeouts and
+/// their listener's metrics.
+#[derive(Clone, Debug)]
+pub struct GrpcConns {
+    pub registry: ConnRegistry,
+    pub timeouts: ConnTimeouts,
+    pub metrics: Option<ConnectionMetrics>,
+}
+
+impl GrpcConns {
+    /// Guards one accepted gRPC connection (its watchdog runs from here).
+    pub fn wrap<IO>(&self, io: IO, peer: SocketAddr, guard: ConnGuard) -> Conn<IO> {
+        let registered = Some((&self.registry, peer));
+        guard_stream(io, guard, self.timeouts, self.metrics.clone(), registered).0
+    }
+}
+
+/// Sleeps until the connection's next deadline, re-reading it whenever it may have moved;
+/// closes the connection once one passes, and ends with it.
+async fn watchdog(state: Arc<ConnState>, t: ConnTimeouts, metrics: Option<ConnectionMetrics>) {
+    loop {
+        if state.gone.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((at, reason)) = state.deadline(&t) else {
+            state.wake.notified().await;
+            continue;
+        };
+        let now = state.now_ms();
+        if now >= at {
+            state.kill(reason);
+            if let Some(m) = &metrics {
+                match reason {
+                    KILLED_HEADER => m.header_timeouts.inc(),
+                    _ => m.idle_timeouts.inc(),
+                };
+            }
+            tracing::debug!("closing a connection: {}", state.kill_reason());
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(at - now)) => {}
+            _ = state.wake.notified() => {}
+        }
+    }
+}
+
+/// gRPC connections by peer address, for `TrackLayer` (tonic's loop gives the service only
+/// the peer's address).
+#[derive(Clone, Debug, Default)]
+pub struct ConnRegistry {
+    conns: Arc<Mutex<HashMap<SocketAddr, Weak<ConnState>>>>,
+}
+
+impl ConnRegistry {
+    fn insert(&self, peer: SocketAddr, state: &Arc<ConnState>) {
+        self.lock().insert(peer, Arc::downgrade(state));
+    }
+
+    fn remove(&self, peer: &SocketAddr) {
+        let mut conns = self.lock();
+        // A new connection from the same address may have taken the entry already.
+        if conns.get(peer).is_some_and(|w| w.strong_count() == 0) {
+            conns.remove(peer);
+        }
+    }
+
+    fn get(&self, peer: &SocketAddr) -> Option<Arc<ConnState>> {
+        self.lock().get(peer).and_then(Weak::upgrade)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Weak<ConnState>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where `TrackService` finds a request's connection.
+#[derive(Clone, Debug)]
+enum Source {
+    Fixed(Arc<ConnState>),
+    Registry(ConnRegistry),
+}
+
+/// Marks each request's start and end on its connection's state.
+#[derive(Clone, Debug)]
+pub struct TrackLayer {
+    source: Source,
+}
+
+impl TrackLayer {
+    /// For tonic: connections found by peer address.
+    pub fn registry(registry: ConnRegistry) -> TrackLayer {
+        TrackLayer {
+            source: Source::Registry(registry),
+        }
+    }
+
+    /// For one HTTP connection.
+    pub(super) fn fixed(state: Arc<ConnState>) -> TrackLayer {
+        TrackLayer {
+            source: Source::Fixed(state),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for TrackLayer {
+    type Service = TrackService<S>;
+
+    fn layer(&self, inner: S) -> TrackService<S> {
+        TrackService {
+            inner,
+            source: self.source.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrackService<S> {
+    inner: S,
+    source: Source,
+}
+
+impl<S> TrackService<S> {
+    fn state_of<B>(&self, req: &Request<B>) -> Option<Arc<ConnState>> {
+        match &self.source {
+            Source::Fixed(state) => Some(Arc::clone(state)),
+            Source::Registry(registry) => {
+                use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+                let ext = req.extensions();
+                let peer = ext
+                    .get::<TcpConnectInfo>()
+                    .or_else(|| {
+                        ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                            .map(TlsConnectInfo::get_ref)
+                    })
+                    .and_then(TcpConnectInfo::remote_addr)?;
+                registry.get(&peer)
+            }
+        }
+    }
+}
+
+impl<S, B, R> tower::Service<Request<B>> for TrackService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<TrackedBody<R>>;
+    type Error = S::Error;
+    type Future = TrackFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let running = self.state_of(&req).map(|state| {
+            state.request_started(req.version());
+            Running(state)
+        });
+        TrackFuture {
+            inner: self.inner.call(req),
+            running,
+        }
+    }
+}
+
+/// One running request; dropping it ends it.
+#[derive(Debug)]
+struct Running(Arc<ConnState>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future; the request runs on in the response body.
+    pub struct TrackFuture<F> {
+        #[pin]
+        inner: F,
+        running: Option<Running>,
+    }
+}
+
+impl<F, R, E> Future for TrackFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = Result<Response<TrackedBody<R>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx));
+        let running = this.running.take();
+        Poll::Ready(response.map(|r| {
+            r.map(|inner| TrackedBody {
+                inner,
+                _running: running,
+            })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its request when it is finished or dropped.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _running: Option<Running>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if frame.is_none() {
+            // Finished: the connection is idle from here, even if hyper keeps the body.
+            this._running.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: ConnTimeouts = ConnTimeouts {
+        header_read: Duration::from_millis(1_000),
+        body_read: Duration::from_millis(5_000),
+        idle: Duration::from_millis(10_000),
+    };
+
+    #[test]
+    fn the_first_head_is_due_from_accept_and_a_request_stops_the_clock() {
+        let s = ConnState::new(None);
+        assert_eq!(s.deadline(&T), Some((1_000, KILLED_HEADER)));
+        s.bytes_read(b"GET / HT");
+        assert_eq!(
+            s.deadline(&T),
+            Some((1_000, KILLED_HEADER)),
+            "first byte keeps it"
+        );
+        s.request_started(Version::HTTP_11);
+        assert_eq!(s.deadline(&T), None, "nothing is due while a request runs");
+        s.bytes_read(b"body bytes");
+        s.request_ended();
+        let (at, reason) = s.deadline(&T).unwrap();
+        assert_eq!(
+            reason, KILLED_IDLE,
+            "idle, not a head, after a request: {at}"
+        );
+    }
+
+    #[test]
+    fn an_http1_head_that_starts_while_idle_is_timed_and_http2_heads_are_not() {
+        let h1 = ConnState::new(None);
+        h1.request_started(Version::HTTP_11);
+        h1.request_ended();
+        h1.bytes_read(b"GET / HTTP/1.1\r\nHost");
+        assert_eq!(h1.deadline(&T).map(|d| d.1), Some(KILLED_HEADER));
+
+        let h2 = ConnState::new(None);
+        h2.bytes_read(H2_PREFACE);
+        assert_eq!(
+            h2.deadline(&T).map(|d| d.1),
+            Some(KILLED_IDLE),
+            "the preface came"
+        );
+        h2.request_started(Version::HTTP_2);
+        h2.request_ended();
+        h2.bytes_read(b"a ping frame");
+        assert_eq!(h2.deadline(&T).map(|d| d.1), Some(KILLED_IDLE));
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_closes_a_silent_connection_at_the_header_timeout() {
+        let s = Arc::new(ConnState::new(None));
+        let t = ConnTimeouts {
+            header_read: Duration::from_millis(20),
+            ..T
+        };
+        let metrics = ConnectionMetrics::default();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watchdog(Arc::clone(&s), t, Some(metrics.clone())),
+        )
+        .await
+        .expect("the watchdog acted");
+        assert!(s.killed());
+        assert_eq!(metrics.header_timeouts.get(), 1);
+    }
+}
