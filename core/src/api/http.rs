@@ -384,7 +384,7 @@ async fn generate<B: Backend>(
             served_version = Some(response.model_version.clone());
             collected.push(&response)?;
         }
-        Ok(Json(collected.finish()).into_response())
+        Ok(response::json_response(collected.finish().into_bytes()))
     }
     .await;
     record_generate(&s, &p, served_version.as_deref(), &answer, started);

@@ -14,6 +14,7 @@
 //! - `request`: KServe V2 infer request → `engine::InferRequest` (JSON and binary data).
 //! - `response`: `engine::InferResponse` → HTTP response (JSON or binary data).
 //! - `json_data`: the typed `data` field codec (no `serde_json::Value` trees).
+//! - `nonfinite`: NaN and the infinities in JSON, read and written as Triton does.
 //! - `binary`: Triton's binary tensor data framing.
 //! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
@@ -40,6 +41,7 @@ pub mod json_data;
 pub mod metadata;
 pub mod metrics;
 pub mod model_config;
+pub mod nonfinite;
 pub mod observe;
 pub mod openapi;
 mod outcome;

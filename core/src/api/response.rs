@@ -156,7 +156,7 @@ fn select_outputs<'r>(
         .collect()
 }
 
-fn json_response(json: Vec<u8>) -> Response {
+pub fn json_response(json: Vec<u8>) -> Response {
     let mut response = Response::new(Body::from(json));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
