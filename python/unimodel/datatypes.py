@@ -64,28 +64,33 @@ def numpy_dtype(datatype: str) -> np.dtype:
     return NUMPY_DTYPES[datatype]
 
 
-def encode_bytes_elements(elements: Iterable[object], what: str = "BYTES tensor") -> bytes:
+def encode_bytes_elements(elements: Iterable[object], what: str = "BYTES tensor") -> bytearray:
     """Serialises elements (`bytes`, `bytearray`, `memoryview` or `str` as UTF-8).
 
-    `what` names the tensor in the error raised for any other element type.
+    `what` names the tensor in the error raised for any other element type. Writes into one
+    growing buffer: no list of parts and no length object per element survive the loop, so
+    millions of small elements cost about their serialised size (issue 15: a list of parts
+    cost ~200 bytes per empty element).
     """
-    parts: list[bytes] = []
+    out = bytearray()
     pack = _LEN.pack
     for index, element in enumerate(elements):
         if isinstance(element, bytes):
             data = element
         elif isinstance(element, str):
             data = element.encode("utf-8")
-        elif isinstance(element, (bytearray, memoryview)):
-            data = bytes(element)
+        elif isinstance(element, bytearray):
+            data = element
+        elif isinstance(element, memoryview):
+            data = element.tobytes()  # len() of a memoryview counts items, not bytes
         else:
             raise TypeError(
                 f"{what}: element {index} is {type(element).__name__}; BYTES elements must be "
                 "str or bytes (convert with str(x) or x.encode())"
             )
-        parts.append(pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+        out += pack(len(data))
+        out += data
+    return out
 
 
 def decode_bytes_elements(buffer: bytes | memoryview, count: int) -> list[bytes]:

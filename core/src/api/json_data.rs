@@ -355,12 +355,7 @@ pub fn is_json_encodable(datatype: DataType, data: &[u8]) -> bool {
     if datatype != DataType::Bytes {
         return true;
     }
-    match bytes_codec::element_ranges(data) {
-        Ok(ranges) => ranges
-            .into_iter()
-            .all(|r| std::str::from_utf8(&data[r]).is_ok()),
-        Err(_) => false,
-    }
+    bytes_codec::elements(data).all(|r| r.is_ok_and(|r| std::str::from_utf8(&data[r]).is_ok()))
 }
 
 /// Serialises a tensor's bytes as a flat JSON array of typed elements. Call only when
@@ -373,11 +368,27 @@ pub struct JsonData<'a> {
 }
 
 impl JsonData<'_> {
+    /// An upper bound of the serialised length, to size the output buffer once: growing it
+    /// by doubling would copy a large response and briefly hold it twice. Capacity never
+    /// written costs no memory (the pages are never touched).
+    pub fn max_text_len(&self) -> usize {
+        // Per element, with its comma: "false", 20 digits and a sign, ryu's longest f32 and
+        // f64; a BYTES element at worst escapes every byte as \u00XX, plus its quotes.
+        let per = match self.datatype {
+            DataType::Bool => 6,
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 => 16,
+            DataType::Fp64 => 25,
+            DataType::Bytes => return self.data.len().saturating_mul(6).saturating_add(2),
+            _ => 22,
+        };
+        self.count().saturating_mul(per).saturating_add(2)
+    }
+
     /// How many elements the array holds.
     pub fn count(&self) -> usize {
         match self.datatype.size() {
             Some(size) => self.data.len() / size.max(1),
-            None => bytes_codec::element_ranges(self.data).map_or(0, |r| r.len()),
+            None => bytes_codec::element_count(self.data).unwrap_or(0),
         }
     }
 }
@@ -403,9 +414,8 @@ impl Serialize for JsonData<'_> {
             DataType::Fp32 => seq(s, self.data, 4, |c| Float32(f32::from_le_bytes(arr(c)))),
             DataType::Fp64 => seq(s, self.data, 8, |c| Float64(f64::from_le_bytes(arr(c)))),
             DataType::Bytes => {
-                let ranges = bytes_codec::element_ranges(self.data).unwrap_or_default();
-                let mut out = s.serialize_seq(Some(ranges.len()))?;
-                for r in ranges {
+                let mut out = s.serialize_seq(Some(self.count()))?;
+                for r in bytes_codec::elements(self.data).map_while(Result::ok) {
                     out.serialize_element(&String::from_utf8_lossy(&self.data[r]))?;
                 }
                 out.end()

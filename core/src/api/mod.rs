@@ -16,6 +16,7 @@
 //! - `json_data`: the typed `data` field codec (no `serde_json::Value` trees).
 //! - `nonfinite`: NaN and the infinities in JSON, read and written as Triton does.
 //! - `binary`: Triton's binary tensor data framing.
+//! - `body_budget`: the global budget for buffered request bodies (`--max-buffered-bytes`).
 //! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
@@ -30,6 +31,7 @@
 pub mod auth;
 pub mod backend;
 pub mod binary;
+pub mod body_budget;
 mod compression;
 pub mod contents;
 pub mod error;

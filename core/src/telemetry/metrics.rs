@@ -132,6 +132,7 @@ pub struct Metrics {
     shm_bytes: Family<DirectionLabels, Counter>,
     auth_denials: Family<DenialLabels, Counter>,
     tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    buffered_request_bytes: Gauge,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -169,6 +170,7 @@ impl Metrics {
             shm_bytes: Family::default(),
             auth_denials: Family::default(),
             tls_handshake_failures: Family::default(),
+            buffered_request_bytes: Gauge::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -294,9 +296,21 @@ impl Metrics {
             "TLS handshakes that failed (reason \"failed\": not TLS, unknown CA, no or bad client certificate, ...) or did not finish within the handshake timeout (\"timeout\"), by listener (http, grpc, metrics)",
             self.tls_handshake_failures.clone(),
         );
+        r.register_with_unit(
+            "buffered_request",
+            "Bytes of REST request bodies the server holds (being read, or read and not yet released), counted against --max-buffered-bytes",
+            Unit::Bytes,
+            self.buffered_request_bytes.clone(),
+        );
     }
 
     /// The handshake failure counters of one TLS listener (its series appear at zero).
+    /// The gauge of request body bytes buffered under `--max-buffered-bytes`
+    /// (`api::body_budget` keeps it).
+    pub fn buffered_request_bytes(&self) -> Gauge {
+        self.buffered_request_bytes.clone()
+    }
+
     pub fn tls_handshake_failures(&self, listener: &'static str) -> HandshakeFailures {
         let counter = |reason| {
             self.tls_handshake_failures
