@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Memory amplification per request path: peak RSS of the core and of the worker over body size.
 
-For each path, starts `unimodel run benches/plugins/echo_any.py` afresh, sends one small
+For each path, starts `unimodel run tests/plugins/echo_any.py` afresh, sends one small
 request (so lazily started parts exist), resets both processes' peak RSS (`5` into
 /proc/PID/clear_refs), notes their VmRSS, sends ONE large request to an echo model, and reads
 VmHWM from /proc/PID/status. Amplification = (VmHWM - VmRSS before) / body size: what the
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN = REPO / "benches" / "plugins" / "echo_any.py"
+PLUGIN = REPO / "tests" / "plugins" / "echo_any.py"
 MIB = 1 << 20
 
 
@@ -83,7 +82,7 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def worker(self) -> int:
+    def workers(self) -> list[int]:
         pythons = [p for p in descendants(self.proc.pid) if "python" in _cmdline(p)]
         assert len(pythons) >= 2, "expected two workers (echo_bytes, echo_fp32)"
         return pythons
@@ -195,7 +194,7 @@ def measure(binary: str, python: str, name: str, mib: float, count: int, logdir:
         send_http(server, *fp32_json(4))
         send_http(server, *bytes_json(4))
         pids = {"core": server.proc.pid}
-        for i, w in enumerate(server.worker()):
+        for i, w in enumerate(server.workers()):
             pids[f"worker{i}"] = w
         base = {}
         for role, pid in pids.items():
@@ -220,7 +219,13 @@ def main() -> None:
     logdir = Path(tempfile.mkdtemp(prefix="amplification-"))
     for binary in args.bin:
         print(f"\n{binary}")
-        print(f"{'path':<12} {'body MiB':>9} {'core MiB':>9} {'core x':>7} {'worker MiB':>11} {'worker x':>9}")
+        heads = ("path", "body MiB", "core MiB", "core x", "worker MiB", "worker x")
+        widths = (-12, 9, 9, 7, 11, 9)
+        print(
+            " ".join(
+                f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)
+            )
+        )
         for name in args.paths.split(","):
             r = measure(binary, args.python, name, args.mib, args.bytes_count, logdir)
             body = r["body"]

@@ -1,7 +1,8 @@
 //! The global budget for buffered REST request bodies (`--max-buffered-bytes`).
 //!
-//! Every byte of a request body the server holds is charged to one semaphore as it arrives,
-//! and returned when the buffer holding it is dropped (the charge travels inside the body's
+//! A body with a `Content-Length` is charged its whole length to one semaphore before any
+//! of it is read (a chunked or decompressed body: each chunk as it arrives), and the charge
+//! is returned when the buffer holding it is dropped (the charge travels inside the body's
 //! `Bytes`, so slices of it taken as binary tensor data keep it until they go too). A body
 //! that does not fit waits up to `WAIT` for others to finish, then gets 503 naming the flag:
 //! many slow or stalled uploads cannot add up to more memory than the budget, however many
@@ -63,6 +64,10 @@ impl BodyBudget {
             gauge: self.gauge.clone(),
             charged: 0,
         };
+        // Charged up front: a client that declares a length and stalls holds no more than
+        // it declared, and one that does not fit is answered before it sends a byte.
+        let prepaid = declared.unwrap_or(0);
+        self.charge(&mut held, prepaid).await?;
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -74,7 +79,8 @@ impl BodyBudget {
             if held.buf.len() + data.len() > limit {
                 return Err(ApiError::PayloadTooLarge { limit });
             }
-            self.charge(&mut held, data.len()).await?;
+            let beyond = (held.buf.len() + data.len()).saturating_sub(prepaid.max(held.charged));
+            self.charge(&mut held, beyond).await?;
             held.buf.extend_from_slice(&data);
         }
         Ok(Bytes::from_owner(held))
@@ -217,5 +223,32 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ApiError::PayloadTooLarge { limit: 4 }));
         assert_eq!(budget.permits.available_permits(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_declared_length_is_charged_before_the_body_is_read() {
+        let budget = BodyBudget::new(10, None);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "8".parse().unwrap());
+        // A body that never sends a byte: the charge is taken before reading.
+        let pending =
+            Body::from_stream(futures::stream::pending::<Result<&[u8], std::io::Error>>());
+        let declared = headers.clone();
+        let stalled = budget.read(&declared, pending, 100);
+        tokio::pin!(stalled);
+        assert!(futures::poll!(&mut stalled).is_pending());
+        assert_eq!(budget.permits.available_permits(), 2);
+        headers.insert(header::CONTENT_LENGTH, "4".parse().unwrap());
+        let err = budget
+            .read(&headers, body(vec![b"abcd"]), 100)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--max-buffered-bytes"), "{err}");
+        headers.insert(header::CONTENT_LENGTH, "2".parse().unwrap());
+        let ok = budget.read(&headers, body(vec![b"ab"]), 100).await.unwrap();
+        assert_eq!(
+            (ok.as_ref(), budget.permits.available_permits()),
+            (b"ab".as_ref(), 0)
+        );
     }
 }

@@ -1,5 +1,7 @@
-"""Echo models for `benches/amplification.py`: what goes in comes back out, so a request's
-memory cost covers its body, its tensors and its response.
+"""Echo models for `benches/amplification.py` and `test_hostile_memory.py`.
+
+What goes in comes back out, so a request's memory cost covers its body, its tensors and its
+response.
 """
 
 import unimodel as um
