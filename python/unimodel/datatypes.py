@@ -7,8 +7,9 @@ length, then the bytes; in Python a BYTES tensor is a numpy object array of `byt
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -98,11 +99,32 @@ def decode_bytes_elements(buffer: bytes | memoryview, count: int) -> list[bytes]
 
     Raises `ValueError` when the buffer is truncated or holds a different number of elements.
     """
+    return list(_bytes_elements(buffer, count))
+
+
+def decode_bytes_array(buffer: bytes | memoryview, shape: list[int]) -> np.ndarray:
+    """A numpy object array of the `bytes` elements of a serialised buffer, with `shape`.
+
+    Fills the array as it splits: no list of the elements is built first (8 bytes less per
+    element at the peak, which counts for tensors of millions of small strings). Raises
+    `ValueError` as `decode_bytes_elements` does.
+    """
+    count = math.prod(shape)
+    if count == 0:  # fromiter asks the generator for nothing: check the size here
+        _check_consumed(len(memoryview(buffer)), 0, 0)
+    arr = np.fromiter(_bytes_elements(buffer, count), dtype=object, count=count)
+    return arr.reshape(tuple(shape))
+
+
+def _bytes_elements(buffer: bytes | memoryview, count: int) -> Iterator[bytes]:
+    """Yields the `count` elements; the buffer's size is checked before the last one is
+    yielded (a consumer that stops at `count` never resumes the generator)."""
     view = memoryview(buffer)
     size = len(view)
-    out: list[bytes] = []
     offset = 0
     unpack = _LEN.unpack_from
+    if count == 0:
+        _check_consumed(size, 0, count)
     for index in range(count):
         if offset + 4 > size:
             raise ValueError(
@@ -117,14 +139,18 @@ def decode_bytes_elements(buffer: bytes | memoryview, count: int) -> list[bytes]
                 f"BYTES element {index} is truncated: {length} bytes needed at offset {start}, "
                 f"{size - start} available"
             )
-        out.append(bytes(view[start:end]))
         offset = end
+        if index == count - 1:
+            _check_consumed(size, offset, count)
+        yield bytes(view[start:end])
+
+
+def _check_consumed(size: int, offset: int, count: int) -> None:
     if offset != size:
         raise ValueError(
             f"BYTES buffer holds {size - offset} bytes after the {count} elements its shape "
             "declares"
         )
-    return out
 
 
 def bytes_array(elements: list[bytes], shape: Iterable[int]) -> np.ndarray:
