@@ -4,7 +4,8 @@
 //! (so lies in both directions and misnested data are tried), the rest is the JSON text,
 //! with bare NaN/Infinity tokens quoted as the request decoder does. An accepted tensor
 //! must have exactly the byte size its datatype and count imply (BYTES: a valid
-//! serialisation of `count` elements).
+//! serialisation of `count` elements); so must one `decode_nested` (generate) accepts, with
+//! the count its learned shape implies.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -37,5 +38,17 @@ fuzz_target!(|data: &[u8]| {
         }
         // What was accepted can be written back as JSON.
         let _ = json_data::is_json_encodable(datatype, &bytes);
+    }
+    // The generate extension's decoder: the shape it learns from the nesting must hold
+    // exactly the elements it decoded.
+    if let Ok((bytes, shape)) = json_data::decode_nested(raw, datatype) {
+        let count: usize = shape.iter().map(|&d| d as usize).product();
+        match datatype.size() {
+            Some(size) => assert_eq!(bytes.len(), count * size, "{datatype:?} {shape:?}"),
+            None => {
+                let elements = bytes_codec::element_ranges(&bytes).expect("valid BYTES");
+                assert_eq!(elements.len(), count, "{shape:?}");
+            }
+        }
     }
 });

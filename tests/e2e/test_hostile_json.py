@@ -131,3 +131,13 @@ def test_ragged_nested_data_is_refused_naming_input_and_nesting(server, data):
         resp = server.post("/v2/models/rows/infer", json=body)
         assert resp.status_code == 200, resp.text
         assert resp.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+
+
+def test_generate_refuses_ragged_values(server):
+    """`generate` takes each input's shape from its nesting, so the nesting must be regular."""
+    resp = server.post("/v2/models/rows/generate", json={"x": [[1, 2], [3], [4, 5, 6]]})
+    message = error_of(resp, 400)
+    assert "input 'x'" in message and "ragged" in message, message
+    resp = server.post("/v2/models/rows/generate", json={"x": [1, 2, 3]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["y"] == [1.0, 2.0, 3.0]

@@ -4,7 +4,8 @@
 //! The body is one JSON object: each input by name, as a JSON scalar or a (nested) list, plus
 //! optional `parameters` (`timeout` in microseconds is honoured, as on `infer`; the rest is
 //! accepted and ignored). Datatypes come from the model's declared inputs; a value's shape is
-//! its nesting (a scalar is one element), padded with leading 1s up to the declared rank,
+//! its nesting (a scalar is one element; ragged lists are a 400), decoded straight from the
+//! raw text (`json_data::decode_nested`), padded with leading 1s up to the declared rank,
 //! and with the batch dimension 1 in front for a batching model. Everything else (names,
 //! shapes, sizes) the engine validates as for `infer`.
 //!
@@ -22,7 +23,9 @@ use super::nonfinite;
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
 use crate::tensor::Storage;
 use axum::response::sse::Event;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Decodes a generate body into a request for `config`'s model.
@@ -37,12 +40,14 @@ pub fn decode(
             "invalid generate request: {e}; expected a JSON object with each input by name and optional \"parameters\""
         ))
     };
-    // Bare NaN/Infinity tokens fail serde_json; only then is the body copied with them
-    // quoted, which the typed decoder reads back as floats (see `nonfinite`).
-    let fields: Map<String, Value> = match serde_json::from_slice(body) {
+    // Each value stays raw JSON text until the typed decoder reads it (no `Value` tree per
+    // element). Bare NaN/Infinity tokens fail serde_json; only then is the body copied with
+    // them quoted, which the typed decoder reads back as floats (see `nonfinite`).
+    let quoted;
+    let fields: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
         Ok(fields) => fields,
         Err(e) => {
-            let quoted = nonfinite::quote(body).ok_or(e).map_err(bad)?;
+            quoted = nonfinite::quote(body).ok_or(e).map_err(bad)?;
             serde_json::from_slice(&quoted).map_err(bad)?
         }
     };
@@ -50,6 +55,7 @@ pub fn decode(
     let mut inputs = Vec::with_capacity(fields.len());
     for (name, value) in fields {
         if name == "parameters" {
+            let value: Value = serde_json::from_str(value.get()).map_err(bad)?;
             timeout = parameters_timeout(&value)?;
             continue;
         }
@@ -65,7 +71,7 @@ pub fn decode(
                     names.join(", ")
                 ))
             })?;
-        inputs.push(input_tensor(spec, config.max_batch_size > 0, &value)?);
+        inputs.push(input_tensor(spec, config.max_batch_size > 0, value)?);
     }
     Ok(InferRequest {
         model,
@@ -99,36 +105,26 @@ fn parameters_timeout(value: &Value) -> Result<Option<Duration>, ApiError> {
     }
 }
 
-/// One input from its JSON value, typed by the model's declaration.
-fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tensor, ApiError> {
-    if value.is_object() || value.is_null() {
+/// One input from its JSON value, typed by the model's declaration; its shape is its
+/// nesting, which must be regular.
+fn input_tensor(spec: &TensorSpec, batching: bool, value: &RawValue) -> Result<Tensor, ApiError> {
+    let text = value.get().trim_start();
+    if text.starts_with('{') || text.starts_with("null") {
+        let shown: String = text.chars().take(80).collect();
         return Err(ApiError::BadRequest(format!(
-            "input '{}': expected a JSON scalar or list of {}, got {value}",
+            "input '{}': expected a JSON scalar or list of {}, got {shown}",
             spec.name,
             spec.datatype.as_str()
         )));
     }
-    let nesting = dims(value);
-    let mut shape = nesting.clone();
+    let (data, mut shape) = json_data::decode_nested(value, spec.datatype)
+        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
     while shape.len() < spec.shape.len() {
         shape.insert(0, 1);
     }
     if batching {
         shape.insert(0, 1);
     }
-    let count = shape.iter().try_fold(1usize, |n, &d| {
-        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
-    });
-    let count = count.ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{}': shape {shape:?} is too large",
-            spec.name
-        ))
-    })?;
-    let raw = serde_json::value::to_raw_value(value)
-        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
-    let data = json_data::decode(&raw, spec.datatype, &nesting, count)
-        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
     Ok(Tensor {
         name: spec.name.clone(),
         datatype: spec.datatype,
@@ -136,20 +132,6 @@ fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tens
         data: data.into(),
         storage: Storage::Core,
     })
-}
-
-/// The shape a JSON value's nesting gives (a scalar has none).
-fn dims(value: &Value) -> Vec<i64> {
-    match value {
-        Value::Array(items) => {
-            let mut shape = vec![items.len() as i64];
-            if let Some(first) = items.first() {
-                shape.extend(dims(first));
-            }
-            shape
-        }
-        _ => Vec::new(),
-    }
 }
 
 /// One output's elements as JSON text, comma-separated without brackets, and their count.

@@ -45,13 +45,7 @@ pub fn decode(
         shape,
         nesting: Nesting::Unknown,
     };
-    let mut de = serde_json::Deserializer::from_str(text);
-    Elements {
-        sink: &mut sink,
-        depth: 0,
-    }
-    .deserialize(&mut de)
-    .map_err(|e| e.to_string())?;
+    sink.run(text)?;
     if sink.count != expected {
         return Err(format!(
             "shape holds {expected} elements but data has {}",
@@ -59,6 +53,91 @@ pub fn decode(
         ));
     }
     Ok(sink.out)
+}
+
+/// Decodes a JSON value whose nesting IS its shape (the generate extension: `[[1, 2], [3,
+/// 4]]` is `[2, 2]`, a scalar `[]`): returns the bytes and that shape. Every array at one
+/// depth must have the same length and every scalar the same depth; anything else is ragged.
+pub fn decode_nested(raw: &RawValue, datatype: DataType) -> Result<(Vec<u8>, Vec<i64>), String> {
+    let text = raw.get();
+    let capacity = match datatype.size() {
+        Some(size) => (text.len() / 2 + 1).saturating_mul(size),
+        None => text.len(),
+    };
+    let mut sink = Sink {
+        datatype,
+        out: Vec::with_capacity(capacity),
+        count: 0,
+        expected: usize::MAX,
+        shape: &[],
+        nesting: Nesting::Learn(Learned::default()),
+    };
+    sink.run(text)?;
+    let Nesting::Learn(learned) = sink.nesting else {
+        return Err("internal: nesting mode changed".into());
+    };
+    let depth = learned.leaf_depth.unwrap_or(learned.lengths.len());
+    let shape = learned
+        .lengths
+        .iter()
+        .take(depth)
+        .map_while(|&n| n)
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+        .collect();
+    Ok((sink.out, shape))
+}
+
+/// The shape seen so far when it comes from the nesting (`decode_nested`).
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Learned {
+    /// The length of the arrays at each depth (0: the value itself), once one has ended.
+    lengths: Vec<Option<usize>>,
+    /// The depth of every scalar, once one is seen.
+    leaf_depth: Option<usize>,
+}
+
+impl Learned {
+    fn enter(&mut self, depth: usize) -> Result<(), String> {
+        match self.leaf_depth {
+            Some(leaf) if depth >= leaf => Err(format!(
+                "data is ragged: an array at depth {depth} where other elements are numbers"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn leave(&mut self, depth: usize, len: usize) -> Result<(), String> {
+        // Inner arrays end before outer ones: a depth may be learned before those above it.
+        if self.lengths.len() <= depth {
+            self.lengths.resize(depth + 1, None);
+        }
+        match self.lengths[depth] {
+            Some(want) if want != len => Err(format!(
+                "data is ragged: an array at depth {depth} has {len} items where an earlier one has {want}"
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.lengths[depth] = Some(len);
+                Ok(())
+            }
+        }
+    }
+
+    fn scalar(&mut self, depth: usize) -> Result<(), String> {
+        match self.leaf_depth {
+            Some(leaf) if leaf != depth => Err(format!(
+                "data is ragged: a number at depth {depth} where others are at depth {leaf}"
+            )),
+            Some(_) => Ok(()),
+            None if self.lengths.get(depth).is_some_and(Option::is_some) => Err(format!(
+                "data is ragged: a number at depth {depth} where arrays were"
+            )),
+            None => {
+                self.leaf_depth = Some(depth);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Where decoded elements go, with the count and the nesting checked as they arrive.
@@ -73,16 +152,29 @@ struct Sink<'s> {
 
 /// How the data nests, as far as seen: the first array or scalar inside the top-level array
 /// decides, and everything after must agree.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Nesting {
     Unknown,
     /// One flat array (or a bare scalar): any shape, the element count decides.
     Flat,
     /// Arrays nested exactly as the shape: each array at depth `d` holds `shape[d]` items.
     Nested,
+    /// The nesting is the shape (`decode_nested`): learned as it goes, checked for regularity.
+    Learn(Learned),
 }
 
 impl Sink<'_> {
+    /// Decodes all of `text` into the sink.
+    fn run(&mut self, text: &str) -> Result<(), String> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        Elements {
+            sink: self,
+            depth: 0,
+        }
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())
+    }
+
     /// The error for data whose nesting is ragged or does not follow the shape.
     fn ragged(&self, what: String) -> String {
         format!(
@@ -93,6 +185,9 @@ impl Sink<'_> {
 
     /// An array starts at `depth` (0: the data itself).
     fn enter_array(&mut self, depth: usize) -> Result<(), String> {
+        if let Nesting::Learn(learned) = &mut self.nesting {
+            return learned.enter(depth);
+        }
         if depth == 0 {
             return Ok(());
         }
@@ -111,6 +206,9 @@ impl Sink<'_> {
 
     /// An array at `depth` ended after `len` items.
     fn leave_array(&mut self, depth: usize, len: usize) -> Result<(), String> {
+        if let Nesting::Learn(learned) = &mut self.nesting {
+            return learned.leave(depth, len);
+        }
         if self.nesting != Nesting::Nested {
             return Ok(());
         }
@@ -125,7 +223,10 @@ impl Sink<'_> {
 
     /// A scalar at `depth` (0: bare data, 1: inside the top-level array).
     fn at_scalar(&mut self, depth: usize) -> Result<(), String> {
-        match (depth, self.nesting) {
+        if let Nesting::Learn(learned) = &mut self.nesting {
+            return learned.scalar(depth);
+        }
+        match (depth, &self.nesting) {
             (0, _) => Ok(()),
             (1, Nesting::Unknown | Nesting::Flat) => {
                 self.nesting = Nesting::Flat;
@@ -738,6 +839,32 @@ mod tests {
             dec("[[], []]", DataType::Fp32, &[2, 0]).unwrap(),
             Vec::<u8>::new()
         );
+    }
+
+    #[test]
+    fn decode_nested_takes_the_shape_from_the_nesting() {
+        let nested = |json: &str| {
+            let raw: &RawValue = serde_json::from_str(json).unwrap();
+            decode_nested(raw, DataType::Int32)
+        };
+        let (data, shape) = nested("[[1, 2, 3], [4, 5, 6]]").unwrap();
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(data, le(&[1i32, 2, 3, 4, 5, 6], i32::to_le_bytes));
+        assert_eq!(nested("7").unwrap(), (7i32.to_le_bytes().to_vec(), vec![]));
+        assert_eq!(nested("[]").unwrap().1, vec![0]);
+        assert_eq!(nested("[[], []]").unwrap().1, vec![2, 0]);
+        assert_eq!(nested("[[[1]], [[2]]]").unwrap().1, vec![2, 1, 1]);
+        for ragged in [
+            "[[1, 2], [3]]",
+            "[[1], 2]",
+            "[1, [2]]",
+            "[[], [1]]",
+            "[[1], [[2]]]",
+            "[[], 2]",
+        ] {
+            let err = nested(ragged).unwrap_err();
+            assert!(err.contains("ragged"), "{ragged}: {err}");
+        }
     }
 
     #[test]
