@@ -7,6 +7,7 @@ from unimodel.datatypes import (
     DATATYPE_NAMES,
     NUMPY_DTYPES,
     bytes_array,
+    decode_bytes_array,
     decode_bytes_elements,
     encode_bytes_elements,
 )
@@ -75,3 +76,18 @@ def test_decode_rejects_truncation_and_extra_bytes():
 def test_encode_rejects_non_string_elements():
     with pytest.raises(TypeError, match="element 1 is int"):
         encode_bytes_elements(["a", 3], "output 'y'")
+
+
+def test_decode_bytes_array_fills_the_shape_and_checks_the_size():
+    elements = [b"", b"ab", "é".encode(), b"", b"x", b"yz"]
+    data = encode_bytes_elements(elements)
+    arr = decode_bytes_array(memoryview(data), [2, 3])
+    assert arr.dtype == object and arr.shape == (2, 3)
+    assert arr.ravel().tolist() == elements
+    assert decode_bytes_array(b"", [0, 4]).shape == (0, 4)
+    with pytest.raises(ValueError, match="2 bytes after the 6 elements"):
+        decode_bytes_array(bytes(data) + b"\0\0", [6])
+    with pytest.raises(ValueError, match="truncated"):
+        decode_bytes_array(data[:-1], [6])
+    with pytest.raises(ValueError, match="bytes after the 0 elements"):
+        decode_bytes_array(b"\0\0\0\0", [0])

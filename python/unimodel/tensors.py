@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .datatypes import NUMPY_DTYPES, bytes_array, decode_bytes_elements, encode_bytes_elements
+from .datatypes import NUMPY_DTYPES, decode_bytes_array, encode_bytes_elements
 from .model import Tensor
 from .protocol import ProtocolError
 
@@ -144,9 +144,8 @@ class InputArena:
                     f"input {ref['name']!r} has {length} bytes in an empty {region} region"
                 )
             if datatype == "BYTES":
-                count = math.prod(shape)
                 view = memoryview(buf)[offset : offset + length] if buf is not None else b""
-                out[ref["name"]] = bytes_array(decode_bytes_elements(view, count), shape)
+                out[ref["name"]] = decode_bytes_array(view, shape)
                 continue
             if math.prod(shape) * dtype.itemsize != length:
                 raise ProtocolError(

@@ -4,7 +4,8 @@
 //! The body is one JSON object: each input by name, as a JSON scalar or a (nested) list, plus
 //! optional `parameters` (`timeout` in microseconds is honoured, as on `infer`; the rest is
 //! accepted and ignored). Datatypes come from the model's declared inputs; a value's shape is
-//! its nesting (a scalar is one element), padded with leading 1s up to the declared rank,
+//! its nesting (a scalar is one element; ragged lists are a 400), decoded straight from the
+//! raw text (`json_data::decode_nested`), padded with leading 1s up to the declared rank,
 //! and with the batch dimension 1 in front for a batching model. Everything else (names,
 //! shapes, sizes) the engine validates as for `infer`.
 //!
@@ -18,10 +19,13 @@
 
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
+use super::nonfinite;
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
 use crate::tensor::Storage;
 use axum::response::sse::Event;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Decodes a generate body into a request for `config`'s model.
@@ -31,15 +35,27 @@ pub fn decode(
     version: Option<String>,
     body: &[u8],
 ) -> Result<InferRequest, ApiError> {
-    let fields: Map<String, Value> = serde_json::from_slice(body).map_err(|e| {
+    let bad = |e: serde_json::Error| {
         ApiError::BadRequest(format!(
             "invalid generate request: {e}; expected a JSON object with each input by name and optional \"parameters\""
         ))
-    })?;
+    };
+    // Each value stays raw JSON text until the typed decoder reads it (no `Value` tree per
+    // element). Bare NaN/Infinity tokens fail serde_json; only then is the body copied with
+    // them quoted, which the typed decoder reads back as floats (see `nonfinite`).
+    let quoted;
+    let fields: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
+        Ok(fields) => fields,
+        Err(e) => {
+            quoted = nonfinite::quote(body).ok_or(e).map_err(bad)?;
+            serde_json::from_slice(&quoted).map_err(bad)?
+        }
+    };
     let mut timeout = None;
     let mut inputs = Vec::with_capacity(fields.len());
     for (name, value) in fields {
         if name == "parameters" {
+            let value: Value = serde_json::from_str(value.get()).map_err(bad)?;
             timeout = parameters_timeout(&value)?;
             continue;
         }
@@ -55,7 +71,7 @@ pub fn decode(
                     names.join(", ")
                 ))
             })?;
-        inputs.push(input_tensor(spec, config.max_batch_size > 0, &value)?);
+        inputs.push(input_tensor(spec, config.max_batch_size > 0, value)?);
     }
     Ok(InferRequest {
         model,
@@ -89,35 +105,26 @@ fn parameters_timeout(value: &Value) -> Result<Option<Duration>, ApiError> {
     }
 }
 
-/// One input from its JSON value, typed by the model's declaration.
-fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tensor, ApiError> {
-    if value.is_object() || value.is_null() {
+/// One input from its JSON value, typed by the model's declaration; its shape is its
+/// nesting, which must be regular.
+fn input_tensor(spec: &TensorSpec, batching: bool, value: &RawValue) -> Result<Tensor, ApiError> {
+    let text = value.get().trim_start();
+    if text.starts_with('{') || text.starts_with("null") {
+        let shown: String = text.chars().take(80).collect();
         return Err(ApiError::BadRequest(format!(
-            "input '{}': expected a JSON scalar or list of {}, got {value}",
+            "input '{}': expected a JSON scalar or list of {}, got {shown}",
             spec.name,
             spec.datatype.as_str()
         )));
     }
-    let mut shape = dims(value);
+    let (data, mut shape) = json_data::decode_nested(value, spec.datatype)
+        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
     while shape.len() < spec.shape.len() {
         shape.insert(0, 1);
     }
     if batching {
         shape.insert(0, 1);
     }
-    let count = shape.iter().try_fold(1usize, |n, &d| {
-        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
-    });
-    let count = count.ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{}': shape {shape:?} is too large",
-            spec.name
-        ))
-    })?;
-    let raw = serde_json::value::to_raw_value(value)
-        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
-    let data = json_data::decode(&raw, spec.datatype, count)
-        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", spec.name)))?;
     Ok(Tensor {
         name: spec.name.clone(),
         datatype: spec.datatype,
@@ -127,22 +134,10 @@ fn input_tensor(spec: &TensorSpec, batching: bool, value: &Value) -> Result<Tens
     })
 }
 
-/// The shape a JSON value's nesting gives (a scalar has none).
-fn dims(value: &Value) -> Vec<i64> {
-    match value {
-        Value::Array(items) => {
-            let mut shape = vec![items.len() as i64];
-            if let Some(first) = items.first() {
-                shape.extend(dims(first));
-            }
-            shape
-        }
-        _ => Vec::new(),
-    }
-}
-
-/// One output's elements as a flat JSON list.
-fn elements(model: &str, t: &Tensor) -> Result<Vec<Value>, EngineError> {
+/// One output's elements as JSON text, comma-separated without brackets, and their count.
+/// Written straight from the tensor's bytes (no `Value` per element, which could not hold
+/// NaN or the infinities either: they are written as Triton writes them).
+fn elements(model: &str, t: &Tensor) -> Result<(String, usize), EngineError> {
     let bad = |message: String| EngineError::BadOutput {
         model: model.to_string(),
         message,
@@ -157,35 +152,27 @@ fn elements(model: &str, t: &Tensor) -> Result<Vec<Value>, EngineError> {
         datatype: t.datatype,
         data: &t.data,
     };
-    match serde_json::to_value(json) {
-        Ok(Value::Array(items)) => Ok(items),
-        Ok(other) => Ok(vec![other]),
-        Err(e) => Err(bad(format!("output '{}': {e}", t.name))),
-    }
+    let mut text =
+        serde_json::to_string(&json).map_err(|e| bad(format!("output '{}': {e}", t.name)))?;
+    // `JsonData` always writes one array: drop its brackets.
+    text.pop();
+    text.remove(0);
+    Ok((text, json.count()))
 }
 
-/// A flat list, or its one element.
-fn scalar_or_list(mut items: Vec<Value>) -> Value {
-    if items.len() == 1 {
-        items.pop().unwrap_or(Value::Null)
-    } else {
-        Value::Array(items)
-    }
-}
-
-/// The JSON object of one response.
-pub fn response_object(r: &InferResponse) -> Result<Map<String, Value>, EngineError> {
+/// The JSON object of one response, as text.
+pub fn response_object(r: &InferResponse) -> Result<String, EngineError> {
     let mut collected = Collected::default();
     collected.push(r)?;
     Ok(collected.finish())
 }
 
 /// The responses of one request, merged for `generate`: each output's elements from every
-/// response, concatenated in order.
+/// response, concatenated in order (as JSON text, with their count).
 #[derive(Default)]
 pub struct Collected {
     head: Option<(String, String)>,
-    outputs: Vec<(String, Vec<Value>)>,
+    outputs: Vec<(String, String, usize)>,
 }
 
 impl Collected {
@@ -193,40 +180,62 @@ impl Collected {
         self.head
             .get_or_insert_with(|| (r.model_name.clone(), r.model_version.clone()));
         for t in &r.outputs {
-            let items = elements(&r.model_name, t)?;
-            match self.outputs.iter_mut().find(|(name, _)| *name == t.name) {
-                Some((_, all)) => all.extend(items),
-                None => self.outputs.push((t.name.clone(), items)),
+            let (items, count) = elements(&r.model_name, t)?;
+            match self.outputs.iter_mut().find(|(name, _, _)| *name == t.name) {
+                Some((_, all, n)) => {
+                    if *n > 0 && count > 0 {
+                        all.push(',');
+                    }
+                    all.push_str(&items);
+                    *n += count;
+                }
+                None => self.outputs.push((t.name.clone(), items, count)),
             }
         }
         Ok(())
     }
 
-    pub fn finish(self) -> Map<String, Value> {
-        let mut object = Map::new();
+    /// The JSON object: `model_name`, `model_version`, then each output, a one-element
+    /// output as a scalar and any other as a flat list.
+    pub fn finish(self) -> String {
+        let mut fields: Vec<(String, String)> = Vec::new();
         if let Some((name, version)) = self.head {
-            object.insert("model_name".into(), Value::String(name));
-            object.insert("model_version".into(), Value::String(version));
+            fields.push(("model_name".into(), Value::String(name).to_string()));
+            fields.push(("model_version".into(), Value::String(version).to_string()));
         }
-        for (name, items) in self.outputs {
-            object.insert(name, scalar_or_list(items));
+        for (name, items, count) in self.outputs {
+            let value = if count == 1 {
+                items
+            } else {
+                format!("[{items}]")
+            };
+            fields.push((name, value));
         }
+        let mut object = String::from("{");
+        for (i, (name, value)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                object.push(',');
+            }
+            object.push_str(&Value::String(name).to_string());
+            object.push(':');
+            object.push_str(&value);
+        }
+        object.push('}');
         object
     }
 }
 
 /// The Server-Sent Event of one stream item: the response object, or `{"error": "..."}`.
 pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
-    let object = item.and_then(|r| response_object(&r));
-    let json = match object {
-        Ok(object) => Value::Object(object),
+    let json = match item.and_then(|r| response_object(&r)) {
+        Ok(object) => object,
         Err(e) => {
             let message = ApiError::Engine(e).to_string();
             tracing::warn!(error = %message, "streaming request failed");
-            serde_json::json!({ "error": message })
+            serde_json::json!({ "error": message }).to_string()
         }
     };
-    Event::default().data(json.to_string())
+    Event::default().data(json)
 }
 
 #[cfg(test)]
@@ -330,7 +339,7 @@ mod tests {
     fn responses_are_objects_and_generate_concatenates_chunks() {
         let one = response_object(&response(vec![token("a")])).unwrap();
         assert_eq!(
-            Value::Object(one),
+            serde_json::from_str::<Value>(&one).unwrap(),
             serde_json::json!({"model_name": "gen", "model_version": "1", "token": "a"})
         );
         let mut all = Collected::default();
@@ -338,7 +347,7 @@ mod tests {
             all.push(&response(vec![token(t)])).unwrap();
         }
         assert_eq!(
-            Value::Object(all.finish())["token"],
+            serde_json::from_str::<Value>(&all.finish()).unwrap()["token"],
             serde_json::json!(["a", "b", "c"])
         );
         let bad = Tensor {

@@ -9,6 +9,7 @@
 //! (`metrics.rs`).
 
 use super::backend::Backend;
+use super::body_budget::BodyBudget;
 use super::error::ApiError;
 use super::metadata::{ModelMetadata, ServerMetadata, StatsResponse};
 use super::metrics as api_metrics;
@@ -18,6 +19,7 @@ use super::{generate, request, response, shm};
 use crate::engine::EngineError;
 use crate::regions::Regions;
 use crate::telemetry::metrics::{Metrics, PROTOCOL_REST};
+use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -37,6 +39,9 @@ use tokio::time::Instant;
 pub struct HttpConfig {
     /// Largest request body accepted (`--max-body-bytes`); larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Budget for the bodies of tensor routes held at once (`--max-buffered-bytes`; see
+    /// `body_budget.rs`); past it a body waits briefly, then gets 503.
+    pub max_buffered_bytes: usize,
     /// Clients' shared-memory regions (`/v2/systemsharedmemory/*`, shm inputs and outputs).
     pub regions: Arc<Regions>,
     /// API keys / JWT (`--api-key-file`, `--jwt-*`); `None`: auth off, no layer at all.
@@ -48,6 +53,7 @@ struct AppState<B> {
     backend: Arc<B>,
     cfg: Arc<HttpConfig>,
     metrics: Option<Arc<Metrics>>,
+    budget: BodyBudget,
 }
 
 // Derived Clone would demand `B: Clone`; only the Arcs are cloned.
@@ -57,6 +63,7 @@ impl<B> Clone for AppState<B> {
             backend: Arc::clone(&self.backend),
             cfg: Arc::clone(&self.cfg),
             metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -75,10 +82,15 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let metrics = backend.metrics();
     let auth = cfg.auth.clone();
     let gate = auth.map(|a| super::auth::AuthGate::new(a, metrics.clone()));
+    let budget = BodyBudget::new(
+        cfg.max_buffered_bytes,
+        metrics.as_ref().map(|m| m.buffered_request_bytes()),
+    );
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),
         metrics,
+        budget,
     };
     let routes = Router::new()
         .route("/v2", get(server_metadata::<B>))
@@ -255,13 +267,13 @@ async fn infer<B: Backend>(
     path: Result<Path<ModelPath>, PathRejection>,
     trace: Option<Extension<RequestTrace>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let Path(p) = path?;
     let mut served_version = None;
     let answer = async {
-        let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+        let body = s.budget.read(&headers, body, s.cfg.max_body_bytes).await?;
         let mut decoded = request::decode(
             p.model.clone(),
             p.version.clone(),
@@ -297,14 +309,14 @@ async fn infer<B: Backend>(
     answer
 }
 
-/// Decodes a generate body for the model in `p`.
-fn generate_request<B: Backend>(
+/// Reads and decodes a generate body for the model in `p`.
+async fn generate_request<B: Backend>(
     s: &AppState<B>,
     p: &ModelPath,
     trace: Option<Extension<RequestTrace>>,
-    body: Result<Bytes, BytesRejection>,
+    (headers, body): (HeaderMap, Body),
 ) -> Result<crate::engine::InferRequest, ApiError> {
-    let body = body.map_err(|r| ApiError::from_body(r, s.cfg.max_body_bytes))?;
+    let body = s.budget.read(&headers, body, s.cfg.max_body_bytes).await?;
     let status = s.backend.model(&p.model, p.version.as_deref())?;
     let mut req = generate::decode(&status.config, p.model.clone(), p.version.clone(), &body)?;
     req.trace = trace.and_then(|Extension(t)| t.propagate.then_some(t.trace));
@@ -336,13 +348,14 @@ async fn generate<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
     trace: Option<Extension<RequestTrace>>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let Path(p) = path?;
     let mut served_version = None;
     let answer = async {
-        let req = generate_request(&s, &p, trace, body)?;
+        let req = generate_request(&s, &p, trace, (headers, body)).await?;
         let mut stream = s.backend.infer_stream(req).await?;
         let mut collected = generate::Collected::default();
         while let Some(item) = stream.next().await {
@@ -350,7 +363,7 @@ async fn generate<B: Backend>(
             served_version = Some(response.model_version.clone());
             collected.push(&response)?;
         }
-        Ok(Json(collected.finish()).into_response())
+        Ok(response::json_response(collected.finish().into_bytes()))
     }
     .await;
     record_generate(&s, &p, served_version.as_deref(), &answer, started);
@@ -365,13 +378,14 @@ async fn generate_stream<B: Backend>(
     State(s): State<AppState<B>>,
     path: Result<Path<ModelPath>, PathRejection>,
     trace: Option<Extension<RequestTrace>>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let Path(p) = path?;
     let mut served_version = None;
     let answer = async {
-        let req = generate_request(&s, &p, trace, body)?;
+        let req = generate_request(&s, &p, trace, (headers, body)).await?;
         let mut stream = s.backend.infer_stream(req).await?;
         // Waiting for the first response lets an early failure keep its status.
         let first = stream.next().await.transpose()?;

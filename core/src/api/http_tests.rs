@@ -276,6 +276,7 @@ fn app(fake: &Arc<Fake>) -> Router {
         Arc::clone(fake),
         HttpConfig {
             max_body_bytes: MAX_BODY,
+            max_buffered_bytes: 1 << 30,
             regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
             auth: None,
         },
@@ -1110,6 +1111,7 @@ fn app_with_auth(fake: &Arc<Fake>) -> Router {
         Arc::clone(fake),
         HttpConfig {
             max_body_bytes: MAX_BODY,
+            max_buffered_bytes: 1 << 30,
             regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
             auth: Some(Arc::new(auth)),
         },

@@ -204,7 +204,8 @@ impl Decoder<'_, '_> {
             Data::Absent if count == 0 && self.protocol == Protocol::Grpc => Ok(Bytes::new()),
             Data::Absent => Err(bad(self.protocol.absent().to_string())),
             Data::Json(raw) => Ok(Bytes::from(
-                json_data::decode(raw, datatype, count).map_err(|e| bad(format!("data: {e}")))?,
+                json_data::decode(raw, datatype, shape, count)
+                    .map_err(|e| bad(format!("data: {e}")))?,
             )),
             Data::Binary(size) => {
                 let size = usize::try_from(size)

@@ -214,6 +214,7 @@ mod tests {
             backend.clone(),
             HttpConfig {
                 max_body_bytes: 1024,
+                max_buffered_bytes: 1 << 30,
                 regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
                 auth: None,
             },

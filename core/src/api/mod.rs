@@ -14,7 +14,9 @@
 //! - `request`: KServe V2 infer request → `engine::InferRequest` (JSON and binary data).
 //! - `response`: `engine::InferResponse` → HTTP response (JSON or binary data).
 //! - `json_data`: the typed `data` field codec (no `serde_json::Value` trees).
+//! - `nonfinite`: NaN and the infinities in JSON, read and written as Triton does.
 //! - `binary`: Triton's binary tensor data framing.
+//! - `body_budget`: the global budget for buffered request bodies (`--max-buffered-bytes`).
 //! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
@@ -33,6 +35,7 @@ pub mod auth;
 pub mod backend;
 pub mod binary;
 mod body_limit;
+pub mod body_budget;
 mod compression;
 pub mod conn;
 pub mod contents;
@@ -45,6 +48,7 @@ pub mod json_data;
 pub mod metadata;
 pub mod metrics;
 pub mod model_config;
+pub mod nonfinite;
 pub mod observe;
 pub mod openapi;
 mod outcome;

@@ -15,6 +15,7 @@ use super::binary;
 use super::error::ApiError;
 pub use super::input::ShmOutput;
 use super::input::{Data, Decoder, InputDesc, OutputDesc, Protocol, ShmParameters};
+use super::nonfinite;
 use crate::engine::InferRequest;
 use crate::regions::Regions;
 use axum::http::HeaderMap;
@@ -90,6 +91,10 @@ struct OutputParameters {
     shm: ShmParameters,
 }
 
+fn bad_json(e: serde_json::Error) -> ApiError {
+    ApiError::BadRequest(format!("invalid inference request JSON: {e}"))
+}
+
 /// Decodes the body of `POST /v2/models/{model}[/versions/{version}]/infer`; shared-memory
 /// inputs and outputs are looked up in `regions`.
 pub fn decode(
@@ -100,8 +105,16 @@ pub fn decode(
     regions: &Regions,
 ) -> Result<DecodedRequest, ApiError> {
     let split = binary::split_body(headers, body)?;
-    let parsed: RequestJson<'_> = serde_json::from_slice(&split.json)
-        .map_err(|e| ApiError::BadRequest(format!("invalid inference request JSON: {e}")))?;
+    // Bare NaN/Infinity tokens (as Triton writes them) fail serde_json; only then is the
+    // header copied with them quoted (see `nonfinite`).
+    let quoted;
+    let parsed: RequestJson<'_> = match serde_json::from_slice(&split.json) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            quoted = nonfinite::quote(&split.json).ok_or(e).map_err(bad_json)?;
+            serde_json::from_slice(&quoted).map_err(bad_json)?
+        }
+    };
     let params = parsed.parameters.unwrap_or_default();
     let mut binary = split.binary;
     let mut decoder = Decoder {

@@ -100,7 +100,13 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
         id: response.id.as_deref(),
         outputs,
     };
-    let json = serde_json::to_vec(&header)
+    let estimate = header
+        .outputs
+        .iter()
+        .filter_map(|o| o.data.as_ref())
+        .fold(4096usize, |n, d| n.saturating_add(d.max_text_len()));
+    let mut json = Vec::with_capacity(estimate);
+    serde_json::to_writer(&mut json, &header)
         .map_err(|e| EngineError::Internal(format!("could not encode the response: {e}")))?;
     Ok(if chunks.is_empty() {
         json_response(json)
@@ -156,7 +162,7 @@ fn select_outputs<'r>(
         .collect()
 }
 
-fn json_response(json: Vec<u8>) -> Response {
+pub fn json_response(json: Vec<u8>) -> Response {
     let mut response = Response::new(Body::from(json));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -48,6 +48,7 @@ struct ServerFile {
     queue_capacity: Option<u64>,
     request_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
+    max_buffered_bytes: Option<u64>,
     drain_timeout_ms: Option<u64>,
     python: Option<PathBuf>,
     device: Option<String>,
@@ -89,6 +90,7 @@ pub fn apply(
     set!(args.server, queue_capacity);
     set!(args.server, request_timeout_ms);
     set!(args.server, max_body_bytes);
+    set!(args.server, max_buffered_bytes);
     set!(args.server, drain_timeout_ms);
     set!(args.worker, device);
     set!(args.worker, load_timeout_ms);

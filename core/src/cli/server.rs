@@ -195,6 +195,7 @@ pub async fn serve_until_signal<B: Backend>(
         backend,
         HttpConfig {
             max_body_bytes: server.max_body_bytes,
+            max_buffered_bytes: usize::try_from(server.max_buffered_bytes).unwrap_or(usize::MAX),
             regions,
             auth,
         },

@@ -317,18 +317,18 @@ fn check_data(tensor: &Tensor) -> Result<(), ValidationError> {
             }
         }
         None => {
-            let ranges = bytes_codec::element_ranges(&tensor.data).map_err(|source| {
+            let given = bytes_codec::element_count(&tensor.data).map_err(|source| {
                 ValidationError::MalformedBytes {
                     name: tensor.name.clone(),
                     source,
                 }
             })?;
-            if ranges.len() != count {
+            if given != count {
                 return Err(ValidationError::ElementCount {
                     name: tensor.name.clone(),
                     shape: ShapeDisplay(&tensor.shape).to_string(),
                     expected: count,
-                    given: ranges.len(),
+                    given,
                 });
             }
         }

@@ -147,6 +147,7 @@ pub struct Metrics {
     open_connections: Family<ListenerLabels, Gauge>,
     refused_connections: Family<ListenerLabels, Counter>,
     connection_timeouts: Family<ConnectionTimeoutLabels, Counter>,
+    buffered_request_bytes: Gauge,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -188,6 +189,7 @@ impl Metrics {
             open_connections: Family::default(),
             refused_connections: Family::default(),
             connection_timeouts: Family::default(),
+            buffered_request_bytes: Gauge::default(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -377,11 +379,23 @@ impl Metrics {
             "Connections closed by a timeout, by listener and reason (header: no complete request head within --header-read-timeout-ms; body: a request body not in within --body-read-timeout-ms, answered 408; idle: no request for --idle-connection-timeout-ms)",
             self.connection_timeouts.clone(),
         );
+        r.register_with_unit(
+            "buffered_request",
+            "Bytes of REST request bodies the server holds (being read, or read and not yet released), counted against --max-buffered-bytes",
+            Unit::Bytes,
+            self.buffered_request_bytes.clone(),
+        );
     }
 
     /// The gauge of registered client shared-memory regions, for the server to refresh.
     pub fn shm_regions(&self) -> Gauge {
         self.shm_regions.clone()
+    }
+
+    /// The gauge of request body bytes buffered under `--max-buffered-bytes`
+    /// (`api::body_budget` keeps it).
+    pub fn buffered_request_bytes(&self) -> Gauge {
+        self.buffered_request_bytes.clone()
     }
 
     /// The handshake failure counters of one TLS listener (its series appear at zero).

@@ -37,32 +37,64 @@ pub fn encode<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
 
 /// Returns the byte range of each element's payload within `data`.
 pub fn element_ranges(data: &[u8]) -> Result<Vec<Range<usize>>, BytesCodecError> {
-    let mut ranges = Vec::new();
-    let mut offset = 0;
-    while offset < data.len() {
-        let index = ranges.len();
-        let header = data
-            .get(offset..offset + 4)
-            .ok_or(BytesCodecError::Truncated {
+    elements(data).collect()
+}
+
+/// How many elements `data` holds, checking that it splits cleanly (nothing allocated).
+pub fn element_count(data: &[u8]) -> Result<usize, BytesCodecError> {
+    elements(data).try_fold(0usize, |n, r| r.map(|_| n + 1))
+}
+
+/// The byte range of each element's payload, one at a time: walking a tensor of millions of
+/// small elements this way allocates nothing (a `Vec` of ranges costs 16 bytes each).
+/// After an `Err` the iterator ends.
+pub fn elements(data: &[u8]) -> Elements<'_> {
+    Elements {
+        data,
+        offset: 0,
+        index: 0,
+    }
+}
+
+/// See `elements`.
+pub struct Elements<'a> {
+    data: &'a [u8],
+    offset: usize,
+    index: usize,
+}
+
+impl Iterator for Elements<'_> {
+    type Item = Result<Range<usize>, BytesCodecError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (data, offset, index) = (self.data, self.offset, self.index);
+        if offset >= data.len() {
+            return None;
+        }
+        // An error ends the walk: the next call sees the offset at the end.
+        self.offset = data.len();
+        let Some(header) = data.get(offset..offset + 4) else {
+            return Some(Err(BytesCodecError::Truncated {
                 index,
                 offset,
                 needed: 4,
                 available: data.len() - offset,
-            })?;
+            }));
+        };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let start = offset + 4;
-        let end = start.checked_add(len).filter(|&e| e <= data.len()).ok_or(
-            BytesCodecError::Truncated {
+        let Some(end) = start.checked_add(len).filter(|&e| e <= data.len()) else {
+            return Some(Err(BytesCodecError::Truncated {
                 index,
                 offset: start,
                 needed: len,
                 available: data.len() - start,
-            },
-        )?;
-        ranges.push(start..end);
-        offset = end;
+            }));
+        };
+        self.offset = end;
+        self.index += 1;
+        Some(Ok(start..end))
     }
-    Ok(ranges)
 }
 
 /// Byte offsets (into `data`) at which each element's length header starts, plus `data.len()`
