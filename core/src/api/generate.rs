@@ -16,6 +16,7 @@
 //! `data: {"error": "..."}` if the request fails once streaming; the stream then closes.
 //! Errors before the first response are ordinary `{"error"}` responses with their status.
 
+use crate::telemetry::throttle::{self, Throttle};
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
@@ -222,7 +223,11 @@ pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
         Ok(object) => Value::Object(object),
         Err(e) => {
             let message = ApiError::Engine(e).to_string();
-            tracing::warn!(error = %message, "streaming request failed");
+            static FAILED: Throttle = Throttle::new("streaming request failed");
+            if let Some(suppressed) = FAILED.admit() {
+                throttle::report("streaming request failed", suppressed);
+                tracing::warn!(error = %message, "streaming request failed");
+            }
             serde_json::json!({ "error": message })
         }
     };

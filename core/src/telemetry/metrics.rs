@@ -174,7 +174,37 @@ impl Metrics {
         };
         m.register_families();
         m.register_heap();
+        m.register_log_counters();
         m
+    }
+
+    /// Counters the log writer, the throttles and the panic hook keep as process-wide atomics
+    /// (they run where no `Metrics` is at hand), copied in before each scrape.
+    fn register_log_counters(&mut self) {
+        let counters: [(&str, &str, fn() -> u64); 3] = [
+            (
+                "log_lines_dropped",
+                "Log lines dropped because stderr was not read fast enough (the log queue was full); each gap is reported in the log once the writer catches up",
+                super::log_writer::dropped_lines,
+            ),
+            (
+                "log_lines_suppressed",
+                "Repetitive log lines (auth denials, failed requests) held back by the per-call-site rate limit and summarised as \"suppressed K similar lines\"",
+                super::throttle::suppressed_lines,
+            ),
+            (
+                "panics",
+                "Panics in the core (each is logged with its task or thread; a model whose scheduler panicked goes UNAVAILABLE)",
+                super::panics::panics,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let counter = Counter::<u64>::default();
+            self.registry.register(name, help, counter.clone());
+            self.add_sampler(move || {
+                counter.inc_by(read().saturating_sub(counter.get()));
+            });
+        }
     }
 
     /// `heap_live_bytes`, only while the allocator counts (`crate::heap`): refreshed before
