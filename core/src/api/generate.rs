@@ -16,10 +16,10 @@
 //! `data: {"error": "..."}` if the request fails once streaming; the stream then closes.
 //! Errors before the first response are ordinary `{"error"}` responses with their status.
 
-use crate::telemetry::throttle::{self, Throttle};
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
+use crate::telemetry::throttle::{self, Throttle};
 use crate::tensor::Storage;
 use axum::response::sse::Event;
 use serde_json::{Map, Value};

@@ -3,6 +3,7 @@
 
 pub mod args;
 mod auth;
+pub mod limits;
 mod metrics_port;
 mod predict;
 mod progress;

@@ -10,8 +10,10 @@
 use super::error::RepositoryError;
 use super::scan::{ModelSpec, Source, VersionSpec};
 use crate::engine::{Engine, EngineError, Executor, ModelConfig, ModelState};
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -430,7 +432,18 @@ async fn load(
 }
 
 async fn load_version(shared: &Shared, spec: &ModelSpec, v: &VersionSpec) -> Result<(), String> {
-    let (config, instances) = shared.loader.build(spec, v).await?;
+    // A panic while building (a bug) fails this load with its message, instead of killing
+    // the load task and leaving the model LOADING for good. The panic hook has logged it.
+    let built = AssertUnwindSafe(shared.loader.build(spec, v))
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            format!(
+                "internal error while loading (a bug, please report it): {}",
+                crate::telemetry::panics::message_of(&*panic)
+            )
+        })?;
+    let (config, instances) = built?;
     match shared.engine.load(config, instances).await {
         Ok(ModelState::Failed { error, .. }) => Err(error),
         Ok(_) => Ok(()),

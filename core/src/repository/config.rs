@@ -18,6 +18,7 @@
 //! Unknown keys are refused (a typo must not be silently ignored); errors name the key.
 
 use super::policy::{PolicyTable, VersionPolicy};
+use crate::engine::model::{MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -71,10 +72,17 @@ impl ModelFile {
             return Err(format!("instances must be between 1 and 256, got {n}"));
         }
         if let Some(ms) = self.max_queue_delay_ms
-            && !(ms.is_finite() && ms >= 0.0)
+            && !(ms.is_finite() && (0.0..=MAX_QUEUE_DELAY_MS).contains(&ms))
         {
             return Err(format!(
-                "max_queue_delay_ms must be a non-negative number of milliseconds, got {ms}"
+                "max_queue_delay_ms must be a number of milliseconds from 0 to {MAX_QUEUE_DELAY_MS} (1 hour), got {ms}"
+            ));
+        }
+        if let Some(n) = self.max_batch_size
+            && n > MAX_BATCH_SIZE
+        {
+            return Err(format!(
+                "max_batch_size must be between 0 and {MAX_BATCH_SIZE}, got {n}"
             ));
         }
         if self.max_concurrency == Some(0) {

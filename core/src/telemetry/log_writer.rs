@@ -164,9 +164,7 @@ fn write_lines(rx: Receiver<Msg>, shared: &Shared, mut out: impl Write) {
             Err(TryRecvError::Disconnected) => return,
         };
         if let Msg::Line(line) = msg {
-            shared
-                .queued_bytes
-                .fetch_sub(line.len(), Ordering::Relaxed);
+            shared.queued_bytes.fetch_sub(line.len(), Ordering::Relaxed);
             // A write error (stderr closed) loses the line; there is nowhere else to say so.
             let _ = out.write_all(&line);
         }
@@ -179,9 +177,7 @@ fn queue_empty(rx: &Receiver<Msg>, shared: &Shared, out: &mut impl Write) -> boo
     while let Ok(msg) = rx.try_recv() {
         empty = false;
         if let Msg::Line(line) = msg {
-            shared
-                .queued_bytes
-                .fetch_sub(line.len(), Ordering::Relaxed);
+            shared.queued_bytes.fetch_sub(line.len(), Ordering::Relaxed);
             let _ = out.write_all(&line);
         }
     }
@@ -238,7 +234,9 @@ mod tests {
         let before = dropped_lines();
         // The sink never accepts a write: past the queue, lines are dropped, not waited for.
         for i in 0..QUEUE_LINES + 100 {
-            (&writer).write_all(format!("line {i}\n").as_bytes()).unwrap();
+            (&writer)
+                .write_all(format!("line {i}\n").as_bytes())
+                .unwrap();
         }
         assert!(dropped_lines() - before >= 99);
         // Let everything through: the queue drains and the guard's flush returns.

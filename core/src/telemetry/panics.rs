@@ -92,13 +92,9 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_task_reports_its_message_and_a_clean_one_does_not() {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        spawn_monitored(
-            "test task",
-            async { panic!("injected {}", 42) },
-            move |m| {
-                let _ = tx.send(m);
-            },
-        );
+        spawn_monitored("test task", async { panic!("injected {}", 42) }, move |m| {
+            let _ = tx.send(m);
+        });
         assert_eq!(rx.await.unwrap(), "injected 42");
 
         let (tx, rx) = tokio::sync::oneshot::channel::<String>();

@@ -71,7 +71,9 @@ impl Throttle {
             w.registered = true;
             USED.lock().unwrap_or_else(|e| e.into_inner()).push(self);
         }
-        if w.started.is_none_or(|s| now.saturating_duration_since(s) >= WINDOW) {
+        if w.started
+            .is_none_or(|s| now.saturating_duration_since(s) >= WINDOW)
+        {
             w.started = Some(now);
             w.logged = 0;
         }
@@ -86,7 +88,13 @@ impl Throttle {
 
     /// Lines held back and not yet reported (reset).
     fn take(&self) -> u64 {
-        std::mem::take(&mut self.window.lock().unwrap_or_else(|e| e.into_inner()).suppressed)
+        std::mem::take(
+            &mut self
+                .window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .suppressed,
+        )
     }
 }
 
