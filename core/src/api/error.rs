@@ -234,7 +234,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             // Rate-limited: a client can make requests fail as often as it likes.
             static FAILED: Throttle = Throttle::new("request failed");
-            if let Some(suppressed) = FAILED.admit() {
+            if let Some(suppressed) = FAILED.admit(status.as_str()) {
                 throttle::report("request failed", suppressed);
                 tracing::warn!(status = status.as_u16(), error = %message, "request failed");
             }

@@ -224,7 +224,7 @@ pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
         Err(e) => {
             let message = ApiError::Engine(e).to_string();
             static FAILED: Throttle = Throttle::new("streaming request failed");
-            if let Some(suppressed) = FAILED.admit() {
+            if let Some(suppressed) = FAILED.admit("") {
                 throttle::report("streaming request failed", suppressed);
                 tracing::warn!(error = %message, "streaming request failed");
             }

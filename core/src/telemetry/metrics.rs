@@ -111,6 +111,9 @@ fn batch_histogram() -> Histogram {
 
 type Sampler = Box<dyn Fn() + Send + Sync>;
 
+/// A process-wide counter: its name, its help text and how to read it.
+type ProcessCounter = (&'static str, &'static str, fn() -> u64);
+
 /// Every metric family of the server, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -181,7 +184,7 @@ impl Metrics {
     /// Counters the log writer, the throttles and the panic hook keep as process-wide atomics
     /// (they run where no `Metrics` is at hand), copied in before each scrape.
     fn register_log_counters(&mut self) {
-        let counters: [(&str, &str, fn() -> u64); 3] = [
+        let counters: [ProcessCounter; 3] = [
             (
                 "log_lines_dropped",
                 "Log lines dropped because stderr was not read fast enough (the log queue was full); each gap is reported in the log once the writer catches up",

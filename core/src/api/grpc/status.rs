@@ -19,7 +19,7 @@ pub fn to_status(e: &ApiError) -> Status {
     if matches!(code, Code::Internal | Code::Unavailable) {
         // Rate-limited: a client can make requests fail as often as it likes.
         static FAILED: Throttle = Throttle::new("gRPC request failed");
-        if let Some(suppressed) = FAILED.admit() {
+        if let Some(suppressed) = FAILED.admit(&format!("{code:?}")) {
             throttle::report("gRPC request failed", suppressed);
             tracing::warn!(code = ?code, error = %message, "gRPC request failed");
         }
