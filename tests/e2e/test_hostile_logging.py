@@ -24,6 +24,7 @@ from umclient import (
     decode,
     free_port,
     infer_json,
+    plugin,
     python_bin,
     unimodel_bin,
     wait_until,
@@ -106,52 +107,82 @@ class StderrReader:
             return found()
 
 
-def test_a_stderr_nobody_reads_does_not_freeze_the_server(tmp_path):
+def start_with_unread_stderr(plugin_path: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A server whose stderr is a pipe the test leaves unread (until it starts a reader)."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [str(unimodel_bin()), "run", DOUBLER, "--port", str(port), "--grpc-port", "0"]
-    cmd += ["--python", python_bin(), "--access-log"]
+    cmd = [str(unimodel_bin()), "run", plugin_path, "--port", str(port), "--grpc-port", "0"]
+    cmd += ["--python", python_bin(), *flags]
     env = dict(os.environ, UNIMODEL_LOG="info")
-    # stderr is a pipe the test leaves unread until the flood is over.
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
     )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen, reader: StderrReader) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    if not reader.started:
+        reader.start()
+    return proc.wait(timeout=30)
+
+
+def assert_still_serving(base: str, model: str, x: list, y: list) -> None:
+    """Health and inference answer, within the client's timeout."""
+    assert requests.get(base + "/v2/health/ready", timeout=CLIENT_TIMEOUT_S).status_code == 200
+    with requests.Session() as session:
+        answer = infer_json(
+            session, model, [Inp("x", "FP32", x)], base_url=base, timeout=CLIENT_TIMEOUT_S
+        )
+    assert decode(answer).outputs["y"].tolist() == y
+
+
+def assert_drops_reported(base: str, reader: StderrReader) -> None:
+    """Once stderr is read, the writer catches up and says how many lines it lost."""
+    dropped_total = counter(base, "unimodel_log_lines_dropped_total")
+    assert dropped_total is not None and dropped_total > 0
+    reader.start()
+    reports = reader.wait_for(DROPPED, 30.0)
+    assert reports, "no 'N log lines dropped' report in:\n" + "".join(reader.lines[-20:])
+    reported = sum(int(m.group(1)) for m in reports)
+    assert 0 < reported <= counter(base, "unimodel_log_lines_dropped_total")
+    # The lines that were not dropped arrived whole and in order (first the start-up).
+    assert any("listening" in line for line in reader.lines[:50])
+
+
+def test_a_stderr_nobody_reads_does_not_freeze_the_server():
+    proc, base = start_with_unread_stderr(DOUBLER, "--access-log")
     reader = StderrReader(proc)
     try:
         wait_until(lambda: ready(base), 60.0, "the server to be ready")
         # Each request logs an access line; the pipe and the queue fill long before the end.
         statuses = flood(base, "/v2/health/live", FLOOD)
         assert statuses == [200] * len(statuses)
-        # Every route still answers, inference included.
-        assert requests.get(base + "/v2/health/ready", timeout=CLIENT_TIMEOUT_S).status_code == 200
-        with requests.Session() as session:
-            answer = infer_json(
-                session,
-                "doubler",
-                [Inp("x", "FP32", [[1.0, 2.0]])],
-                base_url=base,
-                timeout=CLIENT_TIMEOUT_S,
-            )
-        result = decode(answer)
-        assert result.outputs["y"].tolist() == [[2.0, 4.0]]
-        dropped_total = counter(base, "unimodel_log_lines_dropped_total")
-        assert dropped_total is not None and dropped_total > 0
-
-        # Now read: the writer catches up and says how many lines it lost.
-        reader.start()
-        reports = reader.wait_for(DROPPED, 30.0)
-        assert reports, "no 'N log lines dropped' report in:\n" + "".join(reader.lines[-20:])
-        reported = sum(int(m.group(1)) for m in reports)
-        assert 0 < reported <= counter(base, "unimodel_log_lines_dropped_total")
-        # The lines that were not dropped arrived whole and in order (first the start-up).
-        assert any("listening" in line for line in reader.lines[:50])
+        assert_still_serving(base, "doubler", [[1.0, 2.0]], [[2.0, 4.0]])
+        assert_drops_reported(base, reader)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        if not reader.started:
-            reader.start()
-        proc.wait(timeout=30)
-    assert proc.returncode == 0
+        code = stop(proc, reader)
+    assert code == 0
+
+
+def test_worker_output_with_stderr_unread_stalls_neither_core_nor_worker():
+    # 100 stderr lines per call: 120 calls are 12,000 lines through the core's log.
+    proc, base = start_with_unread_stderr(plugin("noisy.py"))
+    reader = StderrReader(proc)
+    try:
+        wait_until(lambda: ready(base), 60.0, "the server to be ready")
+        with requests.Session() as session:
+            for i in range(120):
+                answer = infer_json(
+                    session, "noisy", [Inp("x", "FP32", [float(i)])], base_url=base,
+                    timeout=CLIENT_TIMEOUT_S,
+                )  # fmt: skip
+                assert decode(answer).outputs["y"].tolist() == [float(i)]
+        assert_still_serving(base, "noisy", [7.0], [7.0])
+        assert_drops_reported(base, reader)
+    finally:
+        code = stop(proc, reader)
+    assert code == 0
 
 
 def test_denials_are_rate_limited_with_a_count_of_what_was_held_back(start_server, tmp_path):
