@@ -34,6 +34,7 @@ BAD_FLAGS = [
     ("--max-body-bytes", HUGE_U64),
     ("--max-tensor-bytes", HUGE_U64),
     ("--arena-bytes", HUGE_U64),
+    ("--rate-limit", "1e300"),
 ]
 
 

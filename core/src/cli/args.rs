@@ -200,6 +200,7 @@ pub struct AuthArgs {
     pub auth_metrics: bool,
     /// Requests per second each API key (and each JWT subject) may make; past it 429 with
     /// Retry-After (gRPC RESOURCE_EXHAUSTED). A key's own `rps=` in the key file wins.
+    /// From 0.001 to 1000000000.
     #[arg(long, value_name = "RPS", help_heading = "Auth", value_parser = positive_rate)]
     pub rate_limit: Option<f64>,
     /// Requests a caller may send at once before --rate-limit applies [default: one
@@ -209,11 +210,16 @@ pub struct AuthArgs {
     pub rate_limit_burst: Option<u32>,
 }
 
+/// `--rate-limit`: 0.001 to 1e9 requests per second (a token every nanosecond, the finest
+/// period the rate limiter keeps).
 fn positive_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.001 => Ok(r),
-        _ => Err(format!(
-            "'{s}' is not a rate; expected requests per second, at least 0.001"
+        Ok(r) if r.is_finite() && (0.001..=1e9).contains(&r) => Ok(r),
+        Ok(_) => Err(format!(
+            "'{s}' is out of range: expected requests per second from 0.001 to 1000000000"
+        )),
+        Err(_) => Err(format!(
+            "'{s}' is not a rate; expected requests per second from 0.001 to 1000000000"
         )),
     }
 }
@@ -446,6 +452,7 @@ mod tests {
         assert_eq!(auth.rate_limit_burst, Some(5));
         for bad in [
             &["--rate-limit", "0"][..],
+            &["--rate-limit", "1e300"],
             &["--rate-limit", "fast"],
             &["--rate-limit-burst", "5"],
             &["--rate-limit", "1", "--rate-limit-burst", "0"],

@@ -16,6 +16,7 @@
 //! | `--max-body-bytes`, `--max-tensor-bytes`  | 0 to 2^40 (1 TiB)             |
 //! | `--arena-bytes`                           | 4096 to 2^40 (1 TiB)          |
 //! | `--queue-capacity`                        | 1 to 1,000,000                |
+//! | `--rate-limit` (in `args`)                | 0.001 to 1e9 requests/second  |
 
 use super::args::ServeArgs;
 use crate::engine::model::MAX_QUEUE_DELAY_MS;

@@ -10,6 +10,7 @@
 use super::error::RepositoryError;
 use super::scan::{ModelSpec, Source, VersionSpec};
 use crate::engine::{Engine, EngineError, Executor, ModelConfig, ModelState};
+use crate::telemetry::panics::spawn_monitored;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
@@ -122,6 +123,14 @@ impl Repository {
     ) -> Repository {
         let (tx, rx) = mpsc::channel(64);
         let (settled_tx, settled) = watch::channel(!loads_coming);
+        // A panic in the actor (a bug) leaves nobody to load, unload or list models: the
+        // server is then never ready again (the panic is logged with the reason).
+        let on_panic = {
+            let settled = settled_tx.clone();
+            move |_: String| {
+                settled.send_replace(false);
+            }
+        };
         let actor = Actor {
             shared: Shared {
                 source: Arc::new(source),
@@ -132,7 +141,7 @@ impl Repository {
             tx: tx.clone(),
             settled: settled_tx,
         };
-        tokio::spawn(actor.run(rx));
+        spawn_monitored("model repository", actor.run(rx), on_panic);
         Repository { tx, mode, settled }
     }
 
