@@ -38,8 +38,9 @@ fn main() -> ExitCode {
         otlp_endpoint: cli.otlp_endpoint.clone(),
         access_log: cli.access_log,
     };
-    // Held to the end: dropping it (after the runtime is gone) flushes exported spans.
-    let _otlp = match unimodel::telemetry::init(&telemetry) {
+    // Held to the end: dropping it (after the runtime is gone) flushes exported spans and
+    // the log lines still queued.
+    let telemetry = match unimodel::telemetry::init(&telemetry) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("unimodel: error: {e:#}");
@@ -65,6 +66,8 @@ fn main() -> ExitCode {
     });
     // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    // Queued log lines first, so the error below comes last, as it happened.
+    drop(telemetry);
     match result {
         Ok(code) => code,
         Err(e) => {

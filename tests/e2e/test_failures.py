@@ -155,7 +155,8 @@ def test_setup_failing_every_time_ends_failed_with_traceback(start_server):
     assert server.get("/v2/health/ready").status_code == 503
     assert server.get("/v2/models/broken/ready").status_code == 503
     error_of(infer_json(server, "broken", x_input(1.0)), 503)
-    assert message in server.log_text(), "the setup error is not in the server log"
+    # Log lines reach the file through the core's writer thread, a moment after they happen.
+    wait_until(lambda: message in server.log_text(), 10.0, "the setup error in the server log")
     time.sleep(1.0)
     assert server.alive(), "the server must stay up when a model fails"
     assert server.get("/v2/health/live").status_code == 200

@@ -143,8 +143,14 @@ def test_a_batch_logs_the_trace_ids_of_all_its_requests(start_server):
 
     line = wait_until(batch_lines, 10.0, "the batch's log line")[0]
     assert sorted(line["trace_id"].split(",")) == sorted(ids), line
-    access = [r for r in json_lines(server) if r.get("target") == "unimodel::access"]
-    infer = [a for a in access if a["path"] == "/v2/models/traced_batch/infer"]
+
+    # Lines reach the log through the writer thread, a moment after the response.
+    def access_lines():
+        access = [r for r in json_lines(server) if r.get("target") == "unimodel::access"]
+        infer = [a for a in access if a["path"] == "/v2/models/traced_batch/infer"]
+        return infer if len(infer) == len(ids) else None
+
+    infer = wait_until(access_lines, 10.0, "both requests' access lines")
     assert sorted(a["trace_id"] for a in infer) == sorted(ids)
     assert all(a["batch_size"] == 2 for a in infer), infer
 

@@ -29,6 +29,8 @@ def test_run_reports_each_instance_ready_then_a_summary_with_the_url(start_serve
 
 def test_setup_failure_shows_the_plugins_traceback_not_a_rust_backtrace(start_server):
     server = start_server(plugin("failing_setup.py"), wait=("broken", "FAILED"))
+    # Log lines reach the file through the core's writer thread, a moment after they happen.
+    wait_until(lambda: "load_weights" in server.log_text(), 10.0, "the traceback in the log")
     log = server.log_text()
     assert "Traceback (most recent call last)" in log
     assert "failing_setup.py" in log and "load_weights" in log

@@ -12,6 +12,7 @@ use crate::echo::{Echo, bound_message};
 use crate::engine::EngineError;
 use crate::regions::RegionError;
 use crate::repository::RepositoryError;
+use crate::telemetry::throttle::{self, Throttle};
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -254,7 +255,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let message = self.message();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %message, "request failed");
+            // Rate-limited: a client can make requests fail as often as it likes.
+            static FAILED: Throttle = Throttle::new("request failed");
+            if let Some(suppressed) = FAILED.admit(status.as_str()) {
+                throttle::report("request failed", suppressed);
+                tracing::warn!(status = status.as_u16(), error = %message, "request failed");
+            }
         }
         let mut response = (status, axum::Json(ErrorBody { error: &message })).into_response();
         if let ApiError::Engine(EngineError::QueueFull { .. } | EngineError::Overloaded { .. }) =

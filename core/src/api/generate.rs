@@ -21,6 +21,7 @@ use super::error::ApiError;
 use super::json_data::{self, JsonData};
 use super::nonfinite;
 use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
+use crate::telemetry::throttle::{self, Throttle};
 use crate::tensor::Storage;
 use axum::response::sse::Event;
 use serde_json::Value;
@@ -231,7 +232,11 @@ pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
         Ok(object) => object,
         Err(e) => {
             let message = ApiError::Engine(e).to_string();
-            tracing::warn!(error = %message, "streaming request failed");
+            static FAILED: Throttle = Throttle::new("streaming request failed");
+            if let Some(suppressed) = FAILED.admit("") {
+                throttle::report("streaming request failed", suppressed);
+                tracing::warn!(error = %message, "streaming request failed");
+            }
             serde_json::json!({ "error": message }).to_string()
         }
     };

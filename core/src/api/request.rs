@@ -56,8 +56,23 @@ struct RequestJson<'a> {
 #[derive(Deserialize, Default)]
 struct RequestParameters {
     binary_data_output: Option<bool>,
-    /// Triton extension: the request's deadline in microseconds (0: none).
+    /// Triton extension: the request's deadline in microseconds (0: none). Any value up to
+    /// 2^64-1 is taken (the model's request timeout caps it); anything else is a 400 that
+    /// names the parameter.
+    #[serde(default, deserialize_with = "timeout_micros")]
     timeout: Option<u64>,
+}
+
+fn timeout_micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "parameter 'timeout' must be a whole number of microseconds from 0 to {}, got {other}",
+            u64::MAX
+        ))),
+    }
 }
 
 #[derive(Deserialize)]

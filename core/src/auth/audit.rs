@@ -3,9 +3,12 @@
 //! what was called (`GET /v2/...` or the gRPC method path), the caller (`key:<8 hex of the
 //! key's sha256>` or `sub:<JWT subject>`; never the key or the token), the outcome and,
 //! for denials, the reason. The reason is for operators only: clients hear the outcome.
+//! Denials are rate-limited per caller and outcome (`telemetry::throttle`: "suppressed K
+//! similar lines: auth denials").
 
 use super::error::Denial;
 use super::{Caller, Grant};
+use crate::telemetry::throttle::{self, Throttle};
 use std::net::SocketAddr;
 
 /// The audit target, for log filters.
@@ -45,9 +48,17 @@ impl std::fmt::Display for Who<'_> {
     }
 }
 
-/// A refused request.
+/// A refused request. Rate-limited (`telemetry::throttle`): anyone can send requests that
+/// are refused, as many as they like; `unimodel_auth_denials_total` still counts them all.
 pub fn denied(called: Called<'_>, denial: &Denial) {
+    static DENIED: Throttle = Throttle::new("auth denials");
+    // Per caller and outcome: one client's flood must not hide another's denials.
     let outcome = denial.kind.outcome();
+    let key = format!("{outcome} {}", Who(denial.caller.as_ref()));
+    let Some(suppressed) = DENIED.admit(&key) else {
+        return;
+    };
+    throttle::report("auth denials", suppressed);
     tracing::info!(
         target: TARGET,
         protocol = called.protocol,

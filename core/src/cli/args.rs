@@ -1,5 +1,7 @@
 //! Command-line arguments (clap). `main.rs` parses them and calls the matching command.
+//! Every duration, size and count flag is range-checked as it is parsed (`limits`).
 
+use super::limits;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -61,10 +63,11 @@ pub struct PluginArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::engine::MAX_INSTANCES as i64))]
     pub instances: Option<u32>,
     /// Override the plugin's `max_batch_size` (0 disables batching).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::engine::model::MAX_BATCH_SIZE)))]
     pub max_batch_size: Option<u32>,
-    /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill).
-    #[arg(long, value_name = "MS")]
+    /// Override the plugin's `max_queue_delay_ms` (how long a batch may wait to fill; 0 to
+    /// 3600000, one hour).
+    #[arg(long, value_name = "MS", value_parser = limits::queue_delay_ms)]
     pub max_queue_delay_ms: Option<f64>,
     /// Override the plugin's `max_concurrency`: requests admitted per model at once (queued
     /// plus running); past it, 429 (gRPC RESOURCE_EXHAUSTED) naming the limit. Default: no
@@ -85,18 +88,18 @@ pub struct WorkerArgs {
     /// Device given to plugins as ctx.device.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Time a worker's setup() may take before it is killed.
-    #[arg(long, value_name = "MS", default_value_t = 300_000)]
+    /// Time a worker's setup() may take before it is killed (at most 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 300_000, value_parser = limits::timeout_ms)]
     pub load_timeout_ms: u64,
     /// Time one predict() call (for a generator: each chunk) may take before its worker is
-    /// killed and restarted.
-    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    /// killed and restarted (at most 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = limits::timeout_ms)]
     pub execution_timeout_ms: u64,
-    /// Size of each worker's input and output shared-memory arena (at least 4096).
-    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = at_least_4096)]
+    /// Size of each worker's input and output shared-memory arena (4096 to 2^40, 1 TiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, value_parser = limits::arena_bytes)]
     pub arena_bytes: usize,
-    /// Largest input or output tensor accepted.
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    /// Largest input or output tensor accepted (at most 2^40, 1 TiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = limits::byte_count)]
     pub max_tensor_bytes: usize,
     /// Pass this variable of the server's environment on to the workers (repeatable).
     /// Workers get only PATH, HOME, LANG, TZ, TMPDIR, VIRTUAL_ENV, CUDA_VISIBLE_DEVICES,
@@ -130,15 +133,18 @@ pub struct ServerArgs {
     /// reach the inference port. /metrics stays on the HTTP port as well.
     #[arg(long, value_name = "PORT")]
     pub metrics_port: Option<u16>,
-    /// Requests that may wait per model before new ones get 429.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Requests that may wait per model before new ones get 429 (1 to 1000000).
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=limits::MAX_QUEUE_CAPACITY))]
     pub queue_capacity: u64,
-    /// Default deadline of a request (queueing plus execution); clients may ask for less.
-    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    /// Default deadline of a request (queueing plus execution); clients may ask for less (at
+    /// most 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = limits::timeout_ms)]
     pub request_timeout_ms: u64,
     /// Largest request body accepted (413 beyond), counted once decoded when the body is
-    /// compressed; also the largest gRPC message, likewise counted once inflated.
-    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    /// compressed; also the largest gRPC message, likewise counted once inflated (at most
+    /// 2^40, 1 TiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = limits::byte_count)]
     pub max_body_bytes: usize,
     /// Bytes of REST request bodies (infer, generate) the server holds at once, across all
     /// connections; past it a new body waits up to 2 s for room, then gets 503. Bounds what
@@ -146,8 +152,9 @@ pub struct ServerArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it
-    /// is answered 503, then the process exits (workers get 5 s more to stop).
-    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    /// is answered 503, then the process exits (workers get 5 s more to stop; at most
+    /// 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 30_000, value_parser = limits::timeout_ms)]
     pub drain_timeout_ms: u64,
     /// Let clients register their POSIX shared-memory segments (Triton's system
     /// shared-memory extension) for inputs and outputs. Off by default, because with it the
@@ -234,6 +241,7 @@ pub struct AuthArgs {
     pub auth_metrics: bool,
     /// Requests per second each API key (and each JWT subject) may make; past it 429 with
     /// Retry-After (gRPC RESOURCE_EXHAUSTED). A key's own `rps=` in the key file wins.
+    /// From 0.001 to 1000000000.
     #[arg(long, value_name = "RPS", help_heading = "Auth", value_parser = positive_rate)]
     pub rate_limit: Option<f64>,
     /// Requests a caller may send at once before --rate-limit applies [default: one
@@ -243,11 +251,16 @@ pub struct AuthArgs {
     pub rate_limit_burst: Option<u32>,
 }
 
+/// `--rate-limit`: 0.001 to 1e9 requests per second (a token every nanosecond, the finest
+/// period the rate limiter keeps).
 fn positive_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.001 => Ok(r),
-        _ => Err(format!(
-            "'{s}' is not a rate; expected requests per second, at least 0.001"
+        Ok(r) if r.is_finite() && (0.001..=1e9).contains(&r) => Ok(r),
+        Ok(_) => Err(format!(
+            "'{s}' is out of range: expected requests per second from 0.001 to 1000000000"
+        )),
+        Err(_) => Err(format!(
+            "'{s}' is not a rate; expected requests per second from 0.001 to 1000000000"
         )),
     }
 }
@@ -269,7 +282,8 @@ pub struct TlsArgs {
     #[arg(long, value_name = "PEM", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<PathBuf>,
     /// Time a client gets to complete its TLS handshake before its connection is closed.
-    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=limits::MAX_TIMEOUT_MS))]
     pub tls_handshake_timeout_ms: u64,
 }
 
@@ -313,18 +327,6 @@ pub struct PredictArgs {
     /// a batching model gets a batch dimension of 1 added) or, if not JSON, one BYTES string.
     #[arg(short = 'i', long = "input", value_name = "NAME=VALUE", value_parser = parse_key_value)]
     pub inputs: Vec<(String, String)>,
-}
-
-fn at_least_4096(s: &str) -> Result<usize, String> {
-    let n: usize = s
-        .parse()
-        .map_err(|e| format!("'{s}' is not a byte count: {e}"))?;
-    if n < 4096 {
-        return Err(format!(
-            "{n} bytes is too small for an arena; use at least 4096"
-        ));
-    }
-    Ok(n)
 }
 
 fn env_name(s: &str) -> Result<String, String> {
@@ -491,6 +493,7 @@ mod tests {
         assert_eq!(auth.rate_limit_burst, Some(5));
         for bad in [
             &["--rate-limit", "0"][..],
+            &["--rate-limit", "1e300"],
             &["--rate-limit", "fast"],
             &["--rate-limit-burst", "5"],
             &["--rate-limit", "1", "--rate-limit-burst", "0"],

@@ -4,6 +4,7 @@
 pub mod args;
 mod auth;
 mod fd_limit;
+pub mod limits;
 mod metrics_port;
 mod predict;
 mod progress;

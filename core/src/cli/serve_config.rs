@@ -138,12 +138,8 @@ pub fn apply(
     if !given("load_model") && !parsed.load_model.is_empty() {
         args.load_model = parsed.load_model;
     }
-    if args.arena_too_small() {
-        bail!(
-            "{}: server.arena_bytes must be at least 4096",
-            file.display()
-        );
-    }
+    super::limits::check_server_file(args)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     match (parsed.model_repository, parsed.models.is_empty()) {
         (Some(_), false) => bail!(
             "{}: give either model_repository or [models.*] tables, not both",
@@ -193,12 +189,6 @@ fn listed(file: &Path, base: &Path, name: &str, mut table: toml::Table) -> anyho
         path: base.join(path),
         config,
     })
-}
-
-impl ServeArgs {
-    fn arena_too_small(&self) -> bool {
-        self.worker.arena_bytes < 4096
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! `PluginLoader` is the same path for the model repository (`repository::Loader`).
 
 use super::args::{PluginArgs, WorkerArgs};
+use crate::engine::model::MAX_BATCH_SIZE;
 use crate::engine::validate::Limits;
 use crate::engine::{
     Engine, EngineOptions, Executor, FaultPolicy, MAX_INSTANCES, ModelConfig, WakeClock,
@@ -183,16 +184,24 @@ fn model_config(
             }
         );
     }
+    // Checked here too: the plugin's class attribute reaches no other check.
     let delay_ms = o.max_queue_delay_ms.unwrap_or(d.max_queue_delay_ms);
-    if !(delay_ms.is_finite() && delay_ms >= 0.0) {
-        bail!("--max-queue-delay-ms must be a non-negative number of milliseconds, got {delay_ms}");
+    if let Err(e) = super::limits::queue_delay_in_range(delay_ms) {
+        bail!("max_queue_delay_ms of model '{}': {e}", d.name);
+    }
+    let max_batch_size = o.max_batch_size.unwrap_or(d.max_batch_size);
+    if max_batch_size > MAX_BATCH_SIZE {
+        bail!(
+            "max_batch_size of model '{}' must be between 0 and {MAX_BATCH_SIZE}, got {max_batch_size}",
+            d.name
+        );
     }
     Ok(ModelConfig {
         name: d.name.clone(),
         version: "1".into(),
         plugin: plugin.to_path_buf(),
         class: d.class.clone(),
-        max_batch_size: o.max_batch_size.unwrap_or(d.max_batch_size),
+        max_batch_size,
         max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
         instances,
         inputs: d.inputs.clone(),

@@ -14,8 +14,12 @@ use super::response::{self, Holds, Responses};
 use super::scheduler::{Admitted, Origin};
 use super::validate::validate_request;
 use super::{EngineError, InferRequest, Tensor};
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+
+/// The longest deadline a request can have: 7 days (`cli::limits::MAX_TIMEOUT_MS`).
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the caller will make of the responses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +58,13 @@ impl Engine {
         let Admission { admitted, place } = admit(&entry)?;
         // Counted until the client is done: answered, timed out, or dropped.
         let inflight = entry.metrics.inflight();
+        // Configured timeouts are bounded where they are parsed (`cli::limits`); the clamp
+        // keeps `now + timeout` (here and per response) inside the clock's range whatever
+        // a caller of the engine passes.
         let timeout = req
             .timeout
-            .map_or(config.request_timeout, |t| t.min(config.request_timeout));
+            .map_or(config.request_timeout, |t| t.min(config.request_timeout))
+            .min(MAX_REQUEST_TIMEOUT);
         let now = Instant::now();
         let deadline = now + timeout;
         let (sink, receiver) = response::channel();
@@ -83,7 +91,19 @@ impl Engine {
             // A generator's responses may already have reached its client: never retried.
             retried: config.streaming,
         };
-        entry.scheduler.submit(request).await?;
+        // A scheduler that stopped while the model is not shutting down has failed (its
+        // task panicked): say why, not "shutting down".
+        entry
+            .scheduler
+            .submit(request)
+            .await
+            .map_err(|e| match entry.state() {
+                ModelState::Unavailable { reason } => EngineError::NotReady {
+                    model: config.name.clone(),
+                    state: format!("UNAVAILABLE: {reason}"),
+                },
+                _ => e,
+            })?;
         Ok(Responses::new(
             receiver,
             Holds {

@@ -18,6 +18,7 @@ use super::model::ModelState;
 use super::queue::{BatchPolicy, Decision, Queue};
 use super::scheduler::{Admitted, Command, SchedulerContext};
 use super::wake_timer::WakeTimer;
+use crate::telemetry::panics::spawn_monitored;
 use crate::worker::types::InstanceState;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -123,7 +124,20 @@ impl Batcher {
             ever_ready: false,
             aborted: false,
         };
-        tokio::spawn(batcher.run());
+        // A panic in the actor (a bug) must not leave the model looking ready while nothing
+        // serves it: the model goes UNAVAILABLE with the reason, so readiness turns false,
+        // and new requests are refused naming it (`admission`). Its waiting requests' sinks
+        // were dropped with the actor: their clients got 503 already.
+        let state = batcher.state.clone();
+        let model = batcher.ctx.config.name.clone();
+        spawn_monitored("model scheduler", batcher.run(), move |message| {
+            state.send_replace(ModelState::Unavailable {
+                reason: format!(
+                    "internal error: the scheduler of model '{model}' panicked ({message}); \
+                     unload and load the model, or restart the server"
+                ),
+            });
+        });
     }
 
     async fn run(mut self) {
@@ -162,6 +176,8 @@ impl Batcher {
                 let _ = done.send(());
             }
             Command::Wake => {}
+            #[cfg(test)]
+            Command::Panic => panic!("injected by a test"),
         }
     }
 

@@ -13,6 +13,14 @@ use std::time::Duration;
 /// and a typo of a few zeros must not fork thousands of them.
 pub const MAX_INSTANCES: u32 = 256;
 
+/// The longest `max_queue_delay` a model may have, in milliseconds: one hour. Far beyond any
+/// useful batching delay, and a bound every source of the setting is checked against (a
+/// delay becomes a deadline, `Instant + Duration`, which panics past the clock's range).
+pub const MAX_QUEUE_DELAY_MS: f64 = 3_600_000.0;
+
+/// The largest `max_batch_size` a model may have (`--max-batch-size` has the same bound).
+pub const MAX_BATCH_SIZE: u32 = 1_048_576;
+
 /// Everything the engine needs to serve one model.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -25,7 +33,8 @@ pub struct ModelConfig {
     pub class: String,
     /// 0 disables batching: each request is executed alone and shapes are taken whole.
     pub max_batch_size: u32,
-    /// How long the batcher may hold a request waiting for a fuller batch.
+    /// How long the batcher may hold a request waiting for a fuller batch (at most
+    /// `MAX_QUEUE_DELAY_MS`).
     pub max_queue_delay: Duration,
     /// Worker processes for this model, 1..=`MAX_INSTANCES`.
     pub instances: u32,

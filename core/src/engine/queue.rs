@@ -144,7 +144,12 @@ impl Queue {
             }
         }
 
-        let release_at = head.enqueued + self.policy.max_queue_delay;
+        // Checked: a delay past the clock's range means "wait for a full batch", not a panic
+        // (configured delays are bounded, `model::MAX_QUEUE_DELAY_MS`; this is the backstop).
+        let release_at = head
+            .enqueued
+            .checked_add(self.policy.max_queue_delay)
+            .unwrap_or(head.deadline);
         let full = rows >= max;
         if !full && (full_only || now < release_at) {
             return Decision::WaitUntil(if full_only { head.deadline } else { release_at });

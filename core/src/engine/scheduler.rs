@@ -35,6 +35,9 @@ pub enum Command {
     Abort(oneshot::Sender<()>),
     /// A client went away: look at the waiting requests again so its place is freed now.
     Wake,
+    /// Tests only: the scheduler panics, as a bug would make it.
+    #[cfg(test)]
+    Panic,
 }
 
 /// A request that passed admission: valid for its model, within its limits, with a deadline.
@@ -157,6 +160,12 @@ impl Scheduler {
     /// Fails what waits and cancels what runs; waits until done.
     pub async fn abort(&self) {
         self.ask(Command::Abort).await;
+    }
+
+    /// Tests only: makes the scheduler's task panic.
+    #[cfg(test)]
+    pub async fn inject_panic(&self) {
+        let _ = self.commands.send(Command::Panic).await;
     }
 
     async fn ask(&self, make: fn(oneshot::Sender<()>) -> Command) {

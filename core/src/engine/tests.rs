@@ -481,6 +481,36 @@ async fn failed_model_refuses_requests_and_reports_traceback() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_panicking_scheduler_turns_readiness_false_and_names_the_reason() {
+    let exec = FakeExec::new(0);
+    let engine = start(config(4, 0, 8), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    assert!(engine.ready());
+    let entry = engine.entry("m", None).unwrap();
+    entry.scheduler.inject_panic().await;
+    let mut state = entry.state.clone();
+    let down = tokio::time::timeout(
+        Duration::from_secs(60),
+        state.wait_for(|s| matches!(s, ModelState::Unavailable { .. })),
+    )
+    .await
+    .expect("the model never left READY after its scheduler panicked")
+    .unwrap()
+    .clone();
+    let ModelState::Unavailable { reason } = &down else {
+        unreachable!()
+    };
+    assert!(reason.contains("panicked (injected by a test)"), "{reason}");
+    assert!(!engine.ready());
+    // A request is refused with the reason, not told the server is shutting down.
+    let err = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::NotReady { state, .. } if state.contains("panicked")),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn unknown_model_and_version_are_not_found() {
     let engine = start(config(4, 0, 8), &[FakeExec::new(0)]);
     let mut r = request(&[1.0]);

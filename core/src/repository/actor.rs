@@ -10,8 +10,11 @@
 use super::error::RepositoryError;
 use super::scan::{ModelSpec, Source, VersionSpec};
 use crate::engine::{Engine, EngineError, Executor, ModelConfig, ModelState};
+use crate::telemetry::panics::spawn_monitored;
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -120,6 +123,14 @@ impl Repository {
     ) -> Repository {
         let (tx, rx) = mpsc::channel(64);
         let (settled_tx, settled) = watch::channel(!loads_coming);
+        // A panic in the actor (a bug) leaves nobody to load, unload or list models: the
+        // server is then never ready again (the panic is logged with the reason).
+        let on_panic = {
+            let settled = settled_tx.clone();
+            move |_: String| {
+                settled.send_replace(false);
+            }
+        };
         let actor = Actor {
             shared: Shared {
                 source: Arc::new(source),
@@ -130,7 +141,7 @@ impl Repository {
             tx: tx.clone(),
             settled: settled_tx,
         };
-        tokio::spawn(actor.run(rx));
+        spawn_monitored("model repository", actor.run(rx), on_panic);
         Repository { tx, mode, settled }
     }
 
@@ -430,7 +441,18 @@ async fn load(
 }
 
 async fn load_version(shared: &Shared, spec: &ModelSpec, v: &VersionSpec) -> Result<(), String> {
-    let (config, instances) = shared.loader.build(spec, v).await?;
+    // A panic while building (a bug) fails this load with its message, instead of killing
+    // the load task and leaving the model LOADING for good. The panic hook has logged it.
+    let built = AssertUnwindSafe(shared.loader.build(spec, v))
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            format!(
+                "internal error while loading (a bug, please report it): {}",
+                crate::telemetry::panics::message_of(&*panic)
+            )
+        })?;
+    let (config, instances) = built?;
     match shared.engine.load(config, instances).await {
         Ok(ModelState::Failed { error, .. }) => Err(error),
         Ok(_) => Ok(()),

@@ -19,6 +19,7 @@
 
 use super::policy::{PolicyTable, VersionPolicy};
 use crate::engine::MAX_INSTANCES;
+use crate::engine::model::{MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -74,10 +75,17 @@ impl ModelFile {
             ));
         }
         if let Some(ms) = self.max_queue_delay_ms
-            && !(ms.is_finite() && ms >= 0.0)
+            && !(ms.is_finite() && (0.0..=MAX_QUEUE_DELAY_MS).contains(&ms))
         {
             return Err(format!(
-                "max_queue_delay_ms must be a non-negative number of milliseconds, got {ms}"
+                "max_queue_delay_ms must be a number of milliseconds from 0 to {MAX_QUEUE_DELAY_MS} (1 hour), got {ms}"
+            ));
+        }
+        if let Some(n) = self.max_batch_size
+            && n > MAX_BATCH_SIZE
+        {
+            return Err(format!(
+                "max_batch_size must be between 0 and {MAX_BATCH_SIZE}, got {n}"
             ));
         }
         if self.max_concurrency == Some(0) {

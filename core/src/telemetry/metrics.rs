@@ -122,6 +122,9 @@ fn batch_histogram() -> Histogram {
 
 type Sampler = Box<dyn Fn() + Send + Sync>;
 
+/// A process-wide counter: its name, its help text and how to read it.
+type ProcessCounter = (&'static str, &'static str, fn() -> u64);
+
 /// Every metric family of the server, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -196,6 +199,7 @@ impl Metrics {
         m.register_families();
         m.register_heap();
         m.register_descriptors();
+        m.register_log_counters();
         m
     }
 
@@ -239,6 +243,35 @@ impl Metrics {
             header_timeouts: timeouts("header"),
             body_timeouts: timeouts("body"),
             idle_timeouts: timeouts("idle"),
+        }
+    }
+
+    /// Counters the log writer, the throttles and the panic hook keep as process-wide atomics
+    /// (they run where no `Metrics` is at hand), copied in before each scrape.
+    fn register_log_counters(&mut self) {
+        let counters: [ProcessCounter; 3] = [
+            (
+                "log_lines_dropped",
+                "Log lines dropped because stderr was not read fast enough (the log queue was full); each gap is reported in the log once the writer catches up",
+                super::log_writer::dropped_lines,
+            ),
+            (
+                "log_lines_suppressed",
+                "Repetitive log lines (auth denials, failed requests) held back by the per-call-site rate limit and summarised as \"suppressed K similar lines\"",
+                super::throttle::suppressed_lines,
+            ),
+            (
+                "panics",
+                "Panics in the core (each is logged with its task or thread; a model whose scheduler panicked goes UNAVAILABLE)",
+                super::panics::panics,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let counter = Counter::<u64>::default();
+            self.registry.register(name, help, counter.clone());
+            self.add_sampler(move || {
+                counter.inc_by(read().saturating_sub(counter.get()));
+            });
         }
     }
 

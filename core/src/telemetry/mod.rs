@@ -4,6 +4,13 @@
 //! log (target `unimodel::access`) is off unless `--access-log` is given or the filter
 //! names that target.
 //!
+//! Lines never block the code that logs them: they go through a bounded queue to a writer
+//! thread (`log_writer`), which drops and counts what does not fit; lines a client can cause
+//! at will (denials, failed requests) are rate-limited per call site (`throttle`).
+//!
+//! - `log_writer`: the non-blocking writer behind every line, and its flush at exit.
+//! - `throttle`: per-call-site rate limits with "suppressed K similar lines" summaries.
+//! - `panics`: the panic hook and `spawn_monitored` for long-lived tasks.
 //! - `trace_context`: W3C `traceparent` parsing and the trace id a request carries.
 //! - `otlp`: optional span export over OTLP/HTTP (`--otlp-endpoint`).
 //! - `metrics`: the Prometheus metrics behind `/metrics`.
@@ -13,8 +20,11 @@
 //! span that `follows_from` each of its requests' `infer` spans (OTLP: span links) and lists
 //! their trace ids and request ids.
 
+pub mod log_writer;
 pub mod metrics;
 pub mod otlp;
+pub mod panics;
+pub mod throttle;
 pub mod trace_context;
 
 use std::io::IsTerminal as _;
@@ -24,6 +34,7 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+pub use log_writer::LogGuard;
 pub use otlp::OtlpGuard;
 pub use trace_context::{TraceId, TraceParent};
 
@@ -45,10 +56,17 @@ pub struct TelemetryOptions {
     pub access_log: bool,
 }
 
-/// Installs the global subscriber; call once at start-up, before the async runtime starts
-/// (the OTLP exporter owns a blocking HTTP client that must not live inside it). Keep the
-/// returned guard until the end of `main`: dropping it flushes the spans not yet exported.
-pub fn init(opts: &TelemetryOptions) -> anyhow::Result<Option<OtlpGuard>> {
+/// What `init` hands back; keep it until the end of `main`. Dropping it flushes the spans
+/// not yet exported, then the log lines still queued (fields drop in this order).
+pub struct TelemetryGuard {
+    _otlp: Option<OtlpGuard>,
+    _logs: LogGuard,
+}
+
+/// Installs the global subscriber and the panic hook; call once at start-up, before the
+/// async runtime starts (the OTLP exporter owns a blocking HTTP client that must not live
+/// inside it).
+pub fn init(opts: &TelemetryOptions) -> anyhow::Result<TelemetryGuard> {
     let mut directives = std::env::var("UNIMODEL_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -59,8 +77,9 @@ pub fn init(opts: &TelemetryOptions) -> anyhow::Result<Option<OtlpGuard>> {
     }
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: a log file or collector gets plain text.
+    let (writer, logs) = log_writer::spawn(std::io::stderr())?;
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     let fmt = if opts.json {
         fmt.json()
@@ -83,7 +102,11 @@ pub fn init(opts: &TelemetryOptions) -> anyhow::Result<Option<OtlpGuard>> {
         .with(otel)
         .try_init()?;
     OTLP_ACTIVE.store(guard.is_some(), Ordering::Relaxed);
-    Ok(guard)
+    panics::install_hook();
+    Ok(TelemetryGuard {
+        _otlp: guard,
+        _logs: logs,
+    })
 }
 
 /// The trace a request belongs to: the caller's (valid `traceparent`), else the one the

@@ -29,7 +29,8 @@ pub struct OtlpGuard {
 impl Drop for OtlpGuard {
     fn drop(&mut self) {
         if let Err(e) = self.provider.shutdown() {
-            eprintln!("unimodel: flushing spans to the OTLP collector failed: {e}");
+            // Through the log queue: a stalled stderr must not hold the exit.
+            tracing::warn!("flushing spans to the OTLP collector failed: {e}");
         }
     }
 }

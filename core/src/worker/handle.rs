@@ -6,6 +6,7 @@ use super::pipeline::{Job, Reply};
 use super::stream::{Notice, WorkStream};
 use super::supervisor::Actor;
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
+use crate::telemetry::panics::spawn_monitored;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -40,7 +41,22 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(InstanceState::Starting);
     let concurrency = cfg.concurrency;
-    tokio::spawn(Actor::new(cfg, commands, notices, notices_tx.clone(), state_tx).run());
+    // A panic in the supervisor (a bug) leaves nobody to restart the worker: say so in the
+    // instance's state, which the model's state and readiness follow.
+    let on_panic = {
+        let state = state_tx.clone();
+        let model = cfg.model.clone();
+        move |message: String| {
+            state.send_replace(InstanceState::Failed {
+                error: format!(
+                    "internal error: the supervisor of a worker of model '{model}' panicked ({message})"
+                ),
+                traceback: String::new(),
+            });
+        }
+    };
+    let actor = Actor::new(cfg, commands, notices, notices_tx.clone(), state_tx);
+    spawn_monitored("worker supervisor", actor.run(), on_panic);
     InstanceHandle {
         inner: Arc::new(HandleInner {
             commands: commands_tx,

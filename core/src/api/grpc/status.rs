@@ -4,6 +4,7 @@
 
 use crate::api::ApiError;
 use crate::engine::EngineError;
+use crate::telemetry::throttle::{self, Throttle};
 use tonic::{Code, Status};
 
 /// The gRPC code of an error: its class's (`ApiError::class`, the table shared with HTTP).
@@ -16,7 +17,12 @@ pub fn to_status(e: &ApiError) -> Status {
     let code = code(e);
     let message = e.message();
     if matches!(code, Code::Internal | Code::Unavailable) {
-        tracing::warn!(code = ?code, error = %message, "gRPC request failed");
+        // Rate-limited: a client can make requests fail as often as it likes.
+        static FAILED: Throttle = Throttle::new("gRPC request failed");
+        if let Some(suppressed) = FAILED.admit(&format!("{code:?}")) {
+            throttle::report("gRPC request failed", suppressed);
+            tracing::warn!(code = ?code, error = %message, "gRPC request failed");
+        }
     }
     Status::new(code, message)
 }
