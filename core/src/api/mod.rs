@@ -34,8 +34,8 @@
 pub mod auth;
 pub mod backend;
 pub mod binary;
-mod body_limit;
 pub mod body_budget;
+mod body_limit;
 mod compression;
 pub mod conn;
 pub mod contents;
