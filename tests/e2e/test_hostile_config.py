@@ -111,7 +111,16 @@ def test_config_toml_delays_fail_their_model_and_the_others_serve(start_server, 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("request_timeout_ms", HUGE_U64), ("queue_capacity", "0"), ("max_body_bytes", HUGE_U64)],
+    [
+        ("request_timeout_ms", HUGE_U64),
+        ("queue_capacity", "0"),
+        ("max_body_bytes", HUGE_U64),
+        ("max_buffered_bytes", "0"),
+        ("max_shm_regions", "0"),
+        ("max_connections", "0"),
+        ("header_read_timeout_ms", "0"),
+        ("idle_connection_timeout_ms", HUGE_U64),
+    ],
 )
 def test_a_serve_config_server_key_out_of_range_names_the_key(tmp_path, key, value):
     config = tmp_path / "unimodel.toml"

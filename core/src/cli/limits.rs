@@ -118,6 +118,38 @@ pub fn check_server_file(args: &ServeArgs) -> Result<(), String> {
     }
     in_range(s.queue_capacity, 1, MAX_QUEUE_CAPACITY, "requests", "")
         .map_err(|e| format!("server.queue_capacity: {e}"))?;
+    in_range(s.max_buffered_bytes, 1, 1 << 48, "bytes", " (256 TiB)")
+        .map_err(|e| format!("server.max_buffered_bytes: {e}"))?;
+    // The same ranges as the flags' clap parsers (`args.rs`).
+    let connection_timeouts = [
+        (
+            "header_read_timeout_ms",
+            s.conn.header_read_timeout_ms,
+            3_600_000,
+            " (1 hour)",
+        ),
+        (
+            "body_read_timeout_ms",
+            s.conn.body_read_timeout_ms,
+            86_400_000,
+            " (1 day)",
+        ),
+        (
+            "idle_connection_timeout_ms",
+            s.conn.idle_connection_timeout_ms,
+            86_400_000,
+            " (1 day)",
+        ),
+    ];
+    for (key, ms, max, what) in connection_timeouts {
+        in_range(ms, 1, max, "milliseconds", what).map_err(|e| format!("server.{key}: {e}"))?;
+    }
+    in_range(s.max_shm_regions, 1, 1_000_000, "regions", "")
+        .map_err(|e| format!("server.max_shm_regions: {e}"))?;
+    if let Some(n) = s.conn.max_connections {
+        in_range(n, 1, 10_000_000, "connections", "")
+            .map_err(|e| format!("server.max_connections: {e}"))?;
+    }
     Ok(())
 }
 

@@ -61,6 +61,11 @@ struct ServerFile {
     tls_key_file: Option<PathBuf>,
     tls_client_ca_file: Option<PathBuf>,
     tls_handshake_timeout_ms: Option<u64>,
+    max_shm_regions: Option<u64>,
+    max_connections: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    idle_connection_timeout_ms: Option<u64>,
 }
 
 /// Applies `file` to `args` (where the flag was not given) and returns the model source.
@@ -102,6 +107,13 @@ pub fn apply(
         args.server.metrics_port = s.metrics_port;
     }
     set!(args.server.tls, tls_handshake_timeout_ms);
+    set!(args.server, max_shm_regions);
+    set!(args.server.conn, header_read_timeout_ms);
+    set!(args.server.conn, body_read_timeout_ms);
+    set!(args.server.conn, idle_connection_timeout_ms);
+    if s.max_connections.is_some() && !given("max_connections") {
+        args.server.conn.max_connections = s.max_connections;
+    }
     // TLS files, like python, are relative to the config file.
     let tls = &mut args.server.tls;
     for (value, target, id) in [

@@ -10,7 +10,7 @@
 //!
 //! A throttle is a `static` at its call site:
 //!
-//! ```ignore
+//! ```text
 //! static FAILED: Throttle = Throttle::new("request failed");
 //! if let Some(suppressed) = FAILED.admit("503") { /* log, mentioning `suppressed` if > 0 */ }
 //! ```
