@@ -9,8 +9,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Debian packages the build and tests need beyond rustup's toolchain and python3.
 # Adding one is one word here (e.g. protobuf-compiler once proto/ lands). `prometheus` brings
-# promtool, which tests/e2e/test_metrics.py runs on /metrics and deploy/prometheus/alerts.yml.
-DEBIAN_PACKAGES=(python3-venv prometheus)
+# promtool, which tests/e2e/test_metrics.py runs on /metrics and deploy/prometheus/alerts.yml;
+# curl speaks raw gRPC over HTTP/2 in tests/e2e/test_grpc.py (a deadline with no client timer).
+DEBIAN_PACKAGES=(python3-venv prometheus curl)
 
 VENV=.venv-test
 PY="$VENV/bin/python"

@@ -6,7 +6,9 @@ serving after each error."""
 import asyncio
 import queue
 import re
+import subprocess
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -434,6 +436,35 @@ def test_queue_full_is_resource_exhausted_and_deadlines_expire(start_server):
     err = grpc_error(lambda: c.infer("slow", [fp32_input("x", [1.0])], client_timeout=0.3))
     assert_code(err, "DEADLINE_EXCEEDED")
     assert c.infer("slow", [fp32_input("x", [5.0])]).as_numpy("y").tolist() == [10.0]
+
+
+def test_the_server_answers_its_own_deadline_with_deadline_exceeded(start_server):
+    """A call whose `grpc-timeout` passes on the server first gets DEADLINE_EXCEEDED (4), as
+    the gRPC spec says, not tonic's CANCELLED "Timeout expired". curl sends the header with
+    no timer of its own, so only the server's deadline can end the call."""
+    server = start_server(plugin("slow.py"), "--set", "delay_s=5.0")
+    req = service_pb2.ModelInferRequest(model_name="slow")
+    tensor = req.inputs.add(name="x", datatype="FP32", shape=[1])
+    tensor.contents.fp32_contents.append(1.0)
+    message = req.SerializeToString()
+    frame = b"\x00" + len(message).to_bytes(4, "big") + message
+    done = subprocess.run(
+        [
+            "curl", "-sS", "--http2-prior-knowledge", "--max-time", "60",
+            "-H", "content-type: application/grpc", "-H", "te: trailers",
+            "-H", "grpc-timeout: 300m", "--data-binary", "@-", "-D", "-", "-o", "/dev/null",
+            f"http://{server.grpc_url}/inference.GRPCInferenceService/ModelInfer",
+        ],
+        input=frame, capture_output=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    headers = urllib.parse.unquote(done.stdout.decode(errors="replace"))
+    status = re.search(r"grpc-status: *(\d+)", headers)
+    assert status, headers
+    assert status.group(1) == "4", headers
+    assert "model 'slow': request timed out after 300ms" in headers, headers
+    # The server goes on.
+    assert client(server).is_server_live()
 
 
 def test_traceparent_metadata_reaches_the_plugin_log(start_server):

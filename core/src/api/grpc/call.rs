@@ -4,10 +4,18 @@
 //! handed to the worker, an invalid one is ignored. The client's deadline (`grpc-timeout`)
 //! becomes the engine request's timeout, so a request whose caller has given up is dropped
 //! from the queue instead of being executed for nobody.
+//!
+//! The deadline is also ours to answer: tonic's server drops a call whose `grpc-timeout` has
+//! passed with CANCELLED "Timeout expired", where the gRPC spec says DEADLINE_EXCEEDED (and a
+//! client whose own timer is late under load reports what the server said). So every call is
+//! stamped with its arrival (`stamp_arrival`, the outermost layer, whose `call` runs before
+//! tonic arms its timer), and `ModelInfer` gives up at arrival + deadline with
+//! DEADLINE_EXCEEDED: at or before tonic's instant, and tonic polls the call before its timer.
 
 use crate::api::observe::RequestTrace;
 use crate::telemetry::{self, TraceParent, trace_context::TRACEPARENT};
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tracing::field;
 
@@ -17,6 +25,19 @@ pub struct CallContext {
     pub trace: RequestTrace,
     pub span: tracing::Span,
     pub deadline: Option<Duration>,
+    /// When the client's deadline passes, counted from the call's arrival (`expiring`).
+    pub expires: Option<Instant>,
+}
+
+/// When a call reached the server (an extension `stamp_arrival` puts on every request).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(pub Instant);
+
+/// Stamps a request with its arrival; the outermost gRPC layer, so the stamp is taken before
+/// tonic arms its own `grpc-timeout` timer.
+pub fn stamp_arrival<B>(mut req: http::Request<B>) -> http::Request<B> {
+    req.extensions_mut().insert(Arrival(Instant::now()));
+    req
 }
 
 impl CallContext {
@@ -38,7 +59,17 @@ impl CallContext {
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_grpc_timeout),
+            expires: None,
         }
+    }
+
+    /// Sets `expires` from the call's arrival stamp (now, if it has none) and its deadline.
+    pub fn expiring(mut self, extensions: &http::Extensions) -> CallContext {
+        let arrival = extensions
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        self.expires = self.deadline.and_then(|d| arrival.checked_add(d));
+        self
     }
 }
 
@@ -101,6 +132,11 @@ mod tests {
         );
         assert!(call.trace.propagate);
         assert_eq!(call.deadline, Some(Duration::from_millis(250)));
+        let arrived = Instant::now();
+        let mut extensions = http::Extensions::new();
+        extensions.insert(Arrival(arrived));
+        let call = call.expiring(&extensions);
+        assert_eq!(call.expires, Some(arrived + Duration::from_millis(250)));
 
         let mut bad = MetadataMap::new();
         bad.insert("traceparent", "00-zz-00".parse().unwrap());

@@ -124,7 +124,9 @@ pub async fn start<B: Backend>(
     let server = Server::builder()
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        // Outermost: a request denied by auth still counts as activity on its connection.
+        // Outermost: the arrival stamp, taken before tonic arms its deadline timer (`call.rs`).
+        .layer(tower::util::MapRequestLayer::new(call::stamp_arrival))
+        // A request denied by auth still counts as activity on its connection.
         .layer(TrackLayer::registry(conns.registry.clone()))
         .layer(tower::util::option_layer(gate))
         .layer(tower::util::MapRequestLayer::new(

@@ -62,7 +62,17 @@ impl<B: Backend> InferenceService<B> {
         let answer = async {
             let (mut request, shm) = convert::decode(req, call.deadline, &self.regions)?;
             request.trace = call.trace.propagate.then_some(call.trace.trace);
-            let response = self.backend.infer(request).await?;
+            let infer = self.backend.infer(request);
+            let response = match call.expires {
+                // Dropping `infer` cancels the request in the engine.
+                Some(at) => tokio::time::timeout_at(at, infer).await.map_err(|_| {
+                    EngineError::Timeout {
+                        model: model.clone(),
+                        after: call.deadline.unwrap_or_default(),
+                    }
+                })??,
+                None => infer.await?,
+            };
             served = Some((response.model_version.clone(), response.batch_size));
             convert::encode(response, &shm)
         }
@@ -215,7 +225,7 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> RpcResult<ModelInferResponse> {
-        let call = CallContext::new(req.metadata(), "ModelInfer");
+        let call = CallContext::new(req.metadata(), "ModelInfer").expiring(req.extensions());
         let response = self.infer_one(req.into_inner(), &call).await?;
         Ok(Response::new(response))
     }
