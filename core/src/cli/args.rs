@@ -146,9 +146,10 @@ pub struct ServerArgs {
     /// 2^40, 1 TiB).
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = limits::byte_count)]
     pub max_body_bytes: usize,
-    /// Bytes of REST request bodies (infer, generate) the server holds at once, across all
-    /// connections; past it a new body waits up to 2 s for room, then gets 503. Bounds what
-    /// many slow or stalled uploads can pin. Should be at least --max-body-bytes.
+    /// Bytes of request bodies the server holds at once, across all connections: REST bodies
+    /// (infer, generate) and gRPC messages (as they arrive, until answered); past it a new
+    /// body waits up to 2 s for room, then gets 503 (gRPC: UNAVAILABLE). Bounds what many
+    /// slow or stalled uploads can pin. Should be at least --max-body-bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it

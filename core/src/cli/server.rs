@@ -16,6 +16,7 @@ use super::args::ServerArgs;
 use super::metrics_port;
 use super::serving::ServeSettings;
 use crate::api::Backend;
+use crate::api::body_budget::BodyBudget;
 use crate::api::conn::{Acceptor, ConnTimeouts, ConnectionLimit, Guard, HttpIncoming, serve_http};
 use crate::api::grpc::{self, GrpcConfig, GrpcServer};
 use crate::api::http::{HttpConfig, router};
@@ -174,6 +175,11 @@ pub async fn serve_until_signal<B: Backend>(
             gauge.set(i64::try_from(counted.len()).unwrap_or(i64::MAX));
         });
     }
+    // One budget for the request bytes both protocols hold (`--max-buffered-bytes`).
+    let budget = BodyBudget::new(
+        usize::try_from(server.max_buffered_bytes).unwrap_or(usize::MAX),
+        metrics.as_ref().map(|m| m.buffered_request_bytes()),
+    );
     if let Some(tls) = &listening.tls {
         tokio::spawn(reload_tls_on_sighup(Arc::clone(tls)));
     }
@@ -187,6 +193,7 @@ pub async fn serve_until_signal<B: Backend>(
             auth: auth.clone(),
             tls: listening.handshake(ListenerKind::Grpc, metrics.as_deref()),
             guard: listening.guard.clone(),
+            budget: budget.clone(),
         },
     )
     .await?;
@@ -195,7 +202,7 @@ pub async fn serve_until_signal<B: Backend>(
         backend,
         HttpConfig {
             max_body_bytes: server.max_body_bytes,
-            max_buffered_bytes: usize::try_from(server.max_buffered_bytes).unwrap_or(usize::MAX),
+            budget,
             regions,
             auth,
         },
