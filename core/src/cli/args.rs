@@ -165,6 +165,8 @@ pub struct ServerArgs {
     pub allow_client_shm: bool,
     /// Most client shared-memory regions registered at once (each holds two descriptors);
     /// registering more is refused (429 / RESOURCE_EXHAUSTED) until some are unregistered.
+    /// Lowered (and logged) so that regions × 2 + --max-connections + the descriptors kept
+    /// for workers fit within RLIMIT_NOFILE.
     #[arg(long, value_name = "N", default_value_t = crate::regions::DEFAULT_MAX_REGIONS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_shm_regions: u64,
     #[command(flatten)]
