@@ -15,6 +15,7 @@ import queue
 import socket
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -277,6 +278,16 @@ def test_grpc_calls_stalled_mid_message_are_bounded_by_max_buffered_bytes(start_
         small = grpc_echo(client, 10)
         assert small.as_numpy("y").tolist() == [1.0] * 10
         assert buffered_bytes(server) == 180_000
+        # With the budget full, health checks are still answered (they are not charged).
+        stalled.append(stalled_grpc_call(server, MIB, 20_000))
+        wait_until(lambda: buffered_bytes(server) == budget, 60, "the budget full")
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            assert check(b"", timeout=30) == b"\x08\x01"  # HealthCheckResponse{SERVING}
     finally:
         for sock in stalled:
             sock.close()

@@ -17,6 +17,8 @@
 //!   working on, never the sum of everything it ever sent.
 //!
 //! Bytes are counted as they come off the wire (compressed, when a call is compressed).
+//! `grpc.health.v1` calls are not charged, so health probes answer however full the budget
+//! is; their messages are capped at `HEALTH_MESSAGE_LIMIT` instead (`mod.rs`).
 
 use crate::api::ApiError;
 use crate::api::body_budget::{BodyBudget, Charge};
@@ -32,6 +34,10 @@ use tonic::Status;
 
 /// The call whose messages are charged one by one.
 const STREAM_PATH: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+/// Calls that are not charged (their messages are small by their own limit).
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// The largest `grpc.health.v1` request message (a service name).
+pub const HEALTH_MESSAGE_LIMIT: usize = 4096;
 
 /// Charges of a stream's whole messages, oldest first, for the handler to take in the order
 /// it receives the messages.
@@ -97,6 +103,12 @@ where
     }
 
     fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path().starts_with(HEALTH_PREFIX) {
+            return HoldingFuture {
+                inner: self.inner.call(req),
+                shared: None,
+            };
+        }
         let (mut parts, body) = req.into_parts();
         let (mode, shared) = if parts.uri.path() == STREAM_PATH {
             let queue = MessageCharges::default();

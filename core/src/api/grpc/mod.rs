@@ -121,7 +121,9 @@ pub async fn start<B: Backend>(
             .send_compressed(encoding);
     }
     let (readiness, changed) = watch::channel(());
-    let health = HealthServer::new(health::HealthService::new(backend, changed));
+    // Health calls are not charged to the buffered-bytes budget; their own limit is small.
+    let health = HealthServer::new(health::HealthService::new(backend, changed))
+        .max_decoding_message_size(budget::HEALTH_MESSAGE_LIMIT);
     let (stop, stopped) = oneshot::channel::<()>();
     // A peer that stops answering pings is gone: its connection closes after the keepalive
     // timeout, streams included. Pings go out after half the idle timeout without frames.
