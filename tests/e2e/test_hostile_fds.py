@@ -3,12 +3,15 @@
 Before: ~20k idle connections (or a low RLIMIT_NOFILE) used every descriptor; a worker crash
 then failed its restart three times in 0.4 s with EMFILE and the model stayed FAILED after
 every connection was gone. Slow clients could hold a connection forever (no header, body or
-idle timeout), and there was no cap on connections.
+idle timeout), and there was no cap on connections. Client shm regions (two descriptors each)
+were capped at 1024 whatever the descriptor limit, so registering them could use up the
+descriptors a worker restart needs.
 
 Each test drives the real binary on loopback, bounded in count and time; ordering comes from
 the server's own health routes, metrics and log lines.
 """
 
+import os
 import re
 import resource
 import socket
@@ -16,6 +19,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from umclient import Inp, infer_json, model_gauge, plugin, wait_until
@@ -60,6 +64,23 @@ def wait_model_ready(session: requests.Session, server, deadline_s: float = 90) 
             return False
 
     wait_until(ready, deadline_s, "model exiter ready again")
+
+
+def ready_workers(server) -> int:
+    """How many times a worker has become ready (the server's log)."""
+    return server.log_text().count("worker ready")
+
+
+def wait_restart_settled(session: requests.Session, server, ready_before: int) -> str:
+    """After a crash: READY once a worker became ready again (a log line beyond the
+    `ready_before` there were before the crash), FAILED if the model gave up."""
+
+    def settled() -> str | None:
+        if ready_workers(server) > ready_before:
+            return "READY"
+        return "FAILED" if model_state(session, server) == "FAILED" else None
+
+    return wait_until(settled, 60, "the restart to succeed or fail")
 
 
 def answers(session: requests.Session, server) -> None:
@@ -108,14 +129,11 @@ def test_idle_connections_past_the_fd_limit_cannot_keep_a_crashed_model_down(sta
         # More connections than the server has descriptors.
         idle = open_until_refused(server.port, 300)
         try:
+            before = ready_workers(server)
             crash_worker(s, server)
             # With every connection still open, the restart settles one way or the other:
             # the descriptors kept out of --max-connections let it succeed.
-            settled = wait_until(
-                lambda: model_state(s, server) in ("READY", "FAILED") and model_state(s, server),
-                60,
-                "the restart to succeed or fail",
-            )
+            settled = wait_restart_settled(s, server, before)
             assert settled == "READY", f"with {len(idle)} connections open: {settled}"
         finally:
             for sock in idle:
@@ -318,3 +336,59 @@ def test_requests_running_past_the_idle_timeout_are_not_cut(start_server, tmp_pa
     assert results["rest"].status_code == 200, results["rest"].text
     assert results["rest"].json()["outputs"][0]["data"] == [2.0]
     assert results["grpc"].tolist() == [4.0]
+
+
+@pytest.fixture
+def shm_segment():
+    """The key of a fresh 4 KiB POSIX shared-memory segment, removed afterwards."""
+    key = f"um-hostile-fds-{os.getpid()}"
+    path = Path("/dev/shm") / key
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, 4096)
+    os.close(fd)
+    yield "/" + key
+    path.unlink(missing_ok=True)
+
+
+def register_region(session: requests.Session, server, name: str, key: str) -> requests.Response:
+    return session.post(
+        server.url(f"/v2/systemsharedmemory/region/{name}/register"),
+        json={"key": key, "offset": 0, "byte_size": 4096},
+        timeout=30,
+    )
+
+
+def test_shm_regions_stop_at_a_clear_429_before_the_descriptors_run_out(start_server, shm_segment):
+    def limit_512() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    server = start_server(
+        EXITER, "--allow-client-shm", "--max-connections", "100", preexec_fn=limit_512
+    )
+    with requests.Session() as s:
+        answers(s, server)
+        # 512 descriptors, 128 kept for workers, 100 for connections: room for 142 regions
+        # of two descriptors each (the default cap, 1024, would take 2048).
+        registered = 0
+        for i in range(1024):
+            resp = register_region(s, server, f"r{i}", shm_segment)
+            if resp.status_code != 200:
+                break
+            registered += 1
+        assert (
+            resp.status_code == 429
+        ), f"after {registered} regions: {resp.status_code} {resp.text}"
+        assert "142 regions" in resp.text and "--max-shm-regions" in resp.text, resp.text
+        assert registered == 142
+        assert "--max-shm-regions 1024 lowered to 142" in server.log_text()
+        text = scrape(s, server)
+        assert metric(text, "unimodel_shm_regions") == 142
+        open_fds = metric(text, "unimodel_open_fds")
+        assert open_fds is not None and open_fds < 512 - 64, open_fds
+        # With every region still registered, a crashed worker is restarted.
+        before = ready_workers(server)
+        crash_worker(s, server)
+        assert wait_restart_settled(s, server, before) == "READY", server.log_tail(10)
+        wait_model_ready(s, server)
+        answers(s, server)
+        assert "Too many open files" not in server.log_text()

@@ -7,14 +7,20 @@ through /proc/PID/clear_refs right before the request, so the baseline is taken 
 test) over the body size, bounded by a stated multiple. Figures per path, old and new, are in
 benches/README.md (benches/amplification.py). Stalled bodies are bounded by
 --max-buffered-bytes: what does not fit gets 503 naming the flag, and the budget comes back
-when the connections go.
+when the connections go. gRPC calls are charged to the same budget as their bytes arrive: calls
+that stall mid-message hold it, and a call that does not fit fails naming the flag.
 """
 
+import queue
 import socket
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 from umclient import HTTP_TIMEOUT, plugin, wait_until
 
 MIB = 1 << 20
@@ -174,3 +180,138 @@ def test_stalled_bodies_are_bounded_by_max_buffered_bytes(start_server):
     # A single body larger than the whole budget is refused outright.
     answer = refused_upload(server, budget + 1)
     assert answer.startswith("HTTP/1.1 503") and "--max-buffered-bytes" in answer, answer
+
+
+# A raw HTTP/2 client, just enough to start a gRPC call and stall in the middle of its message
+# (grpcio sends whole messages only).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_DATA, H2_HEADERS, H2_SETTINGS = 0, 1, 4
+END_HEADERS, ACK = 4, 1
+#: What a client may send on a new stream before the server grants more (RFC 9113 6.9.2),
+#: in frames of at most the default 16 KiB.
+H2_WINDOW, H2_FRAME = 65_535, 16_384
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def hpack_literal(name: bytes, value: bytes) -> bytes:
+    """A header as an HPACK literal without indexing (lengths below 127 fit one byte)."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def h2_read_frame(sock: socket.socket) -> tuple[int, int]:
+    head = b""
+    while len(head) < 9:
+        chunk = sock.recv(9 - len(head))
+        assert chunk, "the server closed the HTTP/2 connection"
+        head += chunk
+    left = int.from_bytes(head[:3], "big")
+    while left:
+        chunk = sock.recv(left)
+        assert chunk, "the server closed the HTTP/2 connection"
+        left -= len(chunk)
+    return head[3], head[4]
+
+
+def stalled_grpc_call(server, declared: int, sent: int) -> socket.socket:
+    """A ModelInfer call whose message declares `declared` bytes; `sent` bytes of it (its
+    5-byte prefix included) are sent, then the client stalls."""
+    assert sent <= H2_WINDOW
+    host, port = server.grpc_url.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    headers = b"".join(
+        hpack_literal(name, value)
+        for name, value in (
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+            (b":authority", b"x"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        )
+    )
+    sock.sendall(H2_PREFACE + h2_frame(H2_SETTINGS, 0, 0, b""))
+    # Acknowledge the server's settings, as a client must.
+    while h2_read_frame(sock) != (H2_SETTINGS, 0):
+        pass
+    sock.sendall(h2_frame(H2_SETTINGS, ACK, 0, b""))
+    message = b"\x00" + declared.to_bytes(4, "big") + b"\x00" * (sent - 5)
+    frames = [h2_frame(H2_HEADERS, END_HEADERS, 1, headers)]
+    for at in range(0, len(message), H2_FRAME):
+        frames.append(h2_frame(H2_DATA, 0, 1, message[at : at + H2_FRAME]))
+    sock.sendall(b"".join(frames))
+    return sock
+
+
+def grpc_echo(client, count: int):
+    x = grpcclient.InferInput("x", [count], "FP32")
+    x.set_data_from_numpy(np.ones(count, dtype=np.float32))
+    return client.infer("echo_fp32", [x], client_timeout=60)
+
+
+def test_grpc_calls_stalled_mid_message_are_bounded_by_max_buffered_bytes(start_server):
+    budget = 200_000
+    server = start_server(plugin("echo_any.py"), "--max-buffered-bytes", str(budget))
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stalled = []
+    try:
+        # Three calls declaring 1 MiB messages send 60000 bytes each and stall: 180000 held.
+        for i in range(3):
+            stalled.append(stalled_grpc_call(server, MIB, 60_000))
+            wait_until(
+                lambda n=i + 1: buffered_bytes(server) == n * 60_000,
+                60,
+                f"{i + 1} stalled gRPC messages charged",
+            )
+        # A 120 KB message does not fit beside them: it waits briefly, then fails naming
+        # the flag, with the code REST's 503 has (UNAVAILABLE, `api/error.rs`).
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_echo(client, 30_000)
+        assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value
+        assert "--max-buffered-bytes" in refused.value.message(), refused.value
+        # A call that fits is still served meanwhile.
+        small = grpc_echo(client, 10)
+        assert small.as_numpy("y").tolist() == [1.0] * 10
+        assert buffered_bytes(server) == 180_000
+        # With the budget full, health checks are still answered (they are not charged).
+        stalled.append(stalled_grpc_call(server, MIB, 20_000))
+        wait_until(lambda: buffered_bytes(server) == budget, 60, "the budget full")
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            assert check(b"", timeout=30) == b"\x08\x01"  # HealthCheckResponse{SERVING}
+    finally:
+        for sock in stalled:
+            sock.close()
+    # Closed connections give their bytes back, and the large call now fits.
+    wait_until(lambda: buffered_bytes(server) == 0, 60, "the budget to be returned")
+    assert grpc_echo(client, 30_000).as_numpy("y").shape == (30_000,)
+    assert buffered_bytes(server) == 0
+
+
+def test_a_grpc_stream_holds_only_the_messages_it_is_answering(start_server):
+    # Each message is charged while it is received and answered, then given back: a stream
+    # that sends ten times the budget in all is served whole.
+    server = start_server(plugin("echo_any.py"), "--max-buffered-bytes", "200000")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for _ in range(16):
+            x = grpcclient.InferInput("x", [30_000], "FP32")
+            x.set_data_from_numpy(np.ones(30_000, dtype=np.float32))
+            client.async_stream_infer("echo_fp32", [x])
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            assert result.as_numpy("y").shape == (30_000,)
+    finally:
+        client.stop_stream()
+    wait_until(lambda: buffered_bytes(server) == 0, 60, "the budget to be returned")

@@ -1,4 +1,4 @@
-//! The global budget for buffered REST request bodies (`--max-buffered-bytes`).
+//! The global budget for buffered request bodies (`--max-buffered-bytes`), REST and gRPC.
 //!
 //! A body with a `Content-Length` is charged its whole length to one semaphore before any
 //! of it is read (a chunked or decompressed body: each chunk as it arrives), and the charge
@@ -22,7 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How long a body waits for room in the budget before it gets 503.
 const WAIT: Duration = Duration::from_secs(2);
 
-/// The budget, shared by every REST route that reads a body.
+/// The budget, shared by every REST route that reads a body and by the gRPC server
+/// (`grpc/budget.rs`, which charges messages as their bytes arrive).
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
     permits: Arc<Semaphore>,
@@ -60,14 +61,12 @@ impl BodyBudget {
         // Untouched capacity costs no memory; the charge follows the bytes that arrive.
         let mut held = Held {
             buf: Vec::with_capacity(declared.unwrap_or(0)),
-            charge: None,
-            gauge: self.gauge.clone(),
-            charged: 0,
+            charge: self.empty(),
         };
         // Charged up front: a client that declares a length and stalls holds no more than
         // it declared, and one that does not fit is answered before it sends a byte.
         let prepaid = declared.unwrap_or(0);
-        self.charge(&mut held, prepaid).await?;
+        self.charge(&mut held.charge, prepaid).await?;
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -79,47 +78,129 @@ impl BodyBudget {
             if held.buf.len() + data.len() > limit {
                 return Err(ApiError::PayloadTooLarge { limit });
             }
-            let beyond = (held.buf.len() + data.len()).saturating_sub(prepaid.max(held.charged));
-            self.charge(&mut held, beyond).await?;
+            let beyond =
+                (held.buf.len() + data.len()).saturating_sub(prepaid.max(held.charge.bytes()));
+            self.charge(&mut held.charge, beyond).await?;
             held.buf.extend_from_slice(&data);
         }
         Ok(Bytes::from_owner(held))
     }
 
-    /// Takes `n` more bytes from the budget for `held`, waiting up to `WAIT`.
-    async fn charge(&self, held: &mut Held, n: usize) -> Result<(), ApiError> {
-        if n == 0 {
-            return Ok(());
+    /// A charge of nothing, to add to.
+    pub fn empty(&self) -> Charge {
+        Charge {
+            permit: None,
+            gauge: self.gauge.clone(),
         }
-        let full = || {
-            ApiError::Unavailable(format!(
-                "request bodies held by the server have reached the --max-buffered-bytes limit of {} bytes; retry later, or raise --max-buffered-bytes",
-                self.total
-            ))
-        };
-        if held.charged + n > self.total {
-            return Err(full());
-        }
-        let n32 = u32::try_from(n).map_err(|_| full())?;
-        let permit = match Arc::clone(&self.permits).try_acquire_many_owned(n32) {
-            Ok(p) => p,
-            Err(_) => {
-                let wait = Arc::clone(&self.permits).acquire_many_owned(n32);
-                match tokio::time::timeout(WAIT, wait).await {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(full()),
-                }
-            }
-        };
-        match &mut held.charge {
-            Some(c) => c.merge(permit),
-            None => held.charge = Some(permit),
-        }
-        held.charged += n;
-        if let Some(g) = &held.gauge {
-            g.inc_by(n as i64);
-        }
+    }
+
+    /// Adds `n` bytes to `charge`, waiting up to `WAIT` for room (503 naming the flag).
+    pub async fn charge(&self, charge: &mut Charge, n: usize) -> Result<(), ApiError> {
+        let more = self.clone().take(charge.bytes(), n).await?;
+        charge.merge(more);
         Ok(())
+    }
+
+    /// `n` bytes at once, if they fit now, for a holder already charged `held` bytes.
+    /// `Ok(None)`: they must wait.
+    pub fn try_take(&self, held: usize, n: usize) -> Result<Option<Charge>, ApiError> {
+        let n32 = self.checked(held, n)?;
+        if n == 0 {
+            return Ok(Some(self.empty()));
+        }
+        Ok(Arc::clone(&self.permits)
+            .try_acquire_many_owned(n32)
+            .ok()
+            .map(|p| self.charged(p)))
+    }
+
+    /// `n` bytes for a holder already charged `held` bytes, waiting up to `WAIT` for room;
+    /// past it, or when `held + n` exceeds the whole budget, 503 naming the flag.
+    pub async fn take(self, held: usize, n: usize) -> Result<Charge, ApiError> {
+        if let Some(now) = self.try_take(held, n)? {
+            return Ok(now);
+        }
+        let n32 = self.checked(held, n)?;
+        let wait = Arc::clone(&self.permits).acquire_many_owned(n32);
+        match tokio::time::timeout(WAIT, wait).await {
+            Ok(Ok(p)) => Ok(self.charged(p)),
+            _ => Err(self.full()),
+        }
+    }
+
+    /// `n` as permits, refused at once when `held + n` could never fit.
+    fn checked(&self, held: usize, n: usize) -> Result<u32, ApiError> {
+        if held.saturating_add(n) > self.total {
+            return Err(self.full());
+        }
+        u32::try_from(n).map_err(|_| self.full())
+    }
+
+    fn charged(&self, permit: OwnedSemaphorePermit) -> Charge {
+        if let Some(g) = &self.gauge {
+            g.inc_by(i64::try_from(permit.num_permits()).unwrap_or(i64::MAX));
+        }
+        Charge {
+            permit: Some(permit),
+            gauge: self.gauge.clone(),
+        }
+    }
+
+    /// The error of a body that does not fit (503 on REST, its gRPC code by the same class).
+    fn full(&self) -> ApiError {
+        ApiError::Unavailable(format!(
+            "request bodies held by the server have reached the --max-buffered-bytes limit of {} bytes; retry later, or raise --max-buffered-bytes",
+            self.total
+        ))
+    }
+}
+
+/// Bytes taken from the budget; dropping the charge returns them.
+#[derive(Debug)]
+pub struct Charge {
+    permit: Option<OwnedSemaphorePermit>,
+    gauge: Option<Gauge>,
+}
+
+impl Charge {
+    /// How many bytes this charge holds.
+    pub fn bytes(&self) -> usize {
+        self.permit
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    /// Adds `other`'s bytes to this charge.
+    pub fn merge(&mut self, mut other: Charge) {
+        let Some(more) = other.permit.take() else {
+            return;
+        };
+        match &mut self.permit {
+            Some(p) => p.merge(more),
+            None => self.permit = Some(more),
+        }
+    }
+
+    /// Moves the first `n` bytes (at most all) of this charge into a charge of their own.
+    pub fn split(&mut self, n: usize) -> Charge {
+        let n = n.min(self.bytes());
+        let permit = if n == self.bytes() {
+            self.permit.take()
+        } else {
+            self.permit.as_mut().and_then(|p| p.split(n))
+        };
+        Charge {
+            permit,
+            gauge: self.gauge.clone(),
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.dec_by(i64::try_from(self.bytes()).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -127,22 +208,12 @@ impl BodyBudget {
 /// the bytes to the budget.
 struct Held {
     buf: Vec<u8>,
-    charge: Option<OwnedSemaphorePermit>,
-    gauge: Option<Gauge>,
-    charged: usize,
+    charge: Charge,
 }
 
 impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
         &self.buf
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(g) = &self.gauge {
-            g.dec_by(self.charged as i64);
-        }
     }
 }
 

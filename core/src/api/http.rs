@@ -40,8 +40,8 @@ pub struct HttpConfig {
     /// Largest request body accepted (`--max-body-bytes`); larger bodies get 413.
     pub max_body_bytes: usize,
     /// Budget for the bodies of tensor routes held at once (`--max-buffered-bytes`; see
-    /// `body_budget.rs`); past it a body waits briefly, then gets 503.
-    pub max_buffered_bytes: usize,
+    /// `body_budget.rs`), shared with gRPC; past it a body waits briefly, then gets 503.
+    pub budget: BodyBudget,
     /// Clients' shared-memory regions (`/v2/systemsharedmemory/*`, shm inputs and outputs).
     pub regions: Arc<Regions>,
     /// API keys / JWT (`--api-key-file`, `--jwt-*`); `None`: auth off, no layer at all.
@@ -82,10 +82,7 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let metrics = backend.metrics();
     let auth = cfg.auth.clone();
     let gate = auth.map(|a| super::auth::AuthGate::new(a, metrics.clone()));
-    let budget = BodyBudget::new(
-        cfg.max_buffered_bytes,
-        metrics.as_ref().map(|m| m.buffered_request_bytes()),
-    );
+    let budget = cfg.budget.clone();
     let state = AppState {
         backend,
         cfg: Arc::new(cfg),

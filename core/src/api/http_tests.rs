@@ -276,7 +276,7 @@ fn app(fake: &Arc<Fake>) -> Router {
         Arc::clone(fake),
         HttpConfig {
             max_body_bytes: MAX_BODY,
-            max_buffered_bytes: 1 << 30,
+            budget: crate::api::body_budget::BodyBudget::new(1 << 30, None),
             regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
             auth: None,
         },
@@ -1111,7 +1111,7 @@ fn app_with_auth(fake: &Arc<Fake>) -> Router {
         Arc::clone(fake),
         HttpConfig {
             max_body_bytes: MAX_BODY,
-            max_buffered_bytes: 1 << 30,
+            budget: crate::api::body_budget::BodyBudget::new(1 << 30, None),
             regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
             auth: Some(Arc::new(auth)),
         },

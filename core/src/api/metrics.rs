@@ -214,7 +214,7 @@ mod tests {
             backend.clone(),
             HttpConfig {
                 max_body_bytes: 1024,
-                max_buffered_bytes: 1 << 30,
+                budget: crate::api::body_budget::BodyBudget::new(1 << 30, None),
                 regions: std::sync::Arc::new(crate::regions::Regions::new(false)),
                 auth: None,
             },

@@ -146,9 +146,10 @@ pub struct ServerArgs {
     /// 2^40, 1 TiB).
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = limits::byte_count)]
     pub max_body_bytes: usize,
-    /// Bytes of REST request bodies (infer, generate) the server holds at once, across all
-    /// connections; past it a new body waits up to 2 s for room, then gets 503. Bounds what
-    /// many slow or stalled uploads can pin. Should be at least --max-body-bytes.
+    /// Bytes of request bodies the server holds at once, across all connections: REST bodies
+    /// (infer, generate) and gRPC messages (as they arrive, until answered); past it a new
+    /// body waits up to 2 s for room, then gets 503 (gRPC: UNAVAILABLE). Bounds what many
+    /// slow or stalled uploads can pin. Should be at least --max-body-bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it
@@ -164,6 +165,8 @@ pub struct ServerArgs {
     pub allow_client_shm: bool,
     /// Most client shared-memory regions registered at once (each holds two descriptors);
     /// registering more is refused (429 / RESOURCE_EXHAUSTED) until some are unregistered.
+    /// Lowered (and logged) so that regions × 2 + --max-connections + the descriptors kept
+    /// for workers fit within RLIMIT_NOFILE.
     #[arg(long, value_name = "N", default_value_t = crate::regions::DEFAULT_MAX_REGIONS, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_shm_regions: u64,
     #[command(flatten)]

@@ -2,6 +2,9 @@
 //! holds a socket per connection should not stop at the 1024 a login shell hands it), and
 //! `--max-connections` is kept below it by a reserve, so that the descriptors a worker
 //! restart needs (socket pair, arenas, pipes) are there even with every connection open.
+//! Client shm regions hold two descriptors each, so `--max-shm-regions` is kept to what the
+//! limit leaves after the reserve and the connections: regions × 2 + connections + reserve
+//! stays within the soft limit, and registering more is a clear 429, never EMFILE.
 
 use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
 
@@ -82,6 +85,26 @@ pub fn max_connections(requested: Option<u64>, soft: u64) -> usize {
     usize::try_from(cap).unwrap_or(usize::MAX)
 }
 
+/// Descriptors each registered client shm region holds (its segment's and a duplicate).
+pub const FDS_PER_REGION: u64 = 2;
+
+/// The region cap: `requested`, lowered so that the regions' descriptors fit beside
+/// `connections` and the reserve (logged when that lowers it and regions are `allowed`).
+pub fn max_shm_regions(requested: u64, connections: usize, soft: u64, allowed: bool) -> usize {
+    let connections = u64::try_from(connections).unwrap_or(u64::MAX);
+    let room = soft
+        .saturating_sub(reserve(soft))
+        .saturating_sub(connections)
+        / FDS_PER_REGION;
+    if allowed && requested > room {
+        tracing::warn!(
+            "--max-shm-regions {requested} lowered to {room}: each region holds {FDS_PER_REGION} descriptors, and RLIMIT_NOFILE is {soft}, of which {} are kept for workers and {connections} for connections (--max-connections); lower --max-connections or raise the hard limit (ulimit -Hn) to allow more",
+            reserve(soft)
+        );
+    }
+    usize::try_from(requested.min(room)).unwrap_or(usize::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +117,25 @@ mod tests {
         assert_eq!(max_connections(Some(50), 256), 50);
         assert_eq!(max_connections(Some(100_000), 256), 192);
         assert_eq!(max_connections(None, 10), 1);
+    }
+
+    #[test]
+    fn regions_fit_beside_the_connections_and_the_reserve() {
+        // A high limit leaves the default untouched.
+        assert_eq!(max_shm_regions(1024, 10_000, 1 << 20, true), 1024);
+        // 512: a reserve of 128 and 100 connections leave 284 descriptors, 142 regions.
+        assert_eq!(max_shm_regions(1024, 100, 512, true), 142);
+        assert_eq!(max_shm_regions(50, 100, 512, true), 50);
+        // Whatever the limit, regions × 2 + connections + reserve stays within it.
+        for soft in [100, 256, 1024, 4096, 65_536] {
+            let connections = max_connections(None, soft);
+            let regions = max_shm_regions(u64::MAX, connections, soft, false) as u64;
+            assert!(
+                regions * FDS_PER_REGION + connections as u64 + reserve(soft) <= soft,
+                "{soft}: {regions} regions, {connections} connections"
+            );
+        }
+        // Connections that take all the room leave none for regions.
+        assert_eq!(max_shm_regions(1024, 768, 1024, true), 0);
     }
 }

@@ -16,6 +16,7 @@ use super::args::ServerArgs;
 use super::metrics_port;
 use super::serving::ServeSettings;
 use crate::api::Backend;
+use crate::api::body_budget::BodyBudget;
 use crate::api::conn::{Acceptor, ConnTimeouts, ConnectionLimit, Guard, HttpIncoming, serve_http};
 use crate::api::grpc::{self, GrpcConfig, GrpcServer};
 use crate::api::http::{HttpConfig, router};
@@ -42,6 +43,10 @@ pub struct Listening {
     pub base: String,
     tls: Option<Arc<ServerTls>>,
     guard: Guard,
+    /// The soft RLIMIT_NOFILE in force and the connection cap taken from it, which the
+    /// region cap must fit beside.
+    fd_limit: u64,
+    max_connections: usize,
 }
 
 /// Per-model settings that come from the server flags.
@@ -58,11 +63,9 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
     let tls = load_tls(server)?.map(Arc::new);
     let fd_limit = super::fd_limit::raise_nofile();
     let c = &server.conn;
+    let max_connections = super::fd_limit::max_connections(c.max_connections, fd_limit);
     let guard = Guard {
-        limit: ConnectionLimit::new(super::fd_limit::max_connections(
-            c.max_connections,
-            fd_limit,
-        )),
+        limit: ConnectionLimit::new(max_connections),
         timeouts: ConnTimeouts {
             header_read: Duration::from_millis(c.header_read_timeout_ms),
             body_read: Duration::from_millis(c.body_read_timeout_ms),
@@ -86,6 +89,8 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
         base: format!("{scheme}://{local}"),
         tls,
         guard,
+        fd_limit,
+        max_connections,
     })
 }
 
@@ -161,10 +166,16 @@ pub async fn serve_until_signal<B: Backend>(
     // What plugins start outside their worker's process group is re-parented to us, to be
     // killed with its worker (`worker/orphans.rs`).
     crate::worker::orphans::adopt();
-    // One table of client shared-memory regions for both protocols.
+    // One table of client shared-memory regions for both protocols, as many as the
+    // descriptor limit leaves room for.
+    let max_regions = super::fd_limit::max_shm_regions(
+        server.max_shm_regions,
+        listening.max_connections,
+        listening.fd_limit,
+        server.allow_client_shm,
+    );
     let regions = Arc::new(
-        crate::regions::Regions::new(server.allow_client_shm)
-            .with_max_regions(usize::try_from(server.max_shm_regions).unwrap_or(usize::MAX)),
+        crate::regions::Regions::new(server.allow_client_shm).with_max_regions(max_regions),
     );
     let metrics = backend.metrics();
     if let Some(m) = &metrics {
@@ -174,6 +185,11 @@ pub async fn serve_until_signal<B: Backend>(
             gauge.set(i64::try_from(counted.len()).unwrap_or(i64::MAX));
         });
     }
+    // One budget for the request bytes both protocols hold (`--max-buffered-bytes`).
+    let budget = BodyBudget::new(
+        usize::try_from(server.max_buffered_bytes).unwrap_or(usize::MAX),
+        metrics.as_ref().map(|m| m.buffered_request_bytes()),
+    );
     if let Some(tls) = &listening.tls {
         tokio::spawn(reload_tls_on_sighup(Arc::clone(tls)));
     }
@@ -187,6 +203,7 @@ pub async fn serve_until_signal<B: Backend>(
             auth: auth.clone(),
             tls: listening.handshake(ListenerKind::Grpc, metrics.as_deref()),
             guard: listening.guard.clone(),
+            budget: budget.clone(),
         },
     )
     .await?;
@@ -195,7 +212,7 @@ pub async fn serve_until_signal<B: Backend>(
         backend,
         HttpConfig {
             max_body_bytes: server.max_body_bytes,
-            max_buffered_bytes: usize::try_from(server.max_buffered_bytes).unwrap_or(usize::MAX),
+            budget,
             regions,
             auth,
         },

@@ -414,7 +414,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "buffered_request",
-            "Bytes of REST request bodies the server holds (being read, or read and not yet released), counted against --max-buffered-bytes",
+            "Bytes of request bodies the server holds (REST bodies and gRPC messages being read, or read and not yet released), counted against --max-buffered-bytes",
             Unit::Bytes,
             self.buffered_request_bytes.clone(),
         );

@@ -15,8 +15,10 @@
 //! - `unsupported`: RPCs whose engine side does not exist yet (clear UNIMPLEMENTED).
 //! - `auth`: the auth layer around every service (only when auth is on).
 //! - `compression`: gzip/deflate/zstd messages, and when answers are compressed.
+//! - `budget`: request bytes charged to `--max-buffered-bytes`, the budget REST bodies use.
 
 mod auth;
+mod budget;
 mod call;
 mod compression;
 mod convert;
@@ -34,6 +36,7 @@ pub use crate::proto;
 
 use super::Backend;
 use super::auth::AuthGate;
+use super::body_budget::BodyBudget;
 use super::conn::{Acceptor, ConnRegistry, GrpcConns, Guard, TrackLayer};
 use crate::regions::Regions;
 use crate::tls::TlsIncoming;
@@ -63,6 +66,8 @@ pub struct GrpcConfig {
     pub tls: Option<crate::tls::Handshake>,
     /// `--max-connections` (shared with the other listeners) and the connection timeouts.
     pub guard: Guard,
+    /// `--max-buffered-bytes`: the budget REST bodies are charged to, shared.
+    pub budget: BodyBudget,
 }
 
 /// How long a keepalive ping may go unanswered before the connection is closed.
@@ -116,7 +121,9 @@ pub async fn start<B: Backend>(
             .send_compressed(encoding);
     }
     let (readiness, changed) = watch::channel(());
-    let health = HealthServer::new(health::HealthService::new(backend, changed));
+    // Health calls are not charged to the buffered-bytes budget; their own limit is small.
+    let health = HealthServer::new(health::HealthService::new(backend, changed))
+        .max_decoding_message_size(budget::HEALTH_MESSAGE_LIMIT);
     let (stop, stopped) = oneshot::channel::<()>();
     // A peer that stops answering pings is gone: its connection closes after the keepalive
     // timeout, streams included. Pings go out after half the idle timeout without frames.
@@ -129,6 +136,7 @@ pub async fn start<B: Backend>(
         // A request denied by auth still counts as activity on its connection.
         .layer(TrackLayer::registry(conns.registry.clone()))
         .layer(tower::util::option_layer(gate))
+        .layer(budget::BudgetLayer::new(cfg.budget))
         .layer(tower::util::MapRequestLayer::new(
             compression::plain_answers_to_plain_calls,
         ))

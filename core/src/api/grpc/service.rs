@@ -237,10 +237,15 @@ impl<B: Backend> GrpcInferenceService for InferenceService<B> {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> RpcResult<Self::ModelStreamInferStream> {
         let call = CallContext::new(req.metadata(), "ModelStreamInfer");
+        let charges = req
+            .extensions()
+            .get::<super::budget::MessageCharges>()
+            .cloned();
         Ok(Response::new(stream::answer_in_order(
             self.clone(),
             req.into_inner(),
             call,
+            charges,
         )))
     }
 

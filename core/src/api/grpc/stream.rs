@@ -10,7 +10,11 @@
 //! or a generator failing mid-stream, is answered with `error_message` and the stream goes
 //! on, as Triton does; only a broken inbound stream ends it. A client that closes the
 //! stream drops the engine streams, which cancels their generators.
+//!
+//! Each request holds its message's charge against `--max-buffered-bytes` (`budget.rs`)
+//! until its last response is sent.
 
+use super::budget::MessageCharges;
 use super::call::CallContext;
 use super::proto::infer_parameter::ParameterChoice;
 use super::proto::{
@@ -44,14 +48,29 @@ pub fn answer_in_order<B: Backend>(
     service: InferenceService<B>,
     inbound: Streaming<ModelInferRequest>,
     call: CallContext,
+    charges: Option<MessageCharges>,
 ) -> ResponseStream {
     let answers = inbound
         .map(move |next| {
             let service = service.clone();
             let call = call.clone();
+            // Messages come out of the decoder in the order their charges were queued.
+            let charge = next
+                .is_ok()
+                .then(|| charges.as_ref().and_then(MessageCharges::next))
+                .flatten();
             async move {
                 match next {
-                    Ok(req) => answer(service, req, call).await,
+                    Ok(req) => {
+                        let answers = answer(service, req, call).await;
+                        // Held until the request's last response is taken.
+                        answers
+                            .map(move |a| {
+                                let _held = &charge;
+                                a
+                            })
+                            .boxed()
+                    }
                     Err(status) => stream::once(async { Err(status) }).boxed(),
                 }
             }
