@@ -1,4 +1,6 @@
-//! The global budget for buffered REST request bodies (`--max-buffered-bytes`).
+//! The global budget for buffered REST request bodies (`--max-buffered-bytes`): the bodies
+//! of the tensor routes (infer, generate). Control routes (repository, shm registration) have
+//! a small fixed body limit instead (`http::CONTROL_BODY_BYTES`) and are not charged.
 //!
 //! A body with a `Content-Length` is charged its whole length to one semaphore before any
 //! of it is read (a chunked or decompressed body: each chunk as it arrives), and the charge
@@ -6,8 +8,10 @@
 //! `Bytes`, so slices of it taken as binary tensor data keep it until they go too). A body
 //! that does not fit waits up to `WAIT` for others to finish, then gets 503 naming the flag:
 //! many slow or stalled uploads cannot add up to more memory than the budget, however many
-//! connections they use. The body is read into one buffer sized by its `Content-Length`
-//! (bounded by `--max-body-bytes`), so it is never held twice while being collected.
+//! connections they use. A body larger than the whole budget can never fit: it gets 413
+//! naming the flag at once. The body is read into one buffer sized by its `Content-Length`
+//! (bounded by `--max-body-bytes`), reserved only once the charge is taken, so it is never
+//! held twice while being collected and waiting bodies reserve nothing.
 
 use super::error::ApiError;
 use axum::body::Body;
@@ -22,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How long a body waits for room in the budget before it gets 503.
 const WAIT: Duration = Duration::from_secs(2);
 
-/// The budget, shared by every REST route that reads a body.
+/// The budget, shared by the REST routes that read a tensor body.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
     permits: Arc<Semaphore>,
@@ -57,9 +61,8 @@ impl BodyBudget {
         if declared.is_some_and(|n| n > limit) {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        // Untouched capacity costs no memory; the charge follows the bytes that arrive.
         let mut held = Held {
-            buf: Vec::with_capacity(declared.unwrap_or(0)),
+            buf: Vec::new(),
             charge: None,
             gauge: self.gauge.clone(),
             charged: 0,
@@ -68,6 +71,8 @@ impl BodyBudget {
         // it declared, and one that does not fit is answered before it sends a byte.
         let prepaid = declared.unwrap_or(0);
         self.charge(&mut held, prepaid).await?;
+        // Reserved only once charged, so bodies waiting for room reserve nothing.
+        held.buf.reserve_exact(prepaid);
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -91,35 +96,45 @@ impl BodyBudget {
         if n == 0 {
             return Ok(());
         }
-        let full = || {
-            ApiError::Unavailable(format!(
-                "request bodies held by the server have reached the --max-buffered-bytes limit of {} bytes; retry later, or raise --max-buffered-bytes",
-                self.total
-            ))
-        };
         if held.charged + n > self.total {
-            return Err(full());
+            // Could never fit, however long it waited.
+            return Err(ApiError::OverBudget { limit: self.total });
         }
-        let n32 = u32::try_from(n).map_err(|_| full())?;
-        let permit = match Arc::clone(&self.permits).try_acquire_many_owned(n32) {
-            Ok(p) => p,
-            Err(_) => {
-                let wait = Arc::clone(&self.permits).acquire_many_owned(n32);
-                match tokio::time::timeout(WAIT, wait).await {
-                    Ok(Ok(p)) => p,
-                    _ => return Err(full()),
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut left = n;
+        while left > 0 {
+            // A semaphore takes at most `u32::MAX` permits at once; larger bodies take several.
+            let piece = left.min(u32::MAX as usize);
+            let piece32 = u32::try_from(piece).unwrap_or(u32::MAX);
+            let permit = match Arc::clone(&self.permits).try_acquire_many_owned(piece32) {
+                Ok(p) => p,
+                Err(_) => {
+                    let wait = Arc::clone(&self.permits).acquire_many_owned(piece32);
+                    match tokio::time::timeout_at(deadline, wait).await {
+                        Ok(Ok(p)) => p,
+                        // What was taken so far goes back with `held`.
+                        _ => return Err(self.full()),
+                    }
                 }
+            };
+            match &mut held.charge {
+                Some(c) => c.merge(permit),
+                None => held.charge = Some(permit),
             }
-        };
-        match &mut held.charge {
-            Some(c) => c.merge(permit),
-            None => held.charge = Some(permit),
-        }
-        held.charged += n;
-        if let Some(g) = &held.gauge {
-            g.inc_by(n as i64);
+            held.charged += piece;
+            if let Some(g) = &held.gauge {
+                g.inc_by(piece as i64);
+            }
+            left -= piece;
         }
         Ok(())
+    }
+
+    fn full(&self) -> ApiError {
+        ApiError::Unavailable(format!(
+            "request bodies held by the server have reached the --max-buffered-bytes limit of {} bytes; retry later, or raise --max-buffered-bytes",
+            self.total
+        ))
     }
 }
 
@@ -193,11 +208,12 @@ mod tests {
                 .contains("--max-buffered-bytes limit of 8 bytes"),
             "{err}"
         );
-        // Larger than the whole budget: refused at once.
+        // Larger than the whole budget: refused at once, 413 (it could never fit).
         let err = budget
             .read(&headers, body(vec![b"123456789"]), 100)
             .await
             .unwrap_err();
+        assert!(matches!(err, ApiError::OverBudget { limit: 8 }), "{err}");
         assert!(err.to_string().contains("--max-buffered-bytes"), "{err}");
         drop(held);
         let ok = budget
@@ -250,5 +266,23 @@ mod tests {
             (ok.as_ref(), budget.permits.available_permits()),
             (b"ab".as_ref(), 0)
         );
+    }
+
+    #[tokio::test]
+    async fn a_charge_past_4_gib_is_taken_in_pieces() {
+        let total = 6usize << 30;
+        let budget = BodyBudget::new(total, None);
+        let mut held = Held {
+            buf: Vec::new(),
+            charge: None,
+            gauge: None,
+            charged: 0,
+        };
+        // Before: `u32::try_from` failed and an empty budget answered 503 "full".
+        budget.charge(&mut held, 5 << 30).await.unwrap();
+        assert_eq!(held.charged, 5 << 30);
+        assert_eq!(budget.permits.available_permits(), 1 << 30);
+        drop(held);
+        assert_eq!(budget.permits.available_permits(), total);
     }
 }

@@ -148,7 +148,8 @@ pub struct ServerArgs {
     pub max_body_bytes: usize,
     /// Bytes of REST request bodies (infer, generate) the server holds at once, across all
     /// connections; past it a new body waits up to 2 s for room, then gets 503. Bounds what
-    /// many slow or stalled uploads can pin. Should be at least --max-body-bytes.
+    /// many slow or stalled uploads can pin. Should be at least --max-body-bytes: a body
+    /// larger than this whole budget gets 413.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it
