@@ -181,18 +181,6 @@ impl ApiError {
 
     /// Maps axum's body rejection: over the limit is 413 naming the flag, anything else
     /// (a client that hung up mid-body) is 400.
-    /// A control route's body rejection: 413 naming that route's own small limit.
-    pub fn from_control_body(
-        rejection: BytesRejection,
-        limit: usize,
-        what: &'static str,
-    ) -> ApiError {
-        match ApiError::from_body(rejection, limit) {
-            ApiError::PayloadTooLarge { limit } => ApiError::ControlBodyTooLarge { what, limit },
-            other => other,
-        }
-    }
-
     pub fn from_body(rejection: BytesRejection, limit: usize) -> ApiError {
         match rejection {
             BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
@@ -202,6 +190,18 @@ impl ApiError {
                 "could not read the request body: {}",
                 other.body_text()
             )),
+        }
+    }
+
+    /// A control route's body rejection: 413 naming that route's own small limit.
+    pub fn from_control_body(
+        rejection: BytesRejection,
+        limit: usize,
+        what: &'static str,
+    ) -> ApiError {
+        match ApiError::from_body(rejection, limit) {
+            ApiError::PayloadTooLarge { limit } => ApiError::ControlBodyTooLarge { what, limit },
+            other => other,
         }
     }
 }
