@@ -50,7 +50,12 @@ pub fn decode(
     let fields: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
         Ok(fields) => fields,
         Err(e) => {
-            quoted = nonfinite::quote(body).ok_or(e).map_err(bad)?;
+            quoted = nonfinite::quote(body, nonfinite::in_generate_input)
+                .map_err(|place| {
+                    ApiError::BadRequest(format!("invalid generate request: {place}"))
+                })?
+                .ok_or(e)
+                .map_err(bad)?;
             serde_json::from_slice(&quoted).map_err(bad)?
         }
     };
