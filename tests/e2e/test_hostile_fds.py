@@ -232,6 +232,25 @@ def test_a_request_head_sent_slowly_is_closed_after_the_header_timeout(start_ser
     assert requests.get(server.url("/v2/health/live"), timeout=10).status_code == 200
 
 
+def test_a_head_that_starts_like_the_http2_preface_is_still_timed(start_server):
+    """Before: a first read of "P" matched the start of the HTTP/2 preface and switched the
+    header-read timeout off, so "P" then a trickled "OST ..." was held until the idle timeout."""
+    server = start_server(EXITER, "--header-read-timeout-ms", "300", PATIENT[2], PATIENT[3])
+    sent = [b"P", b"PRI * HTTP/2.0\r\n", b"POST /v2/models/exiter/infer HTTP/1.1\r\nHost: x\r\n"]
+    for first in sent:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(first)
+        assert closed_by_server(sock), f"a head starting {first!r} held its connection"
+        sock.close()
+    text = requests.get(server.url("/metrics"), timeout=30).text
+    closed = metric(text, "unimodel_connection_timeouts_total", listener="http", reason="header")
+    assert closed == len(sent), closed
+    # A real HTTP/2 client is unaffected (gRPC on its own port speaks HTTP/2).
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert client.is_server_live()
+    client.close()
+
+
 def test_a_stalled_request_body_gets_408_and_the_connection_closes(start_server):
     server = start_server(EXITER, "--body-read-timeout-ms", "300")
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)

@@ -83,6 +83,52 @@ def test_raw_json_bodies_carry_bare_tokens_both_ways(server):
     assert "INT32" in error_of(resp, 400)
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(
+            '{"id": NaN, "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            "bare NaN at 'id'",
+            id="id",
+        ),
+        pytest.param(
+            '{"parameters": {"p": Infinity}, '
+            '"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            "bare Infinity at 'parameters.p'",
+            id="request_parameter",
+        ),
+        pytest.param(
+            '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1], '
+            '"parameters": {"q": -Infinity}}]}',
+            "bare -Infinity at 'inputs.parameters.q'",
+            id="input_parameter",
+        ),
+    ],
+)
+def test_bare_tokens_outside_float_data_are_refused(server, body, expected):
+    """Before: every bare token was quoted, so these were taken as the string "NaN"."""
+    message = error_of(server.post("/v2/models/floats/infer", data=body), 400)
+    assert expected in message, message
+    assert "\\u0000" not in message and "\x00" not in message, message
+    # generate: a bare token in "parameters" is refused the same way.
+    resp = server.post("/v2/models/floats/generate", data='{"x": [1], "parameters": {"t": NaN}}')
+    assert "bare NaN at 'parameters.t'" in error_of(resp, 400)
+
+
+def test_bare_tokens_in_bytes_data_are_refused_and_quoted_words_are_text(start_server):
+    """Before: BYTES data [NaN] was echoed back as the string "NaN"."""
+    echo = start_server(plugin("echo_any.py"))
+
+    def body(data: str) -> str:
+        return f'{{"inputs":[{{"name":"x","shape":[1],"datatype":"BYTES","data":[{data}]}}]}}'
+
+    message = error_of(echo.post("/v2/models/echo_bytes/infer", data=body("NaN")), 400)
+    assert "expected a string for BYTES, got NaN" in message, message
+    resp = echo.post("/v2/models/echo_bytes/infer", data=body('"NaN"'))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["outputs"][0]["data"] == ["NaN"]
+
+
 def test_generate_and_generate_stream_carry_bare_tokens(server):
     body = '{"x": [NaN, Infinity, -Infinity, 0.5]}'
     resp = server.post("/v2/models/floats/generate", data=body)

@@ -177,9 +177,10 @@ def test_stalled_bodies_are_bounded_by_max_buffered_bytes(start_server):
     big = json_tensor("FP32", 4_000_000, b"1")
     resp = requests.post(server.url("/v2/models/echo_fp32/infer"), data=big, timeout=HTTP_TIMEOUT)
     assert resp.status_code == 200, resp.text[:300]
-    # A single body larger than the whole budget is refused outright.
+    # A single body larger than the whole budget is refused outright, 413: it can never fit
+    # (before: 503, "retry later", forever).
     answer = refused_upload(server, budget + 1)
-    assert answer.startswith("HTTP/1.1 503") and "--max-buffered-bytes" in answer, answer
+    assert answer.startswith("HTTP/1.1 413") and "--max-buffered-bytes" in answer, answer
 
 
 # A raw HTTP/2 client, just enough to start a gRPC call and stall in the middle of its message
@@ -315,3 +316,39 @@ def test_a_grpc_stream_holds_only_the_messages_it_is_answering(start_server):
     finally:
         client.stop_stream()
     wait_until(lambda: buffered_bytes(server) == 0, 60, "the budget to be returned")
+
+
+def declared_post(server, path: str, declared: int) -> str:
+    """The answer to a POST that declares `declared` body bytes and sends none of them."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+        sock.sendall(head.encode())
+        return sock.recv(65536).decode(errors="replace")
+    finally:
+        sock.close()
+
+
+def test_control_routes_take_small_bodies_only(start_server):
+    """Before: repository and shm-registration bodies were read up to --max-body-bytes
+    (256 MiB), uncharged to --max-buffered-bytes, into serde_json trees of 10-20x their size."""
+    server = start_server(plugin("echo_any.py"), "--allow-client-shm")
+    for path in (
+        "/v2/repository/index",
+        "/v2/repository/models/echo_fp32/load",
+        "/v2/repository/models/echo_fp32/unload",
+        "/v2/systemsharedmemory/region/r/register",
+    ):
+        answer = declared_post(server, path, 4 * MIB)
+        assert answer.startswith("HTTP/1.1 413"), (path, answer)
+        assert "limit of 1048576 bytes for control requests" in answer, (path, answer)
+    # A chunked body (no length to refuse at the door) is cut at the same limit.
+    chunks = (b"[" + b"0," * 1000 for _ in range(700))
+    resp = requests.post(server.url("/v2/repository/index"), data=chunks, timeout=HTTP_TIMEOUT)
+    assert resp.status_code == 413, resp.text[:300]
+    assert "1048576 bytes" in resp.json()["error"], resp.text[:300]
+    # Small bodies still work, and the server keeps serving.
+    index = requests.post(server.url("/v2/repository/index"), json={}, timeout=HTTP_TIMEOUT)
+    assert index.status_code == 200, index.text
+    assert {"echo_fp32", "echo_bytes"} <= {row["name"] for row in index.json()}
+    assert infer_raw(server, "echo_fp32", json_tensor("FP32", 4, b"1")).status_code == 200

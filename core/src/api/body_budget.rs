@@ -1,4 +1,7 @@
-//! The global budget for buffered request bodies (`--max-buffered-bytes`), REST and gRPC.
+//! The global budget for buffered request bodies (`--max-buffered-bytes`): REST tensor
+//! routes (infer, generate) and gRPC messages. Control routes (repository, shm
+//! registration) have a small fixed body limit instead (`http::CONTROL_BODY_BYTES`) and are
+//! not charged.
 //!
 //! A body with a `Content-Length` is charged its whole length to one semaphore before any
 //! of it is read (a chunked or decompressed body: each chunk as it arrives), and the charge
@@ -22,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How long a body waits for room in the budget before it gets 503.
 const WAIT: Duration = Duration::from_secs(2);
 
-/// The budget, shared by every REST route that reads a body and by the gRPC server
+/// The budget, shared by the REST routes that read a tensor body and by the gRPC server
 /// (`grpc/budget.rs`, which charges messages as their bytes arrive).
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
@@ -60,13 +63,15 @@ impl BodyBudget {
         }
         // Untouched capacity costs no memory; the charge follows the bytes that arrive.
         let mut held = Held {
-            buf: Vec::with_capacity(declared.unwrap_or(0)),
+            buf: Vec::new(),
             charge: self.empty(),
         };
         // Charged up front: a client that declares a length and stalls holds no more than
         // it declared, and one that does not fit is answered before it sends a byte.
         let prepaid = declared.unwrap_or(0);
         self.charge(&mut held.charge, prepaid).await?;
+        // Reserved only once charged, so bodies waiting for room reserve nothing.
+        held.buf.reserve_exact(prepaid);
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -102,38 +107,56 @@ impl BodyBudget {
     }
 
     /// `n` bytes at once, if they fit now, for a holder already charged `held` bytes.
-    /// `Ok(None)`: they must wait.
+    /// `Ok(None)`: they must wait (or are more than one semaphore call takes: see `take`).
     pub fn try_take(&self, held: usize, n: usize) -> Result<Option<Charge>, ApiError> {
-        let n32 = self.checked(held, n)?;
+        self.fits(held, n)?;
         if n == 0 {
             return Ok(Some(self.empty()));
         }
+        let Ok(n32) = u32::try_from(n) else {
+            return Ok(None);
+        };
         Ok(Arc::clone(&self.permits)
             .try_acquire_many_owned(n32)
             .ok()
             .map(|p| self.charged(p)))
     }
 
-    /// `n` bytes for a holder already charged `held` bytes, waiting up to `WAIT` for room;
-    /// past it, or when `held + n` exceeds the whole budget, 503 naming the flag.
+    /// `n` bytes for a holder already charged `held` bytes, waiting up to `WAIT` for room
+    /// (past it 503 naming the flag); when `held + n` exceeds the whole budget, 413 at once.
     pub async fn take(self, held: usize, n: usize) -> Result<Charge, ApiError> {
         if let Some(now) = self.try_take(held, n)? {
             return Ok(now);
         }
-        let n32 = self.checked(held, n)?;
-        let wait = Arc::clone(&self.permits).acquire_many_owned(n32);
-        match tokio::time::timeout(WAIT, wait).await {
-            Ok(Ok(p)) => Ok(self.charged(p)),
-            _ => Err(self.full()),
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut charge = self.empty();
+        let mut left = n;
+        while left > 0 {
+            // A semaphore takes at most `u32::MAX` permits at once; larger bodies take several.
+            let piece = left.min(u32::MAX as usize);
+            let piece32 = u32::try_from(piece).unwrap_or(u32::MAX);
+            let wait = Arc::clone(&self.permits).acquire_many_owned(piece32);
+            match tokio::time::timeout_at(deadline, wait).await {
+                Ok(Ok(p)) => charge.merge(self.charged(p)),
+                // What was taken so far goes back with `charge`.
+                _ => return Err(self.full()),
+            }
+            left -= piece;
         }
+        Ok(charge)
     }
 
-    /// `n` as permits, refused at once when `held + n` could never fit.
-    fn checked(&self, held: usize, n: usize) -> Result<u32, ApiError> {
+    /// Refuses at once what could never fit, however long it waited (413).
+    fn fits(&self, held: usize, n: usize) -> Result<(), ApiError> {
         if held.saturating_add(n) > self.total {
-            return Err(self.full());
+            return Err(ApiError::OverBudget { limit: self.total });
         }
-        u32::try_from(n).map_err(|_| self.full())
+        Ok(())
+    }
+
+    /// The budget's size in bytes.
+    pub fn total(&self) -> usize {
+        self.total
     }
 
     fn charged(&self, permit: OwnedSemaphorePermit) -> Charge {
@@ -264,11 +287,12 @@ mod tests {
                 .contains("--max-buffered-bytes limit of 8 bytes"),
             "{err}"
         );
-        // Larger than the whole budget: refused at once.
+        // Larger than the whole budget: refused at once, 413 (it could never fit).
         let err = budget
             .read(&headers, body(vec![b"123456789"]), 100)
             .await
             .unwrap_err();
+        assert!(matches!(err, ApiError::OverBudget { limit: 8 }), "{err}");
         assert!(err.to_string().contains("--max-buffered-bytes"), "{err}");
         drop(held);
         let ok = budget
@@ -321,5 +345,17 @@ mod tests {
             (ok.as_ref(), budget.permits.available_permits()),
             (b"ab".as_ref(), 0)
         );
+    }
+
+    #[tokio::test]
+    async fn a_charge_past_4_gib_is_taken_in_pieces() {
+        let total = 6usize << 30;
+        let budget = BodyBudget::new(total, None);
+        // One semaphore call takes at most u32::MAX permits: 5 GiB is taken in two.
+        let charge = budget.clone().take(0, 5 << 30).await.unwrap();
+        assert_eq!(charge.bytes(), 5 << 30);
+        assert_eq!(budget.permits.available_permits(), 1 << 30);
+        drop(charge);
+        assert_eq!(budget.permits.available_permits(), total);
     }
 }

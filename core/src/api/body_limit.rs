@@ -32,6 +32,23 @@ pub async fn refuse_declared_oversize(
     next.run(req).await
 }
 
+/// The same at a control route's small limit (`http::CONTROL_BODY_BYTES`): 413 naming it.
+pub async fn refuse_declared_control(
+    State(limit): State<usize>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    if declared_over(&req, limit) {
+        let what = "control request";
+        let mut response = ApiError::ControlBodyTooLarge { what, limit }.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    next.run(req).await
+}
+
 fn declared_over(req: &Request<Body>, limit: usize) -> bool {
     let headers = req.headers();
     let uncompressed = headers

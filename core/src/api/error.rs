@@ -29,6 +29,17 @@ pub enum ApiError {
         "request body is larger than the limit of {limit} bytes; raise it with --max-body-bytes"
     )]
     PayloadTooLarge { limit: usize },
+    /// A control request's body (repository index/load/unload, shm registration) is larger
+    /// than the small fixed limit of those routes (`http::CONTROL_BODY_BYTES`).
+    #[error(
+        "the {what} body is larger than the limit of {limit} bytes for control requests (they carry a few small fields)"
+    )]
+    ControlBodyTooLarge { what: &'static str, limit: usize },
+    /// The body is larger than the whole `--max-buffered-bytes` budget: it could never fit.
+    #[error(
+        "request body is larger than --max-buffered-bytes ({limit} bytes), the most the server holds of request bodies at once; raise --max-buffered-bytes"
+    )]
+    OverBudget { limit: usize },
     /// The body did not arrive within `--body-read-timeout-ms` (`conn/body.rs`).
     #[error(
         "the request body did not arrive within {after:?}; the connection is closed (send the body at once, or raise --body-read-timeout-ms)"
@@ -137,7 +148,9 @@ impl ApiError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ApiError::BadRequest(_) => ErrorClass::BadRequest,
-            ApiError::PayloadTooLarge { .. } => ErrorClass::PayloadTooLarge,
+            ApiError::PayloadTooLarge { .. }
+            | ApiError::ControlBodyTooLarge { .. }
+            | ApiError::OverBudget { .. } => ErrorClass::PayloadTooLarge,
             ApiError::BodyTimeout { .. } => ErrorClass::RequestTimeout,
             ApiError::UnsupportedEncoding { .. } => ErrorClass::UnsupportedMediaType,
             ApiError::RouteNotFound { .. } => ErrorClass::NotFound,
@@ -177,6 +190,18 @@ impl ApiError {
                 "could not read the request body: {}",
                 other.body_text()
             )),
+        }
+    }
+
+    /// A control route's body rejection: 413 naming that route's own small limit.
+    pub fn from_control_body(
+        rejection: BytesRejection,
+        limit: usize,
+        what: &'static str,
+    ) -> ApiError {
+        match ApiError::from_body(rejection, limit) {
+            ApiError::PayloadTooLarge { limit } => ApiError::ControlBodyTooLarge { what, limit },
+            other => other,
         }
     }
 }

@@ -20,9 +20,11 @@
 use super::error::ApiError;
 use super::json_data::{self, JsonData};
 use super::nonfinite;
-use crate::engine::{EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec};
+use crate::engine::{
+    DataType, EngineError, InferRequest, InferResponse, ModelConfig, Tensor, TensorSpec,
+};
 use crate::telemetry::throttle::{self, Throttle};
-use crate::tensor::Storage;
+use crate::tensor::{Storage, bytes_codec};
 use axum::response::sse::Event;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -48,7 +50,12 @@ pub fn decode(
     let fields: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
         Ok(fields) => fields,
         Err(e) => {
-            quoted = nonfinite::quote(body).ok_or(e).map_err(bad)?;
+            quoted = nonfinite::quote(body, nonfinite::in_generate_input)
+                .map_err(|place| {
+                    ApiError::BadRequest(format!("invalid generate request: {place}"))
+                })?
+                .ok_or(e)
+                .map_err(bad)?;
             serde_json::from_slice(&quoted).map_err(bad)?
         }
     };
@@ -137,17 +144,16 @@ fn input_tensor(spec: &TensorSpec, batching: bool, value: &RawValue) -> Result<T
 
 /// One output's elements as JSON text, comma-separated without brackets, and their count.
 /// Written straight from the tensor's bytes (no `Value` per element, which could not hold
-/// NaN or the infinities either: they are written as Triton writes them).
+/// NaN or the infinities either: they are written as Triton writes them). A BYTES output is
+/// walked once, its count taken from the same walk that writes it, so a malformed buffer is
+/// an error and never a text whose count disagrees with its items.
 fn elements(model: &str, t: &Tensor) -> Result<(String, usize), EngineError> {
     let bad = |message: String| EngineError::BadOutput {
         model: model.to_string(),
         message,
     };
-    if !json_data::is_json_encodable(t.datatype, &t.data) {
-        return Err(bad(format!(
-            "output '{}' holds bytes that are not UTF-8, which JSON cannot carry; use /infer with binary data",
-            t.name
-        )));
+    if t.datatype == DataType::Bytes {
+        return bytes_elements(&t.data).map_err(|e| bad(format!("output '{}' {e}", t.name)));
     }
     let json = JsonData {
         datatype: t.datatype,
@@ -159,6 +165,28 @@ fn elements(model: &str, t: &Tensor) -> Result<(String, usize), EngineError> {
     text.pop();
     text.remove(0);
     Ok((text, json.count()))
+}
+
+/// A BYTES output's elements as JSON strings, comma-separated, and their count; `Err` says
+/// what is wrong with the buffer (to follow "output 'name' ").
+fn bytes_elements(data: &[u8]) -> Result<(String, usize), String> {
+    let mut text = String::new();
+    let mut count = 0usize;
+    for element in bytes_codec::elements(data) {
+        let range = element.map_err(|e| format!("is not a valid BYTES buffer: {e}"))?;
+        let item = std::str::from_utf8(&data[range]).map_err(|_| {
+            format!(
+                "element {count} is not UTF-8, which JSON cannot carry; use /infer with binary data"
+            )
+        })?;
+        if count > 0 {
+            text.push(',');
+        }
+        let quoted = serde_json::to_string(item).map_err(|e| format!("element {count}: {e}"))?;
+        text.push_str(&quoted);
+        count += 1;
+    }
+    Ok((text, count))
 }
 
 /// The JSON object of one response, as text.
@@ -231,7 +259,8 @@ pub fn sse_event(item: Result<InferResponse, EngineError>) -> Event {
     let json = match item.and_then(|r| response_object(&r)) {
         Ok(object) => object,
         Err(e) => {
-            let message = ApiError::Engine(e).to_string();
+            // Bounded like every echoed message: a plugin's BadOutput text is its own.
+            let message = ApiError::Engine(e).message();
             static FAILED: Throttle = Throttle::new("streaming request failed");
             if let Some(suppressed) = FAILED.admit("") {
                 throttle::report("streaming request failed", suppressed);
@@ -363,6 +392,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_bytes_output_is_an_error_not_invalid_json() {
+        // Two good elements, then a length prefix that runs past the end.
+        let mut data = bytes_codec::encode([b"a".as_ref(), b"b".as_ref()]);
+        data.extend_from_slice(&100u32.to_le_bytes());
+        data.extend_from_slice(b"short");
+        let bad = Tensor {
+            data: data.into(),
+            shape: vec![3],
+            ..token("")
+        };
+        let err = response_object(&response(vec![bad.clone()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("output 'token' is not a valid BYTES buffer"),
+            "{err}"
+        );
+        // Merged with good chunks, the same: an error, never text with a dropped comma.
+        let mut all = Collected::default();
+        all.push(&response(vec![token("x")])).unwrap();
+        assert!(all.push(&response(vec![bad])).is_err());
+        all.push(&response(vec![token("y")])).unwrap();
+        let merged: Value = serde_json::from_str(&all.finish()).unwrap();
+        assert_eq!(merged["token"], serde_json::json!(["x", "y"]));
+        // An empty chunk adds nothing and no comma.
+        let empty = Tensor {
+            data: Vec::new().into(),
+            shape: vec![0],
+            ..token("")
+        };
+        let mut all = Collected::default();
+        for r in [token("x"), empty, token("y")] {
+            all.push(&response(vec![r])).unwrap();
+        }
+        let merged: Value = serde_json::from_str(&all.finish()).unwrap();
+        assert_eq!(merged["token"], serde_json::json!(["x", "y"]));
+    }
+
+    #[test]
+    fn a_streamed_error_echoes_a_bounded_plugin_message() {
+        let event = sse_event(Err(EngineError::BadOutput {
+            model: "gen".into(),
+            message: "x".repeat(100_000),
+        }));
+        let body = format!("{event:?}");
+        assert!(body.len() < 20_000, "{} bytes of event", body.len());
+        assert!(body.contains("bytes in all"), "the cut is said");
     }
 
     #[tokio::test]

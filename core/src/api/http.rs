@@ -34,13 +34,20 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// Largest body of a control route (repository index/load/unload, shm registration): their
+/// bodies are a few small fields (load's "config" and "file:" overrides are refused), and
+/// they are parsed into `serde_json` trees that cost many times their size, so they get far
+/// less than `--max-body-bytes` and are not charged to `--max-buffered-bytes`.
+pub const CONTROL_BODY_BYTES: usize = 1 << 20;
+
 /// Settings of the HTTP front end.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     /// Largest request body accepted (`--max-body-bytes`); larger bodies get 413.
     pub max_body_bytes: usize,
     /// Budget for the bodies of tensor routes held at once (`--max-buffered-bytes`; see
-    /// `body_budget.rs`), shared with gRPC; past it a body waits briefly, then gets 503.
+    /// `body_budget.rs`), shared with gRPC; past it a body waits briefly, then gets 503; a
+    /// body larger than all of it gets 413.
     pub budget: BodyBudget,
     /// Clients' shared-memory regions (`/v2/systemsharedmemory/*`, shm inputs and outputs).
     pub regions: Arc<Regions>,
@@ -78,10 +85,19 @@ struct ModelPath {
 /// Builds the KServe V2 router over `backend`.
 pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
     let limit = cfg.max_body_bytes;
+    // Below `--max-body-bytes` too when that is smaller.
+    let control_body_limit = control_limit(&cfg);
     let regions = cfg.regions.clone();
     let metrics = backend.metrics();
     let auth = cfg.auth.clone();
     let gate = auth.map(|a| super::auth::AuthGate::new(a, metrics.clone()));
+    if cfg.max_body_bytes > cfg.budget.total() {
+        tracing::warn!(
+            max_body_bytes = cfg.max_body_bytes,
+            max_buffered_bytes = cfg.budget.total(),
+            "--max-body-bytes is above --max-buffered-bytes: bodies and gRPC messages larger than --max-buffered-bytes get 413 / RESOURCE_EXHAUSTED"
+        );
+    }
     let budget = cfg.budget.clone();
     let state = AppState {
         backend,
@@ -89,6 +105,22 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         metrics,
         budget,
     };
+    // Model repository (Triton's extension): index, load, unload.
+    let control = Router::new()
+        .route("/v2/repository/index", post(repository_index::<B>))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(repository_load::<B>),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_unload::<B>),
+        )
+        .layer(DefaultBodyLimit::max(control_body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            control_body_limit,
+            super::body_limit::refuse_declared_control,
+        ));
     let routes = Router::new()
         .route("/v2", get(server_metadata::<B>))
         .route("/v2/health/live", get(live::<B>))
@@ -130,16 +162,6 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
             "/v2/models/{model}/versions/{version}/stats",
             get(model_stats::<B>),
         )
-        // Model repository (Triton's extension): index, load, unload.
-        .route("/v2/repository/index", post(repository_index::<B>))
-        .route(
-            "/v2/repository/models/{model}/load",
-            post(repository_load::<B>),
-        )
-        .route(
-            "/v2/repository/models/{model}/unload",
-            post(repository_unload::<B>),
-        )
         .route("/v2/models/{model}/config", get(model_config::<B>))
         .route(
             "/v2/models/{model}/versions/{version}/config",
@@ -148,7 +170,8 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .route("/metrics", get(scrape_metrics::<B>))
         .route("/openapi.json", get(openapi::document))
         .route("/docs", get(openapi::page))
-        .merge(shm::routes(regions))
+        .merge(control)
+        .merge(shm::routes(regions, control_body_limit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit));
@@ -460,13 +483,18 @@ struct ControlBody {
     parameters: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The body limit of the control routes (`CONTROL_BODY_BYTES`, or less).
+fn control_limit(cfg: &HttpConfig) -> usize {
+    cfg.max_body_bytes.min(CONTROL_BODY_BYTES)
+}
+
 /// An optional JSON body: empty (what tritonclient sends) means the default.
 fn optional_json<T: serde::de::DeserializeOwned + Default>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
-    what: &str,
+    what: &'static str,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|r| ApiError::from_body(r, limit))?;
+    let body = body.map_err(|r| ApiError::from_control_body(r, limit, what))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -479,7 +507,7 @@ async fn repository_index<B: Backend>(
     State(s): State<AppState<B>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body: IndexBody = optional_json(body, s.cfg.max_body_bytes, "repository index")?;
+    let body: IndexBody = optional_json(body, control_limit(&s.cfg), "repository index")?;
     let rows = s.backend.repository_index(body.ready).await?;
     Ok(Json(rows).into_response())
 }
@@ -493,7 +521,7 @@ async fn repository_load<B: Backend>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Path(p) = path?;
-    let body: ControlBody = optional_json(body, s.cfg.max_body_bytes, "model load")?;
+    let body: ControlBody = optional_json(body, control_limit(&s.cfg), "model load")?;
     // Triton's clients send "config" (and "file:..." entries) to override the model's files.
     if let Some(key) = body
         .parameters
@@ -517,7 +545,7 @@ async fn repository_unload<B: Backend>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Path(p) = path?;
-    let _: ControlBody = optional_json(body, s.cfg.max_body_bytes, "model unload")?;
+    let _: ControlBody = optional_json(body, control_limit(&s.cfg), "model unload")?;
     s.backend.unload_model(&p.model).await?;
     Ok(StatusCode::OK)
 }

@@ -332,6 +332,19 @@ impl Sink<'_> {
         {
             return self.push_f64(special);
         }
+        // A bare token of the body (marked by `nonfinite::quote`) is no string or integer.
+        if let Some(token) = nonfinite::bare(v) {
+            return Err(format!(
+                "expected {} for {dt}, got {token} (NaN and the infinities are only for float tensors)",
+                if dt == DataType::Bytes {
+                    "a string"
+                } else if dt == DataType::Bool {
+                    "true or false"
+                } else {
+                    "an integer"
+                }
+            ));
+        }
         self.start_element()?;
         match dt {
             DataType::Bytes => bytes_codec::push_element(&mut self.out, v.as_bytes()),

@@ -13,7 +13,9 @@ impl ApiError {
     pub fn outcome(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. }
+            | ApiError::ControlBodyTooLarge { .. }
+            | ApiError::OverBudget { .. } => "payload_too_large",
             ApiError::BodyTimeout { .. } => "body_timeout",
             ApiError::UnsupportedEncoding { .. } => "unsupported_encoding",
             ApiError::RouteNotFound { .. } => "not_found",

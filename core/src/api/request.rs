@@ -126,7 +126,12 @@ pub fn decode(
     let parsed: RequestJson<'_> = match serde_json::from_slice(&split.json) {
         Ok(parsed) => parsed,
         Err(e) => {
-            quoted = nonfinite::quote(&split.json).ok_or(e).map_err(bad_json)?;
+            quoted = nonfinite::quote(&split.json, nonfinite::in_infer_data)
+                .map_err(|place| {
+                    ApiError::BadRequest(format!("invalid inference request JSON: {place}"))
+                })?
+                .ok_or(e)
+                .map_err(bad_json)?;
             serde_json::from_slice(&quoted).map_err(bad_json)?
         }
     };

@@ -105,7 +105,7 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
         .iter()
         .filter_map(|o| o.data.as_ref())
         .fold(4096usize, |n, d| n.saturating_add(d.max_text_len()));
-    let mut json = Vec::with_capacity(estimate);
+    let mut json = Vec::with_capacity(presize(estimate));
     serde_json::to_writer(&mut json, &header)
         .map_err(|e| EngineError::Internal(format!("could not encode the response: {e}")))?;
     Ok(if chunks.is_empty() {
@@ -113,6 +113,15 @@ pub fn encode(response: &InferResponse, plan: &OutputPlan) -> Result<Response, A
     } else {
         binary_response(json, chunks)
     })
+}
+
+/// Most bytes reserved up front for a JSON answer. The estimate is a worst case (up to 6x a
+/// BYTES output, 25/8x FP64), which a typical answer falls far short of; past this the
+/// buffer grows as it is written, so memory follows what is written, not the worst case.
+const MAX_PRESIZE: usize = 64 << 20;
+
+fn presize(estimate: usize) -> usize {
+    estimate.min(MAX_PRESIZE)
 }
 
 /// Writes `tensor` into its shared-memory slice and describes it (no data in the body).
@@ -188,6 +197,13 @@ fn binary_response(json: Vec<u8>, chunks: Vec<Bytes>) -> Response {
 mod tests {
     use super::*;
     use crate::engine::{DataType, bytes_codec};
+
+    #[test]
+    fn the_json_answer_is_pre_sized_to_at_most_64_mib() {
+        // A 256 MiB BYTES output of empty strings estimates ~1.5 GiB of text.
+        assert_eq!(presize(6 * (256 << 20)), 64 << 20);
+        assert_eq!(presize(4096), 4096);
+    }
 
     fn tensor(name: &str, datatype: DataType, shape: &[i64], data: Vec<u8>) -> Tensor {
         Tensor {

@@ -11,7 +11,7 @@
 use super::error::ApiError;
 use crate::regions::{RegionError, RegionStatus, Regions};
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,8 +28,12 @@ struct RegisterBody {
     byte_size: u64,
 }
 
-/// The shared-memory routes, ready to merge into the main router.
-pub fn routes<S: Clone + Send + Sync + 'static>(regions: Arc<Regions>) -> Router<S> {
+/// The shared-memory routes, ready to merge into the main router; their bodies are small
+/// JSON objects, refused past `body_limit` (`http::CONTROL_BODY_BYTES`).
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    regions: Arc<Regions>,
+    body_limit: usize,
+) -> Router<S> {
     Router::new()
         .route("/v2/systemsharedmemory/status", get(status_all))
         .route(
@@ -38,7 +42,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(regions: Arc<Regions>) -> Router
         )
         .route(
             "/v2/systemsharedmemory/region/{region}/register",
-            post(register),
+            post(move |regions, region, body| register(regions, region, body, body_limit)),
         )
         .route("/v2/systemsharedmemory/unregister", post(unregister_all))
         .route(
@@ -53,6 +57,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>(regions: Arc<Regions>) -> Router
             "/v2/cudasharedmemory/region/{region}/unregister",
             post(cuda),
         )
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            super::body_limit::refuse_declared_control,
+        ))
         .with_state(regions)
 }
 
@@ -78,10 +87,11 @@ async fn register(
     State(regions): State<Arc<Regions>>,
     region: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
+    body_limit: usize,
 ) -> Result<StatusCode, ApiError> {
     let Path(name) = region?;
     // tritonclient sends no Content-Type, so the body is parsed whatever it says.
-    let body = body.map_err(|r| ApiError::BadRequest(r.body_text()))?;
+    let body = body.map_err(|r| ApiError::from_control_body(r, body_limit, "shm register"))?;
     let body: RegisterBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "invalid register request (expected {{\"key\", \"offset\", \"byte_size\"}}): {e}"

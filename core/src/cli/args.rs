@@ -149,7 +149,8 @@ pub struct ServerArgs {
     /// Bytes of request bodies the server holds at once, across all connections: REST bodies
     /// (infer, generate) and gRPC messages (as they arrive, until answered); past it a new
     /// body waits up to 2 s for room, then gets 503 (gRPC: UNAVAILABLE). Bounds what many
-    /// slow or stalled uploads can pin. Should be at least --max-body-bytes.
+    /// slow or stalled uploads can pin. Should be at least --max-body-bytes: a body larger
+    /// than this whole budget gets 413 (gRPC: RESOURCE_EXHAUSTED).
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it

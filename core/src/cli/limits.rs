@@ -101,7 +101,6 @@ pub fn check_server_file(args: &ServeArgs) -> Result<(), String> {
         ("drain_timeout_ms", s.drain_timeout_ms),
         ("load_timeout_ms", w.load_timeout_ms),
         ("execution_timeout_ms", w.execution_timeout_ms),
-        ("tls_handshake_timeout_ms", s.tls.tls_handshake_timeout_ms),
     ];
     for (key, ms) in timeouts {
         in_range(ms, 0, MAX_TIMEOUT_MS, "milliseconds", " (7 days)")
@@ -116,6 +115,15 @@ pub fn check_server_file(args: &ServeArgs) -> Result<(), String> {
         in_range(n as u64, min, MAX_BYTES, "bytes", " (1 TiB)")
             .map_err(|e| format!("server.{key}: {e}"))?;
     }
+    // From 1, like its flag: 0 would time every handshake out.
+    in_range(
+        s.tls.tls_handshake_timeout_ms,
+        1,
+        MAX_TIMEOUT_MS,
+        "milliseconds",
+        " (7 days)",
+    )
+    .map_err(|e| format!("server.tls_handshake_timeout_ms: {e}"))?;
     in_range(s.queue_capacity, 1, MAX_QUEUE_CAPACITY, "requests", "")
         .map_err(|e| format!("server.queue_capacity: {e}"))?;
     in_range(s.max_buffered_bytes, 1, 1 << 48, "bytes", " (256 TiB)")
@@ -191,5 +199,26 @@ mod tests {
         assert_eq!(byte_count("1099511627776"), Ok(1 << 40));
         assert!(byte_count("1099511627777").unwrap_err().contains("1 TiB"));
         assert!(arena_bytes("4095").unwrap_err().contains("from 4096"));
+    }
+
+    #[test]
+    fn a_config_file_tls_handshake_timeout_has_the_flags_range() {
+        use clap::Parser as _;
+        let argv = ["unimodel", "serve", "--config", "x.toml"];
+        let super::super::args::Command::Serve(mut args) =
+            super::super::args::Cli::try_parse_from(argv)
+                .unwrap()
+                .command
+        else {
+            panic!("expected serve");
+        };
+        assert_eq!(check_server_file(&args), Ok(()));
+        // Before: accepted, and every TLS handshake then timed out at once.
+        args.server.tls.tls_handshake_timeout_ms = 0;
+        let err = check_server_file(&args).unwrap_err();
+        assert!(
+            err.contains("server.tls_handshake_timeout_ms") && err.contains("from 1"),
+            "{err}"
+        );
     }
 }

@@ -37,6 +37,9 @@ const ALIVE: u8 = 0;
 const KILLED_HEADER: u8 = 1;
 const KILLED_IDLE: u8 = 2;
 
+/// `preface` once the connection is known not to be HTTP/2.
+const NOT_H2: u8 = u8::MAX;
+
 /// What the watchdog knows of one connection.
 #[derive(Debug)]
 pub struct ConnState {
@@ -48,8 +51,10 @@ pub struct ConnState {
     in_flight: AtomicUsize,
     /// An HTTP/2 connection: its heads come whole in frames, only the preface is timed.
     http2: AtomicBool,
-    /// Nothing has been read yet (the first read tells HTTP/2 from HTTP/1.1).
-    first_read: AtomicBool,
+    /// How many bytes of the HTTP/2 preface have arrived so far, or `NOT_H2` once a byte
+    /// differed: the protocol is decided only by the whole preface or the first mismatch, so
+    /// a client that sends "P" and then trickles "OST ..." is still timed as HTTP/1.1.
+    preface: AtomicU8,
     killed: AtomicU8,
     reader: AtomicWaker,
     /// Wakes the watchdog when a deadline may have moved earlier, or the connection ended.
@@ -68,7 +73,7 @@ impl ConnState {
             last_active: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             http2: AtomicBool::new(false),
-            first_read: AtomicBool::new(true),
+            preface: AtomicU8::new(0),
             killed: AtomicU8::new(ALIVE),
             reader: AtomicWaker::new(),
             wake: Notify::new(),
@@ -97,16 +102,11 @@ impl ConnState {
         self.reader.register(waker);
     }
 
-    /// Bytes arrived (`first` are the first bytes ever read, on the first call). Starts the
-    /// head clock on an idle HTTP/1.1 connection; the HTTP/2 preface stops it for good.
+    /// Bytes arrived. Starts the head clock on an idle HTTP/1.1 connection; the whole HTTP/2
+    /// preface stops it for good (a part of it does not: the clock from accept runs on).
     pub(super) fn bytes_read(&self, data: &[u8]) {
-        if self.first_read.swap(false, Ordering::AcqRel) {
-            let n = data.len().min(H2_PREFACE.len());
-            if n > 0 && data[..n] == H2_PREFACE[..n] {
-                self.http2.store(true, Ordering::Release);
-                self.head_since.store(0, Ordering::Release);
-                return;
-            }
+        if self.preface_read(data) {
+            return;
         }
         if self.http2.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) > 0 {
             return;
@@ -121,11 +121,36 @@ impl ConnState {
         }
     }
 
+    /// Matches `data` against the rest of the HTTP/2 preface (reads of one connection come
+    /// one at a time). True while these bytes belong to the preface, or complete it.
+    fn preface_read(&self, data: &[u8]) -> bool {
+        let seen = self.preface.load(Ordering::Acquire);
+        if seen == NOT_H2 {
+            return false;
+        }
+        let seen = usize::from(seen);
+        let rest = &H2_PREFACE[seen..];
+        let n = data.len().min(rest.len());
+        if data[..n] != rest[..n] {
+            self.preface.store(NOT_H2, Ordering::Release);
+            return false;
+        }
+        let now_seen = seen + n;
+        // `now_seen` <= 24: fits.
+        self.preface
+            .store(u8::try_from(now_seen).unwrap_or(NOT_H2), Ordering::Release);
+        if now_seen == H2_PREFACE.len() {
+            self.http2.store(true, Ordering::Release);
+            self.head_since.store(0, Ordering::Release);
+        }
+        true
+    }
+
     pub(super) fn gone(&self) {
         self.gone.store(true, Ordering::Release);
         self.wake.notify_one();
         if let Some((registry, peer)) = &self.registered {
-            registry.remove(peer);
+            registry.remove(peer, self);
         }
     }
 
@@ -249,12 +274,22 @@ impl ConnRegistry {
         self.lock().insert(peer, Arc::downgrade(state));
     }
 
-    fn remove(&self, peer: &SocketAddr) {
+    /// Removes `state`'s entry. The entry is compared by pointer, not by liveness: when the
+    /// connection ends its state is still held (by the `Conn` being dropped and by the
+    /// watchdog), and a new connection from the same address may have taken the entry.
+    fn remove(&self, peer: &SocketAddr, state: &ConnState) {
         let mut conns = self.lock();
-        // A new connection from the same address may have taken the entry already.
-        if conns.get(peer).is_some_and(|w| w.strong_count() == 0) {
+        if conns
+            .get(peer)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), state))
+        {
             conns.remove(peer);
         }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 
     fn get(&self, peer: &SocketAddr) -> Option<Arc<ConnState>> {
@@ -479,6 +514,60 @@ mod tests {
         h2.request_ended();
         h2.bytes_read(b"a ping frame");
         assert_eq!(h2.deadline(&T).map(|d| d.1), Some(KILLED_IDLE));
+    }
+
+    #[test]
+    fn a_part_of_the_preface_keeps_the_head_clock_and_a_mismatch_makes_it_http1() {
+        // "P" then "OST ...": a slowloris whose first byte is the preface's.
+        let s = ConnState::new(None);
+        s.bytes_read(b"P");
+        assert_eq!(s.deadline(&T), Some((1_000, KILLED_HEADER)), "still timed");
+        s.bytes_read(b"OST /v2/models/x/infer HTTP/1.1\r\n");
+        assert_eq!(s.deadline(&T), Some((1_000, KILLED_HEADER)), "HTTP/1.1");
+        assert!(!s.http2.load(Ordering::Acquire));
+
+        // The preface split over reads, its last read carrying a frame too.
+        let h2 = ConnState::new(None);
+        for chunk in H2_PREFACE[..20].chunks(3) {
+            h2.bytes_read(chunk);
+            assert_eq!(h2.deadline(&T).map(|d| d.1), Some(KILLED_HEADER));
+        }
+        h2.bytes_read(&[&H2_PREFACE[20..], b"\0\0\0\x04"].concat());
+        assert_eq!(
+            h2.deadline(&T).map(|d| d.1),
+            Some(KILLED_IDLE),
+            "preface whole"
+        );
+        assert!(h2.http2.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn an_ended_connection_leaves_the_registry_and_spares_a_newer_one() {
+        let registry = ConnRegistry::default();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let first = Arc::new(ConnState::new(Some((registry.clone(), peer))));
+        registry.insert(peer, &first);
+        // The watchdog's hold on the state, alive when the `Conn` drops.
+        let watchdog_hold = Arc::clone(&first);
+        first.gone();
+        assert_eq!(
+            registry.len(),
+            0,
+            "the entry of an ended connection is removed"
+        );
+        drop(watchdog_hold);
+
+        let old = Arc::new(ConnState::new(Some((registry.clone(), peer))));
+        registry.insert(peer, &old);
+        let new = Arc::new(ConnState::new(Some((registry.clone(), peer))));
+        registry.insert(peer, &new);
+        old.gone();
+        assert!(
+            registry.get(&peer).is_some_and(|s| Arc::ptr_eq(&s, &new)),
+            "the newer connection from the same address keeps its entry"
+        );
+        new.gone();
+        assert_eq!(registry.len(), 0);
     }
 
     #[tokio::test]
