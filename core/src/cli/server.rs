@@ -164,7 +164,8 @@ pub async fn serve_until_signal<B: Backend>(
     // One table of client shared-memory regions for both protocols.
     let regions = Arc::new(
         crate::regions::Regions::new(server.allow_client_shm)
-            .with_max_regions(usize::try_from(server.max_shm_regions).unwrap_or(usize::MAX)),
+            .with_max_regions(usize::try_from(server.max_shm_regions).unwrap_or(usize::MAX))
+            .with_max_read_bytes(engine.limits().max_tensor_bytes),
     );
     let metrics = backend.metrics();
     if let Some(m) = &metrics {
