@@ -294,11 +294,11 @@ async fn reap(
             // A pidfd turns readable once the process has exited (it stays a zombie for us).
             let Ok(mut ready) = pidfd.readable().await else {
                 let status = child.wait().await.ok();
-                orphans::kill_left_behind(Some(&worker_id));
+                orphans::kill_left_behind_async(worker_id.clone()).await;
                 break status;
             };
             // Its children were re-parented when it exited, before the pidfd turned readable.
-            orphans::kill_left_behind(Some(&worker_id));
+            orphans::kill_left_behind_async(worker_id.clone()).await;
             let Ok(mut flag) = reaped.lock() else { return };
             kill_group(pid);
             match child.try_wait() {
@@ -319,7 +319,7 @@ async fn reap(
             if let Ok(mut flag) = reaped.lock() {
                 *flag = true;
             }
-            orphans::kill_left_behind(Some(&worker_id));
+            orphans::kill_left_behind_async(worker_id.clone()).await;
             status
         }
     };
