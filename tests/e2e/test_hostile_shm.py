@@ -320,9 +320,10 @@ def test_a_bytes_input_naming_a_huge_sparse_segment_is_refused_before_it_is_read
     start_server, segments
 ):
     # A sparse 1 TiB segment costs the client nothing. The core reads BYTES and BOOL inputs
-    # out of the segment (to check every element), and used to allocate whatever size the
-    # input named before --max-tensor-bytes was checked: the allocation failed and the core
-    # aborted. Now the size is checked first.
+    # out of the segment (to check every element), and used to allocate and read whatever
+    # size the input named before --max-tensor-bytes was checked: the core grew until the
+    # kernel's OOM killer took it (or aborted where the allocation failed). Now the size is
+    # checked first. Do not run this against a build without the check: it eats the machine.
     server = start_server(plugin("bytes_echo.py"), "--allow-client-shm")
     seg = segments("huge")
     huge = 1 << 40
