@@ -319,14 +319,14 @@ def test_registered_regions_are_capped(start_server, segments):
 def test_a_bytes_input_naming_a_huge_sparse_segment_is_refused_before_it_is_read(
     start_server, segments
 ):
-    # A sparse 1 TiB segment costs the client nothing. The core reads BYTES and BOOL inputs
-    # out of the segment (to check every element), and used to allocate and read whatever
-    # size the input named before --max-tensor-bytes was checked: the core grew until the
-    # kernel's OOM killer took it (or aborted where the allocation failed). Now the size is
-    # checked first. Do not run this against a build without the check: it eats the machine.
+    # A sparse segment costs the client nothing. The core reads BYTES and BOOL inputs out of
+    # the segment (to check every element), and used to allocate and read whatever size the
+    # input named before --max-tensor-bytes (1 GiB) was checked: with 1 TiB the core grew
+    # until the kernel's OOM killer took it. Now the size is checked before any allocation.
+    # 8 GiB is past the limit and keeps a build without the check from eating the machine.
     server = start_server(plugin("bytes_echo.py"), "--allow-client-shm")
     seg = segments("huge")
-    huge = 1 << 40
+    huge = 8 << 30
     os.ftruncate(seg.fd, huge)
     http = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
