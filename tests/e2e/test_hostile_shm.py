@@ -311,3 +311,43 @@ def test_registered_regions_are_capped(start_server, segments):
     assert "\nunimodel_shm_regions 3\n" in server.get("/metrics").text
     http.close()
     grpc.close()
+
+
+# -- a size the client names ----------------------------------------------------------------
+
+
+def test_a_bytes_input_naming_a_huge_sparse_segment_is_refused_before_it_is_read(
+    start_server, segments
+):
+    # A sparse segment costs the client nothing. The core reads BYTES and BOOL inputs out of
+    # the segment (to check every element), and used to allocate and read whatever size the
+    # input named before --max-tensor-bytes (1 GiB) was checked: with 1 TiB the core grew
+    # until the kernel's OOM killer took it. Now the size is checked before any allocation.
+    # 8 GiB is past the limit and keeps a build without the check from eating the machine.
+    server = start_server(plugin("bytes_echo.py"), "--allow-client-shm")
+    seg = segments("huge")
+    huge = 8 << 30
+    os.ftruncate(seg.fd, huge)
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    http.register_system_shared_memory("huge", seg.key, huge)
+    for client, module in ((http, httpclient), (grpc, grpcclient)):
+        text = module.InferInput("text", [1], "BYTES")
+        text.set_shared_memory("huge", huge)
+        with pytest.raises(InferenceServerException) as refusal:
+            client.infer("bytes_echo", [text])
+        assert refusal.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), refusal.value
+        message = refusal.value.message()
+        assert f"names {huge} bytes of shared memory" in message, message
+        assert f"({1 << 30} bytes, --max-tensor-bytes)" in message, message
+    assert server.alive(), server.log_tail(20)
+    # The server serves on: a BYTES input from the same region within the limit.
+    element = b"hello"
+    seg_bytes = len(element).to_bytes(4, "little") + element
+    os.pwrite(seg.fd, seg_bytes, 0)
+    text = httpclient.InferInput("text", [1], "BYTES")
+    text.set_shared_memory("huge", len(seg_bytes))
+    answer = http.infer("bytes_echo", [text])
+    assert answer.as_numpy("echo").tolist() == [element]
+    http.close()
+    grpc.close()

@@ -159,10 +159,22 @@ impl Decoder<'_, '_> {
                 match datatype {
                     // The engine checks every element of these (`engine::validate`): read
                     // them once, here, and let them travel as the core's own bytes.
-                    DataType::Bool | DataType::Bytes => (
-                        read_input(&slice, &format!("input '{name}'"))?,
-                        Storage::Core,
-                    ),
+                    DataType::Bool | DataType::Bytes => {
+                        // Checked before the copy, whose buffer is the size the client named:
+                        // a sparse segment of a terabyte costs the client nothing.
+                        let limit = self.regions.max_read_bytes();
+                        if slice.len > limit {
+                            return Err(bad(format!(
+                                "names {} bytes of shared memory, more than the largest tensor \
+                                 accepted ({limit} bytes, --max-tensor-bytes)",
+                                slice.len
+                            )));
+                        }
+                        (
+                            read_off_runtime(&slice, &format!("input '{name}'"))?,
+                            Storage::Core,
+                        )
+                    }
                     // The bytes stay in the client's segment: a lone request's worker maps
                     // it, a batch's assembly reads it.
                     _ => (Bytes::new(), Storage::Client(slice)),
@@ -384,6 +396,18 @@ fn shm_output(
         offset,
         target,
     }))
+}
+
+/// Copies `slice` out of its segment (`read_input`): a `pread` of up to
+/// `--max-tensor-bytes`, which must not hold a runtime thread, so on the multi-threaded
+/// runtime the thread hands its other tasks over while it reads (`block_in_place`); on a
+/// current-thread runtime (tests) there is no other thread to hand them to.
+fn read_off_runtime(slice: &ClientSlice, tensor: &str) -> Result<Bytes, RegionError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| read_input(slice, tensor)),
+        _ => read_input(slice, tensor),
+    }
 }
 
 #[cfg(test)]

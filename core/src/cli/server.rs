@@ -175,7 +175,9 @@ pub async fn serve_until_signal<B: Backend>(
         server.allow_client_shm,
     );
     let regions = Arc::new(
-        crate::regions::Regions::new(server.allow_client_shm).with_max_regions(max_regions),
+        crate::regions::Regions::new(server.allow_client_shm)
+            .with_max_regions(max_regions)
+            .with_max_read_bytes(engine.limits().max_tensor_bytes),
     );
     let metrics = backend.metrics();
     if let Some(m) = &metrics {

@@ -100,7 +100,7 @@ pub async fn run_batch(
     let mut guard = FinishGuard::new(&ctx, idx, batch_id);
     let batching = ctx.config.max_batch_size > 0;
     let started = Instant::now();
-    read_client_inputs(&ctx, &mut batch, started);
+    read_client_inputs(&ctx, &mut batch, started).await;
     if batch.is_empty() {
         return;
     }
@@ -213,13 +213,34 @@ pub async fn run_batch(
 /// input still in a client's segment is read now (`batch::read_client_inputs`). A request
 /// whose client shrank its segment since it was decoded is answered with that error alone
 /// and leaves the batch; the others run. A request alone keeps its inputs where they are.
-fn read_client_inputs(ctx: &BatchContext, batch: &mut Vec<Admitted>, started: Instant) {
-    if batch.len() < 2 {
+/// The reads (`pread`, up to `--max-tensor-bytes` per input) run on a blocking thread, never
+/// on one of the runtime's.
+async fn read_client_inputs(ctx: &BatchContext, batch: &mut Vec<Admitted>, started: Instant) {
+    let in_client = |p: &Admitted| {
+        p.inputs
+            .iter()
+            .any(|t| matches!(t.storage, Storage::Client(_)))
+    };
+    if batch.len() < 2 || !batch.iter().any(in_client) {
         return;
     }
-    let mut kept = Vec::with_capacity(batch.len());
-    for mut p in std::mem::take(batch) {
-        match super::batch::read_client_inputs(&mut p) {
+    let taken = std::mem::take(batch);
+    let read = tokio::task::spawn_blocking(move || {
+        taken
+            .into_iter()
+            .map(|mut p| {
+                let read = super::batch::read_client_inputs(&mut p);
+                (p, read)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    // Only a panic or a runtime shutting down loses the batch; its sinks, dropped with it,
+    // answer each request that it was not run.
+    let Ok(read) = read else { return };
+    let mut kept = Vec::with_capacity(read.len());
+    for (p, read) in read {
+        match read {
             Ok(()) => kept.push(p),
             Err(message) => {
                 ctx.stats.record_request(

@@ -48,6 +48,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The limits every request is held to.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.options.limits
+    }
+
     /// Starts a scheduler for each model over its instances. Must run inside a tokio runtime.
     /// Models whose version is not a number are served as version 0.
     pub fn start(

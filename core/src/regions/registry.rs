@@ -39,6 +39,8 @@ pub struct RegionStatus {
 pub struct Regions {
     allow: bool,
     max_regions: usize,
+    /// The most bytes of one tensor the core copies out of a segment (`--max-tensor-bytes`).
+    max_read_bytes: usize,
     table: RwLock<BTreeMap<String, Arc<Region>>>,
 }
 
@@ -52,6 +54,7 @@ impl Regions {
         Regions {
             allow,
             max_regions: DEFAULT_MAX_REGIONS as usize,
+            max_read_bytes: usize::MAX,
             table: RwLock::new(BTreeMap::new()),
         }
     }
@@ -62,6 +65,19 @@ impl Regions {
             max_regions,
             ..self
         }
+    }
+
+    /// `--max-tensor-bytes`: an input the core must read out of a segment (BYTES, BOOL) is
+    /// refused past it before a byte is read, whatever size the client names.
+    pub fn with_max_read_bytes(self, max_read_bytes: usize) -> Self {
+        Regions {
+            max_read_bytes,
+            ..self
+        }
+    }
+
+    pub fn max_read_bytes(&self) -> usize {
+        self.max_read_bytes
     }
 
     /// How many regions are registered now.

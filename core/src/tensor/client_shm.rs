@@ -117,7 +117,15 @@ impl ClientSegment {
     /// A copy of `[offset, offset + len)`, read with `pread`: a segment shrunk below it is a
     /// short read, reported as `Shrunk`, never a fault.
     pub fn read(&self, offset: usize, len: usize) -> Result<Bytes, AccessError> {
-        let mut buf = vec![0u8; len];
+        // Reserved fallibly: a size the memory cannot hold is an error, not an abort.
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {len} bytes to copy it: {e}"),
+            )
+        })?;
+        buf.resize(len, 0);
         match self.file.read_exact_at(&mut buf, offset as u64) {
             Ok(()) => Ok(Bytes::from(buf)),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(AccessError::Shrunk {
@@ -236,6 +244,19 @@ mod tests {
         ));
         s.write(4094, b"ab").unwrap();
         assert_eq!(s.size().unwrap(), 4096, "a refused write grows nothing");
+    }
+
+    /// A length no buffer can hold is an error, never an abort (or a panic) of the core.
+    #[test]
+    fn a_read_too_large_to_allocate_is_an_error() {
+        let s = ClientSegment::open(memfd(4096)).unwrap();
+        let huge = isize::MAX as usize + 1;
+        let err = s.read(0, huge).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("cannot allocate {huge} bytes")),
+            "{err}"
+        );
     }
 
     /// The attack of issue 15: registered at 64 KiB, truncated to 4 KiB, then used at 32 KiB.

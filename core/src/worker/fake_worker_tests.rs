@@ -19,8 +19,8 @@ mode = os.environ["UNIMODEL_MODEL"]
 s = socket.socket(fileno=3)
 
 if mode == "nohello":
-    # Dies before its runtime says hello, as Python does when it cannot open a file.
-    os.write(2, b"OSError: [Errno 24] Too many open files\n")
+    # Dies before its runtime says hello, as it does when numpy does not import.
+    os.write(2, b"Traceback (most recent call last):\nModuleNotFoundError: No module named 'numpy'\n")
     os._exit(1)
 
 def send_raw(body):
@@ -266,31 +266,80 @@ async fn descriptors_a_message_does_not_use_are_refused_and_closed() {
     assert_eq!(open_fds_named("fake-many-fds"), 0);
 }
 
-/// A worker that dies before `hello` never reached the plugin's `setup` (a shortage: no
-/// descriptors, memory or processes): it is retried past `max_setup_failures` and never
-/// marked FAILED.
+/// A worker whose runtime dies before `hello` (numpy or the SDK does not import) has a
+/// broken environment, which does not mend itself: after `max_setup_failures` starts the
+/// instance is FAILED with the runtime's stderr, as a failing `setup` is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_dying_before_hello_is_retried_and_never_failed() {
-    let cfg = config("nohello");
-    let max = cfg.restart.max_setup_failures;
+async fn a_worker_dying_before_hello_fails_like_setup() {
+    let h = spawn_instance(config("nohello"));
+    let s = wait_for(&h, |s| matches!(s, InstanceState::Failed { .. })).await;
+    let InstanceState::Failed { error, traceback } = s else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("before it said hello: ModuleNotFoundError: No module named 'numpy'"),
+        "{error}"
+    );
+    assert!(traceback.contains("No module named 'numpy'"), "{traceback}");
+    h.shutdown().await;
+}
+
+/// An interpreter that is not there cannot be started however often it is tried: FAILED,
+/// naming it, after `max_setup_failures` attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_interpreter_ends_failed() {
+    let mut cfg = config("missing");
+    cfg.python.interpreter = PathBuf::from("/nonexistent/python3");
+    let h = spawn_instance(cfg);
+    let s = wait_for(&h, |s| matches!(s, InstanceState::Failed { .. })).await;
+    let InstanceState::Failed { error, .. } = s else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("cannot start /nonexistent/python3"),
+        "{error}"
+    );
+    h.shutdown().await;
+}
+
+/// A start that fails for want of descriptors (EMFILE, as `memfd_create` or the fork gives
+/// when they run out) is retried past `max_setup_failures` and never marked FAILED; once the
+/// shortage passes, the worker starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_short_of_descriptors_is_retried_and_never_failed() {
+    let cfg = config("emfile");
+    let failures = 3 * cfg.restart.max_setup_failures;
+    super::process::INJECTED_FAILURES.lock().unwrap().push((
+        "emfile".into(),
+        libc::EMFILE,
+        failures,
+    ));
     let h = spawn_instance(cfg);
     let mut rx = h.state();
-    let mut starts = 0;
-    while starts <= 2 * max {
+    let mut retries = 0;
+    loop {
         tokio::time::timeout(Duration::from_secs(20), rx.changed())
             .await
-            .expect("the instance keeps restarting")
+            .expect("the instance keeps retrying")
             .unwrap();
         let state = rx.borrow_and_update().clone();
         match state {
-            InstanceState::Starting => starts += 1,
-            InstanceState::Restarting { reason } => assert!(
-                reason.contains("before it said hello: OSError: [Errno 24] Too many open files"),
-                "{reason}"
-            ),
-            other => panic!("expected only restarts, got {other:?}"),
+            InstanceState::Restarting { reason } => {
+                assert!(reason.contains("Too many open files"), "{reason}");
+                retries += 1;
+            }
+            InstanceState::Starting => {}
+            InstanceState::Ready => break,
+            other => panic!("expected only retries, got {other:?}"),
         }
     }
+    // `watch` may fold two changes into one, so each retry is not necessarily seen.
+    assert!(retries >= 1, "{retries}");
+    assert_eq!(
+        super::process::INJECTED_FAILURES.lock().unwrap()[0].2,
+        0,
+        "every injected failure was met before the start that succeeded"
+    );
     h.shutdown().await;
 }
 

@@ -22,6 +22,14 @@
 //! their `wait`). A process this cannot tell apart is left alone, never killed by mistake:
 //! the failure mode is a leftover, not a stranger's death. A plugin that clears its
 //! children's environment hides them from step 2 until the server exits.
+//!
+//! Finding them reads only our own part of the process tree where the kernel lists each
+//! task's children (`/proc/self/task/*/children`, `CONFIG_PROC_CHILDREN`), and the whole
+//! `/proc` table where it does not; either way on a blocking thread (`*_async`), never on a
+//! runtime thread. Killing holds the registry lock, which `reap_adopted` also takes, so no
+//! process found is reaped (and its pid freed for a stranger) before the signal; each target
+//! is pinned by a pidfd and checked to still be the process found (its parent unchanged)
+//! before it is signalled through that pidfd, so a pid reused meanwhile is never hit.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,7 +83,8 @@ pub fn adopt() {
         Ok(mut sigchld) => {
             tokio::spawn(async move {
                 while sigchld.recv().await.is_some() {
-                    reap_adopted();
+                    // Signals that come while this runs fold into one more round.
+                    let _ = tokio::task::spawn_blocking(reap_adopted).await;
                 }
             });
         }
@@ -83,40 +92,53 @@ pub fn adopt() {
     }
 }
 
+/// `kill_left_behind` on a blocking thread: it reads `/proc` and waits on the registry lock.
+pub async fn kill_left_behind_async(worker_id: String) -> usize {
+    tokio::task::spawn_blocking(move || kill_left_behind(Some(&worker_id)))
+        .await
+        .unwrap_or(0)
+}
+
 /// SIGKILLs the adopted processes a worker left behind, with everything below them: those
 /// carrying `worker_id`, or, when `None` (the server is exiting), every adopted process and
 /// every worker still running.
-/// Returns how many processes were signalled.
+/// Returns how many processes were signalled. Blocking (see the module doc).
 pub fn kill_left_behind(worker_id: Option<&str>) -> usize {
     let mut killed = BTreeSet::new();
     for _ in 0..KILL_ROUNDS {
-        let targets = {
-            let workers = workers();
-            let table = ProcTable::read();
-            let mut roots: Vec<i32> = table
-                .adopted(&workers)
-                .filter(|p| !p.zombie)
-                .filter(|p| worker_id.is_none_or(|id| carries_id(p.pid, id)))
-                .map(|p| p.pid)
-                .collect();
-            if worker_id.is_none() {
-                // Exiting: a worker still running (a second signal cut the stop short) would
-                // die of PDEATHSIG, but not what it started in another session.
-                roots.extend(workers.iter());
-            }
-            table.with_descendants(&roots)
-        };
+        // Held until the signals are sent: `reap_adopted` cannot reap a root meanwhile.
+        let workers = workers();
+        let table = ProcTable::read();
+        let mut roots: Vec<i32> = table
+            .adopted(&workers)
+            .filter(|p| !p.zombie)
+            .filter(|p| worker_id.is_none_or(|id| carries_id(p.pid, id)))
+            .map(|p| p.pid)
+            .collect();
+        if worker_id.is_none() {
+            // Exiting: a worker still running (a second signal cut the stop short) would
+            // die of PDEATHSIG, but not what it started in another session.
+            roots.extend(workers.iter());
+        }
+        let targets = table.with_descendants(&roots);
         let fresh: Vec<i32> = targets.difference(&killed).copied().collect();
         if fresh.is_empty() {
             break;
         }
-        for pid in fresh {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // Every target pinned and checked before any is signalled: a kill re-parents the
+        // victim's children to us, which would fail their check.
+        let pinned: Vec<(i32, Target)> = fresh
+            .iter()
+            .map(|&pid| {
+                let parent = table.parent_of(pid).unwrap_or(table.me.pid);
+                (pid, Target::pin(pid, parent))
+            })
+            .collect();
+        for (pid, target) in pinned {
+            target.kill(pid);
             killed.insert(pid);
         }
+        drop(workers);
     }
     if !killed.is_empty() {
         tracing::info!(
@@ -140,6 +162,67 @@ pub fn reap_adopted() {
     }
 }
 
+/// A process about to be signalled, pinned (where the kernel has pidfds) so that its pid
+/// cannot name another process by the time the signal is sent.
+enum Target {
+    /// Pinned, and still the process found.
+    Pinned(std::os::fd::OwnedFd),
+    /// Gone, or its pid names another process now: left alone.
+    Changed,
+    /// No pidfds (Linux before 5.3) or no descriptor for one: signalled by pid.
+    Unpinned,
+}
+
+impl Target {
+    /// Pins `pid` and checks that its parent is still `parent`, as when it was found.
+    fn pin(pid: i32, parent: i32) -> Target {
+        let same = || read_stat(pid).is_some_and(|p| p.ppid == parent);
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                // No pidfds, or no descriptor to spare for one: checked, then signalled by
+                // pid (the small window this leaves is the price of not leaving it alive).
+                Some(libc::ENOSYS | libc::EMFILE | libc::ENFILE | libc::ENOMEM) if same() => {
+                    Target::Unpinned
+                }
+                _ => Target::Changed,
+            };
+        }
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        match same() {
+            true => Target::Pinned(fd),
+            false => Target::Changed,
+        }
+    }
+
+    fn kill(self, pid: i32) {
+        match self {
+            Target::Pinned(fd) => {
+                // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+            Target::Unpinned => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Target::Changed => {}
+        }
+    }
+}
+
 /// Whether `pid`'s environment names worker `id`.
 fn carries_id(pid: i32, id: &str) -> bool {
     let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
@@ -159,27 +242,73 @@ struct Proc {
     zombie: bool,
 }
 
-/// Every process visible in `/proc`, and who we are.
+/// The processes below us (every process visible in `/proc` where the kernel does not list
+/// children), and who we are.
 struct ProcTable {
     procs: Vec<Proc>,
     me: Proc,
 }
 
+/// One process's `/proc/PID/stat`, parsed.
+fn read_stat(pid: i32) -> Option<Proc> {
+    parse_stat(
+        pid,
+        &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+    )
+}
+
+/// The children of every thread of `pid`; `None` where the kernel does not list them.
+fn children_of(pid: i32) -> Option<Vec<i32>> {
+    let mut found = Vec::new();
+    let mut listed = false;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        listed = true;
+        found.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    listed.then_some(found)
+}
+
+/// Our descendants, read from the children lists; `None` where the kernel has none.
+fn read_below(me: i32) -> Option<Vec<Proc>> {
+    let mut procs = Vec::new();
+    let mut queue = children_of(me)?;
+    let mut seen = BTreeSet::new();
+    while let Some(pid) = queue.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        // A process that ended meanwhile has no stat (nor children) any more.
+        let Some(p) = read_stat(pid) else { continue };
+        procs.push(p);
+        queue.extend(children_of(pid).unwrap_or_default());
+    }
+    Some(procs)
+}
+
+/// Every process in `/proc`.
+fn read_all() -> Vec<Proc> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
 impl ProcTable {
     fn read() -> ProcTable {
-        let procs: Vec<Proc> = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter_map(|pid| {
-                parse_stat(
-                    pid,
-                    &std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
-                )
-            })
-            .collect();
         let pid = std::process::id() as i32;
+        let procs = read_below(pid).unwrap_or_else(read_all);
         // Our own pgrp and session, from the kernel (not the table: it may miss us in a
         // pid namespace view that hides /proc entries).
         let me = Proc {
@@ -199,6 +328,11 @@ impl ProcTable {
                 && !workers.contains(&p.pid)
                 && !(p.pgrp == self.me.pgrp && p.session == self.me.session)
         })
+    }
+
+    /// `pid`'s parent when the table was read.
+    fn parent_of(&self, pid: i32) -> Option<i32> {
+        self.procs.iter().find(|p| p.pid == pid).map(|p| p.ppid)
     }
 
     /// `roots` and every process below them.
@@ -286,6 +420,34 @@ mod tests {
         let adopted: Vec<i32> = table.adopted(&workers).map(|p| p.pid).collect();
         assert_eq!(adopted, vec![103, 104]);
         assert_eq!(table.with_descendants(&[103]), BTreeSet::from([103, 105]));
+    }
+
+    /// A process is signalled only while its parent is the one it was found under: a pid
+    /// reused by another process between the scan and the kill is left alone.
+    #[test]
+    fn a_target_is_killed_only_while_it_is_the_process_found() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let me = std::process::id() as i32;
+        // Found under another parent: not the process found, not signalled.
+        Target::pin(pid, 1).kill(pid);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a changed process was killed"
+        );
+        let found = ProcTable::read();
+        assert_eq!(found.parent_of(pid), Some(me), "the table lists our child");
+        Target::pin(pid, me).kill(pid);
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // Gone (reaped): nothing to pin, nothing signalled.
+        assert!(matches!(Target::pin(pid, me), Target::Changed));
     }
 
     #[test]

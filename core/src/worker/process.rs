@@ -180,7 +180,29 @@ pub fn python_command(python: &PythonEnv, labels: &LogLabels) -> Command {
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits (so never from
 /// `spawn_blocking`, whose threads retire when idle).
 pub fn spawn(spec: SpawnSpec<'_>) -> Result<WorkerProcess, SpawnError> {
+    #[cfg(test)]
+    if let Some(errno) = injected_failure(&spec.labels.model) {
+        return Err(SpawnError::Exec {
+            interpreter: spec.python.interpreter.display().to_string(),
+            source: std::io::Error::from_raw_os_error(errno),
+        });
+    }
     spawn_child_of(spec, std::process::id() as libc::pid_t)
+}
+
+/// Test seam: spawns of a model's workers fail with an `errno`, as a shortage makes them,
+/// as many times as asked (keyed by model name, so tests running at once do not meet).
+#[cfg(test)]
+pub(crate) static INJECTED_FAILURES: Mutex<Vec<(String, i32, u32)>> = Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn injected_failure(model: &str) -> Option<i32> {
+    let mut all = INJECTED_FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, errno, left) = all
+        .iter_mut()
+        .find(|(m, _, left)| m == model && *left > 0)?;
+    *left -= 1;
+    Some(*errno)
 }
 
 /// `spawn`, with the pid the child must find as its parent (ours; tests fake another).
@@ -272,11 +294,11 @@ async fn reap(
             // A pidfd turns readable once the process has exited (it stays a zombie for us).
             let Ok(mut ready) = pidfd.readable().await else {
                 let status = child.wait().await.ok();
-                orphans::kill_left_behind(Some(&worker_id));
+                orphans::kill_left_behind_async(worker_id.clone()).await;
                 break status;
             };
             // Its children were re-parented when it exited, before the pidfd turned readable.
-            orphans::kill_left_behind(Some(&worker_id));
+            orphans::kill_left_behind_async(worker_id.clone()).await;
             let Ok(mut flag) = reaped.lock() else { return };
             kill_group(pid);
             match child.try_wait() {
@@ -297,7 +319,7 @@ async fn reap(
             if let Ok(mut flag) = reaped.lock() {
                 *flag = true;
             }
-            orphans::kill_left_behind(Some(&worker_id));
+            orphans::kill_left_behind_async(worker_id.clone()).await;
             status
         }
     };

@@ -28,6 +28,29 @@ pub enum SessionError {
     Socket(std::io::Error),
 }
 
+/// The `errno`s that mean the machine is short of something (descriptors, memory,
+/// processes) rather than that this worker cannot start: they pass, so a start failing with
+/// one is retried for as long as it takes.
+const SHORTAGES: [i32; 4] = [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN];
+
+impl SessionError {
+    /// Whether the start failed for want of a resource (see `SHORTAGES`), at whatever
+    /// layer the `errno` came from (the socket pair, a memfd, a mapping, the fork or exec).
+    pub fn is_resource_shortage(&self) -> bool {
+        let errno = match self {
+            SessionError::Spawn(SpawnError::Exec { source, .. })
+            | SessionError::Spawn(SpawnError::Resource { source, .. })
+            | SessionError::Shm(ShmError::Map { source, .. })
+            | SessionError::Socket(source) => source.raw_os_error(),
+            SessionError::Shm(ShmError::Create(e)) | SessionError::Shm(ShmError::Seal(e)) => {
+                Some(*e as i32)
+            }
+            SessionError::Shm(_) => None,
+        };
+        errno.is_some_and(|e| SHORTAGES.contains(&e))
+    }
+}
+
 /// Why a message was not handed to the socket at all (nothing of it was sent).
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {

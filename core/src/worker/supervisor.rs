@@ -16,13 +16,14 @@
 //!    that were still queued here, `NotStarted` (the engine runs those elsewhere); then the
 //!    process is restarted: after the initial delay if it died idle or had served
 //!    successfully (a crash storm must not slow recovery), else after an exponential backoff;
-//!    `setup` failing (or dying between `hello` and `ready`) `max_setup_failures` times in a
-//!    row ends in Failed with the traceback;
-//! 5. a worker that cannot be started at all (no descriptors, memory or processes left:
-//!    EMFILE, ENFILE, ENOMEM, EAGAIN) or that dies before its runtime says `hello` never
-//!    reached the plugin's `setup`: that is a shortage or the environment, not the plugin, so
-//!    it is retried for as long as it takes, with the same capped exponential backoff
-//!    (readiness stays false meanwhile), and never ends in Failed.
+//!    `setup` failing, a worker dying (or timing out) before `ready`, or one that cannot be
+//!    started for any reason but a shortage (a missing interpreter, say)
+//!    `max_setup_failures` times in a row ends in Failed with the traceback or the stderr
+//!    tail: a broken plugin or environment does not mend itself;
+//! 5. a worker that cannot be started for want of a resource (the start's `errno`, at any
+//!    layer, is EMFILE, ENFILE, ENOMEM or EAGAIN: no descriptors, memory or processes left)
+//!    is retried for as long as it takes, with the same capped exponential backoff
+//!    (readiness stays false meanwhile), and never ends in Failed: a shortage passes.
 //!
 //! One task owns all state; its `select!` is biased towards the worker's frames so that an
 //! answer that arrived just before the process exited is still delivered.
@@ -232,7 +233,11 @@ impl Actor {
                 };
                 self.publish(InstanceState::Starting);
             }
-            Err(e) => self.start_failed(format!("cannot start the worker: {e}")),
+            Err(e) if e.is_resource_shortage() => {
+                self.start_failed(format!("cannot start the worker: {e}"))
+            }
+            // A missing interpreter or the like: it will not pass by itself.
+            Err(e) => self.setup_failed(format!("cannot start the worker: {e}"), String::new()),
         }
     }
 
@@ -336,18 +341,16 @@ impl Actor {
         match death {
             Some(Death::SetupFailed { error, traceback }) => self.setup_failed(error, traceback),
             _ if !said_hello => {
+                // The runtime could not even start (a broken environment: numpy or the SDK
+                // does not import, the interpreter hangs): that fails like `setup` does.
                 let tail = session.process.stderr_tail();
-                let tail = tail
-                    .trim_end()
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-                    .to_string();
-                let detail = match tail.is_empty() {
+                let last = tail.trim_end().lines().last().unwrap_or_default();
+                let detail = match last.is_empty() {
                     true => String::new(),
-                    false => format!(": {tail}"),
+                    false => format!(": {last}"),
                 };
-                self.start_failed(format!("worker {crash} before it said hello{detail}"));
+                let error = format!("worker {crash} before it said hello{detail}");
+                self.setup_failed(error, tail);
             }
             _ if !was_ready => {
                 let tail = session.process.stderr_tail();
@@ -382,7 +385,7 @@ impl Actor {
         self.schedule_restart(format!("setup failed: {error}"));
     }
 
-    /// The worker could not be started, or died before `hello`: retried with backoff for as
+    /// The worker could not be started for want of a resource: retried with backoff for as
     /// long as it takes (see the module doc, 5.). Logged on the first three attempts of a
     /// streak and then every tenth, so a long shortage does not flood the log.
     fn start_failed(&mut self, error: String) {
