@@ -118,23 +118,50 @@ impl ClientSegment {
     /// short read, reported as `Shrunk`, never a fault.
     pub fn read(&self, offset: usize, len: usize) -> Result<Bytes, AccessError> {
         // Reserved fallibly: a size the memory cannot hold is an error, not an abort.
-        let mut buf = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
         buf.try_reserve_exact(len).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::OutOfMemory,
                 format!("cannot allocate {len} bytes to copy it: {e}"),
             )
         })?;
-        buf.resize(len, 0);
-        match self.file.read_exact_at(&mut buf, offset as u64) {
-            Ok(()) => Ok(Bytes::from(buf)),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(AccessError::Shrunk {
-                size: self.size()?,
-                offset,
-                len,
-            }),
-            Err(e) => Err(e.into()),
+        // Read straight into the reserved capacity: zero-filling it first would write every
+        // byte once more than the copy needs.
+        while buf.len() < len {
+            let filled = buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..len - filled];
+            let at = i64::try_from(offset + filled).map_err(std::io::Error::other)?;
+            // SAFETY: `spare` is `len - filled` bytes of this Vec's allocation; pread writes
+            // at most that many into it and says how many it wrote.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    at,
+                )
+            };
+            match n {
+                0 => {
+                    return Err(AccessError::Shrunk {
+                        size: self.size()?,
+                        offset,
+                        len,
+                    });
+                }
+                n if n > 0 => {
+                    // SAFETY: the kernel initialised the `n` bytes after `filled`.
+                    unsafe { buf.set_len(filled + n as usize) };
+                }
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e.into());
+                    }
+                }
+            }
         }
+        Ok(Bytes::from(buf))
     }
 
     /// Writes `data` at `offset` with `pwrite`, after checking that it lies inside the
