@@ -42,6 +42,7 @@ pub mod contents;
 pub mod error;
 pub mod generate;
 pub mod grpc;
+pub mod hold_body;
 pub mod http;
 pub mod input;
 pub mod json_data;

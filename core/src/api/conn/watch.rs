@@ -15,6 +15,7 @@
 
 use super::ConnTimeouts;
 use super::io::Conn;
+use crate::api::hold_body::HoldUntilEnd;
 use crate::net::ConnGuard;
 use crate::telemetry::metrics::ConnectionMetrics;
 use futures::task::AtomicWaker;
@@ -393,7 +394,7 @@ where
 
 /// One running request; dropping it ends it.
 #[derive(Debug)]
-struct Running(Arc<ConnState>);
+pub struct Running(Arc<ConnState>);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -420,49 +421,12 @@ where
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx));
         let running = this.running.take();
-        Poll::Ready(response.map(|r| {
-            r.map(|inner| TrackedBody {
-                inner,
-                _running: running,
-            })
-        }))
+        Poll::Ready(response.map(|r| r.map(|inner| HoldUntilEnd::new(inner, running))))
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that ends its request when it is finished or dropped.
-    pub struct TrackedBody<B> {
-        #[pin]
-        inner: B,
-        _running: Option<Running>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
-            // Finished: the connection is idle from here, even if hyper keeps the body.
-            this._running.take();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body that ends its request when it is finished or dropped.
+pub type TrackedBody<B> = HoldUntilEnd<B, Option<Running>>;
 
 #[cfg(test)]
 mod tests {

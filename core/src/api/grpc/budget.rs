@@ -22,6 +22,7 @@
 
 use crate::api::ApiError;
 use crate::api::body_budget::{BodyBudget, Charge};
+use crate::api::hold_body::HoldUntilEnd;
 use bytes::{Buf as _, Bytes};
 use http::{Request, Response};
 use http_body::Frame;
@@ -300,46 +301,10 @@ where
         Poll::Ready(response.map(|r| {
             r.map(|inner| match shared {
                 None => inner,
-                Some(shared) => tonic::body::Body::new(HoldingBody {
-                    inner,
-                    _shared: Some(shared),
-                }),
+                // The call's charge is held until its answer is finished or dropped.
+                Some(shared) => tonic::body::Body::new(HoldUntilEnd::new(inner, shared)),
             })
         }))
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that holds its call's charge until it is finished or dropped.
-    pub struct HoldingBody<B> {
-        #[pin]
-        inner: B,
-        _shared: Option<Shared>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for HoldingBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        if frame.is_none() {
-            this._shared.take();
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
