@@ -18,3 +18,25 @@ def start_module_server(tmp_path_factory):
     factory = ServerFactory(tmp_path_factory.mktemp("servers"))
     yield factory
     factory.close()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A real etcd server for this test (cluster tests), stopped afterwards."""
+    from cluster_services import EtcdServer
+
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats(tmp_path):
+    """A real NATS server for this test (cluster tests), stopped afterwards."""
+    from cluster_services import NatsServer
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
