@@ -10,6 +10,7 @@
 //! - `regions`: clients' system shared-memory regions (register, status, unregister).
 //! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
 //! - `net`: accepting connections under `--max-connections` (shared by every listener).
+//! - `cluster`: etcd registration, NATS control and the gateway (`docs/cluster.md`).
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
@@ -30,6 +31,7 @@
 //! api -> engine, repository, regions, auth, tls, net, telemetry, tensor, proto, echo
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)
+//! cluster -> api, engine, repository, auth, tls, net, telemetry, tensor, proto, echo
 //! cli -> everything (the commands wire the layers together)
 //! ```
 
@@ -37,6 +39,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod cluster;
 pub mod echo;
 pub mod engine;
 pub mod heap;

@@ -38,6 +38,21 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("bench", &["tensor", "proto", "tls"]),
+    (
+        "cluster",
+        &[
+            "api",
+            "engine",
+            "repository",
+            "auth",
+            "tls",
+            "net",
+            "telemetry",
+            "tensor",
+            "proto",
+            "echo",
+        ],
+    ),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
