@@ -144,6 +144,9 @@ if command -v podman >/dev/null; then
     tar -C "$root" -cf "$work/image.tar" .
     podman import "${changes[@]}" "$work/image.tar" localhost/unimodel:check-deploy
     podman image inspect localhost/unimodel:check-deploy --format '{{.Config.User}} {{.Config.Entrypoint}} {{.Config.Cmd}}'
+    # Removed again, so repeated runs leave no dangling images. (`podman run` itself cannot be
+    # checked in this sandbox: crun may not set the container's rlimits.)
+    podman image rm localhost/unimodel:check-deploy >/dev/null
     rm -f "$work/image.tar"
 else
     step "podman import: skipped (no podman here)"
