@@ -3,10 +3,11 @@
 # a root filesystem from Debian packages (mmdebstrap, the same package list and setup script
 # as the Dockerfile), puts the binary in, and runs the image's default command in it the way
 # a container runtime would: in its own mount and PID namespaces (the server is PID 1, as in
-# a container), chrooted, as the image's non-root user, with the image's environment. Then it
-# waits for readiness, runs one inference on the doubler example served from the /models
-# volume, and runs the image's HEALTHCHECK command (it must pass while the server serves and
-# fail once it has stopped). With podman present, the root filesystem is also imported as an
+# a container), chrooted, as the image's non-root user, with the image's environment, on a
+# read-only root as the Helm chart runs it (readOnlyRootFilesystem). Then it waits for
+# readiness, runs one inference on the doubler example served from the /models volume, and
+# runs the image's HEALTHCHECK command (it must pass while the server serves and fail once it
+# has stopped). With podman present, the root filesystem is also imported as an
 # image (`podman import`, with the Dockerfile's ENTRYPOINT, CMD, USER and ENV).
 #
 # usage: scripts/check-deploy.sh [BINARY]
@@ -122,7 +123,7 @@ cleanup() {
         kill -KILL "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    umount "$work/root" 2>/dev/null || true
+    umount -R "$work/root" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -151,6 +152,15 @@ if command -v podman >/dev/null; then
 else
     step "podman import: skipped (no podman here)"
 fi
+
+# As the Helm chart runs it: a read-only root file system, writable only where the chart
+# mounts emptyDir volumes (the SDK cache, /tmp, the home directory; keep the two lists alike).
+for dir in /var/cache/unimodel /home/unimodel /tmp; do
+    mode=0755
+    [[ "$dir" == /tmp ]] && mode=1777
+    mount -t tmpfs -o "mode=$mode,uid=${image_user%%:*},gid=${image_user##*:}" tmpfs "$root$dir"
+done
+mount -o remount,ro "$root"
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
