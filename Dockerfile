@@ -36,7 +36,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && sh /tmp/setup/setup-runtime.sh /tmp/setup/examples \
     && rm -rf /tmp/setup
-COPY deploy/docker/healthcheck.py /usr/local/lib/unimodel/healthcheck.py
+COPY deploy/docker/healthcheck.py deploy/docker/seed-examples.sh /usr/local/lib/unimodel/
 COPY --from=builder /out/unimodel /usr/local/bin/unimodel
 
 # The workers run Debian's python3, which has numpy and msgpack (no virtualenv, no pip at

@@ -132,10 +132,8 @@ mkdir "$root" "$work/upper" "$work/overlay-work"
 mount -t overlay overlay \
     -o "lowerdir=$lower,upperdir=$work/upper,workdir=$work/overlay-work" "$root"
 install -m 0755 "$binary" "$root/usr/local/bin/unimodel"
-install -D -m 0644 deploy/docker/healthcheck.py "$root/usr/local/lib/unimodel/healthcheck.py"
-# The /models volume holds the doubler example, owned by the image's user.
-cp -r "$root/opt/unimodel/examples/doubler" "$root/models/"
-chown -R "${image_user}" "$root/models/doubler"
+install -D -m 0644 deploy/docker/healthcheck.py deploy/docker/seed-examples.sh \
+    -t "$root/usr/local/lib/unimodel/"
 
 if command -v podman >/dev/null; then
     step "podman import"
@@ -152,6 +150,22 @@ if command -v podman >/dev/null; then
 else
     step "podman import: skipped (no podman here)"
 fi
+
+# Runs a command in the image as its user, with its environment only.
+in_image() {
+    chroot "$root" setpriv --reuid "${image_user%%:*}" --regid "${image_user##*:}" --clear-groups \
+        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/home/unimodel "${image_env[@]}" "$@"
+}
+
+# The /models volume, seeded with the examples as the chart's init container does (as the
+# image's user), twice: the second run must keep what the first copied, and succeed.
+step "seed /models with the examples (chart init container, compose models-init)"
+in_image sh /usr/local/lib/unimodel/seed-examples.sh /models
+touch "$root/models/doubler/kept"
+again=$(in_image sh /usr/local/lib/unimodel/seed-examples.sh /models)
+grep -q 'doubler is already in /models' <<<"$again" ||
+    die "seeding again did not keep the doubler already there: $again"
+[[ -f "$root/models/doubler/kept" ]] || die "seeding again replaced the doubler already there"
 
 # As the Helm chart runs it: a read-only root file system, writable only where the chart
 # mounts emptyDir volumes (the SDK cache, /tmp, the home directory; keep the two lists alike).
@@ -185,11 +199,6 @@ for arg in "${image_cmd[@]}"; do
 done
 args+=(--host 127.0.0.1 --port "$http_port" --grpc-port "$grpc_port" --metrics-port "$metrics_port")
 
-# Runs a command in the image as its user, with its environment only.
-in_image() {
-    chroot "$root" setpriv --reuid "${image_user%%:*}" --regid "${image_user##*:}" --clear-groups \
-        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/home/unimodel "${image_env[@]}" "$@"
-}
 
 step "run: ${image_entrypoint[*]} ${args[*]}"
 log="$work/server.log"

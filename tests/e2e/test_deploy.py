@@ -1,9 +1,10 @@
 """The deployment files (issue 14, item 4), checked as far as this machine allows.
 
 - The image: scripts/check-deploy.sh builds the Dockerfile's runtime stage from Debian packages
-  (mmdebstrap, cached under ~/.cache/unimodel/deploy-rootfs keyed by what goes in), runs the
-  image's command in it as PID 1, as the non-root user, on a read-only root, serves the doubler
-  example from /models, and runs the image's HEALTHCHECK. The Dockerfile's COPY sources exist
+  (mmdebstrap, cached under ~/.cache/unimodel/deploy-rootfs keyed by what goes in), seeds
+  /models with the examples as the chart's init container does, runs the image's command in it
+  as PID 1, as the non-root user, on a read-only root, serves the doubler, and runs the
+  image's HEALTHCHECK. The Dockerfile's COPY sources exist
   and survive .dockerignore.
 - compose: valid against the compose spec (check-jsonschema's vendored schema), and wired:
   nodes advertise what they listen on, Prometheus scrapes the ports they serve metrics on,
@@ -60,6 +61,8 @@ def test_image_serves_as_non_root_on_a_read_only_root_and_its_healthcheck_follow
     result = run(["bash", "scripts/check-deploy.sh", str(unimodel_bin())], timeout=280)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
+    # /models seeded as the chart's init container and compose's models-init do it.
+    assert "copied doubler into /models" in out, out
     assert "server uid: 10001" in out, out
     assert '"data":[2.0,4.0,6.0]' in out, out
     assert "passes while serving" in out and "fails once stopped" in out, out
@@ -88,7 +91,8 @@ def test_dockerfile_copies_only_what_exists_and_the_build_context_keeps():
     text = re.sub(r"\\\n", " ", (REPO_ROOT / "Dockerfile").read_text())
     copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
     sources = [s for args in copies if not args[0].startswith("--from") for s in args[:-1]]
-    assert "deploy/docker/healthcheck.py" in sources and "python/unimodel" in sources
+    assert {"deploy/docker/healthcheck.py", "deploy/docker/seed-examples.sh"} <= set(sources)
+    assert "python/unimodel" in sources
     patterns = dockerignore_patterns()
     for source in sources:
         assert (REPO_ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
@@ -152,6 +156,10 @@ def test_compose_wires_nodes_gateway_etcd_nats_and_monitoring():
         assert mounts(node)["models"] == flags["model-repository"] == "/models"
         assert node["depends_on"]["models-init"]["condition"] == "service_completed_successfully"
         metrics_targets.add(f"{name}:{flags['metrics-port']}")
+
+    seed = " ".join(services["models-init"]["entrypoint"])
+    assert "sh /usr/local/lib/unimodel/seed-examples.sh /models" in seed
+    assert mounts(services["models-init"])["models"] == "/models"
 
     gateway = services["gateway"]
     gw_flags = flag_values(gateway["command"])
@@ -342,7 +350,7 @@ def test_chart_selectors_ports_probes_and_node_identity_fit_together(values):
         (claims,) = sts["spec"]["volumeClaimTemplates"]
         assert claims["metadata"]["name"] == "models"
         (init,) = pod_spec(sts)["initContainers"]
-        assert "/opt/unimodel/examples/." in init["command"]
+        assert init["command"] == ["sh", "/usr/local/lib/unimodel/seed-examples.sh", "/models"]
 
 
 def test_chart_subcharts_supply_the_endpoints_when_enabled():
