@@ -364,6 +364,22 @@ def test_chart_without_etcd_fails_with_a_clear_message():
         render({})
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"node": {"replica": 3}}, "additional properties 'replica' not allowed"),
+        ({"etcd": {"endpoints": ["etcd:2379"]}}, "'etcd:2379' does not match pattern"),
+        ({"node": {"gpu": {"count": -1}}}, "/node/gpu/count"),
+        ({"nats": {"url": "http://nats:4222"}}, "/nats/url"),
+    ],
+    ids=["misspelt-key", "endpoint-without-scheme", "negative-gpus", "nats-url-scheme"],
+)
+def test_chart_refuses_bad_values_naming_them(values, message):
+    # values.schema.json: Helm checks it on install, upgrade, template and lint.
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render({**ETCD, **values} if "etcd" not in values else values)
+
+
 def test_chart_lints_clean():
     report = helm.lint(str(CHART), ETCD)
     problems = [m["error"] for m in report["messages"] if m["severity"] >= 2]
