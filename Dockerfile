@@ -28,6 +28,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/unimodel /out/unimodel
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+# A failing command inside a pipe fails the build.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY deploy/docker/runtime-packages.txt deploy/docker/setup-runtime.sh /tmp/setup/
 COPY plugins/examples /tmp/setup/examples
 RUN apt-get update \

@@ -4,14 +4,15 @@
   (mmdebstrap, cached under ~/.cache/unimodel/deploy-rootfs keyed by what goes in), seeds
   /models with the examples as the chart's init container does, runs the image's command in it
   as PID 1, as the non-root user, on a read-only root, serves the doubler, and runs the
-  image's HEALTHCHECK. The Dockerfile's COPY sources exist
-  and survive .dockerignore.
+  image's HEALTHCHECK. hadolint finds nothing in the Dockerfile; its COPY sources exist and
+  survive .dockerignore.
 - compose: valid against the compose spec (check-jsonschema's vendored schema), and wired:
   nodes advertise what they listen on, Prometheus scrapes the ports they serve metrics on,
   Grafana's provisioning finds the dashboard and Prometheus; promtool accepts the config.
 - The Helm chart: rendered by Helm's own engine (helm-python-sdk binds the Helm Go SDK),
   every manifest valid against the Kubernetes schemas of the oldest and newest versions
-  kubernetes-validate carries, selectors and ports consistent, lint clean.
+  kubernetes-validate carries, selectors and ports consistent, bad values refused by
+  values.schema.json, lint clean.
 
 What is not run here, and not pretended: `docker build` (no Docker daemon), `docker compose
 up`, `podman run` (the sandbox refuses it), a Kubernetes cluster. docs/cluster.md "Deployment".
@@ -85,6 +86,12 @@ def ignored(path: str, patterns: list[str]) -> bool:
         elif any(Path(*parts[: i + 1]).match(pattern) for i in range(len(parts))):
             return True
     return False
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    # hadolint also runs ShellCheck on every RUN.
+    result = run([str(VENV_BIN / "hadolint"), "--no-color", "Dockerfile"])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_copies_only_what_exists_and_the_build_context_keeps():
