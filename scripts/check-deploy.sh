@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Checks the container image without a Docker daemon: builds the Dockerfile's runtime stage as
 # a root filesystem from Debian packages (mmdebstrap, the same package list and setup script
-# as the Dockerfile), puts the binary in, and runs the image's default command in it the way
-# a container runtime would: in its own mount and PID namespaces (the server is PID 1, as in
-# a container), chrooted, as the image's non-root user, with the image's environment, on a
-# read-only root as the Helm chart runs it (readOnlyRootFilesystem). Then it waits for
-# readiness, runs one inference on the doubler example served from the /models volume, and
-# runs the image's HEALTHCHECK command (it must pass while the server serves and fail once it
-# has stopped). With podman present, the root filesystem is also imported as an
-# image (`podman import`, with the Dockerfile's ENTRYPOINT, CMD, USER and ENV).
+# as the Dockerfile), puts the binary in, seeds /models with the examples as the Helm chart's
+# init container does, and runs the image's default command the way a container runtime
+# would: in its own mount and PID namespaces (the server is PID 1, as in a container),
+# chrooted, as the image's non-root user, with the image's environment, on a read-only root
+# as the chart runs it (readOnlyRootFilesystem). Then it waits for readiness, runs one
+# inference on the doubler, and runs the image's HEALTHCHECK command (it must pass while the
+# server serves and fail once it has stopped). With podman present (and CHECK_DEPLOY_PODMAN
+# not 0), the root filesystem is also imported as an image (`podman import`, with the
+# Dockerfile's ENTRYPOINT, CMD, USER and ENV; some 20 s more).
 #
 # usage: scripts/check-deploy.sh [BINARY]
 #   BINARY: the unimodel binary to put in the image [default: $UNIMODEL_BIN, else
@@ -53,6 +54,7 @@ mapfile -t packages < <(grep -v '^#' deploy/docker/runtime-packages.txt | grep -
 
 # The Dockerfile's runtime settings, read from the Dockerfile itself so that this check runs
 # what the image would run: ENV, USER, CMD and HEALTHCHECK's CMD (exec form).
+image_env=() image_user='' image_entrypoint=() image_cmd=() image_health=()
 eval "$(python3 - <<'PY'
 import json, re, shlex
 text = re.sub(r"\\\n", " ", open("Dockerfile").read())
@@ -94,7 +96,9 @@ else
     step "root filesystem: mmdebstrap $suite + ${packages[*]} (cached afterwards)"
     mkdir -p "$cache"
     rm -rf "$lower.partial"
-    # The hooks run the Dockerfile's setup script inside the new root, as its RUN does.
+    # The hooks run the Dockerfile's setup script inside the new root, as its RUN does ($1 is
+    # the root, expanded by mmdebstrap's shell, not this one).
+    # shellcheck disable=SC2016
     mmdebstrap --mode=root --format=directory --variant=minbase \
         --include="$(IFS=,; echo "${packages[*]}")" \
         --customize-hook='mkdir -p "$1/tmp/setup"' \
@@ -107,7 +111,7 @@ else
     # Older root filesystems (other keys) are of no further use.
     find "$cache" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
 fi
-echo "$(du -sh "$lower" | cut -f1)"
+du -sh "$lower" | cut -f1
 
 # --- the image: the root filesystem plus the Dockerfile's later COPYs ---------------------
 # An overlay on the cached root: the run writes only to a scratch upper layer, so the cache
@@ -131,11 +135,13 @@ root="$work/root"
 mkdir "$root" "$work/upper" "$work/overlay-work"
 mount -t overlay overlay \
     -o "lowerdir=$lower,upperdir=$work/upper,workdir=$work/overlay-work" "$root"
-install -m 0755 "$binary" "$root/usr/local/bin/unimodel"
+# The binary (a debug build is some 300 MB) is bind-mounted read-only rather than copied.
+install -m 0755 /dev/null "$root/usr/local/bin/unimodel"
+mount --bind -o ro "$binary" "$root/usr/local/bin/unimodel"
 install -D -m 0644 deploy/docker/healthcheck.py deploy/docker/seed-examples.sh \
     -t "$root/usr/local/lib/unimodel/"
 
-if command -v podman >/dev/null; then
+if [[ "${CHECK_DEPLOY_PODMAN:-auto}" != 0 ]] && command -v podman >/dev/null; then
     step "podman import"
     changes=(--change "USER $image_user" --change "ENTRYPOINT $(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${image_entrypoint[@]}")"
         --change "CMD $(python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "${image_cmd[@]}")")
@@ -148,7 +154,7 @@ if command -v podman >/dev/null; then
     podman image rm localhost/unimodel:check-deploy >/dev/null
     rm -f "$work/image.tar"
 else
-    step "podman import: skipped (no podman here)"
+    step "podman import: skipped (no podman here, or CHECK_DEPLOY_PODMAN=0)"
 fi
 
 # Runs a command in the image as its user, with its environment only.
