@@ -224,7 +224,7 @@ EVERYTHING = {
     **ETCD,
     "nats": {"url": "nats://nats.infra:4222", "credsSecret": "nats-creds"},
     "auth": {"apiKeys": {"existingSecret": "keys"}, "jwtSecret": {"existingSecret": "jwt"}},
-    "tls": {"existingSecret": "unimodel-tls"},
+    "tls": {"existingSecret": "unimodel-tls", "nodes": True},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
     "node": {
         "gpu": {"count": 2},
@@ -235,6 +235,8 @@ EVERYTHING = {
     "gateway": {"service": {"type": "LoadBalancer"}},
 }
 SUBCHARTS = {"etcd": {"enabled": True}, "nats": {"enabled": True}}
+# TLS where clients connect (the gateway) only: the default with a TLS Secret.
+GATEWAY_TLS = {**ETCD, "tls": {"existingSecret": "unimodel-tls"}}
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -278,7 +280,9 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["template"]["spec"]
 
 
-@pytest.mark.parametrize("values", [ETCD, EVERYTHING], ids=["endpoints", "everything"])
+@pytest.mark.parametrize(
+    "values", [ETCD, GATEWAY_TLS, EVERYTHING], ids=["endpoints", "gateway-tls", "everything"]
+)
 def test_chart_selectors_ports_probes_and_node_identity_fit_together(values):
     docs = render(values)
     objs = by_kind(docs)
@@ -286,11 +290,16 @@ def test_chart_selectors_ports_probes_and_node_identity_fit_together(values):
     gw = objs[("Deployment", "demo-unimodel-gateway")]
     headless = objs[("Service", "demo-unimodel-node-headless")]
     gw_svc = objs[("Service", "demo-unimodel-gateway")]
-    tls = values is EVERYTHING
-    scheme = "https" if tls else "http"
+    tls = values.get("tls", {})
+    gateway_tls = bool(tls.get("existingSecret"))
+    scheme = "https" if gateway_tls and tls.get("nodes") else "http"  # the nodes'
 
     workloads = [sts, gw]
     for w in workloads:
+        tls_on = gateway_tls if w is gw else scheme == "https"
+        (container,) = pod_spec(w)["containers"]
+        assert ("--tls-cert-file=/etc/unimodel/tls/tls.crt" in container["args"]) == tls_on
+        assert ("tls" in {m["name"] for m in container["volumeMounts"]}) == tls_on
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert matches(w["spec"]["selector"]["matchLabels"], labels)
         (container,) = pod_spec(w)["containers"]
@@ -299,7 +308,7 @@ def test_chart_selectors_ports_probes_and_node_identity_fit_together(values):
         assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["httpGet"]["port"] in ports
-            assert container[probe]["httpGet"]["scheme"] == scheme.upper()
+            assert container[probe]["httpGet"]["scheme"] == ("HTTPS" if tls_on else "HTTP")
         mounts = {m["name"] for m in container["volumeMounts"]}
         assert mounts <= {v["name"] for v in pod_spec(w)["volumes"]} | {"models"}
         assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -37,8 +37,15 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{/* Whether a component serves TLS: (dict "ctx" $ "component" "node"|"gateway"). The
+gateway does when tls.existingSecret is set; nodes only with tls.nodes too. */}}
+{{- define "unimodel.tlsOn" -}}
+{{- $tls := .ctx.Values.tls }}
+{{- if and $tls.existingSecret (or (eq .component "gateway") $tls.nodes) }}true{{ end }}
+{{- end }}
+
 {{- define "unimodel.scheme" -}}
-{{ if .Values.tls.existingSecret }}https{{ else }}http{{ end }}
+{{ if include "unimodel.tlsOn" . }}https{{ else }}http{{ end }}
 {{- end }}
 
 {{/* etcd endpoints: the given ones, else the etcd subchart's service. */}}
@@ -60,68 +67,73 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Flags for etcd, auth and TLS that `serve` and `gateway` both take (YAML list items). */}}
+{{/* Flags for etcd, auth and TLS that `serve` and `gateway` both take (YAML list items):
+(dict "ctx" $ "component" "node"|"gateway"). */}}
 {{- define "unimodel.commonArgs" -}}
-- --etcd={{ include "unimodel.etcdEndpoints" . }}
-- --etcd-prefix={{ .Values.etcd.prefix }}
-{{- with .Values.auth.apiKeys.existingSecret }}
-- --api-key-file=/etc/unimodel/auth/api-keys/{{ $.Values.auth.apiKeys.key }}
+{{- $v := .ctx.Values }}
+- --etcd={{ include "unimodel.etcdEndpoints" .ctx }}
+- --etcd-prefix={{ $v.etcd.prefix }}
+{{- if $v.auth.apiKeys.existingSecret }}
+- --api-key-file=/etc/unimodel/auth/api-keys/{{ $v.auth.apiKeys.key }}
 {{- end }}
-{{- with .Values.auth.jwtSecret.existingSecret }}
-- --jwt-secret-file=/etc/unimodel/auth/jwt/{{ $.Values.auth.jwtSecret.key }}
+{{- if $v.auth.jwtSecret.existingSecret }}
+- --jwt-secret-file=/etc/unimodel/auth/jwt/{{ $v.auth.jwtSecret.key }}
 {{- end }}
-{{- with .Values.auth.rateLimit }}
+{{- with $v.auth.rateLimit }}
 - --rate-limit={{ . }}
 {{- end }}
-{{- if .Values.tls.existingSecret }}
+{{- if include "unimodel.tlsOn" . }}
 - --tls-cert-file=/etc/unimodel/tls/tls.crt
 - --tls-key-file=/etc/unimodel/tls/tls.key
 {{- end }}
 {{- end }}
 
-{{/* Volumes both components mount: scratch space for the read-only root, auth, TLS. */}}
+{{/* Volumes both components mount: scratch space for the read-only root, auth, TLS
+(dict "ctx" $ "component" C, like the two below). */}}
 {{- define "unimodel.commonVolumes" -}}
+{{- $v := .ctx.Values }}
 - name: cache
   emptyDir: {}
 - name: tmp
   emptyDir: {}
 - name: home
   emptyDir: {}
-{{- with .Values.auth.apiKeys.existingSecret }}
+{{- with $v.auth.apiKeys.existingSecret }}
 - name: api-keys
   secret:
     secretName: {{ . }}
 {{- end }}
-{{- with .Values.auth.jwtSecret.existingSecret }}
+{{- with $v.auth.jwtSecret.existingSecret }}
 - name: jwt-secret
   secret:
     secretName: {{ . }}
 {{- end }}
-{{- with .Values.tls.existingSecret }}
+{{- if include "unimodel.tlsOn" . }}
 - name: tls
   secret:
-    secretName: {{ . }}
+    secretName: {{ $v.tls.existingSecret }}
 {{- end }}
 {{- end }}
 
 {{- define "unimodel.commonVolumeMounts" -}}
+{{- $v := .ctx.Values }}
 - name: cache
   mountPath: /var/cache/unimodel
 - name: tmp
   mountPath: /tmp
 - name: home
   mountPath: /home/unimodel
-{{- if .Values.auth.apiKeys.existingSecret }}
+{{- if $v.auth.apiKeys.existingSecret }}
 - name: api-keys
   mountPath: /etc/unimodel/auth/api-keys
   readOnly: true
 {{- end }}
-{{- if .Values.auth.jwtSecret.existingSecret }}
+{{- if $v.auth.jwtSecret.existingSecret }}
 - name: jwt-secret
   mountPath: /etc/unimodel/auth/jwt
   readOnly: true
 {{- end }}
-{{- if .Values.tls.existingSecret }}
+{{- if include "unimodel.tlsOn" . }}
 - name: tls
   mountPath: /etc/unimodel/tls
   readOnly: true
