@@ -51,7 +51,7 @@ fi
 [[ -x "$binary" ]] || die "no unimodel binary at '$binary': run cargo build, or pass its path"
 binary=$(realpath "$binary")
 ((EUID == 0)) || die "needs root (mmdebstrap's root mode, chroot, unshare, mount)"
-for tool in mmdebstrap unshare chroot setpriv curl python3 mount; do
+for tool in mmdebstrap unshare chroot setpriv curl python3 mount flock; do
     command -v "$tool" >/dev/null || die "'$tool' not found (Debian: apt-get install mmdebstrap curl)"
 done
 # Everything below runs in a private mount namespace: the overlay mounted for the run goes
@@ -105,11 +105,14 @@ key=$(
     } | sha256sum | cut -c1-16
 )
 lower="$cache/$key"
+mkdir -p "$cache"
+# One build at a time: a second run waits for the first one's root instead of racing it.
+exec 9>"$cache/.lock"
+flock 9
 if [[ -d "$lower" ]]; then
     step "root filesystem: cached ($lower)"
 else
     step "root filesystem: mmdebstrap $suite + ${packages[*]} (cached afterwards)"
-    mkdir -p "$cache"
     rm -rf "$lower.partial"
     # The hooks run the Dockerfile's setup script inside the new root, as its RUN does ($1 is
     # the root, expanded by mmdebstrap's shell, not this one).
@@ -124,9 +127,10 @@ else
     # Renamed into place only when complete, so an interrupted run leaves no bad cache.
     mv "$lower.partial" "$lower"
     # Older root filesystems (other keys) are of no further use.
-    find "$cache" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
+    find "$cache" -mindepth 1 -maxdepth 1 ! -name "$key" ! -name .lock -exec rm -rf {} +
 fi
 du -sh "$lower" | cut -f1
+flock -u 9
 
 # --- the image: the root filesystem plus the Dockerfile's later COPYs ---------------------
 # An overlay on the cached root: the run writes only to a scratch upper layer, so the cache
