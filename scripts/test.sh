@@ -11,7 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Adding one is one word here (e.g. protobuf-compiler once proto/ lands). `prometheus` brings
 # promtool, which tests/e2e/test_metrics.py runs on /metrics and deploy/prometheus/alerts.yml;
 # curl speaks raw gRPC over HTTP/2 in tests/e2e/test_grpc.py (a deadline with no client timer).
-DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server)
+# mmdebstrap builds the container image's root filesystem for scripts/check-deploy.sh
+# (tests/e2e/test_deploy.py), since no Docker daemon runs here.
+DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server mmdebstrap)
 
 VENV=.venv-test
 PY="$VENV/bin/python"
