@@ -7,3 +7,6 @@
 
 pub mod etcd;
 pub mod keys;
+pub mod registry;
+mod registry_actor;
+pub mod registry_view;
