@@ -310,6 +310,40 @@ def test_the_default_node_name_is_hostname_and_port(etcd, start_server, repo):
     assert found[node_key]["node"] == name
 
 
+def test_a_second_node_with_the_same_name_is_warned_about(etcd, start_server, repo):
+    start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_keys(etcd, "the first node's keys", lambda ks: state_of("doubler", "dup")(ks) == "READY")
+    second = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_until(
+        lambda: "another node is registered as dup" in second.log_text(),
+        KEYS_DEADLINE_S,
+        "the duplicate-name warning",
+    )
+
+
+def test_a_config_file_cluster_table_registers_the_node(etcd, start_server, repo, tmp_path):
+    config = tmp_path / "unimodel.toml"
+    config.write_text(
+        f"""
+model_repository = "{repo}"
+[cluster]
+etcd = ["{etcd.url}"]
+etcd_prefix = "{PREFIX}"
+node_name = "from-file"
+advertise_url = "http://node-a.example:18000"
+etcd_lease_ttl_s = {TTL_S}
+"""
+    )
+    server = start_server.serve("--config", str(config))
+    found = wait_keys(
+        etcd, "doubler READY", lambda ks: state_of("doubler", "from-file")(ks) == "READY"
+    )
+    node = found[f"{PREFIX}/nodes/from-file"]
+    assert node["rest_url"] == "http://node-a.example:18000"
+    grpc_port = server.grpc_url.rsplit(":", 1)[1]
+    assert node["grpc_url"] == f"http://node-a.example:{grpc_port}"
+
+
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
