@@ -112,6 +112,17 @@ def state_of(model: str, node: str):
     return lambda ks: ks.get(model_key(model, node), {}).get("state")
 
 
+def value_has(model: str, node: str, **fields):
+    """A predicate: the model's key holds these fields (a change is written in steps: e.g. a
+    model's versions become READY one by one, so tests wait for the whole expected value)."""
+
+    def check(ks: dict) -> bool:
+        value = ks.get(model_key(model, node), {})
+        return all(value.get(k) == v for k, v in fields.items())
+
+    return check
+
+
 def doubled(server) -> None:
     resp = infer_json(server, "doubler", [Inp("x", "FP32", [[1.0, 2.0]])])
     assert resp.status_code == 200, error_of(resp)
@@ -123,8 +134,11 @@ def test_the_node_and_each_model_are_registered_with_the_contract_values(etcd, s
     ready = {"doubler", "versioned", "tokens"}
     found = wait_keys(
         etcd,
-        "every model READY in etcd",
-        lambda ks: all(state_of(m, "n1")(ks) == "READY" for m in ready),
+        "every model READY in etcd, every version and instance counted",
+        lambda ks: all(state_of(m, "n1")(ks) == "READY" for m in ready)
+        and value_has("versioned", "n1", versions=["1", "2"])(ks)
+        and ks[model_key("versioned", "n1")]["load"]["instances"] == 2
+        and ks[model_key("doubler", "n1")]["load"]["instances"] == 1,
     )
     assert set(found) == {f"{PREFIX}/nodes/n1"} | {model_key(m, "n1") for m in ready}
     node = found[f"{PREFIX}/nodes/n1"]
@@ -192,17 +206,20 @@ def test_unload_and_load_through_the_repository_api_change_the_key(etcd, start_s
     resp = server.post("/v2/repository/models/doubler/unload", json={}, timeout=120)
     assert resp.status_code == 200, resp.text
     found = wait_keys(
-        etcd, "doubler UNAVAILABLE", lambda ks: state_of("doubler", "n1")(ks) == "UNAVAILABLE"
+        etcd,
+        "doubler UNAVAILABLE (unloaded)",
+        value_has("doubler", "n1", state="UNAVAILABLE", reason="unloaded"),
     )
-    assert found[model_key("doubler", "n1")]["reason"] == "unloaded"
     assert found[model_key("doubler", "n1")]["load"]["instances"] == 0
 
     resp = server.post("/v2/repository/models/versioned/load", json={}, timeout=120)
     assert resp.status_code == 200, resp.text
     found = wait_keys(
-        etcd, "versioned READY", lambda ks: state_of("versioned", "n1")(ks) == "READY"
+        etcd,
+        "versioned READY, both versions",
+        value_has("versioned", "n1", state="READY", versions=["1", "2"]),
     )
-    assert found[model_key("versioned", "n1")]["versions"] == ["1", "2"]
+    assert found[model_key("versioned", "n1")]["reason"] is None
 
 
 def test_load_and_draining_show_in_the_key(etcd, start_server, repo, tmp_path):
@@ -249,7 +266,9 @@ def test_load_and_draining_show_in_the_key(etcd, start_server, repo, tmp_path):
         assert [a.result().status_code for a in answers] == [200] * clients
         assert unload.result().status_code == 200
     found = wait_keys(
-        etcd, "slow UNAVAILABLE", lambda ks: state_of("slow", "n1")(ks) == "UNAVAILABLE"
+        etcd,
+        "slow UNAVAILABLE (unloaded)",
+        value_has("slow", "n1", state="UNAVAILABLE", reason="unloaded"),
     )
     assert found[model_key("slow", "n1")]["load"] == {
         "queue_depth": 0,
@@ -289,8 +308,10 @@ def serve_inference_until(server, stop: threading.Event, failures: list, count: 
 
 
 def complete(ks: dict) -> bool:
-    return f"{PREFIX}/nodes/n1" in ks and all(
-        state_of(m, "n1")(ks) == "READY" for m in ("doubler", "versioned", "tokens")
+    return (
+        f"{PREFIX}/nodes/n1" in ks
+        and all(state_of(m, "n1")(ks) == "READY" for m in ("doubler", "versioned", "tokens"))
+        and value_has("versioned", "n1", versions=["1", "2"])(ks)
     )
 
 
