@@ -349,6 +349,29 @@ def test_etcd_restarted_the_node_re_registers_and_serves_throughout(etcd, start_
     assert "re-registered" in server.log_text()
 
 
+def test_a_hung_etcd_is_noticed_and_the_node_re_registers_when_it_answers(etcd, start_server, repo):
+    server = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "n1"))
+    wait_keys(etcd, "every key", complete)
+    before = set(leases(etcd).values())
+    etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        # A keep-alive without an answer within TTL/3 (at least 1 s) counts as etcd gone.
+        wait_until(
+            lambda: "lost the etcd registration" in server.log_text(), 60, "the lost-etcd warning"
+        )
+        doubled(server)
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    wait_keys(
+        etcd,
+        "the keys under a new lease",
+        lambda ks: complete(ks)
+        and len(set(leases(etcd).values())) == 1
+        and not (set(leases(etcd).values()) & before),
+    )
+    doubled(server)
+
+
 def test_unreachable_etcd_at_start_the_node_serves_and_registers_when_etcd_comes(
     start_server, tmp_path, repo
 ):
