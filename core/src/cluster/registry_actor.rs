@@ -324,7 +324,9 @@ impl Actor {
                 .await?;
             session.node = Some(node_value);
         }
-        let values = model_values(node, &self.rows, &self.engine.loads());
+        // An operator's drains (NATS control) plug in here: node-wide -> every READY model
+        // DRAINING, per model -> that model; until they exist, nothing is drained.
+        let values = model_values(node, &self.rows, &self.engine.loads(), &|_| false);
         let mut listed = Vec::with_capacity(values.len());
         for value in values {
             let key = prefix.model_on(&value.model, node);
