@@ -5,4 +5,6 @@
 //! node that serves the model. This module wraps the engine and the repository from outside:
 //! nothing below it knows the cluster exists.
 
+pub mod etcd;
 pub mod gateway;
+pub mod keys;
