@@ -141,11 +141,13 @@ class Fleet:
         self.nodes[i] = server
         return server
 
-    def start_gateway(self, *extra: str) -> Server:
-        """`unimodel gateway --etcd URL` on free ports; returns once its HTTP port answers."""
+    def start_gateway(self, *extra: str, primary: bool = True) -> Server:
+        """`unimodel gateway --etcd URL` on free ports; returns once its HTTP port answers.
+        `primary`: it becomes `fleet.gateway` (else it is an extra gateway, e.g. with other
+        flags, over the same cluster)."""
         for attempt in range(3):
             port = free_port()
-            log_path = self.factory.log_dir / f"gateway-{attempt}.log"
+            log_path = self.factory.log_dir / f"gateway-{len(self.factory.servers)}-{attempt}.log"
             log_file = open(log_path, "w+b")  # noqa: SIM115 (closed by Server.stop)
             cmd = [
                 str(unimodel_bin()),
@@ -182,8 +184,9 @@ class Fleet:
                 if not server.alive() and "in use" in server.log_text().lower() and attempt < 2:
                     continue
                 raise
-            self.gateway = server
-            self._gateway_grpc = None
+            if primary:
+                self.gateway = server
+                self._gateway_grpc = None
             return server
         raise AssertionError("unreachable")
 

@@ -625,7 +625,10 @@ mod tests {
         assert_eq!((g.port, g.grpc_port), (8000, 0));
         assert_eq!(g.upstream_timeout_ms, 60_000);
         assert!(g.auth.api_key_file.is_some());
-        assert!(Cli::try_parse_from(["unimodel", "gateway"]).is_err(), "--etcd is needed");
+        assert!(
+            Cli::try_parse_from(["unimodel", "gateway"]).is_err(),
+            "--etcd is needed"
+        );
     }
 
     #[test]

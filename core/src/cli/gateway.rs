@@ -34,7 +34,9 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let grpc = bind(args.host, args.grpc_port, "--grpc-port").await?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let http_at = http.local_addr().context("reading the listening address")?;
-    let grpc_at = grpc.local_addr().context("reading the gRPC listening address")?;
+    let grpc_at = grpc
+        .local_addr()
+        .context("reading the gRPC listening address")?;
     let listeners = Listeners {
         http: Acceptor::new(http, limit.clone(), Some(&listener_metrics), "http"),
         grpc: Acceptor::new(grpc, limit, Some(&listener_metrics), "grpc"),

@@ -135,7 +135,8 @@ impl Actor {
             }
             keep
         });
-        self.revisions.retain(|name, _| self.nodes.contains_key(name));
+        self.revisions
+            .retain(|name, _| self.nodes.contains_key(name));
         for (name, entry) in &self.table.nodes {
             let revision = self.revisions.get(name).copied();
             if let Some(node) = self.nodes.get(name) {
@@ -230,7 +231,15 @@ mod tests {
         changed(&mut watch).await;
         feed.send(put("models/m/a", MODEL_A, 2)).await.unwrap();
         let routes = changed(&mut watch).await;
-        let node = routes.model("m").unwrap().pick(None, super::super::routes::Purpose::Infer, &Default::default()).unwrap();
+        let node = routes
+            .model("m")
+            .unwrap()
+            .pick(
+                None,
+                super::super::routes::Purpose::Infer,
+                &Default::default(),
+            )
+            .unwrap();
 
         // Out at the first failure; an etcd rewrite of its key puts it back.
         handle.node_failed(&node);

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("unknown model '{model}': no node in the cluster has it (GET /v2/repository/index lists the models)")]
+    #[error(
+        "unknown model '{model}': no node in the cluster has it (GET /v2/repository/index lists the models)"
+    )]
     UnknownModel { model: String },
     #[error("unknown version '{version}' of model '{model}': no node in the cluster has it")]
     UnknownVersion { model: String, version: String },
@@ -68,7 +70,11 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 

@@ -132,9 +132,9 @@ impl http_body::Body for OutBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             OutBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            OutBody::Stream { taken, .. } => {
-                taken.as_ref().map_or_else(SizeHint::default, http_body::Body::size_hint)
-            }
+            OutBody::Stream { taken, .. } => taken
+                .as_ref()
+                .map_or_else(SizeHint::default, http_body::Body::size_hint),
         }
     }
 }
@@ -202,7 +202,9 @@ impl Outgoing {
         let body = if small {
             let bytes = http_body_util::BodyExt::collect(body)
                 .await
-                .map_err(|e| GatewayError::BadRequest(format!("reading the request body failed: {e}")))?
+                .map_err(|e| {
+                    GatewayError::BadRequest(format!("reading the request body failed: {e}"))
+                })?
                 .to_bytes();
             OutBody::Full((!bytes.is_empty()).then_some(bytes))
         } else {
@@ -291,10 +293,23 @@ impl Upstream {
                 break;
             };
             let spare = this_body.spare();
-            let attempt = self.attempt(&node, &out.method, &out.path_and_query, &out.headers, this_body).await;
+            let attempt = self
+                .attempt(
+                    &node,
+                    &out.method,
+                    &out.path_and_query,
+                    &out.headers,
+                    this_body,
+                )
+                .await;
             match attempt {
                 Attempt::Answered(resp, inflight) => {
-                    self.metrics.request(&node.name, model, crate::telemetry::metrics::PROTOCOL_REST, resp.status().as_u16());
+                    self.metrics.request(
+                        &node.name,
+                        model,
+                        crate::telemetry::metrics::PROTOCOL_REST,
+                        resp.status().as_u16(),
+                    );
                     return Ok(pass_back(resp, inflight));
                 }
                 Attempt::NotRun(resp) => {
@@ -310,13 +325,20 @@ impl Upstream {
                     if body.is_none() {
                         return Err(GatewayError::NodeFailed {
                             node: Arc::clone(&node.name),
-                            detail: "the connection failed and the request body could not be sent again".into(),
+                            detail:
+                                "the connection failed and the request body could not be sent again"
+                                    .into(),
                         });
                     }
                 }
                 Attempt::Failed(e) => {
                     let code = e.status().as_u16();
-                    self.metrics.request(&node.name, model, crate::telemetry::metrics::PROTOCOL_REST, code);
+                    self.metrics.request(
+                        &node.name,
+                        model,
+                        crate::telemetry::metrics::PROTOCOL_REST,
+                        code,
+                    );
                     return Err(e);
                 }
             }
@@ -349,7 +371,9 @@ impl Upstream {
             .build();
         let uri = match uri {
             Ok(u) => u,
-            Err(e) => return Attempt::Failed(GatewayError::BadRequest(format!("bad request path: {e}"))),
+            Err(e) => {
+                return Attempt::Failed(GatewayError::BadRequest(format!("bad request path: {e}")));
+            }
         };
         let replayable = body.replayable();
         let mut req = Request::new(body);

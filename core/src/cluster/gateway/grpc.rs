@@ -124,7 +124,9 @@ impl GatewayGrpc {
         let (md, _, msg) = req.into_parts();
         let md = outgoing_metadata(md);
         let routes = self.table.routes();
-        let route = routes.model(model).inspect_err(|e| self.gateway_answered(e))?;
+        let route = routes
+            .model(model)
+            .inspect_err(|e| self.gateway_answered(e))?;
         let version = (!version.is_empty()).then_some(version);
         let mut tried = Tried::default();
         let mut refused: Option<Status> = None;
@@ -214,7 +216,10 @@ fn request_stream(pending: Pending) -> impl Stream<Item = ModelInferRequest> + S
         .flat_map(|taken| match taken {
             Some((first, rest)) => futures::stream::once(async move { first })
                 // A broken client stream ends the call's input; the node finishes its part.
-                .chain(rest.take_while(|m| std::future::ready(m.is_ok())).filter_map(|m| std::future::ready(m.ok())))
+                .chain(
+                    rest.take_while(|m| std::future::ready(m.is_ok()))
+                        .filter_map(|m| std::future::ready(m.ok())),
+                )
                 .boxed(),
             None => futures::stream::empty().boxed(),
         })
@@ -273,9 +278,13 @@ impl GrpcInferenceService for GatewayGrpc {
             req.get_ref().model_name.clone(),
             req.get_ref().model_version.clone(),
         );
-        self.forward(req, &name, &version, Purpose::Infer, |mut c, r| async move {
-            c.model_infer(r).await
-        })
+        self.forward(
+            req,
+            &name,
+            &version,
+            Purpose::Infer,
+            |mut c, r| async move { c.model_infer(r).await },
+        )
         .await
     }
 
@@ -322,7 +331,10 @@ impl GrpcInferenceService for GatewayGrpc {
                     });
                     return Ok(Response::from_parts(md, answers.boxed(), ext));
                 }
-                Err(status) if never_sent(&status) && pending.lock().unwrap_or_else(|e| e.into_inner()).is_some() => {
+                Err(status)
+                    if never_sent(&status)
+                        && pending.lock().unwrap_or_else(|e| e.into_inner()).is_some() =>
+                {
                     self.table.node_failed(&node);
                     self.metrics.retry(&node.name, RetryReason::Connect);
                 }
@@ -341,7 +353,10 @@ impl GrpcInferenceService for GatewayGrpc {
         .into())
     }
 
-    async fn model_config(&self, req: Request<ModelConfigRequest>) -> RpcResult<ModelConfigResponse> {
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> RpcResult<ModelConfigResponse> {
         let (name, version) = (req.get_ref().name.clone(), req.get_ref().version.clone());
         self.forward(req, &name, &version, Purpose::Read, |mut c, r| async move {
             c.model_config(r).await
@@ -390,14 +405,18 @@ impl GrpcInferenceService for GatewayGrpc {
         &self,
         _: Request<RepositoryModelLoadRequest>,
     ) -> RpcResult<RepositoryModelLoadResponse> {
-        Err(not_through("load models with `unimodel ctl load MODEL --nodes ...` (NATS), or on a node directly"))
+        Err(not_through(
+            "load models with `unimodel ctl load MODEL --nodes ...` (NATS), or on a node directly",
+        ))
     }
 
     async fn repository_model_unload(
         &self,
         _: Request<RepositoryModelUnloadRequest>,
     ) -> RpcResult<RepositoryModelUnloadResponse> {
-        Err(not_through("unload models with `unimodel ctl unload MODEL --nodes ...` (NATS), or on a node directly"))
+        Err(not_through(
+            "unload models with `unimodel ctl unload MODEL --nodes ...` (NATS), or on a node directly",
+        ))
     }
 
     async fn system_shared_memory_status(
@@ -442,12 +461,19 @@ impl GrpcInferenceService for GatewayGrpc {
         Err(not_through(SHM))
     }
 
-    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> RpcResult<TraceSettingResponse> {
-        Err(not_through("trace settings are per node: ask a node directly"))
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> RpcResult<TraceSettingResponse> {
+        Err(not_through(
+            "trace settings are per node: ask a node directly",
+        ))
     }
 
     async fn log_settings(&self, _: Request<LogSettingsRequest>) -> RpcResult<LogSettingsResponse> {
-        Err(not_through("log settings are per node: ask a node directly"))
+        Err(not_through(
+            "log settings are per node: ask a node directly",
+        ))
     }
 }
 
@@ -472,14 +498,13 @@ mod tests {
             .unwrap()
             .connect_lazy();
         let mut client = GrpcInferenceServiceClient::new(channel);
-        let status = client
-            .server_live(ServerLiveRequest {})
-            .await
-            .unwrap_err();
+        let status = client.server_live(ServerLiveRequest {}).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
         assert!(!never_sent(&Status::unavailable("draining")));
         let mut refused = Status::unavailable("draining");
-        refused.metadata_mut().insert(NOT_RUN, MetadataValue::from_static("1"));
+        refused
+            .metadata_mut()
+            .insert(NOT_RUN, MetadataValue::from_static("1"));
         assert!(not_run(&refused));
     }
 }

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 /// 50 µs (a loopback hop) to a minute, about three per decade.
 const LATENCY_BUCKETS: [f64; 18] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0, 30.0, 60.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0, 30.0, 60.0,
 ];
 
 /// The empty label value (the gateway answered itself, or no model was named).
@@ -129,7 +129,13 @@ impl GatewayMetrics {
         let _ = self.table.set(table);
     }
 
-    pub fn request(&self, node: &Arc<String>, model: &Arc<String>, protocol: &'static str, code: u16) {
+    pub fn request(
+        &self,
+        node: &Arc<String>,
+        model: &Arc<String>,
+        protocol: &'static str,
+        code: u16,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 node: Arc::clone(node),
@@ -200,7 +206,13 @@ mod tests {
             t.contains(r#"unimodel_gateway_requests_total{node="n1",model="m",protocol="rest",code="200"} 2"#),
             "{t}"
         );
-        assert!(t.contains(r#"unimodel_gateway_retries_total{node="n1",reason="connect"} 1"#), "{t}");
-        assert!(t.contains(r#"unimodel_gateway_upstream_duration_seconds_count{node="n1"} 1"#), "{t}");
+        assert!(
+            t.contains(r#"unimodel_gateway_retries_total{node="n1",reason="connect"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"unimodel_gateway_upstream_duration_seconds_count{node="n1"} 1"#),
+            "{t}"
+        );
     }
 }

@@ -37,7 +37,8 @@ pub struct Gateway {
 
 /// The router; `auth` adds the serve stack's auth middleware.
 pub fn router(gw: Arc<Gateway>, auth: Option<Arc<crate::auth::Auth>>) -> Router {
-    let gate = auth.map(|a| crate::api::auth::AuthGate::new(a, Some(Arc::clone(&gw.listener_metrics))));
+    let gate =
+        auth.map(|a| crate::api::auth::AuthGate::new(a, Some(Arc::clone(&gw.listener_metrics))));
     let routes = Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -45,14 +46,23 @@ pub fn router(gw: Arc<Gateway>, auth: Option<Arc<crate::auth::Auth>>) -> Router 
         .route("/v2/health/ready", get(ready))
         .route("/health/ready", get(ready))
         .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(repository_change))
-        .route("/v2/repository/models/{model}/unload", post(repository_change))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(repository_change),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_change),
+        )
         .route("/v2/models/stats", get(all_stats))
         .route("/v1/models", get(openai_models))
         .route("/metrics", get(scrape))
         .fallback(forward);
     let routes = match gate {
-        Some(gate) => routes.layer(axum::middleware::from_fn_with_state(gate, crate::api::auth::check)),
+        Some(gate) => routes.layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::api::auth::check,
+        )),
         None => routes,
     };
     routes
@@ -90,10 +100,17 @@ struct IndexBody {
 
 /// `POST /v2/repository/index`: every model version any node lists, with the best state any
 /// node reports for it (READY when one SERVING node has it ready).
-async fn repository_index(State(gw): State<Arc<Gateway>>, body: Body) -> Result<Response, GatewayError> {
+async fn repository_index(
+    State(gw): State<Arc<Gateway>>,
+    body: Body,
+) -> Result<Response, GatewayError> {
     let bytes = axum::body::to_bytes(body, INDEX_BODY_BYTES)
         .await
-        .map_err(|e| GatewayError::BadRequest(format!("reading the repository index body failed (at most {INDEX_BODY_BYTES} bytes): {e}")))?;
+        .map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "reading the repository index body failed (at most {INDEX_BODY_BYTES} bytes): {e}"
+            ))
+        })?;
     let body: IndexBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         IndexBody::default()
     } else {
@@ -194,7 +211,8 @@ async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         })
     };
     result.unwrap_or_else(|e| {
-        gw.metrics.request(&NONE, &NONE, PROTOCOL_REST, e.status().as_u16());
+        gw.metrics
+            .request(&NONE, &NONE, PROTOCOL_REST, e.status().as_u16());
         e.into_response()
     })
 }
@@ -271,10 +289,25 @@ mod tests {
                 purpose: Purpose::Infer
             })
         );
-        assert_eq!(model_path("/v2/models/m").map(|p| p.purpose), Some(Purpose::Read));
-        assert_eq!(model_path("/v2/models/m/versions/1").map(|p| p.version), Some(Some("1")));
-        assert_eq!(model_path("/v2/models/m/ready").map(|p| p.purpose), Some(Purpose::Read));
-        for bad in ["/v2/models/", "/v2/models/m/trace/setting", "/v2/models/m/infer/x", "/v2/models/m/versions/", "/v2/x"] {
+        assert_eq!(
+            model_path("/v2/models/m").map(|p| p.purpose),
+            Some(Purpose::Read)
+        );
+        assert_eq!(
+            model_path("/v2/models/m/versions/1").map(|p| p.version),
+            Some(Some("1"))
+        );
+        assert_eq!(
+            model_path("/v2/models/m/ready").map(|p| p.purpose),
+            Some(Purpose::Read)
+        );
+        for bad in [
+            "/v2/models/",
+            "/v2/models/m/trace/setting",
+            "/v2/models/m/infer/x",
+            "/v2/models/m/versions/",
+            "/v2/x",
+        ] {
             assert_eq!(model_path(bad), None, "{bad}");
         }
     }

@@ -108,7 +108,11 @@ impl Routes {
                 if !route.states.is_empty() {
                     route.states.push_str(", ");
                 }
-                let node_state = if serving { "" } else { " on a node not SERVING" };
+                let node_state = if serving {
+                    ""
+                } else {
+                    " on a node not SERVING"
+                };
                 route.states.push_str(&match &record.reason {
                     Some(r) if !r.is_empty() => {
                         format!("{node_name}: {}{node_state} ({r})", record.state)
@@ -184,7 +188,11 @@ impl Routes {
     /// A SERVING node in rotation, by the same two-choice rule (for routes that any node
     /// answers).
     pub fn any_node(&self, tried: &Tried) -> Option<Arc<Node>> {
-        two_choices(self.serving.iter().filter(|n| !n.is_down() && !tried.contains(n)))
+        two_choices(
+            self.serving
+                .iter()
+                .filter(|n| !n.is_down() && !tried.contains(n)),
+        )
     }
 }
 
@@ -237,8 +245,7 @@ impl ModelRoute {
                 tried.count()
             )
         } else if ready_somewhere {
-            "every node that has it ready is out of rotation after a connection failure"
-                .to_string()
+            "every node that has it ready is out of rotation after a connection failure".to_string()
         } else if self.states.is_empty() {
             "no registered node lists it".to_string()
         } else {
@@ -312,7 +319,10 @@ mod tests {
             };
             t.apply(put(
                 format!("nodes/{n}"),
-                format!(r#"{{"node":"{n}","rest_url":"http://127.0.0.1:{}","state":"{node_state}"}}"#, 1000 + i),
+                format!(
+                    r#"{{"node":"{n}","rest_url":"http://127.0.0.1:{}","state":"{node_state}"}}"#,
+                    1000 + i
+                ),
             ));
             t.apply(put(
                 format!("models/m/{n}"),
@@ -337,7 +347,10 @@ mod tests {
             let n = m.pick(None, Purpose::Infer, &Tried::default()).unwrap();
             assert_eq!(n.name.as_str(), "a");
         }
-        assert!(matches!(routes.model("x"), Err(GatewayError::UnknownModel { .. })));
+        assert!(matches!(
+            routes.model("x"),
+            Err(GatewayError::UnknownModel { .. })
+        ));
         assert!(matches!(
             m.pick(Some("2"), Purpose::Infer, &Tried::default()),
             Err(GatewayError::UnknownVersion { .. })
@@ -355,7 +368,10 @@ mod tests {
         let err = m.pick(None, Purpose::Infer, &Tried::default()).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, GatewayError::NoReadyNode { .. }), "{text}");
-        assert!(text.contains("'m'") && text.contains("a: LOADING") && text.contains("b: FAILED (why)"), "{text}");
+        assert!(
+            text.contains("'m'") && text.contains("a: LOADING") && text.contains("b: FAILED (why)"),
+            "{text}"
+        );
         // Metadata still comes from a node that lists it.
         assert!(m.pick(None, Purpose::Read, &Tried::default()).is_ok());
     }
@@ -367,12 +383,21 @@ mod tests {
         let m = routes.model("m").unwrap();
         let busy = (0..5).map(|_| nodes["a"].start()).collect::<Vec<_>>();
         for _ in 0..50 {
-            assert_eq!(m.pick(None, Purpose::Infer, &Tried::default()).unwrap().name.as_str(), "b");
+            assert_eq!(
+                m.pick(None, Purpose::Infer, &Tried::default())
+                    .unwrap()
+                    .name
+                    .as_str(),
+                "b"
+            );
         }
         drop(busy);
         let mut tried = Tried::default();
         tried.add(Arc::clone(&nodes["b"]));
-        assert_eq!(m.pick(None, Purpose::Infer, &tried).unwrap().name.as_str(), "a");
+        assert_eq!(
+            m.pick(None, Purpose::Infer, &tried).unwrap().name.as_str(),
+            "a"
+        );
         nodes["a"].mark_down();
         let err = m.pick(None, Purpose::Infer, &tried).unwrap_err();
         assert!(matches!(err, GatewayError::NoReadyNode { .. }), "{err}");

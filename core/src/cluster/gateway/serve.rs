@@ -10,7 +10,9 @@ use super::metrics::GatewayMetrics;
 use super::node::Node;
 use super::rest::{Gateway, router};
 use super::table::Update;
-use crate::api::conn::{Acceptor, ConnRegistry, ConnTimeouts, GrpcConns, HttpIncoming, TrackLayer, serve_http};
+use crate::api::conn::{
+    Acceptor, ConnRegistry, ConnTimeouts, GrpcConns, HttpIncoming, TrackLayer, serve_http,
+};
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ListenerKind, ServerTls, TlsIncoming};
@@ -70,11 +72,22 @@ pub async fn run(
     let probe_cell: Arc<std::sync::OnceLock<Upstream>> = Arc::new(std::sync::OnceLock::new());
     let table = actor::start(feed, Arc::new(DeferredProbe(Arc::clone(&probe_cell))));
     metrics.watch_table(table.clone());
-    let upstream = Upstream::new(table.clone(), Arc::clone(&metrics), settings.upstream_timeout);
+    let upstream = Upstream::new(
+        table.clone(),
+        Arc::clone(&metrics),
+        settings.upstream_timeout,
+    );
     let _ = probe_cell.set(upstream.clone());
     let handshake = |kind: ListenerKind| {
         listeners.tls.as_ref().map(|tls| {
-            tls.handshake(kind, Some(settings.listener_metrics.tls_handshake_failures(kind.name())))
+            tls.handshake(
+                kind,
+                Some(
+                    settings
+                        .listener_metrics
+                        .tls_handshake_failures(kind.name()),
+                ),
+            )
         })
     };
     let grpc_handshake = handshake(ListenerKind::Grpc);
@@ -100,7 +113,12 @@ pub async fn run(
     });
     let app = router(gw, settings.auth.clone());
     let incoming = HttpIncoming::new(listeners.http, http_handshake).context("starting TLS")?;
-    let http = tokio::spawn(serve_http(incoming, app, listeners.timeouts, stopped(stop_rx)));
+    let http = tokio::spawn(serve_http(
+        incoming,
+        app,
+        listeners.timeouts,
+        stopped(stop_rx),
+    ));
     shutdown.await;
     tracing::info!("gateway stopping: no new connections; calls in flight finish");
     let _ = stop_tx.send(true);
@@ -169,7 +187,10 @@ fn serve_grpc(
                 let conns = conns.clone();
                 async move {
                     let (tcp, peer, guard) = acceptor.accept().await;
-                    Some((Ok::<_, std::io::Error>(conns.wrap(tcp, peer, guard)), acceptor))
+                    Some((
+                        Ok::<_, std::io::Error>(conns.wrap(tcp, peer, guard)),
+                        acceptor,
+                    ))
                 }
             });
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
@@ -178,7 +199,9 @@ fn serve_grpc(
             let incoming = TlsIncoming::start(acceptor, handshake)
                 .context("starting TLS on the gRPC port")?
                 .into_stream()
-                .map(move |(stream, peer, guard)| Ok::<_, std::io::Error>(conns.wrap(stream, peer, guard)));
+                .map(move |(stream, peer, guard)| {
+                    Ok::<_, std::io::Error>(conns.wrap(stream, peer, guard))
+                });
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };

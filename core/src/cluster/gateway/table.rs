@@ -207,7 +207,14 @@ mod tests {
                 node: "a"
             }
         );
-        for other in ["nodes/", "nodes/a/b", "models/m", "models//a", "placement/x", ""] {
+        for other in [
+            "nodes/",
+            "nodes/a/b",
+            "models/m",
+            "models//a",
+            "placement/x",
+            "",
+        ] {
             assert_eq!(parse_key(other), Key::Other, "{other}");
         }
     }
@@ -217,16 +224,31 @@ mod tests {
         let mut t = Table::default();
         assert!(t.apply(Update::Put(kv("nodes/a", &node("a", "SERVING"), 5))));
         assert!(t.serving("a"));
-        assert!(t.apply(Update::Put(kv("models/m/a", &model("m", "a", "READY", 0), 6))));
+        assert!(t.apply(Update::Put(kv(
+            "models/m/a",
+            &model("m", "a", "READY", 0),
+            6
+        ))));
         assert!(
-            !t.apply(Update::Put(kv("models/m/a", &model("m", "a", "READY", 3), 7))),
+            !t.apply(Update::Put(kv(
+                "models/m/a",
+                &model("m", "a", "READY", 3),
+                7
+            ))),
             "a load update changes no route"
         );
-        assert!(t.apply(Update::Put(kv("models/m/a", &model("m", "a", "DRAINING", 3), 8))));
+        assert!(t.apply(Update::Put(kv(
+            "models/m/a",
+            &model("m", "a", "DRAINING", 3),
+            8
+        ))));
         assert!(t.apply(Update::Put(kv("nodes/a", &node("a", "DRAINING"), 9))));
         assert!(!t.serving("a"));
         assert!(t.apply(Update::Delete("models/m/a".into())));
-        assert!(t.models.is_empty(), "the last node of a model takes it along");
+        assert!(
+            t.models.is_empty(),
+            "the last node of a model takes it along"
+        );
         assert!(t.apply(Update::Delete("nodes/a".into())));
         assert!(!t.apply(Update::Delete("nodes/a".into())), "already gone");
     }
@@ -237,7 +259,10 @@ mod tests {
         t.apply(Update::Put(kv("nodes/a", &node("a", "SERVING"), 1)));
         t.apply(Update::Put(kv("nodes/b", "not json", 2)));
         assert_eq!(t.nodes.len(), 1);
-        assert!(t.apply(Update::Put(kv("nodes/a", "{}", 3))), "a broken rewrite removes it");
+        assert!(
+            t.apply(Update::Put(kv("nodes/a", "{}", 3))),
+            "a broken rewrite removes it"
+        );
         assert!(t.nodes.is_empty());
         t.apply(Update::Reset(vec![
             kv("nodes/c", &node("c", "SERVING"), 4),
