@@ -382,7 +382,10 @@ impl Upstream {
         *req.headers_mut() = headers.clone();
         let inflight = node.start();
         let sent = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.timeout, self.client.request(req)) => r,
+            () = node.gone() => return Attempt::Failed(left_the_table(node)),
+        };
         match result {
             Err(_) => Attempt::Failed(GatewayError::NodeTimeout {
                 node: Arc::clone(&node.name),
@@ -418,6 +421,15 @@ impl Upstream {
             Ok(Ok(resp)) => resp.status() == StatusCode::OK,
             _ => false,
         }
+    }
+}
+
+/// A node that left the table (its lease expired: stopped, partitioned) while a request
+/// waited for its answer; the request may have run there.
+pub fn left_the_table(node: &Node) -> GatewayError {
+    GatewayError::NodeFailed {
+        node: Arc::clone(&node.name),
+        detail: "it left the cluster table (its etcd lease expired) before answering".into(),
     }
 }
 

@@ -12,7 +12,7 @@
 
 use super::actor::TableHandle;
 use super::error::GatewayError;
-use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain};
+use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain, left_the_table};
 use super::metrics::{GatewayMetrics, NONE, RetryReason};
 use super::node::Node;
 use super::routes::{Purpose, Tried};
@@ -146,7 +146,14 @@ impl GatewayGrpc {
             let _inflight = node.start();
             let sent = Instant::now();
             let attempt = Request::from_parts(md.clone(), Default::default(), msg.clone());
-            let result = tokio::time::timeout(self.timeout, call(client, attempt)).await;
+            let result = tokio::select! {
+                r = tokio::time::timeout(self.timeout, call(client, attempt)) => r,
+                () = node.gone() => {
+                    let e = left_the_table(&node);
+                    self.record(&node, &route.name, e.grpc_code());
+                    return Err(e.into());
+                }
+            };
             let result = match result {
                 Ok(r) => r,
                 Err(_) => {
