@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from cluster_fleet import Fleet, etcd_delete, gateway_gauge
+from cluster_fleet import Fleet, etcd_delete, etcd_put, gateway_gauge
 from cluster_services import EtcdServer
 from umclient import (
     Inp,
@@ -226,40 +226,42 @@ def test_unknown_model_404_and_no_ready_node_503_name_the_model(fleet):
 
 
 def test_an_unreachable_node_leaves_rotation_and_its_requests_go_elsewhere(fleet):
-    """A node registered at a port nothing listens on: every request that picks it fails to
-    connect, is sent to another node, and the node is out of rotation at the first failure."""
-    dead_port = free_port()
+    """A node registered at a port nothing listens on, beside node-0 only: the first request
+    that picks it fails to connect, goes to node-0, and the node is out of rotation at once.
+    Every body is larger than the gateway holds (it streams through), so the request that
+    met the dead node was sent again with its body taken back unread."""
     name = "node-dead"
-    from cluster_fleet import etcd_put
-
+    dead = f"http://127.0.0.1:{free_port()}"
     etcd_put(
         fleet.etcd,
         f"{fleet.prefix}/nodes/{name}",
-        {
-            "node": name,
-            "rest_url": f"http://127.0.0.1:{dead_port}",
-            "grpc_url": f"http://127.0.0.1:{dead_port}",
-            "state": "SERVING",
-        },
+        {"node": name, "rest_url": dead, "grpc_url": dead, "state": "SERVING"},
     )
     etcd_put(
         fleet.etcd,
         f"{fleet.prefix}/models/arith/{name}",
         {"model": "arith", "node": name, "versions": ["1"], "state": "READY"},
     )
+    others = [f"{fleet.prefix}/models/arith/{fleet.node_name(i)}" for i in range(1, NODES)]
+    for key in others:
+        etcd_delete(fleet.etcd, key)
+    vals = np.arange(100_000, dtype=np.float32)  # 400 kB: streamed, not held
+    big = [Inp("vals", "FP32", [vals.tolist()]), Inp("mult", "INT32", [[1]])]
     try:
         fleet.wait_gateway_nodes(NODES + 1, state="all")
-        answers = [infer_json(fleet.gateway, "arith", ARITH_IN) for _ in range(30)]
-        for resp in answers:
-            arith_ok(resp)
+        for _ in range(20):
+            resp = infer_binary(fleet.gateway, "arith", big)
+            assert resp.status_code == 200, error_of(resp)
+            assert decode(resp).outputs["total"].ravel()[0] == pytest.approx(vals.sum(), rel=1e-5)
         fleet.wait_gateway_nodes(NODES, state="in_rotation")
         text = fleet.gateway.get("/metrics").text
-        assert re.search(
-            rf'unimodel_gateway_retries_total{{node="{name}",reason="connect"}} [1-9]', text
-        ), text
+        retried = rf'unimodel_gateway_retries_total{{node="{name}",reason="connect"}} 1$'
+        assert re.search(retried, text, re.MULTILINE), text
     finally:
         etcd_delete(fleet.etcd, f"{fleet.prefix}/nodes/{name}")
         etcd_delete(fleet.etcd, f"{fleet.prefix}/models/arith/{name}")
+        for i in range(1, NODES):
+            fleet.register_model(i, "arith")
     fleet.wait_gateway_nodes(NODES, state="all")
 
 
@@ -301,3 +303,42 @@ def test_auth_flags_on_the_gateway(fleet, tmp_path):
         client.get_model_metadata("arith", headers={"authorization": f"Bearer {INFER_KEY}"}).name
         == "arith"
     )
+
+
+def test_a_killed_node_leaves_rotation_at_once_and_returns_when_it_registers_again(
+    module_etcd, repository, tmp_path
+):
+    """kill -9 of a node: no request fails (the gateway could not connect, so it sent them
+    elsewhere), the node is out of rotation at its first failure (its keys are still in
+    etcd: these carry no lease), and back once it restarts and its keys are written again."""
+    factory = ServerFactory(tmp_path)
+    fleet = Fleet(module_etcd, factory, repository, nodes=NODES, prefix="/killed", register=False)
+    try:
+        for i in range(NODES):
+            fleet.start_node(i)
+        register_all(fleet)
+        fleet.start_gateway()
+        fleet.wait_gateway_nodes(NODES)
+        fleet.kill_node(1)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(
+                pool.map(lambda _: infer_json(fleet.gateway, "arith", ARITH_IN), range(60))
+            )
+        for resp in answers:
+            arith_ok(resp)
+        fleet.wait_gateway_nodes(NODES - 1)
+        assert gateway_gauge(fleet.gateway, "all") == NODES, "its keys are still there"
+
+        fleet.restart_node(1)
+        register_all(fleet)
+        fleet.wait_gateway_nodes(NODES)
+        before = node_successes(fleet, 1, "arith")
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(
+                pool.map(lambda _: infer_json(fleet.gateway, "arith", ARITH_IN), range(60))
+            )
+        for resp in answers:
+            arith_ok(resp)
+        assert node_successes(fleet, 1, "arith") > before, "the restarted node serves again"
+    finally:
+        factory.close()

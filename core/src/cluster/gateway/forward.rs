@@ -193,6 +193,8 @@ impl Outgoing {
             headers.remove(h);
         }
         headers.remove(header::HOST);
+        // Answered by this hop's server already (it sent 100 Continue as the body was read).
+        headers.remove(header::EXPECT);
         let small = http_body::Body::is_end_stream(&body)
             || headers
                 .get(header::CONTENT_LENGTH)
@@ -225,6 +227,7 @@ impl Outgoing {
             headers.remove(h);
         }
         headers.remove(header::HOST);
+        headers.remove(header::EXPECT);
         Outgoing {
             method: parts.method,
             path_and_query: parts
