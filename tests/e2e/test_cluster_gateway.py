@@ -342,3 +342,38 @@ def test_a_killed_node_leaves_rotation_at_once_and_returns_when_it_registers_aga
         assert node_successes(fleet, 1, "arith") > before, "the restarted node serves again"
     finally:
         factory.close()
+
+
+def parent_pid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no parent of {pid}")
+
+
+def test_a_stream_from_a_node_that_leaves_the_table_ends_instead_of_hanging(fleet):
+    """SIGSTOP of the node serving an SSE stream, then its keys gone (as when its lease
+    expires): the gateway ends the client's stream with an error at once."""
+    url = f"{fleet.gateway_url}/v2/models/tokens/generate_stream"
+    body = {"prompt": "long", "count": 10_000, "delay_ms": 20}
+    stopped = None
+    try:
+        with requests.post(url, json=body, stream=True, timeout=(5, WAIT_S)) as resp:
+            assert resp.status_code == 200, resp.text
+            lines = resp.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line and line.startswith("data:"))
+            worker = json.loads(first[len("data:") :])["pid"]
+            serving = parent_pid(worker)
+            stopped = next(i for i in range(NODES) if fleet.node(i).proc.pid == serving)
+            fleet.sigstop_node(stopped)
+            fleet.deregister_node(stopped, models=("arith", "tokens"))
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                for _ in lines:
+                    pass
+    finally:
+        if stopped is not None:
+            fleet.sigcont_node(stopped)
+            fleet.register_node(stopped)
+            for model in ("arith", "tokens"):
+                fleet.register_model(stopped, model)
+    fleet.wait_gateway_nodes(NODES)

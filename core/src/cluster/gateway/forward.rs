@@ -443,13 +443,68 @@ pub fn not_run(status: StatusCode, headers: &HeaderMap) -> bool {
 }
 
 /// The node's answer, streamed back; the request counts as outstanding on the node until
-/// its last byte.
+/// its last byte. An event stream (SSE) also ends, with an error, if the node leaves the
+/// table mid-stream (a stopped or partitioned node would otherwise hold it open forever).
 fn pass_back(resp: Response<Incoming>, inflight: InFlight) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
+    let streams = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streams {
+        let node = Arc::clone(inflight.node());
+        let gone = Box::pin(async move { node.gone().await });
+        let body = UntilGone {
+            inner: HoldUntilEnd::new(body, inflight),
+            gone,
+            ended: false,
+        };
+        return Response::from_parts(parts, Body::new(body));
+    }
     Response::from_parts(parts, Body::new(HoldUntilEnd::new(body, inflight)))
+}
+
+/// A streamed answer that fails once its node leaves the table.
+struct UntilGone<B> {
+    inner: B,
+    gone: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl<B> http_body::Body for UntilGone<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.gone.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(
+                "the node left the cluster table mid-stream".into()
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
 }
 
 /// An error and its causes, one line.
