@@ -284,15 +284,25 @@ def test_the_trace_id_reaches_the_node(fleet):
 def test_auth_flags_on_the_gateway(fleet, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"{INFER_KEY} infer\n{ADMIN_KEY} admin\n")
-    gw = fleet.start_gateway("--api-key-file", str(keys), primary=False)
-    wait_until(
-        lambda: gateway_gauge(gw, "in_rotation") == NODES, WAIT_S, "the second gateway's table"
+    metrics_port = free_port()
+    gw = fleet.start_gateway(
+        "--api-key-file",
+        str(keys),
+        "--auth-metrics",
+        "--metrics-port",
+        str(metrics_port),
+        primary=False,
     )
-    assert gw.get("/v2/health/ready").status_code == 200, "health stays open"
-    denied = infer_json(gw, "arith", ARITH_IN)
-    assert denied.status_code == 401, denied.text
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {INFER_KEY}"
+    # Its table filled (health stays open without a credential).
+    wait_until(lambda: gw.get("/v2/health/ready").status_code == 200, WAIT_S, "the gateway ready")
+    scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+    assert requests.get(scrape, timeout=30).status_code == 401, "--auth-metrics"
+    scraped = requests.get(scrape, headers={"X-API-Key": INFER_KEY}, timeout=30)
+    assert scraped.status_code == 200 and "unimodel_gateway_nodes" in scraped.text
+    denied = infer_json(gw, "arith", ARITH_IN)
+    assert denied.status_code == 401, denied.text
     arith_ok(infer_json(session, "arith", ARITH_IN, base_url=gw.base_url))
     forbidden = session.post(f"{gw.base_url}/v2/repository/index", json={}, timeout=30)
     assert forbidden.status_code == 403, forbidden.text
