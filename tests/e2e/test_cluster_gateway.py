@@ -208,6 +208,12 @@ def test_unknown_model_404_and_no_ready_node_503_name_the_model(fleet):
     assert gw.get("/v2/models/nope").status_code == 404
     version = infer_json(gw, "arith", ARITH_IN, version="9")
     assert version.status_code == 404 and "'9'" in error_of(version)
+    # /v1 POSTs are routed by the body's "model".
+    openai = f"{fleet.gateway_url}/v1/chat/completions"
+    nameless = requests.post(openai, json={"messages": []}, timeout=30)
+    assert nameless.status_code == 400 and '"model"' in error_of(nameless)
+    unknown = requests.post(openai, json={"model": "nope"}, timeout=30)
+    assert unknown.status_code == 404 and "'nope'" in error_of(unknown)
     # A model a node lists as LOADING only: 503 naming it and what the node reports.
     fleet.register_model(0, "ghost", state="LOADING")
     try:

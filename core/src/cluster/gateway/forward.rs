@@ -518,3 +518,163 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::actor::{self, Probe};
+    use super::super::node::RestTarget;
+    use super::super::routes::Tried;
+    use super::*;
+    use axum::routing::post;
+    use futures::future::BoxFuture;
+
+    struct NeverUp;
+
+    impl Probe for NeverUp {
+        fn live(&self, _node: Arc<Node>) -> BoxFuture<'static, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    /// A node on a free port that answers every infer with `status` (marked not-run when
+    /// `not_run`) and the body it read, so a test sees what arrived.
+    async fn node(name: &str, status: StatusCode, not_run: bool) -> Arc<Node> {
+        let app = axum::Router::new().route(
+            "/v2/models/m/infer",
+            post(move |body: Bytes| async move {
+                let mut resp = Response::new(Body::from(body));
+                *resp.status_mut() = status;
+                if not_run {
+                    resp.headers_mut()
+                        .insert(NOT_RUN, HeaderValue::from_static("1"));
+                }
+                resp
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let rest = RestTarget::parse(&format!("http://{at}")).unwrap();
+        Arc::new(Node::new(name, rest, None))
+    }
+
+    fn upstream() -> Upstream {
+        let (_feed, rx) = tokio::sync::mpsc::channel(1);
+        let table = actor::start(rx, Arc::new(NeverUp));
+        Upstream::new(
+            table,
+            Arc::new(GatewayMetrics::new()),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn request(body: Vec<u8>) -> Request<Body> {
+        Request::post("/v2/models/m/infer")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    /// Picks the nodes in the order given.
+    fn in_order(nodes: Vec<Arc<Node>>) -> impl Fn(&Tried) -> Result<Arc<Node>, GatewayError> {
+        move |tried: &Tried| {
+            nodes
+                .get(tried.count())
+                .cloned()
+                .ok_or(GatewayError::NoNode)
+        }
+    }
+
+    async fn text(resp: Response<Body>) -> String {
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_not_run_refusal_is_sent_to_the_next_node_with_the_same_body() {
+        let refusing = node("a", StatusCode::SERVICE_UNAVAILABLE, true).await;
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let out = Outgoing::from_request(request(b"payload".to_vec()))
+            .await
+            .unwrap();
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(out, &model, None, in_order(vec![refusing, serving]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await, "payload");
+        let metrics = up.metrics.encode();
+        assert!(
+            metrics.contains(r#"unimodel_gateway_retries_total{node="a",reason="not_run"} 1"#),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unmarked_503_and_a_refused_large_body_pass_through() {
+        let up = upstream();
+        let model = Arc::new("m".to_string());
+        // A 503 without the marker may have run: the client gets it, nothing is retried.
+        let failing = node("a", StatusCode::SERVICE_UNAVAILABLE, false).await;
+        let serving = node("b", StatusCode::OK, false).await;
+        let out = Outgoing::from_request(request(b"x".to_vec()))
+            .await
+            .unwrap();
+        let resp = up
+            .forward(
+                out,
+                &model,
+                None,
+                in_order(vec![failing, Arc::clone(&serving)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A body too large to hold cannot be sent again: the node's refusal is the answer.
+        let refusing = node("c", StatusCode::SERVICE_UNAVAILABLE, true).await;
+        let big = vec![7u8; REPLAY_LIMIT as usize + 1];
+        let out = Outgoing::from_request(request(big)).await.unwrap();
+        let resp = up
+            .forward(out, &model, None, in_order(vec![refusing, serving]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(not_run(resp.status(), resp.headers()));
+    }
+
+    #[tokio::test]
+    async fn no_connection_takes_the_node_out_and_sends_a_streamed_body_elsewhere() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let rest = RestTarget::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let dead = Arc::new(Node::new("dead", rest, None));
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let big = vec![9u8; REPLAY_LIMIT as usize + 10];
+        let out = Outgoing::from_request(request(big.clone())).await.unwrap();
+        assert!(
+            matches!(out.body, OutBody::Stream { .. }),
+            "streamed, not held"
+        );
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(
+                out,
+                &model,
+                None,
+                in_order(vec![Arc::clone(&dead), serving]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await.len(), big.len());
+        assert!(dead.is_down(), "out of rotation at its first failure");
+    }
+}
