@@ -393,3 +393,24 @@ def test_a_stream_from_a_node_that_leaves_the_table_ends_instead_of_hanging(flee
             for model in ("arith", "tokens"):
                 fleet.register_model(stopped, model)
     fleet.wait_gateway_nodes(NODES)
+
+
+def test_routing_goes_on_while_etcd_is_down_and_the_watch_resumes(fleet):
+    gw = fleet.gateway
+    fleet.etcd.stop()
+    try:
+        for _ in range(10):
+            arith_ok(infer_json(gw, "arith", ARITH_IN))
+    finally:
+        fleet.etcd.start()
+    # The watch is back: a key written now reaches the gateway's table.
+    fleet.register_model(0, "after-restart", state="LOADING")
+    try:
+        wait_until(
+            lambda: gw.post("/v2/models/after-restart/infer", json={}).status_code == 503,
+            WAIT_S,
+            "a key written after etcd's restart in the gateway's table",
+        )
+    finally:
+        etcd_delete(fleet.etcd, f"{fleet.prefix}/models/after-restart/node-0")
+    arith_ok(infer_json(gw, "arith", ARITH_IN))
