@@ -18,6 +18,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -167,6 +168,14 @@ def test_grpc_infer_and_stream_infer_with_tritonclient(fleet):
     np.testing.assert_allclose(result.as_numpy("scaled").ravel(), [2.0, 4.0, 6.0])
     index = {m.name for m in client.get_model_repository_index().models}
     assert {"arith", "tokens"} <= index
+
+    with grpc.insecure_channel(fleet.gateway_grpc_url) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        assert check(b"", timeout=10) == b"\x08\x01", "SERVING"
 
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
