@@ -5,6 +5,9 @@
 //! 3. Load the models the control mode asks for at start (every model with `none`, the
 //!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
 //! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//!
+//! With `--etcd`, the node and its models are registered in etcd from step 2 on
+//! (`registration.rs`); the first signal revokes the registration before the drain.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -70,7 +73,9 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine: engine.clone(),
         repository: repository.clone(),
     });
-    serve_until_signal(
+    let registration =
+        super::registration::start(&args.server.cluster, &listening, &engine, Some(&repository))?;
+    let code = serve_until_signal(
         backend,
         engine,
         listening,
@@ -78,7 +83,11 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         auth,
         load_at_start(&repository, at_start, &base),
     )
-    .await
+    .await?;
+    if let Some(registration) = registration {
+        registration.finished().await;
+    }
+    Ok(code)
 }
 
 /// The model source from `--model-repository` or `--config`.

@@ -8,3 +8,6 @@
 pub mod etcd;
 pub mod gateway;
 pub mod keys;
+pub mod registry;
+mod registry_actor;
+pub mod registry_view;

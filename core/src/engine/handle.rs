@@ -18,7 +18,9 @@ use super::scheduler::{SchedulerContext, SchedulerKind};
 use super::stats::StatsRecorder;
 use super::validate::Limits;
 use super::wake_timer::WakeClock;
-use super::{EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus};
+use super::{
+    EngineError, InferRequest, InferResponse, InferStream, ModelLoadSample, ModelStats, ModelStatus,
+};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +41,9 @@ struct Inner {
     registry: Registry,
     draining: AtomicBool,
     options: EngineOptions,
+    /// Bumped whenever what `models()` reports may have changed (a model added, removed,
+    /// unloading, changing state) or the engine starts draining; see `changes`.
+    changes: watch::Sender<()>,
 }
 
 /// Handle to the running engine; cheap to clone.
@@ -60,9 +65,10 @@ impl Engine {
         options: EngineOptions,
     ) -> Engine {
         let mut table = Table::new();
+        let (changes, _) = watch::channel(());
         for (config, instances) in models {
             let key = parse_version(&config.version).unwrap_or_default();
-            let entry = spawn_entry(config, instances, &options);
+            let entry = spawn_entry(config, instances, &options, &changes);
             table
                 .entry(entry.config.name.clone())
                 .or_default()
@@ -73,6 +79,7 @@ impl Engine {
                 registry: Registry::new(table),
                 draining: AtomicBool::new(false),
                 options,
+                changes,
             }),
         }
     }
@@ -101,6 +108,40 @@ impl Engine {
 
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks a change on every receiver: model states, the table or the drain moved. An
+    /// event for observers outside the request path (cluster registration); nothing per
+    /// request calls it.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.inner.changes.send_replace(());
+    }
+
+    /// The load of every served model version now: queue depth, requests in flight and
+    /// ready instances. Reads counters the request path keeps anyway (nothing is added to
+    /// it); meant for a sampler a few times a second, not per request.
+    pub fn loads(&self) -> Vec<ModelLoadSample> {
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .map(|m| ModelLoadSample {
+                name: m.config.name.clone(),
+                version: m.config.version.clone(),
+                streaming: m.config.streaming,
+                queue_depth: m
+                    .config
+                    .queue_capacity
+                    .saturating_sub(m.places.available_permits())
+                    as u64,
+                in_flight: u64::try_from(m.metrics.inflight_now()).unwrap_or(0),
+                ready_instances: status_of(m).ready_instances,
+            })
+            .collect()
     }
 
     /// All served model versions, sorted by name, then version.
@@ -178,7 +219,7 @@ impl Engine {
             )));
         };
         let name = config.name.clone();
-        let entry = spawn_entry(config, instances, &self.inner.options);
+        let entry = spawn_entry(config, instances, &self.inner.options, &self.inner.changes);
         let previous = self
             .inner
             .registry
@@ -193,9 +234,9 @@ impl Engine {
         let state = wait_settled(&entry).await?;
         if state.is_ready() {
             self.publish(key, entry);
-            retire(&previous).await;
+            retire(&previous, &self.inner.changes).await;
         } else {
-            retire(&entry).await;
+            retire(&entry, &self.inner.changes).await;
         }
         Ok(state)
     }
@@ -205,7 +246,7 @@ impl Engine {
     /// registry. Requests without a version move to the highest other version at once.
     pub async fn unload(&self, name: &str, version: &str) -> Result<(), EngineError> {
         let entry = self.entry(name, Some(version))?;
-        retire(&entry).await;
+        retire(&entry, &self.inner.changes).await;
         self.inner.registry.update(|table| {
             if let Some(versions) = table.get_mut(name) {
                 versions.retain(|_, e| !Arc::ptr_eq(e, &entry));
@@ -214,6 +255,7 @@ impl Engine {
                 }
             }
         });
+        self.changed();
         entry.metrics.set_queue_depth(0);
         Ok(())
     }
@@ -240,6 +282,7 @@ impl Engine {
     /// before it so health watchers can be told at once.
     pub fn stop_accepting(&self) {
         self.inner.draining.store(true, Ordering::Release);
+        self.changed();
     }
 
     /// Stops taking requests (readiness false, new requests 503) and waits until every
@@ -247,6 +290,7 @@ impl Engine {
     /// everything finished in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
+        self.changed();
         let entries = self.inner.registry.entries();
         let waits = entries.iter().map(|m| m.scheduler.drain());
         tokio::time::timeout(timeout, futures::future::join_all(waits))
@@ -297,6 +341,7 @@ impl Engine {
                 .or_default()
                 .insert(key, entry);
         });
+        self.changed();
     }
 }
 
@@ -305,6 +350,7 @@ fn spawn_entry(
     config: ModelConfig,
     instances: Vec<Arc<dyn Executor>>,
     options: &EngineOptions,
+    changes: &watch::Sender<()>,
 ) -> Arc<ModelEntry> {
     let all_metrics = &*options.metrics;
     let config = Arc::new(config);
@@ -329,6 +375,7 @@ fn spawn_entry(
         .max_concurrency
         .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
     sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
+    forward_changes(state_rx.clone(), changes.clone());
     Arc::new(ModelEntry {
         config,
         scheduler,
@@ -360,11 +407,22 @@ async fn wait_settled(entry: &ModelEntry) -> Result<ModelState, EngineError> {
 /// Takes an entry out of service: refuses new requests, lets queued and running ones
 /// finish (each is bounded by its own deadline), then stops its instances. Anything that
 /// slipped in after the drain is answered 503 rather than left waiting.
-async fn retire(entry: &ModelEntry) {
+async fn retire(entry: &ModelEntry, changes: &watch::Sender<()>) {
     entry.unloading.store(true, Ordering::Release);
+    changes.send_replace(());
     entry.scheduler.drain().await;
     entry.scheduler.abort().await;
     futures::future::join_all(entry.instances.iter().map(|i| i.shutdown())).await;
+}
+
+/// Every state change of one model version is a change of the engine (`Engine::changes`).
+/// Ends when the scheduler drops its end of the state channel.
+fn forward_changes(mut state: watch::Receiver<ModelState>, changes: watch::Sender<()>) {
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            changes.send_replace(());
+        }
+    });
 }
 
 /// Queue depth is the places taken in the queue, read at scrape time (nothing per request).
