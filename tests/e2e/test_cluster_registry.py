@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,59 @@ def test_unload_and_load_through_the_repository_api_change_the_key(etcd, start_s
     assert found[model_key("versioned", "n1")]["versions"] == ["1", "2"]
 
 
+def test_load_and_draining_show_in_the_key(etcd, start_server, repo, tmp_path):
+    gate = tmp_path / "gate"
+    (repo / "slow").mkdir()
+    shutil.copy(plugin("slow.py"), repo / "slow" / "plugin.py")
+    (repo / "slow" / "config.toml").write_text(f'[parameters]\ndelay_s = 0\ngate = "{gate}"\n')
+    server = start_server.serve(
+        "--model-repository",
+        str(repo),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "slow",
+        *node_flags(etcd.url, "n1"),
+    )
+    wait_keys(etcd, "slow READY", lambda ks: state_of("slow", "n1")(ks) == "READY")
+    clients = 4
+
+    def one(i: int):
+        return infer_json(server, "slow", [Inp("x", "FP32", [float(i)])], timeout=120)
+
+    with ThreadPoolExecutor(max_workers=clients + 1) as pool:
+        answers = [pool.submit(one, i) for i in range(clients)]
+        try:
+            # Held by the gate: all in flight, the ones no worker took yet queued.
+            def busy(ks):
+                load = ks.get(model_key("slow", "n1"), {}).get("load", {})
+                return load.get("in_flight") == clients and 1 <= load["queue_depth"] < clients
+
+            found = wait_keys(etcd, "the requests in flight and queued in the key", busy)
+            load = found[model_key("slow", "n1")]["load"]
+            assert load["instances"] == 1, load
+            # An unload with work in flight: DRAINING until that work is answered.
+            unload = pool.submit(
+                server.post, "/v2/repository/models/slow/unload", json={}, timeout=120
+            )
+            found = wait_keys(
+                etcd, "slow DRAINING", lambda ks: state_of("slow", "n1")(ks) == "DRAINING"
+            )
+            assert "unloading" in found[model_key("slow", "n1")]["reason"]
+        finally:
+            gate.touch()
+        assert [a.result().status_code for a in answers] == [200] * clients
+        assert unload.result().status_code == 200
+    found = wait_keys(
+        etcd, "slow UNAVAILABLE", lambda ks: state_of("slow", "n1")(ks) == "UNAVAILABLE"
+    )
+    assert found[model_key("slow", "n1")]["load"] == {
+        "queue_depth": 0,
+        "in_flight": 0,
+        "instances": 0,
+    }
+
+
 def test_sigterm_revokes_the_lease_before_the_node_exits(etcd, start_server, repo):
     server = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "n1"))
     wait_keys(etcd, "the node's keys", lambda ks: state_of("doubler", "n1")(ks) == "READY")
@@ -308,6 +362,40 @@ def test_the_default_node_name_is_hostname_and_port(etcd, start_server, repo):
     name = node_key.rsplit("/", 1)[1]
     assert name.endswith(f"-{server.port}"), name
     assert found[node_key]["node"] == name
+
+
+def test_a_second_node_with_the_same_name_is_warned_about(etcd, start_server, repo):
+    start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_keys(etcd, "the first node's keys", lambda ks: state_of("doubler", "dup")(ks) == "READY")
+    second = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_until(
+        lambda: "another node is registered as dup" in second.log_text(),
+        KEYS_DEADLINE_S,
+        "the duplicate-name warning",
+    )
+
+
+def test_a_config_file_cluster_table_registers_the_node(etcd, start_server, repo, tmp_path):
+    config = tmp_path / "unimodel.toml"
+    config.write_text(
+        f"""
+model_repository = "{repo}"
+[cluster]
+etcd = ["{etcd.url}"]
+etcd_prefix = "{PREFIX}"
+node_name = "from-file"
+advertise_url = "http://node-a.example:18000"
+etcd_lease_ttl_s = {TTL_S}
+"""
+    )
+    server = start_server.serve("--config", str(config))
+    found = wait_keys(
+        etcd, "doubler READY", lambda ks: state_of("doubler", "from-file")(ks) == "READY"
+    )
+    node = found[f"{PREFIX}/nodes/from-file"]
+    assert node["rest_url"] == "http://node-a.example:18000"
+    grpc_port = server.grpc_url.rsplit(":", 1)[1]
+    assert node["grpc_url"] == f"http://node-a.example:{grpc_port}"
 
 
 @pytest.mark.parametrize(
