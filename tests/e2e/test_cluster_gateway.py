@@ -8,7 +8,8 @@ load spreads over the nodes (each node's own request count); unknown models are 
 them, models no node has ready 503 naming them; a node that cannot be reached (a key
 written by hand at a dead port, kill -9) is out of rotation at once and its requests go to
 the others (none fails); a stream from a stopped node ends when its lease does; routing goes
-on while etcd is down; the trace id reaches the node; auth flags on the gateway.
+on while etcd is down; routing follows node state in etcd (DRAINING gets nothing); the
+trace id reaches the node; auth flags on the gateway.
 """
 
 from __future__ import annotations
@@ -402,3 +403,47 @@ def test_routing_goes_on_while_etcd_is_down_and_the_watch_resumes(fleet):
     finally:
         etcd_delete(fleet.etcd, f"{fleet.prefix}/models/after-restart/node-0")
     arith_ok(infer_json(gw, "arith", ARITH_IN))
+
+
+def gateway_requests_via(fleet: Fleet, node: str) -> float:
+    """The gateway's count of answers from `node` (its /metrics), every model and code."""
+    text = fleet.gateway.get("/metrics", timeout=30).text
+    pattern = rf'^unimodel_gateway_requests_total{{node="{node}",[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_routing_follows_node_state_in_etcd(fleet):
+    """A node key in state DRAINING gets no requests; rewritten SERVING, it gets them. (The
+    key points at node-0's address under another name, so its share is counted apart.)"""
+    name = "node-alias"
+    node_key = f"{fleet.prefix}/nodes/{name}"
+    model_key = f"{fleet.prefix}/models/arith/{name}"
+
+    def put_node(state: str) -> None:
+        url = fleet.node(0).base_url
+        etcd_put(
+            fleet.etcd,
+            node_key,
+            {"node": name, "rest_url": url, "grpc_url": None, "state": state},
+        )
+
+    put_node("DRAINING")
+    etcd_put(
+        fleet.etcd,
+        model_key,
+        {"model": "arith", "node": name, "versions": ["1"], "state": "READY"},
+    )
+    try:
+        fleet.wait_gateway_nodes(NODES + 1, state="all")
+        for _ in range(30):
+            arith_ok(infer_json(fleet.gateway, "arith", ARITH_IN))
+        assert gateway_requests_via(fleet, name) == 0, "a DRAINING node gets nothing"
+        put_node("SERVING")
+        fleet.wait_gateway_nodes(NODES + 1, state="serving")
+        for _ in range(40):
+            arith_ok(infer_json(fleet.gateway, "arith", ARITH_IN))
+        assert gateway_requests_via(fleet, name) > 0, "SERVING again: it gets its share"
+    finally:
+        etcd_delete(fleet.etcd, node_key)
+        etcd_delete(fleet.etcd, model_key)
+    fleet.wait_gateway_nodes(NODES, state="all")
