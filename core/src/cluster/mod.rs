@@ -6,6 +6,7 @@
 //! nothing below it knows the cluster exists.
 
 pub mod etcd;
+pub mod gateway;
 pub mod keys;
 pub mod registry;
 mod registry_actor;
