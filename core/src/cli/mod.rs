@@ -3,6 +3,7 @@
 
 pub mod args;
 mod auth;
+mod ctl;
 mod fd_limit;
 pub mod limits;
 mod metrics_port;
@@ -14,6 +15,7 @@ mod serve_config;
 mod server;
 mod serving;
 
+pub use ctl::ctl;
 pub use predict::predict;
 pub use run::run;
 pub use serve::serve;
