@@ -6,4 +6,6 @@
 //! nothing below it knows the cluster exists.
 
 pub mod control;
+pub mod etcd;
 pub mod events;
+pub mod keys;
