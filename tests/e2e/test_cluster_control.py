@@ -10,6 +10,7 @@ serves is checked through its own REST API.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import nats as nats_py
 import pytest
+import requests
 from cluster_services import NatsServer
 from umclient import (
     REPO_ROOT,
@@ -340,3 +342,74 @@ def test_a_server_with_authorization_obeys_only_clients_with_credentials(
         assert "s3cret" not in obeyed.stdout + obeyed.stderr
     finally:
         server.stop()
+
+
+def etcd_put(etcd, key: str, value: dict | str) -> None:
+    """Writes one key through etcd's JSON gateway, as a node would register it."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    body = {
+        "key": base64.b64encode(key.encode()).decode(),
+        "value": base64.b64encode(text.encode()).decode(),
+    }
+    requests.post(f"{etcd.url}/v3/kv/put", json=body, timeout=10).raise_for_status()
+
+
+def node_value(name: str, state: str) -> dict:
+    return {
+        "node": name,
+        "rest_url": f"http://127.0.0.1:1{len(name)}00",
+        "grpc_url": None,
+        "state": state,
+        "version": "0.1.0",
+        "started_at_ms": 1,
+    }
+
+
+def model_value(model: str, node_name: str, state: str, in_flight: int) -> dict:
+    return {
+        "model": model,
+        "node": node_name,
+        "versions": ["1"],
+        "state": state,
+        "reason": None if state == "READY" else "drained by an operator",
+        "streams": False,
+        "load": {"queue_depth": 0, "in_flight": in_flight, "instances": 1},
+    }
+
+
+def test_ctl_status_prints_the_nodes_and_models_registered_in_etcd(etcd):
+    etcd_put(etcd, "/unimodel/nodes/node-a", node_value("node-a", "SERVING"))
+    etcd_put(etcd, "/unimodel/nodes/node-b", node_value("node-b", "DRAINING"))
+    etcd_put(etcd, "/unimodel/models/doubler/node-a", model_value("doubler", "node-a", "READY", 3))
+    etcd_put(
+        etcd, "/unimodel/models/doubler/node-b", model_value("doubler", "node-b", "DRAINING", 1)
+    )
+    etcd_put(etcd, "/unimodel/nodes/node-c", "not json")
+    # Another cluster's keys are not ours.
+    etcd_put(etcd, "/other/nodes/node-x", node_value("node-x", "SERVING"))
+
+    text = run_cli("ctl", "status", "--etcd", etcd.url)
+    assert text.returncode == 0, text.stdout + text.stderr
+    out = text.stdout
+    assert "node-a  SERVING" in out and "node-b  DRAINING" in out, out
+    assert "doubler  READY  versions 1  queue 0  in flight 3  instances 1" in out, out
+    assert "doubler  DRAINING" in out and "(drained by an operator)" in out, out
+    assert "unreadable key /unimodel/nodes/node-c" in out, out
+    assert "node-x" not in out
+
+    as_json = run_cli("ctl", "status", "--etcd", etcd.url, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    cluster = json.loads(as_json.stdout)
+    by_name = {n["name"]: n for n in cluster["nodes"]}
+    assert set(by_name) == {"node-a", "node-b"}
+    assert by_name["node-b"]["state"] == "DRAINING"
+    assert by_name["node-a"]["models"][0]["load"]["in_flight"] == 3
+    assert cluster["unreadable"][0][0] == "/unimodel/nodes/node-c"
+
+    other = run_cli("ctl", "status", "--etcd", etcd.url, "--etcd-prefix", "/other", "--json")
+    assert [n["name"] for n in json.loads(other.stdout)["nodes"]] == ["node-x"]
+
+    etcd.stop()
+    down = run_cli("ctl", "status", "--etcd", etcd.url)
+    assert down.returncode != 0
+    assert f"cannot read the cluster from etcd at {etcd.url}" in down.stderr, down.stderr

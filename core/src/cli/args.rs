@@ -330,7 +330,7 @@ pub struct ClusterArgs {
     pub node_name: Option<String>,
     /// The cluster's key prefix in etcd; its NATS subjects start with the same words
     /// (`/unimodel` gives `unimodel.ctl.{node}`).
-    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -366,6 +366,23 @@ pub enum CtlCommand {
     Drain(CtlMaybeModelArgs),
     /// Lift a drain of MODEL, or every drain of the node without MODEL.
     Resume(CtlMaybeModelArgs),
+    /// Print the cluster as registered in etcd: each node (state, URL) and its models
+    /// (state, versions, load).
+    Status(CtlStatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlStatusArgs {
+    /// etcd endpoints: http://HOST:2379, several separated by commas.
+    #[arg(long, value_name = "URL")]
+    pub etcd: String,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// Print JSON: {"nodes": [{...the node's key, "models": [...its models' keys]}],
+    /// "unreadable": [keys whose value is not the documented JSON]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which nodes and how to reach them over NATS.
@@ -375,7 +392,7 @@ pub struct CtlTarget {
     #[arg(long, value_name = "NODE,...", value_delimiter = ',', required = true)]
     pub nodes: Vec<String>,
     /// The cluster's etcd prefix: the NATS subjects start with the same words.
-    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// How long to wait for each node's reply (a load waits until the model is READY or
     /// FAILED); a node silent for that long is reported and the exit status is 1.

@@ -4,6 +4,7 @@
 pub mod args;
 mod auth;
 mod ctl;
+mod ctl_status;
 mod fd_limit;
 pub mod limits;
 mod metrics_port;
