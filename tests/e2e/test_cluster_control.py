@@ -413,3 +413,42 @@ def test_ctl_status_prints_the_nodes_and_models_registered_in_etcd(etcd):
     down = run_cli("ctl", "status", "--etcd", etcd.url)
     assert down.returncode != 0
     assert f"cannot read the cluster from etcd at {etcd.url}" in down.stderr, down.stderr
+
+
+class TokenNats(NatsServer):
+    """nats-server that requires a token (`--auth`)."""
+
+    def __init__(self, workdir: Path, token: str):
+        super().__init__(workdir)
+        self.token = token
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--auth", self.token]
+
+
+def test_a_token_in_the_url_is_sent_and_a_bad_creds_file_is_named(start_server, tmp_path, repo):
+    server = TokenNats(tmp_path / "nats-token", token="t0ken")
+    server.start()
+    try:
+        with_token = f"nats://t0ken@127.0.0.1:{server.port}"
+        a = node(start_server, repo, with_token, "node-a")
+        refused = ctl("drain", "--nodes", "node-a", nats_url=server.url)
+        assert refused.returncode != 0 and "refused the credentials" in refused.stderr
+        obeyed = ctl("drain", "--nodes", "node-a", nats_url=with_token)
+        assert obeyed.returncode == 0, obeyed.stdout + obeyed.stderr
+        assert a.get("/v2/health/ready").status_code == 503
+        missing = tmp_path / "missing.creds"
+        bad = run_cli(
+            "ctl",
+            "resume",
+            "--nodes",
+            "node-a",
+            "--nats",
+            with_token,
+            "--nats-creds",
+            str(missing),
+        )
+        assert bad.returncode != 0
+        assert f"--nats-creds '{missing}'" in bad.stderr, bad.stderr
+    finally:
+        server.stop()
