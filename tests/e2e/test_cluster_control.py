@@ -19,10 +19,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import nats as nats_py
 import pytest
 import requests
 from cluster_services import NatsServer
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from umclient import (
     REPO_ROOT,
     Inp,
@@ -159,6 +161,18 @@ def lines_of(result) -> dict[str, str]:
     return out
 
 
+def grpc_refusal(server, model: str) -> grpc.RpcError:
+    """A gRPC ModelInfer that the server refuses; returns the error (with its metadata)."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    tensor.contents.fp32_contents.append(1.0)
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=30)
+    return caught.value
+
+
 def doubled(server) -> float:
     resp = infer_json(server, "doubler", [Inp("x", "FP32", [[3.0]])])
     return float(decode(resp).outputs["y"].ravel()[0])
@@ -235,6 +249,10 @@ def test_drain_finishes_accepted_work_refuses_new_ones_marked_not_run_and_resume
     refused = infer_json(a, "doubler", [Inp("x", "FP32", [[1.0]])])
     assert "this node is draining" in error_of(refused, 503)
     assert refused.headers.get(NOT_RUN) == "1"
+    over_grpc = grpc_refusal(a, "doubler")
+    assert over_grpc.code() == grpc.StatusCode.UNAVAILABLE
+    assert "this node is draining" in over_grpc.details()
+    assert (NOT_RUN, "1") in tuple(over_grpc.trailing_metadata() or ())
     assert a.get("/v2/health/ready").status_code == 503
     assert a.alive()
     again = ctl("resume", "--nodes", "node-a", nats_url=nats.url)

@@ -43,7 +43,7 @@ pub enum Command {
     /// percentiles, errors by kind, --json report, --plot chart.
     Bench(crate::bench::Args),
     /// Control cluster nodes over NATS: load, unload, drain and resume models on the nodes
-    /// named (docs/cluster.md, "Control over NATS").
+    /// named; `ctl status` reads the cluster from etcd (docs/cluster.md, "Control over NATS").
     Ctl(CtlArgs),
 }
 
@@ -325,7 +325,8 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// This node's name in the cluster, unique per cluster (NATS subjects, etcd keys).
-    /// Default: the short host name and the HTTP port, `{hostname}-{port}`.
+    /// Default: `{hostname}-{port}`, the host name (dots and other characters a name may not
+    /// hold become '-') and the HTTP port.
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
     /// The cluster's key prefix in etcd; its NATS subjects start with the same words
@@ -339,8 +340,9 @@ pub struct ClusterArgs {
 /// Where NATS is and the credentials to talk to it (`serve` and `ctl`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
-    /// Take control requests (load, unload, drain, resume) and publish events over NATS:
-    /// nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222.
+    /// The NATS server: nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222. `serve`
+    /// takes control requests (load, unload, drain, resume) and publishes events there;
+    /// `ctl` sends its requests there.
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
     /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.
@@ -405,6 +407,7 @@ pub struct CtlTarget {
 
 #[derive(Args, Debug, Clone)]
 pub struct CtlModelArgs {
+    /// The model, by its name in each node's model repository.
     pub model: String,
     #[command(flatten)]
     pub target: CtlTarget,
@@ -412,6 +415,7 @@ pub struct CtlModelArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct CtlMaybeModelArgs {
+    /// The model; without it, the whole node (every model).
     pub model: Option<String>,
     #[command(flatten)]
     pub target: CtlTarget,
