@@ -49,10 +49,13 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         url,
         creds: args.cluster.nats.nats_creds.clone(),
     });
-    // Bad cluster names fail before anything starts.
+    // Bad cluster names, NATS URL or credentials file fail before anything starts.
     let prefix = Prefix::parse(&args.cluster.etcd_prefix)?;
     if let Some(name) = &args.cluster.node_name {
         NodeName::parse(name)?;
+    }
+    if let Some(nats) = &nats {
+        nats.prepare("unimodel").await?;
     }
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
