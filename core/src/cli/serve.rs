@@ -4,8 +4,12 @@
 //! 2. Listen at once; start an empty engine and the repository actor over it.
 //! 3. Load the models the control mode asks for at start (every model with `none`, the
 //!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
-//! 4. With `--nats`, take control requests and publish events over NATS (`cluster::control`).
-//! 5. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//!
+//! With `--etcd`, the node and its models are registered in etcd from step 2 on
+//! (`registration.rs`); the first signal revokes the registration before the drain. With
+//! `--nats`, the node takes control requests and publishes events over NATS
+//! (`cluster::control`) from step 2 on.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -45,15 +49,13 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    let nats = args.cluster.nats.nats.clone().map(|url| NatsOptions {
+    let nats = args.nats.nats.clone().map(|url| NatsOptions {
         url,
-        creds: args.cluster.nats.nats_creds.clone(),
+        creds: args.nats.nats_creds.clone(),
     });
-    // Bad cluster names, NATS URL or credentials file fail before anything starts.
-    let prefix = Prefix::parse(&args.cluster.etcd_prefix)?;
-    if let Some(name) = &args.cluster.node_name {
-        NodeName::parse(name)?;
-    }
+    // A bad NATS URL or credentials file fails before anything starts (the prefix and the
+    // node name are checked as they are parsed).
+    let prefix = Prefix::parse(&args.server.cluster.etcd_prefix)?;
     if let Some(nats) = &nats {
         nats.prepare("unimodel").await?;
     }
@@ -85,11 +87,14 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine: engine.clone(),
         repository: repository.clone(),
     });
+    let registration =
+        super::registration::start(&args.server.cluster, &listening, &engine, Some(&repository))?;
     if let Some(nats) = nats {
-        let subjects = Subjects::new(&prefix, &node_name(&args, &base)?);
+        let node = node_name(&args, listening.http_addr.port())?;
+        let subjects = Subjects::new(&prefix, &node);
         crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
     }
-    serve_until_signal(
+    let code = serve_until_signal(
         backend,
         engine,
         listening,
@@ -97,23 +102,24 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         auth,
         load_at_start(&repository, at_start, &base),
     )
-    .await
+    .await?;
+    if let Some(registration) = registration {
+        registration.finished().await;
+    }
+    Ok(code)
 }
 
-/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound.
-fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<NodeName> {
-    if let Some(name) = &args.cluster.node_name {
+/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound (as the etcd
+/// registration names the node, `registration.rs`).
+fn node_name(args: &ServeArgs, port: u16) -> anyhow::Result<NodeName> {
+    if let Some(name) = &args.server.cluster.node_name {
         return Ok(NodeName::parse(name)?);
     }
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let port = base
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(args.server.port);
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
     Ok(NodeName::from_host_port(&host, port))
 }
 

@@ -9,3 +9,6 @@ pub mod control;
 pub mod etcd;
 pub mod events;
 pub mod keys;
+pub mod registry;
+mod registry_actor;
+pub mod registry_view;
