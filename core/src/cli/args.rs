@@ -45,6 +45,9 @@ pub enum Command {
     /// One endpoint for a cluster: watch the nodes in etcd and route each KServe V2 request
     /// (REST and gRPC, streaming included) to a node that has the model ready.
     Gateway(GatewayArgs),
+    /// Control cluster nodes over NATS: load, unload, drain and resume models on the nodes
+    /// named; `ctl status` reads the cluster from etcd (docs/cluster.md, "Control over NATS").
+    Ctl(CtlArgs),
 }
 
 /// `unimodel gateway` (`docs/cluster.md`, "The gateway").
@@ -421,6 +424,93 @@ pub struct ServeArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub server: ServerArgs,
+    /// Control over NATS (with the node name and prefix of `--node-name`, `--etcd-prefix`).
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// Where NATS is and the credentials to talk to it (`serve` and `ctl`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct NatsArgs {
+    /// The NATS server: nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222. `serve`
+    /// takes control requests (load, unload, drain, resume) on `{prefix}.ctl.{node}` and
+    /// publishes events there; `ctl` sends its requests there.
+    #[arg(long, value_name = "URL", help_heading = "Cluster")]
+    pub nats: Option<String>,
+    /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.
+    #[arg(long, value_name = "FILE", help_heading = "Cluster")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+/// `unimodel ctl`: orders to nodes over NATS, or the cluster's state from etcd.
+#[derive(Args, Debug, Clone)]
+pub struct CtlArgs {
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CtlCommand {
+    /// Load (or reload) MODEL from each node's model repository.
+    Load(CtlModelArgs),
+    /// Unload every version of MODEL: accepted requests finish, then its workers stop.
+    Unload(CtlModelArgs),
+    /// Drain MODEL, or the whole node without MODEL: new requests get 503 (marked
+    /// `unimodel-not-run: 1`), accepted ones finish, workers stay up.
+    Drain(CtlMaybeModelArgs),
+    /// Lift a drain of MODEL, or every drain of the node without MODEL.
+    Resume(CtlMaybeModelArgs),
+    /// Print the cluster as registered in etcd: each node (state, URL) and its models
+    /// (state, versions, load).
+    Status(CtlStatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlStatusArgs {
+    /// etcd endpoints: http://HOST:2379, several separated by commas.
+    #[arg(long, value_name = "URL")]
+    pub etcd: String,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// Print JSON: {"nodes": [{...the node's key, "models": [...its models' keys]}],
+    /// "unreadable": [keys whose value is not the documented JSON]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which nodes and how to reach them over NATS.
+#[derive(Args, Debug, Clone)]
+pub struct CtlTarget {
+    /// The nodes to order, by name, comma separated (a,b,c); each answers for itself.
+    #[arg(long, value_name = "NODE,...", value_delimiter = ',', required = true)]
+    pub nodes: Vec<String>,
+    /// The cluster's etcd prefix: the NATS subjects start with the same words.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// How long to wait for each node's reply (a load waits until the model is READY or
+    /// FAILED); a node silent for that long is reported and the exit status is 1.
+    #[arg(long, value_name = "S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout_s: u64,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlModelArgs {
+    /// The model, by its name in each node's model repository.
+    pub model: String,
+    #[command(flatten)]
+    pub target: CtlTarget,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlMaybeModelArgs {
+    /// The model; without it, the whole node (every model).
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub target: CtlTarget,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -3,6 +3,8 @@
 
 pub mod args;
 mod auth;
+mod ctl;
+mod ctl_status;
 mod fd_limit;
 mod gateway;
 pub mod limits;
@@ -16,6 +18,7 @@ mod serve_config;
 mod server;
 mod serving;
 
+pub use ctl::ctl;
 pub use gateway::gateway;
 pub use predict::predict;
 pub use run::run;

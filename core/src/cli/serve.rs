@@ -7,11 +7,15 @@
 //! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
 //!
 //! With `--etcd`, the node and its models are registered in etcd from step 2 on
-//! (`registration.rs`); the first signal revokes the registration before the drain.
+//! (`registration.rs`); the first signal revokes the registration before the drain. With
+//! `--nats`, the node takes control requests and publishes events over NATS
+//! (`cluster::control`) from step 2 on.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
 use super::serving::{PluginLoader, engine_options};
+use crate::cluster::control::{NatsOptions, Subjects};
+use crate::cluster::keys::{NodeName, Prefix};
 use crate::engine::Engine;
 use crate::repository::{ControlMode, ModelServer, Repository, Source};
 use crate::worker::prepare_python;
@@ -45,6 +49,16 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
+    let nats = args.nats.nats.clone().map(|url| NatsOptions {
+        url,
+        creds: args.nats.nats_creds.clone(),
+    });
+    // A bad NATS URL or credentials file fails before anything starts (the prefix and the
+    // node name are checked as they are parsed).
+    let prefix = Prefix::parse(&args.server.cluster.etcd_prefix)?;
+    if let Some(nats) = &nats {
+        nats.prepare("unimodel").await?;
+    }
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
@@ -75,6 +89,11 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     let registration =
         super::registration::start(&args.server.cluster, &listening, &engine, Some(&repository))?;
+    if let Some(nats) = nats {
+        let node = node_name(&args, listening.http_addr.port())?;
+        let subjects = Subjects::new(&prefix, &node);
+        crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
+    }
     let code = serve_until_signal(
         backend,
         engine,
@@ -88,6 +107,20 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         registration.finished().await;
     }
     Ok(code)
+}
+
+/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound (as the etcd
+/// registration names the node, `registration.rs`).
+fn node_name(args: &ServeArgs, port: u16) -> anyhow::Result<NodeName> {
+    if let Some(name) = &args.server.cluster.node_name {
+        return Ok(NodeName::parse(name)?);
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    Ok(NodeName::from_host_port(&host, port))
 }
 
 /// The model source from `--model-repository` or `--config`.

@@ -9,6 +9,8 @@
 //! [cluster]                          # optional: the cluster flags, with underscores
 //! etcd = "http://etcd-0:2379,http://etcd-1:2379"   # or a list of URLs
 //! node_name = "gpu-1"
+//! nats = "nats://127.0.0.1:4222"    # control over NATS (`serve` only)
+//! nats_creds = "node.creds"          # relative to the file
 //! [models.doubler]                   # one table per model, named as served
 //! path = "plugins/examples/doubler.py"   # a plugin file or a model folder
 //! max_batch_size = 8                 # then any config.toml key
@@ -53,6 +55,9 @@ struct ClusterFile {
     advertise_url: Option<String>,
     advertise_grpc_url: Option<String>,
     etcd_lease_ttl_s: Option<u64>,
+    /// `NatsArgs` (a `serve` flag, not in `ClusterArgs`).
+    nats: Option<String>,
+    nats_creds: Option<PathBuf>,
 }
 
 /// `etcd = "URL[,URL...]"` or `etcd = ["URL", ...]`.
@@ -218,6 +223,17 @@ pub fn apply(
             file.display()
         );
     }
+    let mut cluster = parsed.cluster;
+    if let Some(url) = cluster.nats.take()
+        && !given("nats")
+    {
+        args.nats.nats = Some(url);
+    }
+    if let Some(creds) = cluster.nats_creds.take()
+        && !given("nats_creds")
+    {
+        args.nats.nats_creds = Some(base.join(creds));
+    }
     if s.python.is_some() && !given("python") {
         args.worker.python = s.python.map(|p| base.join(p));
     }
@@ -229,7 +245,7 @@ pub fn apply(
     if !given("load_model") && !parsed.load_model.is_empty() {
         args.load_model = parsed.load_model;
     }
-    apply_cluster(parsed.cluster, &mut args.server.cluster, given)
+    apply_cluster(cluster, &mut args.server.cluster, given)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     super::limits::check_server_file(args)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -432,5 +448,38 @@ mod tests {
             assert!(err.contains(expected), "{text}: {err}");
             assert!(err.contains("unimodel.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn nats_keys_apply_unless_the_flag_was_given() {
+        let file = write(
+            "cluster-nats",
+            r#"
+            [cluster]
+            nats = "nats://127.0.0.1:4222"
+            nats_creds = "node.creds"
+            [models.a]
+            path = "a.py"
+            "#,
+        );
+        let mut args = serve_args(&[]);
+        apply(&file, &mut args, &|_| false).unwrap();
+        assert_eq!(args.nats.nats.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(
+            args.nats.nats_creds,
+            Some(file.parent().unwrap().join("node.creds"))
+        );
+        let mut args = serve_args(&["--nats", "nats://given:4222"]);
+        apply(&file, &mut args, &|id| id == "nats").unwrap();
+        assert_eq!(args.nats.nats.as_deref(), Some("nats://given:4222"));
+        let typo = write(
+            "cluster-typo",
+            "[cluster]\nnat = \"x\"\n[models.a]\npath = \"a.py\"",
+        );
+        let err = apply(&typo, &mut serve_args(&[]), &|_| false).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `nat`"),
+            "{err:#}"
+        );
     }
 }

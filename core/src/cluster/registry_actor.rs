@@ -312,7 +312,9 @@ impl Actor {
         let client = &self.config.client;
         let prefix = &self.config.prefix;
         let node = &self.advertised.node;
-        let state = if self.engine.is_draining() {
+        // SIGTERM, or an operator's drain (`unimodel ctl drain`, `engine::drains`).
+        let drained = self.engine.drained().borrow().clone();
+        let state = if self.engine.is_draining() || drained.node {
             NodeState::Draining
         } else {
             NodeState::Serving
@@ -324,9 +326,11 @@ impl Actor {
                 .await?;
             session.node = Some(node_value);
         }
-        // An operator's drains (NATS control) plug in here: node-wide -> every READY model
-        // DRAINING, per model -> that model; until they exist, nothing is drained.
-        let values = model_values(node, &self.rows, &self.engine.loads(), &|_| false);
+        // An operator's drains (NATS control): node-wide -> every READY model DRAINING,
+        // per model -> that model.
+        let values = model_values(node, &self.rows, &self.engine.loads(), &|m| {
+            drained.covers(m)
+        });
         let mut listed = Vec::with_capacity(values.len());
         for value in values {
             let key = prefix.model_on(&value.model, node);
