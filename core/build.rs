@@ -5,11 +5,15 @@
 //! Rust), so building needs no system `protoc`; `tonic-prost-build` turns the descriptors
 //! into the message types and the server trait (`api/grpc/mod.rs` includes them).
 //!
+//! etcd's v3 API (`proto/etcd/`, copied from the etcd-client crate with the REST-gateway
+//! options removed) is compiled the same way, client only, for `cluster/etcd/`.
+//!
 //! `include_dir!` (in `worker/python.rs`) embeds `python/unimodel`, but on stable Rust it
 //! cannot tell cargo which files it read, so without the rerun line an SDK edit would not
 //! reach the binary until something else forced a rebuild.
 
 const PROTOS: &[&str] = &["grpc_service.proto", "model_config.proto"];
+const ETCD_PROTOS: &[&str] = &["etcd/api/etcdserverpb/rpc.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../python/unimodel");
@@ -25,5 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Decode errors are the client's (INVALID_ARGUMENT), not INTERNAL (`proto/codec.rs`).
         .codec_path("crate::proto::codec::ProtoCodec")
         .compile_fds(descriptors)?;
+    // etcd: our client only, with prost's own codec (the KServe codec above maps decode
+    // errors to INVALID_ARGUMENT for *our* clients; etcd's replies are not client input).
+    let etcd = protox::compile(ETCD_PROTOS, ["../proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(etcd)?;
     Ok(())
 }

@@ -4,3 +4,6 @@
 //! and takes orders over NATS; `unimodel gateway` watches etcd and routes each request to a
 //! node that serves the model. This module wraps the engine and the repository from outside:
 //! nothing below it knows the cluster exists.
+
+pub mod etcd;
+pub mod keys;
