@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Run(args) => Served::Run(args),
         Command::Serve(args) => Served::Serve(args),
         Command::Predict(args) => Served::Predict(args),
+        Command::Gateway(args) => Served::Gateway(args),
     };
     let telemetry = unimodel::telemetry::TelemetryOptions {
         json: cli.log_format == LogFormat::Json,
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
             Served::Run(args) => unimodel::cli::run(args).await,
             Served::Serve(args) => unimodel::cli::serve(args).await,
             Served::Predict(args) => unimodel::cli::predict(args).await,
+            Served::Gateway(args) => unimodel::cli::gateway(args).await,
         }
     });
     // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
@@ -82,4 +84,5 @@ enum Served {
     Run(unimodel::cli::args::RunArgs),
     Serve(unimodel::cli::args::ServeArgs),
     Predict(unimodel::cli::args::PredictArgs),
+    Gateway(unimodel::cli::args::GatewayArgs),
 }

@@ -42,6 +42,46 @@ pub enum Command {
     /// Load-test a KServe V2 server (or any JSON endpoint): closed or open loop, latency
     /// percentiles, errors by kind, --json report, --plot chart.
     Bench(crate::bench::Args),
+    /// One endpoint for a cluster: watch the nodes in etcd and route each KServe V2 request
+    /// (REST and gRPC, streaming included) to a node that has the model ready.
+    Gateway(GatewayArgs),
+}
+
+/// `unimodel gateway` (`docs/cluster.md`, "The gateway").
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// etcd endpoint(s) the nodes register in, e.g. http://127.0.0.1:2379 (a comma list for
+    /// several members).
+    #[arg(long, value_name = "URL")]
+    pub etcd: String,
+    /// Key prefix of the cluster in etcd (the nodes' --etcd-prefix).
+    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    pub etcd_prefix: String,
+    /// Address to listen on. The default serves only this machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// HTTP port (0 picks a free one): KServe V2 REST, health, /metrics.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// gRPC port (0 picks a free one): KServe V2 `inference.GRPCInferenceService`.
+    #[arg(long, default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Longest wait for a node's answer (its response head; a stream may then run on).
+    /// Past it the client gets 504 (gRPC DEADLINE_EXCEEDED) naming the node; the request
+    /// may have run there, so it is not sent again (at most 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = limits::timeout_ms)]
+    pub upstream_timeout_ms: u64,
+    /// Largest gRPC message accepted, and largest /v1 body (read whole to find its
+    /// "model"); REST bodies stream through and the node applies its own limit (at most
+    /// 2^40, 1 TiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20, value_parser = limits::byte_count)]
+    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -563,6 +603,32 @@ mod tests {
             let args = ["unimodel", "run", "p.py"].into_iter().chain(bad);
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn parses_gateway() {
+        let cli = Cli::try_parse_from([
+            "unimodel",
+            "gateway",
+            "--etcd",
+            "http://127.0.0.1:2379",
+            "--grpc-port",
+            "0",
+            "--api-key-file",
+            "k.txt",
+        ])
+        .unwrap();
+        let Command::Gateway(g) = cli.command else {
+            panic!("expected gateway")
+        };
+        assert_eq!(g.etcd_prefix, "/unimodel");
+        assert_eq!((g.port, g.grpc_port), (8000, 0));
+        assert_eq!(g.upstream_timeout_ms, 60_000);
+        assert!(g.auth.api_key_file.is_some());
+        assert!(
+            Cli::try_parse_from(["unimodel", "gateway"]).is_err(),
+            "--etcd is needed"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod args;
 mod auth;
 mod fd_limit;
+mod gateway;
 pub mod limits;
 mod metrics_port;
 mod predict;
@@ -14,6 +15,7 @@ mod serve_config;
 mod server;
 mod serving;
 
+pub use gateway::gateway;
 pub use predict::predict;
 pub use run::run;
 pub use serve::serve;

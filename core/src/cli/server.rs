@@ -252,7 +252,7 @@ pub async fn serve_until_signal<B: Backend>(
 
 /// SIGHUP: read the TLS files again. New handshakes use the new certificate; open
 /// connections keep theirs; a file that fails the checks is logged and the old one kept.
-async fn reload_tls_on_sighup(tls: Arc<ServerTls>) {
+pub(super) async fn reload_tls_on_sighup(tls: Arc<ServerTls>) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {

@@ -6,4 +6,5 @@
 //! nothing below it knows the cluster exists.
 
 pub mod etcd;
+pub mod gateway;
 pub mod keys;

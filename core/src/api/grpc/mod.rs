@@ -17,7 +17,7 @@
 //! - `compression`: gzip/deflate/zstd messages, and when answers are compressed.
 //! - `budget`: request bytes charged to `--max-buffered-bytes`, the budget REST bodies use.
 
-mod auth;
+pub mod auth;
 mod budget;
 mod call;
 mod compression;

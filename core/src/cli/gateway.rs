@@ -1,0 +1,93 @@
+//! `unimodel gateway`: reads the auth and TLS files, binds both ports (so a bad file or a
+//! taken port stops it before anything runs), starts the etcd watch and serves until
+//! SIGTERM/SIGINT, then lets the calls in flight finish.
+
+use super::args::GatewayArgs;
+use crate::api::conn::{Acceptor, ConnTimeouts, ConnectionLimit};
+use crate::cluster::gateway::{self, GatewaySettings, Listeners, feed};
+use crate::telemetry::metrics::Metrics;
+use crate::tls::{ServerTls, ServerTlsFiles};
+use anyhow::Context as _;
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let auth = super::auth::load(&args.auth)?;
+    let tls = load_tls(&args)?.map(Arc::new);
+    let fd_limit = super::fd_limit::raise_nofile();
+    let limit = ConnectionLimit::new(super::fd_limit::max_connections(
+        args.conn.max_connections,
+        fd_limit,
+    ));
+    let c = &args.conn;
+    let timeouts = ConnTimeouts {
+        header_read: Duration::from_millis(c.header_read_timeout_ms),
+        body_read: Duration::from_millis(c.body_read_timeout_ms),
+        idle: Duration::from_millis(c.idle_connection_timeout_ms),
+    };
+    let listener_metrics = Arc::new(Metrics::new());
+    let http = bind(args.host, args.port, "--port").await?;
+    let grpc = bind(args.host, args.grpc_port, "--grpc-port").await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let http_at = http.local_addr().context("reading the listening address")?;
+    let grpc_at = grpc
+        .local_addr()
+        .context("reading the gRPC listening address")?;
+    let listeners = Listeners {
+        http: Acceptor::new(http, limit.clone(), Some(&listener_metrics), "http"),
+        grpc: Acceptor::new(grpc, limit, Some(&listener_metrics), "grpc"),
+        tls: tls.clone(),
+        timeouts,
+    };
+    if let Some(tls) = tls {
+        tokio::spawn(super::server::reload_tls_on_sighup(tls));
+    }
+    let (feed_tx, feed_rx) = feed::channel();
+    feed::watch_etcd(&args.etcd, &args.etcd_prefix, feed_tx)?;
+    tracing::info!(etcd = %args.etcd, prefix = %args.etcd_prefix, "gateway watching the cluster table in etcd");
+    tracing::info!(address = %format!("{grpc_at}"), tls = scheme == "https", "grpc listening");
+    tracing::info!(address = %format!("{scheme}://{http_at}"), "gateway listening");
+    let settings = GatewaySettings {
+        upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
+        max_body_bytes: args.max_body_bytes,
+        auth,
+        listener_metrics,
+    };
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    gateway::run(feed_rx, listeners, settings, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bind(host: IpAddr, port: u16, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port)).await.with_context(|| {
+        format!("cannot listen on {host}:{port} (is another server using the port? pick one with {flag})")
+    })
+}
+
+/// The `--tls-*` files, read and checked; `None` without `--tls-cert-file`.
+fn load_tls(args: &GatewayArgs) -> anyhow::Result<Option<ServerTls>> {
+    let t = &args.tls;
+    let (Some(cert), Some(key)) = (&t.tls_cert_file, &t.tls_key_file) else {
+        return Ok(None);
+    };
+    let tls = ServerTlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: t.tls_client_ca_file.clone(),
+        handshake_timeout: Duration::from_millis(t.tls_handshake_timeout_ms),
+    }
+    .load()?;
+    tracing::info!(cert = %cert.display(), "TLS on for the gateway's HTTP and gRPC ports");
+    Ok(Some(tls))
+}

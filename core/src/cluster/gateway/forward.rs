@@ -1,0 +1,450 @@
+//! Sending one REST request to a node, and again to another when the first could not have
+//! run it.
+//!
+//! Connections: one hyper client over HTTP/1.1 with a keep-alive pool per node (keyed by
+//! the node's address), TCP_NODELAY, a short connect timeout. Bodies stream both ways:
+//! the node's answer (JSON, binary tensors, SSE) goes back to the client frame by frame as
+//! it arrives, headers untouched but for the hop-by-hop ones.
+//!
+//! Retries, and what is never retried:
+//! - no connection (refused, unreachable, connect timeout): nothing was sent; the node goes
+//!   out of rotation at once and the request goes to another node. A streamed request body
+//!   was never read in that case and is taken back (`OutBody::Stream`).
+//! - `503` with `unimodel-not-run: 1`: the node refused before accepting (draining, model
+//!   unavailable); the request goes to another node when its body can be sent again, i.e.
+//!   when it was small enough to be held (`REPLAY_LIMIT`); otherwise the node's answer is
+//!   passed on.
+//! - anything after the request was sent (a reset, a closed connection, no answer within
+//!   `--upstream-timeout-ms`) may have run: 502 (504 for the timeout) naming the node, never
+//!   sent again.
+
+use super::actor::TableHandle;
+use super::error::GatewayError;
+use super::metrics::{GatewayMetrics, RetryReason};
+use super::node::{InFlight, Node};
+use crate::api::hold_body::HoldUntilEnd;
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Request bodies up to this size (by `Content-Length`) are held whole before sending, so
+/// they can be sent again after a not-run refusal. Larger ones stream through and are sent
+/// again only when no connection was made.
+pub const REPLAY_LIMIT: u64 = 256 << 10;
+/// Nodes tried per request, at most.
+pub const MAX_ATTEMPTS: usize = 3;
+/// The header (and gRPC metadata key) a node sets on a refusal made before accepting.
+pub const NOT_RUN: &str = "unimodel-not-run";
+/// How long a connection to a node may take before the node counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Idle pooled connections per node (enough for the gateway's own concurrency; more are
+/// opened when needed and closed when idle).
+const POOL_IDLE_PER_NODE: usize = 1024;
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): they concern one connection, never forwarded.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The body sent to a node.
+pub enum OutBody {
+    /// Held whole (small, or empty): sent again as often as needed.
+    Full(Option<Bytes>),
+    /// The client's body, streamed; `slot` keeps it until the first read, so a request
+    /// that never left (no connection) gives it back.
+    Stream {
+        slot: Arc<Mutex<Option<Body>>>,
+        taken: Option<Body>,
+    },
+}
+
+impl OutBody {
+    fn replayable(&self) -> bool {
+        matches!(self, OutBody::Full(_))
+    }
+
+    /// What is needed to send the same body again: a held body always, a streamed one
+    /// only if it was never read (taken back from its slot after the attempt).
+    fn spare(&self) -> Spare {
+        match self {
+            OutBody::Full(b) => Spare::Full(b.clone()),
+            OutBody::Stream { slot, .. } => Spare::Slot(Arc::clone(slot)),
+        }
+    }
+
+    fn stream(body: Body) -> OutBody {
+        OutBody::Stream {
+            slot: Arc::new(Mutex::new(Some(body))),
+            taken: None,
+        }
+    }
+}
+
+impl http_body::Body for OutBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        match self.get_mut() {
+            OutBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            OutBody::Stream { slot, taken } => {
+                if taken.is_none() {
+                    *taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                match taken {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(
+                        "the request body was already sent to another node",
+                    ))))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(b) => b.is_none(),
+            OutBody::Stream { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            OutBody::Stream { taken, .. } => taken
+                .as_ref()
+                .map_or_else(SizeHint::default, http_body::Body::size_hint),
+        }
+    }
+}
+
+/// The means to send a body again (`OutBody::spare`).
+enum Spare {
+    Full(Option<Bytes>),
+    Slot(Arc<Mutex<Option<Body>>>),
+}
+
+impl Spare {
+    /// The body for the next attempt: `None` when a streamed body was already read, or when
+    /// only a connection failure (`unsent`) may reuse a streamed one.
+    fn body(self, unsent: bool) -> Option<OutBody> {
+        match self {
+            Spare::Full(b) => Some(OutBody::Full(b)),
+            Spare::Slot(slot) if unsent => {
+                let body = slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+                Some(OutBody::stream(body))
+            }
+            Spare::Slot(_) => None,
+        }
+    }
+}
+
+/// The client side of the gateway's REST path.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, OutBody>,
+    /// Longest wait for a node's response head (`--upstream-timeout-ms`).
+    timeout: Duration,
+    pub metrics: Arc<GatewayMetrics>,
+    pub table: TableHandle,
+}
+
+/// A request ready to go to nodes: its head (kept for each attempt) and its body.
+pub struct Outgoing {
+    pub method: http::Method,
+    /// Path and query, as the client sent them.
+    pub path_and_query: http::uri::PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: OutBody,
+}
+
+impl Outgoing {
+    /// Takes the client's request apart; holds the body whole when small (`REPLAY_LIMIT`).
+    pub async fn from_request(req: Request<Body>) -> Result<Outgoing, GatewayError> {
+        let (parts, body) = req.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut headers = parts.headers;
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
+        headers.remove(header::HOST);
+        let small = http_body::Body::is_end_stream(&body)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n <= REPLAY_LIMIT);
+        let body = if small {
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(|e| {
+                    GatewayError::BadRequest(format!("reading the request body failed: {e}"))
+                })?
+                .to_bytes();
+            OutBody::Full((!bytes.is_empty()).then_some(bytes))
+        } else {
+            OutBody::stream(body)
+        };
+        Ok(Outgoing {
+            method: parts.method,
+            path_and_query,
+            headers,
+            body,
+        })
+    }
+
+    /// A request whose body was already read whole (the `/v1` routes read `model` from it).
+    pub fn held(parts: http::request::Parts, body: Bytes) -> Outgoing {
+        let mut headers = parts.headers;
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
+        headers.remove(header::HOST);
+        Outgoing {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            headers,
+            body: OutBody::Full((!body.is_empty()).then_some(body)),
+        }
+    }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// The node answered (anything but a not-run refusal that can be sent elsewhere).
+    Answered(Response<Incoming>, InFlight),
+    /// The node refused before accepting and the body can be sent again.
+    NotRun(Response<Incoming>),
+    /// No connection: nothing was sent.
+    Unsent,
+    Failed(GatewayError),
+}
+
+impl Upstream {
+    pub fn new(table: TableHandle, metrics: Arc<GatewayMetrics>, timeout: Duration) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_IDLE_PER_NODE)
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        Upstream {
+            client,
+            timeout,
+            metrics,
+            table,
+        }
+    }
+
+    /// Sends `out` to the nodes `pick` chooses (it gets the nodes tried so far) until one
+    /// runs it, and streams the answer back. `model` labels the metrics.
+    pub async fn forward(
+        &self,
+        mut out: Outgoing,
+        model: &Arc<String>,
+        traceparent: Option<HeaderValue>,
+        pick: impl Fn(&super::routes::Tried) -> Result<Arc<Node>, GatewayError>,
+    ) -> Result<Response<Body>, GatewayError> {
+        if let Some(tp) = traceparent {
+            out.headers
+                .insert(crate::telemetry::trace_context::TRACEPARENT, tp);
+        }
+        let mut tried = super::routes::Tried::default();
+        let mut refused: Option<Response<Incoming>> = None;
+        let mut body = Some(out.body);
+        while tried.count() < MAX_ATTEMPTS {
+            let node = match pick(&tried) {
+                Ok(node) => node,
+                // Every node that could take it refused: their last answer says why.
+                Err(_) if refused.is_some() => break,
+                Err(e) => return Err(e),
+            };
+            let Some(this_body) = body.take() else {
+                break;
+            };
+            let spare = this_body.spare();
+            let attempt = self
+                .attempt(
+                    &node,
+                    &out.method,
+                    &out.path_and_query,
+                    &out.headers,
+                    this_body,
+                )
+                .await;
+            match attempt {
+                Attempt::Answered(resp, inflight) => {
+                    self.metrics.request(
+                        &node.name,
+                        model,
+                        crate::telemetry::metrics::PROTOCOL_REST,
+                        resp.status().as_u16(),
+                    );
+                    return Ok(pass_back(resp, inflight));
+                }
+                Attempt::NotRun(resp) => {
+                    self.metrics.retry(&node.name, RetryReason::NotRun);
+                    tracing::debug!(node = %node.name, "node {} refused before accepting; trying another", node.name);
+                    refused = Some(resp);
+                    body = spare.body(false);
+                }
+                Attempt::Unsent => {
+                    self.table.node_failed(&node);
+                    self.metrics.retry(&node.name, RetryReason::Connect);
+                    body = spare.body(true);
+                    if body.is_none() {
+                        return Err(GatewayError::NodeFailed {
+                            node: Arc::clone(&node.name),
+                            detail:
+                                "the connection failed and the request body could not be sent again"
+                                    .into(),
+                        });
+                    }
+                }
+                Attempt::Failed(e) => {
+                    let code = e.status().as_u16();
+                    self.metrics.request(
+                        &node.name,
+                        model,
+                        crate::telemetry::metrics::PROTOCOL_REST,
+                        code,
+                    );
+                    return Err(e);
+                }
+            }
+            tried.add(node);
+        }
+        match refused {
+            Some(resp) => Ok(resp.map(Body::new)),
+            None => Err(GatewayError::NoReadyNode {
+                model: model.to_string(),
+                detail: format!(
+                    "{} node(s) tried could not be reached, and the request was sent to none",
+                    tried.count()
+                ),
+            }),
+        }
+    }
+
+    async fn attempt(
+        &self,
+        node: &Arc<Node>,
+        method: &http::Method,
+        path: &http::uri::PathAndQuery,
+        headers: &HeaderMap,
+        body: OutBody,
+    ) -> Attempt {
+        let uri = Uri::builder()
+            .scheme(node.rest.scheme.clone())
+            .authority(node.rest.authority.clone())
+            .path_and_query(path.clone())
+            .build();
+        let uri = match uri {
+            Ok(u) => u,
+            Err(e) => {
+                return Attempt::Failed(GatewayError::BadRequest(format!("bad request path: {e}")));
+            }
+        };
+        let replayable = body.replayable();
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers.clone();
+        let inflight = node.start();
+        let sent = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        match result {
+            Err(_) => Attempt::Failed(GatewayError::NodeTimeout {
+                node: Arc::clone(&node.name),
+                after: self.timeout,
+            }),
+            Ok(Err(e)) if e.is_connect() => Attempt::Unsent,
+            Ok(Err(e)) => Attempt::Failed(GatewayError::NodeFailed {
+                node: Arc::clone(&node.name),
+                detail: error_chain(&e),
+            }),
+            Ok(Ok(resp)) => {
+                self.metrics.upstream(&node.name, sent.elapsed());
+                if replayable && not_run(resp.status(), resp.headers()) {
+                    Attempt::NotRun(resp)
+                } else {
+                    Attempt::Answered(resp, inflight)
+                }
+            }
+        }
+    }
+
+    /// `GET /v2/health/live` on `node`: the probe that puts it back in rotation.
+    pub async fn live(&self, node: &Node) -> bool {
+        let uri = Uri::builder()
+            .scheme(node.rest.scheme.clone())
+            .authority(node.rest.authority.clone())
+            .path_and_query("/v2/health/live")
+            .build();
+        let Ok(uri) = uri else { return false };
+        let req = Request::get(uri).body(OutBody::Full(None));
+        let Ok(req) = req else { return false };
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, self.client.request(req)).await {
+            Ok(Ok(resp)) => resp.status() == StatusCode::OK,
+            _ => false,
+        }
+    }
+}
+
+/// A refusal the node marks as made before accepting the request.
+pub fn not_run(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::SERVICE_UNAVAILABLE
+        && headers.get(NOT_RUN).is_some_and(|v| v.as_bytes() == b"1")
+}
+
+/// The node's answer, streamed back; the request counts as outstanding on the node until
+/// its last byte.
+fn pass_back(resp: Response<Incoming>, inflight: InFlight) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    Response::from_parts(parts, Body::new(HoldUntilEnd::new(body, inflight)))
+}
+
+/// An error and its causes, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

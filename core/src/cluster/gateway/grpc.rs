@@ -1,0 +1,510 @@
+//! The gateway's gRPC front end: `inference.GRPCInferenceService`, each model RPC forwarded
+//! to a node over its tonic channel (one HTTP/2 connection per node, multiplexed), the
+//! server RPCs answered from the table.
+//!
+//! Same rules as REST (`forward.rs`): the node is picked by two choices on outstanding
+//! requests; a call that could not connect (`tonic::ConnectError`) or that the node refused
+//! with `unimodel-not-run: 1` metadata goes to another node; a transport failure after the
+//! call left is UNAVAILABLE naming the node, never sent again; a node's own status passes
+//! through. Metadata passes through (credentials, `grpc-timeout`), with the gateway's
+//! `traceparent`. ModelStreamInfer goes to the node of its first message's model and stays
+//! there; it is sent elsewhere only if its connection failed before anything was read.
+
+use super::actor::TableHandle;
+use super::error::GatewayError;
+use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain};
+use super::metrics::{GatewayMetrics, NONE, RetryReason};
+use super::node::Node;
+use super::routes::{Purpose, Tried};
+use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use crate::proto::grpc_inference_service_server::GrpcInferenceService;
+use crate::proto::*;
+use crate::telemetry::metrics::PROTOCOL_GRPC;
+use crate::telemetry::{TraceParent, trace_context::TRACEPARENT};
+use futures::{Stream, StreamExt as _};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+type RpcResult<T> = Result<Response<T>, Status>;
+type Client = GrpcInferenceServiceClient<Channel>;
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct GatewayGrpc {
+    pub table: TableHandle,
+    pub metrics: Arc<GatewayMetrics>,
+    /// Longest wait for a node's answer head (`--upstream-timeout-ms`).
+    pub timeout: Duration,
+}
+
+/// Headers that describe this hop's encoding, not the call: tonic sets its own.
+const HOP_METADATA: [&str; 2] = ["grpc-encoding", "grpc-accept-encoding"];
+
+/// The call's metadata for the node: the client's, less this hop's encoding headers, with
+/// the gateway's `traceparent`.
+fn outgoing_metadata(mut md: MetadataMap) -> MetadataMap {
+    for h in HOP_METADATA {
+        md.remove(h);
+    }
+    let incoming = md
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let span = tracing::debug_span!("gateway_grpc", trace_id = tracing::field::Empty);
+    let trace = crate::telemetry::request_trace(&span, incoming.as_ref());
+    span.record("trace_id", tracing::field::display(trace));
+    if (incoming.is_some() || crate::telemetry::otlp_active())
+        && let Some(tp) = super::trace::outgoing(&span, trace, true)
+        && let Ok(v) = MetadataValue::try_from(tp.as_bytes())
+    {
+        md.insert(TRACEPARENT, v);
+    }
+    md
+}
+
+/// True when the call never reached the node (no connection was made).
+fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn not_run(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status
+            .metadata()
+            .get(NOT_RUN)
+            .is_some_and(|v| v.as_bytes() == b"1")
+}
+
+/// What a node's failure means for the client: its own status passes through; a transport
+/// failure (the status has a source: tonic made it, not the node) names the node.
+fn from_node(node: &Node, status: Status) -> Status {
+    if std::error::Error::source(&status).is_some() {
+        return GatewayError::NodeFailed {
+            node: Arc::clone(&node.name),
+            detail: error_chain(&status),
+        }
+        .into();
+    }
+    status
+}
+
+impl GatewayGrpc {
+    /// Sends a model call to the nodes the table picks, until one runs it.
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        req: Request<Req>,
+        model: &str,
+        version: &str,
+        purpose: Purpose,
+        call: F,
+    ) -> RpcResult<Resp>
+    where
+        Req: Clone,
+        F: Fn(Client, Request<Req>) -> Fut,
+        Fut: Future<Output = RpcResult<Resp>>,
+    {
+        let (md, _, msg) = req.into_parts();
+        let md = outgoing_metadata(md);
+        let routes = self.table.routes();
+        let route = routes
+            .model(model)
+            .inspect_err(|e| self.gateway_answered(e))?;
+        let version = (!version.is_empty()).then_some(version);
+        let mut tried = Tried::default();
+        let mut refused: Option<Status> = None;
+        while tried.count() < MAX_ATTEMPTS {
+            let node = match route.pick(version, purpose, &tried) {
+                Ok(node) => node,
+                Err(_) if refused.is_some() => break,
+                Err(e) => {
+                    self.gateway_answered(&e);
+                    return Err(e.into());
+                }
+            };
+            let Some(client) = node.grpc.clone() else {
+                tried.add(node);
+                continue;
+            };
+            let _inflight = node.start();
+            let sent = Instant::now();
+            let attempt = Request::from_parts(md.clone(), Default::default(), msg.clone());
+            let result = tokio::time::timeout(self.timeout, call(client, attempt)).await;
+            let result = match result {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = GatewayError::NodeTimeout {
+                        node: Arc::clone(&node.name),
+                        after: self.timeout,
+                    };
+                    self.record(&node, &route.name, e.grpc_code());
+                    return Err(e.into());
+                }
+            };
+            match result {
+                Ok(resp) => {
+                    self.metrics.upstream(&node.name, sent.elapsed());
+                    self.record(&node, &route.name, tonic::Code::Ok);
+                    return Ok(resp);
+                }
+                Err(status) if never_sent(&status) => {
+                    self.table.node_failed(&node);
+                    self.metrics.retry(&node.name, RetryReason::Connect);
+                }
+                Err(status) if not_run(&status) => {
+                    self.metrics.retry(&node.name, RetryReason::NotRun);
+                    refused = Some(status);
+                }
+                Err(status) => {
+                    let status = from_node(&node, status);
+                    self.record(&node, &route.name, status.code());
+                    return Err(status);
+                }
+            }
+            tried.add(node);
+        }
+        Err(refused.unwrap_or_else(|| {
+            GatewayError::NoReadyNode {
+                model: model.to_string(),
+                detail: format!(
+                    "{} node(s) tried could not be reached, and the call was sent to none",
+                    tried.count()
+                ),
+            }
+            .into()
+        }))
+    }
+
+    fn record(&self, node: &Node, model: &Arc<String>, code: tonic::Code) {
+        self.metrics
+            .request(&node.name, model, PROTOCOL_GRPC, code as u16);
+    }
+
+    fn gateway_answered(&self, e: &GatewayError) {
+        self.metrics
+            .request(&NONE, &NONE, PROTOCOL_GRPC, e.grpc_code() as u16);
+    }
+}
+
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+/// A stream's messages waiting for the node: taken on the first read, so a call that never
+/// connected can give them back and go to another node.
+type Pending = Arc<Mutex<Option<(ModelInferRequest, Streaming<ModelInferRequest>)>>>;
+
+/// The outgoing request stream over `pending`: the first message, then the client's.
+fn request_stream(pending: Pending) -> impl Stream<Item = ModelInferRequest> + Send + 'static {
+    futures::stream::once(async move { pending.lock().unwrap_or_else(|e| e.into_inner()).take() })
+        .flat_map(|taken| match taken {
+            Some((first, rest)) => futures::stream::once(async move { first })
+                // A broken client stream ends the call's input; the node finishes its part.
+                .chain(
+                    rest.take_while(|m| std::future::ready(m.is_ok()))
+                        .filter_map(|m| std::future::ready(m.ok())),
+                )
+                .boxed(),
+            None => futures::stream::empty().boxed(),
+        })
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GatewayGrpc {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> RpcResult<ServerLiveResponse> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> RpcResult<ServerReadyResponse> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.table.routes().in_rotation() > 0,
+        }))
+    }
+
+    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> RpcResult<ModelReadyResponse> {
+        let (name, version) = (req.get_ref().name.clone(), req.get_ref().version.clone());
+        // Triton answers ready false, not an error, for a model it does not know.
+        if self.table.routes().model(&name).is_err() {
+            return Ok(Response::new(ModelReadyResponse { ready: false }));
+        }
+        self.forward(req, &name, &version, Purpose::Read, |mut c, r| async move {
+            c.model_ready(r).await
+        })
+        .await
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> RpcResult<ServerMetadataResponse> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "unimodel".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: ["model_configuration", "binary_tensor_data", "statistics"]
+                .map(String::from)
+                .to_vec(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> RpcResult<ModelMetadataResponse> {
+        let (name, version) = (req.get_ref().name.clone(), req.get_ref().version.clone());
+        self.forward(req, &name, &version, Purpose::Read, |mut c, r| async move {
+            c.model_metadata(r).await
+        })
+        .await
+    }
+
+    async fn model_infer(&self, req: Request<ModelInferRequest>) -> RpcResult<ModelInferResponse> {
+        let (name, version) = (
+            req.get_ref().model_name.clone(),
+            req.get_ref().model_version.clone(),
+        );
+        self.forward(
+            req,
+            &name,
+            &version,
+            Purpose::Infer,
+            |mut c, r| async move { c.model_infer(r).await },
+        )
+        .await
+    }
+
+    type ModelStreamInferStream = ResponseStream;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> RpcResult<ResponseStream> {
+        let (md, _, mut incoming) = req.into_parts();
+        let md = outgoing_metadata(md);
+        let Some(first) = incoming.message().await? else {
+            return Ok(Response::new(futures::stream::empty().boxed()));
+        };
+        let routes = self.table.routes();
+        let route = routes
+            .model(&first.model_name)
+            .inspect_err(|e| self.gateway_answered(e))?;
+        let version = (!first.model_version.is_empty()).then(|| first.model_version.clone());
+        let pending: Pending = Arc::new(Mutex::new(Some((first, incoming))));
+        let mut tried = Tried::default();
+        while tried.count() < MAX_ATTEMPTS {
+            let node = route
+                .pick(version.as_deref(), Purpose::Infer, &tried)
+                .inspect_err(|e| self.gateway_answered(e))?;
+            let Some(mut client) = node.grpc.clone() else {
+                tried.add(node);
+                continue;
+            };
+            let inflight = node.start();
+            let attempt = Request::from_parts(
+                md.clone(),
+                Default::default(),
+                request_stream(Arc::clone(&pending)),
+            );
+            match client.model_stream_infer(attempt).await {
+                Ok(resp) => {
+                    self.record(&node, &route.name, tonic::Code::Ok);
+                    let (md, answers, ext) = resp.into_parts();
+                    // Outstanding on the node until the stream ends.
+                    let answers = answers.map(move |m| {
+                        let _held = &inflight;
+                        m
+                    });
+                    return Ok(Response::from_parts(md, answers.boxed(), ext));
+                }
+                Err(status)
+                    if never_sent(&status)
+                        && pending.lock().unwrap_or_else(|e| e.into_inner()).is_some() =>
+                {
+                    self.table.node_failed(&node);
+                    self.metrics.retry(&node.name, RetryReason::Connect);
+                }
+                Err(status) => {
+                    let status = from_node(&node, status);
+                    self.record(&node, &route.name, status.code());
+                    return Err(status);
+                }
+            }
+            tried.add(node);
+        }
+        Err(GatewayError::NoReadyNode {
+            model: route.name.to_string(),
+            detail: format!("{} node(s) tried could not be reached", tried.count()),
+        }
+        .into())
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> RpcResult<ModelConfigResponse> {
+        let (name, version) = (req.get_ref().name.clone(), req.get_ref().version.clone());
+        self.forward(req, &name, &version, Purpose::Read, |mut c, r| async move {
+            c.model_config(r).await
+        })
+        .await
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<ModelStatisticsRequest>,
+    ) -> RpcResult<ModelStatisticsResponse> {
+        let (name, version) = (req.get_ref().name.clone(), req.get_ref().version.clone());
+        if name.is_empty() {
+            return Err(GatewayError::NotThroughGateway(
+                "statistics of every model are kept per node: name a model (one node's statistics), or ask each node".into(),
+            )
+            .into());
+        }
+        self.forward(req, &name, &version, Purpose::Read, |mut c, r| async move {
+            c.model_statistics(r).await
+        })
+        .await
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> RpcResult<RepositoryIndexResponse> {
+        let ready_only = req.get_ref().ready;
+        let routes = self.table.routes();
+        let models = routes
+            .index
+            .iter()
+            .filter(|e| !ready_only || e.state == super::table::READY)
+            .map(|e| repository_index_response::ModelIndex {
+                name: e.name.clone(),
+                version: e.version.clone(),
+                state: e.state.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<RepositoryModelLoadRequest>,
+    ) -> RpcResult<RepositoryModelLoadResponse> {
+        Err(not_through(
+            "load models with `unimodel ctl load MODEL --nodes ...` (NATS), or on a node directly",
+        ))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<RepositoryModelUnloadRequest>,
+    ) -> RpcResult<RepositoryModelUnloadResponse> {
+        Err(not_through(
+            "unload models with `unimodel ctl unload MODEL --nodes ...` (NATS), or on a node directly",
+        ))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> RpcResult<SystemSharedMemoryStatusResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> RpcResult<SystemSharedMemoryRegisterResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> RpcResult<SystemSharedMemoryUnregisterResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> RpcResult<CudaSharedMemoryStatusResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> RpcResult<CudaSharedMemoryRegisterResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> RpcResult<CudaSharedMemoryUnregisterResponse> {
+        Err(not_through(SHM))
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> RpcResult<TraceSettingResponse> {
+        Err(not_through(
+            "trace settings are per node: ask a node directly",
+        ))
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> RpcResult<LogSettingsResponse> {
+        Err(not_through(
+            "log settings are per node: ask a node directly",
+        ))
+    }
+}
+
+const SHM: &str = "shared memory is local to one machine: register regions with the node that will read them, not through the gateway";
+
+fn not_through(what: &str) -> Status {
+    GatewayError::NotThroughGateway(format!("not through the gateway: {what}")).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_never_sent() {
+        // A port nothing listens on: bind, read the port, close.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let mut client = GrpcInferenceServiceClient::new(channel);
+        let status = client.server_live(ServerLiveRequest {}).await.unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        assert!(!never_sent(&Status::unavailable("draining")));
+        let mut refused = Status::unavailable("draining");
+        refused
+            .metadata_mut()
+            .insert(NOT_RUN, MetadataValue::from_static("1"));
+        assert!(not_run(&refused));
+    }
+}

@@ -1,0 +1,314 @@
+//! The gateway's REST front end: KServe V2 routes over axum, with the serve stack's auth
+//! and observe middleware. Model routes (`/v2/models/{m}[/versions/{v}]/...`: infer,
+//! generate, generate_stream, metadata, ready, config, stats) are forwarded to a node
+//! (`forward.rs`); health, server metadata, the repository index and `/v1/models` are
+//! answered from the table; `/metrics` from the gateway's registries.
+//!
+//! `/v1/*` POSTs (the OpenAI routes, issue 11) are routed by the JSON body's `model` field:
+//! the body is read whole (up to `--max-body-bytes`), then forwarded like any other.
+
+use super::error::GatewayError;
+use super::forward::{Outgoing, Upstream};
+use super::metrics::{GatewayMetrics, NONE};
+use super::routes::{Purpose, Routes};
+use crate::api::observe::RequestTrace;
+use crate::telemetry::metrics::{CONTENT_TYPE, Metrics, PROTOCOL_REST};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Largest body of the repository index request (a flag or two).
+const INDEX_BODY_BYTES: usize = 64 << 10;
+
+/// What every handler shares.
+pub struct Gateway {
+    pub upstream: Upstream,
+    /// The listeners' connection, TLS and auth metrics (the families `serve` has).
+    pub listener_metrics: Arc<Metrics>,
+    pub metrics: Arc<GatewayMetrics>,
+    /// `--max-body-bytes`: the most a `/v1` body may be (it is read to find `model`).
+    pub max_body_bytes: usize,
+}
+
+/// The router; `auth` adds the serve stack's auth middleware.
+pub fn router(gw: Arc<Gateway>, auth: Option<Arc<crate::auth::Auth>>) -> Router {
+    let gate =
+        auth.map(|a| crate::api::auth::AuthGate::new(a, Some(Arc::clone(&gw.listener_metrics))));
+    let routes = Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/health/ready", get(ready))
+        .route("/v2/repository/index", post(repository_index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(repository_change),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(repository_change),
+        )
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v1/models", get(openai_models))
+        .route("/metrics", get(scrape))
+        .fallback(forward);
+    let routes = match gate {
+        Some(gate) => routes.layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::api::auth::check,
+        )),
+        None => routes,
+    };
+    routes
+        .layer(axum::middleware::from_fn(crate::api::observe::observe))
+        .with_state(gw)
+}
+
+/// `GET /v2`: the gateway's own metadata (the extensions every node has that pass through).
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": "unimodel",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["model_configuration", "binary_tensor_data", "statistics"],
+    }))
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+/// Ready while at least one node is SERVING and in rotation.
+async fn ready(State(gw): State<Arc<Gateway>>) -> Result<StatusCode, GatewayError> {
+    if gw.upstream.table.routes().in_rotation() > 0 {
+        Ok(StatusCode::OK)
+    } else {
+        Err(GatewayError::NoNode)
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct IndexBody {
+    #[serde(default)]
+    ready: bool,
+}
+
+/// `POST /v2/repository/index`: every model version any node lists, with the best state any
+/// node reports for it (READY when one SERVING node has it ready).
+async fn repository_index(
+    State(gw): State<Arc<Gateway>>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let bytes = axum::body::to_bytes(body, INDEX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "reading the repository index body failed (at most {INDEX_BODY_BYTES} bytes): {e}"
+            ))
+        })?;
+    let body: IndexBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        IndexBody::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "repository index body is not JSON like {{\"ready\": true}}: {e}"
+            ))
+        })?
+    };
+    let routes = gw.upstream.table.routes();
+    let rows: Vec<_> = routes
+        .index
+        .iter()
+        .filter(|e| !body.ready || e.state == super::table::READY)
+        .collect();
+    Ok(Json(rows).into_response())
+}
+
+async fn repository_change() -> GatewayError {
+    GatewayError::NotThroughGateway(
+        "the gateway does not load or unload models: use `unimodel ctl load|unload MODEL --nodes ...` (NATS), or a node's own /v2/repository routes".into(),
+    )
+}
+
+async fn all_stats() -> GatewayError {
+    GatewayError::NotThroughGateway(
+        "statistics of every model are kept per node: ask GET /v2/models/{model}/stats through the gateway (one node's), or each node directly".into(),
+    )
+}
+
+/// `GET /v1/models`: every model in the table, OpenAI's list shape.
+async fn openai_models(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value> {
+    let routes = gw.upstream.table.routes();
+    let data: Vec<_> = routes
+        .model_names()
+        .into_iter()
+        .map(|m| serde_json::json!({"id": m, "object": "model", "owned_by": "unimodel"}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+async fn scrape(State(gw): State<Arc<Gateway>>) -> Response {
+    let mut text = gw.listener_metrics.encode();
+    text.push_str(&gw.metrics.encode());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+/// Which model a path names.
+#[derive(Debug, PartialEq, Eq)]
+struct ModelPath<'a> {
+    model: &'a str,
+    version: Option<&'a str>,
+    purpose: Purpose,
+}
+
+/// `/v2/models/{m}[/versions/{v}][/action]`; `None` for any other path or action.
+fn model_path(path: &str) -> Option<ModelPath<'_>> {
+    let rest = path.strip_prefix("/v2/models/")?;
+    let mut segs = rest.split('/');
+    let model = segs.next().filter(|m| !m.is_empty())?;
+    let mut next = segs.next();
+    let mut version = None;
+    if next == Some("versions") {
+        version = Some(segs.next().filter(|v| !v.is_empty())?);
+        next = segs.next();
+    }
+    let purpose = match next {
+        None | Some("ready" | "config" | "stats") => Purpose::Read,
+        Some("infer" | "generate" | "generate_stream") => Purpose::Infer,
+        Some(_) => return None,
+    };
+    if segs.next().is_some() {
+        return None;
+    }
+    Some(ModelPath {
+        model,
+        version,
+        purpose,
+    })
+}
+
+/// Every route not answered above: model routes and `/v1` POSTs go to a node.
+async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let trace = req.extensions().get::<RequestTrace>().copied();
+    let traceparent = trace
+        .filter(|t| t.propagate)
+        .and_then(|t| super::trace::outgoing(&tracing::Span::current(), t.trace, true));
+    let routes = gw.upstream.table.routes();
+    let path = req.uri().path().to_string();
+    let result = if let Some(target) = model_path(&path) {
+        to_model(&gw, &routes, &target, req, traceparent).await
+    } else if path.starts_with("/v1/") && req.method() == Method::POST {
+        to_openai(&gw, &routes, req, traceparent).await
+    } else {
+        Err(GatewayError::NoRoute {
+            method: req.method().to_string(),
+            path: path.clone(),
+        })
+    };
+    result.unwrap_or_else(|e| {
+        gw.metrics
+            .request(&NONE, &NONE, PROTOCOL_REST, e.status().as_u16());
+        e.into_response()
+    })
+}
+
+async fn to_model(
+    gw: &Gateway,
+    routes: &Routes,
+    target: &ModelPath<'_>,
+    req: Request,
+    traceparent: Option<http::HeaderValue>,
+) -> Result<Response, GatewayError> {
+    let route = routes.model(target.model)?;
+    // Checked before the body is read: an unroutable request costs no upload.
+    route.pick(target.version, target.purpose, &Default::default())?;
+    let out = Outgoing::from_request(req).await?;
+    gw.upstream
+        .forward(out, &route.name, traceparent, |tried| {
+            route.pick(target.version, target.purpose, tried)
+        })
+        .await
+}
+
+#[derive(Deserialize)]
+struct Named {
+    model: String,
+}
+
+async fn to_openai(
+    gw: &Gateway,
+    routes: &Routes,
+    req: Request,
+    traceparent: Option<http::HeaderValue>,
+) -> Result<Response, GatewayError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, gw.max_body_bytes).await.map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "reading the request body failed (the gateway reads /v1 bodies whole, at most --max-body-bytes {}): {e}",
+            gw.max_body_bytes
+        ))
+    })?;
+    let named: Named = serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "the gateway routes /v1 requests by the JSON body's \"model\" field: {e}"
+        ))
+    })?;
+    let route = routes.model(&named.model)?;
+    let out = Outgoing::held(parts, bytes);
+    gw.upstream
+        .forward(out, &route.name, traceparent, |tried| {
+            route.pick(None, Purpose::Infer, tried)
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_paths_name_model_version_and_purpose() {
+        assert_eq!(
+            model_path("/v2/models/m/infer"),
+            Some(ModelPath {
+                model: "m",
+                version: None,
+                purpose: Purpose::Infer
+            })
+        );
+        assert_eq!(
+            model_path("/v2/models/m/versions/2/generate_stream"),
+            Some(ModelPath {
+                model: "m",
+                version: Some("2"),
+                purpose: Purpose::Infer
+            })
+        );
+        assert_eq!(
+            model_path("/v2/models/m").map(|p| p.purpose),
+            Some(Purpose::Read)
+        );
+        assert_eq!(
+            model_path("/v2/models/m/versions/1").map(|p| p.version),
+            Some(Some("1"))
+        );
+        assert_eq!(
+            model_path("/v2/models/m/ready").map(|p| p.purpose),
+            Some(Purpose::Read)
+        );
+        for bad in [
+            "/v2/models/",
+            "/v2/models/m/trace/setting",
+            "/v2/models/m/infer/x",
+            "/v2/models/m/versions/",
+            "/v2/x",
+        ] {
+            assert_eq!(model_path(bad), None, "{bad}");
+        }
+    }
+}

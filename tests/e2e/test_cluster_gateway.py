@@ -1,0 +1,303 @@
+"""`unimodel gateway` in front of real nodes found in a real etcd.
+
+Three `unimodel serve` nodes over one model repository (arith: tensors, JSON and binary;
+tokens: a generator), and a gateway watching etcd. Checked through the gateway: every model
+over REST (JSON, Triton's binary extension, generate_stream over SSE) and gRPC (tritonclient
+infer and stream_infer); load spreads over the nodes (each node's own request count);
+unknown models are 404 naming them, models no node has ready 503 naming them; a node that
+cannot be reached is taken out of rotation and its requests go to the others (none fails);
+the trace id reaches the node; auth flags on the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+from cluster_fleet import Fleet, etcd_delete, gateway_gauge
+from cluster_services import EtcdServer
+from umclient import (
+    Inp,
+    ServerFactory,
+    decode,
+    error_of,
+    free_port,
+    infer_binary,
+    infer_json,
+    json_request,
+    plugin,
+    wait_until,
+)
+
+NODES = 3
+INFER_KEY = "infer-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+WAIT_S = 60.0
+ARITH_IN = [Inp("vals", "FP32", [[1.0, 2.0, 3.0]]), Inp("mult", "INT32", [[2]])]
+
+
+def build_repository(root: Path) -> Path:
+    repo = root / "models"
+    (repo / "arith").mkdir(parents=True)
+    shutil.copy(plugin("arith.py"), repo / "arith" / "plugin.py")
+    (repo / "tokens").mkdir()
+    shutil.copy(plugin("tokens.py"), repo / "tokens" / "plugin.py")
+    (repo / "tokens" / "config.toml").write_text('class = "Tokens"\n')
+    return repo
+
+
+@pytest.fixture(scope="module")
+def module_etcd(tmp_path_factory):
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    f = ServerFactory(tmp_path_factory.mktemp("servers"))
+    yield f
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("repo"))
+
+
+def register_all(fleet: Fleet, models=("arith", "tokens")) -> None:
+    for i in range(fleet.count):
+        fleet.register_node(i)
+        for model in models:
+            fleet.register_model(i, model)
+
+
+@pytest.fixture(scope="module")
+def fleet(module_etcd, factory, repository) -> Fleet:
+    fleet = Fleet(
+        module_etcd, factory, repository, nodes=NODES, register=False, node_flags=("--access-log",)
+    )
+    for i in range(NODES):
+        fleet.start_node(i)
+    register_all(fleet)
+    fleet.start_gateway()
+    fleet.wait_gateway_nodes(NODES)
+    return fleet
+
+
+def arith_ok(resp: requests.Response) -> None:
+    assert resp.status_code == 200, error_of(resp)
+    out = decode(resp).outputs
+    np.testing.assert_allclose(out["total"].ravel(), [6.0])
+    np.testing.assert_allclose(out["scaled"].ravel(), [2.0, 4.0, 6.0])
+
+
+def node_successes(fleet: Fleet, i: int, model: str) -> float:
+    """The node's own count of successful requests for `model` (its /metrics)."""
+    text = fleet.node(i).get("/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("unimodel_requests_total{")
+            and f'model="{model}"' in line
+            and 'outcome="success"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_every_model_is_reachable_over_rest_json_binary_and_sse(fleet):
+    gw = fleet.gateway
+    arith_ok(infer_json(gw, "arith", ARITH_IN))
+    arith_ok(infer_binary(gw, "arith", ARITH_IN))
+    arith_ok(infer_json(gw, "arith", ARITH_IN, version="1"))
+    meta = gw.get("/v2/models/arith")
+    assert meta.status_code == 200 and meta.json()["name"] == "arith", meta.text
+    assert gw.get("/v2/models/arith/ready").status_code == 200
+    assert gw.get("/v2/models/arith/config").status_code == 200
+    assert gw.get("/v2/models/tokens/stats").status_code == 200
+    with requests.post(
+        f"{fleet.gateway_url}/v2/models/tokens/generate_stream",
+        json={"prompt": "hi", "count": 3, "delay_ms": 0},
+        stream=True,
+        timeout=(5, WAIT_S),
+    ) as resp:
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        chunks = [
+            json.loads(line[len("data:") :])
+            for line in resp.iter_lines(decode_unicode=True)
+            if line and line.startswith("data:")
+        ]
+    assert [c["token"] for c in chunks] == ["hi-0", "hi-1", "hi-2"], chunks
+    # Server routes answered by the gateway itself.
+    assert gw.get("/v2/health/live").status_code == 200
+    assert gw.get("/v2/health/ready").status_code == 200
+    assert gw.get("/v2").json()["name"] == "unimodel"
+    index = {(r["name"], r["state"]) for r in gw.post("/v2/repository/index", json={}).json()}
+    assert {("arith", "READY"), ("tokens", "READY")} <= index, index
+    models = {m["id"] for m in gw.get("/v1/models").json()["data"]}
+    assert {"arith", "tokens"} <= models
+
+
+def test_grpc_infer_and_stream_infer_with_tritonclient(fleet):
+    client = grpcclient.InferenceServerClient(fleet.gateway_grpc_url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("arith")
+    assert not client.is_model_ready("nope")
+    assert client.get_model_metadata("arith").name == "arith"
+    inputs = []
+    for name, datatype, arr in (
+        ("vals", "FP32", np.array([[1.0, 2.0, 3.0]], np.float32)),
+        ("mult", "INT32", np.array([[2]], np.int32)),
+    ):
+        inp = grpcclient.InferInput(name, list(arr.shape), datatype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    result = client.infer("arith", inputs)
+    np.testing.assert_allclose(result.as_numpy("scaled").ravel(), [2.0, 4.0, 6.0])
+    index = {m.name for m in client.get_model_repository_index().models}
+    assert {"arith", "tokens"} <= index
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    tok = []
+    for name, datatype, arr in (
+        ("prompt", "BYTES", np.array([b"s"], dtype=np.object_)),
+        ("count", "INT32", np.array([3], np.int32)),
+        ("delay_ms", "FP32", np.array([0.0], np.float32)),
+    ):
+        inp = grpcclient.InferInput(name, [1], datatype)
+        inp.set_data_from_numpy(arr)
+        tok.append(inp)
+    client.async_stream_infer("tokens", tok, request_id="r1")
+    got = []
+    for _ in range(3):
+        result, error = answers.get(timeout=WAIT_S)
+        assert error is None, error
+        got.append(result.as_numpy("token")[0])
+    client.stop_stream()
+    client.close()
+    assert got == [b"s-0", b"s-1", b"s-2"]
+
+
+def test_load_spreads_over_the_nodes(fleet):
+    before = [node_successes(fleet, i, "arith") for i in range(NODES)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: infer_json(fleet.gateway, "arith", ARITH_IN), range(90)))
+    for resp in answers:
+        arith_ok(resp)
+    served = [node_successes(fleet, i, "arith") - before[i] for i in range(NODES)]
+    assert sum(served) == 90, served
+    assert all(n > 0 for n in served), f"every node served some: {served}"
+
+
+def test_unknown_model_404_and_no_ready_node_503_name_the_model(fleet):
+    gw = fleet.gateway
+    unknown = infer_json(gw, "nope", ARITH_IN)
+    assert unknown.status_code == 404 and "'nope'" in error_of(unknown)
+    assert gw.get("/v2/models/nope").status_code == 404
+    version = infer_json(gw, "arith", ARITH_IN, version="9")
+    assert version.status_code == 404 and "'9'" in error_of(version)
+    # A model a node lists as LOADING only: 503 naming it and what the node reports.
+    fleet.register_model(0, "ghost", state="LOADING")
+    try:
+        wait_until(
+            lambda: gw.post("/v2/models/ghost/infer", json={}).status_code == 503,
+            WAIT_S,
+            "ghost known to the gateway",
+        )
+        refused = gw.post("/v2/models/ghost/infer", json={})
+        assert "'ghost'" in error_of(refused) and "node-0: LOADING" in error_of(refused)
+        client = grpcclient.InferenceServerClient(fleet.gateway_grpc_url)
+        with pytest.raises(Exception, match="nope"):
+            client.get_model_metadata("nope")
+    finally:
+        etcd_delete(fleet.etcd, f"{fleet.prefix}/models/ghost/node-0")
+
+
+def test_an_unreachable_node_leaves_rotation_and_its_requests_go_elsewhere(fleet):
+    """A node registered at a port nothing listens on: every request that picks it fails to
+    connect, is sent to another node, and the node is out of rotation at the first failure."""
+    dead_port = free_port()
+    name = "node-dead"
+    from cluster_fleet import etcd_put
+
+    etcd_put(
+        fleet.etcd,
+        f"{fleet.prefix}/nodes/{name}",
+        {
+            "node": name,
+            "rest_url": f"http://127.0.0.1:{dead_port}",
+            "grpc_url": f"http://127.0.0.1:{dead_port}",
+            "state": "SERVING",
+        },
+    )
+    etcd_put(
+        fleet.etcd,
+        f"{fleet.prefix}/models/arith/{name}",
+        {"model": "arith", "node": name, "versions": ["1"], "state": "READY"},
+    )
+    try:
+        fleet.wait_gateway_nodes(NODES + 1, state="all")
+        answers = [infer_json(fleet.gateway, "arith", ARITH_IN) for _ in range(30)]
+        for resp in answers:
+            arith_ok(resp)
+        fleet.wait_gateway_nodes(NODES, state="in_rotation")
+        text = fleet.gateway.get("/metrics").text
+        assert re.search(
+            rf'unimodel_gateway_retries_total{{node="{name}",reason="connect"}} [1-9]', text
+        ), text
+    finally:
+        etcd_delete(fleet.etcd, f"{fleet.prefix}/nodes/{name}")
+        etcd_delete(fleet.etcd, f"{fleet.prefix}/models/arith/{name}")
+    fleet.wait_gateway_nodes(NODES, state="all")
+
+
+def test_the_trace_id_reaches_the_node(fleet):
+    """The caller's trace id goes on to the node (its access log line carries it)."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+    body = json_request(ARITH_IN)
+    r = requests.post(
+        f"{fleet.gateway_url}/v2/models/arith/infer", json=body, headers=headers, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    wait_until(
+        lambda: any(trace in fleet.node(i).log_text() for i in range(NODES)),
+        WAIT_S,
+        "the trace id in a node's access log",
+    )
+
+
+def test_auth_flags_on_the_gateway(fleet, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{INFER_KEY} infer\n{ADMIN_KEY} admin\n")
+    gw = fleet.start_gateway("--api-key-file", str(keys), primary=False)
+    wait_until(
+        lambda: gateway_gauge(gw, "in_rotation") == NODES, WAIT_S, "the second gateway's table"
+    )
+    assert gw.get("/v2/health/ready").status_code == 200, "health stays open"
+    denied = infer_json(gw, "arith", ARITH_IN)
+    assert denied.status_code == 401, denied.text
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {INFER_KEY}"
+    arith_ok(infer_json(session, "arith", ARITH_IN, base_url=gw.base_url))
+    forbidden = session.post(f"{gw.base_url}/v2/repository/index", json={}, timeout=30)
+    assert forbidden.status_code == 403, forbidden.text
+    client = grpcclient.InferenceServerClient(gw.grpc_url)
+    with pytest.raises(Exception, match="(?i)unauthenticated|credential"):
+        client.get_model_metadata("arith")
+    assert (
+        client.get_model_metadata("arith", headers={"authorization": f"Bearer {INFER_KEY}"}).name
+        == "arith"
+    )
