@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => Served::Serve(args),
         Command::Predict(args) => Served::Predict(args),
         Command::Gateway(args) => Served::Gateway(args),
+        Command::Ctl(args) => Served::Ctl(args),
     };
     let telemetry = unimodel::telemetry::TelemetryOptions {
         json: cli.log_format == LogFormat::Json,
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
             Served::Serve(args) => unimodel::cli::serve(args).await,
             Served::Predict(args) => unimodel::cli::predict(args).await,
             Served::Gateway(args) => unimodel::cli::gateway(args).await,
+            Served::Ctl(args) => unimodel::cli::ctl(args).await,
         }
     });
     // Worker processes die with us (PDEATHSIG); don't wait for blocked reader threads.
@@ -85,4 +87,5 @@ enum Served {
     Serve(unimodel::cli::args::ServeArgs),
     Predict(unimodel::cli::args::PredictArgs),
     Gateway(unimodel::cli::args::GatewayArgs),
+    Ctl(unimodel::cli::args::CtlArgs),
 }

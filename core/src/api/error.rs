@@ -6,6 +6,10 @@
 //! class its HTTP status and its gRPC code, so the two protocols cannot drift apart. Every
 //! REST error body is `{"error": "<message>"}`, Triton's shape, which its clients print
 //! as-is; gRPC carries the same message (`grpc/status.rs`).
+//!
+//! A refusal made before the engine accepted the request (`EngineError::never_ran`: an
+//! operator's drain, a model not ready) carries `unimodel-not-run: 1`, as a REST header and
+//! as gRPC metadata, so a gateway knows it may send the request to another node.
 
 use crate::auth::DenialKind;
 use crate::echo::{Echo, bound_message};
@@ -17,6 +21,9 @@ use axum::extract::rejection::{BytesRejection, FailedToBufferBody, PathRejection
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tonic::Code;
+
+/// The header (REST) and metadata key (gRPC) marking an answer to a request that never ran.
+pub const NOT_RUN_HEADER: &str = "unimodel-not-run";
 
 /// Why the HTTP front end could not answer a request successfully.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +181,11 @@ impl ApiError {
         bound_message(self.to_string())
     }
 
+    /// Refused before the engine accepted it: it never ran (`NOT_RUN_HEADER`).
+    pub fn never_ran(&self) -> bool {
+        matches!(self, ApiError::Engine(e) if e.never_ran())
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         self.class().status()
@@ -224,6 +236,7 @@ fn engine_class(e: &EngineError) -> ErrorClass {
             ErrorClass::TooManyRequests
         }
         EngineError::NotReady { .. }
+        | EngineError::Draining { .. }
         | EngineError::WorkerFailed { .. }
         | EngineError::ShuttingDown => ErrorClass::Unavailable,
         EngineError::Plugin { .. } | EngineError::BadOutput { .. } | EngineError::Internal(_) => {
@@ -288,6 +301,11 @@ impl IntoResponse for ApiError {
             }
         }
         let mut response = (status, axum::Json(ErrorBody { error: &message })).into_response();
+        if self.never_ran() {
+            response
+                .headers_mut()
+                .insert(NOT_RUN_HEADER, HeaderValue::from_static("1"));
+        }
         if let ApiError::Engine(EngineError::QueueFull { .. } | EngineError::Overloaded { .. }) =
             self
         {
@@ -602,5 +620,34 @@ mod tests {
                 serde_json::json!({ "error": message })
             );
         }
+    }
+
+    #[test]
+    fn refusals_before_acceptance_and_only_they_are_marked_not_run() {
+        let m = || "m".to_string();
+        let marked = |e: EngineError| {
+            ApiError::Engine(e)
+                .into_response()
+                .headers()
+                .get(NOT_RUN_HEADER)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let draining = EngineError::Draining {
+            model: m(),
+            node: true,
+        };
+        assert_eq!(marked(draining), Some("1".into()));
+        let not_ready = EngineError::NotReady {
+            model: m(),
+            state: "LOADING".into(),
+        };
+        assert_eq!(marked(not_ready), Some("1".into()));
+        // These may have reached a worker: a gateway must not run them again.
+        assert_eq!(marked(EngineError::ShuttingDown), None);
+        let crashed = EngineError::WorkerFailed {
+            model: m(),
+            reason: "SIGKILL".into(),
+        };
+        assert_eq!(marked(crashed), None);
     }
 }

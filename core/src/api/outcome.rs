@@ -44,7 +44,9 @@ fn engine_outcome(e: &EngineError) -> &'static str {
         | EngineError::ClientMemory(_) => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::Overloaded { .. } => "overloaded",
-        EngineError::NotReady { .. } | EngineError::ShuttingDown => "unavailable",
+        EngineError::NotReady { .. } | EngineError::Draining { .. } | EngineError::ShuttingDown => {
+            "unavailable"
+        }
         EngineError::WorkerFailed { .. } => "worker_error",
         // Both are the plugin's fault: it raised, or returned outputs that do not fit.
         EngineError::Plugin { .. } | EngineError::BadOutput { .. } => "plugin_error",

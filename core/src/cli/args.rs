@@ -42,6 +42,9 @@ pub enum Command {
     /// Load-test a KServe V2 server (or any JSON endpoint): closed or open loop, latency
     /// percentiles, errors by kind, --json report, --plot chart.
     Bench(crate::bench::Args),
+    /// Control cluster nodes over NATS: load, unload, drain and resume models on the nodes
+    /// named (docs/cluster.md, "Control over NATS").
+    Ctl(CtlArgs),
     /// One endpoint for a cluster: watch the nodes in etcd and route each KServe V2 request
     /// (REST and gRPC, streaming included) to a node that has the model ready.
     Gateway(GatewayArgs),
@@ -354,6 +357,87 @@ pub struct ServeArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode of `serve` (docs/cluster.md); also `[cluster]` in the --config file.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// This node's name in the cluster, unique per cluster (NATS subjects, etcd keys).
+    /// Default: the short host name and the HTTP port, `{hostname}-{port}`.
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The cluster's key prefix in etcd; its NATS subjects start with the same words
+    /// (`/unimodel` gives `unimodel.ctl.{node}`).
+    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    pub etcd_prefix: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// Where NATS is and the credentials to talk to it (`serve` and `ctl`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct NatsArgs {
+    /// Take control requests (load, unload, drain, resume) and publish events over NATS:
+    /// nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.
+    #[arg(long, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+/// `unimodel ctl`: orders to nodes over NATS, or the cluster's state from etcd.
+#[derive(Args, Debug, Clone)]
+pub struct CtlArgs {
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CtlCommand {
+    /// Load (or reload) MODEL from each node's model repository.
+    Load(CtlModelArgs),
+    /// Unload every version of MODEL: accepted requests finish, then its workers stop.
+    Unload(CtlModelArgs),
+    /// Drain MODEL, or the whole node without MODEL: new requests get 503 (marked
+    /// `unimodel-not-run: 1`), accepted ones finish, workers stay up.
+    Drain(CtlMaybeModelArgs),
+    /// Lift a drain of MODEL, or every drain of the node without MODEL.
+    Resume(CtlMaybeModelArgs),
+}
+
+/// Which nodes and how to reach them over NATS.
+#[derive(Args, Debug, Clone)]
+pub struct CtlTarget {
+    /// The nodes to order, by name, comma separated (a,b,c); each answers for itself.
+    #[arg(long, value_name = "NODE,...", value_delimiter = ',', required = true)]
+    pub nodes: Vec<String>,
+    /// The cluster's etcd prefix: the NATS subjects start with the same words.
+    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    pub etcd_prefix: String,
+    /// How long to wait for each node's reply (a load waits until the model is READY or
+    /// FAILED); a node silent for that long is reported and the exit status is 1.
+    #[arg(long, value_name = "S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout_s: u64,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlModelArgs {
+    pub model: String,
+    #[command(flatten)]
+    pub target: CtlTarget,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlMaybeModelArgs {
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub target: CtlTarget,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]

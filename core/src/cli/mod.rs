@@ -3,6 +3,7 @@
 
 pub mod args;
 mod auth;
+mod ctl;
 mod fd_limit;
 mod gateway;
 pub mod limits;
@@ -16,6 +17,7 @@ mod server;
 mod serving;
 
 pub use gateway::gateway;
+pub use ctl::ctl;
 pub use predict::predict;
 pub use run::run;
 pub use serve::serve;

@@ -4,11 +4,14 @@
 //! 2. Listen at once; start an empty engine and the repository actor over it.
 //! 3. Load the models the control mode asks for at start (every model with `none`, the
 //!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
-//! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//! 4. With `--nats`, take control requests and publish events over NATS (`cluster::control`).
+//! 5. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
 use super::serving::{PluginLoader, engine_options};
+use crate::cluster::control::subjects::check_node_name;
+use crate::cluster::control::{NatsOptions, Subjects};
 use crate::engine::Engine;
 use crate::repository::{ControlMode, ModelServer, Repository, Source};
 use crate::worker::prepare_python;
@@ -42,6 +45,10 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
+    let nats = args.cluster.nats.nats.clone().map(|url| NatsOptions {
+        url,
+        creds: args.cluster.nats.nats_creds.clone(),
+    });
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
@@ -70,6 +77,10 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine: engine.clone(),
         repository: repository.clone(),
     });
+    if let Some(nats) = nats {
+        let subjects = Subjects::new(&args.cluster.etcd_prefix, &node_name(&args, &base)?);
+        crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
+    }
     serve_until_signal(
         backend,
         engine,
@@ -79,6 +90,26 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         load_at_start(&repository, at_start, &base),
     )
     .await
+}
+
+/// `--node-name`, or `{hostname}-{port}` with the short host name and the HTTP port.
+fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<String> {
+    let name = match &args.cluster.node_name {
+        Some(name) => name.clone(),
+        None => {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unimodel".into());
+            let short = host.split('.').next().unwrap_or("unimodel").to_string();
+            let port = base.rsplit(':').next().unwrap_or("0");
+            format!("{short}-{port}")
+        }
+    };
+    if let Err(why) = check_node_name(&name) {
+        bail!("--node-name: {why}");
+    }
+    Ok(name)
 }
 
 /// The model source from `--model-repository` or `--config`.

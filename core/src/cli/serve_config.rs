@@ -11,6 +11,10 @@
 //! max_batch_size = 8                 # then any config.toml key
 //! [models.doubler.parameters]
 //! factor = 3
+//! [cluster]                          # optional: cluster mode, as the flags
+//! node_name = "node-1"
+//! nats = "nats://127.0.0.1:4222"
+//! nats_creds = "node.creds"          # relative to the file
 //! ```
 //!
 //! Or `model_repository = "models"` instead of `[models.*]`. Relative paths are relative to
@@ -36,6 +40,18 @@ struct ServeFile {
     server: ServerFile,
     #[serde(default)]
     models: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    cluster: ClusterFile,
+}
+
+/// The cluster flags (`ClusterArgs`), by their names.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    node_name: Option<String>,
+    etcd_prefix: Option<String>,
+    nats: Option<String>,
+    nats_creds: Option<PathBuf>,
 }
 
 /// The flags of `ServerArgs` and `WorkerArgs`, by their names.
@@ -138,6 +154,22 @@ pub fn apply(
             "{}: server.tls_cert_file and server.tls_key_file go together (and tls_client_ca_file needs them)",
             file.display()
         );
+    }
+    let c = parsed.cluster;
+    let cluster = &mut args.cluster;
+    if c.node_name.is_some() && !given("node_name") {
+        cluster.node_name = c.node_name;
+    }
+    if let Some(prefix) = c.etcd_prefix
+        && !given("etcd_prefix")
+    {
+        cluster.etcd_prefix = prefix;
+    }
+    if c.nats.is_some() && !given("nats") {
+        cluster.nats.nats = c.nats;
+    }
+    if c.nats_creds.is_some() && !given("nats_creds") {
+        cluster.nats.nats_creds = c.nats_creds.map(|p| base.join(p));
     }
     if s.python.is_some() && !given("python") {
         args.worker.python = s.python.map(|p| base.join(p));

@@ -5,6 +5,8 @@
 //! node that serves the model. This module wraps the engine and the repository from outside:
 //! nothing below it knows the cluster exists.
 
+pub mod control;
 pub mod etcd;
+pub mod events;
 pub mod gateway;
 pub mod keys;

@@ -1,6 +1,7 @@
 //! Admission: the one way into the engine for every request, unary or streaming.
 //!
-//! In order: model lookup (404), draining (503), a generator asked for one answer (400),
+//! In order: model lookup (404), draining (503: SIGTERM, or an operator's drain of the node
+//! or the model), a generator asked for one answer (400),
 //! validation against the signature (400), readiness (503), the model's `max_concurrency`
 //! and its queue bound (429), then the deadline. What passes is an `Admitted` request,
 //! handed with its response sink to the model's scheduler (`scheduler.rs`); the caller
@@ -43,6 +44,12 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let config = &entry.config;
+        if let Some(node) = self.drain_covers(&config.name) {
+            return Err(EngineError::Draining {
+                model: config.name.clone(),
+                node,
+            });
+        }
         if config.streaming && expect == Expect::One {
             return Err(EngineError::StreamingOnly {
                 model: config.name.clone(),

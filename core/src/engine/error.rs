@@ -49,8 +49,29 @@ pub enum EngineError {
     /// its segment); the message names the region, its size and the range.
     #[error("{0}")]
     ClientMemory(String),
+    /// An operator drained the node or the model (`unimodel ctl drain`): refused before it
+    /// was accepted, so it never ran; another node can take it.
+    #[error(
+        "{} is draining (an operator's drain): it takes no new requests; send this one to another node, or resume it with `unimodel ctl resume`",
+        if *node { "this node".to_string() } else { format!("model '{model}' on this node") }
+    )]
+    Draining { model: String, node: bool },
     #[error("server is shutting down; not accepting new requests")]
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl EngineError {
+    /// Refused before the engine accepted the request, so it certainly never ran and
+    /// another node may take it: an operator's drain, or a model not ready (LOADING,
+    /// FAILED, UNAVAILABLE with no instance, UNLOADING; queued requests failed for that
+    /// reason never reached a worker either). The front ends mark these answers
+    /// (`unimodel-not-run: 1`) so a gateway can retry them elsewhere.
+    pub fn never_ran(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Draining { .. } | EngineError::NotReady { .. }
+        )
+    }
 }

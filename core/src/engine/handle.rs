@@ -10,6 +10,8 @@
 //! caller (the repository actor, `crate::repository`).
 
 use super::admission::Expect;
+use super::drains::Drained;
+use super::events::{EngineEvent, Events};
 use super::executor::Executor;
 use super::lifecycle::watch_instances;
 use super::model::{ModelConfig, ModelState};
@@ -23,7 +25,7 @@ use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, broadcast, watch};
 
 /// Settings that apply to every model.
 #[derive(Clone, Debug)]
@@ -38,6 +40,10 @@ pub struct EngineOptions {
 struct Inner {
     registry: Registry,
     draining: AtomicBool,
+    /// Drains ordered by an operator (`drains.rs`); the SIGTERM drain is `draining`.
+    drains: watch::Sender<Drained>,
+    /// Model and worker changes, for observers (`events.rs`).
+    events: Events,
     options: EngineOptions,
 }
 
@@ -60,9 +66,10 @@ impl Engine {
         options: EngineOptions,
     ) -> Engine {
         let mut table = Table::new();
+        let events = Events::default();
         for (config, instances) in models {
             let key = parse_version(&config.version).unwrap_or_default();
-            let entry = spawn_entry(config, instances, &options);
+            let entry = spawn_entry(config, instances, &options, &events);
             table
                 .entry(entry.config.name.clone())
                 .or_default()
@@ -72,6 +79,8 @@ impl Engine {
             inner: Arc::new(Inner {
                 registry: Registry::new(table),
                 draining: AtomicBool::new(false),
+                drains: watch::channel(Drained::default()).0,
+                events,
                 options,
             }),
         }
@@ -87,9 +96,11 @@ impl Engine {
         true
     }
 
-    /// Every served model (not being unloaded) is ready and the server is not draining.
+    /// Every served model (not being unloaded) is ready and the server is not draining
+    /// (neither for SIGTERM nor by an operator's node drain).
     pub fn ready(&self) -> bool {
         !self.is_draining()
+            && !self.inner.drains.borrow().node
             && self
                 .inner
                 .registry
@@ -101,6 +112,70 @@ impl Engine {
 
     pub fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// An operator's drain (`unimodel ctl drain`): new requests for `model` (every model for
+    /// `None`, the whole node) are refused with 503 before they are accepted, accepted ones
+    /// finish, workers stay up. Returns whether anything changed.
+    pub fn drain_orders(&self, model: Option<&str>) -> bool {
+        let changed = self.inner.drains.send_if_modified(|d| d.add(model));
+        if changed {
+            self.announce_drains(model, |_| true);
+        }
+        changed
+    }
+
+    /// Lifts an operator's drain of `model`, or every such drain for `None`; the models serve
+    /// again. Returns whether anything changed.
+    pub fn resume(&self, model: Option<&str>) -> bool {
+        let before = self.inner.drains.borrow().clone();
+        let changed = self.inner.drains.send_if_modified(|d| d.remove(model));
+        if changed {
+            let now = self.inner.drains.borrow().clone();
+            self.announce_drains(model, |name| before.covers(name) && !now.covers(name));
+        }
+        changed
+    }
+
+    /// The operator's drains now and at every change (the etcd registry reports a drained
+    /// node or model as DRAINING).
+    pub fn drained(&self) -> watch::Receiver<Drained> {
+        self.inner.drains.subscribe()
+    }
+
+    /// Model and worker changes from now on (`events.rs`).
+    pub fn events(&self) -> broadcast::Receiver<EngineEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Model events for the served versions a drain or resume touched: DRAINING, or the
+    /// state they serve in again.
+    fn announce_drains(&self, model: Option<&str>, touched: impl Fn(&str) -> bool) {
+        let drained = self.inner.drains.borrow().clone();
+        for m in self.models() {
+            let name = &m.config.name;
+            if model.is_some_and(|only| only != name) || !touched(name) {
+                continue;
+            }
+            if drained.covers(name) {
+                self.inner.events.send(EngineEvent::Model {
+                    model: name.clone(),
+                    version: m.config.version.clone(),
+                    state: "DRAINING".into(),
+                    reason: Some("drained by an operator; accepted requests finish".into()),
+                });
+            } else {
+                self.inner
+                    .events
+                    .model_state(name, &m.config.version, &m.state);
+            }
+        }
+    }
+
+    /// Whether an operator's drain refuses new requests for `model`.
+    pub(super) fn drain_covers(&self, model: &str) -> Option<bool> {
+        let d = self.inner.drains.borrow();
+        d.covers(model).then_some(d.node)
     }
 
     /// All served model versions, sorted by name, then version.
@@ -178,7 +253,7 @@ impl Engine {
             )));
         };
         let name = config.name.clone();
-        let entry = spawn_entry(config, instances, &self.inner.options);
+        let entry = spawn_entry(config, instances, &self.inner.options, &self.inner.events);
         let previous = self
             .inner
             .registry
@@ -205,6 +280,8 @@ impl Engine {
     /// registry. Requests without a version move to the highest other version at once.
     pub async fn unload(&self, name: &str, version: &str) -> Result<(), EngineError> {
         let entry = self.entry(name, Some(version))?;
+        let events = &self.inner.events;
+        events.model_state(name, version, &ModelState::Stopping);
         retire(&entry).await;
         self.inner.registry.update(|table| {
             if let Some(versions) = table.get_mut(name) {
@@ -215,6 +292,12 @@ impl Engine {
             }
         });
         entry.metrics.set_queue_depth(0);
+        events.send(EngineEvent::Model {
+            model: name.to_string(),
+            version: version.to_string(),
+            state: "UNAVAILABLE".into(),
+            reason: Some("unloaded".into()),
+        });
         Ok(())
     }
 
@@ -305,6 +388,7 @@ fn spawn_entry(
     config: ModelConfig,
     instances: Vec<Arc<dyn Executor>>,
     options: &EngineOptions,
+    events: &Events,
 ) -> Arc<ModelEntry> {
     let all_metrics = &*options.metrics;
     let config = Arc::new(config);
@@ -314,7 +398,7 @@ fn spawn_entry(
         &config.version,
         metrics.clone(),
     ));
-    watch_instances(&instances, &metrics);
+    watch_instances(&instances, &metrics, &events.for_model(&config));
     let (state_tx, state_rx) = watch::channel(ModelState::Loading);
     let scheduler = SchedulerKind::for_model(&config).spawn(SchedulerContext {
         config: config.clone(),
@@ -329,7 +413,7 @@ fn spawn_entry(
         .max_concurrency
         .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
     sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
-    Arc::new(ModelEntry {
+    let entry = Arc::new(ModelEntry {
         config,
         scheduler,
         places,
@@ -339,7 +423,31 @@ fn spawn_entry(
         metrics,
         instances,
         unloading: AtomicBool::new(false),
-    })
+    });
+    tokio::spawn(announce_states(Arc::downgrade(&entry), events.clone()));
+    entry
+}
+
+/// Sends a model event at each state change of one entry until it stops. An entry being
+/// unloaded (or replaced by a reload) is quiet: `Engine::unload` says UNLOADING and
+/// UNAVAILABLE itself, and a reload's new entry speaks for the model.
+async fn announce_states(entry: std::sync::Weak<ModelEntry>, events: Events) {
+    let Some(mut rx) = entry.upgrade().map(|e| e.state.clone()) else {
+        return;
+    };
+    loop {
+        let state = rx.borrow_and_update().clone();
+        match entry.upgrade() {
+            Some(e) if !e.is_unloading() => {
+                events.model_state(&e.config.name, &e.config.version, &state);
+            }
+            Some(_) => {}
+            None => return,
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Waits until the entry leaves LOADING; returns the state it reached.

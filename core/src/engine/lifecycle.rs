@@ -5,7 +5,9 @@
 //! and turns transitions into start, crash and restart counts (`lifecycle`). A watch only
 //! keeps the latest value, so a step can be skipped when two changes come close together;
 //! `lifecycle` counts the skipped `restarting` of `ready -> starting` for that reason.
+//! Each transition is also a worker event (`events.rs`) for observers such as NATS.
 
+use super::events::WorkerEvents;
 use super::executor::Executor;
 use crate::telemetry::metrics::{Lifecycle, ModelMetrics};
 use crate::worker::types::InstanceState;
@@ -13,13 +15,22 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 /// Follows every instance of one model until its state channel closes.
-pub fn watch_instances(instances: &[Arc<dyn Executor>], metrics: &ModelMetrics) {
-    for exec in instances {
-        tokio::spawn(follow(exec.state(), metrics.clone()));
+pub fn watch_instances(
+    instances: &[Arc<dyn Executor>],
+    metrics: &ModelMetrics,
+    events: &WorkerEvents,
+) {
+    for (i, exec) in instances.iter().enumerate() {
+        let events = (i, events.clone());
+        tokio::spawn(follow(exec.state(), metrics.clone(), Some(events)));
     }
 }
 
-async fn follow(mut rx: watch::Receiver<InstanceState>, metrics: ModelMetrics) {
+async fn follow(
+    mut rx: watch::Receiver<InstanceState>,
+    metrics: ModelMetrics,
+    events: Option<(usize, WorkerEvents)>,
+) {
     let mut prev = rx.borrow_and_update().clone();
     let first = Lifecycle {
         // An instance appears with its first process starting (or, in tests, already up).
@@ -29,7 +40,11 @@ async fn follow(mut rx: watch::Receiver<InstanceState>, metrics: ModelMetrics) {
     metrics.instance_moved(None, label(&prev), first);
     while rx.changed().await.is_ok() {
         let next = rx.borrow_and_update().clone();
-        metrics.instance_moved(Some(label(&prev)), label(&next), lifecycle(&prev, &next));
+        let moved = lifecycle(&prev, &next);
+        metrics.instance_moved(Some(label(&prev)), label(&next), moved);
+        if let Some((instance, events)) = &events {
+            events.send(*instance, event_name(&next, moved), reason_of(&next));
+        }
         prev = next;
     }
 }
@@ -42,6 +57,26 @@ pub fn label(state: &InstanceState) -> &'static str {
         InstanceState::Restarting { .. } => "restarting",
         InstanceState::Failed { .. } => "failed",
         InstanceState::Stopped => "stopped",
+    }
+}
+
+/// The worker event of a transition: a crash or a restart first, else the new state.
+fn event_name(next: &InstanceState, moved: Lifecycle) -> &'static str {
+    if moved.crashed {
+        "crashed"
+    } else if moved.restarted {
+        "restarted"
+    } else {
+        label(next)
+    }
+}
+
+/// Why an instance is down, when it is.
+fn reason_of(state: &InstanceState) -> Option<String> {
+    match state {
+        InstanceState::Restarting { reason } => Some(reason.clone()),
+        InstanceState::Failed { error, .. } => Some(error.clone()),
+        _ => None,
     }
 }
 
@@ -108,7 +143,7 @@ mod tests {
         let metrics = crate::telemetry::metrics::Metrics::new();
         let m = metrics.model("m", "1");
         let (tx, rx) = watch::channel(Starting);
-        let task = tokio::spawn(follow(rx, m));
+        let task = tokio::spawn(follow(rx, m, None));
         for next in [Ready, restarting(), Starting, Ready] {
             tx.send(next).unwrap();
             tokio::task::yield_now().await;

@@ -11,7 +11,9 @@
 mod admission;
 mod batch;
 mod batcher;
+pub mod drains;
 pub mod error;
+pub mod events;
 mod execution;
 pub mod executor;
 mod handle;
@@ -34,7 +36,9 @@ pub use crate::tensor::client_shm::OutputTarget;
 /// The tensor types live in the leaf module `crate::tensor`; these paths are kept for the
 /// engine's callers.
 pub use crate::tensor::{self, bytes_codec};
+pub use drains::Drained;
 pub use error::EngineError;
+pub use events::EngineEvent;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
 pub use model::{FaultPolicy, MAX_INSTANCES, ModelConfig, ModelState};

@@ -1029,3 +1029,106 @@ async fn a_version_still_loading_does_not_take_the_default_traffic() {
         "2"
     );
 }
+
+/// The next model event, skipping worker events.
+async fn next_model_event(
+    rx: &mut tokio::sync::broadcast::Receiver<EngineEvent>,
+) -> (String, String) {
+    loop {
+        if let EngineEvent::Model { state, model, .. } = rx.recv().await.unwrap() {
+            return (model, state);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_drain_refuses_new_work_before_accepting_it_finishes_the_rest_and_resumes() {
+    let exec = FakeExec::new(100);
+    let engine = start(config(0, 0, 16), &[exec]);
+    ready(&engine).await;
+    let mut events = engine.events();
+    let inflight: Vec<_> = (0..3)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.infer(request(&[i as f32])).await })
+        })
+        .collect();
+    advance(10).await;
+    assert!(engine.drain_orders(Some("m")));
+    assert!(
+        !engine.drain_orders(Some("m")),
+        "draining twice changes nothing"
+    );
+    let refused = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(
+        matches!(refused, EngineError::Draining { node: false, .. }),
+        "{refused:?}"
+    );
+    assert!(refused.never_ran());
+    assert!(
+        refused
+            .to_string()
+            .contains("model 'm' on this node is draining")
+    );
+    // One model drained: the node is still ready (other models would serve).
+    assert!(engine.ready());
+    assert_eq!(
+        next_model_event(&mut events).await,
+        ("m".into(), "DRAINING".into())
+    );
+    for t in inflight {
+        assert!(t.await.unwrap().is_ok(), "accepted work must finish");
+    }
+    assert!(engine.resume(Some("m")));
+    assert_eq!(
+        next_model_event(&mut events).await,
+        ("m".into(), "READY".into())
+    );
+    assert!(engine.infer(request(&[1.0])).await.is_ok());
+
+    assert!(engine.drain_orders(None));
+    assert!(!engine.ready(), "a drained node is not ready");
+    let refused = engine.infer(request(&[1.0])).await.unwrap_err();
+    assert!(matches!(refused, EngineError::Draining { node: true, .. }));
+    assert!(engine.drained().borrow().node);
+    assert!(engine.resume(None));
+    assert!(engine.ready());
+    assert!(engine.infer(request(&[1.0])).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn worker_crashes_and_restarts_are_events() {
+    let exec = FakeExec::new(0);
+    let engine = start(config(0, 0, 16), std::slice::from_ref(&exec));
+    ready(&engine).await;
+    let mut events = engine.events();
+    exec.state.send_replace(InstanceState::Restarting {
+        reason: "worker killed by signal 9 (SIGKILL)".into(),
+    });
+    advance(1).await;
+    exec.state.send_replace(InstanceState::Starting);
+    advance(1).await;
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let EngineEvent::Worker {
+            event,
+            instance,
+            reason,
+            ..
+        } = event
+        {
+            seen.push((event, instance, reason));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "crashed",
+                0,
+                Some("worker killed by signal 9 (SIGKILL)".to_string())
+            ),
+            ("restarted", 0, None),
+        ]
+    );
+}

@@ -75,6 +75,11 @@ pub fn init(opts: &TelemetryOptions) -> anyhow::Result<TelemetryGuard> {
     if !opts.access_log && !directives.contains("unimodel::access") {
         directives.push_str(",unimodel::access=off");
     }
+    // async-nats logs every (re)connection at INFO in its own words; the cluster code logs
+    // the same events once, naming the server and what it means for serving.
+    if !directives.contains("async_nats") {
+        directives.push_str(",async_nats=warn");
+    }
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: a log file or collector gets plain text.
     let (writer, logs) = log_writer::spawn(std::io::stderr())?;

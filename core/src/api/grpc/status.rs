@@ -24,7 +24,14 @@ pub fn to_status(e: &ApiError) -> Status {
             tracing::warn!(code = ?code, error = %message, "gRPC request failed");
         }
     }
-    Status::new(code, message)
+    let mut status = Status::new(code, message);
+    if e.never_ran() {
+        status.metadata_mut().insert(
+            crate::api::error::NOT_RUN_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
+    status
 }
 
 impl From<ApiError> for Status {
@@ -163,5 +170,23 @@ mod tests {
             assert_eq!(status.code(), want);
             assert_eq!(status.message(), message);
         }
+    }
+
+    #[test]
+    fn refusals_before_acceptance_carry_the_not_run_metadata() {
+        let key = crate::api::error::NOT_RUN_HEADER;
+        let draining = EngineError::Draining {
+            model: "m".into(),
+            node: false,
+        };
+        let status = Status::from(draining);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.metadata().get(key).unwrap(), "1");
+        assert!(
+            Status::from(EngineError::ShuttingDown)
+                .metadata()
+                .get(key)
+                .is_none()
+        );
     }
 }
