@@ -19,6 +19,8 @@ both sides of a ratio share one sitting on one machine:
 4. `ctl load` to routable: `unimodel ctl load late_K --nodes node-K`, then the gateway is
    asked every millisecond until it answers 200; reported from the command's reply
    (the model READY on its node) to the first 200, and in all.
+5. The gateway's CPU per etcd watch event: load-only rewrites of a key no route uses, the
+   gateway's CPU over them minus its idle CPU over as long.
 
 Prints a table (the one in benches/README.md comes from one run) and writes every number to
 --json. Needs requests (tests/requirements.txt), etcd and nats-server (scripts/test.sh).
@@ -27,6 +29,7 @@ Prints a table (the one in benches/README.md comes from one run) and writes ever
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -34,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,10 +77,23 @@ def cpu_s(pid: int) -> float:
 def bench(binary: str, url: str, model: str, clients: int, args, out: Path) -> dict:
     """One `unimodel bench` step; returns its JSON step report."""
     cmd = [
-        binary, "bench", "--url", url, "--model", model, "--concurrency", str(clients),
-        "--duration", str(args.duration if clients > 1 else args.c1_duration),
-        "--warmup", str(args.warmup), "--check-double", "--no-progress", "--json", str(out),
-    ]  # fmt: skip
+        binary,
+        "bench",
+        "--url",
+        url,
+        "--model",
+        model,
+        "--concurrency",
+        str(clients),
+        "--duration",
+        str(args.duration if clients > 1 else args.c1_duration),
+        "--warmup",
+        str(args.warmup),
+        "--check-double",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise SystemExit(f"bench failed: {' '.join(cmd)}\n{done.stdout}\n{done.stderr}")
@@ -93,8 +110,9 @@ def throughput(binary, fleet, args, out: Path) -> dict:
     direct, through, cpu_per_req = [], [], []
     for r in range(args.rounds):
         node = fleet.node(0).base_url
-        d = ok_only(bench(binary, node, SLEEP_MODEL, 96, args, out / f"c96-direct-{r}.json"),
-                    "direct c=96")  # fmt: skip
+        d = ok_only(
+            bench(binary, node, SLEEP_MODEL, 96, args, out / f"c96-direct-{r}.json"), "direct c=96"
+        )
         direct.append(d["ok_per_s"])
         before = cpu_s(fleet.gateway.proc.pid)
         g = ok_only(
@@ -104,9 +122,12 @@ def throughput(binary, fleet, args, out: Path) -> dict:
         used = cpu_s(fleet.gateway.proc.pid) - before
         through.append(g["ok_per_s"])
         cpu_per_req.append(used / (g["requests"] + g["warmup_requests"]) * 1e6)
-        print(f"  round {r + 1}: 1 node {d['ok_per_s']:.1f} req/s, 3 nodes via gateway "
-              f"{g['ok_per_s']:.1f} req/s, ratio {g['ok_per_s'] / d['ok_per_s']:.2f}, "
-              f"gateway CPU {cpu_per_req[-1]:.0f} us/req", flush=True)  # fmt: skip
+        print(
+            f"  round {r + 1}: 1 node {d['ok_per_s']:.1f} req/s, 3 nodes via gateway "
+            f"{g['ok_per_s']:.1f} req/s, ratio {g['ok_per_s'] / d['ok_per_s']:.2f}, "
+            f"gateway CPU {cpu_per_req[-1]:.0f} us/req",
+            flush=True,
+        )
     return {
         "direct_req_s": direct,
         "gateway_req_s": through,
@@ -125,9 +146,12 @@ def overhead(binary, fleet, args, out: Path) -> dict:
         direct.append(d["latency_us"]["p50_us"])
         through.append(g["latency_us"]["p50_us"])
         cpu_per_req.append(used / (g["requests"] + g["warmup_requests"]) * 1e6)
-        print(f"  round {r + 1}: p50 direct {direct[-1]:.0f} us, via gateway {through[-1]:.0f} "
-              f"us, added {through[-1] - direct[-1]:.0f} us; gateway CPU "
-              f"{cpu_per_req[-1]:.0f} us/req", flush=True)  # fmt: skip
+        print(
+            f"  round {r + 1}: p50 direct {direct[-1]:.0f} us, via gateway {through[-1]:.0f} "
+            f"us, added {through[-1] - direct[-1]:.0f} us; gateway CPU "
+            f"{cpu_per_req[-1]:.0f} us/req",
+            flush=True,
+        )
     return {
         "direct_p50_us": direct,
         "gateway_p50_us": through,
@@ -163,9 +187,66 @@ def ctl_to_routable(binary, fleet, nats) -> dict:
         first_ok = time.monotonic()
         to_route_ms = (first_ok - replied) * 1e3
         samples.append({"model": model, "ctl_s": replied - started, "to_routable_ms": to_route_ms})
-        print(f"  {model} on {node_name}: ctl answered after {replied - started:.2f} s, "
-              f"routable {(first_ok - replied) * 1e3:.1f} ms later", flush=True)  # fmt: skip
+        print(
+            f"  {model} on {node_name}: ctl answered after {replied - started:.2f} s, "
+            f"routable {(first_ok - replied) * 1e3:.1f} ms later",
+            flush=True,
+        )
     return {"samples": samples}
+
+
+def watch_cost(fleet, etcd, puts: int) -> dict:
+    """Gateway CPU per etcd watch event: `puts` load-only rewrites of one model key of a node
+    that does not exist (so nothing routes by it), minus the gateway's idle CPU over the
+    same time. What 100 nodes' load updates cost a gateway (docs/cluster.md)."""
+    gateway = fleet.gateway.proc.pid
+    key = f"{fleet.prefix}/models/watch_probe/probe-node"
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+
+    def value(q: int) -> str:
+        load = {"queue_depth": q % 50, "in_flight": q % 7, "instances": 2}
+        return json.dumps(
+            {
+                "model": "watch_probe",
+                "node": "probe-node",
+                "versions": ["1"],
+                "state": "READY",
+                "reason": None,
+                "streams": False,
+                "load": load,
+            }
+        )
+
+    def writer(first: int) -> None:
+        with requests.Session() as session:
+            for q in range(first, puts, 8):
+                body = {"key": b64(key), "value": b64(value(q))}
+                session.post(f"{etcd.url}/v3/kv/put", json=body, timeout=10).raise_for_status()
+
+    before, started = cpu_s(gateway), time.monotonic()
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy, took = cpu_s(gateway) - before, time.monotonic() - started
+    before = cpu_s(gateway)
+    time.sleep(took)
+    idle = cpu_s(gateway) - before
+    requests.post(f"{etcd.url}/v3/kv/deleterange", json={"key": b64(key)}, timeout=10)
+    per_event_us = max(0.0, busy - idle) / puts * 1e6
+    print(
+        f"  {puts} puts in {took:.1f} s: gateway CPU {busy:.2f} s, idle {idle:.2f} s, "
+        f"{per_event_us:.1f} us per event",
+        flush=True,
+    )
+    return {
+        "puts": puts,
+        "seconds": took,
+        "busy_cpu_s": busy,
+        "idle_cpu_s": idle,
+        "cpu_us_per_event": per_event_us,
+    }
 
 
 def main() -> None:
@@ -177,6 +258,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per c=96 step")
     p.add_argument("--c1-duration", type=float, default=5.0, help="measured seconds per c=1 step")
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--watch-puts", type=int, default=5000, help="load updates for step 5")
     p.add_argument("--json", type=Path, help="write every number here")
     args = p.parse_args()
     os.environ["UNIMODEL_BIN"] = str(Path(args.bin).resolve())
@@ -187,21 +269,34 @@ def main() -> None:
     etcd.start()
     nats.start()
     factory = ServerFactory(work)
-    flags = ("--model-control-mode", "explicit", "--load-model", SLEEP_MODEL,
-             "--load-model", FAST_MODEL, "--nats", nats.url)  # fmt: skip
+    flags = (
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        SLEEP_MODEL,
+        "--load-model",
+        FAST_MODEL,
+        "--nats",
+        nats.url,
+    )
     # The default lease (10 s): nothing here is a fault, and it is what the docs' 100-node
     # figures assume.
     fleet = Fleet(etcd, factory, build_repository(work), nodes=3, lease_ttl_s=10, node_flags=flags)
     try:
         fleet.start(wait_models=(SLEEP_MODEL, FAST_MODEL))
-        print(f"binary {args.bin}; etcd {etcd.url}, nats {nats.url}, gateway "
-              f"{fleet.gateway.base_url}; results in {work}", flush=True)  # fmt: skip
+        print(
+            f"binary {args.bin}; etcd {etcd.url}, nats {nats.url}, gateway "
+            f"{fleet.gateway.base_url}; results in {work}",
+            flush=True,
+        )
         print("c=96, sleep_20ms: 1 node direct vs 3 nodes through the gateway", flush=True)
         results = {"throughput": throughput(args.bin, fleet, args, work)}
         print("c=1, doubler: direct vs through the gateway", flush=True)
         results["overhead"] = overhead(args.bin, fleet, args, work)
         print("ctl load -> routable through the gateway", flush=True)
         results["ctl"] = ctl_to_routable(args.bin, fleet, nats)
+        print("etcd watch events: gateway CPU per event", flush=True)
+        results["watch"] = watch_cost(fleet, etcd, args.watch_puts)
     finally:
         for server in factory.servers:
             server.stop()
@@ -213,7 +308,7 @@ def main() -> None:
 
 
 def report(r: dict) -> None:
-    t, o, c = r["throughput"], r["overhead"], r["ctl"]["samples"]
+    t, o, c, w = r["throughput"], r["overhead"], r["ctl"]["samples"], r["watch"]
     med = statistics.median
     print()
     print("| measure | value | target |")
@@ -227,8 +322,11 @@ def report(r: dict) -> None:
     print(f"| gateway CPU per request, c=96 | {med(t['gateway_cpu_us_per_req_c96']):.0f} us | |")
     print(f"| gateway CPU per request, c=1 | {med(o['gateway_cpu_us_per_req_c1']):.0f} us | |")
     print(f"| ctl load answered (model READY) | {med(s['ctl_s'] for s in c):.2f} s | |")
-    print(f"| ctl answer -> routable via gateway | "
-          f"{med(s['to_routable_ms'] for s in c):.1f} ms | <= 1 s |")  # fmt: skip
+    print(
+        f"| ctl answer -> routable via gateway | "
+        f"{med(s['to_routable_ms'] for s in c):.1f} ms | <= 1 s |"
+    )
+    print(f"| gateway CPU per etcd watch event | {w['cpu_us_per_event']:.1f} us | |")
 
 
 if __name__ == "__main__":
