@@ -219,6 +219,69 @@ pub struct ServerArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode (`docs/cluster.md`): registration of the node and its models in etcd.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Register this node and each model it serves in etcd (http://HOST:PORT; several
+    /// endpoints of one cluster separated by commas), under a lease kept alive every TTL/3:
+    /// the keys vanish when the node stops or its lease expires. If etcd is unreachable the
+    /// node keeps serving and registers when etcd answers. Off by default.
+    #[arg(long, value_name = "URL[,URL...]", help_heading = "Cluster", value_parser = etcd_endpoints)]
+    pub etcd: Option<String>,
+    /// Key prefix of the cluster in etcd (/NAME[/NAME...]); the NATS subjects use it with
+    /// dots.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX,
+          help_heading = "Cluster", value_parser = etcd_prefix)]
+    pub etcd_prefix: String,
+    /// This node's name in the cluster (letters, digits, '-', '_'; unique per cluster)
+    /// [default: HOSTNAME-PORT, with the HTTP port].
+    #[arg(long, value_name = "NAME", help_heading = "Cluster", value_parser = node_name)]
+    pub node_name: Option<String>,
+    /// The REST URL other machines reach this node at (http[s]://HOST:PORT) [default: the
+    /// --host and HTTP port, or the machine's hostname when listening on 0.0.0.0 or ::].
+    #[arg(long, value_name = "URL", help_heading = "Cluster", value_parser = advertise_url)]
+    pub advertise_url: Option<String>,
+    /// The gRPC URL other machines reach this node at [default: as --advertise-url's, with
+    /// the gRPC port].
+    #[arg(long, value_name = "URL", help_heading = "Cluster", value_parser = advertise_url)]
+    pub advertise_grpc_url: Option<String>,
+    /// TTL of the node's etcd lease, in seconds (1 to 3600): how long the keys of a node
+    /// that died without a goodbye (kill -9, a partition) stay routable.
+    #[arg(long, value_name = "S", help_heading = "Cluster",
+          default_value_t = crate::cluster::registry::DEFAULT_LEASE_TTL_S,
+          value_parser = clap::value_parser!(u64).range(
+              crate::cluster::registry::MIN_LEASE_TTL_S..=crate::cluster::registry::MAX_LEASE_TTL_S))]
+    pub etcd_lease_ttl_s: u64,
+}
+
+/// `--etcd`: checked at parse time, kept as given.
+pub fn etcd_endpoints(s: &str) -> Result<String, String> {
+    crate::cluster::etcd::parse_endpoints(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--etcd-prefix`, normalized (no trailing '/').
+pub fn etcd_prefix(s: &str) -> Result<String, String> {
+    crate::cluster::keys::Prefix::parse(s)
+        .map(|p| p.as_str().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--node-name`.
+pub fn node_name(s: &str) -> Result<String, String> {
+    crate::cluster::keys::NodeName::parse(s)
+        .map(|n| n.as_str().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `--advertise-url`, `--advertise-grpc-url`, normalized (no trailing '/').
+pub fn advertise_url(s: &str) -> Result<String, String> {
+    crate::cluster::registry::parse_advertise_url(s)
 }
 
 /// Client connections on every listener (`api/conn/`): how many, and how long each may take
@@ -357,21 +420,8 @@ pub struct ServeArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub server: ServerArgs,
-    #[command(flatten)]
-    pub cluster: ClusterArgs,
-}
-
-/// Cluster mode of `serve` (docs/cluster.md); also `[cluster]` in the --config file.
-#[derive(Args, Debug, Clone)]
-pub struct ClusterArgs {
-    /// This node's name in the cluster, unique per cluster (NATS subjects, etcd keys).
-    /// Default: the short host name and the HTTP port, `{hostname}-{port}`.
-    #[arg(long, value_name = "NAME")]
-    pub node_name: Option<String>,
-    /// The cluster's key prefix in etcd; its NATS subjects start with the same words
-    /// (`/unimodel` gives `unimodel.ctl.{node}`).
-    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
-    pub etcd_prefix: String,
+    /// NATS control (docs/cluster.md, "Control over NATS"); the node name and prefix are
+    /// the etcd registration's (`server.cluster`).
     #[command(flatten)]
     pub nats: NatsArgs,
 }

@@ -10,6 +10,7 @@ pub mod limits;
 mod metrics_port;
 mod predict;
 mod progress;
+mod registration;
 mod run;
 mod serve;
 mod serve_config;

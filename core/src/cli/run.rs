@@ -4,7 +4,8 @@
 //! 2. Listen at once, so `/v2/health/live` answers while workers load.
 //! 3. Spawn the workers; report each instance that becomes ready ("2/4 instances ready",
 //!    `progress.rs`) and print one line per model once it is READY (or FAILED).
-//! 4. On the first signal, drain and stop (`server.rs`).
+//! 4. On the first signal, drain and stop (`server.rs`); with `--etcd`, the node's
+//!    registration leaves etcd first (`registration.rs`).
 
 use super::args::RunArgs;
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -22,7 +23,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let engine = start_engine(&loaded, &args.plugin, metrics);
     super::progress::report_load_progress(&engine);
     tracing::info!(plugin = %loaded.spec.file.display(), "serving plugin");
-    serve_until_signal(
+    let registration = super::registration::start(&args.server.cluster, &listening, &engine, None)?;
+    let code = serve_until_signal(
         Arc::new(engine.clone()),
         engine.clone(),
         listening,
@@ -30,7 +32,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         auth,
         report_models(&engine, &base),
     )
-    .await
+    .await?;
+    if let Some(registration) = registration {
+        registration.finished().await;
+    }
+    Ok(code)
 }
 
 /// Waits for each model to finish loading and prints its summary line.

@@ -6,6 +6,9 @@
 //!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
 //! 4. With `--nats`, take control requests and publish events over NATS (`cluster::control`).
 //! 5. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//!
+//! With `--etcd`, the node and its models are registered in etcd from step 2 on
+//! (`registration.rs`); the first signal revokes the registration before the drain.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -45,9 +48,9 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    let nats = args.cluster.nats.nats.clone().map(|url| NatsOptions {
+    let nats = args.nats.nats.clone().map(|url| NatsOptions {
         url,
-        creds: args.cluster.nats.nats_creds.clone(),
+        creds: args.nats.nats_creds.clone(),
     });
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
@@ -78,10 +81,12 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         repository: repository.clone(),
     });
     if let Some(nats) = nats {
-        let subjects = Subjects::new(&args.cluster.etcd_prefix, &node_name(&args, &base)?);
+        let subjects = Subjects::new(&args.server.cluster.etcd_prefix, &node_name(&args, &base)?);
         crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
     }
-    serve_until_signal(
+    let registration =
+        super::registration::start(&args.server.cluster, &listening, &engine, Some(&repository))?;
+    let code = serve_until_signal(
         backend,
         engine,
         listening,
@@ -89,12 +94,16 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         auth,
         load_at_start(&repository, at_start, &base),
     )
-    .await
+    .await?;
+    if let Some(registration) = registration {
+        registration.finished().await;
+    }
+    Ok(code)
 }
 
 /// `--node-name`, or `{hostname}-{port}` with the short host name and the HTTP port.
 fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<String> {
-    let name = match &args.cluster.node_name {
+    let name = match &args.server.cluster.node_name {
         Some(name) => name.clone(),
         None => {
             let host = nix::unistd::gethostname()

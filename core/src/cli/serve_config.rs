@@ -156,7 +156,7 @@ pub fn apply(
         );
     }
     let c = parsed.cluster;
-    let cluster = &mut args.cluster;
+    let cluster = &mut args.server.cluster;
     if c.node_name.is_some() && !given("node_name") {
         cluster.node_name = c.node_name;
     }
@@ -166,10 +166,10 @@ pub fn apply(
         cluster.etcd_prefix = prefix;
     }
     if c.nats.is_some() && !given("nats") {
-        cluster.nats.nats = c.nats;
+        args.nats.nats = c.nats;
     }
     if c.nats_creds.is_some() && !given("nats_creds") {
-        cluster.nats.nats_creds = c.nats_creds.map(|p| base.join(p));
+        args.nats.nats_creds = c.nats_creds.map(|p| base.join(p));
     }
     if s.python.is_some() && !given("python") {
         args.worker.python = s.python.map(|p| base.join(p));

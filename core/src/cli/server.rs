@@ -40,7 +40,12 @@ const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 /// A bound listener, its URL, the TLS settings and the connection guard of every listener.
 pub struct Listening {
     listener: tokio::net::TcpListener,
+    /// The gRPC port, bound with the HTTP one (taken when gRPC starts).
+    grpc_listener: Option<tokio::net::TcpListener>,
     pub base: String,
+    /// Where HTTP and gRPC listen (the ports actually bound, for `--port 0`).
+    pub http_addr: std::net::SocketAddr,
+    pub grpc_addr: std::net::SocketAddr,
     tls: Option<Arc<ServerTls>>,
     guard: Guard,
     /// The soft RLIMIT_NOFILE in force and the connection cap taken from it, which the
@@ -83,10 +88,25 @@ pub async fn listen(server: &ServerArgs) -> anyhow::Result<Listening> {
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
+    let (host, port) = (server.host, server.grpc_port);
+    let grpc_listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for gRPC on {host}:{port} (is another server using the port? \
+                 pick one with --grpc-port)"
+            )
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .context("reading the gRPC listening address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     Ok(Listening {
         listener,
+        grpc_listener: Some(grpc_listener),
         base: format!("{scheme}://{local}"),
+        http_addr: local,
+        grpc_addr,
         tls,
         guard,
         fd_limit,
@@ -116,6 +136,11 @@ fn load_tls(server: &ServerArgs) -> anyhow::Result<Option<ServerTls>> {
 }
 
 impl Listening {
+    /// Whether the listeners speak TLS.
+    pub fn tls_on(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// The TLS handshake settings of one listener, its failures counted in `metrics`.
     fn handshake(
         &self,
@@ -158,7 +183,7 @@ pub async fn metrics(
 pub async fn serve_until_signal<B: Backend>(
     backend: Arc<B>,
     engine: Engine,
-    listening: Listening,
+    mut listening: Listening,
     server: &ServerArgs,
     auth: Option<Arc<Auth>>,
     startup: impl Future<Output = ()>,
@@ -195,9 +220,12 @@ pub async fn serve_until_signal<B: Backend>(
     if let Some(tls) = &listening.tls {
         tokio::spawn(reload_tls_on_sighup(Arc::clone(tls)));
     }
+    let grpc_listener = listening
+        .grpc_listener
+        .take()
+        .context("the gRPC port was already taken (a bug)")?;
     let grpc = grpc::start(
-        server.host,
-        server.grpc_port,
+        grpc_listener,
         Arc::clone(&backend),
         GrpcConfig {
             max_message_bytes: server.max_body_bytes,

@@ -10,3 +10,6 @@ pub mod etcd;
 pub mod events;
 pub mod gateway;
 pub mod keys;
+pub mod registry;
+mod registry_actor;
+pub mod registry_view;

@@ -20,7 +20,9 @@ use super::scheduler::{SchedulerContext, SchedulerKind};
 use super::stats::StatsRecorder;
 use super::validate::Limits;
 use super::wake_timer::WakeClock;
-use super::{EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus};
+use super::{
+    EngineError, InferRequest, InferResponse, InferStream, ModelLoadSample, ModelStats, ModelStatus,
+};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +47,9 @@ struct Inner {
     /// Model and worker changes, for observers (`events.rs`).
     events: Events,
     options: EngineOptions,
+    /// Bumped whenever what `models()` reports may have changed (a model added, removed,
+    /// unloading, changing state) or the engine starts draining; see `changes`.
+    changes: watch::Sender<()>,
 }
 
 /// Handle to the running engine; cheap to clone.
@@ -67,9 +72,10 @@ impl Engine {
     ) -> Engine {
         let mut table = Table::new();
         let events = Events::default();
+        let (changes, _) = watch::channel(());
         for (config, instances) in models {
             let key = parse_version(&config.version).unwrap_or_default();
-            let entry = spawn_entry(config, instances, &options, &events);
+            let entry = spawn_entry(config, instances, &options, &events, &changes);
             table
                 .entry(entry.config.name.clone())
                 .or_default()
@@ -82,6 +88,7 @@ impl Engine {
                 drains: watch::channel(Drained::default()).0,
                 events,
                 options,
+                changes,
             }),
         }
     }
@@ -178,6 +185,40 @@ impl Engine {
         d.covers(model).then_some(d.node)
     }
 
+    /// Marks a change on every receiver: model states, the table or the drain moved. An
+    /// event for observers outside the request path (cluster registration); nothing per
+    /// request calls it.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.inner.changes.send_replace(());
+    }
+
+    /// The load of every served model version now: queue depth, requests in flight and
+    /// ready instances. Reads counters the request path keeps anyway (nothing is added to
+    /// it); meant for a sampler a few times a second, not per request.
+    pub fn loads(&self) -> Vec<ModelLoadSample> {
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .map(|m| ModelLoadSample {
+                name: m.config.name.clone(),
+                version: m.config.version.clone(),
+                streaming: m.config.streaming,
+                queue_depth: m
+                    .config
+                    .queue_capacity
+                    .saturating_sub(m.places.available_permits())
+                    as u64,
+                in_flight: u64::try_from(m.metrics.inflight_now()).unwrap_or(0),
+                ready_instances: status_of(m).ready_instances,
+            })
+            .collect()
+    }
+
     /// All served model versions, sorted by name, then version.
     pub fn models(&self) -> Vec<ModelStatus> {
         self.inner
@@ -253,7 +294,13 @@ impl Engine {
             )));
         };
         let name = config.name.clone();
-        let entry = spawn_entry(config, instances, &self.inner.options, &self.inner.events);
+        let entry = spawn_entry(
+            config,
+            instances,
+            &self.inner.options,
+            &self.inner.events,
+            &self.inner.changes,
+        );
         let previous = self
             .inner
             .registry
@@ -268,9 +315,9 @@ impl Engine {
         let state = wait_settled(&entry).await?;
         if state.is_ready() {
             self.publish(key, entry);
-            retire(&previous).await;
+            retire(&previous, &self.inner.changes).await;
         } else {
-            retire(&entry).await;
+            retire(&entry, &self.inner.changes).await;
         }
         Ok(state)
     }
@@ -282,7 +329,7 @@ impl Engine {
         let entry = self.entry(name, Some(version))?;
         let events = &self.inner.events;
         events.model_state(name, version, &ModelState::Stopping);
-        retire(&entry).await;
+        retire(&entry, &self.inner.changes).await;
         self.inner.registry.update(|table| {
             if let Some(versions) = table.get_mut(name) {
                 versions.retain(|_, e| !Arc::ptr_eq(e, &entry));
@@ -291,6 +338,7 @@ impl Engine {
                 }
             }
         });
+        self.changed();
         entry.metrics.set_queue_depth(0);
         events.send(EngineEvent::Model {
             model: name.to_string(),
@@ -323,6 +371,7 @@ impl Engine {
     /// before it so health watchers can be told at once.
     pub fn stop_accepting(&self) {
         self.inner.draining.store(true, Ordering::Release);
+        self.changed();
     }
 
     /// Stops taking requests (readiness false, new requests 503) and waits until every
@@ -330,6 +379,7 @@ impl Engine {
     /// everything finished in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.inner.draining.store(true, Ordering::Release);
+        self.changed();
         let entries = self.inner.registry.entries();
         let waits = entries.iter().map(|m| m.scheduler.drain());
         tokio::time::timeout(timeout, futures::future::join_all(waits))
@@ -380,6 +430,7 @@ impl Engine {
                 .or_default()
                 .insert(key, entry);
         });
+        self.changed();
     }
 }
 
@@ -389,6 +440,7 @@ fn spawn_entry(
     instances: Vec<Arc<dyn Executor>>,
     options: &EngineOptions,
     events: &Events,
+    changes: &watch::Sender<()>,
 ) -> Arc<ModelEntry> {
     let all_metrics = &*options.metrics;
     let config = Arc::new(config);
@@ -413,6 +465,7 @@ fn spawn_entry(
         .max_concurrency
         .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
     sample_queue_depth(all_metrics, &metrics, &places, config.queue_capacity);
+    forward_changes(state_rx.clone(), changes.clone());
     let entry = Arc::new(ModelEntry {
         config,
         scheduler,
@@ -468,11 +521,22 @@ async fn wait_settled(entry: &ModelEntry) -> Result<ModelState, EngineError> {
 /// Takes an entry out of service: refuses new requests, lets queued and running ones
 /// finish (each is bounded by its own deadline), then stops its instances. Anything that
 /// slipped in after the drain is answered 503 rather than left waiting.
-async fn retire(entry: &ModelEntry) {
+async fn retire(entry: &ModelEntry, changes: &watch::Sender<()>) {
     entry.unloading.store(true, Ordering::Release);
+    changes.send_replace(());
     entry.scheduler.drain().await;
     entry.scheduler.abort().await;
     futures::future::join_all(entry.instances.iter().map(|i| i.shutdown())).await;
+}
+
+/// Every state change of one model version is a change of the engine (`Engine::changes`).
+/// Ends when the scheduler drops its end of the state channel.
+fn forward_changes(mut state: watch::Receiver<ModelState>, changes: watch::Sender<()>) {
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            changes.send_replace(());
+        }
+    });
 }
 
 /// Queue depth is the places taken in the queue, read at scrape time (nothing per request).

@@ -91,6 +91,20 @@ pub struct ModelStatus {
     pub ready_instances: u32,
 }
 
+/// The load of one model version at one moment (`Engine::loads`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLoadSample {
+    pub name: String,
+    pub version: String,
+    /// Its predict is a generator (answers stream).
+    pub streaming: bool,
+    /// Requests holding a place in its queue (not yet in a batch).
+    pub queue_depth: u64,
+    /// Requests admitted and not yet answered.
+    pub in_flight: u64,
+    pub ready_instances: u32,
+}
+
 /// A count and the total time spent, as Triton's statistics report them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatDuration {

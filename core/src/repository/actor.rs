@@ -101,6 +101,7 @@ pub struct Repository {
     tx: mpsc::Sender<Msg>,
     mode: ControlMode,
     settled: watch::Receiver<bool>,
+    changes: watch::Receiver<()>,
 }
 
 /// Everything an operation task needs.
@@ -123,6 +124,7 @@ impl Repository {
     ) -> Repository {
         let (tx, rx) = mpsc::channel(64);
         let (settled_tx, settled) = watch::channel(!loads_coming);
+        let (changes_tx, changes) = watch::channel(());
         // A panic in the actor (a bug) leaves nobody to load, unload or list models: the
         // server is then never ready again (the panic is logged with the reason).
         let on_panic = {
@@ -140,9 +142,15 @@ impl Repository {
             records: BTreeMap::new(),
             tx: tx.clone(),
             settled: settled_tx,
+            changes: changes_tx,
         };
         spawn_monitored("model repository", actor.run(rx), on_panic);
-        Repository { tx, mode, settled }
+        Repository {
+            tx,
+            mode,
+            settled,
+            changes,
+        }
     }
 
     pub fn mode(&self) -> ControlMode {
@@ -152,6 +160,14 @@ impl Repository {
     /// No load is running and no model that should be served failed to load.
     pub fn settled(&self) -> bool {
         *self.settled.borrow()
+    }
+
+    /// Marked after every operation starts or ends (what `index` says may have changed):
+    /// an event for observers such as cluster registration.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        let mut rx = self.changes.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     /// Every model of the repository with its versions' states; `ready_only` keeps READY rows.
@@ -209,6 +225,8 @@ struct Actor {
     /// To hand each operation task a way back.
     tx: mpsc::Sender<Msg>,
     settled: watch::Sender<bool>,
+    /// Bumped after each operation starts or ends (`Repository::changes`).
+    changes: watch::Sender<()>,
 }
 
 impl Actor {
@@ -217,6 +235,8 @@ impl Actor {
             match msg {
                 Msg::Index { ready_only, reply } => {
                     let _ = reply.send(self.index(ready_only));
+                    self.publish_settled();
+                    continue;
                 }
                 Msg::Run { kind, name, reply } => {
                     let record = self.records.entry(name.clone()).or_default();
@@ -242,6 +262,7 @@ impl Actor {
                 }
             }
             self.publish_settled();
+            self.changes.send_replace(());
         }
     }
 

@@ -643,6 +643,11 @@ impl ModelMetrics {
         self.queue_capacity.set(capacity);
     }
 
+    /// Requests in flight now (the gauge `inflight` keeps).
+    pub fn inflight_now(&self) -> i64 {
+        self.inflight.get()
+    }
+
     /// Counts a request as in flight until the guard is dropped (answered, or abandoned).
     pub fn inflight(&self) -> InflightGuard {
         self.inflight.inc();

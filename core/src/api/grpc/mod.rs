@@ -43,7 +43,7 @@ use crate::tls::TlsIncoming;
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use proto::grpc_inference_service_server::GrpcInferenceServiceServer;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -82,21 +82,13 @@ pub struct GrpcServer {
     readiness: watch::Sender<()>,
 }
 
-/// Binds `host:port` (0 picks a free port) and serves gRPC on it until `GrpcServer::stop`.
+/// Serves gRPC on `listener` (bound by the caller, with the HTTP port, before any worker
+/// starts) until `GrpcServer::stop`.
 pub async fn start<B: Backend>(
-    host: IpAddr,
-    port: u16,
+    listener: tokio::net::TcpListener,
     backend: Arc<B>,
     cfg: GrpcConfig,
 ) -> anyhow::Result<GrpcServer> {
-    let listener = tokio::net::TcpListener::bind((host, port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for gRPC on {host}:{port} (is another server using the port? \
-                 pick one with --grpc-port)"
-            )
-        })?;
     let addr = listener
         .local_addr()
         .context("reading the gRPC listening address")?;
