@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from cluster_fleet import Fleet, etcd_delete, gateway_gauge
+from cluster_fleet import Fleet, etcd_delete, etcd_put, gateway_gauge
 from cluster_services import EtcdServer
 from umclient import (
     Inp,
@@ -208,6 +208,12 @@ def test_unknown_model_404_and_no_ready_node_503_name_the_model(fleet):
     assert gw.get("/v2/models/nope").status_code == 404
     version = infer_json(gw, "arith", ARITH_IN, version="9")
     assert version.status_code == 404 and "'9'" in error_of(version)
+    # /v1 POSTs are routed by the body's "model".
+    openai = f"{fleet.gateway_url}/v1/chat/completions"
+    nameless = requests.post(openai, json={"messages": []}, timeout=30)
+    assert nameless.status_code == 400 and '"model"' in error_of(nameless)
+    unknown = requests.post(openai, json={"model": "nope"}, timeout=30)
+    assert unknown.status_code == 404 and "'nope'" in error_of(unknown)
     # A model a node lists as LOADING only: 503 naming it and what the node reports.
     fleet.register_model(0, "ghost", state="LOADING")
     try:
@@ -226,40 +232,42 @@ def test_unknown_model_404_and_no_ready_node_503_name_the_model(fleet):
 
 
 def test_an_unreachable_node_leaves_rotation_and_its_requests_go_elsewhere(fleet):
-    """A node registered at a port nothing listens on: every request that picks it fails to
-    connect, is sent to another node, and the node is out of rotation at the first failure."""
-    dead_port = free_port()
+    """A node registered at a port nothing listens on, beside node-0 only: the first request
+    that picks it fails to connect, goes to node-0, and the node is out of rotation at once.
+    Every body is larger than the gateway holds (it streams through), so the request that
+    met the dead node was sent again with its body taken back unread."""
     name = "node-dead"
-    from cluster_fleet import etcd_put
-
+    dead = f"http://127.0.0.1:{free_port()}"
     etcd_put(
         fleet.etcd,
         f"{fleet.prefix}/nodes/{name}",
-        {
-            "node": name,
-            "rest_url": f"http://127.0.0.1:{dead_port}",
-            "grpc_url": f"http://127.0.0.1:{dead_port}",
-            "state": "SERVING",
-        },
+        {"node": name, "rest_url": dead, "grpc_url": dead, "state": "SERVING"},
     )
     etcd_put(
         fleet.etcd,
         f"{fleet.prefix}/models/arith/{name}",
         {"model": "arith", "node": name, "versions": ["1"], "state": "READY"},
     )
+    others = [f"{fleet.prefix}/models/arith/{fleet.node_name(i)}" for i in range(1, NODES)]
+    for key in others:
+        etcd_delete(fleet.etcd, key)
+    vals = np.arange(100_000, dtype=np.float32)  # 400 kB: streamed, not held
+    big = [Inp("vals", "FP32", [vals.tolist()]), Inp("mult", "INT32", [[1]])]
     try:
         fleet.wait_gateway_nodes(NODES + 1, state="all")
-        answers = [infer_json(fleet.gateway, "arith", ARITH_IN) for _ in range(30)]
-        for resp in answers:
-            arith_ok(resp)
+        for _ in range(20):
+            resp = infer_binary(fleet.gateway, "arith", big)
+            assert resp.status_code == 200, error_of(resp)
+            assert decode(resp).outputs["total"].ravel()[0] == pytest.approx(vals.sum(), rel=1e-5)
         fleet.wait_gateway_nodes(NODES, state="in_rotation")
         text = fleet.gateway.get("/metrics").text
-        assert re.search(
-            rf'unimodel_gateway_retries_total{{node="{name}",reason="connect"}} [1-9]', text
-        ), text
+        retried = rf'unimodel_gateway_retries_total{{node="{name}",reason="connect"}} 1$'
+        assert re.search(retried, text, re.MULTILINE), text
     finally:
         etcd_delete(fleet.etcd, f"{fleet.prefix}/nodes/{name}")
         etcd_delete(fleet.etcd, f"{fleet.prefix}/models/arith/{name}")
+        for i in range(1, NODES):
+            fleet.register_model(i, "arith")
     fleet.wait_gateway_nodes(NODES, state="all")
 
 
@@ -282,15 +290,25 @@ def test_the_trace_id_reaches_the_node(fleet):
 def test_auth_flags_on_the_gateway(fleet, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"{INFER_KEY} infer\n{ADMIN_KEY} admin\n")
-    gw = fleet.start_gateway("--api-key-file", str(keys), primary=False)
-    wait_until(
-        lambda: gateway_gauge(gw, "in_rotation") == NODES, WAIT_S, "the second gateway's table"
+    metrics_port = free_port()
+    gw = fleet.start_gateway(
+        "--api-key-file",
+        str(keys),
+        "--auth-metrics",
+        "--metrics-port",
+        str(metrics_port),
+        primary=False,
     )
-    assert gw.get("/v2/health/ready").status_code == 200, "health stays open"
-    denied = infer_json(gw, "arith", ARITH_IN)
-    assert denied.status_code == 401, denied.text
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {INFER_KEY}"
+    # Its table filled (health stays open without a credential).
+    wait_until(lambda: gw.get("/v2/health/ready").status_code == 200, WAIT_S, "the gateway ready")
+    scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+    assert requests.get(scrape, timeout=30).status_code == 401, "--auth-metrics"
+    scraped = requests.get(scrape, headers={"X-API-Key": INFER_KEY}, timeout=30)
+    assert scraped.status_code == 200 and "unimodel_gateway_nodes" in scraped.text
+    denied = infer_json(gw, "arith", ARITH_IN)
+    assert denied.status_code == 401, denied.text
     arith_ok(infer_json(session, "arith", ARITH_IN, base_url=gw.base_url))
     forbidden = session.post(f"{gw.base_url}/v2/repository/index", json={}, timeout=30)
     assert forbidden.status_code == 403, forbidden.text
@@ -301,3 +319,98 @@ def test_auth_flags_on_the_gateway(fleet, tmp_path):
         client.get_model_metadata("arith", headers={"authorization": f"Bearer {INFER_KEY}"}).name
         == "arith"
     )
+
+
+def test_a_killed_node_leaves_rotation_at_once_and_returns_when_it_registers_again(
+    module_etcd, repository, tmp_path
+):
+    """kill -9 of a node: no request fails (the gateway could not connect, so it sent them
+    elsewhere), the node is out of rotation at its first failure (its keys are still in
+    etcd: these carry no lease), and back once it restarts and its keys are written again."""
+    factory = ServerFactory(tmp_path)
+    fleet = Fleet(module_etcd, factory, repository, nodes=NODES, prefix="/killed", register=False)
+    try:
+        for i in range(NODES):
+            fleet.start_node(i)
+        register_all(fleet)
+        fleet.start_gateway()
+        fleet.wait_gateway_nodes(NODES)
+        fleet.kill_node(1)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(
+                pool.map(lambda _: infer_json(fleet.gateway, "arith", ARITH_IN), range(60))
+            )
+        for resp in answers:
+            arith_ok(resp)
+        fleet.wait_gateway_nodes(NODES - 1)
+        assert gateway_gauge(fleet.gateway, "all") == NODES, "its keys are still there"
+
+        fleet.restart_node(1)
+        register_all(fleet)
+        fleet.wait_gateway_nodes(NODES)
+        before = node_successes(fleet, 1, "arith")
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(
+                pool.map(lambda _: infer_json(fleet.gateway, "arith", ARITH_IN), range(60))
+            )
+        for resp in answers:
+            arith_ok(resp)
+        assert node_successes(fleet, 1, "arith") > before, "the restarted node serves again"
+    finally:
+        factory.close()
+
+
+def parent_pid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no parent of {pid}")
+
+
+def test_a_stream_from_a_node_that_leaves_the_table_ends_instead_of_hanging(fleet):
+    """SIGSTOP of the node serving an SSE stream, then its keys gone (as when its lease
+    expires): the gateway ends the client's stream with an error at once."""
+    url = f"{fleet.gateway_url}/v2/models/tokens/generate_stream"
+    body = {"prompt": "long", "count": 10_000, "delay_ms": 20}
+    stopped = None
+    try:
+        with requests.post(url, json=body, stream=True, timeout=(5, WAIT_S)) as resp:
+            assert resp.status_code == 200, resp.text
+            lines = resp.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line and line.startswith("data:"))
+            worker = json.loads(first[len("data:") :])["pid"]
+            serving = parent_pid(worker)
+            stopped = next(i for i in range(NODES) if fleet.node(i).proc.pid == serving)
+            fleet.sigstop_node(stopped)
+            fleet.deregister_node(stopped, models=("arith", "tokens"))
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                for _ in lines:
+                    pass
+    finally:
+        if stopped is not None:
+            fleet.sigcont_node(stopped)
+            fleet.register_node(stopped)
+            for model in ("arith", "tokens"):
+                fleet.register_model(stopped, model)
+    fleet.wait_gateway_nodes(NODES)
+
+
+def test_routing_goes_on_while_etcd_is_down_and_the_watch_resumes(fleet):
+    gw = fleet.gateway
+    fleet.etcd.stop()
+    try:
+        for _ in range(10):
+            arith_ok(infer_json(gw, "arith", ARITH_IN))
+    finally:
+        fleet.etcd.start()
+    # The watch is back: a key written now reaches the gateway's table.
+    fleet.register_model(0, "after-restart", state="LOADING")
+    try:
+        wait_until(
+            lambda: gw.post("/v2/models/after-restart/infer", json={}).status_code == 503,
+            WAIT_S,
+            "a key written after etcd's restart in the gateway's table",
+        )
+    finally:
+        etcd_delete(fleet.etcd, f"{fleet.prefix}/models/after-restart/node-0")
+    arith_ok(infer_json(gw, "arith", ARITH_IN))

@@ -69,6 +69,10 @@ pub struct GatewayArgs {
     /// gRPC port (0 picks a free one): KServe V2 `inference.GRPCInferenceService`.
     #[arg(long, default_value_t = 8001)]
     pub grpc_port: u16,
+    /// Also serve GET /metrics on this port (same --host), e.g. for a scraper that must not
+    /// reach the API port. /metrics stays on the HTTP port as well.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
     /// Longest wait for a node's answer (its response head; a stream may then run on).
     /// Past it the client gets 504 (gRPC DEADLINE_EXCEEDED) naming the node; the request
     /// may have run there, so it is not sent again (at most 604800000, 7 days).

@@ -37,9 +37,26 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let grpc_at = grpc
         .local_addr()
         .context("reading the gRPC listening address")?;
+    let metrics = match args.metrics_port {
+        Some(port) => {
+            let listener = bind(args.host, port, "--metrics-port").await?;
+            let at = listener
+                .local_addr()
+                .context("reading the metrics listening address")?;
+            tracing::info!(address = %format!("{scheme}://{at}/metrics"), "metrics listening");
+            Some(Acceptor::new(
+                listener,
+                limit.clone(),
+                Some(&listener_metrics),
+                "metrics",
+            ))
+        }
+        None => None,
+    };
     let listeners = Listeners {
         http: Acceptor::new(http, limit.clone(), Some(&listener_metrics), "http"),
         grpc: Acceptor::new(grpc, limit, Some(&listener_metrics), "grpc"),
+        metrics,
         tls: tls.clone(),
         timeouts,
     };

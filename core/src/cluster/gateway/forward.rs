@@ -193,6 +193,8 @@ impl Outgoing {
             headers.remove(h);
         }
         headers.remove(header::HOST);
+        // Answered by this hop's server already (it sent 100 Continue as the body was read).
+        headers.remove(header::EXPECT);
         let small = http_body::Body::is_end_stream(&body)
             || headers
                 .get(header::CONTENT_LENGTH)
@@ -225,6 +227,7 @@ impl Outgoing {
             headers.remove(h);
         }
         headers.remove(header::HOST);
+        headers.remove(header::EXPECT);
         Outgoing {
             method: parts.method,
             path_and_query: parts
@@ -382,7 +385,10 @@ impl Upstream {
         *req.headers_mut() = headers.clone();
         let inflight = node.start();
         let sent = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let result = tokio::select! {
+            r = tokio::time::timeout(self.timeout, self.client.request(req)) => r,
+            () = node.gone() => return Attempt::Failed(left_the_table(node)),
+        };
         match result {
             Err(_) => Attempt::Failed(GatewayError::NodeTimeout {
                 node: Arc::clone(&node.name),
@@ -421,6 +427,15 @@ impl Upstream {
     }
 }
 
+/// A node that left the table (its lease expired: stopped, partitioned) while a request
+/// waited for its answer; the request may have run there.
+pub fn left_the_table(node: &Node) -> GatewayError {
+    GatewayError::NodeFailed {
+        node: Arc::clone(&node.name),
+        detail: "it left the cluster table (its etcd lease expired) before answering".into(),
+    }
+}
+
 /// A refusal the node marks as made before accepting the request.
 pub fn not_run(status: StatusCode, headers: &HeaderMap) -> bool {
     status == StatusCode::SERVICE_UNAVAILABLE
@@ -428,13 +443,68 @@ pub fn not_run(status: StatusCode, headers: &HeaderMap) -> bool {
 }
 
 /// The node's answer, streamed back; the request counts as outstanding on the node until
-/// its last byte.
+/// its last byte. An event stream (SSE) also ends, with an error, if the node leaves the
+/// table mid-stream (a stopped or partitioned node would otherwise hold it open forever).
 fn pass_back(resp: Response<Incoming>, inflight: InFlight) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
+    let streams = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streams {
+        let node = Arc::clone(inflight.node());
+        let gone = Box::pin(async move { node.gone().await });
+        let body = UntilGone {
+            inner: HoldUntilEnd::new(body, inflight),
+            gone,
+            ended: false,
+        };
+        return Response::from_parts(parts, Body::new(body));
+    }
     Response::from_parts(parts, Body::new(HoldUntilEnd::new(body, inflight)))
+}
+
+/// A streamed answer that fails once its node leaves the table.
+struct UntilGone<B> {
+    inner: B,
+    gone: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ended: bool,
+}
+
+impl<B> http_body::Body for UntilGone<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.gone.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(
+                "the node left the cluster table mid-stream".into()
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
 }
 
 /// An error and its causes, one line.
@@ -447,4 +517,164 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::actor::{self, Probe};
+    use super::super::node::RestTarget;
+    use super::super::routes::Tried;
+    use super::*;
+    use axum::routing::post;
+    use futures::future::BoxFuture;
+
+    struct NeverUp;
+
+    impl Probe for NeverUp {
+        fn live(&self, _node: Arc<Node>) -> BoxFuture<'static, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    /// A node on a free port that answers every infer with `status` (marked not-run when
+    /// `not_run`) and the body it read, so a test sees what arrived.
+    async fn node(name: &str, status: StatusCode, not_run: bool) -> Arc<Node> {
+        let app = axum::Router::new().route(
+            "/v2/models/m/infer",
+            post(move |body: Bytes| async move {
+                let mut resp = Response::new(Body::from(body));
+                *resp.status_mut() = status;
+                if not_run {
+                    resp.headers_mut()
+                        .insert(NOT_RUN, HeaderValue::from_static("1"));
+                }
+                resp
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let rest = RestTarget::parse(&format!("http://{at}")).unwrap();
+        Arc::new(Node::new(name, rest, None))
+    }
+
+    fn upstream() -> Upstream {
+        let (_feed, rx) = tokio::sync::mpsc::channel(1);
+        let table = actor::start(rx, Arc::new(NeverUp));
+        Upstream::new(
+            table,
+            Arc::new(GatewayMetrics::new()),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn request(body: Vec<u8>) -> Request<Body> {
+        Request::post("/v2/models/m/infer")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    /// Picks the nodes in the order given.
+    fn in_order(nodes: Vec<Arc<Node>>) -> impl Fn(&Tried) -> Result<Arc<Node>, GatewayError> {
+        move |tried: &Tried| {
+            nodes
+                .get(tried.count())
+                .cloned()
+                .ok_or(GatewayError::NoNode)
+        }
+    }
+
+    async fn text(resp: Response<Body>) -> String {
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_not_run_refusal_is_sent_to_the_next_node_with_the_same_body() {
+        let refusing = node("a", StatusCode::SERVICE_UNAVAILABLE, true).await;
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let out = Outgoing::from_request(request(b"payload".to_vec()))
+            .await
+            .unwrap();
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(out, &model, None, in_order(vec![refusing, serving]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await, "payload");
+        let metrics = up.metrics.encode();
+        assert!(
+            metrics.contains(r#"unimodel_gateway_retries_total{node="a",reason="not_run"} 1"#),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unmarked_503_and_a_refused_large_body_pass_through() {
+        let up = upstream();
+        let model = Arc::new("m".to_string());
+        // A 503 without the marker may have run: the client gets it, nothing is retried.
+        let failing = node("a", StatusCode::SERVICE_UNAVAILABLE, false).await;
+        let serving = node("b", StatusCode::OK, false).await;
+        let out = Outgoing::from_request(request(b"x".to_vec()))
+            .await
+            .unwrap();
+        let resp = up
+            .forward(
+                out,
+                &model,
+                None,
+                in_order(vec![failing, Arc::clone(&serving)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A body too large to hold cannot be sent again: the node's refusal is the answer.
+        let refusing = node("c", StatusCode::SERVICE_UNAVAILABLE, true).await;
+        let big = vec![7u8; REPLAY_LIMIT as usize + 1];
+        let out = Outgoing::from_request(request(big)).await.unwrap();
+        let resp = up
+            .forward(out, &model, None, in_order(vec![refusing, serving]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(not_run(resp.status(), resp.headers()));
+    }
+
+    #[tokio::test]
+    async fn no_connection_takes_the_node_out_and_sends_a_streamed_body_elsewhere() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let rest = RestTarget::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let dead = Arc::new(Node::new("dead", rest, None));
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let big = vec![9u8; REPLAY_LIMIT as usize + 10];
+        let out = Outgoing::from_request(request(big.clone())).await.unwrap();
+        assert!(
+            matches!(out.body, OutBody::Stream { .. }),
+            "streamed, not held"
+        );
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(
+                out,
+                &model,
+                None,
+                in_order(vec![Arc::clone(&dead), serving]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await.len(), big.len());
+        assert!(dead.is_down(), "out of rotation at its first failure");
+    }
 }

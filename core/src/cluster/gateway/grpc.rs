@@ -12,9 +12,9 @@
 
 use super::actor::TableHandle;
 use super::error::GatewayError;
-use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain};
+use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain, left_the_table};
 use super::metrics::{GatewayMetrics, NONE, RetryReason};
-use super::node::Node;
+use super::node::{InFlight, Node};
 use super::routes::{Purpose, Tried};
 use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
@@ -146,7 +146,14 @@ impl GatewayGrpc {
             let _inflight = node.start();
             let sent = Instant::now();
             let attempt = Request::from_parts(md.clone(), Default::default(), msg.clone());
-            let result = tokio::time::timeout(self.timeout, call(client, attempt)).await;
+            let result = tokio::select! {
+                r = tokio::time::timeout(self.timeout, call(client, attempt)) => r,
+                () = node.gone() => {
+                    let e = left_the_table(&node);
+                    self.record(&node, &route.name, e.grpc_code());
+                    return Err(e.into());
+                }
+            };
             let result = match result {
                 Ok(r) => r,
                 Err(_) => {
@@ -205,6 +212,29 @@ impl GatewayGrpc {
 
 pub type ResponseStream =
     Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+/// The node's answers, outstanding on the node until the stream ends; the stream fails
+/// (UNAVAILABLE naming the node) if the node leaves the table mid-stream, instead of
+/// hanging on a stopped or partitioned node.
+fn until_gone(answers: Streaming<ModelStreamInferResponse>, inflight: InFlight) -> ResponseStream {
+    let node = Arc::clone(inflight.node());
+    let gone: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move { node.gone().await });
+    futures::stream::unfold(Some((answers, gone, inflight)), |state| async move {
+        let (mut answers, mut gone, inflight) = state?;
+        tokio::select! {
+            biased;
+            item = answers.next() => {
+                let item = item?;
+                Some((item, Some((answers, gone, inflight))))
+            }
+            () = &mut gone => {
+                let status = left_the_table(inflight.node()).into();
+                Some((Err(status), None))
+            }
+        }
+    })
+    .boxed()
+}
 
 /// A stream's messages waiting for the node: taken on the first read, so a call that never
 /// connected can give them back and go to another node.
@@ -324,12 +354,7 @@ impl GrpcInferenceService for GatewayGrpc {
                 Ok(resp) => {
                     self.record(&node, &route.name, tonic::Code::Ok);
                     let (md, answers, ext) = resp.into_parts();
-                    // Outstanding on the node until the stream ends.
-                    let answers = answers.map(move |m| {
-                        let _held = &inflight;
-                        m
-                    });
-                    return Ok(Response::from_parts(md, answers.boxed(), ext));
+                    return Ok(Response::from_parts(md, until_gone(answers, inflight), ext));
                 }
                 Err(status)
                     if never_sent(&status)

@@ -54,8 +54,9 @@ pub struct Node {
     /// Out of rotation: a connection to it failed; cleared by a successful probe or when
     /// etcd rewrites its key.
     down: AtomicBool,
-    /// Removed from the table or replaced: its probe stops.
-    retired: AtomicBool,
+    /// Removed from the table or replaced: its probe stops, and requests still waiting for
+    /// its answer fail at once (a node whose lease expired is not coming back to them).
+    retired: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -80,7 +81,7 @@ impl Node {
             grpc,
             outstanding: AtomicUsize::new(0),
             down: AtomicBool::new(false),
-            retired: AtomicBool::new(false),
+            retired: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -104,11 +105,17 @@ impl Node {
     }
 
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
+        self.retired.send_replace(true);
     }
 
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        *self.retired.borrow()
+    }
+
+    /// Completes once the node is retired (never, while it is in the table).
+    pub async fn gone(&self) {
+        let mut rx = self.retired.subscribe();
+        let _ = rx.wait_for(|retired| *retired).await;
     }
 
     /// Counts one request as outstanding until the returned mark is dropped.

@@ -152,6 +152,22 @@ async fn openai_models(State(gw): State<Arc<Gateway>>) -> Json<serde_json::Value
     Json(serde_json::json!({"object": "list", "data": data}))
 }
 
+/// A router with only `GET /metrics` (`--metrics-port`), behind auth with `--auth-metrics`.
+pub fn metrics_router(gw: Arc<Gateway>, auth: Option<Arc<crate::auth::Auth>>) -> Router {
+    let gate = auth
+        .filter(|a| !a.open_metrics)
+        .map(|a| crate::api::auth::AuthGate::new(a, Some(Arc::clone(&gw.listener_metrics))));
+    let routes = Router::new().route("/metrics", get(scrape));
+    let routes = match gate {
+        Some(gate) => routes.layer(axum::middleware::from_fn_with_state(
+            gate,
+            crate::api::auth::check,
+        )),
+        None => routes,
+    };
+    routes.with_state(gw)
+}
+
 async fn scrape(State(gw): State<Arc<Gateway>>) -> Response {
     let mut text = gw.listener_metrics.encode();
     text.push_str(&gw.metrics.encode());

@@ -33,6 +33,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Listeners {
     pub http: Acceptor,
     pub grpc: Acceptor,
+    /// `--metrics-port`: `/metrics` alone, for a scraper that must not reach the API port.
+    pub metrics: Option<Acceptor>,
     pub tls: Option<Arc<ServerTls>>,
     pub timeouts: ConnTimeouts,
 }
@@ -111,6 +113,18 @@ pub async fn run(
         metrics,
         max_body_bytes: settings.max_body_bytes,
     });
+    if let Some(acceptor) = listeners.metrics {
+        let app = super::rest::metrics_router(Arc::clone(&gw), settings.auth.clone());
+        let incoming = HttpIncoming::new(acceptor, handshake(ListenerKind::Metrics))
+            .context("starting TLS on the metrics port")?;
+        // Not stopped with the API ports: a scraper sees the gateway to its end.
+        tokio::spawn(serve_http(
+            incoming,
+            app,
+            listeners.timeouts,
+            std::future::pending(),
+        ));
+    }
     let app = router(gw, settings.auth.clone());
     let incoming = HttpIncoming::new(listeners.http, http_handshake).context("starting TLS")?;
     let http = tokio::spawn(serve_http(
