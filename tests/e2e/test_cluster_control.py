@@ -10,6 +10,7 @@ serves is checked through its own REST API.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -18,9 +19,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import nats as nats_py
 import pytest
+import requests
 from cluster_services import NatsServer
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from umclient import (
     REPO_ROOT,
     Inp,
@@ -157,6 +161,18 @@ def lines_of(result) -> dict[str, str]:
     return out
 
 
+def grpc_refusal(server, model: str) -> grpc.RpcError:
+    """A gRPC ModelInfer that the server refuses; returns the error (with its metadata)."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    tensor.contents.fp32_contents.append(1.0)
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=30)
+    return caught.value
+
+
 def doubled(server) -> float:
     resp = infer_json(server, "doubler", [Inp("x", "FP32", [[3.0]])])
     return float(decode(resp).outputs["y"].ravel()[0])
@@ -233,6 +249,10 @@ def test_drain_finishes_accepted_work_refuses_new_ones_marked_not_run_and_resume
     refused = infer_json(a, "doubler", [Inp("x", "FP32", [[1.0]])])
     assert "this node is draining" in error_of(refused, 503)
     assert refused.headers.get(NOT_RUN) == "1"
+    over_grpc = grpc_refusal(a, "doubler")
+    assert over_grpc.code() == grpc.StatusCode.UNAVAILABLE
+    assert "this node is draining" in over_grpc.details()
+    assert (NOT_RUN, "1") in tuple(over_grpc.trailing_metadata() or ())
     assert a.get("/v2/health/ready").status_code == 503
     assert a.alive()
     again = ctl("resume", "--nodes", "node-a", nats_url=nats.url)
@@ -338,5 +358,115 @@ def test_a_server_with_authorization_obeys_only_clients_with_credentials(
         assert doubled(a) == 6.0
         # The password never appears in what ctl prints.
         assert "s3cret" not in obeyed.stdout + obeyed.stderr
+    finally:
+        server.stop()
+
+
+def etcd_put(etcd, key: str, value: dict | str) -> None:
+    """Writes one key through etcd's JSON gateway, as a node would register it."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    body = {
+        "key": base64.b64encode(key.encode()).decode(),
+        "value": base64.b64encode(text.encode()).decode(),
+    }
+    requests.post(f"{etcd.url}/v3/kv/put", json=body, timeout=10).raise_for_status()
+
+
+def node_value(name: str, state: str) -> dict:
+    return {
+        "node": name,
+        "rest_url": f"http://127.0.0.1:1{len(name)}00",
+        "grpc_url": None,
+        "state": state,
+        "version": "0.1.0",
+        "started_at_ms": 1,
+    }
+
+
+def model_value(model: str, node_name: str, state: str, in_flight: int) -> dict:
+    return {
+        "model": model,
+        "node": node_name,
+        "versions": ["1"],
+        "state": state,
+        "reason": None if state == "READY" else "drained by an operator",
+        "streams": False,
+        "load": {"queue_depth": 0, "in_flight": in_flight, "instances": 1},
+    }
+
+
+def test_ctl_status_prints_the_nodes_and_models_registered_in_etcd(etcd):
+    etcd_put(etcd, "/unimodel/nodes/node-a", node_value("node-a", "SERVING"))
+    etcd_put(etcd, "/unimodel/nodes/node-b", node_value("node-b", "DRAINING"))
+    etcd_put(etcd, "/unimodel/models/doubler/node-a", model_value("doubler", "node-a", "READY", 3))
+    etcd_put(
+        etcd, "/unimodel/models/doubler/node-b", model_value("doubler", "node-b", "DRAINING", 1)
+    )
+    etcd_put(etcd, "/unimodel/nodes/node-c", "not json")
+    # Another cluster's keys are not ours.
+    etcd_put(etcd, "/other/nodes/node-x", node_value("node-x", "SERVING"))
+
+    text = run_cli("ctl", "status", "--etcd", etcd.url)
+    assert text.returncode == 0, text.stdout + text.stderr
+    out = text.stdout
+    assert "node-a  SERVING" in out and "node-b  DRAINING" in out, out
+    assert "doubler  READY  versions 1  queue 0  in flight 3  instances 1" in out, out
+    assert "doubler  DRAINING" in out and "(drained by an operator)" in out, out
+    assert "unreadable key /unimodel/nodes/node-c" in out, out
+    assert "node-x" not in out
+
+    as_json = run_cli("ctl", "status", "--etcd", etcd.url, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    cluster = json.loads(as_json.stdout)
+    by_name = {n["name"]: n for n in cluster["nodes"]}
+    assert set(by_name) == {"node-a", "node-b"}
+    assert by_name["node-b"]["state"] == "DRAINING"
+    assert by_name["node-a"]["models"][0]["load"]["in_flight"] == 3
+    assert cluster["unreadable"][0][0] == "/unimodel/nodes/node-c"
+
+    other = run_cli("ctl", "status", "--etcd", etcd.url, "--etcd-prefix", "/other", "--json")
+    assert [n["name"] for n in json.loads(other.stdout)["nodes"]] == ["node-x"]
+
+    etcd.stop()
+    down = run_cli("ctl", "status", "--etcd", etcd.url)
+    assert down.returncode != 0
+    assert f"cannot read the cluster from etcd at {etcd.url}" in down.stderr, down.stderr
+
+
+class TokenNats(NatsServer):
+    """nats-server that requires a token (`--auth`)."""
+
+    def __init__(self, workdir: Path, token: str):
+        super().__init__(workdir)
+        self.token = token
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--auth", self.token]
+
+
+def test_a_token_in_the_url_is_sent_and_a_bad_creds_file_is_named(start_server, tmp_path, repo):
+    server = TokenNats(tmp_path / "nats-token", token="t0ken")
+    server.start()
+    try:
+        with_token = f"nats://t0ken@127.0.0.1:{server.port}"
+        a = node(start_server, repo, with_token, "node-a")
+        refused = ctl("drain", "--nodes", "node-a", nats_url=server.url)
+        assert refused.returncode != 0 and "refused the credentials" in refused.stderr
+        obeyed = ctl("drain", "--nodes", "node-a", nats_url=with_token)
+        assert obeyed.returncode == 0, obeyed.stdout + obeyed.stderr
+        assert a.get("/v2/health/ready").status_code == 503
+        missing = tmp_path / "missing.creds"
+        bad = run_cli(
+            "ctl",
+            "resume",
+            "--nodes",
+            "node-a",
+            "--nats",
+            with_token,
+            "--nats-creds",
+            str(missing),
+        )
+        assert bad.returncode != 0
+        assert f"--nats-creds '{missing}'" in bad.stderr, bad.stderr
     finally:
         server.stop()

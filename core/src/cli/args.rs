@@ -43,7 +43,7 @@ pub enum Command {
     /// percentiles, errors by kind, --json report, --plot chart.
     Bench(crate::bench::Args),
     /// Control cluster nodes over NATS: load, unload, drain and resume models on the nodes
-    /// named (docs/cluster.md, "Control over NATS").
+    /// named; `ctl status` reads the cluster from etcd (docs/cluster.md, "Control over NATS").
     Ctl(CtlArgs),
     /// One endpoint for a cluster: watch the nodes in etcd and route each KServe V2 request
     /// (REST and gRPC, streaming included) to a node that has the model ready.
@@ -433,8 +433,9 @@ pub struct ServeArgs {
 /// Where NATS is and the credentials to talk to it (`serve` and `ctl`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
-    /// Take control requests (load, unload, drain, resume) and publish events over NATS:
-    /// nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222.
+    /// The NATS server: nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222. `serve`
+    /// takes control requests (load, unload, drain, resume) and publishes events there;
+    /// `ctl` sends its requests there.
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
     /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.
@@ -460,6 +461,23 @@ pub enum CtlCommand {
     Drain(CtlMaybeModelArgs),
     /// Lift a drain of MODEL, or every drain of the node without MODEL.
     Resume(CtlMaybeModelArgs),
+    /// Print the cluster as registered in etcd: each node (state, URL) and its models
+    /// (state, versions, load).
+    Status(CtlStatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CtlStatusArgs {
+    /// etcd endpoints: http://HOST:2379, several separated by commas.
+    #[arg(long, value_name = "URL")]
+    pub etcd: String,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// Print JSON: {"nodes": [{...the node's key, "models": [...its models' keys]}],
+    /// "unreadable": [keys whose value is not the documented JSON]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which nodes and how to reach them over NATS.
@@ -469,7 +487,7 @@ pub struct CtlTarget {
     #[arg(long, value_name = "NODE,...", value_delimiter = ',', required = true)]
     pub nodes: Vec<String>,
     /// The cluster's etcd prefix: the NATS subjects start with the same words.
-    #[arg(long, value_name = "PREFIX", default_value = "/unimodel")]
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::keys::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// How long to wait for each node's reply (a load waits until the model is READY or
     /// FAILED); a node silent for that long is reported and the exit status is 1.
@@ -482,6 +500,7 @@ pub struct CtlTarget {
 
 #[derive(Args, Debug, Clone)]
 pub struct CtlModelArgs {
+    /// The model, by its name in each node's model repository.
     pub model: String,
     #[command(flatten)]
     pub target: CtlTarget,
@@ -489,6 +508,7 @@ pub struct CtlModelArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct CtlMaybeModelArgs {
+    /// The model; without it, the whole node (every model).
     pub model: Option<String>,
     #[command(flatten)]
     pub target: CtlTarget,

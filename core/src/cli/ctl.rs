@@ -1,4 +1,5 @@
-//! `unimodel ctl`: orders to cluster nodes over NATS (`cluster::control`).
+//! `unimodel ctl`: orders to cluster nodes over NATS (`cluster::control`); `ctl status`
+//! (`ctl_status.rs`) reads the cluster from etcd instead.
 //!
 //! One request per node, all at once, each with its own deadline (`--timeout-s`); one line
 //! per node in the order given, `NODE: ok ...` or `NODE: error: ...`; exit status 1 when
@@ -7,6 +8,7 @@
 use super::args::{CtlArgs, CtlCommand, CtlTarget, NatsArgs};
 use crate::cluster::control::protocol::{Op, Reply, Request};
 use crate::cluster::control::{ControlError, NatsOptions, Subjects};
+use crate::cluster::keys::{NodeName, Prefix};
 use anyhow::bail;
 use async_nats::RequestErrorKind;
 use std::process::ExitCode;
@@ -18,6 +20,7 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Unload(a) => (Op::Unload, Some(a.model), a.target),
         CtlCommand::Drain(a) => (Op::Drain, a.model, a.target),
         CtlCommand::Resume(a) => (Op::Resume, a.model, a.target),
+        CtlCommand::Status(a) => return super::ctl_status::status(a).await,
     };
     let request = Request { op, model };
     let replies = order(&target, &request).await?;
@@ -52,14 +55,20 @@ async fn order(
     request: &Request,
 ) -> anyhow::Result<Vec<Result<Reply, ControlError>>> {
     let nats = nats_options(&target.nats)?;
+    let prefix = Prefix::parse(&target.etcd_prefix)?;
+    let nodes = target
+        .nodes
+        .iter()
+        .map(|n| NodeName::parse(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_secs(target.timeout_s);
     let client = nats.connect("unimodel ctl", timeout).await?;
     let body = serde_json::to_vec(request)?;
-    let asks = target.nodes.iter().map(|node| {
+    let asks = nodes.iter().map(|node| {
         let client = client.clone();
-        let subject = Subjects::new(&target.etcd_prefix, node).control();
+        let subject = Subjects::new(&prefix, node).control();
         let body = body.clone();
-        async move { ask(&client, node, subject, body, timeout).await }
+        async move { ask(&client, node.as_str(), subject, body, timeout).await }
     });
     Ok(futures::future::join_all(asks).await)
 }

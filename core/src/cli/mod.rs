@@ -4,6 +4,7 @@
 pub mod args;
 mod auth;
 mod ctl;
+mod ctl_status;
 mod fd_limit;
 mod gateway;
 pub mod limits;

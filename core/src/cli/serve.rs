@@ -13,8 +13,8 @@
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
 use super::serving::{PluginLoader, engine_options};
-use crate::cluster::control::subjects::check_node_name;
 use crate::cluster::control::{NatsOptions, Subjects};
+use crate::cluster::keys::{NodeName, Prefix};
 use crate::engine::Engine;
 use crate::repository::{ControlMode, ModelServer, Repository, Source};
 use crate::worker::prepare_python;
@@ -52,6 +52,11 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         url,
         creds: args.nats.nats_creds.clone(),
     });
+    // Bad cluster names fail before anything starts.
+    let prefix = Prefix::parse(&args.server.cluster.etcd_prefix)?;
+    if let Some(name) = &args.server.cluster.node_name {
+        NodeName::parse(name)?;
+    }
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
     let listening = listen(&args.server).await?;
@@ -81,7 +86,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         repository: repository.clone(),
     });
     if let Some(nats) = nats {
-        let subjects = Subjects::new(&args.server.cluster.etcd_prefix, &node_name(&args, &base)?);
+        let subjects = Subjects::new(&prefix, &node_name(&args, &base)?);
         crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
     }
     let registration =
@@ -101,24 +106,21 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// `--node-name`, or `{hostname}-{port}` with the short host name and the HTTP port.
-fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<String> {
-    let name = match &args.server.cluster.node_name {
-        Some(name) => name.clone(),
-        None => {
-            let host = nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "unimodel".into());
-            let short = host.split('.').next().unwrap_or("unimodel").to_string();
-            let port = base.rsplit(':').next().unwrap_or("0");
-            format!("{short}-{port}")
-        }
-    };
-    if let Err(why) = check_node_name(&name) {
-        bail!("--node-name: {why}");
+/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound.
+fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<NodeName> {
+    if let Some(name) = &args.server.cluster.node_name {
+        return Ok(NodeName::parse(name)?);
     }
-    Ok(name)
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let port = base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(args.server.port);
+    Ok(NodeName::from_host_port(&host, port))
 }
 
 /// The model source from `--model-repository` or `--config`.

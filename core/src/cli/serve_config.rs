@@ -333,4 +333,39 @@ mod tests {
             assert!(err.contains("unimodel.toml"), "{err}");
         }
     }
+
+    #[test]
+    fn cluster_keys_apply_unless_the_flag_was_given() {
+        let file = write(
+            "cluster",
+            r#"
+            [cluster]
+            node_name = "node-1"
+            etcd_prefix = "/team"
+            nats = "nats://127.0.0.1:4222"
+            nats_creds = "node.creds"
+            [models.a]
+            path = "a.py"
+            "#,
+        );
+        let mut args = serve_args(&["--node-name", "given"]);
+        apply(&file, &mut args, &|id| id == "node_name").unwrap();
+        let c = &args.cluster;
+        assert_eq!(c.node_name.as_deref(), Some("given"));
+        assert_eq!(c.etcd_prefix, "/team");
+        assert_eq!(c.nats.nats.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(
+            c.nats.nats_creds,
+            Some(file.parent().unwrap().join("node.creds"))
+        );
+        let typo = write(
+            "cluster-typo",
+            "[cluster]\nnat = \"x\"\n[models.a]\npath = \"a.py\"",
+        );
+        let err = apply(&typo, &mut serve_args(&[]), &|_| false).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `nat`"),
+            "{err:#}"
+        );
+    }
 }

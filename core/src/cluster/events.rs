@@ -69,7 +69,8 @@ mod tests {
 
     #[test]
     fn events_go_to_their_subjects() {
-        let s = Subjects::new("/unimodel", "n1");
+        let n1 = crate::cluster::keys::NodeName::parse("n1").unwrap();
+        let s = Subjects::new(&crate::cluster::keys::Prefix::default(), &n1);
         let (subject, body) = message(
             &s,
             &EngineEvent::Worker {

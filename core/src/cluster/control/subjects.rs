@@ -1,25 +1,27 @@
-//! NATS subject names. The cluster prefix is the etcd prefix (`/unimodel`) without its
-//! slashes (`unimodel`; `/a/b` becomes `a.b`), so one `--etcd-prefix` names a cluster in
-//! both etcd and NATS.
+//! NATS subject names. The cluster prefix is the etcd prefix with its slashes turned into
+//! dots (`/unimodel` gives `unimodel`, `/a/b` gives `a.b`: `keys::Prefix::dotted`), so one
+//! `--etcd-prefix` names a cluster in both etcd and NATS. Node names are one subject token
+//! (`keys::NodeName` allows no dots, spaces or wildcards).
+
+use crate::cluster::keys::{NodeName, Prefix};
 
 /// The subjects of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
-    node: String,
+    node: NodeName,
 }
 
 impl Subjects {
-    /// `prefix` as given to `--etcd-prefix`; `node` as `--node-name`.
-    pub fn new(prefix: &str, node: &str) -> Subjects {
+    pub fn new(prefix: &Prefix, node: &NodeName) -> Subjects {
         Subjects {
-            prefix: prefix_dots(prefix),
-            node: node.to_string(),
+            prefix: prefix.dotted(),
+            node: node.clone(),
         }
     }
 
     pub fn node(&self) -> &str {
-        &self.node
+        self.node.as_str()
     }
 
     /// Where the node takes requests.
@@ -38,48 +40,18 @@ impl Subjects {
     }
 }
 
-/// The etcd prefix as NATS subject tokens.
-pub fn prefix_dots(prefix: &str) -> String {
-    prefix
-        .split('/')
-        .filter(|t| !t.is_empty())
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
-/// Why `name` cannot be a node name in a subject, if it cannot: NATS subjects split on dots
-/// and treat `*` and `>` as wildcards, and whitespace ends a subject.
-pub fn check_node_name(name: &str) -> Result<(), String> {
-    let bad = name
-        .chars()
-        .find(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'));
-    match bad {
-        _ if name.is_empty() => Err("the node name is empty".into()),
-        Some(c) => Err(format!(
-            "node name '{name}' contains {c:?}; NATS subjects need a name without dots, spaces, '*' or '>' (e.g. node-1)"
-        )),
-        None => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn subjects_follow_the_prefix_and_the_node() {
-        let s = Subjects::new("/unimodel", "n1");
+        let n1 = NodeName::parse("n1").unwrap();
+        let s = Subjects::new(&Prefix::default(), &n1);
         assert_eq!(s.control(), "unimodel.ctl.n1");
         assert_eq!(s.model_events(), "unimodel.events.n1.model");
         assert_eq!(s.worker_events(), "unimodel.events.n1.worker");
-        assert_eq!(Subjects::new("/a/b/", "x").control(), "a.b.ctl.x");
-    }
-
-    #[test]
-    fn node_names_must_be_one_token() {
-        assert!(check_node_name("host-8000").is_ok());
-        for bad in ["", "a.b", "a b", "a*", "a>"] {
-            assert!(check_node_name(bad).is_err(), "{bad}");
-        }
+        let nested = Prefix::parse("/a/b/").unwrap();
+        assert_eq!(Subjects::new(&nested, &n1).control(), "a.b.ctl.n1");
     }
 }
