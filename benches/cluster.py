@@ -15,7 +15,9 @@ both sides of a ratio share one sitting on one machine:
 2. `doubler` (instant, `max_queue_delay_ms = 0`) at c=1: node 1 directly, then through the
    gateway; the gateway's added latency is the difference of the p50s (target <= 150 us).
 3. The gateway's CPU per request, from its /proc/PID/stat CPU time over each gateway step
-   (warm-ups included) divided by the requests of that step (warm-ups included).
+   (warm-ups included) divided by the requests of that step (warm-ups included); the same
+   for node 1 over the direct c=1 steps, for comparison (its HTTP front end, engine and
+   worker round trip, the Python worker not counted).
 4. `ctl load` to routable: `unimodel ctl load late_K --nodes node-K`, then the gateway is
    asked every millisecond until it answers 200; reported from the command's reply
    (the model READY on its node) to the first 200, and in all.
@@ -137,9 +139,15 @@ def throughput(binary, fleet, args, out: Path) -> dict:
 
 
 def overhead(binary, fleet, args, out: Path) -> dict:
-    direct, through, cpu_per_req = [], [], []
+    direct, through, cpu_per_req, node_cpu = [], [], [], []
     for r in range(args.c1_rounds):
+        node_before = cpu_s(fleet.node(0).proc.pid)
         d = bench(binary, fleet.node(0).base_url, FAST_MODEL, 1, args, out / f"c1-direct-{r}.json")
+        node_cpu.append(
+            (cpu_s(fleet.node(0).proc.pid) - node_before)
+            / (d["requests"] + d["warmup_requests"])
+            * 1e6
+        )
         before = cpu_s(fleet.gateway.proc.pid)
         g = bench(binary, fleet.gateway.base_url, FAST_MODEL, 1, args, out / f"c1-gw-{r}.json")
         used = cpu_s(fleet.gateway.proc.pid) - before
@@ -157,6 +165,7 @@ def overhead(binary, fleet, args, out: Path) -> dict:
         "gateway_p50_us": through,
         "added_p50_us": statistics.median(through) - statistics.median(direct),
         "gateway_cpu_us_per_req_c1": cpu_per_req,
+        "node_cpu_us_per_req_c1": node_cpu,
     }
 
 
@@ -321,6 +330,7 @@ def report(r: dict) -> None:
     print(f"| gateway's added p50 | {o['added_p50_us']:.0f} us | <= 150 us |")
     print(f"| gateway CPU per request, c=96 | {med(t['gateway_cpu_us_per_req_c96']):.0f} us | |")
     print(f"| gateway CPU per request, c=1 | {med(o['gateway_cpu_us_per_req_c1']):.0f} us | |")
+    print(f"| node CPU per request, c=1 (direct) | {med(o['node_cpu_us_per_req_c1']):.0f} us | |")
     print(f"| ctl load answered (model READY) | {med(s['ctl_s'] for s in c):.2f} s | |")
     print(
         f"| ctl answer -> routable via gateway | "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -311,8 +310,13 @@ def test_sigstop_drops_a_node_within_the_lease_and_sigcont_brings_it_back(fleet,
     check_answers(answers, calls_dir)
     stray = [rid for rid in runs_by_node(calls_dir)[victim.proc.pid] if out_mark < rid < cont_mark]
     assert not stray, f"sent to node-2 after it left the gateway's table: {stray[:10]}"
-    # Requests in flight to node-2 when it stopped waited for it (or for the gateway's
-    # upstream timeout): answered either way, as the common check showed.
+    # What was in flight on node-2 when it stopped is answered when its lease ends and it
+    # leaves the gateway's table: 502 naming it (it may have run: not sent again), or 504
+    # past --upstream-timeout-ms; nothing else failed.
+    failed = [a for a in answers if a.status != 200]
+    assert len(failed) <= CLIENTS, f"{len(failed)} failures for one stopped node"
+    for a in failed:
+        assert a.status in (502, 504) and "node-2" in a.error, a
 
 
 def test_etcd_restarted_and_killed_under_load(fleet, calls_dir, etcd):
@@ -326,22 +330,20 @@ def test_etcd_restarted_and_killed_under_load(fleet, calls_dir, etcd):
         # Serving goes on from the gateway's last known table while etcd is gone, for longer
         # than a lease lasts (300 answers: about 2 s at the 150 req/s three nodes serve).
         load.wait_ok(300, after_id=load.next_id(), what="while etcd is down")
-        # It comes back empty (its data lost, as a replaced member would): every key there
-        # is one a node wrote again, under a lease it granted again.
-        shutil.rmtree(etcd.workdir / "data")
         etcd.start()
         wait_until(lambda: all_registered(fleet), DEADLINE_S, "every node registered again")
 
-        # The gateway follows the new etcd: node-0 restarted now (new port, new key)
-        # receives requests only if the gateway read its new address there.
-        fleet.restart_node(0)
-        wait_until(lambda: node_keys(fleet, 0), DEADLINE_S, "node-0's new keys")
-        wait_runs(calls_dir, fleet.node(0).proc.pid, 0, "requests reaching the new node-0")
+        # The gateway follows etcd again: a node that joins now receives requests only if
+        # the gateway's watch of the returned etcd saw it.
+        joined = fleet.add_node()
+        wait_until(lambda: node_keys(fleet, 3), DEADLINE_S, "node-3's keys")
+        fleet.wait_gateway_nodes(4, "in_rotation")
+        wait_runs(calls_dir, joined.proc.pid, 0, "requests reaching node-3")
         answers = load.stop()
 
-    statuses = check_answers(answers, calls_dir)
-    # node-0's restart drains it (503 before accepting, retried elsewhere): nothing fails.
-    assert set(statuses) == {200}, f"serving did not continue through etcd's outage: {statuses}"
+    failed = [a for a in answers if a.status != 200]
+    assert not failed, f"serving did not continue through etcd's outage: {failed[:10]}"
+    check_answers(answers, calls_dir)
 
 
 def ctl_load(nats, model: str, node: str):
