@@ -18,8 +18,8 @@ mod serve_config;
 mod server;
 mod serving;
 
-pub use gateway::gateway;
 pub use ctl::ctl;
+pub use gateway::gateway;
 pub use predict::predict;
 pub use run::run;
 pub use serve::serve;
