@@ -350,12 +350,12 @@ mod tests {
         );
         let mut args = serve_args(&["--node-name", "given"]);
         apply(&file, &mut args, &|id| id == "node_name").unwrap();
-        let c = &args.cluster;
+        let c = &args.server.cluster;
         assert_eq!(c.node_name.as_deref(), Some("given"));
         assert_eq!(c.etcd_prefix, "/team");
-        assert_eq!(c.nats.nats.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(args.nats.nats.as_deref(), Some("nats://127.0.0.1:4222"));
         assert_eq!(
-            c.nats.nats_creds,
+            args.nats.nats_creds,
             Some(file.parent().unwrap().join("node.creds"))
         );
         let typo = write(
