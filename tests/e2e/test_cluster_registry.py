@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,17 @@ def state_of(model: str, node: str):
     return lambda ks: ks.get(model_key(model, node), {}).get("state")
 
 
+def value_has(model: str, node: str, **fields):
+    """A predicate: the model's key holds these fields (a change is written in steps: e.g. a
+    model's versions become READY one by one, so tests wait for the whole expected value)."""
+
+    def check(ks: dict) -> bool:
+        value = ks.get(model_key(model, node), {})
+        return all(value.get(k) == v for k, v in fields.items())
+
+    return check
+
+
 def doubled(server) -> None:
     resp = infer_json(server, "doubler", [Inp("x", "FP32", [[1.0, 2.0]])])
     assert resp.status_code == 200, error_of(resp)
@@ -122,8 +134,11 @@ def test_the_node_and_each_model_are_registered_with_the_contract_values(etcd, s
     ready = {"doubler", "versioned", "tokens"}
     found = wait_keys(
         etcd,
-        "every model READY in etcd",
-        lambda ks: all(state_of(m, "n1")(ks) == "READY" for m in ready),
+        "every model READY in etcd, every version and instance counted",
+        lambda ks: all(state_of(m, "n1")(ks) == "READY" for m in ready)
+        and value_has("versioned", "n1", versions=["1", "2"])(ks)
+        and ks[model_key("versioned", "n1")]["load"]["instances"] == 2
+        and ks[model_key("doubler", "n1")]["load"]["instances"] == 1,
     )
     assert set(found) == {f"{PREFIX}/nodes/n1"} | {model_key(m, "n1") for m in ready}
     node = found[f"{PREFIX}/nodes/n1"]
@@ -191,17 +206,75 @@ def test_unload_and_load_through_the_repository_api_change_the_key(etcd, start_s
     resp = server.post("/v2/repository/models/doubler/unload", json={}, timeout=120)
     assert resp.status_code == 200, resp.text
     found = wait_keys(
-        etcd, "doubler UNAVAILABLE", lambda ks: state_of("doubler", "n1")(ks) == "UNAVAILABLE"
+        etcd,
+        "doubler UNAVAILABLE (unloaded)",
+        value_has("doubler", "n1", state="UNAVAILABLE", reason="unloaded"),
     )
-    assert found[model_key("doubler", "n1")]["reason"] == "unloaded"
     assert found[model_key("doubler", "n1")]["load"]["instances"] == 0
 
     resp = server.post("/v2/repository/models/versioned/load", json={}, timeout=120)
     assert resp.status_code == 200, resp.text
     found = wait_keys(
-        etcd, "versioned READY", lambda ks: state_of("versioned", "n1")(ks) == "READY"
+        etcd,
+        "versioned READY, both versions",
+        value_has("versioned", "n1", state="READY", versions=["1", "2"]),
     )
-    assert found[model_key("versioned", "n1")]["versions"] == ["1", "2"]
+    assert found[model_key("versioned", "n1")]["reason"] is None
+
+
+def test_load_and_draining_show_in_the_key(etcd, start_server, repo, tmp_path):
+    gate = tmp_path / "gate"
+    (repo / "slow").mkdir()
+    shutil.copy(plugin("slow.py"), repo / "slow" / "plugin.py")
+    (repo / "slow" / "config.toml").write_text(f'[parameters]\ndelay_s = 0\ngate = "{gate}"\n')
+    server = start_server.serve(
+        "--model-repository",
+        str(repo),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "slow",
+        *node_flags(etcd.url, "n1"),
+    )
+    wait_keys(etcd, "slow READY", lambda ks: state_of("slow", "n1")(ks) == "READY")
+    clients = 4
+
+    def one(i: int):
+        return infer_json(server, "slow", [Inp("x", "FP32", [float(i)])], timeout=120)
+
+    with ThreadPoolExecutor(max_workers=clients + 1) as pool:
+        answers = [pool.submit(one, i) for i in range(clients)]
+        try:
+            # Held by the gate: all in flight, the ones no worker took yet queued.
+            def busy(ks):
+                load = ks.get(model_key("slow", "n1"), {}).get("load", {})
+                return load.get("in_flight") == clients and 1 <= load["queue_depth"] < clients
+
+            found = wait_keys(etcd, "the requests in flight and queued in the key", busy)
+            load = found[model_key("slow", "n1")]["load"]
+            assert load["instances"] == 1, load
+            # An unload with work in flight: DRAINING until that work is answered.
+            unload = pool.submit(
+                server.post, "/v2/repository/models/slow/unload", json={}, timeout=120
+            )
+            found = wait_keys(
+                etcd, "slow DRAINING", lambda ks: state_of("slow", "n1")(ks) == "DRAINING"
+            )
+            assert "unloading" in found[model_key("slow", "n1")]["reason"]
+        finally:
+            gate.touch()
+        assert [a.result().status_code for a in answers] == [200] * clients
+        assert unload.result().status_code == 200
+    found = wait_keys(
+        etcd,
+        "slow UNAVAILABLE (unloaded)",
+        value_has("slow", "n1", state="UNAVAILABLE", reason="unloaded"),
+    )
+    assert found[model_key("slow", "n1")]["load"] == {
+        "queue_depth": 0,
+        "in_flight": 0,
+        "instances": 0,
+    }
 
 
 def test_sigterm_revokes_the_lease_before_the_node_exits(etcd, start_server, repo):
@@ -235,8 +308,10 @@ def serve_inference_until(server, stop: threading.Event, failures: list, count: 
 
 
 def complete(ks: dict) -> bool:
-    return f"{PREFIX}/nodes/n1" in ks and all(
-        state_of(m, "n1")(ks) == "READY" for m in ("doubler", "versioned", "tokens")
+    return (
+        f"{PREFIX}/nodes/n1" in ks
+        and all(state_of(m, "n1")(ks) == "READY" for m in ("doubler", "versioned", "tokens"))
+        and value_has("versioned", "n1", versions=["1", "2"])(ks)
     )
 
 
@@ -274,6 +349,29 @@ def test_etcd_restarted_the_node_re_registers_and_serves_throughout(etcd, start_
     assert "re-registered" in server.log_text()
 
 
+def test_a_hung_etcd_is_noticed_and_the_node_re_registers_when_it_answers(etcd, start_server, repo):
+    server = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "n1"))
+    wait_keys(etcd, "every key", complete)
+    before = set(leases(etcd).values())
+    etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        # A keep-alive without an answer within TTL/3 (at least 1 s) counts as etcd gone.
+        wait_until(
+            lambda: "lost the etcd registration" in server.log_text(), 60, "the lost-etcd warning"
+        )
+        doubled(server)
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    wait_keys(
+        etcd,
+        "the keys under a new lease",
+        lambda ks: complete(ks)
+        and len(set(leases(etcd).values())) == 1
+        and not (set(leases(etcd).values()) & before),
+    )
+    doubled(server)
+
+
 def test_unreachable_etcd_at_start_the_node_serves_and_registers_when_etcd_comes(
     start_server, tmp_path, repo
 ):
@@ -308,6 +406,40 @@ def test_the_default_node_name_is_hostname_and_port(etcd, start_server, repo):
     name = node_key.rsplit("/", 1)[1]
     assert name.endswith(f"-{server.port}"), name
     assert found[node_key]["node"] == name
+
+
+def test_a_second_node_with_the_same_name_is_warned_about(etcd, start_server, repo):
+    start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_keys(etcd, "the first node's keys", lambda ks: state_of("doubler", "dup")(ks) == "READY")
+    second = start_server.serve("--model-repository", str(repo), *node_flags(etcd.url, "dup"))
+    wait_until(
+        lambda: "another node is registered as dup" in second.log_text(),
+        KEYS_DEADLINE_S,
+        "the duplicate-name warning",
+    )
+
+
+def test_a_config_file_cluster_table_registers_the_node(etcd, start_server, repo, tmp_path):
+    config = tmp_path / "unimodel.toml"
+    config.write_text(
+        f"""
+model_repository = "{repo}"
+[cluster]
+etcd = ["{etcd.url}"]
+etcd_prefix = "{PREFIX}"
+node_name = "from-file"
+advertise_url = "http://node-a.example:18000"
+etcd_lease_ttl_s = {TTL_S}
+"""
+    )
+    server = start_server.serve("--config", str(config))
+    found = wait_keys(
+        etcd, "doubler READY", lambda ks: state_of("doubler", "from-file")(ks) == "READY"
+    )
+    node = found[f"{PREFIX}/nodes/from-file"]
+    assert node["rest_url"] == "http://node-a.example:18000"
+    grpc_port = server.grpc_url.rsplit(":", 1)[1]
+    assert node["grpc_url"] == f"http://node-a.example:{grpc_port}"
 
 
 @pytest.mark.parametrize(

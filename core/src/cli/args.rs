@@ -249,8 +249,8 @@ pub struct ClusterArgs {
     /// --host and HTTP port, or the machine's hostname when listening on 0.0.0.0 or ::].
     #[arg(long, value_name = "URL", help_heading = "Cluster", value_parser = advertise_url)]
     pub advertise_url: Option<String>,
-    /// The gRPC URL other machines reach this node at [default: as --advertise-url's, with
-    /// the gRPC port].
+    /// The gRPC URL other machines reach this node at [default: the host of --advertise-url
+    /// when given, else as for --advertise-url; with the gRPC port].
     #[arg(long, value_name = "URL", help_heading = "Cluster", value_parser = advertise_url)]
     pub advertise_grpc_url: Option<String>,
     /// TTL of the node's etcd lease, in seconds (1 to 3600): how long the keys of a node

@@ -81,7 +81,8 @@ fn bytes_from(s: &str, min: u64) -> Result<usize, String> {
     usize::try_from(n).map_err(|_| format!("{n} bytes do not fit this machine's address space"))
 }
 
-fn in_range(n: u64, min: u64, max: u64, unit: &str, note: &str) -> Result<u64, String> {
+/// `n` if it lies in `min..=max`, else an error naming the range and the unit.
+pub fn in_range(n: u64, min: u64, max: u64, unit: &str, note: &str) -> Result<u64, String> {
     if (min..=max).contains(&n) {
         Ok(n)
     } else {

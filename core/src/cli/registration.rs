@@ -56,9 +56,10 @@ fn config(args: &ClusterArgs, etcd: &str, listening: &Listening) -> anyhow::Resu
         Some(url) => url.clone(),
         None => advertised(scheme, listening.http_addr, &hostname),
     };
-    let grpc_url = match &args.advertise_grpc_url {
-        Some(url) => url.clone(),
-        None => advertised(scheme, listening.grpc_addr, &hostname),
+    let grpc_url = match (&args.advertise_grpc_url, &args.advertise_url) {
+        (Some(url), _) => url.clone(),
+        (None, Some(rest)) => with_port(rest, listening.grpc_addr.port()),
+        (None, None) => advertised(scheme, listening.grpc_addr, &hostname),
     };
     Ok(RegistryConfig {
         client,
@@ -81,6 +82,19 @@ fn advertised(scheme: &str, addr: SocketAddr, hostname: &str) -> String {
     }
 }
 
+/// `url` (a checked `--advertise-url`) with its port replaced by `port`: the gRPC URL
+/// of a node whose REST URL was given, at the same host.
+fn with_port(url: &str, port: u16) -> String {
+    match url.parse::<http::Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("http");
+            let host = uri.host().unwrap_or_default();
+            format!("{scheme}://{host}:{port}")
+        }
+        Err(_) => url.to_string(),
+    }
+}
+
 /// The machine's hostname ("localhost" if it cannot be read, with a warning).
 fn hostname() -> String {
     match nix::unistd::gethostname() {
@@ -96,7 +110,7 @@ fn hostname() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::advertised;
+    use super::{advertised, with_port};
 
     #[test]
     fn advertised_urls_use_the_bound_address_or_the_hostname() {
@@ -114,5 +128,18 @@ mod tests {
             "http://gpu-1:80"
         );
         assert_eq!(advertised("http", at("[::1]:80"), "h"), "http://[::1]:80");
+    }
+
+    #[test]
+    fn the_grpc_url_follows_a_given_rest_url() {
+        assert_eq!(
+            with_port("http://gpu-1.lan:8000", 8001),
+            "http://gpu-1.lan:8001"
+        );
+        assert_eq!(
+            with_port("https://gpu-1.lan", 9001),
+            "https://gpu-1.lan:9001"
+        );
+        assert_eq!(with_port("http://[fd00::1]:80", 81), "http://[fd00::1]:81");
     }
 }

@@ -6,15 +6,16 @@
 //! [server]                           # any server or worker flag, with underscores
 //! port = 8000
 //! queue_capacity = 256
+//! [cluster]                          # optional: the cluster flags, with underscores
+//! etcd = "http://etcd-0:2379,http://etcd-1:2379"   # or a list of URLs
+//! node_name = "gpu-1"
+//! nats = "nats://127.0.0.1:4222"
+//! nats_creds = "node.creds"          # relative to the file
 //! [models.doubler]                   # one table per model, named as served
 //! path = "plugins/examples/doubler.py"   # a plugin file or a model folder
 //! max_batch_size = 8                 # then any config.toml key
 //! [models.doubler.parameters]
 //! factor = 3
-//! [cluster]                          # optional: cluster mode, as the flags
-//! node_name = "node-1"
-//! nats = "nats://127.0.0.1:4222"
-//! nats_creds = "node.creds"          # relative to the file
 //! ```
 //!
 //! Or `model_repository = "models"` instead of `[models.*]`. Relative paths are relative to
@@ -39,19 +40,86 @@ struct ServeFile {
     #[serde(default)]
     server: ServerFile,
     #[serde(default)]
-    models: BTreeMap<String, toml::Table>,
-    #[serde(default)]
     cluster: ClusterFile,
+    #[serde(default)]
+    models: BTreeMap<String, toml::Table>,
 }
 
-/// The cluster flags (`ClusterArgs`), by their names.
+/// The flags of `ClusterArgs`, by their names.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ClusterFile {
-    node_name: Option<String>,
+    etcd: Option<Endpoints>,
     etcd_prefix: Option<String>,
+    node_name: Option<String>,
+    advertise_url: Option<String>,
+    advertise_grpc_url: Option<String>,
+    etcd_lease_ttl_s: Option<u64>,
+    /// `--nats`, `--nats-creds` (the NATS flags sit beside `ClusterArgs` in `ServeArgs`).
     nats: Option<String>,
     nats_creds: Option<PathBuf>,
+}
+
+/// `etcd = "URL[,URL...]"` or `etcd = ["URL", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Endpoints {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Applies `[cluster]` where the flag was not given, checked like the flags.
+fn apply_cluster(
+    c: ClusterFile,
+    args: &mut super::args::ClusterArgs,
+    given: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    use super::args::{advertise_url, etcd_endpoints, etcd_prefix, node_name};
+    let key = |k: &'static str| move |e: String| format!("cluster.{k}: {e}");
+    if let Some(list) = c.etcd
+        && !given("etcd")
+    {
+        let list = match list {
+            Endpoints::One(s) => s,
+            Endpoints::Many(v) => v.join(","),
+        };
+        args.etcd = Some(etcd_endpoints(&list).map_err(key("etcd"))?);
+    }
+    if let Some(p) = c.etcd_prefix
+        && !given("etcd_prefix")
+    {
+        args.etcd_prefix = etcd_prefix(&p).map_err(key("etcd_prefix"))?;
+    }
+    if let Some(n) = c.node_name
+        && !given("node_name")
+    {
+        args.node_name = Some(node_name(&n).map_err(key("node_name"))?);
+    }
+    if let Some(u) = c.advertise_url
+        && !given("advertise_url")
+    {
+        args.advertise_url = Some(advertise_url(&u).map_err(key("advertise_url"))?);
+    }
+    if let Some(u) = c.advertise_grpc_url
+        && !given("advertise_grpc_url")
+    {
+        args.advertise_grpc_url = Some(advertise_url(&u).map_err(key("advertise_grpc_url"))?);
+    }
+    if let Some(ttl) = c.etcd_lease_ttl_s
+        && !given("etcd_lease_ttl_s")
+    {
+        use crate::cluster::registry::{MAX_LEASE_TTL_S, MIN_LEASE_TTL_S};
+        super::limits::in_range(
+            ttl,
+            MIN_LEASE_TTL_S,
+            MAX_LEASE_TTL_S,
+            "seconds",
+            " (1 hour)",
+        )
+        .map_err(key("etcd_lease_ttl_s"))?;
+        args.etcd_lease_ttl_s = ttl;
+    }
+    Ok(())
 }
 
 /// The flags of `ServerArgs` and `WorkerArgs`, by their names.
@@ -155,21 +223,16 @@ pub fn apply(
             file.display()
         );
     }
-    let c = parsed.cluster;
-    let cluster = &mut args.server.cluster;
-    if c.node_name.is_some() && !given("node_name") {
-        cluster.node_name = c.node_name;
-    }
-    if let Some(prefix) = c.etcd_prefix
-        && !given("etcd_prefix")
+    let mut c = parsed.cluster;
+    if let Some(url) = c.nats.take()
+        && !given("nats")
     {
-        cluster.etcd_prefix = prefix;
+        args.nats.nats = Some(url);
     }
-    if c.nats.is_some() && !given("nats") {
-        args.nats.nats = c.nats;
-    }
-    if c.nats_creds.is_some() && !given("nats_creds") {
-        args.nats.nats_creds = c.nats_creds.map(|p| base.join(p));
+    if let Some(creds) = c.nats_creds.take()
+        && !given("nats_creds")
+    {
+        args.nats.nats_creds = Some(base.join(creds));
     }
     if s.python.is_some() && !given("python") {
         args.worker.python = s.python.map(|p| base.join(p));
@@ -182,6 +245,8 @@ pub fn apply(
     if !given("load_model") && !parsed.load_model.is_empty() {
         args.load_model = parsed.load_model;
     }
+    apply_cluster(c, &mut args.server.cluster, given)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     super::limits::check_server_file(args)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     match (parsed.model_repository, parsed.models.is_empty()) {
@@ -314,6 +379,57 @@ mod tests {
         );
         let err = apply(&half, &mut serve_args(&[]), &|_| false).unwrap_err();
         assert!(format!("{err:#}").contains("go together"), "{err:#}");
+    }
+
+    #[test]
+    fn cluster_keys_apply_unless_the_flag_was_given_and_are_checked() {
+        let file = write(
+            "cluster",
+            r#"
+            [cluster]
+            etcd = ["http://e1:2379", "http://e2:2379"]
+            etcd_prefix = "/team/um/"
+            node_name = "gpu-1"
+            advertise_url = "http://gpu-1.lan:8000/"
+            etcd_lease_ttl_s = 4
+            [models.a]
+            path = "a.py"
+            "#,
+        );
+        let mut args = serve_args(&["--node-name", "cli-name"]);
+        apply(&file, &mut args, &|id| id == "node_name").unwrap();
+        let c = &args.server.cluster;
+        assert_eq!(c.etcd.as_deref(), Some("http://e1:2379,http://e2:2379"));
+        assert_eq!(c.etcd_prefix, "/team/um");
+        assert_eq!(c.node_name.as_deref(), Some("cli-name"));
+        assert_eq!(c.advertise_url.as_deref(), Some("http://gpu-1.lan:8000"));
+        assert_eq!(c.advertise_grpc_url, None);
+        assert_eq!(c.etcd_lease_ttl_s, 4);
+        for (i, (line, says)) in [
+            ("etcd = \"ftp://e:1\"", "cluster.etcd: bad etcd endpoint"),
+            ("etcd = 5", "etcd"),
+            (
+                "etcd_prefix = \"x\"",
+                "cluster.etcd_prefix: bad etcd prefix",
+            ),
+            ("node_name = \"a.b\"", "cluster.node_name: bad node name"),
+            ("advertise_grpc_url = \"h:1\"", "cluster.advertise_grpc_url"),
+            ("etcd_lease_ttl_s = 0", "cluster.etcd_lease_ttl_s"),
+            ("etcd_lease_ttl_s = 3601", "cluster.etcd_lease_ttl_s"),
+            ("etcd_url = \"http://e:1\"", "etcd_url"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let text = format!("[cluster]\n{line}\n[models.a]\npath = \"a.py\"");
+            let file = write(&format!("cluster-bad{i}"), &text);
+            let err = apply(&file, &mut serve_args(&[]), &|_| false).unwrap_err();
+            let err = format!("{err:#}");
+            assert!(
+                err.contains(says) && err.contains("unimodel.toml"),
+                "{line}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -133,3 +133,33 @@ impl Registration {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_advertise_url;
+
+    #[test]
+    fn advertised_urls_are_checked_and_normalized() {
+        assert_eq!(
+            parse_advertise_url("http://gpu-1:8000/").unwrap(),
+            "http://gpu-1:8000"
+        );
+        assert_eq!(
+            parse_advertise_url("https://[fd00::1]:443").unwrap(),
+            "https://[fd00::1]:443"
+        );
+        for (given, says) in [
+            ("gpu-1:8000", "scheme"),
+            ("tcp://gpu-1:8000", "scheme"),
+            ("http://gpu-1:8000/v2", "path"),
+            ("http://gpu-1:8000?x=1", "query"),
+            ("", "not a URL"),
+        ] {
+            let err = parse_advertise_url(given).unwrap_err();
+            assert!(
+                err.contains(says) && err.contains("expected http://HOST:PORT"),
+                "{given}: {err}"
+            );
+        }
+    }
+}

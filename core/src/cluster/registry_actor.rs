@@ -162,6 +162,7 @@ impl Actor {
                 return Err(e);
             }
         };
+        self.warn_if_name_taken(&client).await;
         self.session = Some(Session {
             lease: lease.id,
             keep_alive,
@@ -184,6 +185,23 @@ impl Actor {
         self.session
             .take()
             .ok_or(EtcdError::LeaseLost { id: lease.id })
+    }
+
+    /// Node names must be unique: a node key held by a lease that is not ours means another
+    /// node uses the name (or this node's previous run, until its lease expires).
+    async fn warn_if_name_taken(&self, client: &super::etcd::EtcdClient) {
+        let key = self.config.prefix.node(&self.advertised.node);
+        let Ok(Some(entry)) = client.get(&key).await else {
+            return;
+        };
+        if entry.lease != 0 && Some(entry.lease) != self.stale_lease {
+            tracing::warn!(
+                node = %self.advertised.node,
+                "another node is registered as {} (lease {:x}), or this node's previous run whose lease has not expired yet: node names must be unique in a cluster (--node-name); taking the name over",
+                self.advertised.node,
+                entry.lease,
+            );
+        }
     }
 
     fn registered(&mut self, session: Session) {
@@ -306,7 +324,9 @@ impl Actor {
                 .await?;
             session.node = Some(node_value);
         }
-        let values = model_values(node, &self.rows, &self.engine.loads());
+        // An operator's drains (NATS control) plug in here: node-wide -> every READY model
+        // DRAINING, per model -> that model; until they exist, nothing is drained.
+        let values = model_values(node, &self.rows, &self.engine.loads(), &|_| false);
         let mut listed = Vec::with_capacity(values.len());
         for value in values {
             let key = prefix.model_on(&value.model, node);

@@ -81,13 +81,18 @@ fn rank(state: ModelState) -> u8 {
     }
 }
 
+/// The reason of a model an operator drained.
+pub const DRAINED_REASON: &str = "drained by an operator; accepted requests finish";
+
 /// One value per model of `rows` (every version of every model), with the load and the
 /// streaming flag from `loads`. `versions` lists the versions in the reported state (for
-/// READY: those that serve), so a router never picks a version that is not READY.
+/// READY: those that serve), so a router never picks a version that is not READY. A READY
+/// model that `drained` covers (an operator's drain of it or of the node) is DRAINING.
 pub fn model_values(
     node: &NodeName,
     rows: &[IndexEntry],
     loads: &[ModelLoadSample],
+    drained: &dyn Fn(&str) -> bool,
 ) -> Vec<ModelValue> {
     let mut by_model: BTreeMap<&str, Vec<&IndexEntry>> = BTreeMap::new();
     for row in rows {
@@ -109,9 +114,14 @@ pub fn model_values(
                 .collect();
             versions.sort_by_key(|v| (v.len(), v.clone()));
             versions.dedup();
-            let reason = (state != ModelState::Ready)
+            let mut reason = (state != ModelState::Ready)
                 .then(|| reason_of(&chosen))
                 .flatten();
+            let mut state = state;
+            if state == ModelState::Ready && drained(model) {
+                state = ModelState::Draining;
+                reason = Some(DRAINED_REASON.to_string());
+            }
             let mut load = ModelLoad::default();
             let mut streams = false;
             for sample in loads.iter().filter(|l| l.name == model) {
@@ -203,7 +213,7 @@ mod tests {
             sample("a", "2", 3, 4, 2),
             sample("stream", "1", 0, 1, 1),
         ];
-        let values = model_values(&node, &rows, &loads);
+        let values = model_values(&node, &rows, &loads, &|_| false);
         assert_eq!(values.len(), 2);
         let a = &values[0];
         assert_eq!((a.model.as_str(), a.node.as_str()), ("a", "n1"));
@@ -241,7 +251,7 @@ mod tests {
             ),
             row("badconfig", "", "FAILED", "config.toml: bad key"),
         ];
-        let values = model_values(&node, &rows, &[]);
+        let values = model_values(&node, &rows, &[], &|_| false);
         let get = |m: &str| values.iter().find(|v| v.model == m).unwrap().clone();
         assert_eq!(get("failed").state, ModelState::Failed);
         assert_eq!(get("failed").reason.as_deref(), Some("ImportError: boom"));
@@ -264,6 +274,26 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_ready_model_is_draining() {
+        let node = NodeName::parse("n").unwrap();
+        let rows = [
+            row("a", "1", "READY", ""),
+            row("b", "1", "READY", ""),
+            row("c", "1", "FAILED", "boom"),
+        ];
+        let values = model_values(&node, &rows, &[], &|m| m != "b");
+        assert_eq!(values[0].state, ModelState::Draining);
+        assert_eq!(values[0].reason.as_deref(), Some(DRAINED_REASON));
+        assert_eq!(values[0].versions, ["1"]);
+        assert_eq!(values[1].state, ModelState::Ready);
+        assert_eq!(
+            values[2].state,
+            ModelState::Failed,
+            "a drain does not hide a failure"
+        );
+    }
+
+    #[test]
     fn versions_sort_as_numbers() {
         let node = NodeName::parse("n").unwrap();
         let rows = [
@@ -272,7 +302,7 @@ mod tests {
             row("m", "1", "READY", ""),
         ];
         assert_eq!(
-            model_values(&node, &rows, &[])[0].versions,
+            model_values(&node, &rows, &[], &|_| false)[0].versions,
             ["1", "9", "10"]
         );
     }
@@ -281,10 +311,11 @@ mod tests {
     fn a_load_change_alone_is_not_a_state_change() {
         let node = NodeName::parse("n").unwrap();
         let rows = [row("m", "1", "READY", "")];
-        let before = model_values(&node, &rows, &[sample("m", "1", 0, 0, 1)]).remove(0);
-        let busier = model_values(&node, &rows, &[sample("m", "1", 5, 9, 1)]).remove(0);
+        let before = model_values(&node, &rows, &[sample("m", "1", 0, 0, 1)], &|_| false).remove(0);
+        let busier = model_values(&node, &rows, &[sample("m", "1", 5, 9, 1)], &|_| false).remove(0);
         assert!(!differs_beyond_load(&before, &busier));
-        let unloading = model_values(&node, &[row("m", "1", "UNLOADING", "")], &[]).remove(0);
+        let unloading =
+            model_values(&node, &[row("m", "1", "UNLOADING", "")], &[], &|_| false).remove(0);
         assert!(differs_beyond_load(&before, &unloading));
     }
 }
