@@ -11,6 +11,7 @@
 //!   of what cannot have run.
 //! - `rest`: the REST front end (KServe V2, health, metadata, index, `/v1` by `model`).
 //! - `grpc`: the gRPC front end (`inference.GRPCInferenceService`) over per-node channels.
+//! - `health`: `grpc.health.v1` (SERVING while a node serves).
 //! - `metrics`: `/metrics` families of the gateway.
 //! - `trace`: the `traceparent` a node gets (the gateway's span is its parent).
 //! - `error`: `GatewayError`, the one place the gateway's own answers get a status.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod feed;
 pub mod forward;
 pub mod grpc;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod rest;

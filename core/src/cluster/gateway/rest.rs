@@ -215,15 +215,17 @@ async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         .filter(|t| t.propagate)
         .and_then(|t| super::trace::outgoing(&tracing::Span::current(), t.trace, true));
     let routes = gw.upstream.table.routes();
-    let path = req.uri().path().to_string();
-    let result = if let Some(target) = model_path(&path) {
+    // A cheap clone (shared bytes): the path is read while the request moves on.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let result = if let Some(target) = model_path(path) {
         to_model(&gw, &routes, &target, req, traceparent).await
     } else if path.starts_with("/v1/") && req.method() == Method::POST {
         to_openai(&gw, &routes, req, traceparent).await
     } else {
         Err(GatewayError::NoRoute {
             method: req.method().to_string(),
-            path: path.clone(),
+            path: path.to_string(),
         })
     };
     result.unwrap_or_else(|e| {

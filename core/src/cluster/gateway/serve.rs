@@ -171,6 +171,7 @@ fn serve_grpc(
     settings: &GatewaySettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let service_table = service.table.clone();
     let conns = GrpcConns {
         registry: ConnRegistry::default(),
         timeouts,
@@ -194,7 +195,10 @@ fn serve_grpc(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(TrackLayer::registry(conns.registry.clone()))
         .layer(tower::util::option_layer(gate))
-        .add_service(inference);
+        .add_service(inference)
+        .add_service(tonic_health::pb::health_server::HealthServer::new(
+            super::health::GatewayHealth(service_table),
+        ));
     let task = match tls {
         None => {
             let incoming = futures::stream::unfold(acceptor, move |acceptor| {
