@@ -424,8 +424,7 @@ pub struct ServeArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub server: ServerArgs,
-    /// NATS control (docs/cluster.md, "Control over NATS"); the node name and prefix are
-    /// the etcd registration's (`server.cluster`).
+    /// Control over NATS (with the node name and prefix of `--node-name`, `--etcd-prefix`).
     #[command(flatten)]
     pub nats: NatsArgs,
 }
@@ -434,12 +433,12 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
     /// The NATS server: nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222. `serve`
-    /// takes control requests (load, unload, drain, resume) and publishes events there;
-    /// `ctl` sends its requests there.
-    #[arg(long, value_name = "URL")]
+    /// takes control requests (load, unload, drain, resume) on `{prefix}.ctl.{node}` and
+    /// publishes events there; `ctl` sends its requests there.
+    #[arg(long, value_name = "URL", help_heading = "Cluster")]
     pub nats: Option<String>,
     /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Cluster")]
     pub nats_creds: Option<PathBuf>,
 }
 

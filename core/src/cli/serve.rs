@@ -4,11 +4,12 @@
 //! 2. Listen at once; start an empty engine and the repository actor over it.
 //! 3. Load the models the control mode asks for at start (every model with `none`, the
 //!    `--load-model` ones with `explicit`), each in its own task, logging READY or FAILED.
-//! 4. With `--nats`, take control requests and publish events over NATS (`cluster::control`).
-//! 5. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
+//! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
 //!
 //! With `--etcd`, the node and its models are registered in etcd from step 2 on
-//! (`registration.rs`); the first signal revokes the registration before the drain.
+//! (`registration.rs`); the first signal revokes the registration before the drain. With
+//! `--nats`, the node takes control requests and publishes events over NATS
+//! (`cluster::control`) from step 2 on.
 
 use super::args::{ControlModeArg, ServeArgs};
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -52,10 +53,11 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         url,
         creds: args.nats.nats_creds.clone(),
     });
-    // Bad cluster names fail before anything starts.
+    // A bad NATS URL or credentials file fails before anything starts (the prefix and the
+    // node name are checked as they are parsed).
     let prefix = Prefix::parse(&args.server.cluster.etcd_prefix)?;
-    if let Some(name) = &args.server.cluster.node_name {
-        NodeName::parse(name)?;
+    if let Some(nats) = &nats {
+        nats.prepare("unimodel").await?;
     }
     let mut python = prepare_python(args.worker.python.as_deref()).await?;
     python.pass_env.clone_from(&args.worker.worker_env);
@@ -85,12 +87,13 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
         engine: engine.clone(),
         repository: repository.clone(),
     });
-    if let Some(nats) = nats {
-        let subjects = Subjects::new(&prefix, &node_name(&args, &base)?);
-        crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
-    }
     let registration =
         super::registration::start(&args.server.cluster, &listening, &engine, Some(&repository))?;
+    if let Some(nats) = nats {
+        let node = node_name(&args, listening.http_addr.port())?;
+        let subjects = Subjects::new(&prefix, &node);
+        crate::cluster::control::node::start(&nats, subjects, (*backend).clone()).await?;
+    }
     let code = serve_until_signal(
         backend,
         engine,
@@ -106,20 +109,17 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
-/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound.
-fn node_name(args: &ServeArgs, base: &str) -> anyhow::Result<NodeName> {
+/// `--node-name`, or `{hostname}-{port}` with the HTTP port actually bound (as the etcd
+/// registration names the node, `registration.rs`).
+fn node_name(args: &ServeArgs, port: u16) -> anyhow::Result<NodeName> {
     if let Some(name) = &args.server.cluster.node_name {
         return Ok(NodeName::parse(name)?);
     }
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let port = base
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(args.server.port);
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
     Ok(NodeName::from_host_port(&host, port))
 }
 

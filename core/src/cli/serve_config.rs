@@ -9,7 +9,7 @@
 //! [cluster]                          # optional: the cluster flags, with underscores
 //! etcd = "http://etcd-0:2379,http://etcd-1:2379"   # or a list of URLs
 //! node_name = "gpu-1"
-//! nats = "nats://127.0.0.1:4222"
+//! nats = "nats://127.0.0.1:4222"    # control over NATS (`serve` only)
 //! nats_creds = "node.creds"          # relative to the file
 //! [models.doubler]                   # one table per model, named as served
 //! path = "plugins/examples/doubler.py"   # a plugin file or a model folder
@@ -55,7 +55,7 @@ struct ClusterFile {
     advertise_url: Option<String>,
     advertise_grpc_url: Option<String>,
     etcd_lease_ttl_s: Option<u64>,
-    /// `--nats`, `--nats-creds` (the NATS flags sit beside `ClusterArgs` in `ServeArgs`).
+    /// `NatsArgs` (a `serve` flag, not in `ClusterArgs`).
     nats: Option<String>,
     nats_creds: Option<PathBuf>,
 }
@@ -223,13 +223,13 @@ pub fn apply(
             file.display()
         );
     }
-    let mut c = parsed.cluster;
-    if let Some(url) = c.nats.take()
+    let mut cluster = parsed.cluster;
+    if let Some(url) = cluster.nats.take()
         && !given("nats")
     {
         args.nats.nats = Some(url);
     }
-    if let Some(creds) = c.nats_creds.take()
+    if let Some(creds) = cluster.nats_creds.take()
         && !given("nats_creds")
     {
         args.nats.nats_creds = Some(base.join(creds));
@@ -245,7 +245,7 @@ pub fn apply(
     if !given("load_model") && !parsed.load_model.is_empty() {
         args.load_model = parsed.load_model;
     }
-    apply_cluster(c, &mut args.server.cluster, given)
+    apply_cluster(cluster, &mut args.server.cluster, given)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     super::limits::check_server_file(args)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -451,29 +451,27 @@ mod tests {
     }
 
     #[test]
-    fn cluster_keys_apply_unless_the_flag_was_given() {
+    fn nats_keys_apply_unless_the_flag_was_given() {
         let file = write(
-            "cluster",
+            "cluster-nats",
             r#"
             [cluster]
-            node_name = "node-1"
-            etcd_prefix = "/team"
             nats = "nats://127.0.0.1:4222"
             nats_creds = "node.creds"
             [models.a]
             path = "a.py"
             "#,
         );
-        let mut args = serve_args(&["--node-name", "given"]);
-        apply(&file, &mut args, &|id| id == "node_name").unwrap();
-        let c = &args.server.cluster;
-        assert_eq!(c.node_name.as_deref(), Some("given"));
-        assert_eq!(c.etcd_prefix, "/team");
+        let mut args = serve_args(&[]);
+        apply(&file, &mut args, &|_| false).unwrap();
         assert_eq!(args.nats.nats.as_deref(), Some("nats://127.0.0.1:4222"));
         assert_eq!(
             args.nats.nats_creds,
             Some(file.parent().unwrap().join("node.creds"))
         );
+        let mut args = serve_args(&["--nats", "nats://given:4222"]);
+        apply(&file, &mut args, &|id| id == "nats").unwrap();
+        assert_eq!(args.nats.nats.as_deref(), Some("nats://given:4222"));
         let typo = write(
             "cluster-typo",
             "[cluster]\nnat = \"x\"\n[models.a]\npath = \"a.py\"",

@@ -261,12 +261,18 @@ pub async fn serve_until_signal<B: Backend>(
         term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
         int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
     };
-    tokio::select! {
-        _ = startup => {
-            grpc.readiness_changed();
-            signals.next().await
+    let until_signal = async {
+        tokio::select! {
+            _ = startup => {
+                grpc.readiness_changed();
+                signals.next().await
+            }
+            _ = signals.next() => {}
         }
-        _ = signals.next() => {}
+    };
+    tokio::select! {
+        _ = until_signal => {}
+        _ = tell_drains(&engine, &grpc) => {}
     }
     let stop = Stop {
         engine: &engine,
@@ -299,6 +305,16 @@ pub(super) async fn reload_tls_on_sighup(tls: Arc<ServerTls>) {
             Err(e) => tracing::warn!("SIGHUP: TLS reload task: {e}"),
         }
     }
+}
+
+/// An operator's node drain or resume (`unimodel ctl`) flips readiness without a signal to
+/// the process: tell gRPC health watchers at each change. Never returns.
+async fn tell_drains(engine: &Engine, grpc: &grpc::GrpcServer) {
+    let mut drained = engine.drained();
+    while drained.changed().await.is_ok() {
+        grpc.readiness_changed();
+    }
+    std::future::pending::<()>().await
 }
 
 struct Signals {

@@ -75,7 +75,7 @@ impl Engine {
         let (changes, _) = watch::channel(());
         for (config, instances) in models {
             let key = parse_version(&config.version).unwrap_or_default();
-            let entry = spawn_entry(config, instances, &options, &events, &changes);
+            let entry = spawn_entry(config, instances, &options, (&events, &changes));
             table
                 .entry(entry.config.name.clone())
                 .or_default()
@@ -127,6 +127,7 @@ impl Engine {
     pub fn drain_orders(&self, model: Option<&str>) -> bool {
         let changed = self.inner.drains.send_if_modified(|d| d.add(model));
         if changed {
+            self.changed();
             self.announce_drains(model, |_| true);
         }
         changed
@@ -138,6 +139,7 @@ impl Engine {
         let before = self.inner.drains.borrow().clone();
         let changed = self.inner.drains.send_if_modified(|d| d.remove(model));
         if changed {
+            self.changed();
             let now = self.inner.drains.borrow().clone();
             self.announce_drains(model, |name| before.covers(name) && !now.covers(name));
         }
@@ -298,8 +300,7 @@ impl Engine {
             config,
             instances,
             &self.inner.options,
-            &self.inner.events,
-            &self.inner.changes,
+            (&self.inner.events, &self.inner.changes),
         );
         let previous = self
             .inner
@@ -439,8 +440,7 @@ fn spawn_entry(
     config: ModelConfig,
     instances: Vec<Arc<dyn Executor>>,
     options: &EngineOptions,
-    events: &Events,
-    changes: &watch::Sender<()>,
+    (events, changes): (&Events, &watch::Sender<()>),
 ) -> Arc<ModelEntry> {
     let all_metrics = &*options.metrics;
     let config = Arc::new(config);

@@ -36,10 +36,10 @@ impl NatsOptions {
 
     /// The server address and connect options carrying the credentials.
     pub async fn prepare(&self, name: &str) -> Result<(ServerAddr, ConnectOptions), ControlError> {
+        // Not echoed: the URL may hold a password.
         let addr = ServerAddr::from_str(&self.url).map_err(|e| {
             ControlError::Nats(format!(
-                "--nats '{}' is not a NATS URL ({e}); expected nats://[user:pass@]HOST:4222",
-                self.shown()
+                "--nats is not a NATS URL ({e}); expected nats://[USER:PASS@]HOST:4222 or nats://TOKEN@HOST:4222"
             ))
         })?;
         let mut options = match &self.creds {
