@@ -12,6 +12,16 @@ The model (`tests/plugins/run_log.py`) writes every request id it runs into a fi
 process before it sleeps 20 ms, and answers the id and its node's pid. From those files each
 test checks that no id ran twice and that every id answered 200 ran exactly once, on the
 node that answered it. Every client call has a timeout and every client thread must end.
+
+What each fault may cost, as the gateway decides it (docs/cluster.md, "The gateway"):
+- kill -9: the requests in flight on the dead node are answered 502 naming it (they may have
+  run: never sent again); the next attempt to connect fails, takes the node out of rotation
+  and goes to another node, so everything sent later is answered 200.
+- SIGSTOP: nothing fails until the lease ends; then the node leaves the gateway's table and
+  what was in flight on it is answered 502 naming it (504 past --upstream-timeout-ms).
+- etcd restarted, or killed for longer than a lease: nothing fails (the gateway routes by
+  its last table, the nodes keep serving and renew or re-grant their leases).
+- NATS restarted: nothing fails; a ctl command works again once the nodes reconnected.
 """
 
 from __future__ import annotations
