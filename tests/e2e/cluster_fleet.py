@@ -5,6 +5,7 @@
     fleet.gateway_grpc_url                                      # "127.0.0.1:PORT" (tritonclient)
     fleet.node(1)                                               # the second node's Server
     fleet.kill_node(1); fleet.restart_node(1)                   # SIGKILL, then a fresh start
+    fleet.add_node()                                            # node-3 joins
     fleet.sigstop_node(2); fleet.sigcont_node(2)                # a silent partition
 
 Nodes are `unimodel serve --model-repository REPO --etcd URL --node-name node-I` (they
@@ -140,6 +141,13 @@ class Fleet:
         server = self.factory.serve(*flags)
         self.nodes[i] = server
         return server
+
+    def add_node(self) -> Server:
+        """Starts one more node, `node-{count}`, with the same repository and flags (a node
+        joining a running cluster); returns it once it is ready."""
+        self.nodes.append(None)
+        self.count += 1
+        return self.start_node(self.count - 1)
 
     def start_gateway(self, *extra: str, primary: bool = True) -> Server:
         """`unimodel gateway --etcd URL` on free ports; returns once its HTTP port answers.
