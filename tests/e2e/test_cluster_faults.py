@@ -17,6 +17,9 @@ What each fault may cost, as the gateway decides it (docs/cluster.md, "The gatew
 - kill -9: the requests in flight on the dead node are answered 502 naming it (they may have
   run: never sent again); the next attempt to connect fails, takes the node out of rotation
   and goes to another node, so everything sent later is answered 200.
+- SIGTERM (a graceful restart): nothing fails. The node says DRAINING in etcd, finishes what
+  it accepted, refuses the rest as never run (the gateway sends those elsewhere), and leaves
+  etcd only after the drain.
 - SIGSTOP: nothing fails until the lease ends; then the node leaves the gateway's table and
   what was in flight on it is answered 502 naming it (504 past --upstream-timeout-ms).
 - etcd restarted, or killed for longer than a lease: nothing fails (the gateway routes by
@@ -296,6 +299,29 @@ def test_kill_9_of_a_node_under_load(fleet, calls_dir):
         assert a.status in (502, 504) and "node-1" in a.error, a
     retried = gateway_counter(fleet, "retries_total", node="node-1", reason="connect")
     assert retried <= CLIENTS, f"{retried} connection attempts to a dead node"
+
+
+def test_a_graceful_restart_under_load_fails_nothing(fleet, calls_dir):
+    """SIGTERM (a rolling update): the node's key turns DRAINING, so the gateway sends it
+    nothing new; what it already sent finishes there; requests that reach it while it drains
+    are refused as never run and go to another node; the lease goes only after the drain.
+    So no client sees an error."""
+    with Load(fleet.gateway.base_url) as load:
+        load.wait_ok(60, what="before the restart")
+        for i in range(fleet.count):
+            wait_runs(calls_dir, fleet.node(i).proc.pid, 0, f"node {i} running requests", 1)
+        old_pid = fleet.node(0).proc.pid
+        restarted = fleet.restart_node(0)
+        wait_until(lambda: node_keys(fleet, 0), DEADLINE_S, "node-0 registered again")
+        fleet.wait_gateway_nodes(3, "in_rotation")
+        wait_runs(calls_dir, restarted.proc.pid, load.next_id(), "requests reaching node-0 again")
+        load.wait_ok(60, after_id=load.next_id(), what="after the restart")
+        answers = load.stop()
+
+    statuses = check_answers(answers, calls_dir)
+    failed = [a for a in answers if a.status != 200]
+    assert not failed, f"a graceful restart failed requests: {statuses}, e.g. {failed[:3]}"
+    assert ran_on(calls_dir, old_pid) > 0, "node-0 never ran anything before its restart"
 
 
 def test_sigstop_drops_a_node_within_the_lease_and_sigcont_brings_it_back(fleet, calls_dir):

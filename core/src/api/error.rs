@@ -238,7 +238,8 @@ fn engine_class(e: &EngineError) -> ErrorClass {
         EngineError::NotReady { .. }
         | EngineError::Draining { .. }
         | EngineError::WorkerFailed { .. }
-        | EngineError::ShuttingDown => ErrorClass::Unavailable,
+        | EngineError::ShuttingDown
+        | EngineError::Closing => ErrorClass::Unavailable,
         EngineError::Plugin { .. } | EngineError::BadOutput { .. } | EngineError::Internal(_) => {
             ErrorClass::Internal
         }
@@ -642,6 +643,7 @@ mod tests {
             state: "LOADING".into(),
         };
         assert_eq!(marked(not_ready), Some("1".into()));
+        assert_eq!(marked(EngineError::Closing), Some("1".into()));
         // These may have reached a worker: a gateway must not run them again.
         assert_eq!(marked(EngineError::ShuttingDown), None);
         let crashed = EngineError::WorkerFailed {

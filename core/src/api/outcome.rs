@@ -44,9 +44,10 @@ fn engine_outcome(e: &EngineError) -> &'static str {
         | EngineError::ClientMemory(_) => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::Overloaded { .. } => "overloaded",
-        EngineError::NotReady { .. } | EngineError::Draining { .. } | EngineError::ShuttingDown => {
-            "unavailable"
-        }
+        EngineError::NotReady { .. }
+        | EngineError::Draining { .. }
+        | EngineError::ShuttingDown
+        | EngineError::Closing => "unavailable",
         EngineError::WorkerFailed { .. } => "worker_error",
         // Both are the plugin's fault: it raised, or returned outputs that do not fit.
         EngineError::Plugin { .. } | EngineError::BadOutput { .. } => "plugin_error",

@@ -1,6 +1,7 @@
 //! `--etcd`: the node's registration (`cluster::registry`), configured from the cluster
-//! flags and the ports actually bound, and stopped by the first SIGTERM/SIGINT, so the
-//! node's keys leave etcd before it drains.
+//! flags and the ports actually bound. At SIGTERM the node's key turns DRAINING (the
+//! engine's drain flag) and the lease is revoked only after the drain (`Registration::leave`),
+//! so a gateway stops sending new work at once and lets what it sent finish.
 
 use super::args::ClusterArgs;
 use super::server::Listening;
@@ -12,7 +13,6 @@ use crate::repository::Repository;
 use anyhow::Context as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use tokio::signal::unix::{SignalKind, signal};
 
 /// Starts registering when `--etcd` is given; `None` without it.
 pub fn start(
@@ -25,21 +25,10 @@ pub fn start(
         return Ok(None);
     };
     let config = config(args, etcd, listening)?;
-    // Our own listeners of the same signals the server stops on (tokio hands each signal
-    // to every listener): the lease is revoked at the signal, beside the drain.
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
     Ok(Some(Registration::start(
         config,
         engine.clone(),
         repository.cloned(),
-        stop,
     )))
 }
 

@@ -5,7 +5,7 @@
 //! 3. Spawn the workers; report each instance that becomes ready ("2/4 instances ready",
 //!    `progress.rs`) and print one line per model once it is READY (or FAILED).
 //! 4. On the first signal, drain and stop (`server.rs`); with `--etcd`, the node's
-//!    registration leaves etcd first (`registration.rs`).
+//!    key says DRAINING during the drain and leaves etcd after it (`registration.rs`).
 
 use super::args::RunArgs;
 use super::server::{listen, metrics, serve_until_signal, settings};
@@ -34,7 +34,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     if let Some(registration) = registration {
-        registration.finished().await;
+        registration.leave().await;
     }
     Ok(code)
 }

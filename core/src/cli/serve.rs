@@ -7,7 +7,7 @@
 //! 4. Serve `/v2/repository/*` beside the inference routes; on a signal, drain and stop.
 //!
 //! With `--etcd`, the node and its models are registered in etcd from step 2 on
-//! (`registration.rs`); the first signal revokes the registration before the drain. With
+//! (`registration.rs`); at the first signal its key says DRAINING, and it leaves etcd after the drain. With
 //! `--nats`, the node takes control requests and publishes events over NATS
 //! (`cluster::control`) from step 2 on.
 
@@ -104,7 +104,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     if let Some(registration) = registration {
-        registration.finished().await;
+        registration.leave().await;
     }
     Ok(code)
 }

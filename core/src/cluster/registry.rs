@@ -8,7 +8,6 @@
 //! load every 500 ms; nothing runs per request. When `stop` (a signal) fires, it revokes the
 //! lease, so the keys are gone before the node starts draining.
 
-use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
@@ -72,19 +71,19 @@ pub struct RegistryConfig {
     pub lease_ttl: Duration,
 }
 
-/// The running registration; `finished` waits for its end after the stop signal.
+/// The running registration; `leave` revokes its lease and waits for that.
 pub struct Registration {
+    stop: oneshot::Sender<()>,
     done: oneshot::Receiver<()>,
 }
 
 impl Registration {
     /// Starts registering the models of `engine` (and of `repository`, whose index also
-    /// knows models that failed before reaching the engine) until `stop` resolves.
+    /// knows models that failed before reaching the engine) until `leave`.
     pub fn start(
         config: RegistryConfig,
         engine: Engine,
         repository: Option<Repository>,
-        stop: impl Future<Output = ()> + Send + 'static,
     ) -> Registration {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -107,11 +106,16 @@ impl Registration {
             config.lease_ttl,
         );
         let (done_tx, done) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stop_signal = async move {
+            // Sent by `leave`, or dropped with the registration: both end it.
+            let _ = stopped.await;
+        };
         let actor = Actor::new(config, advertised, engine, repository);
         crate::telemetry::panics::spawn_monitored(
             "etcd registration",
             async move {
-                actor.run(stop).await;
+                actor.run(stop_signal).await;
                 let _ = done_tx.send(());
             },
             |_| {
@@ -120,12 +124,15 @@ impl Registration {
                 )
             },
         );
-        Registration { done }
+        Registration { stop, done }
     }
 
-    /// Waits (at most `REVOKE_WAIT`) until the registration revoked its lease after the
-    /// stop signal: called before the process exits, so the revoke is not cut short.
-    pub async fn finished(self) {
+    /// Revokes the lease (the node's keys leave etcd at once) and waits for that, at most
+    /// `REVOKE_WAIT`. Called after the drain: until then the node's key says DRAINING (the
+    /// engine's drain flag), so a gateway sends it nothing new while what it already sent
+    /// finishes.
+    pub async fn leave(self) {
+        let _ = self.stop.send(());
         if tokio::time::timeout(REVOKE_WAIT, self.done).await.is_err() {
             tracing::warn!(
                 "etcd lease not revoked within {REVOKE_WAIT:?}: the node's keys expire with its lease"

@@ -41,7 +41,7 @@ impl Engine {
     ) -> Result<Responses, EngineError> {
         let entry = self.entry(&req.model, req.version.as_deref())?;
         if self.is_draining() {
-            return Err(EngineError::ShuttingDown);
+            return Err(EngineError::Closing);
         }
         let config = &entry.config;
         if let Some(node) = self.drain_covers(&config.name) {
@@ -179,7 +179,7 @@ fn check_ready(
             "UNLOADING (version {} is being unloaded; it takes no new requests)",
             config.version
         )),
-        ModelState::Stopping => Err(EngineError::ShuttingDown),
+        ModelState::Stopping => Err(EngineError::Closing),
     }
 }
 

@@ -56,6 +56,11 @@ pub enum EngineError {
         if *node { "this node".to_string() } else { format!("model '{model}' on this node") }
     )]
     Draining { model: String, node: bool },
+    /// Refused at admission because the server is shutting down (SIGTERM): never ran, so
+    /// a gateway may send it to another node.
+    #[error("server is shutting down; not accepting new requests (this one never ran)")]
+    Closing,
+    /// Work cut off by the shutdown after it was accepted: it may have run.
     #[error("server is shutting down; not accepting new requests")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -66,12 +71,12 @@ impl EngineError {
     /// Refused before the engine accepted the request, so it certainly never ran and
     /// another node may take it: an operator's drain, or a model not ready (LOADING,
     /// FAILED, UNAVAILABLE with no instance, UNLOADING; queued requests failed for that
-    /// reason never reached a worker either). The front ends mark these answers
+    /// reason never reached a worker either), or a shutdown seen at admission. The front ends mark these answers
     /// (`unimodel-not-run: 1`) so a gateway can retry them elsewhere.
     pub fn never_ran(&self) -> bool {
         matches!(
             self,
-            EngineError::Draining { .. } | EngineError::NotReady { .. }
+            EngineError::Draining { .. } | EngineError::NotReady { .. } | EngineError::Closing
         )
     }
 }
