@@ -318,6 +318,17 @@ def test_a_missing_or_silent_node_is_reported_and_fails_the_command(
     assert lines["mute"] == "error: no reply from node mute in 3 s", result.stdout
 
 
+def test_a_node_given_as_the_model_is_refused_before_any_order(start_server, nats, repo):
+    """`ctl drain node-a --nodes node-a` reads like "drain node-a" but names a model: it is
+    refused with the right form, and node-a is not drained."""
+    a = node(start_server, repo, nats.url, "node-a")
+    result = ctl("drain", "node-a", "--nodes", "node-a", nats_url=nats.url)
+    assert result.returncode != 0
+    assert "is a node named in --nodes, not a model" in result.stderr, result.stderr
+    assert "unimodel ctl drain --nodes node-a" in result.stderr, result.stderr
+    assert a.get("/v2/health/ready").status_code == 200
+
+
 def test_the_node_reconnects_after_nats_restarts(start_server, nats, repo):
     a = node(start_server, repo, nats.url, "node-a")
     nats.restart()

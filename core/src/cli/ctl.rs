@@ -22,6 +22,9 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Resume(a) => (Op::Resume, a.model, a.target),
         CtlCommand::Status(a) => return super::ctl_status::status(a).await,
     };
+    if let Some(model) = &model {
+        refuse_a_node_as_model(model, &target.nodes)?;
+    }
     let request = Request { op, model };
     let replies = order(&target, &request).await?;
     let mut failed = false;
@@ -50,6 +53,20 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Sends `request` to every node of `target` at once; one result per node, in order.
+/// `ctl drain NODE --nodes NODE` reads like "drain the node" but would drain a model named
+/// NODE: refuse it and say how a whole node is named.
+fn refuse_a_node_as_model(model: &str, nodes: &[String]) -> anyhow::Result<()> {
+    if nodes.iter().any(|n| n == model) {
+        anyhow::bail!(
+            "'{}' is a node named in --nodes, not a model: the argument is a model; \
+             to order a whole node give no model (`unimodel ctl drain --nodes {}`)",
+            crate::echo::Echo(model),
+            crate::echo::Echo(model)
+        );
+    }
+    Ok(())
+}
+
 async fn order(
     target: &CtlTarget,
     request: &Request,
