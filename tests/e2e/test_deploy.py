@@ -395,10 +395,21 @@ def test_chart_without_etcd_fails_with_a_clear_message():
     [
         ({"node": {"replica": 3}}, "additional properties 'replica' not allowed"),
         ({"etcd": {"endpoints": ["etcd:2379"]}}, "'etcd:2379' does not match pattern"),
+        # The nodes' etcd client speaks plain http only (no TLS to etcd yet).
+        (
+            {"etcd": {"endpoints": ["https://etcd:2379"]}},
+            "'https://etcd:2379' does not match pattern",
+        ),
         ({"node": {"gpu": {"count": -1}}}, "/node/gpu/count"),
         ({"nats": {"url": "http://nats:4222"}}, "/nats/url"),
     ],
-    ids=["misspelt-key", "endpoint-without-scheme", "negative-gpus", "nats-url-scheme"],
+    ids=[
+        "misspelt-key",
+        "endpoint-without-scheme",
+        "endpoint-https",
+        "negative-gpus",
+        "nats-url-scheme",
+    ],
 )
 def test_chart_refuses_bad_values_naming_them(values, message):
     # values.schema.json: Helm checks it on install, upgrade, template and lint.
