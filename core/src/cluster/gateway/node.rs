@@ -16,6 +16,11 @@ use tonic::transport::{Channel, Endpoint};
 /// How long a gRPC channel gives a node to accept a connection; past it the call fails
 /// unsent (and goes elsewhere).
 const GRPC_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 PINGs on a node's gRPC connection, idle or not: a node that stops answering them
+/// within `GRPC_KEEPALIVE_TIMEOUT` (stopped, partitioned) has its connection closed, and
+/// the calls and streams on it fail instead of waiting forever.
+const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a node's REST front end is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +72,9 @@ impl Node {
             let channel = endpoint
                 .tcp_nodelay(true)
                 .connect_timeout(GRPC_CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(GRPC_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(GRPC_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .connect_lazy();
             Some(
                 GrpcInferenceServiceClient::new(channel)
