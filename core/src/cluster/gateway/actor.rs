@@ -147,9 +147,15 @@ impl Actor {
                 continue;
             }
             let Some(rest) = RestTarget::parse(&entry.record.rest_url) else {
-                tracing::warn!(node = %name, rest_url = %entry.record.rest_url, "ignoring node {name}: its rest_url is not an http:// URL");
+                tracing::warn!(node = %name, rest_url = %entry.record.rest_url, "ignoring node {name}: its rest_url is not an http:// URL (the gateway dials nodes over plain HTTP only; https nodes are not supported yet)");
                 continue;
             };
+            if let Some(grpc) = entry.record.grpc_url.as_deref()
+                && !grpc.starts_with("http://")
+            {
+                tracing::warn!(node = %name, grpc_url = %grpc, "ignoring node {name}: its grpc_url is not an http:// URL (the gateway dials nodes over plain HTTP only; https nodes are not supported yet)");
+                continue;
+            }
             tracing::info!(node = %name, rest_url = %entry.record.rest_url, state = %entry.record.state, "node {name} in the table");
             let node = Node::new(name, rest, entry.record.grpc_url.clone());
             self.nodes.insert(name.clone(), Arc::new(node));
@@ -265,5 +271,29 @@ mod tests {
         let routes = changed(&mut watch).await;
         assert!(routes.serving.is_empty());
         assert!(node.is_retired());
+    }
+
+    #[tokio::test]
+    async fn https_nodes_are_left_out_of_the_table() {
+        let (feed, rx) = mpsc::channel(16);
+        let handle = start(rx, Arc::new(Switch(Arc::new(AtomicBool::new(true)))));
+        let mut watch = handle.watch();
+        let https_rest = r#"{"node":"s","rest_url":"https://127.0.0.1:1","state":"SERVING"}"#;
+        let https_grpc = r#"{"node":"g","rest_url":"http://127.0.0.1:2","grpc_url":"https://127.0.0.1:3","state":"SERVING"}"#;
+        feed.send(put("nodes/s", https_rest, 1)).await.unwrap();
+        feed.send(put("nodes/g", https_grpc, 2)).await.unwrap();
+        feed.send(put("nodes/a", NODE_A, 3)).await.unwrap();
+        let routes = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let routes = changed(&mut watch).await;
+                if !routes.all.is_empty() {
+                    return routes;
+                }
+            }
+        })
+        .await
+        .expect("node a in the table");
+        let names: Vec<&str> = routes.all.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a"], "https nodes are unreachable: never routed to");
     }
 }

@@ -30,11 +30,12 @@ pub struct RestTarget {
 }
 
 impl RestTarget {
-    /// `http://H:P` (a trailing `/` or path is ignored); `None` for anything else.
+    /// `http://H:P` (a trailing `/` or path is ignored); `None` for anything else, https
+    /// included: the gateway dials nodes over plain HTTP only.
     pub fn parse(url: &str) -> Option<RestTarget> {
         let uri: http::Uri = url.parse().ok()?;
         let scheme = uri.scheme()?.clone();
-        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        if scheme != Scheme::HTTP {
             return None;
         }
         Some(RestTarget {
@@ -160,6 +161,10 @@ mod tests {
         assert_eq!(t.scheme, Scheme::HTTP);
         assert!(RestTarget::parse("http://h:1/").is_some());
         assert!(RestTarget::parse("ftp://h:1").is_none());
+        assert!(
+            RestTarget::parse("https://h:1").is_none(),
+            "dialled over plain HTTP only"
+        );
         assert!(RestTarget::parse("h:1").is_none());
         assert!(RestTarget::parse("").is_none());
     }
