@@ -593,7 +593,7 @@ mod tests {
 
     fn upstream() -> Upstream {
         let (_feed, rx) = tokio::sync::mpsc::channel(1);
-        let table = actor::start(rx, Arc::new(NeverUp));
+        let table = actor::start(rx, Arc::new(NeverUp), Duration::from_secs(60));
         Upstream::new(
             table,
             Arc::new(GatewayMetrics::new()),

@@ -609,7 +609,7 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let at = silent.local_addr().unwrap();
         let (feed, rx) = tokio::sync::mpsc::channel(16);
-        let table = actor::start(rx, Arc::new(NeverUp));
+        let table = actor::start(rx, Arc::new(NeverUp), Duration::from_secs(60));
         let mut watch = table.watch();
         feed.send(put(
             "nodes/a",
