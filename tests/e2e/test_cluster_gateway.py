@@ -403,6 +403,41 @@ def test_a_stream_from_a_node_that_leaves_the_table_ends_instead_of_hanging(flee
     fleet.wait_gateway_nodes(NODES)
 
 
+def test_a_grpc_stream_opened_on_stopped_nodes_ends_with_a_clear_error(fleet):
+    """Every node SIGSTOPped (a silent partition) while a gRPC ModelStreamInfer opens: the
+    node picked never answers the open, and the gateway ends the stream with an error
+    naming the node once its lease expires (or --upstream-timeout-ms passes), instead of
+    holding the client forever. After SIGCONT the nodes register again."""
+    client = grpcclient.InferenceServerClient(fleet.gateway_grpc_url)
+    answers: queue.Queue = queue.Queue()
+    tok = []
+    for name, datatype, arr in (
+        ("prompt", "BYTES", np.array([b"s"], dtype=np.object_)),
+        ("count", "INT32", np.array([1], np.int32)),
+        ("delay_ms", "FP32", np.array([0.0], np.float32)),
+    ):
+        inp = grpcclient.InferInput(name, [1], datatype)
+        inp.set_data_from_numpy(arr)
+        tok.append(inp)
+    try:
+        for i in range(NODES):
+            fleet.sigstop_node(i)
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("tokens", tok, request_id="r1")
+        result, error = answers.get(timeout=WAIT_S)
+        assert result is None and error is not None, result
+        text = str(error)
+        assert "left the cluster table" in text or "did not answer within" in text, text
+        assert "node-" in text, text
+    finally:
+        for i in range(NODES):
+            fleet.sigcont_node(i)
+        client.stop_stream()
+        client.close()
+    fleet.wait_model_on_nodes("tokens", range(NODES))
+    fleet.wait_gateway_nodes(NODES)
+
+
 def test_routing_goes_on_while_etcd_is_down_and_the_watch_resumes(fleet):
     gw = fleet.gateway
     fleet.etcd.stop()
