@@ -78,6 +78,11 @@ pub struct GatewayArgs {
     /// may have run there, so it is not sent again (at most 604800000, 7 days).
     #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = limits::timeout_ms)]
     pub upstream_timeout_ms: u64,
+    /// When etcd comes back with its data lost (a full read lacks nodes the gateway had),
+    /// how long those nodes stay routable while they write their keys again; about one
+    /// --etcd-lease-ttl-s of the nodes (at most 604800000, 7 days).
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = limits::timeout_ms)]
+    pub stale_grace_ms: u64,
     /// Largest gRPC message accepted, and largest /v1 body (read whole to find its
     /// "model"); REST bodies stream through and the node applies its own limit (at most
     /// 2^40, 1 TiB).
@@ -781,6 +786,7 @@ mod tests {
         assert_eq!(g.etcd_prefix, "/unimodel");
         assert_eq!((g.port, g.grpc_port), (8000, 0));
         assert_eq!(g.upstream_timeout_ms, 60_000);
+        assert_eq!(g.stale_grace_ms, 10_000);
         assert!(g.auth.api_key_file.is_some());
         assert!(
             Cli::try_parse_from(["unimodel", "gateway"]).is_err(),

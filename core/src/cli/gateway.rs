@@ -70,6 +70,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(address = %format!("{scheme}://{http_at}"), "gateway listening");
     let settings = GatewaySettings {
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
+        stale_grace: Duration::from_millis(args.stale_grace_ms),
         max_body_bytes: args.max_body_bytes,
         auth,
         listener_metrics,

@@ -62,8 +62,14 @@ impl TableHandle {
     }
 }
 
-/// Starts the actor over `feed`; it runs until the runtime stops.
-pub fn start(feed: mpsc::Receiver<Update>, probe: Arc<dyn Probe>) -> TableHandle {
+/// Starts the actor over `feed`; it runs until the runtime stops. Nodes that a full read
+/// of etcd no longer lists are kept for `stale_grace` (`--stale-grace-ms`) before they
+/// leave the table, unless they write their keys again first.
+pub fn start(
+    feed: mpsc::Receiver<Update>,
+    probe: Arc<dyn Probe>,
+    stale_grace: Duration,
+) -> TableHandle {
     let (routes_tx, routes) = watch::channel(Arc::new(Routes::default()));
     let (failed, failed_rx) = mpsc::channel(FAILED_QUEUE);
     let (recovered, recovered_rx) = mpsc::channel(FAILED_QUEUE);
@@ -74,9 +80,19 @@ pub fn start(feed: mpsc::Receiver<Update>, probe: Arc<dyn Probe>) -> TableHandle
         routes: routes_tx,
         probe,
         recovered,
+        stale_grace,
+        expire_at: None,
     };
     tokio::spawn(actor.run(feed, failed_rx, recovered_rx));
     TableHandle { routes, failed }
+}
+
+/// Completes at `at` (never, for `None`: the branch is disabled then anyway).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 struct Actor {
@@ -88,6 +104,9 @@ struct Actor {
     routes: watch::Sender<Arc<Routes>>,
     probe: Arc<dyn Probe>,
     recovered: mpsc::Sender<Arc<Node>>,
+    stale_grace: Duration,
+    /// When the nodes kept as stale by the last full read leave the table.
+    expire_at: Option<tokio::time::Instant>,
 }
 
 impl Actor {
@@ -109,14 +128,38 @@ impl Actor {
                 },
                 Some(node) = failed.recv() => self.start_probe(node),
                 Some(node) = recovered.recv() => self.recovered(&node),
+                () = sleep_until(self.expire_at), if self.expire_at.is_some() => self.expire_stale(),
             }
         }
     }
 
     fn apply(&mut self, update: Update) {
+        let reset = matches!(update, Update::Reset(_));
         if !self.table.apply(update) {
             return;
         }
+        if reset && self.table.has_stale() {
+            tracing::warn!(
+                "etcd's full read lacks nodes the gateway had; keeping them for {:?} (--stale-grace-ms) while they write their keys again",
+                self.stale_grace
+            );
+            self.expire_at = Some(tokio::time::Instant::now() + self.stale_grace);
+        }
+        self.publish();
+    }
+
+    /// Ends the stale nodes that did not write their keys again within the grace.
+    fn expire_stale(&mut self) {
+        self.expire_at = None;
+        let gone = self.table.expire_stale();
+        if gone.is_empty() {
+            return;
+        }
+        tracing::warn!(nodes = ?gone, "nodes {gone:?} left the table: etcd has not listed them again within --stale-grace-ms");
+        self.publish();
+    }
+
+    fn publish(&mut self) {
         self.sync_nodes();
         self.routes
             .send_replace(Arc::new(Routes::build(&self.table, &self.nodes)));
@@ -147,9 +190,15 @@ impl Actor {
                 continue;
             }
             let Some(rest) = RestTarget::parse(&entry.record.rest_url) else {
-                tracing::warn!(node = %name, rest_url = %entry.record.rest_url, "ignoring node {name}: its rest_url is not an http:// URL");
+                tracing::warn!(node = %name, rest_url = %entry.record.rest_url, "ignoring node {name}: its rest_url is not an http:// URL (the gateway dials nodes over plain HTTP only; https nodes are not supported yet)");
                 continue;
             };
+            if let Some(grpc) = entry.record.grpc_url.as_deref()
+                && !grpc.starts_with("http://")
+            {
+                tracing::warn!(node = %name, grpc_url = %grpc, "ignoring node {name}: its grpc_url is not an http:// URL (the gateway dials nodes over plain HTTP only; https nodes are not supported yet)");
+                continue;
+            }
             tracing::info!(node = %name, rest_url = %entry.record.rest_url, state = %entry.record.state, "node {name} in the table");
             let node = Node::new(name, rest, entry.record.grpc_url.clone());
             self.nodes.insert(name.clone(), Arc::new(node));
@@ -225,7 +274,11 @@ mod tests {
     async fn updates_become_routes_and_failures_come_back_by_probe_or_rewrite() {
         let (feed, rx) = mpsc::channel(16);
         let up = Arc::new(AtomicBool::new(false));
-        let handle = start(rx, Arc::new(Switch(Arc::clone(&up))));
+        let handle = start(
+            rx,
+            Arc::new(Switch(Arc::clone(&up))),
+            Duration::from_secs(60),
+        );
         let mut watch = handle.watch();
         feed.send(put("nodes/a", NODE_A, 1)).await.unwrap();
         changed(&mut watch).await;
@@ -264,6 +317,75 @@ mod tests {
         feed.send(Update::Delete("nodes/a".into())).await.unwrap();
         let routes = changed(&mut watch).await;
         assert!(routes.serving.is_empty());
+        assert!(node.is_retired());
+    }
+
+    #[tokio::test]
+    async fn https_nodes_are_left_out_of_the_table() {
+        let (feed, rx) = mpsc::channel(16);
+        let handle = start(
+            rx,
+            Arc::new(Switch(Arc::new(AtomicBool::new(true)))),
+            Duration::from_secs(60),
+        );
+        let mut watch = handle.watch();
+        let https_rest = r#"{"node":"s","rest_url":"https://127.0.0.1:1","state":"SERVING"}"#;
+        let https_grpc = r#"{"node":"g","rest_url":"http://127.0.0.1:2","grpc_url":"https://127.0.0.1:3","state":"SERVING"}"#;
+        feed.send(put("nodes/s", https_rest, 1)).await.unwrap();
+        feed.send(put("nodes/g", https_grpc, 2)).await.unwrap();
+        feed.send(put("nodes/a", NODE_A, 3)).await.unwrap();
+        let routes = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let routes = changed(&mut watch).await;
+                if !routes.all.is_empty() {
+                    return routes;
+                }
+            }
+        })
+        .await
+        .expect("node a in the table");
+        let names: Vec<&str> = routes.all.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a"], "https nodes are unreachable: never routed to");
+    }
+
+    #[tokio::test]
+    async fn nodes_an_empty_etcd_lost_stay_for_the_grace_then_leave() {
+        let (feed, rx) = mpsc::channel(16);
+        let handle = start(
+            rx,
+            Arc::new(Switch(Arc::new(AtomicBool::new(true)))),
+            Duration::from_millis(300),
+        );
+        let mut watch = handle.watch();
+        feed.send(Update::Reset(vec![
+            Kv {
+                key: "nodes/a".into(),
+                value: NODE_A.as_bytes().to_vec(),
+                revision: 1,
+            },
+            Kv {
+                key: "models/m/a".into(),
+                value: MODEL_A.as_bytes().to_vec(),
+                revision: 1,
+            },
+        ]))
+        .await
+        .unwrap();
+        let routes = changed(&mut watch).await;
+        let node = Arc::clone(&routes.serving[0]);
+        // etcd restarted with its data lost: the full read is empty.
+        feed.send(Update::Reset(vec![])).await.unwrap();
+        let routes = changed(&mut watch).await;
+        assert_eq!(routes.in_rotation(), 1, "kept through the empty read");
+        assert!(routes.model("m").is_ok());
+        assert!(
+            !node.is_retired(),
+            "the same handle: counts and connections kept"
+        );
+        // Nobody wrote it again: it leaves once the grace is over.
+        let routes = changed(&mut watch).await;
+        assert!(routes.serving.is_empty());
+        assert!(routes.model("m").is_err());
         assert!(node.is_retired());
     }
 }

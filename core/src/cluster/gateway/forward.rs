@@ -14,9 +14,15 @@
 //!   unavailable); the request goes to another node when its body can be sent again, i.e.
 //!   when it was small enough to be held (`REPLAY_LIMIT`); otherwise the node's answer is
 //!   passed on.
+//! - a node that left the table (its etcd lease expired) before the request was sent:
+//!   nothing was sent; the request goes to another node.
 //! - anything after the request was sent (a reset, a closed connection, no answer within
 //!   `--upstream-timeout-ms`) may have run: 502 (504 for the timeout) naming the node, never
-//!   sent again.
+//!   sent again; the node goes out of rotation until a probe finds it live.
+//!
+//! An answer whose head arrived still ends (with an error) if its node leaves the table
+//! before the last byte, so a stopped or partitioned node never holds a client forever;
+//! pooled connections also have TCP keepalive on, which finds a dead peer on its own.
 
 use super::actor::TableHandle;
 use super::error::GatewayError;
@@ -53,6 +59,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const POOL_IDLE_PER_NODE: usize = 1024;
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
+/// TCP keepalive on node connections: first probe after this much silence, then one per
+/// `KEEPALIVE_INTERVAL`, `KEEPALIVE_RETRIES` unanswered probes close it.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they concern one connection, never forwarded.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -247,8 +258,12 @@ enum Attempt {
     Answered(Response<Incoming>, InFlight),
     /// The node refused before accepting and the body can be sent again.
     NotRun(Response<Incoming>),
-    /// No connection: nothing was sent.
+    /// No connection, or the node left the table first: nothing was sent.
     Unsent,
+    /// The request was sent and the node failed it (reset, closed, timed out): it may have
+    /// run, and the node goes out of rotation.
+    Broke(GatewayError),
+    /// The request could not be made at all (the gateway's own error).
     Failed(GatewayError),
 }
 
@@ -257,6 +272,9 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_keepalive(Some(KEEPALIVE_IDLE));
+        connector.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+        connector.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_IDLE_PER_NODE)
             .pool_idle_timeout(POOL_IDLE)
@@ -322,7 +340,10 @@ impl Upstream {
                     body = spare.body(false);
                 }
                 Attempt::Unsent => {
-                    self.table.node_failed(&node);
+                    // A retired node is not coming back: no probe for it.
+                    if !node.is_retired() {
+                        self.table.node_failed(&node);
+                    }
                     self.metrics.retry(&node.name, RetryReason::Connect);
                     body = spare.body(true);
                     if body.is_none() {
@@ -333,6 +354,19 @@ impl Upstream {
                                     .into(),
                         });
                     }
+                }
+                Attempt::Broke(e) => {
+                    if !node.is_retired() {
+                        self.table.node_failed(&node);
+                    }
+                    let code = e.status().as_u16();
+                    self.metrics.request(
+                        &node.name,
+                        model,
+                        crate::telemetry::metrics::PROTOCOL_REST,
+                        code,
+                    );
+                    return Err(e);
                 }
                 Attempt::Failed(e) => {
                     let code = e.status().as_u16();
@@ -378,6 +412,10 @@ impl Upstream {
                 return Attempt::Failed(GatewayError::BadRequest(format!("bad request path: {e}")));
             }
         };
+        if node.is_retired() {
+            // Picked from a snapshot taken before the node left: nothing was sent.
+            return Attempt::Unsent;
+        }
         let replayable = body.replayable();
         let mut req = Request::new(body);
         *req.method_mut() = method.clone();
@@ -387,15 +425,15 @@ impl Upstream {
         let sent = Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout(self.timeout, self.client.request(req)) => r,
-            () = node.gone() => return Attempt::Failed(left_the_table(node)),
+            () = node.gone() => return Attempt::Broke(left_the_table(node)),
         };
         match result {
-            Err(_) => Attempt::Failed(GatewayError::NodeTimeout {
+            Err(_) => Attempt::Broke(GatewayError::NodeTimeout {
                 node: Arc::clone(&node.name),
                 after: self.timeout,
             }),
             Ok(Err(e)) if e.is_connect() => Attempt::Unsent,
-            Ok(Err(e)) => Attempt::Failed(GatewayError::NodeFailed {
+            Ok(Err(e)) => Attempt::Broke(GatewayError::NodeFailed {
                 node: Arc::clone(&node.name),
                 detail: error_chain(&e),
             }),
@@ -443,28 +481,22 @@ pub fn not_run(status: StatusCode, headers: &HeaderMap) -> bool {
 }
 
 /// The node's answer, streamed back; the request counts as outstanding on the node until
-/// its last byte. An event stream (SSE) also ends, with an error, if the node leaves the
-/// table mid-stream (a stopped or partitioned node would otherwise hold it open forever).
+/// its last byte. Any answer (an event stream, or a JSON body whose node stopped after its
+/// head) ends with an error if the node leaves the table before its last byte: a stopped
+/// or partitioned node would otherwise hold it open forever.
 fn pass_back(resp: Response<Incoming>, inflight: InFlight) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
-    let streams = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if streams {
-        let node = Arc::clone(inflight.node());
-        let gone = Box::pin(async move { node.gone().await });
-        let body = UntilGone {
-            inner: HoldUntilEnd::new(body, inflight),
-            gone,
-            ended: false,
-        };
-        return Response::from_parts(parts, Body::new(body));
-    }
-    Response::from_parts(parts, Body::new(HoldUntilEnd::new(body, inflight)))
+    let node = Arc::clone(inflight.node());
+    let gone = Box::pin(async move { node.gone().await });
+    let body = UntilGone {
+        inner: HoldUntilEnd::new(body, inflight),
+        gone,
+        ended: false,
+    };
+    Response::from_parts(parts, Body::new(body))
 }
 
 /// A streamed answer that fails once its node leaves the table.
@@ -526,6 +558,7 @@ mod tests {
     use super::super::routes::Tried;
     use super::*;
     use axum::routing::post;
+    use futures::StreamExt as _;
     use futures::future::BoxFuture;
 
     struct NeverUp;
@@ -560,7 +593,7 @@ mod tests {
 
     fn upstream() -> Upstream {
         let (_feed, rx) = tokio::sync::mpsc::channel(1);
-        let table = actor::start(rx, Arc::new(NeverUp));
+        let table = actor::start(rx, Arc::new(NeverUp), Duration::from_secs(60));
         Upstream::new(
             table,
             Arc::new(GatewayMetrics::new()),
@@ -676,5 +709,126 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(text(resp).await.len(), big.len());
         assert!(dead.is_down(), "out of rotation at its first failure");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_left_the_table_before_sending_is_skipped() {
+        let left = node("left", StatusCode::OK, false).await;
+        left.retire();
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let out = Outgoing::from_request(request(b"p".to_vec()))
+            .await
+            .unwrap();
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(out, &model, None, in_order(vec![left, serving]))
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "sent to the next node, not a 502"
+        );
+        assert_eq!(text(resp).await, "p");
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_sending_is_a_502_and_takes_the_node_out() {
+        // A node that reads the request and closes the connection without an answer.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                drop(conn);
+            }
+        });
+        let closing = Arc::new(Node::new(
+            "closing",
+            RestTarget::parse(&format!("http://{at}")).unwrap(),
+            None,
+        ));
+        let serving = node("b", StatusCode::OK, false).await;
+        let up = upstream();
+        let out = Outgoing::from_request(request(b"p".to_vec()))
+            .await
+            .unwrap();
+        let model = Arc::new("m".to_string());
+        let err = up
+            .forward(
+                out,
+                &model,
+                None,
+                in_order(vec![Arc::clone(&closing), serving]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert!(err.to_string().contains("closing"), "{err}");
+        assert!(
+            closing.is_down(),
+            "out of rotation after a failure after sending"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_json_answer_whose_node_leaves_mid_body_ends_with_an_error() {
+        // Headers and a first chunk, then nothing: a node stopped mid-answer.
+        let app = axum::Router::new().route(
+            "/v2/models/m/infer",
+            post(|| async {
+                let chunks = futures::stream::once(async {
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"{\"outputs\":"))
+                })
+                .chain(futures::stream::pending());
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from_stream(chunks))
+                    .unwrap()
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let stuck = Arc::new(Node::new(
+            "stuck",
+            RestTarget::parse(&format!("http://{at}")).unwrap(),
+            None,
+        ));
+        let up = upstream();
+        let out = Outgoing::from_request(request(b"p".to_vec()))
+            .await
+            .unwrap();
+        let model = Arc::new("m".to_string());
+        let resp = up
+            .forward(out, &model, None, in_order(vec![Arc::clone(&stuck)]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let first = http_body_util::BodyExt::frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first.into_data().unwrap(),
+            Bytes::from_static(b"{\"outputs\":")
+        );
+        // Its lease expires: the table retires it, and the answer ends.
+        stuck.retire();
+        let rest = tokio::time::timeout(
+            Duration::from_secs(60),
+            http_body_util::BodyExt::collect(body),
+        )
+        .await
+        .expect("the body ended once its node left the table");
+        let err = rest.unwrap_err();
+        assert!(err.to_string().contains("left the cluster table"), "{err}");
     }
 }

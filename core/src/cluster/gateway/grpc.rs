@@ -3,12 +3,16 @@
 //! server RPCs answered from the table.
 //!
 //! Same rules as REST (`forward.rs`): the node is picked by two choices on outstanding
-//! requests; a call that could not connect (`tonic::ConnectError`) or that the node refused
-//! with `unimodel-not-run: 1` metadata goes to another node; a transport failure after the
-//! call left is UNAVAILABLE naming the node, never sent again; a node's own status passes
-//! through. Metadata passes through (credentials, `grpc-timeout`), with the gateway's
-//! `traceparent`. ModelStreamInfer goes to the node of its first message's model and stays
-//! there; it is sent elsewhere only if its connection failed before anything was read.
+//! requests; a call that could not connect (`tonic::ConnectError`), that HTTP/2 refused
+//! (`REFUSED_STREAM`: never processed), that the node refused with `unimodel-not-run: 1`
+//! metadata, or whose node left the table before it was sent goes to another node; a
+//! transport failure after the call left is UNAVAILABLE naming the node (no answer within
+//! `--upstream-timeout-ms`: DEADLINE_EXCEEDED), never sent again, and takes the node out
+//! of rotation; a node's own status passes through. Metadata passes through (credentials,
+//! `grpc-timeout`), with the gateway's `traceparent`. ModelStreamInfer goes to the node of
+//! its first message's model and stays there; it is sent elsewhere only if its connection
+//! failed before anything was read. Opening it waits for the node's answer head as long as
+//! a unary call does, and fails at once if the node leaves the table meanwhile.
 
 use super::actor::TableHandle;
 use super::error::GatewayError;
@@ -68,11 +72,17 @@ fn outgoing_metadata(mut md: MetadataMap) -> MetadataMap {
     md
 }
 
-/// True when the call never reached the node (no connection was made).
+/// True when the call never reached the node (no connection was made, or HTTP/2 refused
+/// the stream before processing it).
 fn never_sent(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
         if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
             return true;
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
@@ -94,9 +104,11 @@ fn not_run(status: &Status) -> bool {
 }
 
 /// What a node's failure means for the client: its own status passes through; a transport
-/// failure (the status has a source: tonic made it, not the node) names the node.
-fn from_node(node: &Node, status: Status) -> Status {
+/// failure (the status has a source: tonic made it, not the node) names the node, and
+/// takes the node out of rotation until a probe finds it live.
+fn from_node(table: &TableHandle, node: &Arc<Node>, status: Status) -> Status {
     if std::error::Error::source(&status).is_some() {
+        node_broke(table, node);
         return GatewayError::NodeFailed {
             node: Arc::clone(&node.name),
             detail: error_chain(&status),
@@ -104,6 +116,36 @@ fn from_node(node: &Node, status: Status) -> Status {
         .into();
     }
     status
+}
+
+/// `node` failed a call after it was sent: out of rotation (a retired node is not coming
+/// back, so it gets no probe).
+fn node_broke(table: &TableHandle, node: &Arc<Node>) {
+    if !node.is_retired() {
+        table.node_failed(node);
+    }
+}
+
+/// How waiting for a node's answer head ended.
+enum Waited<T> {
+    Answered(T),
+    /// Nothing within `--upstream-timeout-ms`, or the node left the table: the gateway's
+    /// error naming it (the call may have run).
+    Broke(GatewayError),
+}
+
+/// Waits for `call` at most `timeout`, and no longer than `node` stays in the table.
+async fn wait_for<T>(node: &Node, timeout: Duration, call: impl Future<Output = T>) -> Waited<T> {
+    tokio::select! {
+        r = tokio::time::timeout(timeout, call) => match r {
+            Ok(answer) => Waited::Answered(answer),
+            Err(_) => Waited::Broke(GatewayError::NodeTimeout {
+                node: Arc::clone(&node.name),
+                after: timeout,
+            }),
+        },
+        () = node.gone() => Waited::Broke(left_the_table(node)),
+    }
 }
 
 impl GatewayGrpc {
@@ -139,28 +181,18 @@ impl GatewayGrpc {
                     return Err(e.into());
                 }
             };
-            let Some(client) = node.grpc.clone() else {
+            // A node that left the table after this snapshot was taken: nothing sent.
+            let Some(client) = node.grpc.clone().filter(|_| !node.is_retired()) else {
                 tried.add(node);
                 continue;
             };
             let _inflight = node.start();
             let sent = Instant::now();
             let attempt = Request::from_parts(md.clone(), Default::default(), msg.clone());
-            let result = tokio::select! {
-                r = tokio::time::timeout(self.timeout, call(client, attempt)) => r,
-                () = node.gone() => {
-                    let e = left_the_table(&node);
-                    self.record(&node, &route.name, e.grpc_code());
-                    return Err(e.into());
-                }
-            };
-            let result = match result {
-                Ok(r) => r,
-                Err(_) => {
-                    let e = GatewayError::NodeTimeout {
-                        node: Arc::clone(&node.name),
-                        after: self.timeout,
-                    };
+            let result = match wait_for(&node, self.timeout, call(client, attempt)).await {
+                Waited::Answered(r) => r,
+                Waited::Broke(e) => {
+                    node_broke(&self.table, &node);
                     self.record(&node, &route.name, e.grpc_code());
                     return Err(e.into());
                 }
@@ -180,7 +212,7 @@ impl GatewayGrpc {
                     refused = Some(status);
                 }
                 Err(status) => {
-                    let status = from_node(&node, status);
+                    let status = from_node(&self.table, &node, status);
                     self.record(&node, &route.name, status.code());
                     return Err(status);
                 }
@@ -340,7 +372,7 @@ impl GrpcInferenceService for GatewayGrpc {
             let node = route
                 .pick(version.as_deref(), Purpose::Infer, &tried)
                 .inspect_err(|e| self.gateway_answered(e))?;
-            let Some(mut client) = node.grpc.clone() else {
+            let Some(mut client) = node.grpc.clone().filter(|_| !node.is_retired()) else {
                 tried.add(node);
                 continue;
             };
@@ -350,7 +382,16 @@ impl GrpcInferenceService for GatewayGrpc {
                 Default::default(),
                 request_stream(Arc::clone(&pending)),
             );
-            match client.model_stream_infer(attempt).await {
+            let opened = wait_for(&node, self.timeout, client.model_stream_infer(attempt)).await;
+            let opened = match opened {
+                Waited::Answered(r) => r,
+                Waited::Broke(e) => {
+                    node_broke(&self.table, &node);
+                    self.record(&node, &route.name, e.grpc_code());
+                    return Err(e.into());
+                }
+            };
+            match opened {
                 Ok(resp) => {
                     self.record(&node, &route.name, tonic::Code::Ok);
                     let (md, answers, ext) = resp.into_parts();
@@ -364,7 +405,7 @@ impl GrpcInferenceService for GatewayGrpc {
                     self.metrics.retry(&node.name, RetryReason::Connect);
                 }
                 Err(status) => {
-                    let status = from_node(&node, status);
+                    let status = from_node(&self.table, &node, status);
                     self.record(&node, &route.name, status.code());
                     return Err(status);
                 }
@@ -531,5 +572,142 @@ mod tests {
             .metadata_mut()
             .insert(NOT_RUN, MetadataValue::from_static("1"));
         assert!(not_run(&refused));
+    }
+
+    use super::super::actor::{self, Probe};
+    use super::super::table::{Kv, Update};
+    use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+    use futures::future::BoxFuture;
+
+    struct NeverUp;
+
+    impl Probe for NeverUp {
+        fn live(&self, _node: Arc<Node>) -> BoxFuture<'static, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    fn put(key: &str, value: String) -> Update {
+        Update::Put(Kv {
+            key: key.into(),
+            value: value.into_bytes(),
+            revision: 1,
+        })
+    }
+
+    /// A gateway (answer timeout `timeout`) over one node "a" whose gRPC port accepts
+    /// connections (the kernel's backlog) and never answers: a stopped node. Returns the
+    /// gateway's URL, the feed (to delete the node) and the node's handle.
+    async fn gateway_over_a_silent_node(
+        timeout: Duration,
+    ) -> (
+        String,
+        tokio::sync::mpsc::Sender<Update>,
+        Arc<Node>,
+        std::net::TcpListener,
+    ) {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = silent.local_addr().unwrap();
+        let (feed, rx) = tokio::sync::mpsc::channel(16);
+        let table = actor::start(rx, Arc::new(NeverUp), Duration::from_secs(60));
+        let mut watch = table.watch();
+        feed.send(put(
+            "nodes/a",
+            format!(r#"{{"node":"a","rest_url":"http://{at}","grpc_url":"http://{at}","state":"SERVING"}}"#),
+        ))
+        .await
+        .unwrap();
+        feed.send(put(
+            "models/m/a",
+            r#"{"model":"m","node":"a","versions":["1"],"state":"READY","streams":true}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let node = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                watch.changed().await.unwrap();
+                let routes = Arc::clone(&watch.borrow_and_update());
+                if let Ok(route) = routes.model("m")
+                    && let Ok(node) = route.pick(None, Purpose::Infer, &Tried::default())
+                {
+                    return node;
+                }
+            }
+        })
+        .await
+        .expect("the node in the routes");
+        let service = GatewayGrpc {
+            table,
+            metrics: Arc::new(GatewayMetrics::new()),
+            timeout,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(tcp, _)| tcp);
+            Some((conn, l))
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GrpcInferenceServiceServer::new(service))
+                .serve_with_incoming(incoming),
+        );
+        (url, feed, node, silent)
+    }
+
+    async fn open_stream(url: String) -> Status {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = GrpcInferenceServiceClient::new(channel);
+        let first = ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        };
+        // The client's side stays open: only the node's silence is in question.
+        let requests =
+            futures::stream::once(async move { first }).chain(futures::stream::pending());
+        tokio::time::timeout(Duration::from_secs(60), client.model_stream_infer(requests))
+            .await
+            .expect("the open ended instead of hanging")
+            .map(|_| "a stream from a silent node")
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn opening_a_stream_on_a_silent_node_ends_at_the_upstream_timeout() {
+        let (url, _feed, node, _silent) =
+            gateway_over_a_silent_node(Duration::from_millis(300)).await;
+        let status = open_stream(url).await;
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("node 'a'"), "{status:?}");
+        assert!(
+            node.is_down(),
+            "out of rotation after a failure after sending"
+        );
+    }
+
+    #[tokio::test]
+    async fn opening_a_stream_ends_when_its_node_leaves_the_table() {
+        let (url, feed, node, _silent) = gateway_over_a_silent_node(Duration::from_secs(600)).await;
+        let open = tokio::spawn(open_stream(url));
+        // The call is waiting on the node once it counts as outstanding there.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while node.outstanding() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the stream reached the node");
+        // Its lease expires.
+        feed.send(Update::Delete("nodes/a".into())).await.unwrap();
+        let status = open.await.unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("left the cluster table"),
+            "{status:?}"
+        );
     }
 }

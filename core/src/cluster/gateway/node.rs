@@ -16,6 +16,11 @@ use tonic::transport::{Channel, Endpoint};
 /// How long a gRPC channel gives a node to accept a connection; past it the call fails
 /// unsent (and goes elsewhere).
 const GRPC_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 PINGs on a node's gRPC connection, idle or not: a node that stops answering them
+/// within `GRPC_KEEPALIVE_TIMEOUT` (stopped, partitioned) has its connection closed, and
+/// the calls and streams on it fail instead of waiting forever.
+const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a node's REST front end is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,11 +30,12 @@ pub struct RestTarget {
 }
 
 impl RestTarget {
-    /// `http://H:P` (a trailing `/` or path is ignored); `None` for anything else.
+    /// `http://H:P` (a trailing `/` or path is ignored); `None` for anything else, https
+    /// included: the gateway dials nodes over plain HTTP only.
     pub fn parse(url: &str) -> Option<RestTarget> {
         let uri: http::Uri = url.parse().ok()?;
         let scheme = uri.scheme()?.clone();
-        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        if scheme != Scheme::HTTP {
             return None;
         }
         Some(RestTarget {
@@ -67,6 +73,9 @@ impl Node {
             let channel = endpoint
                 .tcp_nodelay(true)
                 .connect_timeout(GRPC_CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(GRPC_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(GRPC_KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .connect_lazy();
             Some(
                 GrpcInferenceServiceClient::new(channel)
@@ -152,6 +161,10 @@ mod tests {
         assert_eq!(t.scheme, Scheme::HTTP);
         assert!(RestTarget::parse("http://h:1/").is_some());
         assert!(RestTarget::parse("ftp://h:1").is_none());
+        assert!(
+            RestTarget::parse("https://h:1").is_none(),
+            "dialled over plain HTTP only"
+        );
         assert!(RestTarget::parse("h:1").is_none());
         assert!(RestTarget::parse("").is_none());
     }

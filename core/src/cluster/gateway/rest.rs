@@ -174,6 +174,25 @@ async fn scrape(State(gw): State<Arc<Gateway>>) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
 
+/// Node-local routes the gateway does not serve (501 saying where to go instead, not 404):
+/// shared memory is local to one machine, trace and log settings are per node.
+fn not_through(path: &str) -> Option<GatewayError> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let what = match segs.as_slice() {
+        ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => {
+            "shared memory is local to one machine: register regions with the node that will read them, not through the gateway"
+        }
+        ["v2", "trace", "setting"] | ["v2", "models", _, "trace", "setting"] => {
+            "trace settings are per node: ask a node directly"
+        }
+        ["v2", "logging"] => "log settings are per node: ask a node directly",
+        _ => return None,
+    };
+    Some(GatewayError::NotThroughGateway(format!(
+        "not through the gateway: {what}"
+    )))
+}
+
 /// Which model a path names.
 #[derive(Debug, PartialEq, Eq)]
 struct ModelPath<'a> {
@@ -222,6 +241,8 @@ async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         to_model(&gw, &routes, &target, req, traceparent).await
     } else if path.starts_with("/v1/") && req.method() == Method::POST {
         to_openai(&gw, &routes, req, traceparent).await
+    } else if let Some(e) = not_through(path) {
+        Err(e)
     } else {
         Err(GatewayError::NoRoute {
             method: req.method().to_string(),
@@ -327,6 +348,25 @@ mod tests {
             "/v2/x",
         ] {
             assert_eq!(model_path(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_local_routes_are_501_saying_where_to_go() {
+        for path in [
+            "/v2/systemsharedmemory/status",
+            "/v2/systemsharedmemory/region/r/register",
+            "/v2/cudasharedmemory/region/r/unregister",
+            "/v2/trace/setting",
+            "/v2/models/m/trace/setting",
+            "/v2/logging",
+        ] {
+            let e = not_through(path).unwrap_or_else(|| panic!("{path}"));
+            assert_eq!(e.status(), StatusCode::NOT_IMPLEMENTED, "{path}");
+            assert!(e.to_string().contains("node"), "{path}: {e}");
+        }
+        for path in ["/v2/x", "/v2/models/m/infer", "/v2/tracesetting"] {
+            assert!(not_through(path).is_none(), "{path}");
         }
     }
 }

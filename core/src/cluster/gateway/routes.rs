@@ -182,17 +182,16 @@ impl Routes {
 
     /// SERVING nodes in rotation.
     pub fn in_rotation(&self) -> usize {
-        self.serving.iter().filter(|n| !n.is_down()).count()
+        self.serving
+            .iter()
+            .filter(|n| !n.is_down() && !n.is_retired())
+            .count()
     }
 
     /// A SERVING node in rotation, by the same two-choice rule (for routes that any node
     /// answers).
     pub fn any_node(&self, tried: &Tried) -> Option<Arc<Node>> {
-        two_choices(
-            self.serving
-                .iter()
-                .filter(|n| !n.is_down() && !tried.contains(n)),
-        )
+        two_choices(self.serving.iter().filter(|n| usable(n, tried)))
     }
 }
 
@@ -206,19 +205,18 @@ impl ModelRoute {
         tried: &Tried,
     ) -> Result<Arc<Node>, GatewayError> {
         let has_version = |r: &&ReadyOn| version.is_none_or(|v| r.versions.iter().any(|x| x == v));
-        let usable = |n: &Arc<Node>| !n.is_down() && !tried.contains(n);
         let chosen = two_choices(
             self.ready
                 .iter()
                 .filter(has_version)
                 .map(|r| &r.node)
-                .filter(|n| usable(n)),
+                .filter(|n| usable(n, tried)),
         );
         if let Some(node) = chosen {
             return Ok(node);
         }
         if purpose == Purpose::Read
-            && let Some(node) = two_choices(self.listed.iter().filter(|n| usable(n)))
+            && let Some(node) = two_choices(self.listed.iter().filter(|n| usable(n, tried)))
         {
             return Ok(node);
         }
@@ -280,17 +278,27 @@ fn below(n: usize) -> usize {
     })
 }
 
+/// A node a request may go to: in rotation, still in the table (a snapshot taken before
+/// its node left may still list it), and not tried by this request yet.
+fn usable(node: &Arc<Node>, tried: &Tried) -> bool {
+    !node.is_down() && !node.is_retired() && !tried.contains(node)
+}
+
 /// Two distinct candidates at random, the less loaded one; the only one if there is one.
-fn two_choices<'a>(candidates: impl Iterator<Item = &'a Arc<Node>> + Clone) -> Option<Arc<Node>> {
-    let n = candidates.clone().count();
+///
+/// The candidates are filtered on flags other requests flip (`is_down`) while this one
+/// picks, so they are read once: counting them and then walking them again could find
+/// fewer than counted and answer a spurious 503.
+fn two_choices<'a>(candidates: impl Iterator<Item = &'a Arc<Node>>) -> Option<Arc<Node>> {
+    let candidates: Vec<&'a Arc<Node>> = candidates.collect();
+    let n = candidates.len();
     match n {
         0 => None,
-        1 => candidates.into_iter().next().cloned(),
+        1 => Some(Arc::clone(candidates[0])),
         _ => {
             let a = below(n);
             let b = (a + 1 + below(n - 1)) % n;
-            let first = candidates.clone().nth(a)?;
-            let second = candidates.clone().nth(b)?;
+            let (first, second) = (candidates[a], candidates[b]);
             Some(Arc::clone(if second.outstanding() < first.outstanding() {
                 second
             } else {
@@ -401,6 +409,26 @@ mod tests {
         nodes["a"].mark_down();
         let err = m.pick(None, Purpose::Infer, &tried).unwrap_err();
         assert!(matches!(err, GatewayError::NoReadyNode { .. }), "{err}");
+        assert_eq!(routes.in_rotation(), 1);
+    }
+
+    #[test]
+    fn a_node_that_left_the_table_is_never_picked_from_an_older_snapshot() {
+        let (t, nodes) = fleet(&[("a", "SERVING", "READY"), ("b", "SERVING", "READY")]);
+        let routes = Routes::build(&t, &nodes);
+        let m = routes.model("m").unwrap();
+        // The actor retires a node whose key vanished; this snapshot still lists it.
+        nodes["a"].retire();
+        for _ in 0..50 {
+            let n = m.pick(None, Purpose::Infer, &Tried::default()).unwrap();
+            assert_eq!(n.name.as_str(), "b");
+            let n = m.pick(None, Purpose::Read, &Tried::default()).unwrap();
+            assert_eq!(n.name.as_str(), "b");
+            assert_eq!(
+                routes.any_node(&Tried::default()).unwrap().name.as_str(),
+                "b"
+            );
+        }
         assert_eq!(routes.in_rotation(), 1);
     }
 

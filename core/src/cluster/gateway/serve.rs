@@ -43,6 +43,8 @@ pub struct Listeners {
 pub struct GatewaySettings {
     /// `--upstream-timeout-ms`: the longest wait for a node's answer head.
     pub upstream_timeout: Duration,
+    /// `--stale-grace-ms`: how long nodes an empty (data-lost) etcd no longer lists stay.
+    pub stale_grace: Duration,
     /// `--max-body-bytes`: gRPC messages, and `/v1` bodies (read whole to find `model`).
     pub max_body_bytes: usize,
     pub auth: Option<Arc<crate::auth::Auth>>,
@@ -72,7 +74,11 @@ pub async fn run(
     // The probe needs the upstream client, which needs the table handle: the actor starts
     // with a probe that reaches the client through a cell filled right after.
     let probe_cell: Arc<std::sync::OnceLock<Upstream>> = Arc::new(std::sync::OnceLock::new());
-    let table = actor::start(feed, Arc::new(DeferredProbe(Arc::clone(&probe_cell))));
+    let table = actor::start(
+        feed,
+        Arc::new(DeferredProbe(Arc::clone(&probe_cell))),
+        settings.stale_grace,
+    );
     metrics.watch_table(table.clone());
     let upstream = Upstream::new(
         table.clone(),

@@ -7,7 +7,7 @@
 //! rest of the cluster.
 
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A node key's value.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -70,6 +70,11 @@ pub struct Table {
     pub nodes: BTreeMap<String, NodeEntry>,
     /// model -> node -> record.
     pub models: BTreeMap<String, BTreeMap<String, ModelRecord>>,
+    /// Nodes missing from the last full read (`Reset`) but kept, with their model keys,
+    /// until `expire_stale`: etcd restarted empty (its data lost) and the nodes, still
+    /// serving, have not written their keys again yet. A key written meanwhile is fresh.
+    stale_nodes: BTreeSet<String>,
+    stale_models: BTreeSet<(String, String)>,
 }
 
 /// Which key a relative key names.
@@ -103,10 +108,11 @@ impl Table {
     pub fn apply(&mut self, update: Update) -> bool {
         match update {
             Update::Reset(kvs) => {
-                *self = Table::default();
+                let old = std::mem::take(self);
                 for kv in kvs {
                     self.put(kv);
                 }
+                self.keep_vanished(old);
                 true
             }
             Update::Put(kv) => self.put(kv),
@@ -114,8 +120,71 @@ impl Table {
         }
     }
 
+    /// Carries over, as stale, the nodes of `old` that a full read no longer has, with
+    /// their model keys (a node still there lists its models itself).
+    fn keep_vanished(&mut self, old: Table) {
+        let Table {
+            nodes,
+            models,
+            stale_nodes,
+            stale_models,
+        } = old;
+        for (name, entry) in nodes {
+            if !self.nodes.contains_key(&name) {
+                self.nodes.insert(name.clone(), entry);
+                self.stale_nodes.insert(name);
+            }
+        }
+        for (model, per_node) in models {
+            for (node, record) in per_node {
+                if self.stale_nodes.contains(&node) {
+                    self.models
+                        .entry(model.clone())
+                        .or_default()
+                        .insert(node.clone(), record);
+                    self.stale_models.insert((model.clone(), node));
+                }
+            }
+        }
+        // Stale before this read and still missing: stays stale, never becomes fresh.
+        drop((stale_nodes, stale_models));
+    }
+
+    /// Whether a full read left nodes kept as stale (`expire_stale` ends them).
+    pub fn has_stale(&self) -> bool {
+        !self.stale_nodes.is_empty() || !self.stale_models.is_empty()
+    }
+
+    /// Removes the stale nodes and model keys no one wrote again; their names.
+    pub fn expire_stale(&mut self) -> Vec<String> {
+        for (model, node) in std::mem::take(&mut self.stale_models) {
+            self.remove_model(&model, &node);
+        }
+        let gone: Vec<String> = std::mem::take(&mut self.stale_nodes).into_iter().collect();
+        for node in &gone {
+            self.nodes.remove(node);
+        }
+        gone
+    }
+
+    /// A key written or deleted is no longer stale.
+    fn fresh(&mut self, key: &Key<'_>) {
+        match key {
+            Key::Node(node) => {
+                self.stale_nodes.remove(*node);
+            }
+            Key::Model { model, node } => {
+                self.stale_models
+                    .remove(&(model.to_string(), node.to_string()));
+            }
+            Key::Other => {}
+        }
+    }
+
     fn put(&mut self, kv: Kv) -> bool {
-        match parse_key(&kv.key) {
+        let key = parse_key(&kv.key);
+        self.fresh(&key);
+        match key {
             Key::Node(node) => match serde_json::from_slice::<NodeRecord>(&kv.value) {
                 Ok(record) => {
                     let entry = NodeEntry {
@@ -146,7 +215,9 @@ impl Table {
     }
 
     fn delete(&mut self, key: &str) -> bool {
-        match parse_key(key) {
+        let key = parse_key(key);
+        self.fresh(&key);
+        match key {
             Key::Node(node) => self.nodes.remove(node).is_some(),
             Key::Model { model, node } => self.remove_model(model, node),
             Key::Other => false,
@@ -270,5 +341,41 @@ mod tests {
         ]));
         assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["c"]);
         assert_eq!(t.models["m"]["c"].state, READY);
+    }
+
+    #[test]
+    fn an_empty_full_read_keeps_vanished_nodes_as_stale_until_expired() {
+        let mut t = Table::default();
+        t.apply(Update::Reset(vec![
+            kv("nodes/a", &node("a", "SERVING"), 1),
+            kv("models/m/a", &model("m", "a", "READY", 0), 1),
+            kv("nodes/b", &node("b", "SERVING"), 1),
+            kv("models/m/b", &model("m", "b", "READY", 0), 1),
+        ]));
+        assert!(!t.has_stale());
+        // etcd came back empty but for b's node key (b re-registering).
+        t.apply(Update::Reset(vec![kv("nodes/b", &node("b", "SERVING"), 5)]));
+        assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["a", "b"], "a kept");
+        assert_eq!(
+            t.models["m"].keys().collect::<Vec<_>>(),
+            ["a"],
+            "a's model kept; b lists its own"
+        );
+        assert!(t.has_stale());
+        // a writes its model key again before the grace ends; its node key does not come.
+        t.apply(Update::Put(kv(
+            "models/m/a",
+            &model("m", "a", "READY", 0),
+            6,
+        )));
+        assert_eq!(t.expire_stale(), ["a"]);
+        assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["b"]);
+        assert!(t.models["m"].contains_key("a"), "written again: fresh");
+        assert!(!t.has_stale());
+        // A node that writes its key again is fresh and survives the expiry.
+        t.apply(Update::Reset(vec![]));
+        t.apply(Update::Put(kv("nodes/b", &node("b", "SERVING"), 7)));
+        assert!(t.expire_stale().is_empty());
+        assert_eq!(t.nodes.keys().collect::<Vec<_>>(), ["b"]);
     }
 }
