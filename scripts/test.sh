@@ -12,8 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # promtool, which tests/e2e/test_metrics.py runs on /metrics and deploy/prometheus/alerts.yml;
 # curl speaks raw gRPC over HTTP/2 in tests/e2e/test_grpc.py (a deadline with no client timer).
 # mmdebstrap builds the container image's root filesystem for scripts/check-deploy.sh
-# (tests/e2e/test_deploy.py), since no Docker daemon runs here.
-DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server mmdebstrap)
+# (tests/e2e/test_deploy.py), since no Docker daemon runs here; python3-yaml lets it read
+# deploy/compose.yaml (--cluster).
+DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server mmdebstrap python3-yaml)
 
 VENV=.venv-test
 PY="$VENV/bin/python"

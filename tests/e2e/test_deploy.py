@@ -4,8 +4,10 @@
   (mmdebstrap, cached under ~/.cache/unimodel/deploy-rootfs keyed by what goes in), seeds
   /models with the examples as the chart's init container does, runs the image's command in it
   as PID 1, as the non-root user, on a read-only root, serves the doubler, and runs the
-  image's HEALTHCHECK. hadolint finds nothing in the Dockerfile; its COPY sources exist and
-  survive .dockerignore.
+  image's HEALTHCHECK; then runs compose's node1, node2 and gateway commands in the image on
+  real etcd and NATS (--cluster) and infers through the gateway. hadolint finds nothing in
+  the Dockerfile; its COPY sources exist and survive .dockerignore. Every flag compose and
+  the chart pass is one the binary takes.
 - compose: valid against the compose spec (check-jsonschema's vendored schema), and wired:
   nodes advertise what they listen on, Prometheus scrapes the ports they serve metrics on,
   Grafana's provisioning finds the dashboard and Prometheus; promtool accepts the config.
@@ -55,14 +57,14 @@ def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[st
 # --- the image ---------------------------------------------------------------------------
 
 
-def test_image_serves_as_non_root_on_a_read_only_root_and_its_healthcheck_follows_readiness():
+def test_image_serves_as_non_root_on_a_read_only_root_and_runs_compose_s_cluster():
     assert os.geteuid() == 0, "check-deploy.sh needs root (mmdebstrap, chroot, unshare, mount)"
     assert shutil.which("mmdebstrap"), "install the Debian package mmdebstrap (scripts/test.sh)"
     # Cold (first run, or the package list changed): mmdebstrap fetches ~60 MB, about a minute.
     # No podman import (CI has no podman; where podman is installed it adds ~20 s).
     env = {**os.environ, "CHECK_DEPLOY_PODMAN": "0"}
     result = subprocess.run(
-        ["bash", "scripts/check-deploy.sh", str(unimodel_bin())],
+        ["bash", "scripts/check-deploy.sh", "--cluster", str(unimodel_bin())],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -77,6 +79,9 @@ def test_image_serves_as_non_root_on_a_read_only_root_and_its_healthcheck_follow
     assert "server uid: 10001" in out, out
     assert '"data":[2.0,4.0,6.0]' in out, out
     assert "passes while serving" in out and "fails once stopped" in out, out
+    # --cluster: compose's node1, node2 and gateway commands in the image, on real etcd/NATS.
+    assert "registered in etcd: node1 node2" in out, out
+    assert "cluster stopped cleanly" in out, out
     assert "image check passed" in out, out
 
 
@@ -424,3 +429,27 @@ def test_chart_lints_clean():
     # repositories (not reachable here); lint says so and nothing else.
     assert problems == ["chart directory is missing these dependencies: etcd,nats"], report
     assert helm.lint(str(CHART), EVERYTHING)["messages"] == report["messages"]
+
+
+def help_flags(command: str) -> set[str]:
+    result = run([str(unimodel_bin()), command, "--help"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z0-9-]+)", result.stdout))
+
+
+def test_every_flag_compose_and_the_chart_pass_is_one_the_binary_takes():
+    serve, gateway = help_flags("serve"), help_flags("gateway")
+    services = compose()["services"]
+    used = {"serve": set(), "gateway": set()}
+    for service in services.values():
+        command = service.get("command") or []
+        if command and command[0] in used:
+            used[command[0]] |= {a.split("=", 1)[0] for a in command[1:]}
+    for doc in render(EVERYTHING):
+        if doc["kind"] in ("StatefulSet", "Deployment"):
+            (container,) = pod_spec(doc)["containers"]
+            args = container["args"]
+            used[args[0]] |= {a.split("=", 1)[0] for a in args[1:]}
+    assert used["serve"] - serve == set(), "flags `unimodel serve` does not take"
+    assert used["gateway"] - gateway == set(), "flags `unimodel gateway` does not take"
+    assert {"--etcd", "--nats", "--node-name", "--advertise-url"} <= used["serve"]
