@@ -74,6 +74,10 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         max_body_bytes: args.max_body_bytes,
         auth,
         listener_metrics,
+        http_threads: args.http_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            usize::from,
+        ),
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -13,16 +13,20 @@
 //! - `body`: `--body-read-timeout-ms`, a deadline on each request body (408, then close).
 //! - `serve`: the HTTP server loop (hyper-util) over plain or TLS connections, with graceful
 //!   shutdown; gRPC keeps tonic's loop and gets `Conn`s from `grpc_incoming`.
+//! - `shards`: threads with a single-threaded runtime each that serve the connections the
+//!   loop hands them (the gateway's REST port: no cross-thread wake-ups per request).
 
 mod body;
 mod io;
 mod serve;
+mod shards;
 mod watch;
 
 pub use crate::net::{Acceptor, ConnGuard, ConnectionLimit};
 pub use body::limit_body_time;
 pub use io::Conn;
-pub use serve::{HttpIncoming, serve_http};
+pub use serve::{HttpIncoming, serve_http, serve_http_on};
+pub use shards::{Placement, Shards};
 pub use watch::{ConnRegistry, GrpcConns, TrackLayer};
 
 use std::time::Duration;
@@ -47,6 +51,14 @@ impl Default for ConnTimeouts {
             body_read: Duration::from_secs(60),
             idle: Duration::from_secs(120),
         }
+    }
+}
+
+impl ConnTimeouts {
+    /// The longest a connection's watchdog sleeps between looks (`watch`): any deadline a
+    /// request sets is at least this far ahead, so none needs to wake it.
+    pub fn recheck(&self) -> Duration {
+        self.header_read.min(self.idle)
     }
 }
 

@@ -6,6 +6,7 @@
 
 use super::ConnTimeouts;
 use super::body::{BodyDeadline, limit_body_time};
+use super::shards::Placement;
 use super::watch::{TrackLayer, guard_stream};
 use crate::net::{Acceptor, ConnGuard};
 use crate::telemetry::metrics::ConnectionMetrics;
@@ -17,7 +18,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
 
@@ -60,6 +64,16 @@ pub async fn serve_http(
     timeouts: ConnTimeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_http_on(incoming, Placement::Here(router), timeouts, shutdown).await
+}
+
+/// `serve_http`, with the connections served where `placement` says (`shards`).
+pub async fn serve_http_on(
+    incoming: HttpIncoming,
+    placement: Placement,
+    timeouts: ConnTimeouts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let metrics = match &incoming {
         HttpIncoming::Plain(a) => a.metrics().cloned(),
         HttpIncoming::Tls(t) => t.metrics().cloned(),
@@ -68,19 +82,33 @@ pub async fn serve_http(
         timeout: timeouts.body_read,
         metrics: metrics.clone(),
     };
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        deadline,
-        limit_body_time,
-    ));
+    let guarded = |router: Router| {
+        router.layer(axum::middleware::from_fn_with_state(
+            deadline.clone(),
+            limit_body_time,
+        ))
+    };
     let (stop_tx, stop) = watch::channel(false);
     let (running, mut all_done) = mpsc::channel::<()>(1);
-    let shared = Shared {
-        router,
+    let shared = |router: Router| Shared {
+        router: guarded(router),
         timeouts,
-        metrics,
-        stop,
-        _running: running,
+        metrics: metrics.clone(),
+        stop: stop.clone(),
+        _running: running.clone(),
     };
+    let (here, shards) = match placement {
+        Placement::Here(router) => (shared(router), Vec::new()),
+        Placement::Shards { shards, here } => (
+            shared(here),
+            shards
+                .into_iter()
+                .map(|(handle, router)| (handle, shared(router)))
+                .collect(),
+        ),
+    };
+    drop(running);
+    let mut turn = 0usize;
     tokio::pin!(shutdown);
     let mut incoming = incoming;
     loop {
@@ -88,13 +116,19 @@ pub async fn serve_http(
             HttpIncoming::Plain(acceptor) => tokio::select! {
                 _ = &mut shutdown => break,
                 (tcp, peer, guard) = acceptor.accept() => {
-                    tokio::spawn(serve_one(tcp, ConnectInfo(peer), guard, shared.clone()));
+                    if shards.is_empty() {
+                        tokio::spawn(serve_one(tcp, ConnectInfo(peer), guard, here.clone()));
+                    } else {
+                        let (handle, shared) = &shards[turn % shards.len()];
+                        turn = turn.wrapping_add(1);
+                        hand_over(tcp, peer, guard, handle, shared.clone());
+                    }
                 }
             },
             HttpIncoming::Tls(tls) => tokio::select! {
                 _ = &mut shutdown => break,
                 (stream, peer, guard) = tls.accept() => {
-                    tokio::spawn(serve_one(stream, ConnectInfo(TlsPeer(peer)), guard, shared.clone()));
+                    tokio::spawn(serve_one(stream, ConnectInfo(TlsPeer(peer)), guard, here.clone()));
                 }
             },
         }
@@ -102,9 +136,29 @@ pub async fn serve_http(
     // Stop listening first (the port refuses from here), then drain the connections.
     drop(incoming);
     let _ = stop_tx.send(true);
-    drop(shared);
+    drop(here);
+    drop(shards);
     let _ = all_done.recv().await;
     Ok(())
+}
+
+/// Moves an accepted connection to a shard's runtime, whose reactor then watches it: a
+/// socket stays bound to the runtime it was registered with.
+fn hand_over(tcp: TcpStream, peer: SocketAddr, guard: ConnGuard, shard: &Handle, shared: Shared) {
+    let std = match tcp.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            tracing::debug!("cannot move a connection to a shard: {e}");
+            return;
+        }
+    };
+    shard.spawn(async move {
+        // Non-blocking already (`into_std` keeps the mode tokio set).
+        match TcpStream::from_std(std) {
+            Ok(tcp) => serve_one(tcp, ConnectInfo(peer), guard, shared).await,
+            Err(e) => tracing::debug!("cannot serve a connection on its shard: {e}"),
+        }
+    });
 }
 
 /// Serves one connection until it ends, is closed by its watchdog, or the server stops.

@@ -12,6 +12,13 @@
 //! gRPC, whose connection loop is tonic's, the layer finds it in a `ConnRegistry` by the
 //! peer's address. Clocks are milliseconds since the connection's start, in atomics: the
 //! request path never takes a lock for them.
+//!
+//! Nor does the request path wake the watchdog: it never sleeps longer than the shorter
+//! timeout (`ConnTimeouts::recheck`) and re-reads the clocks when it wakes. Every deadline
+//! that a request's start, end or first byte sets lies at least that far ahead, so it can
+//! only be later than the watchdog's alarm, and is still met to the millisecond. A wake per
+//! request (two on HTTP/1.1: the head's first byte, the end) cost a task hop, often a thread
+//! hop, on every request; now a connection costs one timer wake per `recheck` at most.
 
 use super::ConnTimeouts;
 use super::io::Conn;
@@ -58,7 +65,7 @@ pub struct ConnState {
     preface: AtomicU8,
     killed: AtomicU8,
     reader: AtomicWaker,
-    /// Wakes the watchdog when a deadline may have moved earlier, or the connection ended.
+    /// Wakes the watchdog when the connection ended (deadlines never need it: module doc).
     wake: Notify,
     gone: AtomicBool,
     /// Where the connection is registered for gRPC's `TrackLayer` (removed when it ends).
@@ -112,14 +119,11 @@ impl ConnState {
         if self.http2.load(Ordering::Acquire) || self.in_flight.load(Ordering::Acquire) > 0 {
             return;
         }
+        // No wake: this deadline is at least `recheck` ahead of now (module doc).
         let now = self.now_ms() + 1;
-        if self
+        let _ = self
             .head_since
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.wake.notify_one();
-        }
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     /// Matches `data` against the rest of the HTTP/2 preface (reads of one connection come
@@ -165,11 +169,10 @@ impl ConnState {
     }
 
     fn request_ended(&self) {
+        // Idle from now when it was the last one; no wake: the idle deadline is at least
+        // `recheck` ahead (module doc).
         self.last_active.store(self.now_ms(), Ordering::Release);
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Idle from now: the watchdog has a deadline again.
-            self.wake.notify_one();
-        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// The next deadline and what passing it means; `None` while a request runs.
@@ -233,18 +236,24 @@ impl GrpcConns {
     }
 }
 
-/// Sleeps until the connection's next deadline, re-reading it whenever it may have moved;
+/// Sleeps until the connection's next deadline, or `recheck` at most, then re-reads it;
 /// closes the connection once one passes, and ends with it.
 async fn watchdog(state: Arc<ConnState>, t: ConnTimeouts, metrics: Option<ConnectionMetrics>) {
+    let recheck = millis(t.recheck()).max(1);
     loop {
         if state.gone.load(Ordering::Acquire) {
             return;
         }
+        let now = state.now_ms();
         let Some((at, reason)) = state.deadline(&t) else {
-            state.wake.notified().await;
+            // A request runs: look again after `recheck`, by when any deadline its end
+            // sets is still ahead.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(recheck)) => {}
+                _ = state.wake.notified() => {}
+            }
             continue;
         };
-        let now = state.now_ms();
         if now >= at {
             state.kill(reason);
             if let Some(m) = &metrics {
@@ -257,7 +266,7 @@ async fn watchdog(state: Arc<ConnState>, t: ConnTimeouts, metrics: Option<Connec
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(at - now)) => {}
+            _ = tokio::time::sleep(Duration::from_millis((at - now).min(recheck))) => {}
             _ = state.wake.notified() => {}
         }
     }
@@ -549,6 +558,61 @@ mod tests {
         .await
         .expect("the watchdog acted");
         assert!(s.killed());
+        assert_eq!(metrics.header_timeouts.get(), 1);
+    }
+
+    /// Runs the watchdog until it closes `s` (or 10 s pass: a failure).
+    async fn watched_until_closed(s: &Arc<ConnState>, t: ConnTimeouts) -> ConnectionMetrics {
+        let metrics = ConnectionMetrics::default();
+        let dog = tokio::spawn(watchdog(Arc::clone(s), t, Some(metrics.clone())));
+        tokio::time::timeout(Duration::from_secs(10), dog)
+            .await
+            .expect("the watchdog closed the connection")
+            .expect("the watchdog did not panic");
+        metrics
+    }
+
+    #[tokio::test]
+    async fn a_request_that_ends_under_a_sleeping_watchdog_is_still_closed_when_idle() {
+        // The request runs and ends while the watchdog sleeps; nothing wakes it, and the
+        // idle deadline (shorter than the head's) is still kept.
+        let s = Arc::new(ConnState::new(None));
+        s.request_started(Version::HTTP_11);
+        let t = ConnTimeouts {
+            header_read: Duration::from_secs(3_600),
+            idle: Duration::from_millis(30),
+            ..T
+        };
+        let ended = Arc::clone(&s);
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            ended.request_ended();
+        });
+        let metrics = watched_until_closed(&s, t).await;
+        assert_eq!(s.kill_reason(), "idle past the idle-connection timeout");
+        assert_eq!(metrics.idle_timeouts.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_head_that_starts_while_idle_is_closed_at_the_header_timeout_unwoken() {
+        let s = Arc::new(ConnState::new(None));
+        s.request_started(Version::HTTP_11);
+        s.request_ended();
+        let t = ConnTimeouts {
+            header_read: Duration::from_millis(30),
+            idle: Duration::from_secs(3_600),
+            ..T
+        };
+        let head = Arc::clone(&s);
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            head.bytes_read(b"POST /v2/models/m/infer HTTP/1.1\r\n");
+        });
+        let metrics = watched_until_closed(&s, t).await;
+        assert_eq!(
+            s.kill_reason(),
+            "the request head did not arrive within the header-read timeout"
+        );
         assert_eq!(metrics.header_timeouts.get(), 1);
     }
 }

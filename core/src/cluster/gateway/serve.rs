@@ -11,7 +11,8 @@ use super::node::Node;
 use super::rest::{Gateway, router};
 use super::table::Update;
 use crate::api::conn::{
-    Acceptor, ConnRegistry, ConnTimeouts, GrpcConns, HttpIncoming, TrackLayer, serve_http,
+    Acceptor, ConnRegistry, ConnTimeouts, GrpcConns, HttpIncoming, Placement, Shards, TrackLayer,
+    serve_http, serve_http_on,
 };
 use crate::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::telemetry::metrics::Metrics;
@@ -50,6 +51,9 @@ pub struct GatewaySettings {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// The listeners' registry (connections, TLS handshakes, auth denials).
     pub listener_metrics: Arc<Metrics>,
+    /// `--http-threads`: REST connections are served on this many shard threads (each with
+    /// its own node connection pool); 0 serves them on the main runtime. Not with TLS.
+    pub http_threads: usize,
 }
 
 /// The probe the actor runs on nodes out of rotation: REST liveness through the pool.
@@ -113,12 +117,15 @@ pub async fn run(
         &settings,
         stopped(stop_rx.clone()),
     )?;
-    let gw = Arc::new(Gateway {
-        upstream,
-        listener_metrics: Arc::clone(&settings.listener_metrics),
-        metrics,
-        max_body_bytes: settings.max_body_bytes,
-    });
+    let gateway = |upstream: Upstream| {
+        Arc::new(Gateway {
+            upstream,
+            listener_metrics: Arc::clone(&settings.listener_metrics),
+            metrics: Arc::clone(&metrics),
+            max_body_bytes: settings.max_body_bytes,
+        })
+    };
+    let gw = gateway(upstream);
     if let Some(acceptor) = listeners.metrics {
         let app = super::rest::metrics_router(Arc::clone(&gw), settings.auth.clone());
         let incoming = HttpIncoming::new(acceptor, handshake(ListenerKind::Metrics))
@@ -131,11 +138,38 @@ pub async fn run(
             std::future::pending(),
         ));
     }
-    let app = router(gw, settings.auth.clone());
+    // Shards only for plain connections: a TLS stream stays on the runtime of its handshake.
+    let threads = if http_handshake.is_some() {
+        0
+    } else {
+        settings.http_threads
+    };
+    let shards = Shards::start(threads, "gateway-http").context("starting the HTTP threads")?;
+    let placement = if shards.handles().is_empty() {
+        Placement::Here(router(gw, settings.auth.clone()))
+    } else {
+        Placement::Shards {
+            // Each shard its own client: a pooled node connection is polled by the thread
+            // that uses it.
+            shards: shards
+                .handles()
+                .iter()
+                .map(|h| {
+                    let own = gateway(Upstream::new(
+                        table.clone(),
+                        Arc::clone(&metrics),
+                        settings.upstream_timeout,
+                    ));
+                    (h.clone(), router(own, settings.auth.clone()))
+                })
+                .collect(),
+            here: router(gw, settings.auth.clone()),
+        }
+    };
     let incoming = HttpIncoming::new(listeners.http, http_handshake).context("starting TLS")?;
-    let http = tokio::spawn(serve_http(
+    let http = tokio::spawn(serve_http_on(
         incoming,
-        app,
+        placement,
         listeners.timeouts,
         stopped(stop_rx),
     ));
@@ -149,6 +183,8 @@ pub async fn run(
     if tokio::time::timeout(STOP_GRACE, finished).await.is_err() {
         tracing::warn!("calls still open after {STOP_GRACE:?}; closing them");
     }
+    // Off the runtime's workers: joining the threads blocks.
+    let _ = tokio::task::spawn_blocking(move || drop(shards)).await;
     Ok(())
 }
 
