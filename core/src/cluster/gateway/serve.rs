@@ -50,6 +50,8 @@ pub struct GatewaySettings {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// The listeners' registry (connections, TLS handshakes, auth denials).
     pub listener_metrics: Arc<Metrics>,
+    /// `--nats`: control orders to nodes (repository load/unload, cluster drain/resume).
+    pub control: Option<super::control::Control>,
 }
 
 /// The probe the actor runs on nodes out of rotation: REST liveness through the pool.
@@ -109,6 +111,7 @@ pub async fn run(
             table: table.clone(),
             metrics: Arc::clone(&metrics),
             timeout: settings.upstream_timeout,
+            control: settings.control.clone(),
         },
         &settings,
         stopped(stop_rx.clone()),
@@ -118,6 +121,7 @@ pub async fn run(
         listener_metrics: Arc::clone(&settings.listener_metrics),
         metrics,
         max_body_bytes: settings.max_body_bytes,
+        control: settings.control.clone(),
     });
     if let Some(acceptor) = listeners.metrics {
         let app = super::rest::metrics_router(Arc::clone(&gw), settings.auth.clone());
