@@ -30,7 +30,8 @@ WAIT_S = 60.0
 # A load starts a Python worker: give a loaded 2-core machine its time.
 CONTROL_TIMEOUT_S = "60"
 MODEL = "doubler"
-CONTROL_LINE = "control request"
+# What a node logs for each control request it ran.
+CONTROL_LINES = ("control request done", "control request failed")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def wait_state(fleet: Fleet, nodes, state: str) -> None:
 
 
 def control_lines(fleet: Fleet) -> int:
-    return sum(fleet.node(i).log_text().count(CONTROL_LINE) for i in range(fleet.count))
+    logs = [fleet.node(i).log_text() for i in range(fleet.count)]
+    return sum(log.count(line) for log in logs for line in CONTROL_LINES)
 
 
 def session(headers: dict | None = None) -> requests.Session:
