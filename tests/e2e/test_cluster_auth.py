@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from cluster_fleet import Fleet
+from cluster_nats_jwt import Identity, operator_config, user_creds
 from cluster_services import EtcdServer, NatsServer
 from umclient import REPO_ROOT, ServerFactory, error_of, run_cli, wait_until
 
@@ -183,3 +184,70 @@ def test_a_gateway_with_credentials_that_may_not_publish_says_so(nats_with_users
     finally:
         factory.close()
         etcd.stop()
+
+
+def test_nats_creds_files_in_operator_mode(start_server, tmp_path):
+    """`--nats-creds FILE` for real: nats-server in operator mode (JWTs, MEMORY resolver),
+    one account, and .creds files (user JWT + nkey seed) built offline
+    (`cluster_nats_jwt`). The node and an admin connect with theirs; a viewer's request is
+    refused by its JWT's permissions; a user of an account the server does not trust is
+    refused at connection."""
+    operator, account = Identity.new("operator"), Identity.new("account")
+
+    def creds(name: str, pub: list[str], sub: list[str], issuer: Identity = account) -> str:
+        path = tmp_path / f"{name}.creds"
+        path.write_text(user_creds(issuer, Identity.new("user"), pub=pub, sub=sub))
+        return str(path)
+
+    node_creds = creds("node", ["unimodel.events.>", "_INBOX.>"], ["unimodel.ctl.node-a"])
+    admin_creds = creds("admin", ["unimodel.ctl.>"], ["_INBOX.>"])
+    viewer_creds = creds("viewer", ["unimodel.events.>"], ["unimodel.events.>", "_INBOX.>"])
+    stranger = creds("stranger", ["unimodel.ctl.>"], ["_INBOX.>"], Identity.new("account"))
+    nats = NatsServer(tmp_path / "nats-op", config=operator_config(operator, account))
+    nats.start()
+    try:
+        node = start_server.serve(
+            "--model-repository",
+            str(repository(tmp_path)),
+            "--model-control-mode",
+            "explicit",
+            "--nats",
+            nats.url,
+            "--nats-creds",
+            node_creds,
+            "--node-name",
+            "node-a",
+        )
+        wait_until(lambda: CONNECTED in node.log_text(), WAIT_S, "node-a on NATS with creds")
+
+        def order(creds_file: str, timeout_s: str = "60"):
+            return run_cli(
+                "ctl",
+                "load",
+                MODEL,
+                "--nodes",
+                "node-a",
+                "--nats",
+                nats.url,
+                "--nats-creds",
+                creds_file,
+                "--timeout-s",
+                timeout_s,
+                timeout_s=120,
+            )
+
+        viewer = order(viewer_creds, timeout_s="600")
+        assert viewer.returncode == 1, viewer.stdout + viewer.stderr
+        assert "not authorised to publish on unimodel.ctl.node-a" in viewer.stdout, viewer.stdout
+        refused = order(stranger)
+        assert (
+            refused.returncode != 0 and "refused the credentials" in refused.stderr
+        ), refused.stderr
+        assert node.get(f"/v2/models/{MODEL}/ready").status_code != 200
+        admin = order(admin_creds)
+        assert admin.returncode == 0 and admin.stdout.startswith("node-a: ok"), (
+            admin.stdout + admin.stderr
+        )
+        assert node.get(f"/v2/models/{MODEL}/ready").status_code == 200
+    finally:
+        nats.stop()
