@@ -61,6 +61,11 @@ pub fn nodes_from_text(list: &str) -> Result<Vec<String>, GatewayError> {
     from_names(list.split(',').map(|n| n.trim().to_string()).collect())
 }
 
+/// One node, named by a path segment (a comma in it is no list).
+pub fn one_node(name: String) -> Result<Vec<String>, GatewayError> {
+    from_names(vec![name])
+}
+
 fn from_names(names: Vec<String>) -> Result<Vec<String>, GatewayError> {
     if names.iter().any(String::is_empty) {
         return Err(bad_nodes("a list with an empty name"));
@@ -357,6 +362,8 @@ mod tests {
         );
         let v = serde_json::json!(["x"]);
         assert_eq!(nodes_parameter(Some(&v)).unwrap(), Some(vec!["x".into()]));
+        assert_eq!(one_node("n-1".into()).unwrap(), ["n-1"]);
+        assert!(one_node("a,b".into()).is_err());
         assert_eq!(nodes_parameter(None).unwrap(), None);
         for bad in [
             serde_json::json!(3),

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-/// Largest body of the repository index request (a flag or two).
+/// Largest body of the repository and cluster control routes (a flag or a node list).
 const INDEX_BODY_BYTES: usize = 64 << 10;
 
 /// What every handler shares.
@@ -249,8 +249,8 @@ async fn node_order(
             control::NODES_PARAMETER
         )));
     }
-    let named = control::nodes_parameter(Some(&serde_json::Value::String(p.name)))?;
-    order(&gw, control, op, None, named).await
+    let named = control::one_node(p.name)?;
+    order(&gw, control, op, None, Some(named)).await
 }
 
 /// `POST /v2/cluster/models/{m}/drain|resume`: the model on every node that lists it (or
