@@ -22,7 +22,16 @@ import tritonclient.http as httpclient
 from cluster_fleet import Fleet
 from cluster_services import EtcdServer, NatsServer
 from tritonclient.utils import InferenceServerException
-from umclient import REPO_ROOT, Inp, ServerFactory, decode, error_of, infer_json, wait_until
+from umclient import (
+    REPO_ROOT,
+    Inp,
+    ServerFactory,
+    decode,
+    error_of,
+    free_port,
+    infer_json,
+    wait_until,
+)
 
 ADMIN_KEY = "admin-key-0123456789abcdef"
 INFER_KEY = "infer-key-0123456789abcdef"
@@ -232,6 +241,20 @@ def test_a_gateway_without_nats_answers_501_naming_the_flag(fleet):
     with pytest.raises(InferenceServerException, match="--nats") as caught:
         client.unload_model(MODEL)
     assert "UNIMPLEMENTED" in str(caught.value.status())
+
+
+def test_a_gateway_whose_nats_is_down_starts_and_answers_503_sending_nothing(fleet):
+    dead = f"nats://127.0.0.1:{free_port()}"
+    gw = fleet.start_gateway("--nats", dead, primary=False)
+    wait_until(
+        lambda: "lost the connection" in gw.log_text() or "NATS at" in gw.log_text(),
+        WAIT_S,
+        "the gateway's NATS retries logged",
+    )
+    before = control_lines(fleet)
+    message = error_of(gw.post(f"/v2/repository/models/{MODEL}/load", timeout=WAIT_S), 503)
+    assert "not connected to NATS at nats://127.0.0.1:" in message, message
+    assert control_lines(fleet) == before
 
 
 def test_drain_and_resume_a_model_and_a_node_through_the_gateway(fleet):
