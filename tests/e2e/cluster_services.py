@@ -151,20 +151,38 @@ class EtcdServer(_Service):
 
 class NatsServer(_Service):
     """nats-server on a free port; `url` is what `--nats` takes. With `user`/`password` the
-    server requires them (the authorisation tests)."""
+    server requires them (the authorisation tests). With `config` (the text of a nats-server
+    configuration file: users and their permissions, operator mode...) it is written to
+    `nats.conf` and given with `-c`; the address and port flags still win over it."""
 
     name = "nats"
 
-    def __init__(self, workdir: Path, user: str | None = None, password: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        user: str | None = None,
+        password: str | None = None,
+        config: str | None = None,
+    ):
         super().__init__(workdir)
         self.port = free_port()
         self.user = user
         self.password = password
+        self.config = config
         self.url = f"nats://127.0.0.1:{self.port}"
+
+    def url_as(self, user: str, password: str) -> str:
+        """The URL with credentials, as `--nats` takes them."""
+        return f"nats://{user}:{password}@127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         binary = _binary("nats-server", "/usr/sbin/nats-server")
-        cmd = [binary, "-a", "127.0.0.1", "-p", str(self.port)]
+        cmd = [binary]
+        if self.config is not None:
+            conf = self.workdir / "nats.conf"
+            conf.write_text(self.config)
+            cmd += ["-c", str(conf)]
+        cmd += ["-a", "127.0.0.1", "-p", str(self.port)]
         if self.user is not None:
             cmd += ["--user", self.user, "--pass", self.password or ""]
         return cmd

@@ -93,6 +93,16 @@ pub struct GatewayArgs {
     /// one per CPU; 0 serves them on the shared runtime, as gRPC is. Not used with TLS.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub http_threads: Option<u16>,
+    /// Control through the gateway (admin role): with --nats, POST
+    /// /v2/repository/models/{m}/load|unload (and gRPC RepositoryModelLoad/Unload) and POST
+    /// /v2/cluster/{nodes,models}/{name}/drain|resume become NATS orders to the nodes, as
+    /// `unimodel ctl` sends them; without it they answer 501.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Longest wait for each node's reply to a control order through the gateway (a load
+    /// answers once the model is READY); past it the client gets 504 naming the node.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400), help_heading = "Cluster")]
+    pub control_timeout_s: u64,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
@@ -439,12 +449,12 @@ pub struct ServeArgs {
     pub nats: NatsArgs,
 }
 
-/// Where NATS is and the credentials to talk to it (`serve` and `ctl`).
+/// Where NATS is and the credentials to talk to it (`serve`, `ctl` and `gateway`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct NatsArgs {
     /// The NATS server: nats://[USER:PASS@]HOST:4222, or nats://TOKEN@HOST:4222. `serve`
     /// takes control requests (load, unload, drain, resume) on `{prefix}.ctl.{node}` and
-    /// publishes events there; `ctl` sends its requests there.
+    /// publishes events there; `ctl` and `gateway` send their requests there.
     #[arg(long, value_name = "URL", help_heading = "Cluster")]
     pub nats: Option<String>,
     /// A NATS credentials file (user JWT and nkey seed) for a server with authorization.

@@ -7,10 +7,9 @@
 
 use super::args::{CtlArgs, CtlCommand, CtlTarget, NatsArgs};
 use crate::cluster::control::protocol::{Op, Reply, Request};
-use crate::cluster::control::{ControlError, NatsOptions, Subjects};
+use crate::cluster::control::{ControlClient, ControlError, NatsOptions, Subjects};
 use crate::cluster::keys::{NodeName, Prefix};
 use anyhow::bail;
-use async_nats::RequestErrorKind;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -79,49 +78,12 @@ async fn order(
         .map(|n| NodeName::parse(n))
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_secs(target.timeout_s);
-    let client = nats.connect("unimodel ctl", timeout).await?;
-    let body = serde_json::to_vec(request)?;
+    let client = ControlClient::connect_once(&nats, "unimodel ctl", timeout).await?;
     let asks = nodes.iter().map(|node| {
-        let client = client.clone();
         let subject = Subjects::new(&prefix, node).control();
-        let body = body.clone();
-        async move { ask(&client, node.as_str(), subject, body, timeout).await }
+        client.ask(node.as_str(), subject, request, timeout)
     });
     Ok(futures::future::join_all(asks).await)
-}
-
-async fn ask(
-    client: &async_nats::Client,
-    node: &str,
-    subject: String,
-    body: Vec<u8>,
-    timeout: Duration,
-) -> Result<Reply, ControlError> {
-    let no_reply = || ControlError::NoReply {
-        node: node.to_string(),
-        secs: timeout.as_secs(),
-    };
-    let asked = tokio::time::timeout(timeout, client.request(subject.clone(), body.into()));
-    let message = match asked.await {
-        Err(_) => return Err(no_reply()),
-        Ok(Ok(message)) => message,
-        Ok(Err(e)) => {
-            return Err(match e.kind() {
-                RequestErrorKind::TimedOut => no_reply(),
-                RequestErrorKind::NoResponders => ControlError::NoResponders {
-                    node: node.to_string(),
-                    subject,
-                },
-                _ => ControlError::Nats(format!("request to node {node} failed: {e}")),
-            });
-        }
-    };
-    serde_json::from_slice(&message.payload).map_err(|e| {
-        ControlError::Nats(format!(
-            "node {node} answered something that is not a control reply ({e}): {}",
-            String::from_utf8_lossy(&message.payload[..message.payload.len().min(200)])
-        ))
-    })
 }
 
 fn nats_options(args: &NatsArgs) -> anyhow::Result<NatsOptions> {

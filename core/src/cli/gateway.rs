@@ -4,7 +4,10 @@
 
 use super::args::GatewayArgs;
 use crate::api::conn::{Acceptor, ConnTimeouts, ConnectionLimit};
+use crate::cluster::control::{ControlClient, NatsOptions};
+use crate::cluster::gateway::control::Control;
 use crate::cluster::gateway::{self, GatewaySettings, Listeners, feed};
+use crate::cluster::keys::Prefix;
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{ServerTls, ServerTlsFiles};
 use anyhow::Context as _;
@@ -68,6 +71,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(etcd = %args.etcd, prefix = %args.etcd_prefix, "gateway watching the cluster table in etcd");
     tracing::info!(address = %format!("{grpc_at}"), tls = scheme == "https", "grpc listening");
     tracing::info!(address = %format!("{scheme}://{http_at}"), "gateway listening");
+    let control = control(&args).await?;
     let settings = GatewaySettings {
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         stale_grace: Duration::from_millis(args.stale_grace_ms),
@@ -78,6 +82,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             usize::from,
         ),
+        control,
     };
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -89,6 +94,31 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     };
     gateway::run(feed_rx, listeners, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// With `--nats`: the connection that sends control orders, made in the background (a
+/// NATS that is down at start or later is retried; only a bad URL or credentials file
+/// stops the gateway here).
+async fn control(args: &GatewayArgs) -> anyhow::Result<Option<Control>> {
+    let Some(url) = args.nats.nats.clone() else {
+        if args.nats.nats_creds.is_some() {
+            anyhow::bail!("--nats-creds needs --nats nats://HOST:4222 (where NATS is)");
+        }
+        return Ok(None);
+    };
+    let nats = NatsOptions {
+        url,
+        creds: args.nats.nats_creds.clone(),
+    };
+    let prefix = Prefix::parse(&args.etcd_prefix)?;
+    let client =
+        ControlClient::connect_background(&nats, "unimodel gateway", "the gateway").await?;
+    tracing::info!(nats = %nats.shown(), prefix = %prefix.dotted(), "gateway sends control orders over NATS");
+    Ok(Some(Control {
+        client,
+        prefix,
+        timeout: Duration::from_secs(args.control_timeout_s),
+    }))
 }
 
 async fn bind(host: IpAddr, port: u16, flag: &str) -> anyhow::Result<TcpListener> {

@@ -3,11 +3,13 @@
 //! `--nats nats://[user:pass@]HOST:4222` (or `nats://TOKEN@HOST:4222`) and `--nats-creds
 //! FILE` (a NATS credentials file: a user JWT and its nkey seed). A server set up with
 //! authorization refuses a client without them; the error says so and names the flags.
-//! The node connects in the background and reconnects forever (`node`); `unimodel ctl`
-//! connects once and fails with a clear message.
+//! The node and the gateway connect in the background and reconnect forever (`node`,
+//! `client`); `unimodel ctl` connects once and fails with a clear message. Refused
+//! credentials in the background are logged as such on every try (`log_event`), not as a
+//! bare client error.
 
 use super::ControlError;
-use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
+use async_nats::{ClientError, ConnectErrorKind, ConnectOptions, Event, ServerAddr, ServerError};
 use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -64,20 +66,6 @@ impl NatsOptions {
         });
         Ok((addr, options))
     }
-
-    /// Connects once (`unimodel ctl`), waiting at most `timeout`.
-    pub async fn connect(
-        &self,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<async_nats::Client, ControlError> {
-        let (addr, options) = self.prepare(name).await?;
-        let options = options.connection_timeout(timeout).request_timeout(None);
-        options
-            .connect(addr)
-            .await
-            .map_err(|e| ControlError::Nats(connect_error(&self.shown(), &e)))
-    }
 }
 
 /// A connection failure in words: an authorization failure names the flags to fix it.
@@ -91,4 +79,33 @@ pub fn connect_error(shown: &str, e: &async_nats::ConnectError) -> String {
         }
         _ => format!("cannot connect to NATS at {shown}: {e}"),
     }
+}
+
+/// Logs a connection change of a background connection; `who` is "this node" or "the
+/// gateway". Not `Connected`: the node logs that once its subscription is in place.
+pub fn log_event(shown: &str, who: &str, event: Event) {
+    match event {
+        Event::Connected => tracing::info!(nats = %shown, "connected to NATS at {shown}"),
+        Event::Disconnected => tracing::warn!(
+            nats = %shown,
+            "lost the connection to NATS at {shown}; {who} goes on, reconnecting (control requests wait until then)"
+        ),
+        Event::ServerError(ServerError::AuthorizationViolation) => refused(shown, who),
+        // Each failed try of a background connection: refused credentials come as the
+        // connect error's text.
+        Event::ClientError(ClientError::Other(text))
+            if text == ConnectErrorKind::AuthorizationViolation.to_string()
+                || text == ConnectErrorKind::Authentication.to_string() =>
+        {
+            refused(shown, who)
+        }
+        other => tracing::warn!(nats = %shown, "NATS at {shown}: {other}"),
+    }
+}
+
+fn refused(shown: &str, who: &str) {
+    tracing::error!(
+        nats = %shown,
+        "NATS at {shown} refused {who}'s credentials (authorization violation); retrying: give them with --nats nats://USER:PASS@HOST:PORT (or nats://TOKEN@HOST:PORT) or --nats-creds FILE"
+    );
 }

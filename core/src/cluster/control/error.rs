@@ -27,6 +27,16 @@ pub enum ControlError {
         "no reply from node {node}: nothing listens on {subject} (the node is not running, runs without --nats, or uses another --etcd-prefix)"
     )]
     NoResponders { node: String, subject: String },
+    /// NATS refused to carry the request: these credentials may not publish on the node's
+    /// subject (or subscribe to the reply inbox).
+    #[error(
+        "NATS refused to carry the request to node {node} (permissions violation: {detail}): these credentials are not authorised to publish on {subject}; use credentials whose NATS permissions allow it (--nats nats://USER:PASS@HOST:PORT or --nats-creds FILE)"
+    )]
+    NotPermitted {
+        node: String,
+        subject: String,
+        detail: String,
+    },
     /// Connecting or talking to NATS failed.
     #[error("{0}")]
     Nats(String),

@@ -79,23 +79,8 @@ async fn watch_connection(
                 "connected to NATS at {shown}; taking control requests on {control}"
             );
         } else {
-            log_event(&shown, event);
+            super::connect::log_event(&shown, "this node", event);
         }
-    }
-}
-
-fn log_event(shown: &str, event: Event) {
-    match event {
-        Event::Connected => tracing::info!(nats = %shown, "connected to NATS at {shown}"),
-        Event::Disconnected => tracing::warn!(
-            nats = %shown,
-            "lost the connection to NATS at {shown}; still serving, reconnecting (control requests wait until then)"
-        ),
-        Event::ServerError(async_nats::ServerError::AuthorizationViolation) => tracing::error!(
-            nats = %shown,
-            "NATS at {shown} refused this node's credentials (authorization violation); give them with --nats nats://USER:PASS@HOST:PORT or --nats-creds FILE"
-        ),
-        other => tracing::warn!(nats = %shown, "NATS at {shown}: {other}"),
     }
 }
 

@@ -34,6 +34,27 @@ pub enum GatewayError {
     NotThroughGateway(String),
     #[error("no route {method} {path} on the gateway")]
     NoRoute { method: String, path: String },
+    /// A control order names a node the cluster table lacks.
+    #[error("unknown node '{node}': the cluster table has no such node (it has: {known})")]
+    UnknownNode { node: String, known: String },
+    /// A control route on a gateway started without `--nats`.
+    #[error(
+        "{what} through the gateway needs NATS: start the gateway with --nats nats://HOST:4222 (and --nats-creds FILE where NATS wants credentials), or use `unimodel ctl` or a node's own routes"
+    )]
+    NoControl { what: &'static str },
+    #[error(
+        "the gateway is not connected to NATS at {nats} (it keeps reconnecting); nothing was sent, try again"
+    )]
+    NatsDown { nats: String },
+    /// Some target nodes refused, failed or did not answer a control order; `nodes` holds
+    /// every node's reply (successes too), for the body.
+    #[error("{message}")]
+    ControlFailed {
+        message: String,
+        /// Every failure is a node that did not answer (504, not 502).
+        timed_out: bool,
+        nodes: Arc<Vec<serde_json::Value>>,
+    },
 }
 
 impl GatewayError {
@@ -41,14 +62,21 @@ impl GatewayError {
         match self {
             GatewayError::UnknownModel { .. }
             | GatewayError::UnknownVersion { .. }
-            | GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::NoReadyNode { .. } | GatewayError::NoNode => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | GatewayError::NoRoute { .. }
+            | GatewayError::UnknownNode { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NoReadyNode { .. }
+            | GatewayError::NoNode
+            | GatewayError::NatsDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::ControlFailed {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::ControlFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::NodeFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::NodeTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::NotThroughGateway(_) => StatusCode::NOT_IMPLEMENTED,
+            GatewayError::NotThroughGateway(_) | GatewayError::NoControl { .. } => {
+                StatusCode::NOT_IMPLEMENTED
+            }
         }
     }
 
@@ -56,13 +84,21 @@ impl GatewayError {
         match self {
             GatewayError::UnknownModel { .. }
             | GatewayError::UnknownVersion { .. }
-            | GatewayError::NoRoute { .. } => tonic::Code::NotFound,
+            | GatewayError::NoRoute { .. }
+            | GatewayError::UnknownNode { .. } => tonic::Code::NotFound,
             GatewayError::NoReadyNode { .. }
             | GatewayError::NoNode
+            | GatewayError::NatsDown { .. }
             | GatewayError::NodeFailed { .. } => tonic::Code::Unavailable,
+            GatewayError::ControlFailed {
+                timed_out: true, ..
+            } => tonic::Code::DeadlineExceeded,
+            GatewayError::ControlFailed { .. } => tonic::Code::Unavailable,
             GatewayError::NodeTimeout { .. } => tonic::Code::DeadlineExceeded,
             GatewayError::BadRequest(_) => tonic::Code::InvalidArgument,
-            GatewayError::NotThroughGateway(_) => tonic::Code::Unimplemented,
+            GatewayError::NotThroughGateway(_) | GatewayError::NoControl { .. } => {
+                tonic::Code::Unimplemented
+            }
         }
     }
 }
@@ -70,11 +106,11 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let status = self.status();
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let GatewayError::ControlFailed { nodes, .. } = &self {
+            body["nodes"] = serde_json::Value::Array(nodes.as_ref().clone());
+        }
+        (status, Json(body)).into_response()
     }
 }
 

@@ -20,6 +20,7 @@ use super::forward::{MAX_ATTEMPTS, NOT_RUN, error_chain, left_the_table};
 use super::metrics::{GatewayMetrics, NONE, RetryReason};
 use super::node::{InFlight, Node};
 use super::routes::{Purpose, Tried};
+use crate::cluster::control::protocol::{Op as ControlOp, Request as ControlRequest};
 use crate::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use crate::proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::*;
@@ -45,6 +46,8 @@ pub struct GatewayGrpc {
     pub metrics: Arc<GatewayMetrics>,
     /// Longest wait for a node's answer head (`--upstream-timeout-ms`).
     pub timeout: Duration,
+    /// `--nats`: RepositoryModelLoad/Unload become orders to nodes (`control.rs`).
+    pub control: Option<super::control::Control>,
 }
 
 /// Headers that describe this hop's encoding, not the call: tonic sets its own.
@@ -469,20 +472,43 @@ impl GrpcInferenceService for GatewayGrpc {
 
     async fn repository_model_load(
         &self,
-        _: Request<RepositoryModelLoadRequest>,
+        req: Request<RepositoryModelLoadRequest>,
     ) -> RpcResult<RepositoryModelLoadResponse> {
-        Err(not_through(
-            "load models with `unimodel ctl load MODEL --nodes ...` (NATS), or on a node directly",
-        ))
+        let control = self.control_for("loading a model")?;
+        let req = req.into_inner();
+        // Triton's clients send "config" (and "file:..." entries) to override the files.
+        if let Some(key) = req
+            .parameters
+            .keys()
+            .find(|k| *k == "config" || k.starts_with("file:"))
+        {
+            return Err(GatewayError::BadRequest(format!(
+                "load parameter '{key}' is not supported: edit the model's config.toml and plugin.py in each node's repository, then load again"
+            ))
+            .into());
+        }
+        let named = named_nodes(&req.parameters)?;
+        let request = ControlRequest {
+            op: ControlOp::Load,
+            model: Some(req.model_name),
+        };
+        control.run(&self.table, request, named).await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
         &self,
-        _: Request<RepositoryModelUnloadRequest>,
+        req: Request<RepositoryModelUnloadRequest>,
     ) -> RpcResult<RepositoryModelUnloadResponse> {
-        Err(not_through(
-            "unload models with `unimodel ctl unload MODEL --nodes ...` (NATS), or on a node directly",
-        ))
+        let control = self.control_for("unloading a model")?;
+        let req = req.into_inner();
+        let named = named_nodes(&req.parameters)?;
+        let request = ControlRequest {
+            op: ControlOp::Unload,
+            model: Some(req.model_name),
+        };
+        control.run(&self.table, request, named).await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
     async fn system_shared_memory_status(
@@ -540,6 +566,33 @@ impl GrpcInferenceService for GatewayGrpc {
         Err(not_through(
             "log settings are per node: ask a node directly",
         ))
+    }
+}
+
+impl GatewayGrpc {
+    fn control_for(&self, what: &'static str) -> Result<&super::control::Control, Status> {
+        self.control
+            .as_ref()
+            .ok_or_else(|| GatewayError::NoControl { what }.into())
+    }
+}
+
+/// The `nodes` parameter of a repository call: a string parameter `"a,b"`.
+fn named_nodes(
+    parameters: &std::collections::HashMap<String, ModelRepositoryParameter>,
+) -> Result<Option<Vec<String>>, Status> {
+    let Some(p) = parameters.get(super::control::NODES_PARAMETER) else {
+        return Ok(None);
+    };
+    match &p.parameter_choice {
+        Some(model_repository_parameter::ParameterChoice::StringParam(list)) => {
+            Ok(Some(super::control::nodes_from_text(list)?))
+        }
+        _ => Err(GatewayError::BadRequest(format!(
+            "parameter \"{}\" must be a string parameter naming nodes, like \"node-a,node-b\"",
+            super::control::NODES_PARAMETER
+        ))
+        .into()),
     }
 }
 
@@ -640,6 +693,7 @@ mod tests {
             table,
             metrics: Arc::new(GatewayMetrics::new()),
             timeout,
+            control: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -14,10 +14,13 @@
 //! - `health`: `grpc.health.v1` (SERVING while a node serves).
 //! - `metrics`: `/metrics` families of the gateway.
 //! - `trace`: the `traceparent` a node gets (the gateway's span is its parent).
+//! - `control`: repository load/unload and cluster drain/resume as NATS orders to nodes
+//!   (`--nats`).
 //! - `error`: `GatewayError`, the one place the gateway's own answers get a status.
 //! - `serve`: the listeners (the serve stack's connection limits, timeouts, TLS, auth).
 
 pub mod actor;
+pub mod control;
 pub mod error;
 pub mod feed;
 pub mod forward;

@@ -6,23 +6,31 @@
 //!
 //! `/v1/*` POSTs (the OpenAI routes, issue 11) are routed by the JSON body's `model` field:
 //! the body is read whole (up to `--max-body-bytes`), then forwarded like any other.
+//!
+//! Control (admin role, checked by the auth layer like on a node): repository load and
+//! unload, and `/v2/cluster/{nodes,models}/{name}/{drain,resume}`, become NATS orders to
+//! the nodes (`control.rs`); without `--nats` they are 501 saying so.
 
+use super::control::{self, Control};
 use super::error::GatewayError;
 use super::forward::{Outgoing, Upstream};
 use super::metrics::{GatewayMetrics, NONE};
 use super::routes::{Purpose, Routes};
 use crate::api::observe::RequestTrace;
+use crate::cluster::control::protocol::{Op, Request as ControlRequest};
 use crate::telemetry::metrics::{CONTENT_TYPE, Metrics, PROTOCOL_REST};
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::sync::Arc;
 
-/// Largest body of the repository index request (a flag or two).
+/// Largest body of the repository and cluster control routes (a flag or a node list).
 const INDEX_BODY_BYTES: usize = 64 << 10;
 
 /// What every handler shares.
@@ -33,6 +41,8 @@ pub struct Gateway {
     pub metrics: Arc<GatewayMetrics>,
     /// `--max-body-bytes`: the most a `/v1` body may be (it is read to find `model`).
     pub max_body_bytes: usize,
+    /// `--nats`: control orders to nodes; `None` without it (the control routes are 501).
+    pub control: Option<Control>,
 }
 
 /// The router; `auth` adds the serve stack's auth middleware.
@@ -46,14 +56,13 @@ pub fn router(gw: Arc<Gateway>, auth: Option<Arc<crate::auth::Auth>>) -> Router 
         .route("/v2/health/ready", get(ready))
         .route("/health/ready", get(ready))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
         .route(
-            "/v2/repository/models/{model}/load",
-            post(repository_change),
+            "/v2/repository/models/{name}/unload",
+            post(repository_unload),
         )
-        .route(
-            "/v2/repository/models/{model}/unload",
-            post(repository_change),
-        )
+        .route("/v2/cluster/nodes/{name}/{action}", post(node_order))
+        .route("/v2/cluster/models/{name}/{action}", post(model_order))
         .route("/v2/models/stats", get(all_stats))
         .route("/v1/models", get(openai_models))
         .route("/metrics", get(scrape))
@@ -129,10 +138,147 @@ async fn repository_index(
     Ok(Json(rows).into_response())
 }
 
-async fn repository_change() -> GatewayError {
-    GatewayError::NotThroughGateway(
-        "the gateway does not load or unload models: use `unimodel ctl load|unload MODEL --nodes ...` (NATS), or a node's own /v2/repository routes".into(),
-    )
+/// The `{model}` of the repository routes, or the `{name}` and `{action}` of the cluster
+/// routes.
+#[derive(Deserialize)]
+struct NamePath {
+    name: String,
+    action: Option<String>,
+}
+
+/// The optional body of every control route: `{"parameters": {...}}`.
+#[derive(Deserialize, Default)]
+struct ControlBody {
+    #[serde(default)]
+    parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Reads a control body (empty means no parameters, as tritonclient sends).
+async fn control_body(body: Body, what: &str) -> Result<ControlBody, GatewayError> {
+    let bytes = axum::body::to_bytes(body, INDEX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            GatewayError::BadRequest(format!(
+                "reading the {what} body failed (at most {INDEX_BODY_BYTES} bytes): {e}"
+            ))
+        })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ControlBody::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        GatewayError::BadRequest(format!(
+            "invalid {what} body: {e}; expected {{\"parameters\": {{\"{}\": \"node-a,node-b\"}}}} or nothing",
+            control::NODES_PARAMETER
+        ))
+    })
+}
+
+fn path_of(path: Result<Path<NamePath>, PathRejection>) -> Result<NamePath, GatewayError> {
+    path.map(|Path(p)| p)
+        .map_err(|e| GatewayError::BadRequest(format!("bad path: {e}")))
+}
+
+fn control_of<'a>(gw: &'a Gateway, what: &'static str) -> Result<&'a Control, GatewayError> {
+    gw.control.as_ref().ok_or(GatewayError::NoControl { what })
+}
+
+/// `POST /v2/repository/models/{m}/load`: loads on the nodes named by the `nodes`
+/// parameter, else on every SERVING node; 200 once each loaded it and the gateway routes it.
+async fn repository_load(
+    State(gw): State<Arc<Gateway>>,
+    path: Result<Path<NamePath>, PathRejection>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let control = control_of(&gw, "loading a model")?;
+    let name = path_of(path)?.name;
+    let body = control_body(body, "model load").await?;
+    // Triton's clients send "config" (and "file:..." entries) to override the model's files.
+    if let Some(key) = body
+        .parameters
+        .keys()
+        .find(|k| *k == "config" || k.starts_with("file:"))
+    {
+        return Err(GatewayError::BadRequest(format!(
+            "load parameter '{key}' is not supported: edit the model's config.toml and plugin.py in each node's repository, then load again"
+        )));
+    }
+    let named = control::nodes_parameter(body.parameters.get(control::NODES_PARAMETER))?;
+    order(&gw, control, Op::Load, Some(name), named).await
+}
+
+/// `POST /v2/repository/models/{m}/unload`: unloads on every node that lists the model (or
+/// the named ones).
+async fn repository_unload(
+    State(gw): State<Arc<Gateway>>,
+    path: Result<Path<NamePath>, PathRejection>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let control = control_of(&gw, "unloading a model")?;
+    let name = path_of(path)?.name;
+    let body = control_body(body, "model unload").await?;
+    let named = control::nodes_parameter(body.parameters.get(control::NODES_PARAMETER))?;
+    order(&gw, control, Op::Unload, Some(name), named).await
+}
+
+/// `drain` or `resume` from the path's last segment.
+fn drain_or_resume(action: Option<&str>, path: &str) -> Result<Op, GatewayError> {
+    match action {
+        Some("drain") => Ok(Op::Drain),
+        Some("resume") => Ok(Op::Resume),
+        _ => Err(GatewayError::NoRoute {
+            method: "POST".into(),
+            path: format!("{path} (the cluster routes end in /drain or /resume)"),
+        }),
+    }
+}
+
+/// `POST /v2/cluster/nodes/{node}/drain|resume`: the whole node.
+async fn node_order(
+    State(gw): State<Arc<Gateway>>,
+    path: Result<Path<NamePath>, PathRejection>,
+    req: Request,
+) -> Result<Response, GatewayError> {
+    let shown = req.uri().path().to_string();
+    let control = control_of(&gw, "draining or resuming a node")?;
+    let p = path_of(path)?;
+    let op = drain_or_resume(p.action.as_deref(), &shown)?;
+    let body = control_body(req.into_body(), "node drain").await?;
+    if body.parameters.contains_key(control::NODES_PARAMETER) {
+        return Err(GatewayError::BadRequest(format!(
+            "parameter \"{}\" is for model routes: this route names its node in the path",
+            control::NODES_PARAMETER
+        )));
+    }
+    let named = control::one_node(p.name)?;
+    order(&gw, control, op, None, Some(named)).await
+}
+
+/// `POST /v2/cluster/models/{m}/drain|resume`: the model on every node that lists it (or
+/// the named ones).
+async fn model_order(
+    State(gw): State<Arc<Gateway>>,
+    path: Result<Path<NamePath>, PathRejection>,
+    req: Request,
+) -> Result<Response, GatewayError> {
+    let shown = req.uri().path().to_string();
+    let control = control_of(&gw, "draining or resuming a model")?;
+    let p = path_of(path)?;
+    let op = drain_or_resume(p.action.as_deref(), &shown)?;
+    let body = control_body(req.into_body(), "model drain").await?;
+    let named = control::nodes_parameter(body.parameters.get(control::NODES_PARAMETER))?;
+    order(&gw, control, op, Some(p.name), named).await
+}
+
+async fn order(
+    gw: &Gateway,
+    control: &Control,
+    op: Op,
+    model: Option<String>,
+    named: Option<Vec<String>>,
+) -> Result<Response, GatewayError> {
+    let request = ControlRequest { op, model };
+    let body = control.run(&gw.upstream.table, request, named).await?;
+    Ok(Json(body).into_response())
 }
 
 async fn all_stats() -> GatewayError {
@@ -193,23 +339,33 @@ fn not_through(path: &str) -> Option<GatewayError> {
     )))
 }
 
-/// Which model a path names.
+/// Which model a path names (percent-decoded, as a node's router decodes it).
 #[derive(Debug, PartialEq, Eq)]
 struct ModelPath<'a> {
-    model: &'a str,
-    version: Option<&'a str>,
+    model: Cow<'a, str>,
+    version: Option<Cow<'a, str>>,
     purpose: Purpose,
+}
+
+/// A path segment percent-decoded (`a%20b` is `a b`); borrowed when it has no `%`. Bytes
+/// that are not UTF-8 become U+FFFD: no model has such a name, so it is a 404 naming it.
+fn decoded(seg: &str) -> Cow<'_, str> {
+    if seg.contains('%') {
+        percent_encoding::percent_decode_str(seg).decode_utf8_lossy()
+    } else {
+        Cow::Borrowed(seg)
+    }
 }
 
 /// `/v2/models/{m}[/versions/{v}][/action]`; `None` for any other path or action.
 fn model_path(path: &str) -> Option<ModelPath<'_>> {
     let rest = path.strip_prefix("/v2/models/")?;
     let mut segs = rest.split('/');
-    let model = segs.next().filter(|m| !m.is_empty())?;
+    let model = decoded(segs.next().filter(|m| !m.is_empty())?);
     let mut next = segs.next();
     let mut version = None;
     if next == Some("versions") {
-        version = Some(segs.next().filter(|v| !v.is_empty())?);
+        version = Some(decoded(segs.next().filter(|v| !v.is_empty())?));
         next = segs.next();
     }
     let purpose = match next {
@@ -263,13 +419,14 @@ async fn to_model(
     req: Request,
     traceparent: Option<http::HeaderValue>,
 ) -> Result<Response, GatewayError> {
-    let route = routes.model(target.model)?;
+    let route = routes.model(&target.model)?;
+    let version = target.version.as_deref();
     // Checked before the body is read: an unroutable request costs no upload.
-    route.pick(target.version, target.purpose, &Default::default())?;
+    route.pick(version, target.purpose, &Default::default())?;
     let out = Outgoing::from_request(req).await?;
     gw.upstream
         .forward(out, &route.name, traceparent, |tried| {
-            route.pick(target.version, target.purpose, tried)
+            route.pick(version, target.purpose, tried)
         })
         .await
 }
@@ -315,7 +472,7 @@ mod tests {
         assert_eq!(
             model_path("/v2/models/m/infer"),
             Some(ModelPath {
-                model: "m",
+                model: "m".into(),
                 version: None,
                 purpose: Purpose::Infer
             })
@@ -323,18 +480,30 @@ mod tests {
         assert_eq!(
             model_path("/v2/models/m/versions/2/generate_stream"),
             Some(ModelPath {
-                model: "m",
-                version: Some("2"),
+                model: "m".into(),
+                version: Some("2".into()),
                 purpose: Purpose::Infer
             })
+        );
+        // Percent-encoded segments are decoded, as a node decodes them.
+        let spaced = model_path("/v2/models/a%20b/versions/v%2F1/infer").unwrap();
+        assert_eq!(spaced.model, "a b");
+        assert_eq!(spaced.version.as_deref(), Some("v/1"));
+        assert!(matches!(
+            model_path("/v2/models/m/infer").unwrap().model,
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            model_path("/v2/models/%FF/infer").unwrap().model,
+            "\u{FFFD}"
         );
         assert_eq!(
             model_path("/v2/models/m").map(|p| p.purpose),
             Some(Purpose::Read)
         );
         assert_eq!(
-            model_path("/v2/models/m/versions/1").map(|p| p.version),
-            Some(Some("1"))
+            model_path("/v2/models/m/versions/1").and_then(|p| p.version),
+            Some("1".into())
         );
         assert_eq!(
             model_path("/v2/models/m/ready").map(|p| p.purpose),

@@ -196,6 +196,16 @@ impl Routes {
 }
 
 impl ModelRoute {
+    /// Every node that lists the model, in any state (control orders: unload, drain).
+    pub fn listed_names(&self) -> impl Iterator<Item = &str> {
+        self.listed.iter().map(|n| n.name.as_str())
+    }
+
+    /// Whether `node` has the model READY and is SERVING (routable, rotation aside).
+    pub fn is_ready_on(&self, node: &str) -> bool {
+        self.ready.iter().any(|r| r.node.name.as_str() == node)
+    }
+
     /// The node this request goes to (see the module doc), or why there is none: 404 for a
     /// version no node has, 503 naming the model when no node has it ready.
     pub fn pick(

@@ -54,6 +54,8 @@ pub struct GatewaySettings {
     /// `--http-threads`: REST connections are served on this many shard threads (each with
     /// its own node connection pool); 0 serves them on the main runtime. Not with TLS.
     pub http_threads: usize,
+    /// `--nats`: control orders to nodes (repository load/unload, cluster drain/resume).
+    pub control: Option<super::control::Control>,
 }
 
 /// The probe the actor runs on nodes out of rotation: REST liveness through the pool.
@@ -113,6 +115,7 @@ pub async fn run(
             table: table.clone(),
             metrics: Arc::clone(&metrics),
             timeout: settings.upstream_timeout,
+            control: settings.control.clone(),
         },
         &settings,
         stopped(stop_rx.clone()),
@@ -123,6 +126,7 @@ pub async fn run(
             listener_metrics: Arc::clone(&settings.listener_metrics),
             metrics: Arc::clone(&metrics),
             max_body_bytes: settings.max_body_bytes,
+            control: settings.control.clone(),
         })
     };
     let gw = gateway(upstream);
