@@ -143,9 +143,11 @@ class Sampler:
         if vocab == 0:
             raise ValueError("logits have an empty vocabulary axis")
         x = x.astype(np.float32, copy=False)
-        # log-sum-exp of the raw logits: logprob(token) = logit - lse.
+        # log-sum-exp of the raw logits: logprob(token) = logit - lse (one scratch matrix).
         row_max = x.max(axis=1)
-        lse = row_max + np.log(np.exp(x - row_max[:, None]).sum(axis=1))
+        scratch = np.subtract(x, row_max[:, None])
+        np.exp(scratch, out=scratch)
+        lse = row_max.astype(np.float64) + np.log(scratch.sum(axis=1, dtype=np.float64))
 
         tokens = np.empty(n, dtype=np.int64)
         greedy = np.array([p.temperature == 0 for p in params])
@@ -165,45 +167,45 @@ class Sampler:
 def _draw(x: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
     """Token per row of `x` (raw logits) by inverse CDF with the uniforms `u`, after
     temperature, top-k and top-p."""
-    temps = np.array([p.temperature for p in params], dtype=np.float64)
-    z = x.astype(np.float64) / temps[:, None]
-    z -= z.max(axis=1, keepdims=True)
-    vocab = z.shape[1]
-    # Threshold per row: tokens with z >= threshold stay candidates.
-    threshold = np.full(len(params), -np.inf)
-    for i, p in enumerate(params):
-        if 0 < p.top_k < vocab:
-            threshold[i] = np.partition(z[i], vocab - p.top_k)[vocab - p.top_k]
-    probs = np.exp(z)
-    probs[z < threshold[:, None]] = 0.0
-    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    for i in nucleus:
-        threshold_p = _nucleus_threshold(probs[i], params[i].top_p)
-        probs[i, probs[i] < threshold_p] = 0.0
-    cdf = np.cumsum(probs, axis=1)
-    targets = u * cdf[:, -1]
-    # First index whose cumulative mass exceeds the target (never past the last candidate).
-    picked = (cdf <= targets[:, None]).sum(axis=1)
-    last = vocab - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
-    return np.minimum(picked, last)
+    return np.array([_draw_row(x[i], p, float(u[i])) for i, p in enumerate(params)], np.int64)
 
 
-def _nucleus_threshold(probs: np.ndarray, top_p: float) -> float:
-    """The smallest probability kept by top-p: the most likely tokens are kept until their
-    mass reaches ``top_p`` of the (possibly top-k-cut) row's total."""
-    total = probs.sum()
-    want = top_p * total
-    k = min(_NUCLEUS_PREFIX, probs.size)
-    if k < probs.size:
-        best = probs[np.argpartition(probs, probs.size - k)[probs.size - k :]]
-        best = np.sort(best)[::-1]
-        cum = np.cumsum(best)
+def _draw_row(logits: np.ndarray, p: SamplingParams, u: float) -> int:
+    z = logits / np.float32(p.temperature)
+    z -= z.max()
+    probs = np.exp(z, out=z)
+    vocab = probs.size
+    # Candidate token ids (None = the whole vocabulary), cut by top-k, then top-p.
+    cand: np.ndarray | None = None
+    if 0 < p.top_k < vocab:
+        cand = np.argpartition(probs, vocab - p.top_k)[vocab - p.top_k :]
+    if p.top_p < 1.0:
+        kept = _nucleus(probs if cand is None else probs[cand], p.top_p)
+        cand = kept if cand is None else cand[kept]
+    if cand is None:
+        ids = None
+        cdf = np.cumsum(probs, dtype=np.float64)
+    else:
+        ids = np.sort(cand)  # token-id order: the draw does not depend on partition order
+        cdf = np.cumsum(probs[ids], dtype=np.float64)
+    j = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), cdf.size - 1)
+    return j if ids is None else int(ids[j])
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices into `probs` of the smallest set of most likely entries whose mass reaches
+    ``top_p`` of the total."""
+    want = top_p * probs.sum(dtype=np.float64)
+    n = probs.size
+    if n > _NUCLEUS_PREFIX:
+        best = np.argpartition(probs, n - _NUCLEUS_PREFIX)[n - _NUCLEUS_PREFIX :]
+        order = best[np.argsort(-probs[best])]
+        cum = np.cumsum(probs[order], dtype=np.float64)
         if cum[-1] >= want:
-            return float(best[np.searchsorted(cum, want)])
-    best = np.sort(probs)[::-1]
-    cum = np.cumsum(best)
-    idx = min(int(np.searchsorted(cum, want)), best.size - 1)
-    return float(best[idx])
+            return order[: int(np.searchsorted(cum, want)) + 1]
+    order = np.argsort(-probs)
+    cum = np.cumsum(probs[order], dtype=np.float64)
+    return order[: min(int(np.searchsorted(cum, want)) + 1, n)]
 
 
 def _top_logprobs(x: np.ndarray, lse: np.ndarray, counts: Sequence[int]) -> list[list]:
