@@ -265,7 +265,7 @@ class LlamaCpp(um.LLM):
         pos = np.empty(n_total, np.int32)
         seq = np.empty(n_total, np.int32)
         want = np.zeros(n_total, np.int8)
-        sampling = []  # (index in the flat token arrays, SeqStep), in slot order
+        sampling = []  # the sampling SeqSteps, in slot order (the order of the logits rows)
         at = 0
         for s in seqs:
             n = len(s.tokens)
@@ -274,15 +274,14 @@ class LlamaCpp(um.LLM):
             seq[at : at + n] = s.slot
             if s.sample:
                 want[at + n - 1] = 1
-                sampling.append((at + n - 1, s))
+                sampling.append(s)
             at += n
 
         rows = self._decode(tokens, pos, seq, want)
-        # Results in the batch's order, as the contract says.
-        order = {id(s): i for i, (_, s) in enumerate(sampling)}
-        wanted = [s for s in batch.seqs if s.sample]
-        logits = rows[[order[id(s)] for s in wanted]] if wanted else rows
-        return self.sampler.sample(logits, wanted)
+        # Rows are in slot order; the contract wants results in the batch's order: reorder
+        # the small results, not the megabytes of logits.
+        by_seq = {r.seq_id: r for r in self.sampler.sample(rows, sampling)}
+        return [by_seq[s.seq_id] for s in batch.seqs if s.sample]
 
     def _copy_prefix(self, src: int, dst: int, n_tokens: int) -> None:
         lib = self._lib
@@ -300,13 +299,14 @@ class LlamaCpp(um.LLM):
         self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray
     ) -> np.ndarray:
         """Decodes the flat token arrays in chunks of at most n_batch tokens; returns the
-        logits rows of the tokens flagged in `want`, in order."""
+        logits rows of the tokens flagged in `want`, in order. With one chunk (the usual
+        case) the rows are a view of llama.cpp's output buffer, valid until the next decode."""
         lib = self._lib
         b = self._batch
-        n_out = int(want.sum())
-        rows = np.empty((n_out, self.n_vocab), np.float32)
+        chunks = range(0, len(tokens), self._n_batch)
+        rows = None
         got = 0
-        for start in range(0, len(tokens), self._n_batch):
+        for start in chunks:
             end = min(start + self._n_batch, len(tokens))
             n = end - start
             b.token[:n] = tokens[start:end]
@@ -318,12 +318,17 @@ class LlamaCpp(um.LLM):
             if rc != 0:
                 raise LlamaCppError(_decode_error(rc, n))
             k = int(want[start:end].sum())
-            if k:
-                # Outputs are stored contiguously, in batch order.
-                ptr = lib.llama_get_logits(self._ctx)
-                rows[got : got + k] = np.ctypeslib.as_array(ptr, shape=(k, self.n_vocab))
-                got += k
-        return rows
+            if not k:
+                continue
+            # Outputs are stored contiguously, in batch order.
+            out = np.ctypeslib.as_array(lib.llama_get_logits(self._ctx), shape=(k, self.n_vocab))
+            if len(chunks) == 1:
+                return out
+            if rows is None:
+                rows = np.empty((int(want.sum()), self.n_vocab), np.float32)
+            rows[got : got + k] = out
+            got += k
+        return rows if rows is not None else np.empty((0, self.n_vocab), np.float32)
 
     def release(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:

@@ -104,6 +104,13 @@ class Sampler:
 
     def __init__(self) -> None:
         self._rngs: dict[int, np.random.Generator] = {}
+        self._scratch = np.empty(0, np.float32)
+
+    def _scratch_for(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = shape[0] * shape[1]
+        if self._scratch.size < size:
+            self._scratch = np.empty(size, np.float32)
+        return self._scratch[:size].reshape(shape)
 
     def __len__(self) -> int:
         """Sequences holding a generator (sampled at least once, not yet released)."""
@@ -143,31 +150,26 @@ class Sampler:
         if vocab == 0:
             raise ValueError("logits have an empty vocabulary axis")
         x = x.astype(np.float32, copy=False)
-        # log-sum-exp of the raw logits: logprob(token) = logit - lse (one scratch matrix).
+        # log-sum-exp of the raw logits: logprob(token) = logit - lse. One scratch matrix,
+        # kept between calls (a step's logits are megabytes; allocating them is not free).
         row_max = x.max(axis=1)
-        scratch = np.subtract(x, row_max[:, None])
+        scratch = self._scratch_for(x.shape)
+        np.subtract(x, row_max[:, None], out=scratch)
         np.exp(scratch, out=scratch)
-        lse = row_max.astype(np.float64) + np.log(scratch.sum(axis=1, dtype=np.float64))
+        lse = row_max.astype(np.float64) + np.log(scratch.sum(axis=1).astype(np.float64))
 
-        tokens = np.empty(n, dtype=np.int64)
-        greedy = np.array([p.temperature == 0 for p in params])
-        if greedy.any():
-            tokens[greedy] = x[greedy].argmax(axis=1)
-        drawn = np.flatnonzero(~greedy)
-        if drawn.size:
-            u = np.array([self._rng(seq_ids[i], params[i].seed).random() for i in drawn])
-            tokens[drawn] = _draw(x[drawn], [params[i] for i in drawn], u)
+        greedy = [p.temperature == 0 for p in params]
+        # argmax of every row in one pass (cheaper than selecting the greedy rows first).
+        tokens = x.argmax(axis=1) if any(greedy) else np.empty(n, dtype=np.int64)
+        for i, is_greedy in enumerate(greedy):
+            if not is_greedy:
+                u = self._rng(seq_ids[i], params[i].seed).random()
+                tokens[i] = _draw_row(x[i], params[i], u)
         chosen = x[np.arange(n), tokens] - lse
         tops = _top_logprobs(x, lse, [p.logprobs for p in params])
         return [
             Sampled(int(seq_ids[i]), int(tokens[i]), float(chosen[i]), tops[i]) for i in range(n)
         ]
-
-
-def _draw(x: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
-    """Token per row of `x` (raw logits) by inverse CDF with the uniforms `u`, after
-    temperature, top-k and top-p."""
-    return np.array([_draw_row(x[i], p, float(u[i])) for i, p in enumerate(params)], np.int64)
 
 
 def _draw_row(logits: np.ndarray, p: SamplingParams, u: float) -> int:
