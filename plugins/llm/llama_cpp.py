@@ -247,10 +247,14 @@ class LlamaCpp(um.LLM):
 
     def step(self, batch: StepBatch) -> list[Sampled]:
         lib = self._lib
-        seqs = sorted(batch.seqs, key=lambda s: s.slot if s.slot is not None else -1)
+        # A slot out of range would abort the process inside llama.cpp (GGML_ASSERT in
+        # seq_cp): refuse the batch here instead, with its reason (about 3 us per sequence).
+        try:
+            batch.check(self.kv)
+        except ValueError as e:
+            raise LlamaCppError(f"bad step: {e}") from None
+        seqs = sorted(batch.seqs, key=lambda s: s.slot)
         for s in seqs:
-            if s.slot is None:
-                raise LlamaCppError(f"seq {s.seq_id} has no slot: llama.cpp needs slots KV")
             if self._owner.get(s.slot) != s.seq_id:
                 self._owner[s.slot] = s.seq_id
                 self._slot_of[s.seq_id] = s.slot

@@ -42,8 +42,7 @@ def plugin_module():
     return import_plugin(PLUGIN)
 
 
-@pytest.fixture(scope="module")
-def engine(plugin_module):
+def make_engine(plugin_module, **settings: str):
     llm = plugin_module.LlamaCpp()
     llm.configure(
         {
@@ -53,9 +52,16 @@ def engine(plugin_module):
             # One thread: ggml's threads spin at their barriers, which on a loaded 2-core
             # machine costs more than the second thread gains.
             "threads": "1",
+            **settings,
         }
     )
     llm.setup(um.Context(model_name="smol"))
+    return llm
+
+
+@pytest.fixture(scope="module")
+def engine(plugin_module):
+    llm = make_engine(plugin_module)
     yield llm
     llm.close()
 
@@ -203,6 +209,19 @@ def test_greedy_equivalence_interleaved_chunked_staggered(engine) -> None:
 
 
 def test_copy_from_prefix_gives_the_same_tokens(engine) -> None:
+    check_copy_from(engine)
+
+
+def test_copy_from_with_a_unified_kv_buffer(plugin_module) -> None:
+    # One shared stream: the copy is a partial seq_cp that only tags cells.
+    llm = make_engine(plugin_module, kv_unified="true")
+    try:
+        check_copy_from(llm)
+    finally:
+        llm.close()
+
+
+def check_copy_from(engine) -> None:
     shared = tokenize(
         engine, "The history of the printing press begins in the fifteenth century, " * 3
     )
@@ -281,6 +300,23 @@ def test_smollm2_answers_paris(engine) -> None:
     engine.release([400])
     answer = detokenize(engine, out)
     assert "Paris" in answer, answer
+
+
+def test_bad_steps_are_refused_before_llama_cpp(engine, plugin_module) -> None:
+    cases = [
+        ([SeqStep(1, [5], 0, True, slot=SLOTS)], "needs slot in"),
+        ([SeqStep(1, [5], 0, True)], "needs slot in"),
+        ([SeqStep(1, [5], 4, True, slot=0, copy_from=(SLOTS + 3, 4))], "copy_from slot"),
+        ([SeqStep(1, [5], SLOT_TOKENS, True, slot=0)], "do not fit a slot"),
+        ([SeqStep(1, [5], 0, True, slot=0), SeqStep(2, [5], 0, True, slot=0)], "two sequences"),
+    ]
+    for seqs, message in cases:
+        with pytest.raises(plugin_module.LlamaCppError, match=f"bad step: .*{message}"):
+            engine.step(StepBatch(seqs))
+    # The engine still serves.
+    (r,) = engine.step(StepBatch([SeqStep(9, [5, 6, 7], 0, True, slot=0)]))
+    engine.release([9])
+    assert 0 <= r.token < engine.n_vocab
 
 
 def test_model_errors_are_clear(plugin_module, tmp_path: Path) -> None:
