@@ -297,3 +297,44 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     proc = run_cli("tokenize", "--tokenizer", f"gguf:{path}", "hi")
     assert proc.returncode == 1
     assert f"{path}: not a readable GGUF file: truncated" in proc.stderr, proc.stderr
+
+
+def test_a_tokenizer_json_with_its_config_works_like_the_gguf(gguf_path, reference, tmp_path):
+    """The `tokenizer.json` path: the reference tokenizer saved as a Hugging Face folder."""
+    tok, meta, _ = reference
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = {
+        "bos_token": tok.bos_token,
+        "eos_token": {"content": tok.eos_token, "special": True},
+        "chat_template": meta["tokenizer.chat_template"],
+        "add_bos_token": False,
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    source = str(tmp_path / "tokenizer.json")
+    proc = run_cli("tokenize", "--tokenizer", source, "--", *TEXTS, timeout_s=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    for text, line in zip(TEXTS, lines, strict=True):
+        assert line["ids"] == tok(text)["input_ids"], text
+    proc = run_cli("tokenize", "--tokenizer", source, "--info")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert (info["bos_token_id"], info["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
+    assert info["context_length"] == 2048
+    assert info["chat_template"] == meta["tokenizer.chat_template"]
+    conversation = json.dumps(CONVERSATIONS[1])
+    proc = run_cli(
+        "tokenize", "--tokenizer", source, "--chat", "--add-generation-prompt", conversation
+    )
+    assert proc.returncode == 0, proc.stderr
+    want = tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
+    assert json.loads(proc.stdout)["prompt"] == want
+
+
+def test_a_broken_tokenizer_json_is_a_clear_error(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": 3}')
+    proc = run_cli("tokenize", "--tokenizer", str(path), "hi")
+    assert proc.returncode == 1
+    assert f"unimodel tokenize: error: tokenizer {path}: cannot load" in proc.stderr, proc.stderr

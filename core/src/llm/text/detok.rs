@@ -10,9 +10,16 @@
 
 use super::{TextError, TextTokenizer};
 
+/// Prompt ids kept as context before the first generated id: enough for any decoder's
+/// word-start rule (vLLM keeps 5).
+pub const CONTEXT_IDS: usize = 5;
+
 #[derive(Debug, Clone)]
 pub struct IncrementalDecoder {
+    /// Context ids from the prompt, then the generated ids.
     ids: Vec<u32>,
+    /// How many of `ids` are prompt context.
+    context: usize,
     /// Start of the window decoded for context; text before it is never decoded again.
     prefix_offset: usize,
     /// End of what has been emitted.
@@ -24,10 +31,19 @@ impl IncrementalDecoder {
     /// `skip_special`: leave special tokens (`<|im_end|>`) out of the text, as the OpenAI
     /// API does by default.
     pub fn new(skip_special: bool) -> Self {
+        Self::with_context(skip_special, &[])
+    }
+
+    /// Start after `prompt`: its last ids are decoded as context and never emitted, so the
+    /// first generated word keeps its leading space under SentencePiece (whose decoder
+    /// drops the space at the start of a text).
+    pub fn with_context(skip_special: bool, prompt: &[u32]) -> Self {
+        let context = &prompt[prompt.len().saturating_sub(CONTEXT_IDS)..];
         IncrementalDecoder {
-            ids: Vec::new(),
+            ids: context.to_vec(),
+            context: context.len(),
             prefix_offset: 0,
-            read_offset: 0,
+            read_offset: context.len(),
             skip_special,
         }
     }
@@ -68,8 +84,8 @@ impl IncrementalDecoder {
         Ok(text.get(prefix.len()..).unwrap_or_default().to_string())
     }
 
-    /// Every id pushed so far.
+    /// Every id pushed so far (without the prompt context).
     pub fn ids(&self) -> &[u32] {
-        &self.ids
+        &self.ids[self.context..]
     }
 }

@@ -37,6 +37,9 @@ pub enum TextError {
         prompt_tokens: usize,
         max_model_len: usize,
     },
+    /// `max_tokens: 0` would run the prompt for nothing.
+    #[error("max_tokens must be at least 1")]
+    MaxTokensZero,
     /// `max_tokens` asks for more than the context leaves after the prompt.
     #[error("max_tokens is {max_tokens}, but the prompt has {prompt_tokens} tokens and the model's context is {max_model_len}: at most {} new tokens fit", max_model_len.saturating_sub(*prompt_tokens))]
     MaxTokensPastContext {
@@ -55,6 +58,7 @@ impl TextError {
             Self::Messages(_)
                 | Self::TemplateRejected(_)
                 | Self::PromptTooLong { .. }
+                | Self::MaxTokensZero
                 | Self::MaxTokensPastContext { .. }
         )
     }

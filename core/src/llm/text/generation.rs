@@ -73,6 +73,7 @@ pub fn new_token_budget(
     }
     let room = max_model_len - prompt_tokens;
     match max_tokens {
+        Some(0) => Err(TextError::MaxTokensZero),
         Some(n) if n > room => Err(TextError::MaxTokensPastContext {
             max_tokens: n,
             prompt_tokens,
@@ -103,18 +104,20 @@ pub struct TextStream {
 }
 
 impl TextStream {
-    /// Checks the prompt and `max_tokens` against `max_model_len` (see `new_token_budget`).
+    /// Checks the prompt and `max_tokens` against `max_model_len` (see `new_token_budget`);
+    /// the prompt's last ids are the decoder's context.
     pub fn new(
         tok: &TextTokenizer,
         params: StopParams,
-        prompt_tokens: usize,
+        prompt: &[u32],
         max_model_len: usize,
     ) -> Result<Self, TextError> {
+        let prompt_tokens = prompt.len();
         let budget = new_token_budget(prompt_tokens, params.max_tokens, max_model_len)?;
         let mut stop_ids = tok.specials().stop_ids();
         stop_ids.extend(params.stop_ids);
         Ok(TextStream {
-            decoder: IncrementalDecoder::new(!params.keep_special),
+            decoder: IncrementalDecoder::with_context(!params.keep_special, prompt),
             matcher: StopMatcher::new(params.stop),
             stop_ids,
             budget,

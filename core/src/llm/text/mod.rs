@@ -21,7 +21,7 @@ mod template_fns;
 mod tokenizer;
 
 pub use chat::{ChatTemplate, normalize_messages};
-pub use detok::IncrementalDecoder;
+pub use detok::{CONTEXT_IDS, IncrementalDecoder};
 pub use error::TextError;
 pub use generation::{Delta, Finish, StopParams, TextStream, Usage, new_token_budget};
 pub use gguf_tokenizer::PRE_SPLITS;

@@ -118,3 +118,25 @@ fn special_tokens_are_skipped_or_kept() {
     assert_eq!(run(true), "hi");
     assert_eq!(run(false), "<|im_start|>hi<|im_end|>");
 }
+
+#[test]
+fn prompt_context_keeps_the_first_words_leading_space() {
+    let tok = byte_fallback_tokenizer();
+    let prompt = tok.encode("hi", false).expect("encodes");
+    let all = tok.encode("hi abc", false).expect("encodes");
+    assert_eq!(&all[..prompt.len()], &prompt[..]);
+    let generated = &all[prompt.len()..];
+    let run = |mut d: IncrementalDecoder| {
+        let mut out: String = generated
+            .iter()
+            .map(|&id| d.push(&tok, id).expect("pushes"))
+            .collect();
+        out.push_str(&d.flush(&tok).expect("flushes"));
+        assert_eq!(d.ids(), generated);
+        out
+    };
+    // Alone, SentencePiece's decoder drops the space a text starts with; after the prompt
+    // the space is part of the answer.
+    assert_eq!(run(IncrementalDecoder::new(true)), "abc");
+    assert_eq!(run(IncrementalDecoder::with_context(true, &prompt)), " abc");
+}

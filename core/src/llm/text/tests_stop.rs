@@ -92,7 +92,8 @@ fn a_possible_stop_prefix_is_held_then_released() {
 
 fn stream(params: StopParams, prompt: usize, max_len: usize) -> (TextStream, super::TextTokenizer) {
     let tok = byte_level_tokenizer();
-    let s = TextStream::new(&tok, params, prompt, max_len).expect("fits");
+    let prompt: Vec<u32> = (0..prompt as u32).map(|i| 40 + i % 20).collect();
+    let s = TextStream::new(&tok, params, &prompt, max_len).expect("fits");
     (s, tok)
 }
 
@@ -191,6 +192,8 @@ fn prompts_and_max_tokens_past_the_context_are_client_errors() {
     let err = new_token_budget(64, None, 64).unwrap_err();
     assert!(matches!(err, TextError::PromptTooLong { .. }) && err.is_client_error());
     assert!(err.to_string().contains("64 tokens"), "{err}");
+    let err = new_token_budget(10, Some(0), 64).unwrap_err();
+    assert!(matches!(err, TextError::MaxTokensZero) && err.is_client_error());
     let err = new_token_budget(10, Some(55), 64).unwrap_err();
     assert!(err.is_client_error());
     assert!(
