@@ -66,20 +66,15 @@ fn run(args: &TokenizeArgs) -> Result<(), TextError> {
     }
     let template = if args.chat {
         let source = match &args.chat_template {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| TextError::Io {
-                path: path.clone(),
-                source,
-            })?,
-            None => tok.chat_template().map(str::to_string).ok_or_else(|| {
-                TextError::Template(format!("{} has no chat template", tok.source_name()))
-            })?,
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|source| TextError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
         };
-        let s = tok.specials();
-        Some(ChatTemplate::new(
-            &source,
-            s.bos_token.as_deref().unwrap_or_default(),
-            s.eos_token.as_deref().unwrap_or_default(),
-        )?)
+        Some(ChatTemplate::for_tokenizer(&tok, source.as_deref())?)
     } else {
         None
     };

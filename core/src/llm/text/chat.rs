@@ -4,8 +4,8 @@
 //! `strftime_now`, a Python-style `tojson`, values printed as Python prints them), with `messages`, `add_generation_prompt`,
 //! `bos_token`, `eos_token` and `tools` (none yet).
 
-use super::TextError;
 use super::template_fns::{Rejected, python_formatter, raise_exception, strftime_now, tojson};
+use super::{TextError, TextTokenizer};
 use minijinja::{Environment, Value, context};
 use serde_json::Value as Json;
 
@@ -41,6 +41,23 @@ impl ChatTemplate {
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// The template a model serves with: `source` when it sets its own (the plugin's
+    /// `chat_template`), else the tokenizer's, with the tokenizer's BOS/EOS text.
+    pub fn for_tokenizer(tok: &TextTokenizer, source: Option<&str>) -> Result<Self, TextError> {
+        let source = source.or(tok.chat_template()).ok_or_else(|| {
+            TextError::Template(format!(
+                "{} has no chat template, and the model sets none",
+                tok.source_name()
+            ))
+        })?;
+        let s = tok.specials();
+        Self::new(
+            source,
+            s.bos_token.as_deref().unwrap_or_default(),
+            s.eos_token.as_deref().unwrap_or_default(),
+        )
     }
 
     /// The prompt for `messages` (a JSON list of `{role, content}`); with

@@ -55,11 +55,12 @@ impl Specials {
     /// The ids that end generation by default: EOS, end of turn and end of message, as
     /// llama.cpp treats them (a request adds its own `stop_token_ids`).
     pub fn stop_ids(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = [self.eos, self.eot, self.eom]
-            .into_iter()
-            .flatten()
-            .collect();
-        ids.dedup();
+        let mut ids: Vec<u32> = Vec::with_capacity(3);
+        for id in [self.eos, self.eot, self.eom].into_iter().flatten() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         ids
     }
 }

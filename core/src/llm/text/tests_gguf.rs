@@ -173,3 +173,23 @@ fn every_listed_pre_tokenizer_builds_and_round_trips() {
         assert_eq!(tok.decode(&ids, false).expect("decodes"), text, "{pre}");
     }
 }
+
+#[test]
+fn stop_ids_list_each_end_marker_once() {
+    let s = super::Specials {
+        eos: Some(2),
+        eot: Some(7),
+        eom: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(s.stop_ids(), vec![2, 7]);
+}
+
+/// The scheduler and the routes share these across tasks and threads.
+#[test]
+fn the_text_types_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<TextTokenizer>();
+    shared::<super::ChatTemplate>();
+    shared::<super::TextStream>();
+}
