@@ -1,8 +1,8 @@
 //! Chat templates: a model's Jinja template rendered with minijinja the way Hugging Face's
 //! `apply_chat_template` renders it with jinja2 (`trim_blocks`, `lstrip_blocks`, Python's
 //! string and dict methods via minijinja-contrib's `pycompat`, `raise_exception`,
-//! `strftime_now`, a Python-style `tojson`, values printed as Python prints them), with `messages`, `add_generation_prompt`,
-//! `bos_token`, `eos_token` and `tools` (none yet).
+//! `strftime_now`, a Python-style `tojson`, values printed as Python prints them), with
+//! `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and `tools` (none yet).
 
 use super::template_fns::{Rejected, python_formatter, raise_exception, strftime_now, tojson};
 use super::{TextError, TextTokenizer};

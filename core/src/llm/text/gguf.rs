@@ -150,6 +150,9 @@ pub enum Problem {
 }
 
 const MAGIC: &[u8; 4] = b"GGUF";
+const V1: &str =
+    "GGUF version 1 (32-bit lengths) is not supported; convert the file with a current llama.cpp";
+const BIG_ENDIAN: &str = "a big-endian GGUF file is not supported";
 /// Arrays inside arrays are legal GGUF; nothing real nests deeper than this.
 const MAX_DEPTH: usize = 4;
 
@@ -167,11 +170,16 @@ pub fn parse(reader: impl Read, len: u64) -> Result<Metadata, Problem> {
         )));
     }
     let version = r.u32("the version")?;
-    match version {
-        2 | 3 => {}
-        1 => return Err(Problem::Bad("GGUF version 1 (32-bit lengths) is not supported; convert the file with a current llama.cpp".into())),
-        v if v.swap_bytes() <= 3 => return Err(Problem::Bad("a big-endian GGUF file is not supported".into())),
-        v => return Err(Problem::Bad(format!("GGUF version {v} is not supported (expected 2 or 3)"))),
+    let unsupported = match version {
+        2 | 3 => None,
+        1 => Some(V1.to_string()),
+        v if matches!(v.swap_bytes(), 2 | 3) => Some(BIG_ENDIAN.to_string()),
+        v => Some(format!(
+            "GGUF version {v} is not supported (expected 2 or 3)"
+        )),
+    };
+    if let Some(what) = unsupported {
+        return Err(Problem::Bad(what));
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;

@@ -63,7 +63,8 @@ fn corrupt_headers_say_what_is_wrong() {
     magic[..4].copy_from_slice(b"GGML");
     assert!(bad(&magic).contains("not the GGUF magic"));
     for (version, expected) in [
-        (1u32, "version 1"),
+        (0u32, "version 0"),
+        (1, "version 1"),
         (4, "version 4"),
         (3u32.swap_bytes(), "big-endian"),
     ] {
