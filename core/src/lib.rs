@@ -11,6 +11,7 @@
 //! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
 //! - `net`: accepting connections under `--max-connections` (shared by every listener).
 //! - `cluster`: etcd registration, NATS control and the gateway (`docs/cluster.md`).
+//! - `llm`: LLM serving: text (tokenizers, chat templates, detokenization, stops).
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
@@ -32,6 +33,7 @@
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)
 //! cluster -> api, engine, repository, auth, tls, net, telemetry, tensor, proto, echo
+//! llm -> tensor, engine, telemetry
 //! cli -> everything (the commands wire the layers together)
 //! ```
 
@@ -43,6 +45,7 @@ pub mod cluster;
 pub mod echo;
 pub mod engine;
 pub mod heap;
+pub mod llm;
 pub mod net;
 pub mod proto;
 pub mod regions;

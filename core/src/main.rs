@@ -29,6 +29,8 @@ fn main() -> ExitCode {
                 }
             };
         }
+        // Reads files and prints: no runtime, no logging.
+        Command::Tokenize(args) => return unimodel::cli::tokenize(&args),
         Command::Run(args) => Served::Run(args),
         Command::Serve(args) => Served::Serve(args),
         Command::Predict(args) => Served::Predict(args),

@@ -38,6 +38,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("bench", &["tensor", "proto", "tls"]),
+    ("llm", &["tensor", "engine", "telemetry"]),
     (
         "cluster",
         &[

@@ -48,6 +48,9 @@ pub enum Command {
     /// Control cluster nodes over NATS: load, unload, drain and resume models on the nodes
     /// named; `ctl status` reads the cluster from etcd (docs/cluster.md, "Control over NATS").
     Ctl(CtlArgs),
+    /// Encode texts or render chats with a model's tokenizer and chat template (a
+    /// tokenizer.json or gguf:PATH) and print JSON lines: what the LLM routes will do.
+    Tokenize(super::tokenize::TokenizeArgs),
 }
 
 /// `unimodel gateway` (`docs/cluster.md`, "The gateway").

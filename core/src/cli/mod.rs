@@ -17,9 +17,11 @@ mod serve;
 mod serve_config;
 mod server;
 mod serving;
+pub mod tokenize;
 
 pub use ctl::ctl;
 pub use gateway::gateway;
 pub use predict::predict;
 pub use run::run;
 pub use serve::serve;
+pub use tokenize::tokenize;
