@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama-cpp-python (the engine under plugins/llm/llama_cpp.py) into a cached wheel once and
 # prints the wheel's path. It has no binary wheel on PyPI: pip compiles the vendored llama.cpp
-# (about 11 minutes on 2 cores), so tests, CI and `unimodel run` install this cached wheel instead.
+# (about 11 minutes on 2 cores), so tests and CI install this cached wheel instead.
 #
 #   scripts/llm-wheel.sh [PYTHON]      # PYTHON: the interpreter the wheel is for (default python3)
 #
@@ -21,7 +21,7 @@ PYTHON=${1:-python3}
 CMAKE_ARGS_PINNED="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
 
 py_tag=$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
+cpu_flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m)
 flags_hash=$(printf '%s\n%s\n' "$CMAKE_ARGS_PINNED" "$cpu_flags" | sha256sum | cut -c1-12)
 cache_root=${UNIMODEL_CACHE:-$HOME/.cache/unimodel}
 dir="$cache_root/wheels/llama-cpp-python-$VERSION-$py_tag-$flags_hash"

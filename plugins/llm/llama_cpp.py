@@ -1,5 +1,8 @@
 """GGUF models through llama.cpp (`llama-cpp-python`'s low-level API), as a `um.LLM`.
 
+Not servable yet: the core does not run `um.LLM` plugins until its step frames and scheduler
+are wired (docs/llm.md, "Status"); tests drive `step()` directly. The intended command:
+
     unimodel run plugins/llm/llama_cpp.py --set model=PATH.gguf [--set served_model_name=NAME]
         [--set kv=slots:16x2048] [--set threads=N] [--set n_batch=512] [--set kv_unified=false]
 

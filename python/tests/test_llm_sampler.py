@@ -39,6 +39,16 @@ def test_greedy_is_argmax_of_every_row() -> None:
     assert len(sampler) == 0  # greedy rows need no generator
 
 
+def test_a_vanishing_temperature_is_greedy_not_an_overflow() -> None:
+    # logits / 1e-30 overflows float32 to inf (and inf - inf is NaN): such a temperature
+    # must give the argmax, not an arbitrary token.
+    sampler = Sampler()
+    x = np.stack([logits_for(i, 0) for i in range(4)])
+    for t in (1e-30, 1e-45, 9e-6):
+        out = sampler.sample_rows(x, list(range(4)), [SamplingParams(temperature=t, seed=1)] * 4)
+        assert [s.token for s in out] == list(x.argmax(axis=1)), t
+
+
 def test_greedy_rows_unaffected_by_sampled_rows_beside_them() -> None:
     sampler = Sampler()
     x = np.stack([logits_for(i, 0) for i in range(6)])

@@ -221,6 +221,8 @@ def _check_slots_seq(s: SeqStep, kv: SlotsKV, slots: set[int]) -> None:
         raise ValueError(
             f"seq {s.seq_id}: copy_from slot {s.copy_from[0]} is outside [0, {kv.num_slots})"
         )
+    if s.copy_from is not None and s.copy_from[0] == s.slot:
+        raise ValueError(f"seq {s.seq_id}: copy_from names its own slot {s.slot}")
 
 
 def _check_paged_seq(s: SeqStep, kv: PagedKV) -> None:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 # OpenAI's `top_logprobs` allows at most 20 alternatives.
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily (as vLLM does): logits / t would overflow float32.
+GREEDY_BELOW = 1e-5
 # Seeds are 64-bit unsigned (OpenAI's `seed` is an int; numpy's PCG64 takes any int >= 0).
 _MAX_SEED = (1 << 64) - 1
 # top-p first looks for its nucleus among this many best tokens (one argpartition), and sorts
@@ -40,7 +42,8 @@ class SamplingParams:
     """How one sequence samples its next token.
 
     Attributes:
-        temperature: 0 = greedy (argmax of the logits); > 0 divides the logits first.
+        temperature: 0 = greedy (argmax of the logits); > 0 divides the logits first. Below
+            1e-5 it is greedy too: dividing float32 logits by less would overflow them.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (0 < top_p <= 1; 1 = off).
         top_k: keep the k most likely tokens (0 = off).
@@ -74,7 +77,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(slots=True)
@@ -158,7 +161,7 @@ class Sampler:
         np.exp(scratch, out=scratch)
         lse = row_max.astype(np.float64) + np.log(scratch.sum(axis=1).astype(np.float64))
 
-        greedy = [p.temperature == 0 for p in params]
+        greedy = [p.greedy for p in params]
         # argmax of every row in one pass (cheaper than selecting the greedy rows first).
         tokens = x.argmax(axis=1) if any(greedy) else np.empty(n, dtype=np.int64)
         for i, is_greedy in enumerate(greedy):

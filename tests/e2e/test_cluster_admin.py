@@ -340,3 +340,44 @@ def test_a_node_that_does_not_answer_is_named_within_the_control_timeout(fleet):
         assert "DEADLINE_EXCEEDED" in str(caught.value.status())
     finally:
         fleet.sigcont_node(1)
+
+
+def test_a_failed_or_unroutable_load_is_answered_at_once_not_at_the_control_timeout(fleet):
+    """A load waits for the table only when every node did it, and only on nodes that can
+    route it: a refused load (a model no node has) and a load on a DRAINING node are
+    answered as soon as the nodes reply, well inside the client's own timeout (the
+    gateway's control timeout here is 10 minutes)."""
+    patient = fleet.start_gateway(
+        "--nats",
+        fleet.nats_url,
+        "--api-key-file",
+        str(fleet.keys_file),
+        "--control-timeout-s",
+        "600",
+        primary=False,
+    )
+    wait_until(lambda: "connected to NATS at" in patient.log_text(), WAIT_S, "gateway on NATS")
+    refused = patient.post(
+        "/v2/repository/models/no_such_model/load", headers=ADMIN, timeout=WAIT_S
+    )
+    message = error_of(refused, 502)
+    assert "node-0" in message and "node-1" in message, message
+
+    drained = patient.post("/v2/cluster/nodes/node-0/drain", headers=ADMIN, timeout=WAIT_S)
+    assert drained.status_code == 200, drained.text
+    fleet.wait_gateway_nodes(1, state="serving")
+    try:
+        loaded = patient.post(
+            f"/v2/repository/models/{MODEL}/load",
+            json={"parameters": {"nodes": "node-0"}},
+            headers=ADMIN,
+            timeout=WAIT_S,
+        )
+        assert loaded.status_code == 200, loaded.text
+        body = loaded.json()
+        assert body["nodes"][0]["ok"] is True and body["routable"] is False, body
+    finally:
+        back = patient.post("/v2/cluster/nodes/node-0/resume", headers=ADMIN, timeout=WAIT_S)
+        assert back.status_code == 200, back.text
+        fleet.wait_gateway_nodes(2, state="serving")
+    unload_everywhere(fleet)

@@ -72,6 +72,12 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(address = %format!("{grpc_at}"), tls = scheme == "https", "grpc listening");
     tracing::info!(address = %format!("{scheme}://{http_at}"), "gateway listening");
     let control = control(&args).await?;
+    if control.is_some() && auth.is_none() {
+        // The control routes need the admin role only when auth is on.
+        tracing::warn!(
+            "--nats without auth: anyone who reaches this gateway can load, unload and drain models on every node; give --api-key-file or --jwt-* to keep control to the admin role"
+        );
+    }
     let settings = GatewaySettings {
         upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
         stale_grace: Duration::from_millis(args.stale_grace_ms),

@@ -26,7 +26,8 @@ pub struct Shards {
 }
 
 impl Shards {
-    /// Starts `n` shard threads named `{name}-{i}`.
+    /// Starts `n` shard threads named `{name}-{i}`. Blocking (it waits for each thread's
+    /// runtime): call it off the async workers, or before the server runs.
     pub fn start(n: usize, name: &str) -> io::Result<Shards> {
         let mut shards = Shards {
             handles: Vec::with_capacity(n),
@@ -34,19 +35,34 @@ impl Shards {
             threads: Vec::with_capacity(n),
         };
         for i in 0..n {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            // Built on its own thread, so that a failure anywhere never drops a runtime
+            // inside the caller's async context (tokio forbids that).
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<Handle>>();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            shards.handles.push(runtime.handle().clone());
-            shards.stops.push(stop_tx);
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(runtime.handle().clone()));
                     // Runs the shard's tasks until told to stop (or the owner is gone).
                     let _ = runtime.block_on(stop_rx);
                 })?;
+            let handle = ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("a shard thread ended before its runtime started"))
+                .and_then(|built| built);
+            shards.stops.push(stop_tx);
             shards.threads.push(thread);
+            shards.handles.push(handle?);
         }
         Ok(shards)
     }

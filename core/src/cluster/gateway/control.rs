@@ -268,13 +268,25 @@ impl Control {
         named: Option<Vec<String>>,
     ) -> Result<serde_json::Value, GatewayError> {
         let started = Instant::now();
-        let targets = plan(request.op, request.model.as_deref(), named, &table.routes())?;
+        let routes = table.routes();
+        let targets = plan(request.op, request.model.as_deref(), named, &routes)?;
         let outcome = self.order(request, targets).await?;
+        let all_ok = outcome.answers.iter().all(NodeAnswer::ok);
         let routable = match (&outcome.request.op, &outcome.request.model) {
-            (Op::Load, Some(model)) => {
-                let nodes: Vec<String> = outcome.succeeded().map(str::to_string).collect();
-                let deadline = started + self.timeout;
-                Some(routable_by(table, model, &nodes, deadline).await)
+            // Only a load that every node did is waited on (a failure is answered at once),
+            // and only on the nodes that can route it: a named DRAINING node never will.
+            (Op::Load, Some(model)) if all_ok => {
+                let nodes: Vec<String> = outcome
+                    .succeeded()
+                    .filter(|n| routes.serving.iter().any(|s| s.name.as_str() == *n))
+                    .map(str::to_string)
+                    .collect();
+                if nodes.is_empty() {
+                    Some(false)
+                } else {
+                    let deadline = started + self.timeout;
+                    Some(routable_by(table, model, &nodes, deadline).await)
+                }
             }
             _ => None,
         };

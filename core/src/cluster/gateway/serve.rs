@@ -144,11 +144,19 @@ pub async fn run(
     }
     // Shards only for plain connections: a TLS stream stays on the runtime of its handshake.
     let threads = if http_handshake.is_some() {
+        if settings.http_threads > 0 {
+            tracing::info!(
+                "REST connections are served on the shared runtime: with TLS, --http-threads does not apply"
+            );
+        }
         0
     } else {
         settings.http_threads
     };
-    let shards = Shards::start(threads, "gateway-http").context("starting the HTTP threads")?;
+    let shards = tokio::task::spawn_blocking(move || Shards::start(threads, "gateway-http"))
+        .await
+        .context("starting the HTTP threads")?
+        .context("starting the HTTP threads")?;
     let placement = if shards.handles().is_empty() {
         Placement::Here(router(gw, settings.auth.clone()))
     } else {

@@ -155,6 +155,10 @@ const V1: &str =
 const BIG_ENDIAN: &str = "a big-endian GGUF file is not supported";
 /// Arrays inside arrays are legal GGUF; nothing real nests deeper than this.
 const MAX_DEPTH: usize = 4;
+/// The longest metadata string read (a chat template or a token is far shorter).
+const MAX_STRING_BYTES: u64 = 64 << 20;
+/// Items reserved up front for an array; more grow the vector as they are read.
+const PREALLOCATE_ITEMS: u64 = 4096;
 
 /// Parse a GGUF header and metadata from `reader`, which holds `len` bytes in all.
 pub fn parse(reader: impl Read, len: u64) -> Result<Metadata, Problem> {
@@ -255,6 +259,13 @@ impl<R: Read> Cursor<R> {
     fn string(&mut self, what: &str) -> Result<String, Problem> {
         let n = self.u64(what)?;
         self.fits(n, 1, what)?;
+        // The file's length bounds `n`, but a model file is gigabytes of tensors: a corrupt
+        // length must not become a multi-gigabyte allocation.
+        if n > MAX_STRING_BYTES {
+            return Err(Problem::Bad(format!(
+                "{what} claims {n} bytes; metadata strings are at most {MAX_STRING_BYTES}"
+            )));
+        }
         let mut buf = vec![0u8; n as usize];
         self.fill(&mut buf, what)?;
         String::from_utf8(buf).map_err(|e| Problem::Bad(format!("{what} is not UTF-8: {e}")))
@@ -309,7 +320,9 @@ impl<R: Read> Cursor<R> {
             _ => 1,
         };
         self.fits(count, min_size, &format!("the {count} items of `{key}`"))?;
-        let mut items = Vec::with_capacity(count as usize);
+        // Grown as items are read, not reserved from the claimed count: the bytes left
+        // include the tensors, so a corrupt count could still reserve gigabytes.
+        let mut items = Vec::with_capacity(count.min(PREALLOCATE_ITEMS) as usize);
         for _ in 0..count {
             items.push(self.value(item_type, key, depth + 1)?);
         }

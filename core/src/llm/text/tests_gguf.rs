@@ -194,3 +194,37 @@ fn the_text_types_can_be_shared_across_threads() {
     shared::<super::ChatTemplate>();
     shared::<super::TextStream>();
 }
+
+/// A header with one key whose value starts with `value` (its type and what follows).
+fn one_entry(value: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    b.extend(3u64.to_le_bytes());
+    b.extend(b"key");
+    b.extend(value);
+    b
+}
+
+#[test]
+fn huge_claimed_lengths_in_a_big_file_are_errors_not_huge_allocations() {
+    // The file claims 16 GiB (a model's tensors follow the metadata), so the counts below
+    // fit the bytes left; reserving them would still ask for tens of gigabytes.
+    let claimed = 16u64 << 30;
+    let mut array = 9u32.to_le_bytes().to_vec();
+    array.extend(4u32.to_le_bytes()); // u32 items
+    array.extend((1u64 << 31).to_le_bytes());
+    let bytes = one_entry(&array);
+    match parse(&bytes[..], claimed) {
+        Err(Problem::Bad(what)) => assert!(what.starts_with("truncated:"), "{what}"),
+        other => panic!("expected a truncation error, got {other:?}"),
+    }
+    let mut string = 8u32.to_le_bytes().to_vec();
+    string.extend((1u64 << 32).to_le_bytes());
+    let bytes = one_entry(&string);
+    match parse(&bytes[..], claimed) {
+        Err(Problem::Bad(what)) => assert!(what.contains("metadata strings are at most"), "{what}"),
+        other => panic!("expected a length error, got {other:?}"),
+    }
+}
