@@ -25,6 +25,7 @@ pub(super) struct NodeRef {
 }
 
 /// A cache node: a full block of computed tokens, findable by its chained hash.
+#[derive(Clone)]
 struct Cached {
     hash: u64,
     parent: Option<NodeRef>,
@@ -38,6 +39,7 @@ pub(super) struct Hit {
     pub node: NodeRef,
 }
 
+#[derive(Clone)]
 pub(super) struct BlockPool {
     block_size: usize,
     refs: Vec<u32>,

@@ -10,12 +10,14 @@ use super::{Counters, FinishReason, KvConfig, SchedConfig, SchedError, SeqReques
 use std::collections::{HashMap, VecDeque};
 
 /// The model's KV cache as the scheduler sees it.
+#[derive(Clone)]
 pub(super) enum Kv {
     Paged(BlockPool),
     Slots(SlotPool),
 }
 
 /// One fed chunk of the step in flight.
+#[derive(Clone)]
 pub(super) struct Fed {
     pub seq_id: u64,
     pub tokens: usize,
@@ -23,6 +25,8 @@ pub(super) struct Fed {
 }
 
 /// Continuous batching as plain data: see the module doc for the loop that drives it.
+/// Cloning copies the whole state (benchmarks start each iteration from one).
+#[derive(Clone)]
 pub struct Policy {
     pub(super) config: SchedConfig,
     pub(super) kv: Kv,

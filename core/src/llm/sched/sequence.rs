@@ -3,6 +3,7 @@
 
 use super::blocks::{BlockId, Hit};
 
+#[derive(Clone)]
 pub(super) struct Sequence {
     pub id: u64,
     /// Order of arrival: the latest-arrived running sequence is preempted first.

@@ -4,6 +4,7 @@
 
 use super::SLOTS_PREFIX_BLOCK;
 
+#[derive(Clone)]
 pub(super) struct SlotPool {
     total: usize,
     /// Free slots, the lowest id on top.
