@@ -3,19 +3,21 @@
 //! as a copy of cells from a slot that holds them.
 
 use super::SLOTS_PREFIX_BLOCK;
+use std::collections::BTreeSet;
 
 #[derive(Clone)]
 pub(super) struct SlotPool {
     total: usize,
-    /// Free slots, the lowest id on top.
-    free: Vec<u32>,
+    /// Free slots. The lowest is handed out first, so running slots stay dense: llama.cpp
+    /// decodes one micro-batch per run of consecutive slot ids (plugins/llm/llama_cpp.py).
+    free: BTreeSet<u32>,
 }
 
 impl SlotPool {
     pub fn new(num_slots: usize) -> SlotPool {
         SlotPool {
             total: num_slots,
-            free: (0..num_slots as u32).rev().collect(),
+            free: (0..num_slots as u32).collect(),
         }
     }
 
@@ -28,11 +30,11 @@ impl SlotPool {
     }
 
     pub fn allocate(&mut self) -> Option<u32> {
-        self.free.pop()
+        self.free.pop_first()
     }
 
     pub fn free(&mut self, slot: u32) {
-        self.free.push(slot);
+        self.free.insert(slot);
     }
 
     pub fn is_free(&self, slot: u32) -> bool {
@@ -57,6 +59,20 @@ pub(super) fn shared_prefix(tokens: &[u32], source: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lowest_free_slot_goes_first() {
+        let mut pool = SlotPool::new(4);
+        let taken: Vec<u32> = (0..3).filter_map(|_| pool.allocate()).collect();
+        assert_eq!(taken, [0, 1, 2]);
+        pool.free(2);
+        pool.free(0);
+        assert_eq!(
+            (pool.allocate(), pool.allocate(), pool.allocate()),
+            (Some(0), Some(2), Some(3))
+        );
+        assert_eq!(pool.allocate(), None);
+    }
 
     #[test]
     fn the_shared_prefix_is_whole_blocks_and_leaves_a_token_to_feed() {
