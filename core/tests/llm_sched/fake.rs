@@ -411,6 +411,12 @@ impl Harness {
             );
             self.step(None);
         }
+        self.release_all();
+    }
+
+    /// Releases the finished sequences slots KV keeps as prefix sources, with one more plan.
+    pub fn release_all(&mut self) {
+        self.policy.release_retained();
         let plan = self.step(None);
         assert!(plan.seqs.is_empty());
     }

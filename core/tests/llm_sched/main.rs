@@ -97,7 +97,7 @@ fn random_run(seed: u64) -> Harness {
             (!live.is_empty() && rng.chance(3)).then(|| live[rng.range(0, live.len() - 1)]);
         h.step(in_flight);
     }
-    h.step(None);
+    h.release_all();
     h.check_end();
     h
 }
@@ -202,6 +202,48 @@ fn shared_prefixes_are_copied_between_slots() {
         7 * 32,
         "two whole blocks of 16 of the 40-token prefix each"
     );
+}
+
+/// Slots KV, one request at a time: each copies the shared prefix from the slot the last
+/// finished sequence left behind (released on the worker only when its slot is reused).
+fn one_at_a_time_in_slots(num_slots: usize, prompts: &[Vec<u32>]) -> (u64, Vec<Vec<u64>>) {
+    let kv = KvConfig::Slots {
+        num_slots,
+        slot_tokens: 128,
+    };
+    let mut h = Harness::new(config(kv, 4096, 4, true));
+    let mut releases = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        h.add(request(i as u64, p.clone(), 8)).unwrap();
+        while !h.policy.is_idle() {
+            let plan = h.step(None);
+            releases.extend((!plan.release.is_empty()).then_some(plan.release));
+        }
+    }
+    h.release_all();
+    h.check_end();
+    (h.policy.counters().prefix_hit_tokens, releases)
+}
+
+#[test]
+fn finished_slots_stay_prefix_sources_until_their_slot_is_needed() {
+    let mut rng = Rng(13);
+    let prompts = shared_prompts(&mut rng, 40, 5);
+    // Each prompt matches its predecessor's first 32 tokens (two blocks of 16).
+    let hits: usize = (1..5)
+        .map(|i| matched_tokens(&prompts[i - 1], &prompts[i], 16))
+        .sum();
+    assert_eq!(hits, 4 * 32);
+    let (hit, releases) = one_at_a_time_in_slots(2, &prompts);
+    assert_eq!(hit, hits as u64);
+    // Sequence 1 copies from slot 0 (sequence 0) into the empty slot 1. Later ones find the
+    // same 32 tokens in both slots, copy from the lower (slot 0, still sequence 0's) and
+    // reuse slot 1, releasing the sequence that held it.
+    assert_eq!(releases, vec![vec![1], vec![2], vec![3]]);
+    // One slot: the source is the only slot, so it is reused without a copy.
+    let (hit, releases) = one_at_a_time_in_slots(1, &prompts);
+    assert_eq!(hit, 0);
+    assert_eq!(releases, vec![vec![0], vec![1], vec![2], vec![3]]);
 }
 
 #[test]

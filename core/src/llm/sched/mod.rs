@@ -11,7 +11,9 @@
 //!    appends them and says which sequences finished (EOS / stop ids, `max_tokens`, the
 //!    model's length);
 //! 4. `finish` (a stop string the text layer matched) and `cancel` (client gone) between
-//!    steps; their sequences are released with the next plan.
+//!    steps; their sequences are released with the next plan (slots KV keeps a finished
+//!    sequence's cells as a prefix source and releases it when its slot is reused, or on
+//!    `release_retained`).
 //!
 //! Files: `config` (limits, KV kind), `request` (what a sequence asks for, why it ends),
 //! `plan` (a step and the counters), `policy` (the state, admission, finishing), `schedule`

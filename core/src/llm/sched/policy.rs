@@ -6,7 +6,9 @@
 use super::blocks::BlockPool;
 use super::sequence::Sequence;
 use super::slots::SlotPool;
-use super::{Counters, FinishReason, KvConfig, SchedConfig, SchedError, SeqRequest};
+use super::{
+    Counters, FinishReason, KvConfig, SLOTS_PREFIX_BLOCK, SchedConfig, SchedError, SeqRequest,
+};
 use std::collections::{HashMap, VecDeque};
 
 /// The model's KV cache as the scheduler sees it.
@@ -175,13 +177,30 @@ impl Policy {
         let Some(mut seq) = self.seqs.remove(&seq_id) else {
             return false;
         };
-        self.free_kv(&mut seq);
         self.running.retain(|&id| id != seq_id);
         self.waiting.retain(|&id| id != seq_id);
+        let retain = self.config.prefix_caching && seq.computed >= SLOTS_PREFIX_BLOCK;
+        match (&mut self.kv, seq.slot) {
+            // Slots KV: a finished sequence's cells stay a prefix source until its slot is
+            // needed; it is released on the worker then (or by `release_retained`).
+            (Kv::Slots(pool), Some(slot)) if retain && seq.on_worker => {
+                pool.retain(slot, seq_id, seq.tokens[..seq.computed].to_vec());
+                return true;
+            }
+            _ => self.free_kv(&mut seq),
+        }
         if seq.on_worker {
             self.release.push(seq_id);
         }
         true
+    }
+
+    /// Slots KV: releases every finished sequence whose slot was kept as a prefix source
+    /// (with the next plan), e.g. before the model drains or unloads.
+    pub fn release_retained(&mut self) {
+        if let Kv::Slots(pool) = &mut self.kv {
+            self.release.extend(pool.release_retained());
+        }
     }
 
     /// Returns the sequence's KV to the pool (tail blocks first, so they are evicted first).

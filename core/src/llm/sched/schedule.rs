@@ -27,6 +27,9 @@ impl Policy {
             return Err(SchedError::StepInFlight);
         }
         self.plans += 1;
+        if let Kv::Slots(pool) = &mut self.kv {
+            pool.unpin_all();
+        }
         let mut step = Step {
             plan: StepPlan {
                 release: std::mem::take(&mut self.release),
@@ -38,6 +41,8 @@ impl Policy {
         self.schedule_decodes(&mut step);
         self.schedule_prefills(&mut step);
         self.admit_waiting(&mut step);
+        // Retained slots reused by this plan: released before the step feeds them.
+        step.plan.release.append(&mut self.release);
         if !step.fed.is_empty() {
             self.in_flight = Some(step.fed);
         }
@@ -119,7 +124,7 @@ impl Policy {
     fn admit(&mut self, id: u64, budget: usize) -> Option<usize> {
         let caching = self.config.prefix_caching;
         let plans = self.plans;
-        let source = match &self.kv {
+        let mut source = match &self.kv {
             Kv::Slots(_) if caching => self.copy_source(id),
             _ => None,
         };
@@ -155,7 +160,19 @@ impl Policy {
                 Some(chunk)
             }
             Kv::Slots(pool) => {
-                let slot = pool.allocate()?;
+                let pinned = source.is_some_and(|(src, _)| pool.pin(src));
+                let (slot, evicted) = match (pool.allocate(), source) {
+                    (Some(got), _) => got,
+                    // The only slot left is the retained source itself: reuse it, no copy
+                    // (unless an earlier admission of this plan copies from it).
+                    (None, Some((src, _))) if pinned => {
+                        pool.unpin(src);
+                        source = None;
+                        pool.allocate()?
+                    }
+                    (None, _) => return None,
+                };
+                self.release.extend(evicted);
                 seq.slot = Some(slot);
                 if let Some((src, cells)) = source {
                     seq.copy_from = Some((src, cells));
@@ -171,15 +188,23 @@ impl Policy {
         }
     }
 
-    /// Slots KV: the running sequence whose slot holds the longest shared prefix of `id`'s
-    /// tokens (cells of completed steps only, so none admitted in this plan).
+    /// Slots KV: the slot holding the longest shared prefix of `id`'s tokens: a running
+    /// sequence's (cells of completed steps only, so none admitted in this plan) or a
+    /// retained finished one's. A tie goes to the lowest slot.
     fn copy_source(&self, id: u64) -> Option<(u32, usize)> {
+        let Kv::Slots(pool) = &self.kv else {
+            return None;
+        };
         let tokens = &self.seqs.get(&id)?.tokens;
-        self.running
+        let running = self
+            .running
             .iter()
             .filter_map(|r| self.seqs.get(r))
             .filter(|s| s.admitted < self.plans)
-            .filter_map(|s| Some((s.slot?, shared_prefix(tokens, &s.tokens[..s.computed]))))
+            .filter_map(|s| Some((s.slot?, &s.tokens[..s.computed])));
+        running
+            .chain(pool.sources())
+            .map(|(slot, cells)| (slot, shared_prefix(tokens, cells)))
             .filter(|&(_, cells)| cells > 0)
             .max_by_key(|&(slot, cells)| (cells, std::cmp::Reverse(slot)))
     }
