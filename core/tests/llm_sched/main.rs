@@ -6,7 +6,7 @@
 mod fake;
 
 use fake::{EOS, Harness, Rng, solo};
-use unimodel::llm::sched::{FinishReason, KvConfig, SchedConfig, SchedError, SeqRequest};
+use unimodel::llm::sched::{FinishReason, KvConfig, Policy, SchedConfig, SchedError, SeqRequest};
 
 fn paged(num_blocks: usize, block_size: usize) -> KvConfig {
     KvConfig::Paged {
@@ -45,8 +45,9 @@ fn random_run(seed: u64) -> Harness {
     } else {
         paged(rng.range(1, 48), [1, 2, 4, 16][rng.range(0, 3)])
     };
-    let budget = rng.range(1, 48);
-    let mut h = Harness::new(config(kv, budget, rng.range(1, 8), rng.chance(70)));
+    let max_num_seqs = rng.range(1, 8);
+    let budget = rng.range(max_num_seqs, 48);
+    let mut h = Harness::new(config(kv, budget, max_num_seqs, rng.chance(70)));
     let prefixes: Vec<Vec<u32>> = (0..3)
         .map(|_| {
             let n = rng.range(0, 48);
@@ -372,6 +373,25 @@ fn requests_that_can_never_fit_are_refused_with_the_limit() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn a_budget_below_max_num_seqs_is_refused() {
+    let err = Policy::new(config(paged(4, 4), 3, 4, true)).err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some(
+            "invalid scheduler setting `max_num_batched_tokens`: 3 (expected at least max_num_seqs, so every running sequence decodes each step)"
+        )
+    );
+    let err = Policy::new(config(paged(0, 4), 8, 4, true)).err();
+    assert!(matches!(
+        err,
+        Some(SchedError::Config {
+            name: "num_blocks",
+            ..
+        })
+    ));
 }
 
 #[test]

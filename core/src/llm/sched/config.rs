@@ -36,7 +36,8 @@ pub enum KvConfig {
 }
 
 impl SchedConfig {
-    /// Every limit must be at least 1; ids must fit the contract's int32 block tables.
+    /// Every limit must be at least 1, the token budget at least `max_num_seqs`; ids must fit
+    /// the contract's int32 block tables.
     pub fn validate(&self) -> Result<(), SchedError> {
         let positive = [
             ("max_num_batched_tokens", self.max_num_batched_tokens),
@@ -61,6 +62,15 @@ impl SchedConfig {
                     expected: "at least 1",
                 });
             }
+        }
+        // Fewer tokens than sequences per step would leave the latest-arrived running
+        // sequences without a decode token step after step.
+        if self.max_num_batched_tokens < self.max_num_seqs {
+            return Err(SchedError::Config {
+                name: "max_num_batched_tokens",
+                value: self.max_num_batched_tokens,
+                expected: "at least max_num_seqs, so every running sequence decodes each step",
+            });
         }
         let ids = match self.kv {
             KvConfig::Paged { num_blocks, .. } => ("num_blocks", num_blocks),
