@@ -67,8 +67,8 @@ pub struct StepOutcome {
 pub struct Counters {
     pub running: usize,
     pub waiting: usize,
-    /// KV in use: blocks (paged) or slots (slots KV). Cached blocks no sequence holds count
-    /// as free: they are evicted when needed.
+    /// KV in use: blocks (paged) or slots (slots KV). Cached blocks no sequence holds, and
+    /// slots retained as prefix sources, count as free: they are reused when needed.
     pub kv_used: usize,
     pub kv_total: usize,
     /// Sequences preempted (their KV freed, to be recomputed), since the start.
