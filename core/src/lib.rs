@@ -14,6 +14,7 @@
 //! - `llm`: LLM serving: text (tokenizers, chat templates, detokenization, stops).
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
+//! - `llm`: LLM serving: the continuous-batching scheduler's policy and KV bookkeeping.
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
 //! - `echo`: bounded echoes of client-supplied values in error messages.
 //! - `tensor`: tensor types, the BYTES codec, where bytes live (`Storage`, client segments).
@@ -29,6 +30,7 @@
 //! worker -> tensor, telemetry
 //! engine -> worker, tensor, telemetry, echo
 //! regions -> worker, tensor;  repository -> engine, echo
+//! llm -> tensor, engine, telemetry
 //! api -> engine, repository, regions, auth, tls, net, telemetry, tensor, proto, echo
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)

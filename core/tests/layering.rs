@@ -21,6 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("worker", &["tensor", "telemetry"]),
     ("engine", &["worker", "tensor", "telemetry", "echo"]),
     ("regions", &["worker", "tensor"]),
+    ("llm", &["tensor", "engine", "telemetry"]),
     ("repository", &["engine", "tensor", "telemetry", "echo"]),
     (
         "api",
