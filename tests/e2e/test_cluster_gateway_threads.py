@@ -3,8 +3,9 @@ thread with its own runtime and node connection pool (docs/cluster.md, "Threads"
 
 Checked against one real node in a real etcd: the gateway runs exactly the threads asked
 for (its /proc task names), and with several threads or none, many clients on their own
-keep-alive connections all get their own answers; SIGTERM stops accepting at once while a
-request held on a thread's connection still gets its answer (the calls in flight finish).
+keep-alive connections all get their own answers, every thread serving some of them;
+SIGTERM stops accepting at once while a request held on a thread's connection still gets
+its answer (the calls in flight finish).
 """
 
 from __future__ import annotations
@@ -51,12 +52,21 @@ def fleet(tmp_path_factory, gate_dir):
         etcd.stop()
 
 
-def thread_names(pid: int) -> list[str]:
-    return [
-        (task / "comm").read_text().strip()
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        if (task / "comm").exists()
-    ]
+def shard_threads(pid: int) -> dict[str, int]:
+    """The gateway's HTTP shard threads: name -> how often each has slept (voluntary context
+    switches; a thread serving a connection sleeps at least once per request, waiting for
+    the node's answer)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        if name.startswith("gateway-http-"):
+            line = next(x for x in status.splitlines() if x.startswith("voluntary_ctxt_switches"))
+            found[name] = int(line.split()[1])
+    return found
 
 
 def doubled(session: requests.Session, url: str, value: float) -> None:
@@ -78,8 +88,8 @@ def routable(url: str) -> bool:
 def test_clients_on_their_own_connections_get_their_own_answers(fleet, threads):
     gw = fleet.start_gateway("--http-threads", str(threads), primary=False)
     wait_until(lambda: routable(gw.base_url), WAIT_S, "the gateway routes doubler")
-    names = thread_names(gw.proc.pid)
-    assert sum(n.startswith("gateway-http-") for n in names) == threads, names
+    before = shard_threads(gw.proc.pid)
+    assert len(before) == threads, before
 
     def client(k: int) -> int:
         with requests.Session() as s:  # one keep-alive connection per client
@@ -89,6 +99,11 @@ def test_clients_on_their_own_connections_get_their_own_answers(fleet, threads):
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         assert sum(pool.map(client, range(CLIENTS))) == CLIENTS * REQUESTS_EACH
+    # Connections go to the threads in turn: every thread served some of the 12 (at least
+    # one connection of REQUESTS_EACH requests, each waited for on that thread).
+    after = shard_threads(gw.proc.pid)
+    for name, slept in after.items():
+        assert slept - before[name] >= REQUESTS_EACH, (name, before, after)
     gw.stop()
 
 
