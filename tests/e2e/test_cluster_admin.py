@@ -357,6 +357,17 @@ def test_a_failed_or_unroutable_load_is_answered_at_once_not_at_the_control_time
         primary=False,
     )
     wait_until(lambda: "connected to NATS at" in patient.log_text(), WAIT_S, "gateway on NATS")
+    # Both nodes serving, whatever earlier tests left (an order to a stopped node runs when
+    # it wakes).
+    for node in ("node-0", "node-1"):
+        back = patient.post(f"/v2/cluster/nodes/{node}/resume", headers=ADMIN, timeout=WAIT_S)
+        assert back.status_code == 200, back.text
+    fleet.wait_gateway_nodes(2, state="serving")
+    wait_until(
+        lambda: patient.get("/metrics").text.count('unimodel_gateway_nodes{state="serving"} 2'),
+        WAIT_S,
+        "the new gateway sees both nodes serving",
+    )
     refused = patient.post(
         "/v2/repository/models/no_such_model/load", headers=ADMIN, timeout=WAIT_S
     )
