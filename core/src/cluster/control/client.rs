@@ -46,15 +46,7 @@ impl ControlClient {
                     }
                 }
             });
-        let client = options
-            .connect(addr)
-            .await
-            .map_err(|e| ControlError::Nats(super::connect::connect_error(&shown, &e)))?;
-        Ok(ControlClient {
-            client,
-            refusals,
-            shown,
-        })
+        ControlClient::open(options, addr, shown, refusals).await
     }
 
     /// Connects in the background (`unimodel gateway`): NATS down at start or later is
@@ -83,6 +75,16 @@ impl ControlClient {
                     super::connect::log_event(&shown, who, event);
                 }
             });
+        ControlClient::open(options, addr, shown, refusals).await
+    }
+
+    /// Connects with `options` (each caller's retry policy and event callback).
+    async fn open(
+        options: async_nats::ConnectOptions,
+        addr: async_nats::ServerAddr,
+        shown: String,
+        refusals: broadcast::Sender<String>,
+    ) -> Result<ControlClient, ControlError> {
         let client = options
             .connect(addr)
             .await
