@@ -82,12 +82,7 @@ impl Policy {
         all.sort_by_key(|id| self.seqs.get(id).map_or(u64::MAX, |s| s.arrival));
         self.waiting.extend(all);
         for seq in self.seqs.values_mut() {
-            seq.blocks.clear();
-            seq.chain.clear();
-            seq.chain_broken = false;
-            seq.slot = None;
-            seq.copy_from = None;
-            seq.computed = 0;
+            seq.forget_kv();
             seq.on_worker = false;
         }
     }

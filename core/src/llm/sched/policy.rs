@@ -217,11 +217,6 @@ impl Policy {
                 }
             }
         }
-        seq.blocks.clear();
-        seq.chain.clear();
-        seq.chain_broken = false;
-        seq.slot = None;
-        seq.copy_from = None;
-        seq.computed = 0;
+        seq.forget_kv();
     }
 }

@@ -35,6 +35,17 @@ pub(super) struct Sequence {
 }
 
 impl Sequence {
+    /// Forgets every KV place the sequence held (its pool entries are freed by the caller):
+    /// from here its tokens are computed again from position 0.
+    pub(super) fn forget_kv(&mut self) {
+        self.blocks.clear();
+        self.chain.clear();
+        self.chain_broken = false;
+        self.slot = None;
+        self.copy_from = None;
+        self.computed = 0;
+    }
+
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
