@@ -60,11 +60,16 @@ pub fn decode(
         }
     };
     let mut timeout = None;
+    let mut parameters = crate::engine::Parameters::new();
     let mut inputs = Vec::with_capacity(fields.len());
     for (name, value) in fields {
         if name == "parameters" {
             let value: Value = serde_json::from_str(value.get()).map_err(bad)?;
             timeout = parameters_timeout(&value)?;
+            if let Value::Object(mut map) = value {
+                map.remove("timeout");
+                parameters = map;
+            }
             continue;
         }
         let spec = config
@@ -91,6 +96,7 @@ pub fn decode(
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
         output_targets: Vec::new(),
+        parameters,
     })
 }
 

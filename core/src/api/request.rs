@@ -172,6 +172,7 @@ pub fn decode(
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
         output_targets: plan.shm.iter().map(|s| s.target.clone()).collect(),
+        parameters: Default::default(),
     };
     Ok(DecodedRequest { request, plan })
 }

@@ -60,6 +60,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
         timeout: None,
         trace: None,
         output_targets: Vec::new(),
+        parameters: Default::default(),
     };
     // One line per response: exactly one for an ordinary model, one per `yield` for a
     // generator, printed as it arrives.

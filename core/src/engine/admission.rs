@@ -97,6 +97,7 @@ impl Engine {
             },
             // A generator's responses may already have reached its client: never retried.
             retried: config.streaming,
+            parameters: req.parameters,
         };
         // A scheduler that stopped while the model is not shutting down has failed (its
         // task panicked): say why, not "shutting down".

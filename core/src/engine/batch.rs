@@ -258,6 +258,7 @@ mod tests {
             place: None,
             retried: false,
             origin: Default::default(),
+            parameters: Default::default(),
             targets: Vec::new(),
         };
         (p, rx)

@@ -2,9 +2,11 @@
 //! with an in-process executor and the worker layer stays behind one seam. No method has a
 //! default body, so an executor states every behaviour it has.
 
+use crate::llm::decl::LlmDecl;
 use crate::worker::WorkStream;
 use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
 use futures::future::BoxFuture;
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// One model instance that executes formed batches.
@@ -23,6 +25,9 @@ pub trait Executor: Send + Sync + 'static {
     fn state(&self) -> watch::Receiver<InstanceState>;
     /// Finishes in-flight work and stops the instance.
     fn shutdown(&self) -> BoxFuture<'static, ()>;
+    /// What the instance's `um.LLM` plugin declared in its last `ready` (`None` for an
+    /// `um.Model`, or before the first `ready`).
+    fn llm(&self) -> Option<Arc<LlmDecl>>;
 }
 
 /// The real executor: a supervised Python worker.
@@ -48,5 +53,10 @@ impl Executor for crate::worker::InstanceHandle {
     fn shutdown(&self) -> BoxFuture<'static, ()> {
         let handle = self.clone();
         Box::pin(async move { handle.shutdown().await })
+    }
+
+    fn llm(&self) -> Option<Arc<LlmDecl>> {
+        // Issue 11 wiring: the worker's `ready.llm` is not read yet.
+        None
     }
 }

@@ -70,7 +70,15 @@ pub struct InferRequest {
     /// batch of its own, the worker writes them there directly (no copy through the core);
     /// otherwise they come back as usual and the `api` layer copies them in.
     pub output_targets: Vec<OutputTarget>,
+    /// The request's KServe `parameters` (REST `parameters`, gRPC `InferParameter`s, the
+    /// generate extension's `parameters`) that no layer above consumed; an LLM model's
+    /// scheduler reads its sampling settings here (docs/llm.md "Requests").
+    pub parameters: Parameters,
 }
+
+/// Request parameters as JSON values (KServe's bool / int64 / double / string, and the
+/// generate extension's arbitrary JSON).
+pub type Parameters = serde_json::Map<String, serde_json::Value>;
 
 /// The answer to an `InferRequest`.
 #[derive(Clone, Debug)]

@@ -78,6 +78,10 @@ impl Executor for GatedExec {
         self.state.send_replace(InstanceState::Stopped);
         Box::pin(async {})
     }
+
+    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+        None
+    }
 }
 
 fn setup() -> (Engine, Arc<GatedExec>) {
@@ -138,6 +142,7 @@ fn request(v: f32) -> InferRequest {
         timeout: None,
         trace: None,
         output_targets: Vec::new(),
+        parameters: Default::default(),
     }
 }
 

@@ -191,6 +191,7 @@ mod tests {
             place: None,
             retried: false,
             origin: Default::default(),
+            parameters: Default::default(),
             targets: Vec::new(),
         };
         (p, rx)

@@ -63,6 +63,9 @@ pub struct Admitted {
     /// Already queued again after a worker crash (`retry_on_worker_failure`), or never to
     /// be (a generator's responses may already have reached its client): a crash fails it.
     pub retried: bool,
+    /// The request's parameters (`InferRequest::parameters`): an LLM scheduler's sampling
+    /// settings; the batcher ignores them.
+    pub parameters: super::Parameters,
 }
 
 impl Admitted {

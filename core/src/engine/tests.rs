@@ -127,6 +127,10 @@ impl Executor for FakeExec {
         self.state.send_replace(InstanceState::Stopped);
         Box::pin(async {})
     }
+
+    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+        None
+    }
 }
 
 fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
@@ -200,6 +204,7 @@ fn request(values: &[f32]) -> InferRequest {
         timeout: None,
         trace: None,
         output_targets: Vec::new(),
+        parameters: Default::default(),
     }
 }
 
@@ -779,6 +784,10 @@ impl Executor for FakeGen {
     fn shutdown(&self) -> BoxFuture<'static, ()> {
         self.state.send_replace(InstanceState::Stopped);
         Box::pin(async {})
+    }
+
+    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+        None
     }
 }
 

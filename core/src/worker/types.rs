@@ -46,6 +46,10 @@ pub struct ModelDecl {
     /// Requests one worker runs at once (`async def predict`, or a thread pool).
     #[serde(default = "one")]
     pub concurrency: u32,
+    /// The class is an `um.LLM`: served by the continuous-batching scheduler; its
+    /// declaration comes with each instance's `ready` (docs/llm.md).
+    #[serde(default)]
+    pub llm: bool,
 }
 
 fn one() -> u32 {

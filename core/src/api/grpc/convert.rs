@@ -75,6 +75,7 @@ pub fn decode(
         },
         trace: None,
         output_targets,
+        parameters: Default::default(),
     };
     Ok((request, shm))
 }
