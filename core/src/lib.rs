@@ -11,10 +11,10 @@
 //! - `tls`: TLS for the listeners (rustls with ring) and the bench's client side.
 //! - `net`: accepting connections under `--max-connections` (shared by every listener).
 //! - `cluster`: etcd registration, NATS control and the gateway (`docs/cluster.md`).
-//! - `llm`: LLM serving: text (tokenizers, chat templates, detokenization, stops).
+//! - `llm`: LLM serving: text (tokenizers, chat templates, detokenization, stops) and the
+//!   continuous-batching scheduler's policy and KV bookkeeping, as plain data.
 //! - `cli`: the `unimodel` commands (`run`, `serve`, `predict`, `bench`).
 //! - `bench`: `unimodel bench`, the load generator (an HTTP client of any KServe V2 server).
-//! - `llm`: LLM serving: the continuous-batching scheduler's policy and KV bookkeeping.
 //! - `heap`: the binary's global allocator (mimalloc), with optional live-heap accounting.
 //! - `echo`: bounded echoes of client-supplied values in error messages.
 //! - `tensor`: tensor types, the BYTES codec, where bytes live (`Storage`, client segments).
@@ -28,14 +28,13 @@
 //! auth -> telemetry, echo
 //! telemetry -> heap;  net -> telemetry;  tls -> telemetry, net
 //! worker -> tensor, telemetry
-//! engine -> worker, tensor, telemetry, echo
+//! llm -> tensor, worker, telemetry
+//! engine -> worker, llm, tensor, telemetry, echo   (its LLM scheduler drives `llm`)
 //! regions -> worker, tensor;  repository -> engine, echo
-//! llm -> tensor, engine, telemetry
 //! api -> engine, repository, regions, auth, tls, net, telemetry, tensor, proto, echo
 //!        (REST and gRPC inside it are siblings: neither names the other)
 //! bench -> tensor, proto, tls        (a client: it knows no server module)
 //! cluster -> api, engine, repository, auth, tls, net, telemetry, tensor, proto, echo
-//! llm -> tensor, engine, telemetry
 //! cli -> everything (the commands wire the layers together)
 //! ```
 

@@ -19,9 +19,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("net", &["telemetry"]),
     ("tls", &["telemetry", "net"]),
     ("worker", &["tensor", "telemetry"]),
-    ("engine", &["worker", "tensor", "telemetry", "echo"]),
+    // The continuous-batching scheduler (an engine scheduler) drives `llm`'s policy and text.
+    ("llm", &["tensor", "worker", "telemetry"]),
+    ("engine", &["worker", "llm", "tensor", "telemetry", "echo"]),
     ("regions", &["worker", "tensor"]),
-    ("llm", &["tensor", "engine", "telemetry"]),
     ("repository", &["engine", "tensor", "telemetry", "echo"]),
     (
         "api",
@@ -39,7 +40,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("bench", &["tensor", "proto", "tls"]),
-    ("llm", &["tensor", "engine", "telemetry"]),
     (
         "cluster",
         &[

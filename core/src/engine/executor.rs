@@ -2,8 +2,8 @@
 //! with an in-process executor and the worker layer stays behind one seam. No method has a
 //! default body, so an executor states every behaviour it has.
 
-use crate::llm::decl::LlmDecl;
 use crate::worker::WorkStream;
+use crate::worker::llm_decl::LlmDecl;
 use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
 use futures::future::BoxFuture;
 use std::sync::Arc;

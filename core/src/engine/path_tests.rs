@@ -79,7 +79,7 @@ impl Executor for GatedExec {
         Box::pin(async {})
     }
 
-    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+    fn llm(&self) -> Option<std::sync::Arc<crate::worker::llm_decl::LlmDecl>> {
         None
     }
 }

@@ -128,7 +128,7 @@ impl Executor for FakeExec {
         Box::pin(async {})
     }
 
-    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+    fn llm(&self) -> Option<std::sync::Arc<crate::worker::llm_decl::LlmDecl>> {
         None
     }
 }
@@ -786,7 +786,7 @@ impl Executor for FakeGen {
         Box::pin(async {})
     }
 
-    fn llm(&self) -> Option<std::sync::Arc<crate::llm::decl::LlmDecl>> {
+    fn llm(&self) -> Option<std::sync::Arc<crate::worker::llm_decl::LlmDecl>> {
         None
     }
 }

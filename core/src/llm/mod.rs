@@ -3,9 +3,7 @@
 //!
 //! - `text`: tokenizers, chat templates, incremental detokenization, stop handling and
 //!   usage — what the scheduler and the `/v1` routes call;
-//! - `decl`: what an `um.LLM` plugin declares to the core (`ready.llm`);
 //! - `sched`: the continuous-batching scheduler's policy and KV bookkeeping, as plain data.
 
-pub mod decl;
 pub mod sched;
 pub mod text;

@@ -24,6 +24,7 @@ pub use crate::tensor::client_shm;
 pub mod codec;
 mod handle;
 mod inspect;
+pub mod llm_decl;
 pub mod orphans;
 mod pipeline;
 pub mod process;

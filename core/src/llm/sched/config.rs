@@ -86,3 +86,25 @@ impl SchedConfig {
         Ok(())
     }
 }
+
+impl From<crate::worker::llm_decl::KvDecl> for KvConfig {
+    fn from(kv: crate::worker::llm_decl::KvDecl) -> KvConfig {
+        use crate::worker::llm_decl::KvDecl;
+        match kv {
+            KvDecl::Paged {
+                num_blocks,
+                block_size,
+            } => KvConfig::Paged {
+                num_blocks,
+                block_size,
+            },
+            KvDecl::Slots {
+                num_slots,
+                slot_tokens,
+            } => KvConfig::Slots {
+                num_slots,
+                slot_tokens,
+            },
+        }
+    }
+}

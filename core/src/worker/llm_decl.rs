@@ -1,9 +1,8 @@
 //! What an `um.LLM` plugin declares to the core once its `setup` has run: the worker sends
 //! it in `ready.llm` (docs/worker-protocol.md), `LLM.declaration().to_dict()` on the Python
-//! side. The scheduler builds its text layer (tokenizer, chat template, stop ids) and its KV
-//! bookkeeping from it.
+//! side. The continuous-batching scheduler builds its text layer (tokenizer, chat template,
+//! stop ids) and its KV bookkeeping from it (`llm::sched::KvConfig::from`).
 
-use super::sched::KvConfig;
 use serde::{Deserialize, Serialize};
 
 /// The declaration, field for field as Python's `LLMDeclaration.to_dict` writes it.
@@ -39,27 +38,6 @@ pub enum KvDecl {
     },
 }
 
-impl KvDecl {
-    pub fn to_config(self) -> KvConfig {
-        match self {
-            KvDecl::Paged {
-                num_blocks,
-                block_size,
-            } => KvConfig::Paged {
-                num_blocks,
-                block_size,
-            },
-            KvDecl::Slots {
-                num_slots,
-                slot_tokens,
-            } => KvConfig::Slots {
-                num_slots,
-                slot_tokens,
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,8 +52,8 @@ mod tests {
         let decl: LlmDecl = serde_json::from_str(text).expect("parses");
         assert_eq!(decl.eos_token_ids, Some(vec![2]));
         assert_eq!(
-            decl.kv.to_config(),
-            KvConfig::Slots {
+            decl.kv,
+            KvDecl::Slots {
                 num_slots: 16,
                 slot_tokens: 2048
             }
