@@ -9,6 +9,7 @@
 //! build a new table and swap it in. Loads and unloads of one model are serialised by their
 //! caller (the repository actor, `crate::repository`).
 
+use super::LlmModel;
 use super::admission::Expect;
 use super::drains::Drained;
 use super::events::{EngineEvent, Events};
@@ -229,6 +230,14 @@ impl Engine {
             .iter()
             .map(|m| status_of(m))
             .collect()
+    }
+
+    /// The LLM models that can answer now (an instance has declared itself in `ready`), by
+    /// model name, for the OpenAI routes (`/v1/models`, and `model` -> KServe name).
+    // Issue 11 wiring: the continuous-batching scheduler publishes these; until it lands no
+    // model is an LLM.
+    pub fn llm_models(&self) -> Vec<LlmModel> {
+        Vec::new()
     }
 
     /// One model; `version` `None` means the default version (the highest served).

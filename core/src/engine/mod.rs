@@ -76,6 +76,18 @@ pub struct InferRequest {
     pub parameters: Parameters,
 }
 
+/// An LLM model as the OpenAI routes see it (`Engine::llm_models`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LlmModel {
+    /// The KServe model name and version requests are submitted to.
+    pub model: String,
+    pub version: String,
+    /// The OpenAI `model` id (`LlmDecl::served_model_name`).
+    pub served_model_name: String,
+    /// Prompt + generated tokens of one sequence.
+    pub max_model_len: usize,
+}
+
 /// Request parameters as JSON values (KServe's bool / int64 / double / string, and the
 /// generate extension's arbitrary JSON).
 pub type Parameters = serde_json::Map<String, serde_json::Value>;
