@@ -6,7 +6,9 @@ word ``t{i}``. The tokenizer is word-level, split on whitespace, decoded joined 
 spaces; the plugin writes its ``tokenizer.json`` to ``$TMPDIR/um-llm-counter-v{vocab}/`` in
 ``setup``. So the prompt ``"t5 t9"`` is ids ``[5, 9]``. The chat template joins the
 messages' contents with spaces (``{"role": "user", "content": "t5 t9"}`` -> ``"t5 t9"``);
-no BOS.
+no BOS. Generated text, decoded after the prompt, is each token's word with a leading space
+(``[15, 30, 60]`` after ``"t5 t9"`` reads ``" t15 t30 t60"``); ``<eos>`` is skipped as special
+(checked against the core's ``llm::text`` tokenizer, detokenizer and chat template).
 
 The rule: the next token of a sequence is ``(sum of all its ids so far + 1) % vocab``, the
 sum over the prompt and every token generated so far (`expected_tokens` computes it). For
