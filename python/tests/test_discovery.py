@@ -71,7 +71,7 @@ def test_directory_means_its_plugin_py(tmp_path):
 def test_missing_class_lists_available(plugin_dir):
     with pytest.raises(um.PluginNotFoundError) as info:
         find_models(f"{plugin_dir / 'two_models.py'}:Third")
-    assert "no um.Model subclass named 'Third'" in str(info.value)
+    assert "no um.Model or um.LLM subclass named 'Third'" in str(info.value)
     assert "available: First, Second" in str(info.value)
 
 
@@ -84,7 +84,7 @@ def test_missing_file_and_directory_without_plugin(tmp_path):
 
 def test_file_without_models(tmp_path):
     (tmp_path / "empty_plugin.py").write_text("import unimodel as um\nx = 1\n")
-    with pytest.raises(um.PluginNotFoundError, match="defines no um.Model subclass"):
+    with pytest.raises(um.PluginNotFoundError, match="defines no um.Model or um.LLM subclass"):
         find_models(str(tmp_path / "empty_plugin.py"))
 
 

@@ -1,9 +1,10 @@
-"""Finds the `um.Model` classes a plugin spec names.
+"""Finds the `um.Model` (and `um.LLM`) classes a plugin spec names.
 
-A spec is ``file.py`` (every `um.Model` subclass defined in that file), ``file.py:ClassName``
-(just that one) or a directory (its ``plugin.py``). The file is imported as a module with its
-directory on `sys.path`, so it can import its neighbours. Classes imported into the file from
-elsewhere are not served: only those whose ``__module__`` is the file itself.
+A spec is ``file.py`` (every `um.Model` or `um.LLM` subclass defined in that file),
+``file.py:ClassName`` (just that one) or a directory (its ``plugin.py``). The file is
+imported as a module with its directory on `sys.path`, so it can import its neighbours.
+Classes imported into the file from elsewhere are not served: only those whose
+``__module__`` is the file itself.
 """
 
 from __future__ import annotations
@@ -90,19 +91,34 @@ def import_plugin(path: Path) -> ModuleType:
     return module
 
 
-def defined_models(module: ModuleType) -> list[type[Model]]:
-    """`um.Model` subclasses defined in `module` (not imported into it), in definition order."""
+def _bases() -> tuple[type, ...]:
+    """`um.Model`, and `um.LLM` when the plugin has imported it: `unimodel.llm` imports numpy,
+    so a plugin that never touched `um.LLM` does not load it here either."""
+    llm = sys.modules.get("unimodel.llm")
+    return (Model,) if llm is None else (Model, llm.LLM)
+
+
+def is_llm_class(cls: type) -> bool:
+    """True for an `um.LLM` subclass (served by the continuous-batching scheduler)."""
+    llm = sys.modules.get("unimodel.llm")
+    return llm is not None and isinstance(cls, type) and issubclass(cls, llm.LLM)
+
+
+def defined_models(module: ModuleType) -> list[type]:
+    """`um.Model` and `um.LLM` subclasses defined in `module` (not imported into it), in
+    definition order."""
+    bases = _bases()
     return [
         value
         for value in vars(module).values()
         if isinstance(value, type)
-        and issubclass(value, Model)
-        and value is not Model
+        and issubclass(value, bases)
+        and value not in bases
         and value.__module__ == module.__name__
     ]
 
 
-def find_models(spec: str | PluginSpec) -> list[type[Model]]:
+def find_models(spec: str | PluginSpec) -> list[type]:
     """Imports a plugin and returns the model classes it serves (not yet validated).
 
     Raises `PluginNotFoundError` for a missing file, a file without models or an unknown class
@@ -117,12 +133,14 @@ def find_models(spec: str | PluginSpec) -> list[type[Model]]:
                 return [cls]
         available = ", ".join(c.__name__ for c in models) or "none"
         raise PluginNotFoundError(
-            f"{parsed.path} defines no um.Model subclass named {parsed.class_name!r}; "
+            f"{parsed.path} defines no um.Model or um.LLM subclass named "
+            f"{parsed.class_name!r}; "
             f"available: {available}"
         )
     if not models:
         raise PluginNotFoundError(
-            f"{parsed.path} defines no um.Model subclass: add e.g. `class MyModel(um.Model):` "
-            "with inputs, outputs and predict (imported classes are not served)"
+            f"{parsed.path} defines no um.Model or um.LLM subclass: add e.g. "
+            "`class MyModel(um.Model):` with inputs, outputs and predict, or "
+            "`class MyLLM(um.LLM):` with step and release (imported classes are not served)"
         )
     return models

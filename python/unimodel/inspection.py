@@ -1,7 +1,9 @@
 """``--inspect``: what a plugin declares, as the JSON document the core reads before spawning.
 
 The core calls ``python -m unimodel.worker --inspect PLUGIN`` once per plugin to learn names,
-batching settings and tensor signatures (`ModelDecl` in ``core/src/worker/types.rs``).
+batching settings and tensor signatures (`ModelDecl` in ``core/src/worker/types.rs``). An
+`um.LLM` class is described with the fixed KServe signature of an LLM and ``"llm": true``
+(`unimodel.llm_worker.describe_llm`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import sys
 from typing import Any
 
-from .discovery import find_models
+from .discovery import find_models, is_llm_class
 from .errors import InvalidModelError
 from .model import Model
 from .validation import is_streaming, model_problems
@@ -51,10 +53,11 @@ def inspect_plugin(spec: str) -> dict[str, Any]:
     problems: list[str] = []
     lines: list[str] = []
     for cls in classes:
-        found = model_problems(cls)
+        found = _llm_problems(cls) if is_llm_class(cls) else model_problems(cls)
         problems.extend(found)
         if found:
-            lines.append(f"model class {cls.__name__} has {len(found)} problem(s):")
+            kind = "LLM" if is_llm_class(cls) else "model"
+            lines.append(f"{kind} class {cls.__name__} has {len(found)} problem(s):")
             lines.extend(f"  - {p}" for p in found)
     if problems:
         raise InvalidModelError("\n".join(lines), problems)
@@ -66,4 +69,18 @@ def inspect_plugin(spec: str) -> dict[str, Any]:
             "a distinct `name = ...`",
             [f"duplicate model name {n!r}" for n in duplicates],
         )
-    return {"models": [describe_model(cls) for cls in classes]}
+    return {"models": [_describe(cls) for cls in classes]}
+
+
+def _llm_problems(cls: type) -> list[str]:
+    from .llm import llm_problems
+
+    return llm_problems(cls)
+
+
+def _describe(cls: type) -> dict[str, Any]:
+    if is_llm_class(cls):
+        from .llm_worker import describe_llm
+
+        return describe_llm(cls)
+    return describe_model(cls)

@@ -24,7 +24,7 @@ LENGTH = struct.Struct("<I")
 MESSAGE_KEYS: dict[str, tuple[str, ...]] = {
     # worker -> core
     "hello": ("protocol", "pid", "python", "sdk"),
-    "ready": ("setup_ms",),
+    "ready": ("setup_ms", "llm"),
     "load_failed": ("error", "traceback"),
     "result": ("id", "outputs", "compute_ns"),
     "error": ("id", "error", "traceback", "kind"),
@@ -56,8 +56,9 @@ TENSOR_KEYS: tuple[str, ...] = ("name", "datatype", "shape", "region", "offset",
 _TENSOR_LISTS = {"inputs", "outputs"}
 #: Keys the doc types as float: always encoded as float64, even when given an int.
 _FLOAT_KEYS = {"setup_ms"}
-#: Optional keys written only when they hold something (``execute.trace``, ``.targets``).
-_OMIT_EMPTY = {"trace", "targets"}
+#: Optional keys written only when they hold something (``execute.trace``, ``.targets``,
+#: ``ready.llm``).
+_OMIT_EMPTY = {"trace", "targets", "llm"}
 #: Keys of an ``execute.targets`` entry, in wire order.
 TARGET_KEYS: tuple[str, ...] = ("name", "fd", "offset", "length")
 

@@ -37,9 +37,9 @@ from typing import Any
 from . import __version__, logs
 from .allocator import ALIGN, OutputArena, align_up
 from .channel import Channel, ChannelClosed
-from .discovery import PluginSpec, find_models, parse_spec
+from .discovery import PluginSpec, find_models, is_llm_class, parse_spec
 from .errors import PluginError
-from .model import Context, Model
+from .model import Context
 from .protocol import PROTOCOL_VERSION
 from .tensors import (
     InputArena,
@@ -84,7 +84,7 @@ class OutputPlacement:
 class LoadedModel:
     """A set-up plugin instance plus what the hot path needs, resolved once."""
 
-    def __init__(self, instance: Model, cls: type[Model], msg: dict[str, Any]) -> None:
+    def __init__(self, instance: Any, cls: type, msg: dict[str, Any]) -> None:
         self.instance = instance
         self.predict = instance.predict
         self.streaming = is_streaming(cls)
@@ -209,6 +209,7 @@ class Worker:
         if self.model is not None:
             log.error("ignoring a second load: %s is already loaded", msg.get("model"))
             return
+        llm_decl: dict[str, Any] | None = None
         try:
             spec = parse_spec(str(msg["plugin"]))
             class_name = msg.get("class") or spec.class_name
@@ -217,8 +218,6 @@ class Worker:
                 names = ", ".join(c.__name__ for c in classes)
                 raise PluginError(f"{spec.path} defines several models ({names}); load names none")
             cls = classes[0]
-            check_model_class(cls, str(spec.path))
-            instance = cls()
             model_name = str(msg.get("model") or cls.name)
             ctx = Context(
                 model_name=model_name,
@@ -227,14 +226,24 @@ class Worker:
                 instance=int(msg.get("instance") or 0),
                 parameters={str(k): str(v) for k, v in (msg.get("parameters") or {}).items()},
             )
-            # The served values win over the class defaults (CLI flags, --set, config).
-            instance.name = model_name  # type: ignore[misc]
-            instance.max_batch_size = int(msg.get("max_batch_size") or 0)  # type: ignore[misc]
-            instance.concurrency = int(msg.get("concurrency") or cls.concurrency)  # type: ignore[misc]
-            started = time.perf_counter()
-            instance.setup(ctx)
-            setup_ms = (time.perf_counter() - started) * 1000.0
-            loaded = LoadedModel(instance, cls, msg)
+            if is_llm_class(cls):
+                # Each execute is one engine step (`unimodel.llm_worker`), one at a time.
+                from .llm_worker import StepRunner, load_llm
+
+                runner, llm_decl, setup_ms = load_llm(cls, ctx)
+                step_msg = {**msg, "max_batch_size": 0, "concurrency": 1}
+                loaded = LoadedModel(runner, StepRunner, step_msg)
+            else:
+                check_model_class(cls, str(spec.path))
+                instance = cls()
+                # The served values win over the class defaults (CLI flags, --set, config).
+                instance.name = model_name  # type: ignore[misc]
+                instance.max_batch_size = int(msg.get("max_batch_size") or 0)  # type: ignore[misc]
+                instance.concurrency = int(msg.get("concurrency") or cls.concurrency)  # type: ignore[misc]
+                started = time.perf_counter()
+                instance.setup(ctx)
+                setup_ms = (time.perf_counter() - started) * 1000.0
+                loaded = LoadedModel(instance, cls, msg)
             if loaded.cuda_inputs:
                 import torch  # noqa: F401 - fail the load now rather than on the first request
         except (Exception, SystemExit) as e:
@@ -251,7 +260,10 @@ class Worker:
         # Everything alive now lives for the whole process: keep the collector off it.
         gc.collect()
         gc.freeze()
-        self.channel.send({"type": "ready", "setup_ms": setup_ms})
+        ready: dict[str, Any] = {"type": "ready", "setup_ms": setup_ms}
+        if llm_decl is not None:
+            ready["llm"] = llm_decl  # what the core's LLM scheduler reads (docs/llm.md)
+        self.channel.send(ready)
         log.info("model %s ready (setup %.1f ms)", ctx.model_name, setup_ms)
 
     # -- execute -------------------------------------------------------------------------------

@@ -56,7 +56,6 @@ impl Executor for crate::worker::InstanceHandle {
     }
 
     fn llm(&self) -> Option<Arc<LlmDecl>> {
-        // Issue 11 wiring: the worker's `ready.llm` is not read yet.
-        None
+        crate::worker::InstanceHandle::llm(self)
     }
 }

@@ -2,9 +2,10 @@
 //! Cheap to clone; it sends `execute`s and `shutdown` as commands, and cancels (a dropped
 //! execute future or stream) as notices, which the supervisor's actor reads in order.
 
+use super::llm_decl::LlmDecl;
 use super::pipeline::{Job, Reply};
 use super::stream::{Notice, WorkStream};
-use super::supervisor::Actor;
+use super::supervisor::{Actor, Published};
 use super::types::{InstanceConfig, InstanceState, Work, WorkOutput, WorkerError};
 use crate::telemetry::panics::spawn_monitored;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ struct HandleInner {
     commands: mpsc::Sender<Command>,
     notices: mpsc::UnboundedSender<Notice>,
     state: watch::Receiver<InstanceState>,
+    /// The `um.LLM` declaration of the worker's last `ready`.
+    llm: watch::Receiver<Option<Arc<LlmDecl>>>,
     next_ticket: AtomicU64,
     /// Executes the worker runs at once (the model's `concurrency`).
     capacity: usize,
@@ -40,6 +43,7 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(InstanceState::Starting);
+    let (llm_tx, llm) = watch::channel(None);
     let concurrency = cfg.concurrency;
     // A panic in the supervisor (a bug) leaves nobody to restart the worker: say so in the
     // instance's state, which the model's state and readiness follow.
@@ -55,13 +59,18 @@ pub fn spawn_instance(cfg: InstanceConfig) -> InstanceHandle {
             });
         }
     };
-    let actor = Actor::new(cfg, commands, notices, notices_tx.clone(), state_tx);
+    let published = Published {
+        state: state_tx,
+        llm: llm_tx,
+    };
+    let actor = Actor::new(cfg, commands, notices, notices_tx.clone(), published);
     spawn_monitored("worker supervisor", actor.run(), on_panic);
     InstanceHandle {
         inner: Arc::new(HandleInner {
             commands: commands_tx,
             notices: notices_tx,
             state,
+            llm,
             next_ticket: AtomicU64::new(1),
             capacity: (concurrency as usize).max(1),
         }),
@@ -141,6 +150,12 @@ impl InstanceHandle {
     /// The instance's state; changes are published as they happen.
     pub fn state(&self) -> watch::Receiver<InstanceState> {
         self.inner.state.clone()
+    }
+
+    /// What the instance's `um.LLM` plugin declared in its last `ready` (`None` for an
+    /// `um.Model`, or before the first `ready`). Set before the state turns Ready.
+    pub fn llm(&self) -> Option<Arc<LlmDecl>> {
+        self.inner.llm.borrow().clone()
     }
 
     /// Finishes in-flight work, asks the worker to exit, waits a bounded grace, then kills its

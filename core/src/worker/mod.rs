@@ -39,6 +39,8 @@ pub mod types;
 #[cfg(test)]
 mod fake_worker_tests;
 #[cfg(test)]
+mod llm_worker_tests;
+#[cfg(test)]
 mod real_worker_tests;
 
 pub use handle::{InstanceHandle, spawn_instance};

@@ -7,6 +7,7 @@
 //! vectors at the end of the doc encode to identical bytes in Rust and in Python.
 //! Framing (length prefix, descriptors) lives in `codec.rs`.
 
+use super::llm_decl::LlmDecl;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -88,6 +89,10 @@ pub enum WorkerMessage {
     },
     Ready {
         setup_ms: f64,
+        /// An `um.LLM` plugin's declaration (`LLM.declaration().to_dict()`); absent for an
+        /// `um.Model`, and then not written either, so a plain `ready` is unchanged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        llm: Option<Box<LlmDecl>>,
     },
     LoadFailed {
         error: String,

@@ -260,6 +260,7 @@ async fn handshake_and_batched_execute() {
     cfg.parameters.insert("factor".into(), "3".into());
     let h = spawn_instance(cfg);
     ready(&h).await;
+    assert!(h.llm().is_none(), "an um.Model declares no LLM");
     // Two requests of 2 and 1 rows form one batch of 3.
     let work = Work {
         batch_size: 3,

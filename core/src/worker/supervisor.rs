@@ -30,6 +30,7 @@
 
 use super::codec::{CodecError, Frame};
 use super::handle::Command;
+use super::llm_decl::LlmDecl;
 use super::pipeline::{Answered, Job, Pipeline};
 use super::process::describe_exit;
 use super::protocol::{self, CoreMessage, Load, PROTOCOL_VERSION, WorkerMessage};
@@ -37,6 +38,7 @@ use super::session::Session;
 use super::stream::Notice;
 use super::types::{InstanceConfig, InstanceState, WorkerError};
 use std::os::unix::process::ExitStatusExt as _;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -92,11 +94,20 @@ enum Death {
     Killed(String),
 }
 
+/// What the actor publishes for the instance's handles to read.
+pub(super) struct Published {
+    pub state: watch::Sender<InstanceState>,
+    /// The `um.LLM` declaration of the last `ready` (each restart refreshes it; `None` for
+    /// an `um.Model`). Set before the state turns Ready, so whoever sees Ready reads it.
+    pub llm: watch::Sender<Option<Arc<LlmDecl>>>,
+}
+
 pub(super) struct Actor {
     cfg: InstanceConfig,
     commands: mpsc::Receiver<Command>,
     notices: mpsc::UnboundedReceiver<Notice>,
     state: watch::Sender<InstanceState>,
+    llm: watch::Sender<Option<Arc<LlmDecl>>>,
     phase: Phase,
     session: Option<Session>,
     pipeline: Pipeline,
@@ -136,7 +147,7 @@ impl Actor {
         commands: mpsc::Receiver<Command>,
         notices: mpsc::UnboundedReceiver<Notice>,
         notices_tx: mpsc::UnboundedSender<Notice>,
-        state_tx: watch::Sender<InstanceState>,
+        published: Published,
     ) -> Actor {
         let backoff = cfg.restart.initial_backoff;
         let (cfg_concurrency, cfg_memory_limit) = (cfg.concurrency, cfg.memory_limit_bytes);
@@ -144,7 +155,8 @@ impl Actor {
             cfg,
             commands,
             notices,
-            state: state_tx,
+            state: published.state,
+            llm: published.llm,
             phase: Phase::Backoff {
                 until: Instant::now(),
             },
@@ -458,7 +470,9 @@ impl Actor {
         }
         match (msg, &self.phase) {
             (WorkerMessage::Hello { protocol, .. }, Phase::Hello { .. }) => self.on_hello(protocol),
-            (WorkerMessage::Ready { setup_ms }, Phase::Loading { .. }) => self.on_ready(setup_ms),
+            (WorkerMessage::Ready { setup_ms, llm }, Phase::Loading { .. }) => {
+                self.on_ready(setup_ms, llm)
+            }
             (WorkerMessage::LoadFailed { error, traceback }, Phase::Loading { .. }) => {
                 self.kill(Death::SetupFailed { error, traceback })
             }
@@ -527,8 +541,9 @@ impl Actor {
         };
     }
 
-    fn on_ready(&mut self, setup_ms: f64) {
+    fn on_ready(&mut self, setup_ms: f64, llm: Option<Box<LlmDecl>>) {
         tracing::info!(model = %self.cfg.model, instance = self.cfg.instance, setup_ms, "worker ready");
+        self.llm.send_replace(llm.map(Arc::from));
         self.phase = Phase::Ready;
         self.ready_this_session = true;
         self.setup_failures = 0;
