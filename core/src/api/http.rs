@@ -189,6 +189,9 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit));
+    // Under /v1, errors in OpenAI's shape: here, inside compression, for what the routes
+    // answer (unknown route, wrong method, body too large); again outside auth below.
+    let routes = routes.layer(axum::middleware::from_fn(super::openai::reshape));
     // Outside the body limit, so the limit counts decoded bytes (see `compression.rs`).
     let routes = super::compression::with_compression(routes);
     // Outside decompression, where `Content-Length` is still the client's own.
@@ -204,7 +207,8 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         )),
         None => routes,
     };
-    // Outside auth, so its denials under /v1 get OpenAI's error shape too.
+    // Outside auth, so its denials (and the 413 before decompression) under /v1 get
+    // OpenAI's shape too; answers already reshaped inside pass through untouched.
     let routes = routes.layer(axum::middleware::from_fn(super::openai::reshape));
     routes
         .layer(axum::middleware::from_fn(super::observe::observe))

@@ -650,6 +650,19 @@ async fn shared_layers_answer_in_openai_shape_under_v1_only() {
     )
     .await;
     assert_eq!(e["type"], "invalid_request_error");
+    // Compressed answers too (the SDK's httpx asks for gzip).
+    let req = Request::builder()
+        .uri("/v1/nothing")
+        .header(header::ACCEPT_ENCODING, "gzip")
+        .body(Body::empty())
+        .unwrap();
+    let r = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let gz = axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_reader(flate2::read::GzDecoder::new(&gz[..])).unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
     // KServe routes keep Triton's shape.
     let r = send(&app, Method::GET, "/v2/nothing", "").await;
     assert!(json_of(r, StatusCode::NOT_FOUND).await["error"].is_string());
