@@ -4,7 +4,8 @@
 //! The fake LLM "SmolLM2" (KServe model "smol") answers every prompt with the tokens
 //! `Pa`, `ris` (and ` #<seed>` when a seed is given), stopping early with `length` at
 //! `max_tokens`; its prompt is 3 tokens. Prompts steer failures: "fail mid-stream" fails
-//! after the first token, "fail first" fails before any, "busy" is refused at submission.
+//! after the first token, "fail first" fails before any, "busy" is refused at submission,
+//! "endless" never ends after its first token (and counts when its stream is dropped).
 
 use super::delta::tests::response;
 use crate::api::backend::{Backend, served_index};
@@ -21,6 +22,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use axum::response::Response;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tower::ServiceExt;
 
@@ -28,6 +30,17 @@ use tower::ServiceExt;
 struct FakeLlm {
     /// Every request submitted, in order.
     seen: Mutex<Vec<InferRequest>>,
+    /// Streams of "endless" prompts dropped so far (the client went away).
+    dropped: Arc<AtomicUsize>,
+}
+
+/// Counts its drop: held by a stream, it tells when the stream was dropped.
+struct OnDrop(Arc<AtomicUsize>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// What the fake reads as the prompt: the last message's content, or `text_input`.
@@ -138,6 +151,15 @@ impl Backend for FakeLlm {
                 model: "smol".into(),
                 capacity: 4,
             });
+        }
+        if prompt_of(&req) == "endless" {
+            let guard = OnDrop(Arc::clone(&self.dropped));
+            let first = FakeLlm::responses(&req).remove(0);
+            let rest = futures::stream::pending().map(move |r| {
+                let _held = &guard;
+                r
+            });
+            return Ok(futures::stream::once(async { first }).chain(rest).boxed());
         }
         Ok(futures::stream::iter(FakeLlm::responses(&req)).boxed())
     }
@@ -702,4 +724,24 @@ async fn auth_denials_on_v1_are_openai_401s() {
         );
     }
     assert!(fake.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_every_choice() {
+    use http_body_util::BodyExt as _;
+    let fake = Arc::new(FakeLlm::default());
+    let r = post(
+        &app(&fake),
+        "/v1/chat/completions",
+        chat("endless", json!({"stream": true, "n": 3})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    let first = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    assert!(first.starts_with("data: {"), "{first}");
+    assert_eq!(fake.dropped.load(Ordering::SeqCst), 0);
+    drop(body);
+    assert_eq!(fake.dropped.load(Ordering::SeqCst), 3);
 }
