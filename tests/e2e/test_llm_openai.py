@@ -179,11 +179,15 @@ def test_completions_with_a_string_prompt_and_logprobs(client):
     assert resp.object == "text_completion"
     assert resp.id.startswith("cmpl-")
     assert choice.text
-    assert choice.finish_reason == "length"
+    # A raw prompt may end early (EOS) or run to max_tokens.
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= resp.usage.completion_tokens <= 5
     lp = choice.logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) >= 1
+    assert lp.text_offset == sorted(lp.text_offset)
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
-    assert resp.usage.completion_tokens == 5
+    if choice.finish_reason == "length":
+        assert resp.usage.completion_tokens == len(lp.tokens) == 5
     # Streamed: the same text.
     stream = client.completions.create(
         model=NAME, prompt="The capital of France is", temperature=0, max_tokens=5, stream=True
