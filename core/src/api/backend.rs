@@ -9,7 +9,8 @@
 //! (`unimodel run`) has no repository, `repository::ModelServer` (`unimodel serve`) has.
 
 use crate::engine::{
-    Engine, EngineError, InferRequest, InferResponse, InferStream, ModelStats, ModelStatus,
+    Engine, EngineError, InferRequest, InferResponse, InferStream, LlmModel, ModelStats,
+    ModelStatus,
 };
 use crate::repository::{IndexEntry, ModelServer, RepositoryError};
 use crate::telemetry::metrics::Metrics;
@@ -26,6 +27,9 @@ pub trait Backend: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelStatus>;
     /// One model; `version` `None` means the default version.
     fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError>;
+    /// The LLM models that can answer now, for the OpenAI routes (`/v1/models`, and the
+    /// body's `model` -> the KServe model its requests go to).
+    fn llm_models(&self) -> Vec<LlmModel>;
     /// Validates, queues, batches and executes one request.
     fn infer(
         &self,
@@ -104,6 +108,10 @@ impl Backend for Engine {
         Engine::model(self, name, version)
     }
 
+    fn llm_models(&self) -> Vec<LlmModel> {
+        Engine::llm_models(self)
+    }
+
     fn infer(
         &self,
         req: InferRequest,
@@ -168,6 +176,10 @@ impl Backend for ModelServer {
 
     fn model(&self, name: &str, version: Option<&str>) -> Result<ModelStatus, EngineError> {
         self.engine.model(name, version)
+    }
+
+    fn llm_models(&self) -> Vec<LlmModel> {
+        self.engine.llm_models()
     }
 
     fn infer(

@@ -4,7 +4,8 @@
 //! the result to an encoder (`response.rs`, `metadata.rs`). Every failure is an `ApiError`,
 //! whose `IntoResponse` (in `error.rs`) is the only place statuses are chosen. axum's own
 //! rejections (body too large, bad path, unknown route, wrong method) are mapped to the same
-//! `{"error": ...}` body. Bodies may be compressed both ways (`compression.rs`). With a
+//! `{"error": ...}` body. The OpenAI-compatible routes under `/v1` (`openai/`) share the
+//! router and its layers. Bodies may be compressed both ways (`compression.rs`). With a
 //! backend that has metrics, `GET /metrics` serves them and every infer request is recorded
 //! (`metrics.rs`).
 
@@ -71,6 +72,17 @@ impl<B> Clone for AppState<B> {
             cfg: Arc::clone(&self.cfg),
             metrics: self.metrics.clone(),
             budget: self.budget.clone(),
+        }
+    }
+}
+
+impl<B> axum::extract::FromRef<AppState<B>> for super::openai::Ctx<B> {
+    fn from_ref(s: &AppState<B>) -> Self {
+        super::openai::Ctx {
+            backend: Arc::clone(&s.backend),
+            max_body_bytes: s.cfg.max_body_bytes,
+            budget: s.budget.clone(),
+            metrics: s.metrics.clone(),
         }
     }
 }
@@ -172,9 +184,14 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         .route("/docs", get(openapi::page))
         .merge(control)
         .merge(shm::routes(regions, control_body_limit))
+        // The OpenAI-compatible API (`openai/`).
+        .merge(super::openai::routes::<B, AppState<B>>())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit));
+    // Under /v1, errors in OpenAI's shape: here, inside compression, for what the routes
+    // answer (unknown route, wrong method, body too large); again outside auth below.
+    let routes = routes.layer(axum::middleware::from_fn(super::openai::reshape));
     // Outside the body limit, so the limit counts decoded bytes (see `compression.rs`).
     let routes = super::compression::with_compression(routes);
     // Outside decompression, where `Content-Length` is still the client's own.
@@ -190,6 +207,9 @@ pub fn router<B: Backend>(backend: Arc<B>, cfg: HttpConfig) -> Router {
         )),
         None => routes,
     };
+    // Outside auth, so its denials (and the 413 before decompression) under /v1 get
+    // OpenAI's shape too; answers already reshaped inside pass through untouched.
+    let routes = routes.layer(axum::middleware::from_fn(super::openai::reshape));
     routes
         .layer(axum::middleware::from_fn(super::observe::observe))
         .with_state(state)

@@ -178,6 +178,10 @@ impl Backend for Fake {
         }
     }
 
+    fn llm_models(&self) -> Vec<crate::engine::LlmModel> {
+        Vec::new()
+    }
+
     async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
         *self.last.lock().unwrap() = Some(req.clone());
         if let Some(e) = self.fail_next.lock().unwrap().take() {

@@ -149,6 +149,9 @@ mod tests {
                 }),
             }
         }
+        fn llm_models(&self) -> Vec<crate::engine::LlmModel> {
+            Vec::new()
+        }
         async fn infer(&self, req: InferRequest) -> Result<InferResponse, EngineError> {
             self.model(&req.model, req.version.as_deref())?;
             if let Some(e) = self.fail_next.lock().unwrap().take() {

@@ -17,6 +17,7 @@
 //! - `nonfinite`: NaN and the infinities in JSON, read and written as Triton does.
 //! - `binary`: Triton's binary tensor data framing.
 //! - `body_budget`: the global budget for buffered request bodies (`--max-buffered-bytes`).
+//! - `openai`: the OpenAI-compatible API under `/v1` (HTTP only).
 //! - `generate`: the generate extension (`/generate`, `/generate_stream` over SSE).
 //! - `metadata`: server/model metadata and statistics bodies.
 //! - `auth`: the auth middleware of the REST routes, and `AuthGate` (shared with gRPC).
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod model_config;
 pub mod nonfinite;
 pub mod observe;
+pub mod openai;
 pub mod openapi;
 mod outcome;
 pub mod request;

@@ -52,7 +52,9 @@ struct RequestJson<'a> {
     outputs: Option<Vec<OutputJson>>,
 }
 
-/// Request-level parameters we act on; others are accepted and ignored, as in Triton.
+/// Request-level parameters: the two this layer consumes, and the rest, which go on to the
+/// engine as `InferRequest::parameters` (an LLM model's scheduler reads its sampling settings
+/// there, docs/llm.md "Requests"; other models ignore them, as Triton does).
 #[derive(Deserialize, Default)]
 struct RequestParameters {
     binary_data_output: Option<bool>,
@@ -61,6 +63,9 @@ struct RequestParameters {
     /// names the parameter.
     #[serde(default, deserialize_with = "timeout_micros")]
     timeout: Option<u64>,
+    /// Every other parameter, as sent.
+    #[serde(flatten)]
+    rest: crate::engine::Parameters,
 }
 
 fn timeout_micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -172,7 +177,7 @@ pub fn decode(
         // Set by the route from the request's `traceparent` (see `api::observe`).
         trace: None,
         output_targets: plan.shm.iter().map(|s| s.target.clone()).collect(),
-        parameters: Default::default(),
+        parameters: params.rest,
     };
     Ok(DecodedRequest { request, plan })
 }
@@ -291,6 +296,11 @@ mod tests {
             ("m", None, Some("r1"))
         );
         assert_eq!(r.timeout, Some(Duration::from_micros(2500)));
+        // What the server consumes stays here; the rest goes on to the engine.
+        assert_eq!(
+            serde_json::Value::Object(r.parameters.clone()),
+            serde_json::json!({"other": "x"})
+        );
         assert_eq!(r.inputs.len(), 2);
         assert_eq!(r.inputs[0].datatype, DataType::Fp32);
         assert_eq!(r.inputs[0].shape, vec![2, 2]);
@@ -305,6 +315,23 @@ mod tests {
                 shm: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn request_parameters_of_any_json_type_reach_the_engine() {
+        let d = json(
+            r#"{"parameters": {"max_tokens": 8, "temperature": 0.0, "stop": ["x", "y"],
+                "messages": [{"role": "user", "content": "hi"}], "ignore_eos": false},
+                "inputs": []}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::Value::Object(d.request.parameters),
+            serde_json::json!({"max_tokens": 8, "temperature": 0.0, "stop": ["x", "y"],
+                "messages": [{"role": "user", "content": "hi"}], "ignore_eos": false})
+        );
+        let d = json(r#"{"inputs": []}"#).unwrap();
+        assert!(d.request.parameters.is_empty());
     }
 
     #[test]

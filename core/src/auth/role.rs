@@ -105,7 +105,9 @@ pub fn rest_access(method: &Method, path: &str, doors: OpenDoors) -> Access {
         "/v2" | "/openapi.json" | "/docs" if method == Method::GET => Access::Need(Role::Infer),
         // The OpenAI routes (issue 11; the gateway routes them by the body's model): the
         // model list and inference, what an `infer` credential is for.
-        "/v1/models" if method == Method::GET => Access::Need(Role::Infer),
+        _ if method == Method::GET && (path == "/v1/models" || path.starts_with("/v1/models/")) => {
+            Access::Need(Role::Infer)
+        }
         _ if method == Method::POST && path.starts_with("/v1/") => Access::Need(Role::Infer),
         _ => match path.strip_prefix("/v2/models/") {
             Some(rest) if model_route_is_infer(method, rest) => Access::Need(Role::Infer),
@@ -202,6 +204,7 @@ mod tests {
             (&post, "/v2/models/m/generate_stream", OPEN, INFER),
             (&post, "/v2/models/m/trace/setting", OPEN, ADMIN),
             (&get, "/v1/models", OPEN, INFER),
+            (&get, "/v1/models/SmolLM2", OPEN, INFER),
             (&post, "/v1/chat/completions", OPEN, INFER),
             (&post, "/v1/completions", OPEN, INFER),
             (&post, "/v1/embeddings", OPEN, INFER),

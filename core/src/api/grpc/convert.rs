@@ -61,6 +61,7 @@ pub fn decode(
     let mut shm = Vec::new();
     let outputs = requested_outputs(req.outputs, &decoder, &mut shm)?;
     let timeout = request_timeout(&req.parameters)?;
+    let parameters = engine_parameters(req.parameters);
     let output_targets = shm.iter().map(|s| s.target.clone()).collect();
     let request = InferRequest {
         model: req.model_name,
@@ -75,7 +76,7 @@ pub fn decode(
         },
         trace: None,
         output_targets,
-        parameters: Default::default(),
+        parameters,
     };
     Ok((request, shm))
 }
@@ -246,6 +247,30 @@ fn request_timeout(params: &HashMap<String, InferParameter>) -> Result<Option<Du
     }
 }
 
+/// The request parameters the engine gets (`InferRequest::parameters`): every one but
+/// `timeout` (consumed here), each oneof as the JSON value of the same kind. A string stays a
+/// string even when it holds JSON (`stop` may be `"[\"a\"]"`): the LLM scheduler reads a
+/// string or an array where that makes sense (docs/llm.md "Requests"). An empty oneof (a
+/// client that set the key and nothing else) carries nothing and is dropped; a non-finite
+/// double has no JSON form and is dropped too (the scheduler then uses its default).
+fn engine_parameters(params: HashMap<String, InferParameter>) -> crate::engine::Parameters {
+    use serde_json::Value;
+    params
+        .into_iter()
+        .filter(|(name, _)| name != "timeout")
+        .filter_map(|(name, p)| {
+            let value = match p.parameter_choice? {
+                ParameterChoice::BoolParam(b) => Value::Bool(b),
+                ParameterChoice::Int64Param(v) => Value::from(v),
+                ParameterChoice::Uint64Param(v) => Value::from(v),
+                ParameterChoice::DoubleParam(v) => Value::from(serde_json::Number::from_f64(v)?),
+                ParameterChoice::StringParam(s) => Value::String(s),
+            };
+            Some((name, value))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +314,49 @@ mod tests {
         deadline: Option<Duration>,
     ) -> Result<InferRequest, ApiError> {
         super::decode(req, deadline, &Regions::new(false)).map(|(r, _)| r)
+    }
+
+    #[test]
+    fn request_parameters_reach_the_engine_as_json_less_timeout() {
+        let param = |c| InferParameter {
+            parameter_choice: Some(c),
+        };
+        let mut req = request(Vec::new(), Vec::new());
+        req.parameters = HashMap::from([
+            ("timeout".to_string(), param(ParameterChoice::Int64Param(5))),
+            (
+                "ignore_eos".to_string(),
+                param(ParameterChoice::BoolParam(true)),
+            ),
+            (
+                "max_tokens".to_string(),
+                param(ParameterChoice::Int64Param(16)),
+            ),
+            ("seed".to_string(), param(ParameterChoice::Uint64Param(7))),
+            (
+                "temperature".to_string(),
+                param(ParameterChoice::DoubleParam(0.5)),
+            ),
+            // JSON in a string stays a string (the scheduler reads either).
+            (
+                "stop".to_string(),
+                param(ParameterChoice::StringParam(r#"["a","b"]"#.into())),
+            ),
+            (
+                "nan".to_string(),
+                param(ParameterChoice::DoubleParam(f64::NAN)),
+            ),
+            ("empty".to_string(), InferParameter::default()),
+        ]);
+        let r = decode(req, None).unwrap();
+        assert_eq!(r.timeout, Some(Duration::from_micros(5)));
+        assert_eq!(
+            serde_json::Value::Object(r.parameters),
+            serde_json::json!({
+                "ignore_eos": true, "max_tokens": 16, "seed": 7u64, "temperature": 0.5,
+                "stop": "[\"a\",\"b\"]",
+            })
+        );
     }
 
     #[test]
