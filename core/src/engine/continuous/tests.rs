@@ -861,3 +861,47 @@ async fn llm_models_lists_the_declared_model() {
         }]
     );
 }
+
+#[tokio::test]
+async fn slots_reuse_a_finished_prefix_and_a_request_waiting_past_its_deadline_times_out() {
+    let kv = KvDecl::Slots {
+        num_slots: 2,
+        slot_tokens: 64,
+    };
+    let fake = FakeLlm::new(kv, 64, false, None);
+    let engine = start(&fake, LlmLimits::default()).await;
+    let tok = fake.tokenizer();
+    // The second prompt shares the first's 20-token system text: its first step copies
+    // the retained slot's cells (`copy_from`) and feeds only the rest.
+    let system = "you are a tiny model. ";
+    let first = format!("{system}one");
+    let second = format!("{system}two");
+    for prompt in [&first, &second] {
+        let g = generate(&engine, prompt, json!({"max_tokens": 4})).await.expect("generates");
+        assert_eq!(g.text, reference(&tok, prompt, 4, None).0, "{prompt}");
+    }
+    let steps = fake.steps();
+    let second_start = steps.iter().flat_map(|s| &s.seqs).find(|q| q.0 == 1).expect("ran");
+    assert!(second_start.1 >= 16, "the shared prefix was copied: {steps:?}");
+
+    // One slot: while A holds it, B waits, and B's deadline passes before it can run.
+    let kv = KvDecl::Slots {
+        num_slots: 1,
+        slot_tokens: 64,
+    };
+    let fake = FakeLlm::new(kv, 64, true, None);
+    let engine = start(&fake, LlmLimits::default()).await;
+    let a = engine
+        .infer_stream(request("holder", json!({"max_tokens": 3})))
+        .await
+        .expect("admitted");
+    fake.wait_started(1).await;
+    let mut b = request("waiter", json!({"max_tokens": 3}));
+    b.timeout = Some(Duration::from_millis(20));
+    let b = engine.infer_stream(b).await.expect("admitted");
+    let err = collect(b).await.expect_err("B never got the slot");
+    assert!(matches!(err, EngineError::Timeout { .. }), "{err:?}");
+    fake.open(1000);
+    assert_eq!(collect(a).await.expect("A finishes").completion_tokens, 3);
+    assert!(fake.steps().iter().all(|s| s.seqs.iter().all(|q| q.0 != 1)), "B never ran");
+}
