@@ -877,12 +877,21 @@ async fn slots_reuse_a_finished_prefix_and_a_request_waiting_past_its_deadline_t
     let first = format!("{system}one");
     let second = format!("{system}two");
     for prompt in [&first, &second] {
-        let g = generate(&engine, prompt, json!({"max_tokens": 4})).await.expect("generates");
+        let g = generate(&engine, prompt, json!({"max_tokens": 4}))
+            .await
+            .expect("generates");
         assert_eq!(g.text, reference(&tok, prompt, 4, None).0, "{prompt}");
     }
     let steps = fake.steps();
-    let second_start = steps.iter().flat_map(|s| &s.seqs).find(|q| q.0 == 1).expect("ran");
-    assert!(second_start.1 >= 16, "the shared prefix was copied: {steps:?}");
+    let second_start = steps
+        .iter()
+        .flat_map(|s| &s.seqs)
+        .find(|q| q.0 == 1)
+        .expect("ran");
+    assert!(
+        second_start.1 >= 16,
+        "the shared prefix was copied: {steps:?}"
+    );
 
     // One slot: while A holds it, B waits, and B's deadline passes before it can run.
     let kv = KvDecl::Slots {
@@ -903,5 +912,8 @@ async fn slots_reuse_a_finished_prefix_and_a_request_waiting_past_its_deadline_t
     assert!(matches!(err, EngineError::Timeout { .. }), "{err:?}");
     fake.open(1000);
     assert_eq!(collect(a).await.expect("A finishes").completion_tokens, 3);
-    assert!(fake.steps().iter().all(|s| s.seqs.iter().all(|q| q.0 != 1)), "B never ran");
+    assert!(
+        fake.steps().iter().all(|s| s.seqs.iter().all(|q| q.0 != 1)),
+        "B never ran"
+    );
 }
