@@ -64,6 +64,8 @@ struct Instance {
     stepping: Option<StepPlan>,
     /// Generations placed on it (waiting or running).
     load: usize,
+    /// Its policy's preemption count already added to the metric.
+    preemptions_seen: u64,
 }
 
 impl Instance {
@@ -136,6 +138,7 @@ impl ContinuousBatcher {
                 policy: None,
                 stepping: None,
                 load: 0,
+                preemptions_seen: 0,
             })
             .collect();
         let actor = ContinuousBatcher {
@@ -401,6 +404,7 @@ impl ContinuousBatcher {
         }
         inst.stepping = None;
         inst.load = 0;
+        inst.preemptions_seen = 0;
     }
 
     /// Places waiting requests on the least-loaded usable instances.
@@ -497,9 +501,12 @@ impl ContinuousBatcher {
                 continue;
             }
             let now = Instant::now();
+            let metrics = self.stats.metrics().llm();
             for s in &plan.seqs {
-                if let Some(live) = self.live.get_mut(&s.seq_id) {
-                    live.scheduled(now);
+                if let Some(live) = self.live.get_mut(&s.seq_id)
+                    && live.scheduled(now)
+                {
+                    metrics.started(live.queue_time(), live.stream.usage().prompt_tokens);
                 }
             }
             let live = &self.live;
@@ -521,6 +528,37 @@ impl ContinuousBatcher {
     }
 
     fn on_step(&mut self, done: StepDone) {
+        self.step_done(done);
+        self.record_scheduler();
+    }
+
+    /// The scheduler gauges (summed over instances) and the preemptions since last time.
+    fn record_scheduler(&mut self) {
+        let (mut running, mut waiting, mut used, mut total, mut preempted) = (0, 0, 0, 0, 0);
+        for inst in &mut self.instances {
+            let Some(policy) = &inst.policy else {
+                continue;
+            };
+            let c = policy.counters();
+            running += c.running;
+            waiting += c.waiting;
+            used += c.kv_used;
+            total += c.kv_total;
+            preempted += c.preemptions.saturating_sub(inst.preemptions_seen);
+            inst.preemptions_seen = c.preemptions;
+        }
+        let usage = if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        };
+        self.stats
+            .metrics()
+            .llm()
+            .scheduler(running, waiting, usage, preempted);
+    }
+
+    fn step_done(&mut self, done: StepDone) {
         let Some(inst) = self.instances.get_mut(done.idx) else {
             return;
         };
@@ -581,10 +619,14 @@ impl ContinuousBatcher {
             }
         };
         let batch = plan.seqs.len() as u32;
+        let metrics = self.stats.metrics().llm();
+        let now = Instant::now();
         for s in samples {
             let Some(live) = self.live.get_mut(&s.seq_id) else {
                 continue;
             };
+            let (first, since) = live.token_at(now);
+            metrics.token(first, since);
             live.note_logprobs(s.token, s.logprob, &s.top);
             let text = live.text.clone();
             match live.stream.push(&text.tok, s.token) {
@@ -766,7 +808,11 @@ fn reason_of(finish: &Finish) -> FinishReason {
 /// Records the request, then ends it (a client reading its stats after its end finds
 /// itself counted).
 fn end(stats: &StatsRecorder, live: Live, result: Result<(), EngineError>) {
-    stats.record_request(result.is_ok(), live.queue_time(), live.enqueued.elapsed());
+    let total = live.enqueued.elapsed();
+    if result.is_ok() {
+        stats.metrics().llm().finished(total);
+    }
+    stats.record_request(result.is_ok(), live.queue_time(), total);
     live.end(result);
 }
 

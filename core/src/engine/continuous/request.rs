@@ -55,6 +55,8 @@ pub struct Live {
     pub answered: bool,
     /// Its place in the model's queue, given back when it first goes into a step.
     place: Option<OwnedSemaphorePermit>,
+    /// When its last token was sampled (inter-token latency).
+    last_token: Option<Instant>,
     out: mpsc::UnboundedSender<Out>,
 }
 
@@ -104,16 +106,27 @@ impl Live {
             first_step: None,
             answered: false,
             place: parts.place,
+            last_token: None,
             out,
         }
     }
 
     /// It went into a step: its queue time ends at its first, and its queue place returns.
-    pub fn scheduled(&mut self, now: Instant) {
-        if self.first_step.is_none() {
-            self.first_step = Some(now);
-            self.place = None;
+    /// True the first time.
+    pub fn scheduled(&mut self, now: Instant) -> bool {
+        if self.first_step.is_some() {
+            return false;
         }
+        self.first_step = Some(now);
+        self.place = None;
+        true
+    }
+
+    /// A token was sampled at `now`: whether it is the first, and the time since the
+    /// previous one (or since arrival).
+    pub fn token_at(&mut self, now: Instant) -> (bool, Duration) {
+        let previous = self.last_token.replace(now);
+        (previous.is_none(), now - previous.unwrap_or(self.enqueued))
     }
 
     /// Enqueued to first step (or to now, if it never ran).

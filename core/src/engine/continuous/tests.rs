@@ -16,6 +16,7 @@ use crate::engine::{
 };
 use crate::llm::text::TextTokenizer;
 use crate::llm::text::test_util::{byte_level_gguf, temp_path};
+use crate::telemetry::metrics::Metrics;
 use crate::worker::llm_decl::{KvDecl, LlmDecl};
 use crate::worker::types::{InstanceState, Work, WorkOutput, WorkerError};
 use bytes::Bytes;
@@ -340,13 +341,17 @@ fn config(limits: LlmLimits) -> ModelConfig {
 }
 
 async fn start(fake: &Arc<FakeLlm>, limits: LlmLimits) -> Engine {
+    start_with(fake, limits, Arc::new(Metrics::new())).await
+}
+
+async fn start_with(fake: &Arc<FakeLlm>, limits: LlmLimits, metrics: Arc<Metrics>) -> Engine {
     let engine = Engine::start(
         vec![(config(limits), vec![fake.clone() as Arc<dyn Executor>])],
         EngineOptions {
             limits: Limits {
                 max_tensor_bytes: 1 << 20,
             },
-            metrics: Arc::new(crate::telemetry::metrics::Metrics::new()),
+            metrics,
             wake_clock: WakeClock::Tokio,
         },
     );
@@ -556,7 +561,8 @@ async fn a_tiny_kv_pool_preempts_and_every_request_still_gets_its_own_tokens() {
         block_size: 2,
     };
     let fake = FakeLlm::new(kv, 64, false, None);
-    let engine = start(&fake, limits(16, 4)).await;
+    let metrics = Arc::new(Metrics::new());
+    let engine = start_with(&fake, limits(16, 4), metrics.clone()).await;
     let tok = fake.tokenizer();
     // Each fits the pool alone (prompt + max_tokens <= 16 tokens), four do not fit together.
     let prompts = ["one two", "three fo", "five six", "seven ei"];
@@ -584,6 +590,27 @@ async fn a_tiny_kv_pool_preempts_and_every_request_still_gets_its_own_tokens() {
         last.insert(q.0, q.1 + q.2);
     }
     assert!(recomputed, "the pool is too small for all four: {steps:?}");
+    // The LLM metrics saw the same: every token, every prompt once, the preemptions.
+    let text = metrics.encode();
+    let value = |series: &str| -> f64 {
+        let series = format!("unimodel_{series}{{model=\"m\",version=\"1\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    let prompt_tokens: usize = prompts
+        .iter()
+        .map(|p| tok.encode(p, true).unwrap().len())
+        .sum();
+    assert_eq!(value("generation_tokens_total"), 28.0);
+    assert_eq!(value("prompt_tokens_total"), prompt_tokens as f64);
+    assert!(value("num_preemptions_total") >= 1.0);
+    assert_eq!(value("time_to_first_token_seconds_count"), 4.0);
+    assert_eq!(value("inter_token_latency_seconds_count"), 24.0);
+    assert_eq!(value("e2e_request_latency_seconds_count"), 4.0);
+    assert_eq!(value("num_requests_running"), 0.0);
+    assert_eq!(value("kv_cache_usage_perc"), 0.0);
 }
 
 #[tokio::test]
