@@ -231,7 +231,8 @@ fn engine_class(e: &EngineError) -> ErrorClass {
         }
         EngineError::Validation(_)
         | EngineError::StreamingOnly { .. }
-        | EngineError::ClientMemory(_) => ErrorClass::BadRequest,
+        | EngineError::ClientMemory(_)
+        | EngineError::InvalidGeneration { .. } => ErrorClass::BadRequest,
         EngineError::QueueFull { .. } | EngineError::Overloaded { .. } => {
             ErrorClass::TooManyRequests
         }
@@ -410,6 +411,13 @@ mod tests {
                     message: "ValueError".into(),
                 },
                 StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                EngineError::InvalidGeneration {
+                    model: m(),
+                    message: "parameter `temperature` must be a number >= 0".into(),
+                },
+                StatusCode::BAD_REQUEST,
             ),
             (
                 EngineError::BadOutput {

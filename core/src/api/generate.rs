@@ -311,6 +311,7 @@ mod tests {
             queue_capacity: 4,
             request_timeout: Duration::from_secs(1),
             streaming: true,
+            llm: None,
             faults: Default::default(),
         }
     }

@@ -67,6 +67,7 @@ fn status(
         queue_capacity: 4,
         request_timeout: Duration::from_secs(5),
         streaming: false,
+        llm: None,
         faults: Default::default(),
     };
     let ready_instances = u32::from(state.is_ready());

@@ -116,6 +116,7 @@ mod tests {
                 queue_capacity: 1,
                 request_timeout: Duration::from_secs(1),
                 streaming: false,
+                llm: None,
                 faults: Default::default(),
             };
             Arc::new(OneModel {

@@ -193,6 +193,7 @@ mod tests {
             plugin: "p.py".into(),
             class: "Doubler".into(),
             streaming: false,
+            llm: None,
             faults: Default::default(),
             max_batch_size,
             max_queue_delay: Duration::from_micros(1500),

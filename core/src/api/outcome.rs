@@ -41,7 +41,8 @@ fn engine_outcome(e: &EngineError) -> &'static str {
         EngineError::ModelNotFound { .. } | EngineError::VersionNotFound { .. } => "not_found",
         EngineError::Validation(_)
         | EngineError::StreamingOnly { .. }
-        | EngineError::ClientMemory(_) => "bad_request",
+        | EngineError::ClientMemory(_)
+        | EngineError::InvalidGeneration { .. } => "bad_request",
         EngineError::QueueFull { .. } => "queue_full",
         EngineError::Overloaded { .. } => "overloaded",
         EngineError::NotReady { .. }

@@ -223,6 +223,14 @@ pub struct ServerArgs {
     /// than this whole budget gets 413 (gRPC: RESOURCE_EXHAUSTED).
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..=(1u64 << 48)))]
     pub max_buffered_bytes: u64,
+    /// LLM models (um.LLM): tokens fed per step, all sequences together; longer prompts are
+    /// prefilled in chunks (raised to --max-num-seqs if lower).
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_batched_tokens: u32,
+    /// LLM models (um.LLM): sequences running at once per instance (at most a slots KV's
+    /// num_slots); more wait.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_num_seqs: u32,
     /// On SIGTERM/SIGINT, time given to queued and running requests; what is left after it
     /// is answered 503, then the process exits (workers get 5 s more to stop; at most
     /// 604800000, 7 days).

@@ -21,6 +21,7 @@ pub async fn predict(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let settings = ServeSettings {
         queue_capacity: 1,
         request_timeout: Duration::from_millis(args.plugin.worker.execution_timeout_ms),
+        llm: Default::default(),
     };
     let mut plugin = args.plugin.clone();
     plugin.instances = Some(1);
@@ -273,6 +274,7 @@ mod tests {
             queue_capacity: 1,
             request_timeout: Duration::from_secs(1),
             streaming: false,
+            llm: None,
             faults: Default::default(),
         }
     }

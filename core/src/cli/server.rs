@@ -59,6 +59,10 @@ pub fn settings(server: &ServerArgs) -> ServeSettings {
     ServeSettings {
         queue_capacity: usize::try_from(server.queue_capacity).unwrap_or(usize::MAX),
         request_timeout: Duration::from_millis(server.request_timeout_ms),
+        llm: crate::engine::LlmLimits {
+            max_num_batched_tokens: server.max_num_batched_tokens as usize,
+            max_num_seqs: server.max_num_seqs as usize,
+        },
     }
 }
 

@@ -6,7 +6,7 @@ use super::args::{PluginArgs, WorkerArgs};
 use crate::engine::model::MAX_BATCH_SIZE;
 use crate::engine::validate::Limits;
 use crate::engine::{
-    Engine, EngineOptions, Executor, FaultPolicy, MAX_INSTANCES, ModelConfig, WakeClock,
+    Engine, EngineOptions, Executor, FaultPolicy, LlmLimits, MAX_INSTANCES, ModelConfig, WakeClock,
 };
 use crate::repository::{Built, Loader, ModelSpec, VersionSpec};
 use crate::telemetry::metrics::Metrics;
@@ -75,6 +75,8 @@ pub struct Loaded {
 pub struct ServeSettings {
     pub queue_capacity: usize,
     pub request_timeout: Duration,
+    /// The continuous-batching limits of an `um.LLM` model.
+    pub llm: LlmLimits,
 }
 
 /// Resolves the plugin, prepares Python and inspects the plugin's classes.
@@ -210,6 +212,7 @@ fn model_config(
         queue_capacity: s.queue_capacity,
         request_timeout: s.request_timeout,
         streaming: d.streaming,
+        llm: d.llm.then_some(s.llm),
         faults: FaultPolicy {
             max_concurrency: o
                 .max_concurrency

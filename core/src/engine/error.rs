@@ -38,6 +38,11 @@ pub enum EngineError {
     NotReady { model: String, state: String },
     #[error("model '{model}' worker failed: {reason}")]
     WorkerFailed { model: String, reason: String },
+    /// An LLM request's generation parameters or prompt are unusable (a parameter of the
+    /// wrong type or out of range, a prompt too long, `max_tokens` past the context); the
+    /// message names the parameter and what it accepts.
+    #[error("model '{model}': {message}")]
+    InvalidGeneration { model: String, message: String },
     #[error("model '{model}' raised {message}")]
     Plugin { model: String, message: String },
     /// The plugin returned something the server cannot send (wrong rows, too large, ...).

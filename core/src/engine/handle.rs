@@ -234,10 +234,29 @@ impl Engine {
 
     /// The LLM models that can answer now (an instance has declared itself in `ready`), by
     /// model name, for the OpenAI routes (`/v1/models`, and `model` -> KServe name).
-    // Issue 11 wiring: the continuous-batching scheduler publishes these; until it lands no
-    // model is an LLM.
+    ///
+    /// Read from the same places the continuous-batching scheduler reads: the model is
+    /// READY (its scheduler turns it FAILED when no ready instance's declaration can be
+    /// served) and a ready instance's `Executor::llm` declaration names it.
     pub fn llm_models(&self) -> Vec<LlmModel> {
-        Vec::new()
+        self.inner
+            .registry
+            .entries()
+            .iter()
+            .filter(|m| m.config.llm.is_some() && m.state().is_ready())
+            .filter_map(|m| {
+                let decl = m.instances.iter().find_map(|i| {
+                    let ready = *i.state().borrow() == crate::worker::types::InstanceState::Ready;
+                    if ready { i.llm() } else { None }
+                })?;
+                Some(LlmModel {
+                    model: m.config.name.clone(),
+                    version: m.config.version.clone(),
+                    served_model_name: decl.served_model_name.clone(),
+                    max_model_len: decl.max_model_len,
+                })
+            })
+            .collect()
     }
 
     /// One model; `version` `None` means the default version (the highest served).

@@ -7,10 +7,12 @@
 //! `scheduler` (the seam; docs/schedulers.md) -> the worker, answered through `response`
 //! as a stream of responses. The dynamic batcher is one scheduler: `batcher` (the actor),
 //! `queue` (its policy), `execution` (one worker call), `batch` (concatenate and split).
+//! `continuous` is the other: continuous batching of `um.LLM` models' token steps.
 
 mod admission;
 mod batch;
 mod batcher;
+mod continuous;
 pub mod drains;
 pub mod error;
 pub mod events;
@@ -41,7 +43,7 @@ pub use error::EngineError;
 pub use events::EngineEvent;
 pub use executor::Executor;
 pub use handle::{Engine, EngineOptions};
-pub use model::{FaultPolicy, MAX_INSTANCES, ModelConfig, ModelState};
+pub use model::{FaultPolicy, LlmLimits, MAX_INSTANCES, ModelConfig, ModelState};
 pub use registry::{is_noncanonical_version, parse_version};
 pub use response::InferStream;
 pub use tensor::{DataType, Storage, Tensor, TensorSpec};

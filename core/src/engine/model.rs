@@ -50,8 +50,30 @@ pub struct ModelConfig {
     /// `predict` is a generator: each request is answered with a stream of responses
     /// (`Engine::infer_stream`) and executed alone, never batched with others.
     pub streaming: bool,
+    /// An `um.LLM` plugin (`ModelDecl::llm`), with its scheduler's limits: served by the
+    /// continuous-batching scheduler (`engine::continuous`), which reads the rest of its
+    /// declaration (tokenizer, KV, context) from the instances. `None`: an `um.Model`.
+    pub llm: Option<LlmLimits>,
     /// Limits and recovery under faults and overload.
     pub faults: FaultPolicy,
+}
+
+/// The continuous-batching scheduler's per-step limits (vLLM's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlmLimits {
+    /// Tokens fed per step, all sequences together (chunked prefill splits longer prompts).
+    pub max_num_batched_tokens: usize,
+    /// Running sequences at most (further capped by a slots KV's `num_slots`).
+    pub max_num_seqs: usize,
+}
+
+impl Default for LlmLimits {
+    fn default() -> Self {
+        LlmLimits {
+            max_num_batched_tokens: 512,
+            max_num_seqs: 16,
+        }
+    }
 }
 
 /// A model's guards against overload and crashing workers (plugin class attributes or

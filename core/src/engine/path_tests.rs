@@ -111,6 +111,7 @@ fn setup() -> (Engine, Arc<GatedExec>) {
         queue_capacity: 8,
         request_timeout: Duration::from_secs(60),
         streaming: false,
+        llm: None,
         faults: Default::default(),
     };
     let engine = Engine::start(

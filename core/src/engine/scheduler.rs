@@ -4,12 +4,13 @@
 //! limits, deadline) and hands it, with the sink its responses go to, to the model's
 //! scheduler. How the scheduler queues, groups and dispatches requests to the model's
 //! instances is its own business; the engine only sends it `Command`s. A model's scheduler
-//! is chosen when the model is spawned (`SchedulerKind::for_model`): today the Triton
-//! dynamic batcher (`batcher.rs`) for every model. docs/schedulers.md is the contract a new
+//! is chosen when the model is spawned (`SchedulerKind::for_model`): the Triton dynamic
+//! batcher (`batcher.rs`), or continuous batching (`continuous/`) for an `um.LLM` model. docs/schedulers.md is the contract a new
 //! scheduler implements, with the batcher as the worked example.
 
 use super::EngineError;
 use super::batcher::Batcher;
+use super::continuous::ContinuousBatcher;
 use super::executor::Executor;
 use super::model::{ModelConfig, ModelState};
 use super::response::ResponseSink;
@@ -115,12 +116,19 @@ pub enum SchedulerKind {
     /// Triton's dynamic batcher: requests with matching shapes are concatenated along the
     /// batch dimension; a generator model's requests run one at a time.
     DynamicBatcher,
+    /// Continuous batching of an `um.LLM` model: every step, the running sequences' next
+    /// tokens and new requests' prompt chunks go to an instance as one worker call.
+    ContinuousBatching,
 }
 
 impl SchedulerKind {
     /// The scheduler that serves `config`.
-    pub fn for_model(_config: &ModelConfig) -> SchedulerKind {
-        SchedulerKind::DynamicBatcher
+    pub fn for_model(config: &ModelConfig) -> SchedulerKind {
+        if config.llm.is_some() {
+            SchedulerKind::ContinuousBatching
+        } else {
+            SchedulerKind::DynamicBatcher
+        }
     }
 
     /// Starts the scheduler's task over the model's instances. Must run inside a tokio runtime.
@@ -128,6 +136,7 @@ impl SchedulerKind {
         let (tx, rx) = mpsc::channel(ctx.config.queue_capacity.max(1));
         match self {
             SchedulerKind::DynamicBatcher => Batcher::spawn(ctx, rx),
+            SchedulerKind::ContinuousBatching => ContinuousBatcher::spawn(ctx, rx),
         }
         Scheduler { commands: tx }
     }

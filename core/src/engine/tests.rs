@@ -162,6 +162,7 @@ fn config(max_batch: u32, delay_ms: u64, queue: usize) -> ModelConfig {
         queue_capacity: queue,
         request_timeout: Duration::from_secs(5),
         streaming: false,
+        llm: None,
         faults: Default::default(),
     }
 }

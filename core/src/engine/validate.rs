@@ -417,6 +417,7 @@ mod tests {
             queue_capacity: 8,
             request_timeout: Duration::from_secs(1),
             streaming: false,
+            llm: None,
             faults: Default::default(),
         }
     }

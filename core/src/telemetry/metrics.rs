@@ -64,7 +64,7 @@ struct LatencyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelVersionLabels {
+pub(super) struct ModelVersionLabels {
     model: String,
     version: String,
 }
@@ -109,10 +109,10 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+pub(super) type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 // Plain functions (not closures) so the families' constructor type can be named.
-fn latency_histogram() -> Histogram {
+pub(super) fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
@@ -151,6 +151,7 @@ pub struct Metrics {
     refused_connections: Family<ListenerLabels, Counter>,
     connection_timeouts: Family<ConnectionTimeoutLabels, Counter>,
     buffered_request_bytes: Gauge,
+    llm: super::metrics_llm::LlmFamilies,
     samplers: Mutex<Vec<Sampler>>,
 }
 
@@ -193,6 +194,7 @@ impl Metrics {
             refused_connections: Family::default(),
             connection_timeouts: Family::default(),
             buffered_request_bytes: Gauge::default(),
+            llm: super::metrics_llm::LlmFamilies::new(),
             samplers: Mutex::new(Vec::new()),
             registry: Registry::with_prefix("unimodel"),
         };
@@ -297,6 +299,7 @@ impl Metrics {
     fn register_families(&mut self) {
         // Disjoint fields: the registry is borrowed mutably, the families only cloned.
         let r = &mut self.registry;
+        self.llm.register(r);
         r.register(
             "requests",
             "Inference requests answered, by model, version, protocol and outcome (success, bad_request, not_found, queue_full, timeout, plugin_error, worker_error, unavailable, ...); model and version are empty when the request named no served model",
@@ -482,6 +485,7 @@ impl Metrics {
             rejections: self.rejections.get_or_create_owned(&ml),
             shm_in: direction("in"),
             shm_out: direction("out"),
+            llm: self.llm.model(&mv),
         }
     }
 
@@ -594,6 +598,7 @@ pub struct ModelMetrics {
     rejections: Counter,
     shm_in: Counter,
     shm_out: Counter,
+    llm: super::metrics_llm::LlmMetrics,
 }
 
 /// What a worker state change means for the lifecycle counters.
@@ -641,6 +646,11 @@ impl ModelMetrics {
 
     pub fn set_queue_capacity(&self, capacity: i64) {
         self.queue_capacity.set(capacity);
+    }
+
+    /// The LLM serving metrics of this model version (`metrics_llm`).
+    pub fn llm(&self) -> &super::metrics_llm::LlmMetrics {
+        &self.llm
     }
 
     /// Requests in flight now (the gauge `inflight` keeps).

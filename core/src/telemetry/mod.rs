@@ -22,6 +22,7 @@
 
 pub mod log_writer;
 pub mod metrics;
+pub mod metrics_llm;
 pub mod otlp;
 pub mod panics;
 pub mod throttle;

@@ -112,6 +112,13 @@ mod tests {
                 Code::Internal,
             ),
             (
+                EngineError::InvalidGeneration {
+                    model: m(),
+                    message: "parameter `top_p` must be a number in (0, 1], got 2".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
                 EngineError::Timeout {
                     model: m(),
                     after: Duration::from_secs(1),

@@ -56,6 +56,9 @@ pub struct StopParams {
     pub max_tokens: Option<usize>,
     /// Keep special tokens (other than a stop id) in the text.
     pub keep_special: bool,
+    /// Replaces the model's own stop ids (`Specials::stop_ids`) when set: a plugin that
+    /// declares its EOS ids, or a request with `ignore_eos` (`Some(vec![])`).
+    pub model_stop_ids: Option<Vec<u32>>,
 }
 
 /// The new tokens a request may generate: `max_tokens`, or what the context leaves. A
@@ -114,7 +117,9 @@ impl TextStream {
     ) -> Result<Self, TextError> {
         let prompt_tokens = prompt.len();
         let budget = new_token_budget(prompt_tokens, params.max_tokens, max_model_len)?;
-        let mut stop_ids = tok.specials().stop_ids();
+        let mut stop_ids = params
+            .model_stop_ids
+            .unwrap_or_else(|| tok.specials().stop_ids());
         stop_ids.extend(params.stop_ids);
         Ok(TextStream {
             decoder: IncrementalDecoder::with_context(!params.keep_special, prompt),

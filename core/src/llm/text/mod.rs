@@ -30,7 +30,7 @@ pub use stop::{Released, StopMatcher};
 pub use tokenizer::TextTokenizer;
 
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 #[cfg(test)]
 mod tests_chat;
 #[cfg(test)]
