@@ -12,8 +12,8 @@ the same KV. llama-server is built once from the llama.cpp that llama-cpp-python
 (`benches/llm/build-llama-server.sh`; a bench-only dependency). Each load is one
 `unimodel bench` run with `--ignore-eos`, so every request generates `--max-tokens` tokens:
 
-- closed loop at each `--concurrency` (`max(16, 4*c)` requests, built-in prompts of mixed
-  lengths);
+- closed loop at each `--concurrency` (`--requests`, 64, of `--max-tokens`, 64, tokens each;
+  the built-in prompts of mixed lengths);
 - the shared-prefix load: `--prefix-requests` requests at concurrency `--prefix-concurrency`,
   all behind one system prompt of about `--prefix-tokens` tokens (what a prefix cache serves).
 
@@ -120,8 +120,7 @@ def loads(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(name, bench flags) of every load, in order."""
     out = []
     for c in args.concurrency:
-        n = args.requests or max(16, 4 * c)
-        out.append((f"c{c}", ["--concurrency", str(c), "--requests", str(n)]))
+        out.append((f"c{c}", ["--concurrency", str(c), "--requests", str(args.requests)]))
     if args.prefix_requests > 0:
         out.append(
             (
@@ -195,8 +194,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--servers", default="llama-server,unimodel")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=0, help="per load (default max(16, 4*c))")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--requests", type=int, default=64, help="per closed-loop load")
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--prefix-requests", type=int, default=64)
     p.add_argument("--prefix-tokens", type=int, default=400)
