@@ -18,7 +18,9 @@ the same KV. llama-server is built once from the llama.cpp that llama-cpp-python
   all behind one system prompt of about `--prefix-tokens` tokens (what a prefix cache serves).
 
 Writes OUT/llm-<server>-<load>.json (the bench's reports), OUT/llm-compare.json (all of them),
-OUT/llm-compare.md (the table benches/README.md shows) and OUT/llm-compare.png.
+OUT/llm-compare.md (the table benches/README.md shows), OUT/llm-<server>.json (a server's
+closed-loop steps in one report) and OUT/llm-compare.png (latency against throughput, one line
+per server).
 """
 
 from __future__ import annotations
@@ -224,9 +226,18 @@ def main() -> None:
     md = table(reports)
     (args.out / "llm-compare.md").write_text(md)
     print(md)
-    if paths:
+    # One report per server over its closed-loop loads, so the chart draws one line per server.
+    merged: list[Path] = []
+    for name in args.servers.split(","):
+        mine = [r for r in reports if r["label"].startswith(f"{name} c")]
+        if mine:
+            path = args.out / f"llm-{name}.json"
+            whole = dict(mine[0], label=name, steps=[s for r in mine for s in r["steps"]])
+            path.write_text(json.dumps(whole, indent=2) + "\n")
+            merged.append(path)
+    if merged:
         subprocess.run(
-            [str(unimodel_bin(args.unimodel)), "bench", "--summarize", *map(str, paths),
+            [str(unimodel_bin(args.unimodel)), "bench", "--summarize", *map(str, merged),
              "--label", "SmolLM2-135M Q4_1: UniModel against llama-server",
              "--plot", str(args.out / "llm-compare.png")],
             check=False,

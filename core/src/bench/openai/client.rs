@@ -101,22 +101,34 @@ impl ChatClient {
         self.next_seq += self.stride;
         let body = chat.bodies[(seq % chat.bodies.len().max(1) as u64) as usize].clone();
         let sent = body.len() as u64;
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = target.infer_uri.clone();
-        let headers = req.headers_mut();
-        headers.insert(HOST, target.host.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(sent));
-        headers.extend(target.headers.iter().cloned());
+        let make = || {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = target.infer_uri.clone();
+            let headers = req.headers_mut();
+            headers.insert(HOST, target.host.clone());
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(sent));
+            headers.extend(target.headers.iter().cloned());
+            req
+        };
 
-        let sender = self.ready_sender().await?;
-        let res = match sender.send_request(req).await {
-            Ok(res) => res,
-            Err(_) => {
-                self.sender = None;
-                return Err(ErrorKind::Io);
+        let res = loop {
+            let (sender, fresh) = self.ready_sender().await?;
+            match sender.send_request(make()).await {
+                Ok(res) => break res,
+                Err(e) => {
+                    self.sender = None;
+                    // A kept-alive connection the server closed as the request went out
+                    // (llama-server closes its connection after each stream, and the close
+                    // can land just after `ready`): nothing was answered, so send it once
+                    // more on a new connection, as curl does. The reconnect is in the latency.
+                    if !fresh && (e.is_incomplete_message() || e.is_canceled()) {
+                        continue;
+                    }
+                    return Err(ErrorKind::Io);
+                }
             }
         };
         let status = res.status();
@@ -191,8 +203,8 @@ impl ChatClient {
         })
     }
 
-    /// The connection, re-opened if the previous one closed.
-    async fn ready_sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ErrorKind> {
+    /// The connection, re-opened if the previous one closed; true when it was just opened.
+    async fn ready_sender(&mut self) -> Result<(&mut SendRequest<Full<Bytes>>, bool), ErrorKind> {
         let alive = match self.sender.as_mut() {
             Some(sender) => sender.ready().await.is_ok(),
             None => false,
@@ -204,6 +216,7 @@ impl ChatClient {
                     .map_err(|_| ErrorKind::Connect)?,
             );
         }
-        self.sender.as_mut().ok_or(ErrorKind::Connect)
+        let sender = self.sender.as_mut().ok_or(ErrorKind::Connect)?;
+        Ok((sender, !alive))
     }
 }

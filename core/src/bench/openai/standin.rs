@@ -242,3 +242,79 @@ async fn open_loop_sends_exactly_the_requests_asked() {
     assert_eq!(s.generation.unwrap().output_tokens, 20);
     assert_eq!(seen.bodies.lock().unwrap().len(), 10);
 }
+
+/// A raw HTTP/1.1 server that answers the first request of each connection with a short stream
+/// and closes the connection when the second arrives, unanswered: what a client sees when a
+/// server (llama-server) closes its kept-alive connection just as the next request goes out.
+/// Counts every request it read.
+async fn start_closing() -> (String, Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let seen = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = false;
+                loop {
+                    // One whole request: headers, then content-length bytes of body.
+                    let complete = |buf: &[u8]| {
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let len: usize = head
+                            .split("content-length:")
+                            .nth(1)?
+                            .split("\r\n")
+                            .next()?
+                            .trim()
+                            .parse()
+                            .ok()?;
+                        (buf.len() >= end + len).then_some(end + len)
+                    };
+                    let Some(n) = complete(&buf) else {
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                        continue;
+                    };
+                    buf.drain(..n);
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        return; // closed as the second request arrived
+                    }
+                    let body = format!("{}{}data: [DONE]\n\n", delta("a"), delta("b"));
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    conn.write_all((head + &body).as_bytes()).await.unwrap();
+                    answered = true;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn a_connection_closed_under_the_next_request_is_retried_once_on_a_new_one() {
+    let (url, seen) = start_closing().await;
+    let report = run(&args(&url, &["--requests", "3", "--max-tokens", "2"])).await;
+    let s = &report.steps[0];
+    assert_eq!((s.requests, s.ok, s.error_count), (3, 3, 0), "{s:?}");
+    // The first on a new connection; each later one sent twice: dropped, then answered.
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(
+        s.generation.unwrap().output_tokens,
+        6,
+        "no usage: one token per delta"
+    );
+}
