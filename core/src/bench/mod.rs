@@ -273,6 +273,7 @@ async fn run(
         check_double: args.check_double,
         warmup_s: args.warmup,
         duration_s: args.duration,
+        requests: args.requests,
         threads: args.threads,
         openai: chat.map(|(_, settings)| settings),
         steps,

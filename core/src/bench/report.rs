@@ -24,6 +24,9 @@ pub struct Report {
     pub check_double: bool,
     pub warmup_s: f64,
     pub duration_s: f64,
+    /// `--requests` per step, which replaces `duration_s`; absent when steps are timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
     pub threads: usize,
     /// `--protocol openai`: what every request asked for; absent for other protocols.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,6 +495,7 @@ mod tests {
             check_double: false,
             warmup_s: 1.0,
             duration_s: 3.0,
+            requests: None,
             threads: 1,
             openai: None,
             steps: vec![step(1, 12, true), step(64, 16 << 20, false)],
@@ -562,6 +566,7 @@ mod tests {
             check_double: false,
             warmup_s: 0.0,
             duration_s: 10.0,
+            requests: Some(8),
             threads: 1,
             openai: Some(ChatSettings {
                 prompts: "built-in".into(),
@@ -576,6 +581,7 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["steps"][0]["generation"]["ttft_us"]["p50_us"], 40_000);
         assert_eq!(json["openai"]["max_tokens"], 16);
+        assert_eq!(json["requests"], 8);
         let back: Report = serde_json::from_value(json).unwrap();
         let table = summary_table(&[back]);
         let tail: Vec<&str> = table

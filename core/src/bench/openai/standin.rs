@@ -167,6 +167,7 @@ async fn tokens_usage_and_bodies_of_a_clean_run() {
     assert!((g.output_tokens_per_request - 16.0).abs() < 1e-9);
     assert!(g.ttft_us.p50_us > 0 && g.itl_us.max_us > 0 && g.tpot_us.max_us > 0);
     assert!(g.ttft_us.max_us <= s.latency_us.max_us, "{g:?} {s:?}");
+    assert_eq!(report.requests, Some(12));
     let settings = report.openai.expect("chat settings in the report");
     assert_eq!((settings.max_tokens, settings.requests), (16, Some(12)));
     assert_eq!(settings.prompts, "built-in");
