@@ -25,6 +25,11 @@ pub enum Protocol {
     /// as `raw_input_contents` (what tritonclient.grpc sends), one HTTP/2 connection per
     /// client. Statistics still come from the REST `--url`.
     Grpc,
+    /// OpenAI-compatible chat completions, streamed: POST {url}/v1/chat/completions with
+    /// `stream: true` and `stream_options.include_usage`, --model the OpenAI model id. Adds
+    /// time to first token, inter-token latency, time per output token and output tokens/s
+    /// to the report (vLLM, llama.cpp's llama-server, TGI, UniModel's /v1).
+    Openai,
 }
 
 impl Protocol {
@@ -34,22 +39,25 @@ impl Protocol {
             Protocol::RestBinary => "rest-binary",
             Protocol::HttpJson => "http-json",
             Protocol::Grpc => "grpc",
+            Protocol::Openai => "openai",
         }
     }
 }
 
-/// Load generator for KServe V2 servers (UniModel, Triton, ...) and plain JSON endpoints:
-/// closed loop (`--concurrency`) or open loop with Poisson arrivals (`--rate`), one
-/// HTTP/1.1 keep-alive connection per virtual client. Prints a table per step; `--json` and
-/// `--plot` write every number and a latency-vs-throughput chart.
+/// Load generator for KServe V2 servers (UniModel, Triton, ...), plain JSON endpoints and
+/// OpenAI-compatible LLM servers (`--protocol openai`: streamed chat, time to first token,
+/// inter-token latency, tokens/s): closed loop (`--concurrency`) or open loop with Poisson
+/// arrivals (`--rate`), one HTTP/1.1 keep-alive connection per virtual client. Prints a table
+/// per step; `--json` and `--plot` write every number and a latency-vs-throughput chart.
 #[derive(Clone, Debug, Parser)]
 #[command(args_override_self = true)]
 pub struct Args {
     /// Server base URL, http:// or https:// (with --cacert). With --protocol http-json: the
-    /// full endpoint URL.
+    /// full endpoint URL; with --protocol openai the base the bench adds /v1/chat/completions to.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub url: String,
-    /// Model to call: POST {url}/v2/models/{model}/infer.
+    /// Model to call: POST {url}/v2/models/{model}/infer; with --protocol openai the OpenAI
+    /// model id sent in each body.
     #[arg(long, default_value = "doubler")]
     pub model: String,
     /// Request encoding.
@@ -100,6 +108,28 @@ pub struct Args {
     /// Measured seconds per step.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// Measure exactly N requests per step instead of --duration seconds (the step ends when
+    /// the last of them is answered).
+    #[arg(long, value_name = "N")]
+    pub requests: Option<u64>,
+    /// --protocol openai: a JSONL file of conversations, one per line, {"messages": [...]} or
+    /// {"prompt": "text"}, used round robin [default: eight built-in prompts of mixed lengths].
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub prompts: Option<PathBuf>,
+    /// --protocol openai: `max_tokens` of each request.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// --protocol openai: `temperature` of each request (0: greedy).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// --protocol openai: send `ignore_eos: true`, so every request generates --max-tokens
+    /// tokens (vLLM, llama-server and UniModel honour it; others ignore it).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// --protocol openai: put one system prompt of about N tokens before every conversation,
+    /// the same for all (the load a prefix cache serves from memory).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub shared_prefix_tokens: usize,
     /// Unmeasured seconds before each step's measurement.
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
@@ -197,6 +227,9 @@ impl Args {
                     .map_err(|e| format!("--shape/--datatype: {e}"))?,
             ]);
         }
+        if self.protocol == Protocol::Openai {
+            return Ok(Vec::new());
+        }
         if self.inputs.is_empty() && self.body_file.is_none() {
             return Ok(vec![InputSpec {
                 name: "x".into(),
@@ -212,6 +245,9 @@ impl Args {
         if let Some(label) = &self.label {
             return label.clone();
         }
+        if self.protocol == Protocol::Openai {
+            return format!("openai {} max_tokens {}", self.model, self.max_tokens);
+        }
         match &self.body_file {
             Some(file) => format!("{} {}", self.protocol.name(), file.display()),
             None => {
@@ -223,6 +259,48 @@ impl Args {
                     .collect();
                 format!("{} {}", self.protocol.name(), inputs.join(" "))
             }
+        }
+    }
+
+    /// The options of `--protocol openai`: refused with any other protocol, and the KServe
+    /// input options refused with it.
+    fn validate_openai(&self, problems: &mut Vec<String>) {
+        if self.protocol != Protocol::Openai {
+            let used: Vec<&str> = [
+                (self.prompts.is_some(), "--prompts"),
+                (self.ignore_eos, "--ignore-eos"),
+                (self.shared_prefix_tokens > 0, "--shared-prefix-tokens"),
+            ]
+            .into_iter()
+            .filter_map(|(set, name)| set.then_some(name))
+            .collect();
+            if !used.is_empty() {
+                problems.push(format!(
+                    "{} apply to --protocol openai only",
+                    used.join(", ")
+                ));
+            }
+            return;
+        }
+        if !self.inputs.is_empty() || self.shape.is_some() || self.body_file.is_some() {
+            problems.push(
+                "--protocol openai sends chat conversations: give them with --prompts FILE, \
+                 not --input, --shape or --input-json"
+                    .into(),
+            );
+        }
+        if self.check_double {
+            problems
+                .push("--check-double reads KServe outputs; it does not apply to openai".into());
+        }
+        if self.max_tokens == 0 {
+            problems.push("--max-tokens must be 1 or more".into());
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            problems.push(format!(
+                "--temperature must be zero or more, got {}",
+                self.temperature
+            ));
         }
     }
 
@@ -275,6 +353,10 @@ impl Args {
         if self.threads == 0 {
             problems.push("--threads must be 1 or more".into());
         }
+        if self.requests == Some(0) {
+            problems.push("--requests must be 1 or more".into());
+        }
+        self.validate_openai(&mut problems);
         if let Err(why) = self.effective_inputs() {
             problems.push(why);
         }
@@ -434,6 +516,60 @@ mod tests {
         assert_eq!(ok.effective_label(), "http-json b.json");
         let alias = parse(&["--body-file", "b.json"]);
         assert_eq!(alias.body_file, Some(PathBuf::from("b.json")));
+    }
+
+    #[test]
+    fn openai_takes_its_options_and_refuses_tensor_ones() {
+        let a = parse(&[
+            "--protocol",
+            "openai",
+            "--model",
+            "smol",
+            "--max-tokens",
+            "16",
+            "--requests",
+            "8",
+            "--ignore-eos",
+            "--shared-prefix-tokens",
+            "400",
+            "--concurrency",
+            "2",
+        ]);
+        assert_eq!(a.validate(), Ok(()));
+        assert_eq!(a.effective_label(), "openai smol max_tokens 16");
+        assert!(a.effective_inputs().unwrap().is_empty());
+        assert_eq!(
+            (a.requests, a.max_tokens, a.temperature),
+            (Some(8), 16, 0.0)
+        );
+        let bad = parse(&[
+            "--protocol",
+            "openai",
+            "--input",
+            "x:FP32:1",
+            "--max-tokens",
+            "0",
+            "--temperature",
+            "-1",
+            "--requests",
+            "0",
+        ]);
+        let why = bad.validate().unwrap_err();
+        for needle in [
+            "--prompts FILE",
+            "--max-tokens",
+            "--temperature",
+            "--requests",
+        ] {
+            assert!(why.contains(needle), "{needle} missing from: {why}");
+        }
+        let stray = parse(&["--ignore-eos", "--shared-prefix-tokens", "5"]);
+        assert!(
+            stray
+                .validate()
+                .unwrap_err()
+                .contains("--ignore-eos, --shared-prefix-tokens apply to --protocol openai only")
+        );
     }
 
     #[test]

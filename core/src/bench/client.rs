@@ -35,7 +35,7 @@ use crate::tls::{ClientTlsFiles, client_config};
 
 /// Pause after a failed connect, so a server that is down costs a few hundred attempts per
 /// second per client, not a busy loop that starves the machine the server shares.
-const CONNECT_BACKOFF: Duration = Duration::from_millis(20);
+pub(in crate::bench) const CONNECT_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Where and what every client of a run sends.
 #[derive(Debug)]
@@ -127,6 +127,13 @@ impl Target {
                     .parse::<Uri>()?,
                 None,
             ),
+            // A chat server has no KServe statistics.
+            Protocol::Openai => (
+                format!("{prefix}/v1/chat/completions")
+                    .parse()
+                    .with_context(|| format!("--url '{url}' does not end in a path"))?,
+                None,
+            ),
             // gRPC requests go to --grpc-url (`grpc_client.rs`); statistics still come from REST.
             Protocol::Rest | Protocol::RestBinary | Protocol::Grpc => {
                 (path("infer")?, Some(path("stats")?))
@@ -149,7 +156,7 @@ impl Target {
 
 /// Opens a connection with Nagle off (a request is one write; waiting to coalesce would add
 /// tens of milliseconds), over TLS for an https:// target, and drives it on its own task.
-async fn connect<B>(target: &Target) -> anyhow::Result<SendRequest<B>>
+pub(in crate::bench) async fn connect<B>(target: &Target) -> anyhow::Result<SendRequest<B>>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -224,13 +231,40 @@ pub trait Client: Send + 'static {
     fn one(&mut self, start: Instant) -> impl Future<Output = Outcome> + Send;
 }
 
-/// Closed loop: sends requests back to back until `until`; a request started before `until`
-/// is finished (or times out) and counted. Returns the client for the next phase.
-pub async fn run_until<C: Client>(mut client: C, until: Instant) -> (C, Tally) {
+/// `--requests`: how many requests the clients of a closed-loop phase may still start, shared
+/// by all of them (one counter; each client takes one before each request).
+#[derive(Debug)]
+pub struct Quota {
+    left: AtomicU64,
+}
+
+impl Quota {
+    pub fn new(requests: u64) -> Quota {
+        Quota {
+            left: AtomicU64::new(requests),
+        }
+    }
+
+    /// Takes one request; false once none is left.
+    pub fn take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// Closed loop: sends requests back to back until `until` (and, with a `quota`, until it is
+/// used up); a request started before then is finished (or times out) and counted. Returns the
+/// client for the next phase.
+pub async fn run_until<C: Client>(
+    mut client: C,
+    until: Instant,
+    quota: Option<Arc<Quota>>,
+) -> (C, Tally) {
     let mut tally = Tally::new();
     loop {
         let start = Instant::now();
-        if start >= until {
+        if start >= until || quota.as_ref().is_some_and(|q| !q.take()) {
             break;
         }
         tally.record(client.one(start).await);

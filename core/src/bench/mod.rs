@@ -1,5 +1,7 @@
-//! `unimodel bench`: a load generator for KServe V2 servers (UniModel, Triton, PyTriton) and
-//! plain JSON endpoints (FastAPI, LitServe, Ray Serve), closed loop or open loop.
+//! `unimodel bench`: a load generator for KServe V2 servers (UniModel, Triton, PyTriton),
+//! plain JSON endpoints (FastAPI, LitServe, Ray Serve) and OpenAI-compatible LLM servers
+//! (streamed chat: time to first token, inter-token latency, tokens/s), closed loop or open
+//! loop.
 //!
 //! Each virtual client holds one HTTP/1.1 keep-alive connection (gRPC: one HTTP/2
 //! connection). A run is a sweep of steps
@@ -13,6 +15,7 @@
 //! - `payload`, `body`: request bodies pre-built once, with a per-request counter.
 //! - `client`: virtual clients and their connections (the one file that speaks HTTP).
 //! - `grpc_client`: `--protocol grpc`, the same clients over KServe V2 gRPC (ModelInfer).
+//! - `openai`: `--protocol openai`, streamed chat completions and their token timings.
 //! - `open_loop`: Poisson arrivals and their dispatcher; the closed loop is in `step`.
 //! - `check`: `--check-double`.
 //! - `tally`: per-client counts and latency histogram.
@@ -30,6 +33,7 @@ mod grpc_client;
 mod input_spec;
 mod noop;
 mod open_loop;
+mod openai;
 mod payload;
 mod plot;
 mod plugin_stats;
@@ -52,6 +56,10 @@ use crate::bench::args::Protocol;
 use crate::bench::client::Target;
 use crate::bench::client::VirtualClient;
 use crate::bench::grpc_client::{GrpcClient, GrpcTarget};
+use crate::bench::openai::client::{ChatClient, ChatTarget};
+use crate::bench::openai::prompts::{
+    BodyOptions, bodies, default_conversations, load_conversations,
+};
 use crate::bench::payload::Payload;
 use crate::bench::progress::ProgressLine;
 use crate::bench::report::{Report, format_step, summary_table};
@@ -124,6 +132,38 @@ fn summarize(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--protocol openai`: the conversations, their bodies and the settings the report records.
+fn chat_target(
+    args: &Args,
+    target: &Arc<Target>,
+) -> anyhow::Result<(Arc<ChatTarget>, report::ChatSettings)> {
+    let (conversations, source) = match &args.prompts {
+        Some(path) => (
+            load_conversations(path).map_err(anyhow::Error::msg)?,
+            path.display().to_string(),
+        ),
+        None => (default_conversations(), "built-in".to_string()),
+    };
+    let options = BodyOptions {
+        model: args.model.clone(),
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        ignore_eos: args.ignore_eos,
+        shared_prefix_tokens: args.shared_prefix_tokens,
+    };
+    let settings = report::ChatSettings {
+        prompts: source,
+        conversations: conversations.len(),
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        ignore_eos: args.ignore_eos,
+        shared_prefix_tokens: args.shared_prefix_tokens,
+        requests: args.requests,
+    };
+    let chat = ChatTarget::new(Arc::clone(target), bodies(&conversations, &options));
+    Ok((Arc::new(chat), settings))
+}
+
 /// Runs every step of `args`, calling `on_step` after each; returns the whole report.
 async fn run(
     args: &Args,
@@ -131,6 +171,8 @@ async fn run(
 ) -> anyhow::Result<Report> {
     let inputs = args.effective_inputs().map_err(anyhow::Error::msg)?;
     let payload = match &args.body_file {
+        // Chat bodies are made below from the conversations; this one only stands in.
+        None if args.protocol == Protocol::Openai => Payload::from_body_file(bytes::Bytes::new()),
         Some(path) => {
             let body = std::fs::read(path)
                 .with_context(|| format!("reading --input-json {}", path.display()))?;
@@ -166,6 +208,10 @@ async fn run(
         )?)),
         _ => None,
     };
+    let chat = match args.protocol {
+        Protocol::Openai => Some(chat_target(args, &target)?),
+        _ => None,
+    };
     let label = args.effective_label();
 
     let loads = args.loads();
@@ -176,6 +222,7 @@ async fn run(
             warmup: Duration::from_secs_f64(args.warmup),
             duration: Duration::from_secs_f64(args.duration),
             seed: args.seed.wrapping_add(i as u64),
+            requests: args.requests,
         };
         let name = format!("[{label}] step {}/{}", i + 1, loads.len());
         let progress = ProgressLine::start(
@@ -184,14 +231,20 @@ async fn run(
             plan.warmup + plan.duration,
             !args.no_progress,
         );
-        let step = match &grpc {
-            Some(g) => {
+        let step = match (&grpc, &chat) {
+            (_, Some((c, _))) => {
+                let c = Arc::clone(c);
+                let new_client: NewClient<ChatClient> =
+                    Arc::new(move |i, stride| ChatClient::new(Arc::clone(&c), i, stride));
+                run_step(&target, &args.model, plan, new_client).await
+            }
+            (Some(g), None) => {
                 let g = Arc::clone(g);
                 let new_client: NewClient<GrpcClient> =
                     Arc::new(move |i, stride| GrpcClient::new(Arc::clone(&g), i, stride));
                 run_step(&target, &args.model, plan, new_client).await
             }
-            None => {
+            (None, None) => {
                 let t = Arc::clone(&target);
                 let new_client: NewClient<VirtualClient> =
                     Arc::new(move |i, stride| VirtualClient::new(Arc::clone(&t), i, stride));
@@ -220,7 +273,9 @@ async fn run(
         check_double: args.check_double,
         warmup_s: args.warmup,
         duration_s: args.duration,
+        requests: args.requests,
         threads: args.threads,
+        openai: chat.map(|(_, settings)| settings),
         steps,
         bench_cpu: cpu,
     })

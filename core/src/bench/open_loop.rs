@@ -53,6 +53,8 @@ pub struct OpenPlan<'a> {
     pub arrivals: &'a mut Arrivals,
     pub max_in_flight: usize,
     pub until: Instant,
+    /// `--requests`: no arrival after this many.
+    pub max_arrivals: Option<u64>,
 }
 
 /// Runs arrivals until `plan.until`, then waits for every request sent; returns the clients
@@ -71,6 +73,7 @@ pub async fn run_open_phase<C: Client>(
     // Arrivals that came while every client was busy, in order.
     let mut backlog: VecDeque<Instant> = VecDeque::new();
     let mut next = Instant::now() + plan.arrivals.next_gap();
+    let mut arrived = 0u64;
     loop {
         while let Some(&at) = backlog.front() {
             let client = match idle.pop() {
@@ -91,13 +94,14 @@ pub async fn run_open_phase<C: Client>(
                 let _ = done.send((client, outcome)).await;
             });
         }
-        let arriving = next < plan.until;
+        let arriving = next < plan.until && plan.max_arrivals.is_none_or(|max| arrived < max);
         if !arriving && backlog.is_empty() && in_flight == 0 {
             break;
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next), if arriving => {
                 backlog.push_back(next);
+                arrived += 1;
                 next += plan.arrivals.next_gap();
             }
             Some((client, outcome)) = done_rx.recv(), if in_flight > 0 => {

@@ -42,7 +42,8 @@ impl Payload {
             .map(|i| (i.datatype, protocol));
         let tensor_bytes = inputs.iter().map(|i| raw_data(i, 0).len() as u64).sum();
         match protocol {
-            Protocol::Rest | Protocol::HttpJson => {
+            // openai bodies come from `openai::prompts`; this one is never sent.
+            Protocol::Rest | Protocol::HttpJson | Protocol::Openai => {
                 let (before, after) = json_body(inputs, counter.is_some());
                 Payload {
                     prefix: Bytes::from(before),
@@ -97,7 +98,9 @@ impl Payload {
             let mut buf = [0u8; INLINE_CAPACITY];
             let value = (seq % crate::bench::input_spec::counter_modulus(datatype)) as i64;
             let n = match protocol {
-                Protocol::Rest | Protocol::HttpJson => write_json_into(&mut buf, datatype, value),
+                Protocol::Rest | Protocol::HttpJson | Protocol::Openai => {
+                    write_json_into(&mut buf, datatype, value)
+                }
                 Protocol::RestBinary | Protocol::Grpc => encode_le_into(&mut buf, datatype, value),
             };
             Inline::new(&buf[..n])

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bench::openai::stats::GenStats;
 use crate::bench::plugin_stats::PluginTime;
 use crate::bench::tally::Latency;
 
@@ -23,7 +24,13 @@ pub struct Report {
     pub check_double: bool,
     pub warmup_s: f64,
     pub duration_s: f64,
+    /// `--requests` per step, which replaces `duration_s`; absent when steps are timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
     pub threads: usize,
+    /// `--protocol openai`: what every request asked for; absent for other protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai: Option<ChatSettings>,
     pub steps: Vec<StepReport>,
     /// Whole-process CPU: warm-ups, snapshots and start-up included.
     #[serde(alias = "loadgen_cpu")]
@@ -61,6 +68,25 @@ pub struct StepReport {
     /// The bench's own CPU during the phase.
     #[serde(alias = "loadgen_cpu")]
     pub bench_cpu: Cpu,
+    /// `--protocol openai`: time to first token, inter-token latency, tokens; `latency_us` is
+    /// then the end-to-end latency of a whole stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenStats>,
+}
+
+/// The request settings of a `--protocol openai` run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatSettings {
+    /// `--prompts` FILE, or `built-in`.
+    pub prompts: String,
+    /// Conversations in the set, used round robin.
+    pub conversations: usize,
+    pub max_tokens: u32,
+    pub temperature: f64,
+    pub ignore_eos: bool,
+    pub shared_prefix_tokens: usize,
+    /// `--requests` per step; `None`: `duration_s` per step.
+    pub requests: Option<u64>,
 }
 
 /// HTTP body bytes of answered requests.
@@ -132,6 +158,9 @@ pub fn format_step(label: &str, s: &StepReport) -> String {
         "  latency us: p50 {}  p90 {}  p99 {}  max {}  (min {}, mean {:.1})",
         l.p50_us, l.p90_us, l.p99_us, l.max_us, l.min_us, l.mean_us
     );
+    if let Some(g) = &s.generation {
+        format_generation(&mut out, g);
+    }
     let t = &s.traffic;
     let _ = writeln!(
         out,
@@ -180,6 +209,36 @@ pub fn format_step(label: &str, s: &StepReport) -> String {
             .unwrap_or_default()
     );
     out
+}
+
+/// The token lines of a streamed step, in milliseconds (token times are ms-scale).
+fn format_generation(out: &mut String, g: &GenStats) {
+    let ms = |us: u64| us as f64 / 1e3;
+    for (name, l) in [
+        ("ttft", &g.ttft_us),
+        ("itl", &g.itl_us),
+        ("tpot", &g.tpot_us),
+    ] {
+        let _ = writeln!(
+            out,
+            "  {name} ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  (mean {:.1})",
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.max_us),
+            l.mean_us / 1e3
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  tokens: {} out ({:.1}/s, {:.1} per request), {} prompt; usage from {} streams, {} empty",
+        g.output_tokens,
+        g.output_tokens_per_s,
+        g.output_tokens_per_request,
+        g.prompt_tokens,
+        g.streams_with_usage,
+        g.empty_streams
+    );
 }
 
 /// `concurrency 64`, or `rate 500/s (at most 64 in flight)` for an open-loop step.
@@ -252,7 +311,74 @@ pub fn summary_table(reports: &[Report]) -> String {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..header.len())
+    let mut out = render(&rows);
+    let generation = generation_table(reports);
+    if !generation.is_empty() {
+        out.push('\n');
+        out.push_str(&generation);
+    }
+    out
+}
+
+/// The streamed steps of `reports` (`--protocol openai`), one row each, latencies in ms;
+/// empty when there are none.
+fn generation_table(reports: &[Report]) -> String {
+    let header = [
+        "step",
+        "c",
+        "req/s",
+        "out tok/s",
+        "tok/req",
+        "ttft p50",
+        "ttft p90",
+        "ttft p99",
+        "itl p50",
+        "itl p90",
+        "itl p99",
+        "e2e p50",
+        "e2e p90",
+        "e2e p99",
+        "errors",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1e3);
+    for r in reports {
+        for s in &r.steps {
+            let Some(g) = &s.generation else { continue };
+            rows.push(vec![
+                r.label.clone(),
+                match s.offered_rate {
+                    Some(rate) => format!("{rate}/s"),
+                    None => s.concurrency.to_string(),
+                },
+                format!("{:.2}", s.req_per_s),
+                format!("{:.1}", g.output_tokens_per_s),
+                format!("{:.1}", g.output_tokens_per_request),
+                ms(g.ttft_us.p50_us),
+                ms(g.ttft_us.p90_us),
+                ms(g.ttft_us.p99_us),
+                ms(g.itl_us.p50_us),
+                ms(g.itl_us.p90_us),
+                ms(g.itl_us.p99_us),
+                ms(s.latency_us.p50_us),
+                ms(s.latency_us.p90_us),
+                ms(s.latency_us.p99_us),
+                s.error_count.to_string(),
+            ]);
+        }
+    }
+    if rows.len() == 1 {
+        return String::new();
+    }
+    let mut out = String::from("generation (latencies in ms)\n");
+    out.push_str(&render(&rows));
+    out
+}
+
+/// Aligned columns: the first left-aligned, the rest right-aligned, a rule under the header.
+fn render(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -325,6 +451,7 @@ mod tests {
                 sys_s: 0.1,
                 s_per_1000_requests: Some(0.6667),
             },
+            generation: None,
         }
     }
 
@@ -368,7 +495,9 @@ mod tests {
             check_double: false,
             warmup_s: 1.0,
             duration_s: 3.0,
+            requests: None,
             threads: 1,
+            openai: None,
             steps: vec![step(1, 12, true), step(64, 16 << 20, false)],
             bench_cpu: Cpu::default(),
         };
@@ -385,6 +514,92 @@ mod tests {
         assert!(
             lines[3].contains("n/a") && lines[3].contains("1.25") && lines[3].contains("0.50"),
             "{table}"
+        );
+        assert!(!table.contains("generation"), "no streamed steps: {table}");
+    }
+
+    fn streamed_step() -> StepReport {
+        let l = |p50: u64| Latency {
+            min_us: p50 / 2,
+            p50_us: p50,
+            p90_us: p50 * 2,
+            p99_us: p50 * 3,
+            max_us: p50 * 4,
+            mean_us: p50 as f64,
+        };
+        StepReport {
+            generation: Some(GenStats {
+                ttft_us: l(40_000),
+                itl_us: l(5_000),
+                tpot_us: l(6_000),
+                output_tokens: 128,
+                prompt_tokens: 300,
+                output_tokens_per_s: 64.0,
+                output_tokens_per_request: 16.0,
+                streams_with_usage: 8,
+                empty_streams: 0,
+            }),
+            ..step(2, 0, false)
+        }
+    }
+
+    #[test]
+    fn streamed_steps_print_token_times_and_get_their_own_table() {
+        let text = format_step("openai", &streamed_step());
+        assert!(
+            text.contains("ttft ms: p50 40.0  p90 80.0  p99 120.0  max 160.0"),
+            "{text}"
+        );
+        assert!(text.contains("itl ms: p50 5.0"), "{text}");
+        assert!(text.contains("tpot ms: p50 6.0"), "{text}");
+        assert!(
+            text.contains("tokens: 128 out (64.0/s, 16.0 per request), 300 prompt"),
+            "{text}"
+        );
+        let report = Report {
+            label: "llama-server".into(),
+            url: "http://127.0.0.1:1".into(),
+            model: "smol".into(),
+            protocol: "openai".into(),
+            inputs: Vec::new(),
+            body_file: None,
+            check_double: false,
+            warmup_s: 0.0,
+            duration_s: 10.0,
+            requests: Some(8),
+            threads: 1,
+            openai: Some(ChatSettings {
+                prompts: "built-in".into(),
+                conversations: 8,
+                max_tokens: 16,
+                requests: Some(8),
+                ..ChatSettings::default()
+            }),
+            steps: vec![streamed_step()],
+            bench_cpu: Cpu::default(),
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["steps"][0]["generation"]["ttft_us"]["p50_us"], 40_000);
+        assert_eq!(json["openai"]["max_tokens"], 16);
+        assert_eq!(json["requests"], 8);
+        let back: Report = serde_json::from_value(json).unwrap();
+        let table = summary_table(&[back]);
+        let tail: Vec<&str> = table
+            .split("generation (latencies in ms)\n")
+            .nth(1)
+            .expect("a generation table")
+            .lines()
+            .collect();
+        assert_eq!(tail.len(), 3, "{table}");
+        assert!(tail[0].starts_with("step") && tail[0].contains("ttft p50"));
+        // c, req/s, tok/s, tok/req, ttft p50/p90/p99, itl p50, e2e p50 (latency_us, in ms).
+        let cells: Vec<&str> = tail[2].split_whitespace().collect();
+        assert_eq!(
+            cells[1..12],
+            [
+                "2", "100.00", "64.0", "16.0", "40.0", "80.0", "120.0", "5.0", "10.0", "15.0",
+                "0.1"
+            ]
         );
     }
 

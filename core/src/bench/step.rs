@@ -12,7 +12,7 @@ use nix::sys::resource::{UsageWho, getrusage};
 use tokio::time::Instant;
 
 use crate::bench::args::Load;
-use crate::bench::client::{Client, Target, get, run_until};
+use crate::bench::client::{Client, Quota, Target, get, run_until};
 use crate::bench::open_loop::{Arrivals, OpenPlan, run_open_phase};
 use crate::bench::plugin_stats::{StatsSnapshot, parse_stats, plugin_time};
 use crate::bench::report::{Cpu, RoundTrip, StepReport, Traffic};
@@ -26,7 +26,12 @@ pub struct StepPlan {
     pub duration: Duration,
     /// Seed of the open loop's arrivals.
     pub seed: u64,
+    /// `--requests`: the measured phase sends this many instead of lasting `duration`.
+    pub requests: Option<u64>,
 }
+
+/// How long `--requests` may take: no limit in practice (each request still has `--timeout`).
+const UNBOUNDED: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Opens client number `index` of `stride` (clients interleave their sequence numbers).
 pub type NewClient<C> = Arc<dyn Fn(u64, u64) -> C + Send + Sync>;
@@ -42,13 +47,16 @@ pub async fn run_step<C: Client>(
     let mut phases = Phases::new(new_client, plan);
     let mut warmup_requests = 0;
     if !plan.warmup.is_zero() {
-        warmup_requests = phases.run(plan.warmup).await?.requests();
+        warmup_requests = phases.run(plan.warmup, None).await?.requests();
     }
 
     let before = stats(target, model).await;
     let cpu_before = cpu_seconds();
     let start = Instant::now();
-    let tally = phases.run(plan.duration).await?;
+    let tally = match plan.requests {
+        Some(n) => phases.run(UNBOUNDED, Some(n)).await?,
+        None => phases.run(plan.duration, None).await?,
+    };
     let elapsed = start.elapsed();
     let cpu_after = cpu_seconds();
     let after = stats(target, model).await;
@@ -106,12 +114,16 @@ impl<C: Client> Phases<C> {
         }
     }
 
-    /// Runs one phase of `length`, waiting for every request it started.
-    async fn run(&mut self, length: Duration) -> anyhow::Result<Tally> {
+    /// Runs one phase of `length` (or of `requests` requests, whichever ends first), waiting
+    /// for every request it started.
+    async fn run(&mut self, length: Duration, requests: Option<u64>) -> anyhow::Result<Tally> {
         let until = Instant::now() + length;
         let clients = std::mem::take(&mut self.clients);
         let (clients, tally) = match self.load {
-            Load::Closed(_) => run_closed_phase(clients, until).await?,
+            Load::Closed(_) => {
+                let quota = requests.map(|n| Arc::new(Quota::new(n)));
+                run_closed_phase(clients, until, quota).await?
+            }
             Load::Open { max_in_flight, .. } => {
                 let make = Arc::clone(&self.new_client);
                 let stride = max_in_flight as u64;
@@ -120,6 +132,7 @@ impl<C: Client> Phases<C> {
                     arrivals: &mut self.arrivals,
                     max_in_flight,
                     until,
+                    max_arrivals: requests,
                 };
                 run_open_phase(clients, new_client, plan).await
             }
@@ -134,10 +147,11 @@ impl<C: Client> Phases<C> {
 async fn run_closed_phase<C: Client>(
     clients: Vec<C>,
     until: Instant,
+    quota: Option<Arc<Quota>>,
 ) -> anyhow::Result<(Vec<C>, Tally)> {
     let handles: Vec<_> = clients
         .into_iter()
-        .map(|c| tokio::spawn(run_until(c, until)))
+        .map(|c| tokio::spawn(run_until(c, until, quota.clone())))
         .collect();
     let mut clients = Vec::with_capacity(handles.len());
     let mut total = Tally::new();
@@ -248,6 +262,7 @@ pub fn summarise(
             s_per_1000_requests: (requests > 0).then(|| cpu_s * 1000.0 / requests as f64),
             ..cpu
         },
+        generation: tally.generation.as_ref().map(|g| g.summary(secs)),
     }
 }
 

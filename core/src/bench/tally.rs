@@ -10,6 +10,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::bench::openai::stats::GenTally;
+use crate::bench::openai::timing::Generation;
+
 /// Highest latency the histogram resolves (one hour, in microseconds); longer ones saturate.
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// Three significant digits: 0.1 % resolution at any magnitude.
@@ -30,11 +33,17 @@ pub enum ErrorKind {
     Check,
     /// A gRPC call that ended with this status code (8: RESOURCE_EXHAUSTED, 14: UNAVAILABLE).
     Grpc(i32),
+    /// An `{"error": ...}` object inside a 200 event stream (`--protocol openai`).
+    StreamError,
+    /// Event data that is not a chat-completion chunk (`--protocol openai`).
+    BadStream,
+    /// An event stream that ended without `data: [DONE]` (`--protocol openai`).
+    Truncated,
 }
 
 impl ErrorKind {
     /// The stable key used in reports: `status_503`, `connect`, `io`, `timeout`, `check`,
-    /// `grpc_8` (a gRPC status code).
+    /// `grpc_8` (a gRPC status code), `stream_error`, `bad_stream`, `truncated`.
     pub fn label(self) -> String {
         match self {
             ErrorKind::Status(code) => format!("status_{code}"),
@@ -43,16 +52,21 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout".into(),
             ErrorKind::Check => "check".into(),
             ErrorKind::Grpc(code) => format!("grpc_{code}"),
+            ErrorKind::StreamError => "stream_error".into(),
+            ErrorKind::BadStream => "bad_stream".into(),
+            ErrorKind::Truncated => "truncated".into(),
         }
     }
 }
 
 /// An answered request: latency and HTTP body bytes each way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub latency: Duration,
     pub sent: u64,
     pub received: u64,
+    /// A streamed generation's timeline (`--protocol openai`); `None` for other protocols.
+    pub generation: Option<Box<Generation>>,
 }
 
 impl Answer {
@@ -61,6 +75,7 @@ impl Answer {
             latency,
             sent,
             received,
+            generation: None,
         }
     }
 }
@@ -78,6 +93,8 @@ pub struct Tally {
     pub request_bytes: u64,
     /// Response body bytes of answered requests.
     pub response_bytes: u64,
+    /// Streamed generations' statistics; created by the first one (`--protocol openai`).
+    pub generation: Option<Box<GenTally>>,
 }
 
 impl Default for Tally {
@@ -86,22 +103,46 @@ impl Default for Tally {
     }
 }
 
+/// A latency histogram in microseconds, 1 µs to an hour at three significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+        .expect("constant histogram bounds are valid")
+}
+
+/// Records `us` (sub-microsecond values count as 1 µs: the histogram's lowest value).
+pub fn record_us(h: &mut Histogram<u64>, us: u64) {
+    h.saturating_record(us.max(1));
+}
+
+/// Percentiles of `h`; all zero when it is empty.
+pub fn latency_of(h: &Histogram<u64>) -> Latency {
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        min_us: h.min(),
+        p50_us: h.value_at_quantile(0.50),
+        p90_us: h.value_at_quantile(0.90),
+        p99_us: h.value_at_quantile(0.99),
+        max_us: h.max(),
+        mean_us: h.mean(),
+    }
+}
+
 impl Tally {
     pub fn new() -> Tally {
         Tally {
-            latency_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
-                .expect("constant histogram bounds are valid"),
+            latency_us: new_histogram(),
             ok: 0,
             errors: BTreeMap::new(),
             request_bytes: 0,
             response_bytes: 0,
+            generation: None,
         }
     }
 
     pub fn record_ok(&mut self, latency: Duration, request_bytes: u64, response_bytes: u64) {
-        // Sub-microsecond latencies count as 1 µs: the histogram's lowest value.
-        let us = (latency.as_micros() as u64).max(1);
-        self.latency_us.saturating_record(us);
+        record_us(&mut self.latency_us, latency.as_micros() as u64);
         self.ok += 1;
         self.request_bytes += request_bytes;
         self.response_bytes += response_bytes;
@@ -110,7 +151,12 @@ impl Tally {
     /// Records one request's outcome, exactly once.
     pub fn record(&mut self, outcome: Outcome) {
         match outcome {
-            Ok(a) => self.record_ok(a.latency, a.sent, a.received),
+            Ok(a) => {
+                self.record_ok(a.latency, a.sent, a.received);
+                if let Some(g) = &a.generation {
+                    self.generation.get_or_insert_default().record(g);
+                }
+            }
             Err(kind) => self.record_error(kind),
         }
     }
@@ -137,6 +183,9 @@ impl Tally {
         }
         self.request_bytes += other.request_bytes;
         self.response_bytes += other.response_bytes;
+        if let Some(g) = &other.generation {
+            self.generation.get_or_insert_default().merge(g);
+        }
     }
 
     /// Error counts keyed by `ErrorKind::label`.
@@ -146,18 +195,7 @@ impl Tally {
 
     /// Percentiles of the successful requests' latency; all zero when there were none.
     pub fn latency(&self) -> Latency {
-        let h = &self.latency_us;
-        if h.is_empty() {
-            return Latency::default();
-        }
-        Latency {
-            min_us: h.min(),
-            p50_us: h.value_at_quantile(0.50),
-            p90_us: h.value_at_quantile(0.90),
-            p99_us: h.value_at_quantile(0.99),
-            max_us: h.max(),
-            mean_us: h.mean(),
-        }
+        latency_of(&self.latency_us)
     }
 }
 

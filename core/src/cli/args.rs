@@ -39,8 +39,9 @@ pub enum Command {
     /// Run one request through a plugin without a server and print the outputs as JSON, one
     /// line per response (a generator plugin prints a line per yield).
     Predict(PredictArgs),
-    /// Load-test a KServe V2 server (or any JSON endpoint): closed or open loop, latency
-    /// percentiles, errors by kind, --json report, --plot chart.
+    /// Load-test a KServe V2 server, any JSON endpoint, or an OpenAI-compatible LLM server
+    /// (--protocol openai: streamed chat, time to first token, inter-token latency, tokens/s):
+    /// closed or open loop, latency percentiles, errors by kind, --json report, --plot chart.
     Bench(crate::bench::Args),
     /// One endpoint for a cluster: watch the nodes in etcd and route each KServe V2 request
     /// (REST and gRPC, streaming included) to a node that has the model ready.
