@@ -86,7 +86,10 @@ pub async fn load_plugin(args: &PluginArgs, settings: &ServeSettings) -> anyhow:
     python.pass_env.clone_from(&args.worker.worker_env);
     let decls = inspect(&python, &spec.to_arg()).await?;
     if decls.is_empty() {
-        bail!("'{}' defines no um.Model subclass", spec.file.display());
+        bail!(
+            "'{}' defines no um.Model or um.LLM subclass",
+            spec.file.display()
+        );
     }
     for d in &decls {
         check_servable(d)?;
@@ -364,7 +367,7 @@ fn pick_class<'a>(
             .join(", ")
     };
     match (class, decls) {
-        (_, []) => Err(format!("'{plugin}' defines no um.Model subclass")),
+        (_, []) => Err(format!("'{plugin}' defines no um.Model or um.LLM subclass")),
         (Some(c), _) => decls.iter().find(|d| d.class == c).ok_or_else(|| {
             format!(
                 "config.toml class = \"{c}\", but '{plugin}' defines only: {}",

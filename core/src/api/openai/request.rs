@@ -25,6 +25,10 @@ pub enum Kind {
 /// Choices per prompt at most: each is a sequence in the scheduler.
 pub const MAX_N: i64 = 128;
 
+/// Choices per request at most, all prompts together (`prompt` list x `n`): each is a
+/// request built before the first is submitted, so a huge list must be refused, not built.
+pub const MAX_CHOICES: usize = 256;
+
 /// One prompt, as the scheduler takes it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
@@ -106,6 +110,17 @@ impl Generation {
             ));
         }
         let n = f.int("n", 1, MAX_N)?.unwrap_or(1) as usize;
+        if prompts.len().saturating_mul(n) > MAX_CHOICES {
+            let param = if prompts.len() > 1 { "prompt" } else { "n" };
+            return Err(OpenAiError::invalid(
+                param,
+                format!(
+                    "{} prompt(s) x n={n} asks for {} choices; at most {MAX_CHOICES} per request: send fewer prompts or a smaller n",
+                    prompts.len(),
+                    prompts.len().saturating_mul(n)
+                ),
+            ));
+        }
         let seed = f.int("seed", 0, i64::MAX)?.map(|s| s as u64);
         let logprobs = logprobs(&f, kind)?;
         let parameters = sampling(&f, logprobs)?;
@@ -520,6 +535,15 @@ mod tests {
             Some("presence_penalty")
         );
         assert_eq!(chat(json!({"n": 0})).1.as_deref(), Some("n"));
+        // prompts x n is capped before any request is built.
+        let many: Vec<&str> = vec!["x"; MAX_CHOICES + 1];
+        let (message, param) = error(Kind::Completion, json!({"model": "m", "prompt": many}));
+        assert_eq!(param.as_deref(), Some("prompt"));
+        assert!(message.contains("at most 256"), "{message}");
+        let three = json!({"model": "m", "prompt": ["a", "b", "c"], "n": 128});
+        assert_eq!(error(Kind::Completion, three).1.as_deref(), Some("prompt"));
+        let two = json!({"model": "m", "prompt": ["a", "b"], "n": 128});
+        assert!(parse(Kind::Completion, two).is_ok());
         assert_eq!(
             chat(json!({"temperature": "hot"})).1.as_deref(),
             Some("temperature")

@@ -204,6 +204,9 @@ impl ContinuousBatcher {
             }
             self.take_ready_events();
             self.expire();
+            // After every event, not only after steps: a crash, an abort or a request
+            // waiting for an instance changes the gauges too.
+            self.record_scheduler();
         }
         self.abort();
         for inst in &self.instances {
@@ -273,7 +276,14 @@ impl ContinuousBatcher {
                 self.ever_ready = true;
                 self.start_text(idx);
             }
-            InstanceState::Ready => {}
+            InstanceState::Ready => {
+                // Ready again after a crash whose Restarting this actor never saw (a watch
+                // keeps only the latest state): the new worker needs a fresh policy.
+                if let (None, Text::Ready(text)) = (&inst.policy, &inst.text) {
+                    let text = text.clone();
+                    self.text_ready(idx, text);
+                }
+            }
             other if was_ready => {
                 let reason = match other {
                     InstanceState::Restarting { reason } => reason,
@@ -529,12 +539,13 @@ impl ContinuousBatcher {
 
     fn on_step(&mut self, done: StepDone) {
         self.step_done(done);
-        self.record_scheduler();
     }
 
     /// The scheduler gauges (summed over instances) and the preemptions since last time.
+    /// Waiting counts requests not yet placed on an instance too (none ready, say).
     fn record_scheduler(&mut self) {
-        let (mut running, mut waiting, mut used, mut total, mut preempted) = (0, 0, 0, 0, 0);
+        let (mut running, mut used, mut total, mut preempted) = (0, 0, 0, 0);
+        let mut waiting = self.pending.len();
         for inst in &mut self.instances {
             let Some(policy) = &inst.policy else {
                 continue;
@@ -594,8 +605,21 @@ impl ContinuousBatcher {
             }
             Err(e) => {
                 self.instance_lost(done.idx, &e.to_string());
-                // The next worker has none of the old sequences: a fresh policy.
-                if let Text::Ready(text) = &self.instances[done.idx].text {
+                let replaced = matches!(
+                    e,
+                    WorkerError::Crashed { .. }
+                        | WorkerError::ExecutionTimeout { .. }
+                        | WorkerError::Protocol(_)
+                );
+                let inst = &mut self.instances[done.idx];
+                if replaced {
+                    // The worker is gone or being replaced. The crash is reported here before
+                    // the supervisor publishes the restart: with no policy the instance takes
+                    // no requests meanwhile (they wait for one that serves), and its next
+                    // Ready makes a fresh policy (`on_instance_state`).
+                    inst.policy = None;
+                } else if let Text::Ready(text) = &inst.text {
+                    // The same worker serves on, with none of the failed sequences.
                     let text = text.clone();
                     self.text_ready(done.idx, text);
                 }

@@ -74,16 +74,18 @@ pub fn parse(p: &Parameters) -> Result<GenParams, String> {
         None => None,
         Some(v) => Some(integer(v, "max_tokens", 1, u32::MAX as u64, "an integer >= 1")? as usize),
     };
-    let temperature = number(get("temperature"), "temperature", 1.0)?;
-    if temperature < 0.0 {
+    // Checked as the worker will see them, in float32: a value that only a float64 holds
+    // (1e39, 1e-300) would pass here and fail the worker's check, and with it the whole step.
+    let temperature = number(get("temperature"), "temperature", 1.0)? as f32;
+    if !(temperature.is_finite() && temperature >= 0.0) {
         return Err(format!(
-            "parameter `temperature` must be a number >= 0 (0 = greedy), got {temperature}"
+            "parameter `temperature` must be a number >= 0 (0 = greedy) within float32's range, got {temperature}"
         ));
     }
-    let top_p = number(get("top_p"), "top_p", 1.0)?;
-    if top_p <= 0.0 || top_p > 1.0 {
+    let top_p = number(get("top_p"), "top_p", 1.0)? as f32;
+    if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(format!(
-            "parameter `top_p` must be a number in (0, 1], got {top_p}"
+            "parameter `top_p` must be a number in (0, 1] (at least float32's smallest positive value), got {top_p}"
         ));
     }
     let top_k = match get("top_k") {
@@ -118,8 +120,8 @@ pub fn parse(p: &Parameters) -> Result<GenParams, String> {
         prompt,
         max_tokens,
         sampling: Sampling {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
+            temperature,
+            top_p,
             top_k,
             seed,
             logprobs: i64::from(logprobs.unwrap_or(0)),
@@ -270,6 +272,16 @@ mod tests {
                 "`temperature` must be a number, got \"hot\"",
             ),
             (json!({"top_p": 0}), "`top_p` must be a number in (0, 1]"),
+            // Valid as float64, not as the float32 the worker checks: refused here, so they
+            // cannot fail a step shared with other requests.
+            (
+                json!({"top_p": 1e-300}),
+                "`top_p` must be a number in (0, 1]",
+            ),
+            (
+                json!({"temperature": 1e39}),
+                "`temperature` must be a number >= 0",
+            ),
             (json!({"top_k": -2}), "`top_k` must be an integer >= 0"),
             (
                 json!({"max_tokens": 0}),

@@ -768,10 +768,19 @@ async fn a_crashed_worker_fails_its_generations_with_503() {
         matches!(&err, EngineError::WorkerFailed { reason, .. } if reason.contains("signal 9")),
         "{err:?}"
     );
-    // The instance (still ready) serves on with a fresh policy: sequence ids stay unique.
-    let b = generate(&engine, "again", json!({"max_tokens": 3}))
+    // A request that arrives before the supervisor has published the restart waits for the
+    // new worker instead of being placed on the dead one.
+    let waiting = engine
+        .infer_stream(request("again", json!({"max_tokens": 3})))
         .await
-        .expect("serves");
+        .expect("admitted");
+    // The supervisor's restart, as a watch may deliver it: Restarting, then Ready again
+    // (possibly coalesced into the last one).
+    fake.state.send_replace(InstanceState::Restarting {
+        reason: "exited with signal 9".into(),
+    });
+    fake.state.send_replace(InstanceState::Ready);
+    let b = collect(waiting).await.expect("served by the new worker");
     assert_eq!(b.completion_tokens, 3);
     assert!(
         fake.steps()[1].release.is_empty(),
