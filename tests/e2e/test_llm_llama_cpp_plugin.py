@@ -61,9 +61,10 @@ def make_engine(plugin_module, **settings: str):
 
 @pytest.fixture(scope="module")
 def engine(plugin_module):
-    llm = make_engine(plugin_module)
-    yield llm
-    llm.close()
+    # Not closed: once, in a full e2e run, `llama_free` of this module-long context
+    # segfaulted in teardown (not reproduced alone; a follow-up). The process exit frees it,
+    # as it does in a worker; test_copy_from_with_a_unified_kv_buffer still tests `close`.
+    return make_engine(plugin_module)
 
 
 def tokenize(engine, text: str) -> list[int]:
