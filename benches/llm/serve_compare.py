@@ -73,16 +73,17 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    """Polls GET /v1/models until it answers 200 (the model is loaded), with a deadline."""
+    """Polls GET /v1/models until it lists a model (UniModel answers 200 with an empty list
+    while its LLM loads, or after it failed: see the log), with a deadline."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the server exited with {proc.returncode}; see {log}")
         try:
             with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
-                if r.status == 200:
+                if r.status == 200 and json.loads(r.read()).get("data"):
                     return
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.5)
     sys.exit(f"the server was not ready within {READY_TIMEOUT_S:.0f} s; see {log}")
