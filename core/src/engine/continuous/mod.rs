@@ -2,7 +2,7 @@
 //! docs/schedulers.md and docs/llm.md, "The scheduler actor").
 //!
 //! - `actor`: the one task per model that owns every instance's `llm::sched::Policy`, text
-//!   side and running generations, and runs their steps.
+//!   side and running generations; `actor/steps` runs their steps (start, samples, failures).
 //! - `params`: a request's generation parameters, checked (400 on a bad one).
 //! - `text_model`: an instance's tokenizer, chat template and stop ids; a request's prompt.
 //! - `request`: one running generation and the task that delivers its responses.
